@@ -1,0 +1,121 @@
+#include "common/isa.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+#if PYCOMPRESS_X86
+#include <cpuid.h>
+#endif
+
+namespace pycompress {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512Vnni: return "avx512";
+  }
+  return "unknown";
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "scalar") return Isa::Scalar;
+  if (name == "avx2") return Isa::Avx2;
+  if (name == "avx512") return Isa::Avx512Vnni;
+  throw std::invalid_argument("unknown ISA '" + name + "': expected one of scalar, avx2, avx512");
+}
+
+std::vector<Isa> compiled_isas() {
+#if PYCOMPRESS_X86
+  return {Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni};
+#else
+  return {Isa::Scalar};
+#endif
+}
+
+namespace {
+
+#if PYCOMPRESS_X86
+uint64_t read_xcr0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+#endif
+
+std::vector<Isa> detect_supported() {
+  std::vector<Isa> isas{Isa::Scalar};
+#if PYCOMPRESS_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return isas;
+  const bool osxsave = c & (1u << 27);
+  const bool fma = c & (1u << 12);
+  const bool f16c = c & (1u << 29);
+  if (!osxsave) return isas;
+  const uint64_t xcr0 = read_xcr0();
+  const bool ymm_state = (xcr0 & 0x6) == 0x6;
+  const bool zmm_state = (xcr0 & 0xe6) == 0xe6;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return isas;
+  const bool avx2 = b & (1u << 5);
+  const bool bmi2 = b & (1u << 8);
+  const bool avx512f = b & (1u << 16);
+  const bool avx512dq = b & (1u << 17);
+  const bool avx512bw = b & (1u << 30);
+  const bool avx512vl = b & (1u << 31);
+  const bool avx512vnni = c & (1u << 11);
+  if (ymm_state && avx2 && fma && f16c && bmi2) {
+    isas.push_back(Isa::Avx2);
+    if (zmm_state && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni) {
+      isas.push_back(Isa::Avx512Vnni);
+    }
+  }
+#endif
+  return isas;
+}
+
+bool is_supported(Isa isa) {
+  for (Isa s : supported_isas()) {
+    if (s == isa) return true;
+  }
+  return false;
+}
+
+Isa initial_isa() {
+  const char* forced = std::getenv("PYCOMPRESS_ISA");
+  if (forced == nullptr || *forced == '\0') return best_supported_isa();
+  const Isa isa = parse_isa(forced);
+  if (!is_supported(isa)) {
+    throw std::invalid_argument(std::string("PYCOMPRESS_ISA=") + forced +
+                                " is not supported by this CPU (supported: " +
+                                isa_name(best_supported_isa()) + " and below)");
+  }
+  return isa;
+}
+
+std::atomic<int>& active_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_isa())};
+  return slot;
+}
+
+}  // namespace
+
+std::vector<Isa> supported_isas() {
+  static const std::vector<Isa> isas = detect_supported();
+  return isas;
+}
+
+Isa best_supported_isa() { return supported_isas().back(); }
+
+Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
+
+void set_active_isa(Isa isa) {
+  if (!is_supported(isa)) {
+    throw std::invalid_argument(std::string("ISA '") + isa_name(isa) +
+                                "' is not supported by this CPU (best: " +
+                                isa_name(best_supported_isa()) + ")");
+  }
+  active_slot().store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
+}  // namespace pycompress

@@ -1,0 +1,147 @@
+#include "common/thread_pool.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace pycompress {
+namespace {
+
+struct Job {
+  TaskFn fn;
+  void* ctx;
+  int64_t ntasks;
+  int max_helpers;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int helpers = 0;  // guarded by Pool::mutex
+};
+
+// Workers spin this long after their last task before sleeping: consecutive
+// kernel calls (layer after layer) then start without a futex wake-up, which
+// costs tens of microseconds in a VM. Short enough not to starve torch's own
+// threads between our calls on a 2-core machine.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+class Pool {
+ public:
+  static Pool& instance() {
+    // Leaked on purpose: worker threads must never outlive a destroyed pool at
+    // interpreter shutdown.
+    static Pool* pool = new Pool();
+    return *pool;
+  }
+
+  void run(int64_t ntasks, int nthreads, TaskFn fn, void* ctx) {
+    Job job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.ntasks = ntasks;
+    job.max_helpers = nthreads - 1;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(workers_.size()) < job.max_helpers) {
+        workers_.emplace_back([this] { worker_loop(); });
+        worker_count_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+      }
+      jobs_.push_back(&job);
+      pending_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+
+    work_on(job);
+
+    {
+      // Retire the job so no new helper joins, then wait for the ones inside.
+      std::unique_lock<std::mutex> lock(mutex_);
+      remove_job(&job);
+    }
+    while (job.done.load(std::memory_order_acquire) < ntasks) std::this_thread::yield();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_cv_.wait(lock, [&] { return job.helpers == 0; });
+  }
+
+  int workers() const { return worker_count_.load(std::memory_order_relaxed); }
+
+ private:
+  Pool() = default;
+
+  static void work_on(Job& job) {
+    for (;;) {
+      const int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= job.ntasks) return;
+      job.fn(job.ctx, t);
+      job.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void remove_job(Job* job) {
+    for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
+      if (*it == job) {
+        jobs_.erase(it);
+        pending_.fetch_sub(1, std::memory_order_release);
+        return;
+      }
+    }
+  }
+
+  // Picks a job that still has tasks and helper slots. Caller holds mutex_.
+  Job* claim_job() {
+    for (Job* job : jobs_) {
+      if (job->helpers < job->max_helpers &&
+          job->next.load(std::memory_order_relaxed) < job->ntasks) {
+        ++job->helpers;
+        return job;
+      }
+    }
+    return nullptr;
+  }
+
+  void worker_loop() {
+    for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+      while (pending_.load(std::memory_order_acquire) == 0 &&
+             std::chrono::steady_clock::now() < spin_until) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+      Job* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        job = claim_job();
+        if (job == nullptr) {
+          cv_.wait(lock, [&] { return (job = claim_job()) != nullptr; });
+        }
+      }
+      work_on(*job);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        --job->helpers;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::condition_variable done_cv_;
+  std::deque<Job*> jobs_;
+  std::atomic<int> pending_{0};
+  std::atomic<int> worker_count_{0};
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace
+
+void parallel_for_raw(int64_t ntasks, int nthreads, TaskFn fn, void* ctx) {
+  Pool::instance().run(ntasks, nthreads, fn, ctx);
+}
+
+int thread_pool_workers() { return Pool::instance().workers(); }
+
+}  // namespace pycompress

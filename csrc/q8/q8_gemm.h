@@ -1,0 +1,117 @@
+// int8 GEMM: y = dequant(quant_u8(x) @ W_s8^T) + b, with a fused epilogue.
+//
+// Numbers (the contract every ISA path implements bit for bit):
+//   activations  per row r (dynamic) or per tensor (static): uint8 with zero point,
+//                q = clamp(nearbyint(clamp(x * inv_scale, -256, 256)) + zp, 0, 255),
+//                dynamic: lo = min(min(x), 0), hi = max(max(x), 0),
+//                scale = max((hi - lo) / 255, FLT_MIN), inv_scale = 1 / scale,
+//                zp = clamp(nearbyint(-lo * inv_scale), 0, 255).
+//   weights      int8, symmetric, one float scale per output channel.
+//   accumulate   acc[r][n] = sum_k q[r][k] * w[n][k] in int32. |q*w| <= 255*128, so
+//                K <= kMaxK = 65536 can never overflow: larger K is refused.
+//   epilogue     v = float(acc - zp[r] * colsum[n]) * (scale[r] * wscale[n]),
+//                v = v + bias[n], v = act(v); each step one IEEE float32 operation.
+//   non-finite   a row of x holding NaN or +-Inf yields a row of NaN in y; the
+//                other rows are unaffected.
+//
+// Packed weight layout (ISA independent, so a state_dict moves between CPUs):
+//   Kp = round_up(K, 4), Np = round_up(N, 16), int8 [Np/16][Kp/4][16][4]:
+//   panel p holds output channels 16p..16p+15; each 64-byte group holds 4
+//   consecutive k for 16 channels, which is one VNNI vpdpbusd operand.
+//   Padding is zero. colsum[n] = sum_k w[n][k] (int32, Np entries).
+#pragma once
+
+#include <cstdint>
+
+#include "common/epilogue_math.h"
+#include "common/isa.h"
+
+namespace pycompress {
+namespace q8 {
+
+constexpr int64_t kPanel = 16;
+constexpr int64_t kKGroup = 4;
+constexpr int64_t kMaxK = 65536;
+constexpr int64_t kTileCols = 64;  // columns per driver tile (4 panels)
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// One tile: rows [0, m) of the quantized activations against columns
+// [n0, n0 + ncols) (n0 a multiple of kPanel, ncols <= kTileCols).
+struct GemmTile {
+  const uint8_t* a;        // quantized activations, row stride lda, Kp columns
+  int64_t lda;
+  int64_t m;
+  const int8_t* w;         // packed weights (whole matrix)
+  int64_t kp;
+  int64_t n0, ncols;
+  // Epilogue operands, indexed by row or absolute column.
+  const float* row_scale;
+  const int32_t* row_zp;
+  const int32_t* col_sum;
+  const float* w_scale;
+  const float* bias;       // nullable
+  Activation act;
+  float* y;                // y + r * ldy + n, or nullptr in raw mode
+  int64_t ldy;
+  int32_t* raw;            // raw accumulators (tests): raw + r * ldraw + n
+  int64_t ldraw;
+};
+
+struct QuantizeRows {
+  const float* x;
+  int64_t ldx;
+  int64_t m, k, kp;
+  uint8_t* q;              // row stride kp; columns [k, kp) are written as 0
+  float* scale;            // per row, out (dynamic) or filled with the static scale
+  int32_t* zp;
+  uint8_t* nonfinite;      // per row, out: 1 when the row held NaN/Inf
+  bool is_static;
+  float static_scale;
+  int32_t static_zp;
+};
+
+struct Kernels {
+  void (*quantize_rows)(const QuantizeRows&);
+  void (*gemm_tile)(const GemmTile&);
+};
+
+const Kernels& kernels_scalar();
+#if PYCOMPRESS_X86
+const Kernels& kernels_avx2();
+const Kernels& kernels_avx512vnni();
+#endif
+const Kernels& kernels_for(Isa isa);
+
+// ---- the driver (q8_linear.cpp) -------------------------------------------
+
+struct LinearArgs {
+  const float* x;
+  int64_t m, k, ldx;
+  const int8_t* w_packed;
+  const int32_t* col_sum;
+  const float* w_scale;
+  const float* bias;       // nullable
+  int64_t n;
+  float* y;
+  int64_t ldy;
+  Activation act;
+  bool is_static;
+  float static_scale;
+  int32_t static_zp;
+  int nthreads;
+};
+
+// Throws std::invalid_argument on inconsistent sizes. Releases nothing itself:
+// the binding drops the GIL around it.
+void linear(const LinearArgs& args);
+
+// Test hooks exposing each stage on its own, on the active ISA.
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale,
+                   int32_t* zp, uint8_t* nonfinite, bool is_static, float static_scale,
+                   int32_t static_zp);
+void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, int64_t n,
+              int32_t* out, int nthreads);
+
+}  // namespace q8
+}  // namespace pycompress

@@ -1,0 +1,181 @@
+// AVX2 path. vpmaddubsw (u8 x s8 pairs summed into a saturating int16) is the
+// usual AVX2 int8 trick, and the reason FBGEMM and ONNX Runtime give
+// CPU-dependent answers: 255*127 + 255*127 does not fit int16. Here both
+// operands are widened to int16 and multiplied with vpmaddwd, whose pair sums
+// land in int32 (|255*128*2| < 2^31): exact, identical to VNNI and scalar.
+//
+// Layout use: widening 16 bytes of a packed group gives 4 channels x 4 k as
+// int16; vpmaddwd against the row's 4 activations (broadcast) leaves two
+// partial sums per channel, folded with vphaddd after the K loop.
+// Microkernel: 2 rows x 16 columns, 8 accumulators + 4 weights + 1 broadcast.
+#include <immintrin.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+
+#include "common/vec_math_avx2.h"
+#include "q8/q8_gemm.h"
+
+namespace pycompress {
+namespace q8 {
+namespace {
+
+constexpr int kMR = 2;
+
+alignas(32) constexpr int32_t kLaneIndex[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+
+inline __m256i tail_mask(int64_t valid) {
+  const int32_t v = valid >= 8 ? 8 : static_cast<int32_t>(valid < 0 ? 0 : valid);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(v), _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneIndex)));
+}
+
+inline float hmin(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hsum(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+void quantize_rows_avx2(const QuantizeRows& p) {
+  for (int64_t r = 0; r < p.m; ++r) {
+    const float* x = p.x + r * p.ldx;
+    uint8_t* q = p.q + r * p.kp;
+    __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps(), probe = _mm256_setzero_ps();
+    for (int64_t k = 0; k < p.k; k += 8) {
+      const __m256 v = _mm256_maskload_ps(x + k, tail_mask(p.k - k));
+      probe = _mm256_add_ps(probe, _mm256_sub_ps(v, v));
+      vlo = _mm256_min_ps(vlo, v);
+      vhi = _mm256_max_ps(vhi, v);
+    }
+    const float lo = hmin(vlo), hi = hmax(vhi), nan_probe = hsum(probe);
+    float scale = p.static_scale;
+    int32_t zp = p.static_zp;
+    if (!p.is_static) {
+      scale = (hi - lo) / 255.0f;
+      scale = scale < FLT_MIN ? FLT_MIN : scale;
+    }
+    const bool nonfinite = !(nan_probe == 0.0f) || !(scale <= FLT_MAX);
+    p.nonfinite[r] = nonfinite ? 1 : 0;
+    if (nonfinite) {
+      p.scale[r] = 1.0f;
+      p.zp[r] = 0;
+      std::memset(q, 0, static_cast<size_t>(p.kp));
+      continue;
+    }
+    const float inv_scale = 1.0f / scale;
+    if (!p.is_static) {
+      zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
+      zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
+    }
+    p.scale[r] = scale;
+    p.zp[r] = zp;
+    const __m256 vinv = _mm256_set1_ps(inv_scale);
+    const __m256 vmin = _mm256_set1_ps(-256.0f), vmax = _mm256_set1_ps(256.0f);
+    const __m256i vzp = _mm256_set1_epi32(zp);
+    const __m256i q0 = _mm256_setzero_si256(), q255 = _mm256_set1_epi32(255);
+    int64_t k = 0;
+    for (; k < p.k; k += 8) {
+      const __m256i in = tail_mask(p.k - k);
+      __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + k, in), vinv);
+      v = _mm256_min_ps(_mm256_max_ps(v, vmin), vmax);
+      __m256i qi = _mm256_add_epi32(_mm256_cvtps_epi32(v), vzp);
+      qi = _mm256_min_epi32(_mm256_max_epi32(qi, q0), q255);
+      qi = _mm256_and_si256(qi, in);
+      // 8 int32 in [0, 255] -> 8 bytes.
+      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+      const __m128i b8 = _mm_packus_epi16(w16, w16);
+      const int64_t nbytes = p.kp - k < 8 ? p.kp - k : 8;
+      alignas(16) uint8_t tmp[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+      std::memcpy(q + k, tmp, static_cast<size_t>(nbytes));
+    }
+    for (; k < p.kp; ++k) q[k] = 0;
+  }
+}
+
+// Sums adjacent int32 pairs of two accumulators (4 channels x 2 halves each)
+// into 8 consecutive channel totals.
+inline __m256i fold_pairs(__m256i lo4, __m256i hi4) {
+  const __m256i h = _mm256_hadd_epi32(lo4, hi4);  // [c0 c1 c4 c5 | c2 c3 c6 c7]
+  return _mm256_permute4x64_epi64(h, 0xD8);       // [c0 .. c7]
+}
+
+template <int MR>
+void tile_rows(const GemmTile& t, int64_t r0, int64_t n) {
+  const int64_t groups = t.kp / kKGroup;
+  const int8_t* w = t.w + (n / kPanel) * t.kp * kPanel;
+  const uint8_t* a = t.a + r0 * t.lda;
+
+  __m256i acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_si256();
+
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i wv[4];
+    for (int v = 0; v < 4; ++v)
+      wv[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 64 + v * 16)));
+    for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * t.lda + g * kKGroup, sizeof a4);
+      const __m256i ab = _mm256_cvtepu8_epi16(_mm_set1_epi32(a4));
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(ab, wv[v]));
+    }
+  }
+
+  const int64_t valid = t.n0 + t.ncols - n;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t nh = n + 8 * h;
+    const __m256i mask = tail_mask(valid - 8 * h);
+    if (t.raw != nullptr) {
+      for (int r = 0; r < MR; ++r)
+        _mm256_maskstore_epi32(t.raw + (r0 + r) * t.ldraw + nh, mask, fold_pairs(acc[r][2 * h], acc[r][2 * h + 1]));
+      continue;
+    }
+    const __m256i colsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.col_sum + nh));  // padded to Np
+    const __m256 wscale = _mm256_maskload_ps(t.w_scale + nh, mask);
+    const __m256 bias = t.bias != nullptr ? _mm256_maskload_ps(t.bias + nh, mask) : _mm256_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      const __m256i sum = fold_pairs(acc[r][2 * h], acc[r][2 * h + 1]);
+      const __m256i corrected =
+          _mm256_sub_epi32(sum, _mm256_mullo_epi32(_mm256_set1_epi32(t.row_zp[r0 + r]), colsum));
+      __m256 y = _mm256_cvtepi32_ps(corrected);
+      y = _mm256_mul_ps(y, _mm256_mul_ps(_mm256_set1_ps(t.row_scale[r0 + r]), wscale));
+      if (t.bias != nullptr) y = _mm256_add_ps(y, bias);
+      y = apply_activation_avx2(y, t.act);
+      _mm256_maskstore_ps(t.y + (r0 + r) * t.ldy + nh, mask, y);
+    }
+  }
+}
+
+void gemm_tile_avx2(const GemmTile& t) {
+  for (int64_t n = t.n0; n < t.n0 + t.ncols; n += kPanel) {
+    int64_t r0 = 0;
+    for (; r0 + kMR <= t.m; r0 += kMR) tile_rows<kMR>(t, r0, n);
+    if (r0 < t.m) tile_rows<1>(t, r0, n);
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_avx2() {
+  static const Kernels k{quantize_rows_avx2, gemm_tile_avx2};
+  return k;
+}
+
+}  // namespace q8
+}  // namespace pycompress

@@ -1,0 +1,151 @@
+// AVX-512 VNNI path: vpdpbusd (u8 x s8 -> s32, 4-wide dot products) accumulates
+// in int32 directly, so nothing saturates. Microkernel: up to 6 rows x 64
+// columns (4 zmm panels), 24 accumulators + 4 weight registers + 1 broadcast.
+#include <immintrin.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+
+#include "common/vec_math_avx512.h"
+#include "q8/q8_gemm.h"
+
+namespace pycompress {
+namespace q8 {
+namespace {
+
+constexpr int kMR = 6;
+constexpr int kMaxNV = 4;
+
+inline __mmask16 tail_mask(int64_t valid) {
+  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
+}
+
+void quantize_rows_avx512(const QuantizeRows& p) {
+  for (int64_t r = 0; r < p.m; ++r) {
+    const float* x = p.x + r * p.ldx;
+    uint8_t* q = p.q + r * p.kp;
+    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps(), probe = _mm512_setzero_ps();
+    for (int64_t k = 0; k < p.k; k += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(tail_mask(p.k - k), x + k);
+      probe = _mm512_add_ps(probe, _mm512_sub_ps(v, v));
+      vlo = _mm512_min_ps(vlo, v);
+      vhi = _mm512_max_ps(vhi, v);
+    }
+    const float lo = _mm512_reduce_min_ps(vlo);
+    const float hi = _mm512_reduce_max_ps(vhi);
+    const float nan_probe = _mm512_reduce_add_ps(probe);
+    float scale = p.static_scale;
+    int32_t zp = p.static_zp;
+    if (!p.is_static) {
+      scale = (hi - lo) / 255.0f;
+      scale = scale < FLT_MIN ? FLT_MIN : scale;
+    }
+    const bool nonfinite = !(nan_probe == 0.0f) || !(scale <= FLT_MAX);
+    p.nonfinite[r] = nonfinite ? 1 : 0;
+    if (nonfinite) {
+      p.scale[r] = 1.0f;
+      p.zp[r] = 0;
+      std::memset(q, 0, static_cast<size_t>(p.kp));
+      continue;
+    }
+    const float inv_scale = 1.0f / scale;
+    if (!p.is_static) {
+      zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
+      zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
+    }
+    p.scale[r] = scale;
+    p.zp[r] = zp;
+    const __m512 vinv = _mm512_set1_ps(inv_scale);
+    const __m512 vmin = _mm512_set1_ps(-256.0f), vmax = _mm512_set1_ps(256.0f);
+    const __m512i vzp = _mm512_set1_epi32(zp);
+    const __m512i q0 = _mm512_setzero_si512(), q255 = _mm512_set1_epi32(255);
+    for (int64_t k = 0; k < p.kp; k += 16) {
+      const __mmask16 in = tail_mask(p.k - k);
+      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, x + k), vinv);
+      v = _mm512_min_ps(_mm512_max_ps(v, vmin), vmax);
+      __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+      qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), q255);
+      qi = _mm512_maskz_mov_epi32(in, qi);  // padding columns are 0
+      _mm_mask_storeu_epi8(q + k, tail_mask(p.kp - k), _mm512_cvtepi32_epi8(qi));
+    }
+  }
+}
+
+template <int MR, int NV>
+void tile_rows(const GemmTile& t, int64_t r0) {
+  const int64_t groups = t.kp / kKGroup;
+  const int64_t panel_bytes = t.kp * kPanel;
+  const int8_t* w = t.w + (t.n0 / kPanel) * panel_bytes;
+  const uint8_t* a = t.a + r0 * t.lda;
+
+  __m512i acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * panel_bytes + g * 64);
+    for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * t.lda + g * kKGroup, sizeof a4);
+      const __m512i ab = _mm512_set1_epi32(a4);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], ab, wv[v]);
+    }
+  }
+
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = t.n0 + v * kPanel;
+    const __mmask16 mask = tail_mask(t.n0 + t.ncols - n);
+    if (t.raw != nullptr) {
+      for (int r = 0; r < MR; ++r) _mm512_mask_storeu_epi32(t.raw + (r0 + r) * t.ldraw + n, mask, acc[r][v]);
+      continue;
+    }
+    const __m512i colsum = _mm512_loadu_si512(t.col_sum + n);  // padded to Np
+    const __m512 wscale = _mm512_maskz_loadu_ps(mask, t.w_scale + n);
+    const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(mask, t.bias + n) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      const __m512i corrected =
+          _mm512_sub_epi32(acc[r][v], _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[r0 + r]), colsum));
+      __m512 y = _mm512_cvtepi32_ps(corrected);
+      y = _mm512_mul_ps(y, _mm512_mul_ps(_mm512_set1_ps(t.row_scale[r0 + r]), wscale));
+      if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+      y = apply_activation_avx512(y, t.act);
+      _mm512_mask_storeu_ps(t.y + (r0 + r) * t.ldy + n, mask, y);
+    }
+  }
+}
+
+template <int MR>
+void tile_rows_nv(const GemmTile& t, int64_t r0, int nv) {
+  switch (nv) {
+    case 1: return tile_rows<MR, 1>(t, r0);
+    case 2: return tile_rows<MR, 2>(t, r0);
+    case 3: return tile_rows<MR, 3>(t, r0);
+    default: return tile_rows<MR, kMaxNV>(t, r0);
+  }
+}
+
+void gemm_tile_avx512(const GemmTile& t) {
+  const int nv = static_cast<int>((t.ncols + kPanel - 1) / kPanel);
+  int64_t r0 = 0;
+  for (; r0 + kMR <= t.m; r0 += kMR) tile_rows_nv<kMR>(t, r0, nv);
+  switch (t.m - r0) {
+    case 5: return tile_rows_nv<5>(t, r0, nv);
+    case 4: return tile_rows_nv<4>(t, r0, nv);
+    case 3: return tile_rows_nv<3>(t, r0, nv);
+    case 2: return tile_rows_nv<2>(t, r0, nv);
+    case 1: return tile_rows_nv<1>(t, r0, nv);
+    default: return;
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_avx512vnni() {
+  static const Kernels k{quantize_rows_avx512, gemm_tile_avx512};
+  return k;
+}
+
+}  // namespace q8
+}  // namespace pycompress

@@ -1,0 +1,96 @@
+// Portable scalar path: the executable specification of q8_gemm.h.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+
+#include "q8/q8_gemm.h"
+
+namespace pycompress {
+namespace q8 {
+namespace {
+
+inline int32_t quantize_value(float x, float inv_scale, int32_t zp) {
+  float v = x * inv_scale;
+  v = v < -256.0f ? -256.0f : (v > 256.0f ? 256.0f : v);
+  const int32_t q = static_cast<int32_t>(std::nearbyint(v)) + zp;
+  return q < 0 ? 0 : (q > 255 ? 255 : q);
+}
+
+void quantize_rows_scalar(const QuantizeRows& p) {
+  for (int64_t r = 0; r < p.m; ++r) {
+    const float* x = p.x + r * p.ldx;
+    uint8_t* q = p.q + r * p.kp;
+    // x - x is 0 for finite x and NaN otherwise; a sum of them flags the row.
+    float nan_probe = 0.0f;
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t k = 0; k < p.k; ++k) {
+      nan_probe = nan_probe + (x[k] - x[k]);
+      lo = std::min(lo, x[k]);
+      hi = std::max(hi, x[k]);
+    }
+    float scale = p.static_scale;
+    int32_t zp = p.static_zp;
+    if (!p.is_static) {
+      scale = (hi - lo) / 255.0f;
+      scale = scale < FLT_MIN ? FLT_MIN : scale;
+    }
+    const bool nonfinite = !(nan_probe == 0.0f) || !(scale <= FLT_MAX);
+    p.nonfinite[r] = nonfinite ? 1 : 0;
+    if (nonfinite) {
+      p.scale[r] = 1.0f;
+      p.zp[r] = 0;
+      std::fill(q, q + p.kp, uint8_t{0});
+      continue;
+    }
+    const float inv_scale = 1.0f / scale;
+    if (!p.is_static) {
+      zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
+      zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
+    }
+    p.scale[r] = scale;
+    p.zp[r] = zp;
+    for (int64_t k = 0; k < p.k; ++k) q[k] = static_cast<uint8_t>(quantize_value(x[k], inv_scale, zp));
+    std::fill(q + p.k, q + p.kp, uint8_t{0});
+  }
+}
+
+void gemm_tile_scalar(const GemmTile& t) {
+  for (int64_t r = 0; r < t.m; ++r) {
+    const uint8_t* a = t.a + r * t.lda;
+    for (int64_t c = 0; c < t.ncols; ++c) {
+      const int64_t n = t.n0 + c;
+      const int8_t* panel = t.w + (n / kPanel) * t.kp * kPanel;
+      const int64_t lane = n % kPanel;
+      int32_t acc = 0;
+      for (int64_t g = 0; g < t.kp / kKGroup; ++g) {
+        const int8_t* w = panel + (g * kPanel + lane) * kKGroup;
+        const uint8_t* av = a + g * kKGroup;
+        for (int j = 0; j < kKGroup; ++j) acc += static_cast<int32_t>(av[j]) * w[j];
+      }
+      if (t.raw != nullptr) {
+        t.raw[r * t.ldraw + n] = acc;
+        continue;
+      }
+      // Wrapping arithmetic: the exact result fits int32 even when zp * colsum
+      // alone is close to the limit.
+      const int32_t corrected = static_cast<int32_t>(
+          static_cast<uint32_t>(acc) -
+          static_cast<uint32_t>(t.row_zp[r]) * static_cast<uint32_t>(t.col_sum[n]));
+      float v = static_cast<float>(corrected);
+      const float s = t.row_scale[r] * t.w_scale[n];
+      v = v * s;
+      if (t.bias != nullptr) v = v + t.bias[n];
+      t.y[r * t.ldy + n] = apply_activation(v, t.act);
+    }
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_scalar() {
+  static const Kernels k{quantize_rows_scalar, gemm_tile_scalar};
+  return k;
+}
+
+}  // namespace q8
+}  // namespace pycompress

@@ -1,0 +1,176 @@
+// Driver for the int8 linear: validates sizes, quantizes the activations,
+// splits the output into tiles and runs them on the thread pool with the
+// active ISA's kernels. Compiled without ISA flags.
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "q8/q8_gemm.h"
+
+namespace pycompress {
+namespace q8 {
+
+const Kernels& kernels_for(Isa isa) {
+  switch (isa) {
+#if PYCOMPRESS_X86
+    case Isa::Avx512Vnni: return kernels_avx512vnni();
+    case Isa::Avx2: return kernels_avx2();
+#endif
+    default: return kernels_scalar();
+  }
+}
+
+namespace {
+
+// Below this many multiply-adds a call runs on the calling thread: waking a
+// helper costs more than it saves (measured with bench/bench_q8_linear.py).
+constexpr int64_t kMinMacsPerThread = int64_t{1} << 18;
+// Rows per tile: the quantized rows of one tile stay in L2 beside its weights.
+constexpr int64_t kMaxTileRows = 192;
+
+struct Scratch {
+  std::vector<uint8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> zp;
+  std::vector<uint8_t> nonfinite;
+};
+
+// One scratch per calling thread: concurrent callers never share buffers.
+Scratch& thread_scratch(int64_t m, int64_t kp) {
+  thread_local Scratch s;
+  const size_t qbytes = static_cast<size_t>(m * kp);
+  if (s.q.size() < qbytes) s.q.resize(qbytes);
+  if (s.scale.size() < static_cast<size_t>(m)) {
+    s.scale.resize(m);
+    s.zp.resize(m);
+    s.nonfinite.resize(m);
+  }
+  return s;
+}
+
+int effective_threads(int requested, int64_t work) {
+  const int64_t useful = std::max<int64_t>(1, work / kMinMacsPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, useful)));
+}
+
+void check_k(int64_t k) {
+  if (k > kMaxK) {
+    throw std::invalid_argument("int8 linear: K=" + std::to_string(k) + " exceeds " +
+                                std::to_string(kMaxK) +
+                                ", beyond which an int32 accumulator of uint8*int8 products can overflow");
+  }
+}
+
+void run_quantize(const Kernels& kern, const QuantizeRows& base, int nthreads) {
+  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, base.k));
+  const int64_t tasks = (base.m + rows_per_task - 1) / rows_per_task;
+  parallel_for(tasks, effective_threads(nthreads, base.m * base.k * 16), [&](int64_t t) {
+    QuantizeRows p = base;
+    const int64_t r0 = t * rows_per_task;
+    p.m = std::min(rows_per_task, base.m - r0);
+    p.x = base.x + r0 * base.ldx;
+    p.q = base.q + r0 * base.kp;
+    p.scale = base.scale + r0;
+    p.zp = base.zp + r0;
+    p.nonfinite = base.nonfinite + r0;
+    kern.quantize_rows(p);
+  });
+}
+
+void run_tiles(const Kernels& kern, const GemmTile& base, int64_t n, int nthreads) {
+  const int64_t m = base.m;
+  const int64_t n_tiles = (n + kTileCols - 1) / kTileCols;
+  const int threads = effective_threads(nthreads, m * n * base.kp);
+  int64_t m_tiles = (m + kMaxTileRows - 1) / kMaxTileRows;
+  // Too few column tiles to keep every thread busy: split the rows further.
+  while (n_tiles * m_tiles < 4 * threads && m_tiles < (m + 5) / 6) ++m_tiles;
+  const int64_t rows = (m + m_tiles - 1) / m_tiles;
+  m_tiles = (m + rows - 1) / rows;
+  parallel_for(n_tiles * m_tiles, threads, [&](int64_t t) {
+    const int64_t mt = t / n_tiles, nt = t % n_tiles;
+    GemmTile tile = base;
+    const int64_t r0 = mt * rows;
+    tile.m = std::min(rows, m - r0);
+    tile.a = base.a + r0 * base.lda;
+    tile.n0 = nt * kTileCols;
+    tile.ncols = std::min(kTileCols, n - tile.n0);
+    // Row-indexed epilogue operands and outputs are shifted so tiles see row 0.
+    if (base.row_scale != nullptr) tile.row_scale = base.row_scale + r0;
+    if (base.row_zp != nullptr) tile.row_zp = base.row_zp + r0;
+    if (base.y != nullptr) tile.y = base.y + r0 * base.ldy;
+    if (base.raw != nullptr) tile.raw = base.raw + r0 * base.ldraw;
+    kern.gemm_tile(tile);
+  });
+}
+
+}  // namespace
+
+void linear(const LinearArgs& args) {
+  if (args.m < 0 || args.k <= 0 || args.n <= 0) {
+    throw std::invalid_argument("int8 linear: bad sizes M=" + std::to_string(args.m) +
+                                " K=" + std::to_string(args.k) + " N=" + std::to_string(args.n));
+  }
+  check_k(args.k);
+  if (args.ldx < args.k || args.ldy < args.n) throw std::invalid_argument("int8 linear: row stride smaller than row");
+  if (args.is_static && (!(args.static_scale > 0.0f) || !(args.static_scale <= std::numeric_limits<float>::max()) ||
+                         args.static_zp < 0 || args.static_zp > 255)) {
+    throw std::invalid_argument("int8 linear: static activation scale must be finite and > 0, zero point in [0, 255]");
+  }
+  if (args.m == 0) return;
+  const Kernels& kern = kernels_for(active_isa());
+  const int64_t kp = round_up(args.k, kKGroup);
+  Scratch& s = thread_scratch(args.m, kp);
+
+  QuantizeRows qr{args.x, args.ldx, args.m, args.k, kp, s.q.data(), s.scale.data(), s.zp.data(),
+                  s.nonfinite.data(), args.is_static, args.static_scale, args.static_zp};
+  run_quantize(kern, qr, args.nthreads);
+
+  GemmTile tile{};
+  tile.a = s.q.data();
+  tile.lda = kp;
+  tile.m = args.m;
+  tile.w = args.w_packed;
+  tile.kp = kp;
+  tile.row_scale = s.scale.data();
+  tile.row_zp = s.zp.data();
+  tile.col_sum = args.col_sum;
+  tile.w_scale = args.w_scale;
+  tile.bias = args.bias;
+  tile.act = args.act;
+  tile.y = args.y;
+  tile.ldy = args.ldy;
+  run_tiles(kern, tile, args.n, args.nthreads);
+
+  for (int64_t r = 0; r < args.m; ++r) {
+    if (s.nonfinite[r]) std::fill(args.y + r * args.ldy, args.y + r * args.ldy + args.n, std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale, int32_t* zp,
+                   uint8_t* nonfinite, bool is_static, float static_scale, int32_t static_zp) {
+  check_k(k);
+  const int64_t kp = round_up(k, kKGroup);
+  QuantizeRows p{x, ldx, m, k, kp, q, scale, zp, nonfinite, is_static, static_scale, static_zp};
+  kernels_for(active_isa()).quantize_rows(p);
+}
+
+void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, int64_t n, int32_t* out,
+              int nthreads) {
+  check_k(kp);
+  if (m == 0) return;
+  GemmTile tile{};
+  tile.a = q;
+  tile.lda = kp;
+  tile.m = m;
+  tile.w = w_packed;
+  tile.kp = kp;
+  tile.raw = out;
+  tile.ldraw = n;
+  run_tiles(kernels_for(active_isa()), tile, n, nthreads);
+}
+
+}  // namespace q8
+}  // namespace pycompress

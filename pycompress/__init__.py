@@ -1,0 +1,22 @@
+"""pycompress: native-accelerated model compression for PyTorch.
+
+The CPU kernels live in ``pycompress._C`` (torch-free C++); ``pycompress.ops``
+registers them as ``torch.ops.pycompress.*``; ``pycompress.nn`` holds the
+inference modules that use them.
+"""
+
+from pycompress import nn, ops, reference
+from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
+
+__version__ = build_info()["version"]
+
+__all__ = [
+    "build_info",
+    "get_isa",
+    "nn",
+    "ops",
+    "reference",
+    "set_isa",
+    "set_num_threads",
+    "supported_isas",
+]

@@ -1,0 +1,68 @@
+"""Loads the compiled CPU module and answers questions about the build."""
+
+from __future__ import annotations
+
+import torch
+
+from pycompress import _C
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2}
+
+
+def num_threads(explicit: int | None = None) -> int:
+    """Threads a kernel call may use: pycompress.set_num_threads, else torch's setting."""
+    if explicit is not None:
+        return explicit
+    return _thread_override if _thread_override is not None else torch.get_num_threads()
+
+
+_thread_override: int | None = None
+
+
+def set_num_threads(n: int | None) -> None:
+    """Fix the kernels' thread count (None: follow torch.get_num_threads())."""
+    global _thread_override
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"set_num_threads: expected a positive int or None, got {n!r}")
+    _thread_override = n
+
+
+def activation_code(name: str) -> int:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}: expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def supported_isas() -> list[str]:
+    return list(_C.build_info()["supported_isas"])
+
+
+def set_isa(name: str) -> None:
+    """Switch every kernel to the named ISA path ('scalar', 'avx2', 'avx512').
+
+    Raises ValueError when the CPU or the build lacks it. The environment
+    variable PYCOMPRESS_ISA does the same at import time.
+    """
+    _C.set_isa(name)
+
+
+def get_isa() -> str:
+    return _C.get_isa()
+
+
+def cuda_module():
+    """The CUDA extension module, or None when it was not built."""
+    try:
+        from pycompress import _C_cuda
+    except ImportError:
+        return None
+    return _C_cuda
+
+
+def build_info() -> dict:
+    info = dict(_C.build_info())
+    info["cuda"] = cuda_module() is not None
+    info["threads"] = num_threads()
+    info["torch"] = torch.__version__
+    return info

@@ -1,0 +1,110 @@
+"""Int8Linear: a Linear layer on the int8 GEMM kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pycompress import ops
+from pycompress._native import activation_code
+from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+class Int8Linear(nn.Module):
+    """y = act(x @ W^T + b) with int8 weights (symmetric, per output channel) and
+    uint8 activations quantized per row at run time (``act_scale=None``) or with a
+    calibrated static scale / zero point.
+
+    Buffers: ``w_packed`` (kernel layout, see csrc/q8/q8_gemm.h), ``col_sum``,
+    ``w_scale``, ``bias``; all in ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "none",
+        act_scale: float | None = None,
+        act_zero_point: int = 0,
+        weight_bits: int = 8,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= in_features <= MAX_K:
+            raise ValueError(f"Int8Linear: in_features={in_features} must be in [1, {MAX_K}] "
+                             "(larger K can overflow the int32 accumulator)")
+        if out_features < 1:
+            raise ValueError(f"Int8Linear: out_features={out_features} must be >= 1")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = activation
+        self._act_code = activation_code(activation)
+        self.act_scale = act_scale
+        self.act_zero_point = act_zero_point
+        self.weight_bits = weight_bits
+        self.name = name
+        kp, np_ = _round_up(in_features, KGROUP), _round_up(out_features, PANEL)
+        self.register_buffer("w_packed", torch.zeros(np_ * kp, dtype=torch.int8))
+        self.register_buffer("col_sum", torch.zeros(np_, dtype=torch.int32))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        activation: str = "none",
+        act_scale: float | None = None,
+        act_zero_point: int = 0,
+        weight_bits: int = 8,
+        name: str | None = None,
+    ) -> "Int8Linear":
+        """Quantize and pack an ``nn.Linear`` (or anything with a 2-D ``weight`` and optional ``bias``)."""
+        weight = linear.weight.detach()
+        label = name or type(linear).__name__
+        if weight.dim() != 2:
+            raise ValueError(f"Int8Linear.from_float({label}): weight must be 2-D, got {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"Int8Linear.from_float({label}): weight has NaN or Inf; cannot quantize")
+        b = getattr(linear, "bias", None)
+        if b is not None and not torch.isfinite(b).all():
+            raise ValueError(f"Int8Linear.from_float({label}): bias has NaN or Inf")
+        out_features, in_features = weight.shape
+        mod = cls(in_features, out_features, bias=b is not None, activation=activation, act_scale=act_scale,
+                  act_zero_point=act_zero_point, weight_bits=weight_bits, name=name)
+        q, scale = quantize_weight_per_channel(weight.cpu(), bits=weight_bits)
+        packed, col_sum = pack_int8_weights(q)
+        mod.w_packed.copy_(packed)
+        mod.col_sum.copy_(col_sum)
+        mod.w_scale.copy_(scale)
+        if b is not None:
+            mod.bias.copy_(b.detach().to(torch.float32))
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
+                             f"expected (..., {self.in_features}) features")
+        if x.dtype != torch.float32:
+            raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32")
+        return ops.int8_linear(x, self.w_packed, self.col_sum, self.w_scale, self.bias,
+                               self._act_code, self.act_scale, self.act_zero_point)
+
+    def _label(self) -> str:
+        return f"Int8Linear({self.name})" if self.name else f"Int8Linear({self.in_features}->{self.out_features})"
+
+    def packed_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w_packed, self.col_sum, self.w_scale, self.bias)
+                   if t is not None)
+
+    def extra_repr(self) -> str:
+        acts = "dynamic per-row" if self.act_scale is None else f"static scale={self.act_scale:.4g} zp={self.act_zero_point}"
+        act = "" if self.activation == "none" else f", activation={self.activation}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weights=int{self.weight_bits} per-channel, activations=uint8 {acts}{act}, bytes={self.packed_bytes()}")
+

@@ -1,0 +1,11 @@
+"""The kernels as torch ops: ``torch.ops.pycompress.*``.
+
+Each op is declared once with ``torch.library``; its fake (meta) implementation
+sits beside the CPU one so torch.compile and torch.export trace through
+converted models without running the kernels.
+"""
+
+from pycompress.ops._library import LIB
+from pycompress.ops.q8 import int8_linear
+
+__all__ = ["LIB", "int8_linear"]

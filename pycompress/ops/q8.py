@@ -1,0 +1,77 @@
+"""torch.ops.pycompress.int8_linear: y = act(dequant(quant(x) @ W^T) + bias)."""
+
+from __future__ import annotations
+
+import torch
+
+from pycompress import _C
+from pycompress._native import num_threads
+from pycompress.ops._library import LIB
+from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
+
+LIB.define(
+    "int8_linear(Tensor x, Tensor w_packed, Tensor col_sum, Tensor w_scale, Tensor? bias, "
+    "int activation=0, float? act_scale=None, int act_zero_point=0) -> Tensor"
+)
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point) -> tuple[int, int]:
+    """Validates every operand the kernel will read; returns (K, N)."""
+    n = w_scale.shape[0] if w_scale.dim() == 1 else -1
+    torch._check(w_scale.dim() == 1 and w_scale.dtype == torch.float32,
+                 lambda: f"int8_linear: w_scale must be 1-D float32, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    torch._check(x.dtype == torch.float32, lambda: f"int8_linear: x must be float32, got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: "int8_linear: x must have at least one dimension")
+    k = x.shape[-1]
+    torch._check(1 <= k <= MAX_K, lambda: (
+        f"int8_linear: K={k} features is outside [1, {MAX_K}]; beyond {MAX_K} an int32 accumulator "
+        "of uint8*int8 products can overflow"))
+    kp, np_ = _round_up(k, KGROUP), _round_up(n, PANEL)
+    torch._check(w_packed.dtype == torch.int8 and w_packed.dim() == 1 and w_packed.numel() == np_ * kp,
+                 lambda: (f"int8_linear: packed weight must be 1-D int8 of {np_ * kp} bytes for K={k}, N={n}; "
+                          f"got {w_packed.dtype} {tuple(w_packed.shape)} (does x have the layer's in_features?)"))
+    torch._check(col_sum.dtype == torch.int32 and col_sum.dim() == 1 and col_sum.numel() == np_,
+                 lambda: f"int8_linear: col_sum must be 1-D int32 of {np_}, got {col_sum.dtype} {tuple(col_sum.shape)}")
+    torch._check(bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.numel() == n),
+                 lambda: f"int8_linear: bias must be 1-D float32 of {n}")
+    torch._check(activation in (0, 1, 2), lambda: f"int8_linear: activation code {activation} not in (0, 1, 2)")
+    torch._check(act_scale is None or (act_scale > 0 and act_scale < float("inf") and 0 <= act_zero_point <= 255),
+                 lambda: f"int8_linear: static scale {act_scale} must be finite > 0, zero point {act_zero_point} in [0, 255]")
+    return k, n
+
+
+@torch.library.register_fake("pycompress::int8_linear")
+def _int8_linear_fake(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
+    _, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
+    k, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    x2 = x.reshape(-1, k)
+    # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    for t in (w_packed, col_sum, w_scale, bias):
+        if t is not None and not t.is_contiguous():
+            raise ValueError("int8_linear: weight operands must be contiguous (use the pycompress.nn modules)")
+    _C.q8_linear(
+        x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k,
+        w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        n, y.data_ptr(), n, activation,
+        act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(),
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+LIB.impl("int8_linear", _int8_linear_cpu, "CPU")
+
+
+def int8_linear(x, w_packed, col_sum, w_scale, bias=None, activation=0, act_scale=None, act_zero_point=0):
+    return torch.ops.pycompress.int8_linear(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)

@@ -1,0 +1,28 @@
+"""Pure-PyTorch references for every kernel: the same math in exact integer or
+float32-step-by-step arithmetic (bit-exact targets) or float64 (accuracy targets).
+
+Tests compare the native kernels to these. They are never used as a silent
+fallback at run time.
+"""
+
+from pycompress.reference.q8 import (
+    gelu_exact,
+    gelu_spec,
+    int8_linear_ref,
+    pack_int8_weights,
+    q8_accumulate_ref,
+    quantize_rows_ref,
+    quantize_weight_per_channel,
+    unpack_int8_weights,
+)
+
+__all__ = [
+    "gelu_exact",
+    "gelu_spec",
+    "int8_linear_ref",
+    "pack_int8_weights",
+    "q8_accumulate_ref",
+    "quantize_rows_ref",
+    "quantize_weight_per_channel",
+    "unpack_int8_weights",
+]

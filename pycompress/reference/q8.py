@@ -1,0 +1,155 @@
+"""Reference for the int8 linear (csrc/q8/q8_gemm.h states the contract).
+
+Each float32 step below is one IEEE operation, as in the kernels, so the
+reference reproduces the kernels' outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PANEL = 16  # output channels per packed panel
+KGROUP = 4  # k values per 32-bit lane
+MAX_K = 65536  # beyond this an int32 accumulator of u8*s8 products can overflow
+
+_F32 = torch.float32
+_FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization: w ~ q * scale[n], q in [-(2^(b-1)-1), 2^(b-1)-1].
+
+    Returns (q int8 [N, K], scale float32 [N]). An all-zero channel gets scale 1.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"weight bits must be in [2, 8], got {bits}")
+    w = weight.detach().to(torch.float32)
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return q, scale.to(_F32).contiguous()
+
+
+def pack_int8_weights(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [N, K] -> (packed int8 [Np/16 * Kp/4 * 16 * 4], col_sum int32 [Np])."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"pack_int8_weights: expected a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
+    n, k = q.shape
+    np_, kp = _round_up(n, PANEL), _round_up(k, KGROUP)
+    padded = torch.zeros(np_, kp, dtype=torch.int8)
+    padded[:n, :k] = q
+    packed = padded.view(np_ // PANEL, PANEL, kp // KGROUP, KGROUP).permute(0, 2, 1, 3).contiguous().view(-1)
+    col_sum = padded.sum(dim=1, dtype=torch.int32)
+    return packed, col_sum
+
+
+def unpack_int8_weights(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    np_, kp = _round_up(n, PANEL), _round_up(k, KGROUP)
+    if packed.numel() != np_ * kp:
+        raise ValueError(f"packed weights hold {packed.numel()} bytes, expected {np_ * kp} for N={n}, K={k}")
+    full = packed.view(np_ // PANEL, kp // KGROUP, PANEL, KGROUP).permute(0, 2, 1, 3).reshape(np_, kp)
+    return full[:n, :k].contiguous()
+
+
+def quantize_rows_ref(
+    x: torch.Tensor, static: tuple[float, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation quantization to uint8 with a zero point, per row (dynamic) or fixed (static).
+
+    Returns (q uint8 [M, K], scale float32 [M], zp int32 [M], nonfinite bool [M]).
+    Non-finite rows get q = 0, scale = 1, zp = 0.
+    """
+    x = x.to(_F32)
+    m = x.shape[0]
+    finite = torch.isfinite(x).all(dim=1) if x.shape[1] else torch.ones(m, dtype=torch.bool)
+    if static is None:
+        zero = torch.zeros(m, dtype=_F32)
+        lo = torch.minimum(x.amin(dim=1), zero) if x.shape[1] else zero
+        hi = torch.maximum(x.amax(dim=1), zero) if x.shape[1] else zero
+        scale = (hi - lo) / torch.tensor(255.0, dtype=_F32)
+        scale = torch.where(scale < _FLT_MIN, torch.tensor(_FLT_MIN, dtype=_F32), scale)
+    else:
+        scale = torch.full((m,), static[0], dtype=_F32)
+    finite = finite & (scale <= torch.finfo(_F32).max)
+    scale = torch.where(finite, scale, torch.ones_like(scale))
+    inv = torch.tensor(1.0, dtype=_F32) / scale
+    if static is None:
+        zp = torch.clamp(torch.round(-lo * inv), 0, 255).to(torch.int32)
+    else:
+        zp = torch.full((m,), static[1], dtype=torch.int32)
+    zp = torch.where(finite, zp, torch.zeros_like(zp))
+    v = torch.clamp(x * inv[:, None], -256.0, 256.0)
+    v = torch.where(finite[:, None], v, torch.zeros_like(v))
+    q = torch.clamp(torch.round(v).to(torch.int32) + zp[:, None], 0, 255)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.uint8)
+    return q, scale, zp, ~finite
+
+
+def q8_accumulate_ref(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int32 accumulators sum_k q[m,k] * w[n,k] (computed in int64)."""
+    return q.to(torch.int64) @ w.to(torch.int64).t()
+
+
+def gelu_spec(v: torch.Tensor) -> torch.Tensor:
+    """The kernels' GELU, step by step in float32 (csrc/common/epilogue_math.h)."""
+    f = lambda c: torch.tensor(c, dtype=_F32)  # noqa: E731
+    z = v.abs() * f(0.70710678118654752)
+    t = f(1.0) / (f(1.0) + f(0.3275911) * z)
+    poly = f(1.061405429)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = poly * t + f(c)
+    e = -(z * z)
+    e = torch.maximum(e, f(-87.0))
+    n = torch.round(e * f(1.44269504088896341))
+    r = e - n * f(0.693145751953125)
+    r = r - n * f(1.428606765330187045e-06)
+    p = f(1.0 / 5040.0)
+    for c in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        p = p * r + f(c)
+    two_n = ((n.to(torch.int32) + 127) << 23).view(_F32)
+    exp = p * two_n
+    half_erfc = f(0.5) * (t * poly) * exp
+    phi = torch.where(v >= 0, f(1.0) - half_erfc, half_erfc)
+    return v * phi
+
+
+def gelu_exact(v: torch.Tensor) -> torch.Tensor:
+    """GELU in float64 with the true erf (the accuracy target)."""
+    v = v.to(torch.float64)
+    return 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0)))
+
+
+def int8_linear_ref(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    static: tuple[float, int] | None = None,
+) -> torch.Tensor:
+    """The int8 linear, bit-exact: x float32 [..., K], w_q int8 [N, K], w_scale float32 [N]."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    q, scale, zp, nonfinite = quantize_rows_ref(x2, static)
+    acc = q8_accumulate_ref(q, w_q)
+    col_sum = w_q.to(torch.int64).sum(dim=1)
+    corrected = (acc - zp.to(torch.int64)[:, None] * col_sum[None, :]).to(_F32)
+    y = corrected * (scale[:, None] * w_scale.to(_F32)[None, :])
+    if bias is not None:
+        y = y + bias.to(_F32)[None, :]
+    if activation == "relu":
+        y = torch.where(y > 0, y, torch.zeros_like(y))
+    elif activation == "gelu":
+        y = gelu_spec(y)
+    elif activation != "none":
+        raise ValueError(f"unknown activation {activation!r}")
+    y = torch.where(nonfinite[:, None], torch.full_like(y, float("nan")), y)
+    return y.reshape(*x.shape[:-1], w_q.shape[0])
+
