@@ -122,26 +122,33 @@ void tile_rows(const GemmTile& t, int64_t r0, int64_t n) {
   const uint8_t* a = t.a + r0 * t.lda;
 
   __m256i acc[MR][4];
+  #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_si256();
 
   for (int64_t g = 0; g < groups; ++g) {
     __m256i wv[4];
+    #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v)
       wv[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 64 + v * 16)));
+    #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       int32_t a4;
       std::memcpy(&a4, a + r * t.lda + g * kKGroup, sizeof a4);
       const __m256i ab = _mm256_cvtepu8_epi16(_mm_set1_epi32(a4));
+      #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(ab, wv[v]));
     }
   }
 
   const int64_t valid = t.n0 + t.ncols - n;
+  #pragma GCC unroll 4
   for (int h = 0; h < 2; ++h) {
     const int64_t nh = n + 8 * h;
     const __m256i mask = tail_mask(valid - 8 * h);
     if (t.raw != nullptr) {
+      #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r)
         _mm256_maskstore_epi32(t.raw + (r0 + r) * t.ldraw + nh, mask, fold_pairs(acc[r][2 * h], acc[r][2 * h + 1]));
       continue;
@@ -149,6 +156,7 @@ void tile_rows(const GemmTile& t, int64_t r0, int64_t n) {
     const __m256i colsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.col_sum + nh));  // padded to Np
     const __m256 wscale = _mm256_maskload_ps(t.w_scale + nh, mask);
     const __m256 bias = t.bias != nullptr ? _mm256_maskload_ps(t.bias + nh, mask) : _mm256_setzero_ps();
+    #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       const __m256i sum = fold_pairs(acc[r][2 * h], acc[r][2 * h + 1]);
       const __m256i corrected =

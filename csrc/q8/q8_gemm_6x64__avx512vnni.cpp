@@ -80,30 +80,38 @@ void tile_rows(const GemmTile& t, int64_t r0) {
   const uint8_t* a = t.a + r0 * t.lda;
 
   __m512i acc[MR][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
 
   for (int64_t g = 0; g < groups; ++g) {
     __m512i wv[NV];
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * panel_bytes + g * 64);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t a4;
       std::memcpy(&a4, a + r * t.lda + g * kKGroup, sizeof a4);
       const __m512i ab = _mm512_set1_epi32(a4);
+#pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], ab, wv[v]);
     }
   }
 
+#pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
     const int64_t n = t.n0 + v * kPanel;
     const __mmask16 mask = tail_mask(t.n0 + t.ncols - n);
     if (t.raw != nullptr) {
+#pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) _mm512_mask_storeu_epi32(t.raw + (r0 + r) * t.ldraw + n, mask, acc[r][v]);
       continue;
     }
     const __m512i colsum = _mm512_loadu_si512(t.col_sum + n);  // padded to Np
     const __m512 wscale = _mm512_maskz_loadu_ps(mask, t.w_scale + n);
     const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(mask, t.bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512i corrected =
           _mm512_sub_epi32(acc[r][v], _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[r0 + r]), colsum));

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pycompress import ops
+from pycompress.ops.q8 import int8_linear_cpu
 from pycompress._native import activation_code
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
 
@@ -92,8 +93,13 @@ class Int8Linear(nn.Module):
                              f"expected (..., {self.in_features}) features")
         if x.dtype != torch.float32:
             raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32")
-        return ops.int8_linear(x, self.w_packed, self.col_sum, self.w_scale, self.bias,
-                               self._act_code, self.act_scale, self.act_zero_point)
+        args = (x, self.w_packed, self.col_sum, self.w_scale, self.bias,
+                self._act_code, self.act_scale, self.act_zero_point)
+        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager CPU: the op's own CPU kernel, minus ~9 us of dispatcher overhead
+            # per call (bench/README.md). Traced or fake tensors take the op.
+            return int8_linear_cpu(*args)
+        return ops.int8_linear(*args)
 
     def _label(self) -> str:
         return f"Int8Linear({self.name})" if self.name else f"Int8Linear({self.in_features}->{self.out_features})"

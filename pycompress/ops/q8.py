@@ -20,27 +20,37 @@ def _round_up(v: int, m: int) -> int:
 
 
 def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point) -> tuple[int, int]:
-    """Validates every operand the kernel will read; returns (K, N)."""
-    n = w_scale.shape[0] if w_scale.dim() == 1 else -1
-    torch._check(w_scale.dim() == 1 and w_scale.dtype == torch.float32,
-                 lambda: f"int8_linear: w_scale must be 1-D float32, got {w_scale.dtype} {tuple(w_scale.shape)}")
-    torch._check(x.dtype == torch.float32, lambda: f"int8_linear: x must be float32, got {x.dtype}")
-    torch._check(x.dim() >= 1, lambda: "int8_linear: x must have at least one dimension")
+    """Validates every operand the kernel will read; returns (K, N).
+
+    Plain comparisons, not torch._check: this runs on every eager call and must
+    stay in the low microseconds. Only static sizes (K, N) are inspected, so
+    dynamic batch dimensions trace without guards.
+    """
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
+        raise ValueError(f"int8_linear: w_scale must be 1-D float32, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    n = w_scale.shape[0]
+    if x.dtype != torch.float32:
+        raise TypeError(f"int8_linear: x must be float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("int8_linear: x must have at least one dimension")
     k = x.shape[-1]
-    torch._check(1 <= k <= MAX_K, lambda: (
-        f"int8_linear: K={k} features is outside [1, {MAX_K}]; beyond {MAX_K} an int32 accumulator "
-        "of uint8*int8 products can overflow"))
-    kp, np_ = _round_up(k, KGROUP), _round_up(n, PANEL)
-    torch._check(w_packed.dtype == torch.int8 and w_packed.dim() == 1 and w_packed.numel() == np_ * kp,
-                 lambda: (f"int8_linear: packed weight must be 1-D int8 of {np_ * kp} bytes for K={k}, N={n}; "
-                          f"got {w_packed.dtype} {tuple(w_packed.shape)} (does x have the layer's in_features?)"))
-    torch._check(col_sum.dtype == torch.int32 and col_sum.dim() == 1 and col_sum.numel() == np_,
-                 lambda: f"int8_linear: col_sum must be 1-D int32 of {np_}, got {col_sum.dtype} {tuple(col_sum.shape)}")
-    torch._check(bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.numel() == n),
-                 lambda: f"int8_linear: bias must be 1-D float32 of {n}")
-    torch._check(activation in (0, 1, 2), lambda: f"int8_linear: activation code {activation} not in (0, 1, 2)")
-    torch._check(act_scale is None or (act_scale > 0 and act_scale < float("inf") and 0 <= act_zero_point <= 255),
-                 lambda: f"int8_linear: static scale {act_scale} must be finite > 0, zero point {act_zero_point} in [0, 255]")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"int8_linear: K={k} features is outside [1, {MAX_K}]; beyond {MAX_K} an int32 "
+                         "accumulator of uint8*int8 products can overflow")
+    kp = (k + KGROUP - 1) // KGROUP * KGROUP
+    np_ = (n + PANEL - 1) // PANEL * PANEL
+    if w_packed.dtype != torch.int8 or w_packed.dim() != 1 or w_packed.numel() != np_ * kp:
+        raise ValueError(f"int8_linear: packed weight must be 1-D int8 of {np_ * kp} bytes for K={k}, N={n}; got "
+                         f"{w_packed.dtype} {tuple(w_packed.shape)} (does x have the layer's in_features?)")
+    if col_sum.dtype != torch.int32 or col_sum.dim() != 1 or col_sum.numel() != np_:
+        raise ValueError(f"int8_linear: col_sum must be 1-D int32 of {np_}, got {col_sum.dtype} {tuple(col_sum.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1 or bias.numel() != n):
+        raise ValueError(f"int8_linear: bias must be 1-D float32 of {n}, got {bias.dtype} {tuple(bias.shape)}")
+    if activation not in (0, 1, 2):
+        raise ValueError(f"int8_linear: activation code {activation} not in (0, 1, 2)")
+    if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= 255):
+        raise ValueError(f"int8_linear: static scale {act_scale} must be finite > 0, "
+                         f"zero point {act_zero_point} in [0, 255]")
     return k, n
 
 
@@ -50,27 +60,27 @@ def _int8_linear_fake(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
     return x.new_empty((*x.shape[:-1], n))
 
 
-def _int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
+def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
     k, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
-    x2 = x.reshape(-1, k)
-    # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
-        x2 = x2.contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     m = x2.shape[0]
+    # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
+    if m > 0 and (x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k)):
+        x2 = x2.contiguous()
+    if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
+            and (bias is None or bias.is_contiguous())):
+        raise ValueError("int8_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
     y = torch.empty((m, n), dtype=torch.float32)
-    for t in (w_packed, col_sum, w_scale, bias):
-        if t is not None and not t.is_contiguous():
-            raise ValueError("int8_linear: weight operands must be contiguous (use the pycompress.nn modules)")
     _C.q8_linear(
         x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k,
         w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
         n, y.data_ptr(), n, activation,
         act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(),
     )
-    return y.view(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
-LIB.impl("int8_linear", _int8_linear_cpu, "CPU")
+LIB.impl("int8_linear", int8_linear_cpu, "CPU")
 
 
 def int8_linear(x, w_packed, col_sum, w_scale, bias=None, activation=0, act_scale=None, act_zero_point=0):
