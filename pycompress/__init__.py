@@ -7,16 +7,25 @@ inference modules that use them.
 
 from pycompress import nn, ops, reference
 from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
+from pycompress.convert import convert
+from pycompress.io import load, save
+from pycompress.summary import summary
+from pycompress.verify import verify
 
 __version__ = build_info()["version"]
 
 __all__ = [
     "build_info",
+    "convert",
     "get_isa",
+    "load",
     "nn",
     "ops",
     "reference",
+    "save",
     "set_isa",
     "set_num_threads",
+    "summary",
     "supported_isas",
+    "verify",
 ]

@@ -5,6 +5,7 @@ Tests compare the native kernels to these. They are never used as a silent
 fallback at run time.
 """
 
+from pycompress.reference.conv import int8_conv2d_ref
 from pycompress.reference.q8 import (
     gelu_exact,
     gelu_spec,
@@ -19,6 +20,7 @@ from pycompress.reference.q8 import (
 __all__ = [
     "gelu_exact",
     "gelu_spec",
+    "int8_conv2d_ref",
     "int8_linear_ref",
     "pack_int8_weights",
     "q8_accumulate_ref",

@@ -1,0 +1,508 @@
+"""pycompress.convert: swap a trained model's nn.Linear / nn.Conv2d layers for pycompress modules.
+
+Each layer gets one format from a small registry (``FORMATS``):
+
+  float         the layer as it was (masks baked into the weight)
+  int8-dynamic  Int8Linear / Int8Conv2d, activations quantized per row at run time
+  int8-static   the same with the calibrated activation scale / zero point of ``pycompress.quantize``
+  sparse-fp32   pycompress.nn.SparseLinear (masked / mostly-zero weights)
+  sparse-int8   pycompress.nn.SparseInt8Linear
+
+The layer's state says which formats are candidates: zeros (a pruning mask or plain zeros)
+make the sparse formats candidates, quantization state from ``pycompress.quantize`` makes
+int8 use its calibrated scales (static activations -> int8-static), neither -> int8-dynamic.
+A format whose kernels or helper module are not in this build is not considered, and the
+summary says so (never a silent fallback).
+
+Choosing among the candidates (``policy``):
+- ``"auto"`` with ``example_inputs``: each candidate is timed at the layer's real input shape
+  (captured with forward hooks) and the fastest wins; float stays unless a candidate is at
+  least ``AUTO_MIN_SPEEDUP`` faster, so a converted model is not slower because of pycompress.
+- ``"auto"`` without example inputs: the heuristic below (``heuristic_format``).
+- ``"state"``: the state-preferred format for every layer, no timing, no size heuristic.
+- a format name (or ``"int8"``: int8-static where calibrated, else int8-dynamic): that format
+  wherever it applies; layers where it does not stay float, with the reason.
+``overrides={pattern: format}`` and ``exclude=[pattern]`` (fnmatch on qualified names) win over the policy.
+``verify_inputs``: every converted layer is checked on the captured inputs against its float
+twin; a layer over its budget (``pycompress.verify.layer_budget_db``) stays float, with its SQNR.
+
+convert works in place (a converted model must not need twice the float model's memory) and
+returns the model. Keep ``copy.deepcopy(model)`` first if you want the float reference.
+Converting an already converted model raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import pycompress.nn as pcnn
+from pycompress._native import build_info, get_isa
+from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
+from pycompress.nn.int8_linear import Int8Linear
+from pycompress.reference.q8 import MAX_K
+from pycompress.verify import ErrorStats, call_model, layer_budget_db
+
+FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-fp32", "sparse-int8")
+POLICIES = ("auto", "state", "int8") + FORMATS
+
+# auto: a candidate must beat float by this factor (timings on a shared CPU are noisy).
+AUTO_MIN_SPEEDUP = 1.05
+AUTO_WARMUP, AUTO_REPEATS = 2, 7
+
+# auto without example inputs. int8-dynamic pays for itself when the GEMM is large enough to
+# hide the per-call cost of quantizing the activations and of the Python call (measured with
+# `pycompress bench`: a few microseconds of kernel per 768x768 GEMV beside ~10-25 us of call
+# overhead; below ~16K weights fp32 MKL wins at batch 1).
+HEURISTIC_MIN_WEIGHTS = 16384
+# A weight at or below this density (nonzero fraction) is a sparse candidate. Placeholder
+# values until the sparse benchmark's per-M crossover densities land with the sparse kernels.
+SPARSE_MAX_DENSITY = {"sparse-int8": 0.3, "sparse-fp32": 0.1}
+
+_CONVERTED_TYPES: tuple[type, ...] = (Int8Linear, Im2colConv2d)
+
+
+@dataclass
+class LayerState:
+    """What a layer carries that decides its format."""
+
+    kind: str  # "Linear" | "Conv2d"
+    density: float
+    masked: bool
+    quant: object | None  # pycompress.quant's state (weight_bits, weight_scale, activations, act_scale, act_zero_point)
+    unsupported: str | None  # why no pycompress kernel can run this layer
+
+
+@dataclass
+class LayerRecord:
+    """One converted (or deliberately kept) layer: what it became and why."""
+
+    name: str
+    aliases: list[str]
+    kind: str
+    format: str
+    reason: str
+    kernel: str
+    density: float
+    weight_bits: int
+    bytes_before: int
+    input_shape: tuple | None = None
+    timings_us: dict[str, float] = field(default_factory=dict)
+    not_considered: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ConversionRecord:
+    policy: str
+    layers: list[LayerRecord]
+    notes: list[str]
+
+
+# ---------------------------------------------------------------- layer state
+
+
+def _base_type(module: nn.Module) -> type:
+    return parametrize.type_before_parametrizations(module)
+
+
+def _target_kind(module: nn.Module) -> str | None:
+    t = _base_type(module)
+    if t is nn.Linear:
+        return "Linear"
+    if t is nn.Conv2d:
+        return "Conv2d"
+    return None
+
+
+def _quant_state_lookup() -> tuple[Callable | None, str | None]:
+    """pycompress.quant.get_quant_state if this build has it, else the reason it is not used."""
+    if importlib.util.find_spec("pycompress.quant") is None:
+        return None, "pycompress.quant is not in this build: no calibrated quantization state is read"
+    import pycompress.quant as quant
+
+    if not hasattr(quant, "get_quant_state"):
+        return None, "pycompress.quant has no get_quant_state: no calibrated quantization state is read"
+    return quant.get_quant_state, None
+
+
+def _sparse_unavailable(fmt: str) -> str | None:
+    cls = {"sparse-fp32": "SparseLinear", "sparse-int8": "SparseInt8Linear"}[fmt]
+    if not hasattr(pcnn, cls):
+        return f"pycompress.nn.{cls} is not in this build (sparse kernels not built)"
+    return None
+
+
+def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) -> LayerState:
+    weight = module.weight  # parametrized: the masked / fake-quantized weight
+    density = float((weight != 0).sum()) / max(1, weight.numel())
+    masked = parametrize.is_parametrized(module, "weight")
+    quant = quant_lookup(module) if quant_lookup is not None else None
+    unsupported = None
+    if weight.dtype != torch.float32:
+        unsupported = f"weight dtype {weight.dtype}: the kernels take float32 layers"
+    elif kind == "Conv2d":
+        unsupported = conv2d_unsupported_reason(module)
+    if unsupported is None:
+        k = weight[0].numel()
+        if k > MAX_K:
+            unsupported = f"{k} input features exceed the int8 kernel's K limit of {MAX_K} (int32 accumulator)"
+    return LayerState(kind, density, masked, quant, unsupported)
+
+
+def _quant_attr(quant, name: str, default=None):
+    return getattr(quant, name, default) if quant is not None else default
+
+
+def _int8_variant(state: LayerState) -> str:
+    return "int8-static" if _quant_attr(state.quant, "activations") == "static" else "int8-dynamic"
+
+
+def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str]) -> dict[str, str | None]:
+    """For each format: None when it is a candidate for this layer, else why not."""
+    reasons: dict[str, str | None] = {"float": None}
+    for fmt in FORMATS[1:]:
+        if fmt in global_unavailable:
+            reasons[fmt] = global_unavailable[fmt]
+        elif state.unsupported is not None:
+            reasons[fmt] = state.unsupported
+        else:
+            reasons[fmt] = None
+    if reasons["int8-static"] is None and _quant_attr(state.quant, "activations") != "static":
+        reasons["int8-static"] = "no calibrated static activation scale (run pycompress.quantize(activations='static'))"
+    if reasons["int8-dynamic"] is None and _quant_attr(state.quant, "activations") == "static":
+        reasons["int8-dynamic"] = "the layer is calibrated for static activations; int8-static is used"
+    for fmt in ("sparse-fp32", "sparse-int8"):
+        if reasons[fmt] is None and state.kind == "Conv2d" and not hasattr(pcnn, "SparseLinear"):
+            reasons[fmt] = "sparse conv needs pycompress.nn.SparseLinear"
+        if reasons[fmt] is None and state.density > SPARSE_MAX_DENSITY[fmt]:
+            reasons[fmt] = f"density {state.density:.2f} > {SPARSE_MAX_DENSITY[fmt]} (dense kernels win)"
+    return reasons
+
+
+def state_format(state: LayerState, candidates: dict[str, str | None]) -> tuple[str, str]:
+    """The format the layer's state asks for, and why."""
+    for fmt, why in (("sparse-int8", "sparse weights"), ("sparse-fp32", "sparse weights")):
+        if candidates[fmt] is None:
+            return fmt, f"{why} (density {state.density:.2f})"
+    int8 = _int8_variant(state)
+    if candidates[int8] is None:
+        why = "calibrated by pycompress.quantize" if state.quant is not None else "no quantization state: dynamic"
+        return int8, why
+    return "float", candidates[int8] or "no pycompress format applies"
+
+
+def heuristic_format(state: LayerState, candidates: dict[str, str | None], weight_numel: int) -> tuple[str, str]:
+    """auto without example inputs: the state's format, unless the GEMM is too small to gain."""
+    fmt, why = state_format(state, candidates)
+    if fmt.startswith("int8") and weight_numel < HEURISTIC_MIN_WEIGHTS:
+        return "float", (f"{weight_numel} weights < {HEURISTIC_MIN_WEIGHTS}: per-call overhead beats the int8 gain "
+                         "(pass example_inputs to time it)")
+    return fmt, why + " (heuristic: no example inputs)"
+
+
+# ---------------------------------------------------------------- building modules
+
+
+def _linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return lin
+
+
+def build_module(module: nn.Module, fmt: str, name: str, state: LayerState) -> nn.Module:
+    """The pycompress module for ``module`` in format ``fmt`` (``module`` itself for float)."""
+    if fmt == "float":
+        return module
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else None
+    if fmt.startswith("int8"):
+        kwargs = {"weight_bits": int(_quant_attr(state.quant, "weight_bits", 8)),
+                  "weight_scale": _quant_attr(state.quant, "weight_scale")}
+        if fmt == "int8-static":
+            kwargs["act_scale"] = float(state.quant.act_scale)
+            kwargs["act_zero_point"] = int(state.quant.act_zero_point)
+        if state.kind == "Linear":
+            return int8_linear_from_weight(weight, bias, name=name, **kwargs)
+        return Int8Conv2d.from_float(module, name=name, **kwargs)
+    cls = pcnn.SparseLinear if fmt == "sparse-fp32" else pcnn.SparseInt8Linear
+    gemm_weight = weight if state.kind == "Linear" else Im2colConv2d.gemm_weight(module)
+    gemm = cls.from_float(_linear_like(gemm_weight, bias))
+    if hasattr(gemm, "name"):
+        gemm.name = name
+    return gemm if state.kind == "Linear" else Im2colConv2d.from_gemm(module, gemm, name=name)
+
+
+def _bake_float(module: nn.Module) -> nn.Module:
+    """A float layer keeps its masked weight as a plain parameter: no training-time state at inference."""
+    if parametrize.is_parametrized(module):
+        for tensor_name in list(module.parametrizations.keys()):
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return module
+
+
+def _kernel_name(fmt: str, kind: str, module: nn.Module) -> str:
+    if fmt == "float":
+        return "torch (float32)"
+    if fmt.startswith("int8"):
+        lowering = "" if kind == "Linear" else ("1x1 as GEMM + " if module._pointwise else "im2col + ")
+        return f"{lowering}q8 GEMM ({get_isa()})"
+    gemm = module.gemm if isinstance(module, Im2colConv2d) else module
+    return getattr(gemm, "kernel_name", type(gemm).__name__)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) a module holds."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------- timing and checks
+
+
+def _time_us(module: nn.Module, args: tuple) -> float:
+    with torch.no_grad():
+        for _ in range(AUTO_WARMUP):
+            module(*args)
+        samples = []
+        for _ in range(AUTO_REPEATS):
+            t0 = time.perf_counter()
+            module(*args)
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.Module]], inputs,
+                      keep_outputs: bool) -> dict[int, tuple[tuple, torch.Tensor | None]]:
+    """Each target layer's first call during model(inputs): (args, output)."""
+    captured: dict[int, tuple[tuple, torch.Tensor | None]] = {}
+
+    def hook(mod, args, out):
+        if id(mod) not in captured:
+            captured[id(mod)] = (tuple(a.detach() for a in args), out.detach() if keep_outputs else None)
+
+    handles = [m.register_forward_hook(hook) for _, m in targets.values()]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _local_error(new: nn.Module, args: tuple, float_out: torch.Tensor) -> ErrorStats:
+    stats = ErrorStats()
+    with torch.no_grad():
+        stats.update(new(*args), float_out)
+    return stats
+
+
+# ---------------------------------------------------------------- public API
+
+
+def is_converted(model: nn.Module) -> bool:
+    return hasattr(model, "_pycompress_conversion") or any(isinstance(m, _converted_types()) for m in model.modules())
+
+
+def _converted_types() -> tuple[type, ...]:
+    sparse = tuple(getattr(pcnn, c) for c in ("SparseLinear", "SparseInt8Linear") if hasattr(pcnn, c))
+    return _CONVERTED_TYPES + sparse
+
+
+def converted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every pycompress layer (a conv's inner GEMM is part of its conv)."""
+    types = _converted_types()
+    out, inside = [], set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, types) and id(module) not in inside:
+            out.append((name, module))
+            if isinstance(module, Im2colConv2d):
+                inside.update(id(m) for m in module.modules() if m is not module)
+    return out
+
+
+def layer_format(module: nn.Module) -> tuple[str, int]:
+    """(format name, weight bits) of a pycompress layer."""
+    gemm = module.gemm if isinstance(module, Im2colConv2d) else module
+    if isinstance(gemm, Int8Linear):
+        return ("int8-dynamic" if gemm.act_scale is None else "int8-static"), gemm.weight_bits
+    if hasattr(pcnn, "SparseInt8Linear") and isinstance(gemm, pcnn.SparseInt8Linear):
+        return "sparse-int8", int(getattr(gemm, "weight_bits", 8))
+    if hasattr(pcnn, "SparseLinear") and isinstance(gemm, pcnn.SparseLinear):
+        return "sparse-fp32", 32
+    return "float", 32
+
+
+def _matches(name_list: list[str], patterns) -> str | None:
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in name_list):
+            return pattern
+    return None
+
+
+def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, overrides: dict[str, str] | None = None,
+            exclude: list[str] | tuple[str, ...] = (), verify_inputs=None,
+            layer_min_sqnr_db: float | None = None) -> nn.Module:
+    """Swap ``model``'s Linear / Conv2d layers for pycompress modules, in place (see the module docstring).
+
+    example_inputs / verify_inputs: a tensor, a tuple of positional args, or a dict of keyword args.
+    layer_min_sqnr_db: overrides the per-format budget used with ``verify_inputs``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    if hasattr(model, "_orig_mod"):
+        raise TypeError("convert: got a torch.compile'd module; convert the original model, then compile it")
+    if policy not in POLICIES:
+        raise ValueError(f"convert: policy {policy!r} is not one of {POLICIES}")
+    overrides = dict(overrides or {})
+    for pattern, fmt in overrides.items():
+        if fmt not in ("int8",) + FORMATS:
+            raise ValueError(f"convert: override {pattern!r} -> {fmt!r} is not a format: {('int8',) + FORMATS}")
+    if is_converted(model):
+        raise RuntimeError("convert: this model is already converted (it holds pycompress layers); convert the "
+                           "float model once. To change formats, start again from the float model.")
+
+    notes: list[str] = []
+    global_unavailable: dict[str, str] = {}
+    quant_lookup, quant_reason = _quant_state_lookup()
+    if quant_reason is not None:
+        global_unavailable["int8-static"] = quant_reason
+        notes.append(quant_reason)
+    for fmt in ("sparse-fp32", "sparse-int8"):
+        reason = _sparse_unavailable(fmt)
+        if reason is not None:
+            global_unavailable[fmt] = reason
+            notes.append(f"{fmt} not considered: {reason}")
+
+    # Every target layer once (shared modules appear under several names).
+    targets: dict[int, tuple[list[str], nn.Module]] = {}
+    mha_children = {id(m) for mha in model.modules() if isinstance(mha, nn.MultiheadAttention) for m in mha.modules()}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _target_kind(module) is None:
+            continue
+        if id(module) in targets:
+            targets[id(module)][0].append(name)
+        else:
+            targets[id(module)] = ([name], module)
+    cuda_ok = build_info()["cuda"]
+    for names, module in targets.values():
+        device = module.weight.device
+        if device.type == "cuda" and not cuda_ok:
+            raise RuntimeError(f"convert: layer {names[0]} is on {device}, but this pycompress build has no CUDA "
+                               "kernels (build with PYCOMPRESS_CUDA=ON) ; move the model to CPU with model.cpu()")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"convert: layer {names[0]} is on {device}; pycompress kernels run on CPU")
+        if device.type == "cuda":
+            raise NotImplementedError(f"convert: layer {names[0]} is on CUDA; the CUDA modules are not wired into "
+                                      "convert yet. Convert on CPU.")
+    if not targets:
+        notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
+
+    timing = policy == "auto" and example_inputs is not None
+    captured = _capture_layer_io(model, targets, example_inputs, keep_outputs=False) if timing else {}
+    checked = _capture_layer_io(model, targets, verify_inputs, keep_outputs=True) if verify_inputs is not None else {}
+
+    records: list[LayerRecord] = []
+    # Pop each layer as it is converted so its float weights can be freed right after the swap:
+    # the peak stays near the float model plus one layer's scratch.
+    for key in list(targets):
+        names, module = targets.pop(key)
+        captured_args = captured.pop(key, (None, None))[0]
+        checked_io = checked.pop(key, None)
+        name = names[0]
+        kind = _target_kind(module)
+        state = _layer_state(module, kind, quant_lookup)
+        if key in mha_children:
+            state.unsupported = "nn.MultiheadAttention reads its projections' weights directly, not through forward"
+        candidates = _candidate_reasons(state, global_unavailable)
+        record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module),
+                             not_considered={f: r for f, r in candidates.items() if r is not None})
+        excluded = _matches(names, exclude)
+        override = next(((p, f) for p, f in overrides.items() if _matches(names, [p])), None)
+        chosen = None
+        if excluded is not None:
+            fmt, why = "float", f"excluded by pattern {excluded!r}"
+        elif override is not None or policy not in ("auto", "state"):
+            requested = override[1] if override is not None else policy
+            source = f"override {override[0]!r}" if override is not None else f"policy {policy!r}"
+            fmt = _int8_variant(state) if requested == "int8" else requested
+            if candidates[fmt] is None:
+                why = f"{source}"
+            else:
+                why = f"{source} asked for {fmt}, which does not apply: {candidates[fmt]}"
+                fmt = "float"
+        elif policy == "state":
+            fmt, why = state_format(state, candidates)
+        elif captured_args is not None:
+            args = captured_args
+            record.input_shape = tuple(tuple(a.shape) for a in args)
+            record.timings_us["float"] = _time_us(module, args)
+            fmt, why, best = "float", "no candidate beat float by 5%", record.timings_us["float"] / AUTO_MIN_SPEEDUP
+            for cand in FORMATS[1:]:
+                if candidates[cand] is not None:
+                    continue
+                built = build_module(module, cand, name, state)
+                record.timings_us[cand] = _time_us(built, args)
+                if record.timings_us[cand] < best:
+                    best, fmt, chosen = record.timings_us[cand], cand, built
+                    why = f"fastest at input {record.input_shape[0]} (timed)"
+                del built
+        elif timing:
+            fmt, why = heuristic_format(state, candidates, module.weight.numel())
+            why += "; not called by example_inputs"
+        else:
+            fmt, why = heuristic_format(state, candidates, module.weight.numel())
+
+        new = module if fmt == "float" else (chosen if chosen is not None and layer_format(chosen)[0] == fmt
+                                             else build_module(module, fmt, name, state))
+        if fmt != "float" and checked_io is not None:
+            fmt_name, bits = layer_format(new)
+            budget = layer_budget_db(fmt_name, bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
+            args, float_out = checked_io
+            err = _local_error(new, args, float_out)
+            if not err.sqnr_db >= budget:
+                why = f"kept float: {fmt} measured {err.sqnr_db:.1f} dB SQNR < {budget:.1f} dB budget on verify_inputs"
+                fmt, new = "float", module
+            else:
+                why += f"; verified {err.sqnr_db:.1f} dB >= {budget:.1f} dB"
+        if fmt == "float":
+            new = _bake_float(module)
+        record.format, record.reason = fmt, why
+        record.weight_bits = layer_format(new)[1] if fmt != "float" else 32
+        record.kernel = _kernel_name(fmt, kind, new)
+        records.append(record)
+        if new is not module:
+            for qualified in names:
+                _set_submodule(model, qualified, new)
+    converted = ConversionRecord(policy, records, notes)
+    model._pycompress_conversion = converted
+    return model
+
+
+def _set_submodule(model: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def conversion_record(model: nn.Module) -> ConversionRecord | None:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "_pycompress_conversion", None)
+
+
+__all__ = ["FORMATS", "POLICIES", "ConversionRecord", "LayerRecord", "convert", "converted_layers", "conversion_record",
+           "is_converted", "layer_format", "module_bytes"]
