@@ -1,2 +1,361 @@
-def save(model, path): raise NotImplementedError
-def load(path, model=None): raise NotImplementedError
+"""pycompress.save / pycompress.load: one safetensors file, a JSON manifest in its metadata, no pickle.
+
+The manifest (metadata key ``pycompress``) holds:
+- ``layers``: for every pycompress layer, its class and constructor config (shapes, strides,
+  activation parameters, bits);
+- ``architecture``: the whole module tree when every module in it is a plain ``torch.nn``
+  building block from ``REBUILDABLE`` (Sequential models), so ``load(path)`` can rebuild it
+  without code; otherwise null, and ``load(path, model=float_skeleton)`` converts a freshly
+  built float model of the same architecture following the manifest;
+- ``aliases``: state-dict keys that share one tensor (shared modules), stored once;
+- ``record``: the conversion record, so ``pycompress.summary`` still explains each layer.
+
+Nothing from the file reaches a kernel before it is checked: every tensor's dtype and shape
+against the module the manifest describes, no missing or extra tensors, and the packed int8
+operands' invariants (weights in the symmetric range, zero padding, ``col_sum`` equal to the
+packed columns' sums, finite positive scales, finite bias, static scale / zero point in range).
+
+``save`` never leaves a half-written file at ``path``: it writes a temporary file in the
+same directory, flushes it to disk and renames it over ``path`` (atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from pycompress._native import ACTIVATIONS, build_info
+from pycompress.convert import ConversionRecord, LayerRecord, _target_kind, conversion_record, converted_layers
+from pycompress.nn.int8_conv import Int8Conv2d
+from pycompress.nn.int8_linear import Int8Linear
+from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
+
+MANIFEST_KEY = "pycompress"
+MANIFEST_VERSION = 1
+
+# Plain torch.nn modules load(path) may rebuild from their constructor arguments.
+REBUILDABLE: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
+    nn.Sequential, nn.ModuleList, nn.Linear, nn.Conv2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.LayerNorm, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Softmax,
+)}
+_JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+# ---------------------------------------------------------------- manifest: pycompress layers
+
+
+def _layer_config(module: nn.Module) -> dict:
+    gemm = module.gemm if isinstance(module, Int8Conv2d) else module
+    cfg = {"bias": gemm.bias is not None, "activation": gemm.activation, "act_scale": gemm.act_scale,
+           "act_zero_point": gemm.act_zero_point, "weight_bits": gemm.weight_bits, "name": gemm.name}
+    if isinstance(module, Int8Conv2d):
+        cfg.update(in_channels=module.in_channels, out_channels=module.out_channels,
+                   kernel_size=list(module.kernel_size), stride=list(module.stride), padding=list(module.padding),
+                   dilation=list(module.dilation))
+    else:
+        cfg.update(in_features=module.in_features, out_features=module.out_features)
+    return cfg
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _pair_ok(v, lo: int) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x, lo, 1 << 20) for x in v)
+
+
+def _build_layer(entry, where: str) -> nn.Module:
+    """An empty pycompress layer from a manifest entry, after checking every field."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise ValueError(f"load: manifest entry for {where} is malformed")
+    kind, cfg = entry.get("type"), entry["config"]
+    problems = []
+    if not isinstance(cfg.get("bias"), bool):
+        problems.append("bias must be a bool")
+    if cfg.get("activation") not in ACTIVATIONS:
+        problems.append(f"activation {cfg.get('activation')!r} not in {sorted(ACTIVATIONS)}")
+    scale = cfg.get("act_scale")
+    if scale is not None and not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
+        problems.append(f"act_scale {scale!r} must be null or a finite float > 0")
+    if not _is_int(cfg.get("act_zero_point"), 0, 255):
+        problems.append(f"act_zero_point {cfg.get('act_zero_point')!r} must be an int in [0, 255]")
+    if not _is_int(cfg.get("weight_bits"), 2, 8):
+        problems.append(f"weight_bits {cfg.get('weight_bits')!r} must be an int in [2, 8]")
+    if not isinstance(cfg.get("name"), (str, type(None))):
+        problems.append("name must be a string or null")
+    common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
+    if kind == "Int8Linear":
+        if not (_is_int(cfg.get("in_features"), 1, MAX_K) and _is_int(cfg.get("out_features"), 1, 1 << 24)):
+            problems.append("in_features / out_features out of range")
+        if problems:
+            raise ValueError(f"load: layer {where}: " + "; ".join(problems))
+        return Int8Linear(cfg["in_features"], cfg["out_features"], **common)
+    if kind == "Int8Conv2d":
+        for f in ("kernel_size", "stride", "dilation"):
+            if not _pair_ok(cfg.get(f), 1):
+                problems.append(f"{f} must be two ints >= 1")
+        if not _pair_ok(cfg.get("padding"), 0):
+            problems.append("padding must be two ints >= 0")
+        if not (_is_int(cfg.get("in_channels"), 1, MAX_K) and _is_int(cfg.get("out_channels"), 1, 1 << 24)):
+            problems.append("in_channels / out_channels out of range")
+        elif _pair_ok(cfg.get("kernel_size"), 1) and cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1] > MAX_K:
+            problems.append(f"kernel_size x in_channels exceeds K={MAX_K}")
+        if problems:
+            raise ValueError(f"load: layer {where}: " + "; ".join(problems))
+        return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
+                          tuple(cfg["padding"]), tuple(cfg["dilation"]), **common)
+    raise ValueError(f"load: layer {where} has type {kind!r}; this build can load Int8Linear and Int8Conv2d layers "
+                     "(a sparse layer needs the sparse modules' validation before it can be loaded)")
+
+
+def _check_int8_operands(gemm: Int8Linear, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+    """The packed operands' invariants; the kernel reads them without further checks."""
+    k, n = gemm.in_features, gemm.out_features
+    kp, np_ = (k + KGROUP - 1) // KGROUP * KGROUP, (n + PANEL - 1) // PANEL * PANEL
+    packed, col_sum, w_scale = tensors[prefix + "w_packed"], tensors[prefix + "col_sum"], tensors[prefix + "w_scale"]
+    qmax = 2 ** (gemm.weight_bits - 1) - 1
+    full = packed.view(np_ // PANEL, kp // KGROUP, PANEL, KGROUP).permute(0, 2, 1, 3).reshape(np_, kp)
+    if full.numel() and (full.min() < -qmax or full.max() > qmax):
+        raise ValueError(f"load: {where}: packed weights leave the symmetric int{gemm.weight_bits} range [-{qmax}, {qmax}]")
+    if full[n:].any() or full[:, k:].any():
+        raise ValueError(f"load: {where}: packed weights have nonzero padding (corrupt or not from pycompress)")
+    if not torch.equal(full.sum(dim=1, dtype=torch.int32), col_sum):
+        raise ValueError(f"load: {where}: col_sum does not match the packed weights (corrupt file)")
+    if not (torch.isfinite(w_scale).all() and (w_scale > 0).all()):
+        raise ValueError(f"load: {where}: w_scale must be finite and > 0")
+    bias = tensors.get(prefix + "bias")
+    if bias is not None and not torch.isfinite(bias).all():
+        raise ValueError(f"load: {where}: bias has NaN or Inf")
+
+
+# ---------------------------------------------------------------- manifest: architecture
+
+
+def _constructor_args(module: nn.Module) -> dict | None:
+    args = {}
+    for p in list(inspect.signature(type(module).__init__).parameters.values())[1:]:
+        if p.name in ("device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(module, p.name):
+            return None
+        value = getattr(module, p.name)
+        if p.name == "bias" and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None
+        if isinstance(value, tuple):
+            value = list(value)
+        if not (isinstance(value, _JSON_SCALARS) or (isinstance(value, list) and all(isinstance(v, _JSON_SCALARS) for v in value))):
+            return None
+        args[p.name] = value
+    return args
+
+
+def _architecture(module: nn.Module, layer_names: dict[int, str]) -> dict | None:
+    """The module tree as JSON, or None when some module is not rebuildable without code."""
+    if id(module) in layer_names:
+        return {"layer": layer_names[id(module)]}
+    name = type(module).__name__
+    if REBUILDABLE.get(name) is not type(module):
+        return None
+    spec = {"type": name, "children": {}}
+    if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+        args = _constructor_args(module)
+        if args is None:
+            return None
+        spec["args"] = args
+    for child_name, child in module.named_children():
+        child_spec = _architecture(child, layer_names)
+        if child_spec is None:
+            return None
+        spec["children"][child_name] = child_spec
+    return spec
+
+
+def _rebuild(spec, layers: dict[str, nn.Module], where: str = "model") -> nn.Module:
+    if not isinstance(spec, dict):
+        raise ValueError(f"load: architecture entry {where} is malformed")
+    if "layer" in spec:
+        if spec["layer"] not in layers:
+            raise ValueError(f"load: architecture refers to unknown layer {spec['layer']!r}")
+        return layers[spec["layer"]]
+    cls = REBUILDABLE.get(spec.get("type"))
+    children = spec.get("children")
+    if cls is None or not isinstance(children, dict):
+        raise ValueError(f"load: architecture entry {where} has type {spec.get('type')!r}, not one of {sorted(REBUILDABLE)}")
+    built = {name: _rebuild(child, layers, f"{where}.{name}") for name, child in children.items()}
+    if cls in (nn.Sequential, nn.ModuleList):
+        module = cls()
+        for name, child in built.items():
+            module.add_module(name, child)
+        return module
+    args = spec.get("args")
+    if not isinstance(args, dict):
+        raise ValueError(f"load: architecture entry {where} has no constructor arguments")
+    try:
+        module = cls(**args)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"load: cannot build {where} as {cls.__name__}({args}): {exc}") from None
+    for name, child in built.items():
+        module.add_module(name, child)
+    return module
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model`` (converted or not) to ``path`` as safetensors + JSON manifest, atomically."""
+    import safetensors.torch
+
+    model = getattr(model, "_orig_mod", model)
+    layers = converted_layers(model)
+    layer_names: dict[int, str] = {}
+    manifest_layers = {}
+    for name, module in layers:
+        if not isinstance(module, (Int8Linear, Int8Conv2d)):
+            raise NotImplementedError(f"save: layer {name} is a {type(module).__name__}; this build saves Int8Linear "
+                                      "and Int8Conv2d layers")
+        if id(module) not in layer_names:
+            layer_names[id(module)] = name
+            manifest_layers[name] = {"type": type(module).__name__, "config": _layer_config(module)}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple, str] = {}
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        if tensor.device.type != "cpu":
+            raise ValueError(f"save: {key} is on {tensor.device}; move the model to CPU first")
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if ident in by_storage and tensor.numel():
+            aliases[key] = by_storage[ident]
+            continue
+        by_storage[ident] = key
+        tensors[key] = tensor.detach().contiguous().clone()
+    record = conversion_record(model)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "pycompress": build_info()["version"],
+        "layers": manifest_layers,
+        "architecture": _architecture(model, layer_names),
+        "aliases": aliases,
+        "record": asdict(record) if record is not None else None,
+    }
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".pycompress-", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata={MANIFEST_KEY: json.dumps(manifest)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    import safetensors
+    from safetensors import SafetensorError
+
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"load({path}): not a valid safetensors file: {exc}") from None
+    if MANIFEST_KEY not in metadata:
+        raise ValueError(f"load({path}): no pycompress manifest (was it written by pycompress.save?)")
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"load({path}): the manifest is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"load({path}): manifest version {manifest.get('version') if isinstance(manifest, dict) else None!r}"
+                         f" is not {MANIFEST_VERSION}")
+    for field in ("layers", "aliases"):
+        if not isinstance(manifest.get(field), dict):
+            raise ValueError(f"load({path}): manifest field {field!r} is missing or malformed")
+    return manifest, tensors
+
+
+def _record_from(manifest: dict) -> ConversionRecord | None:
+    rec = manifest.get("record")
+    if not isinstance(rec, dict):
+        return None
+    try:
+        layers = [LayerRecord(**{**r, "input_shape": None}) for r in rec["layers"]]
+        return ConversionRecord(str(rec["policy"]), layers, [str(n) for n in rec["notes"]])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"load: the manifest's conversion record is malformed: {exc}") from None
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a model written by ``save``.
+
+    ``model=None`` rebuilds Sequential-style models from the manifest. For any other architecture,
+    pass a freshly built float model of the same architecture (random weights are fine): its layers
+    are replaced following the manifest and every tensor comes from the file.
+    """
+    path = os.fspath(path)
+    manifest, tensors = _read(path)
+    layers = {name: _build_layer(entry, name) for name, entry in manifest["layers"].items()}
+    if model is None:
+        if manifest.get("architecture") is None:
+            raise ValueError(f"load({path}): this model's architecture is not made only of plain torch.nn modules, so it "
+                             "cannot be rebuilt without code; pass model=<a float instance of the same architecture>")
+        model = _rebuild(manifest["architecture"], layers)
+    else:
+        for name, layer in layers.items():
+            try:
+                float_layer = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"load({path}): the model has no layer {name} (is it the same architecture?)") from None
+            kind = _target_kind(float_layer)
+            expected = {"Int8Linear": "Linear", "Int8Conv2d": "Conv2d"}[type(layer).__name__]
+            if kind != expected:
+                raise ValueError(f"load({path}): layer {name} is a {type(float_layer).__name__}, the file has a "
+                                 f"converted {expected}")
+            shape_ok = ((float_layer.in_features, float_layer.out_features) == (layer.in_features, layer.out_features)
+                        if kind == "Linear" else
+                        (float_layer.in_channels, float_layer.out_channels, tuple(float_layer.kernel_size))
+                        == (layer.in_channels, layer.out_channels, layer.kernel_size))
+            if not shape_ok:
+                raise ValueError(f"load({path}): layer {name}: the model's {float_layer} does not match the file's {layer}")
+        # Shared layers: every path that holds the same float layer gets the one converted layer.
+        by_float = {id(model.get_submodule(name)): layer for name, layer in layers.items()}
+        paths = [(q, by_float[id(m)]) for q, m in model.named_modules(remove_duplicate=False) if q and id(m) in by_float]
+        for qualified, layer in paths:
+            parent_name, _, child = qualified.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+    for key, target in manifest["aliases"].items():
+        if not isinstance(target, str) or target not in tensors:
+            raise ValueError(f"load({path}): alias {key!r} -> {target!r} names no stored tensor")
+        tensors[key] = tensors[target]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"load({path}): tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, want in expected.items():
+        got = tensors[key]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise ValueError(f"load({path}): {key} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} "
+                             f"{tuple(want.shape)}")
+    for name, module in converted_layers(model):
+        gemm, prefix = (module.gemm, f"{name}.gemm.") if isinstance(module, Int8Conv2d) else (module, f"{name}.")
+        _check_int8_operands(gemm, tensors, prefix, name)
+    model.load_state_dict(tensors, strict=True)
+    record = _record_from(manifest)
+    if record is not None:
+        model._pycompress_conversion = record
+    return model
+
