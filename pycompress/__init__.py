@@ -7,7 +7,7 @@ inference modules that use them.
 
 from pycompress import nn, ops, reference
 from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
-from pycompress.convert import convert
+from pycompress.convert import conversion_record, convert
 from pycompress.io import load, save
 from pycompress.summary import summary
 from pycompress.verify import verify
@@ -16,6 +16,7 @@ __version__ = build_info()["version"]
 
 __all__ = [
     "build_info",
+    "conversion_record",
     "convert",
     "get_isa",
     "load",

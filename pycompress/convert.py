@@ -115,9 +115,9 @@ def _base_type(module: nn.Module) -> type:
 
 def _target_kind(module: nn.Module) -> str | None:
     t = _base_type(module)
-    if t is nn.Linear:
+    if issubclass(t, nn.Linear):
         return "Linear"
-    if t is nn.Conv2d:
+    if issubclass(t, nn.Conv2d):
         return "Conv2d"
     return None
 
@@ -428,6 +428,8 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         state = _layer_state(module, kind, quant_lookup)
         if key in mha_children:
             state.unsupported = "nn.MultiheadAttention reads its projections' weights directly, not through forward"
+        elif _base_type(module) not in (nn.Linear, nn.Conv2d):
+            state.unsupported = f"{_base_type(module).__name__} subclasses nn.{kind}; its forward may differ"
         candidates = _candidate_reasons(state, global_unavailable)
         record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module),
                              not_considered={f: r for f, r in candidates.items() if r is not None})

@@ -1,0 +1,302 @@
+"""pycompress.convert: which layers become what, and why; bad input; memory; summary bytes."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib
+import importlib.machinery
+import sys
+import types
+import weakref
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import pycompress as pc
+convert_mod = importlib.import_module("pycompress.convert")
+from pycompress.nn import Int8Conv2d, Int8Linear
+from pycompress.reference import unpack_int8_weights
+
+
+class Shared(nn.Module):
+    """One Linear reached by two paths, nested containers, a Conv2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))])
+        self.blocks[0].add_module("tied", self.proj)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.proj(x)
+        h = self.blocks[0][2](self.blocks[0][1](self.blocks[0][0](h)))
+        h = self.blocks[0].tied(h)
+        img = self.conv(h[:, :18].reshape(-1, 2, 3, 3))
+        return h, img
+
+
+def test_nested_and_shared_modules_convert_once():
+    torch.manual_seed(0)
+    model = Shared().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(5, 32)
+    pc.convert(model, policy="int8")
+    assert isinstance(model.proj, Int8Linear) and model.proj is model.blocks[0].tied
+    assert model.proj.name == "proj"
+    assert isinstance(model.conv, Int8Conv2d)
+    record = convert_mod.conversion_record(model)
+    shared = next(r for r in record.layers if r.name == "proj")
+    assert shared.aliases == ["proj", "blocks.0.tied"]
+    report = pc.verify(model, ref, x)
+    assert report.ok, str(report)
+
+
+def test_policy_float_and_exclude_and_overrides():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8))
+    pc.convert(model, policy="int8", exclude=["2"], overrides={"3": "float"})
+    assert isinstance(model[0], Int8Linear)
+    assert type(model[2]) is nn.Linear and type(model[3]) is nn.Linear
+    reasons = {r.name: r.reason for r in convert_mod.conversion_record(model).layers}
+    assert reasons["2"] == "excluded by pattern '2'"
+    assert reasons["3"] == "override '3'"
+    untouched = nn.Sequential(nn.Linear(64, 64))
+    pc.convert(untouched, policy="float")
+    assert type(untouched[0]) is nn.Linear
+
+
+def test_fnmatch_override_wins_over_policy():
+    model = nn.Sequential(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), nn.Linear(16, 16))
+    pc.convert(model, policy="float", overrides={"0.*": "int8"})
+    assert isinstance(model[0][0], Int8Linear) and isinstance(model[0][1], Int8Linear)
+    assert type(model[1]) is nn.Linear
+
+
+def test_unknown_policy_and_format_are_rejected():
+    with pytest.raises(ValueError, match="policy 'fast'"):
+        pc.convert(nn.Linear(4, 4), policy="fast")
+    with pytest.raises(ValueError, match="override '0' -> 'int4'"):
+        pc.convert(nn.Sequential(nn.Linear(4, 4)), overrides={"0": "int4"})
+
+
+def test_auto_with_example_inputs_picks_the_fastest_timed_candidate():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 512), nn.Linear(512, 512))
+    x = torch.randn(8, 4)
+    pc.convert(model, example_inputs=x)
+    for rec in convert_mod.conversion_record(model).layers:
+        assert set(rec.timings_us) == {"float", "int8-dynamic"}, rec
+        assert rec.input_shape is not None
+        best = min(rec.timings_us, key=rec.timings_us.get)
+        # float unless a candidate is 5% faster (the policy's documented margin)
+        if rec.timings_us[best] * convert_mod.AUTO_MIN_SPEEDUP <= rec.timings_us["float"]:
+            assert rec.format == best, rec
+        else:
+            assert rec.format == "float", rec
+    assert model(x).shape == (8, 512)
+
+
+def test_auto_without_inputs_uses_the_size_heuristic():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4096), nn.Linear(4096, 8))
+    pc.convert(model)
+    assert type(model[0]) is nn.Linear
+    assert isinstance(model[1], Int8Linear) and isinstance(model[2], Int8Linear)
+    reasons = {r.name: r.reason for r in convert_mod.conversion_record(model).layers}
+    assert "64 weights < 16384" in reasons["0"]
+
+
+def test_verify_inputs_keeps_layers_over_budget_in_float():
+    torch.manual_seed(0)
+    bad = nn.Linear(64, 64)
+    with torch.no_grad():
+        bad.weight[:, 0] = 0  # the outlier feature contributes nothing; int8 per-row quantization flattens the rest
+    model = nn.Sequential(bad, nn.Linear(64, 64))
+    x = torch.randn(16, 64)
+    x[:, 0] = 1e4
+    pc.convert(model, policy="int8", verify_inputs=x)
+    assert type(model[0]) is nn.Linear
+    assert isinstance(model[1], Int8Linear)
+    reasons = {r.name: r.reason for r in convert_mod.conversion_record(model).layers}
+    assert reasons["0"].startswith("kept float: int8-dynamic measured")
+    assert "verified" in reasons["1"]
+
+
+def test_convert_twice_raises():
+    model = nn.Sequential(nn.Linear(8, 8))
+    pc.convert(model, policy="int8")
+    with pytest.raises(RuntimeError, match="already converted"):
+        pc.convert(model, policy="int8")
+
+
+def test_model_without_linear_or_conv_is_returned_unchanged():
+    model = nn.Sequential(nn.ReLU(), nn.LayerNorm(4))
+    assert pc.convert(model) is model
+    assert "no nn.Linear or nn.Conv2d" in str(pc.summary(model))
+
+
+def test_unsupported_layers_stay_float_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1), nn.Linear(4, 4).double())
+    mha = nn.MultiheadAttention(16, 2)
+    holder = nn.ModuleDict({"convs": model, "mha": mha})
+    pc.convert(holder, policy="int8")
+    reasons = {r.name: (r.format, r.reason) for r in convert_mod.conversion_record(holder).layers}
+    assert reasons["convs.0"][0] == "float" and "depthwise conv (groups=8)" in reasons["convs.0"][1]
+    assert reasons["convs.1"][0] == "int8-dynamic"
+    assert reasons["convs.2"][0] == "float" and "torch.float64" in reasons["convs.2"][1]
+    assert reasons["mha.out_proj"][0] == "float" and "MultiheadAttention" in reasons["mha.out_proj"][1]
+    table = str(pc.summary(holder))
+    assert "depthwise conv (groups=8)" in table
+
+
+def test_model_not_on_cpu_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    with pytest.raises(RuntimeError, match=r"layer 0 is on meta"):
+        pc.convert(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_on_cuda_without_cuda_kernels_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4)).cuda()
+    if pc.build_info()["cuda"]:
+        pytest.skip("this build has CUDA kernels")
+    with pytest.raises(RuntimeError, match="no CUDA kernels"):
+        pc.convert(model)
+
+
+def test_runtime_shape_error_names_the_layer():
+    model = nn.Sequential(nn.Sequential(nn.Linear(16, 8)))
+    pc.convert(model, policy="int8")
+    with pytest.raises(ValueError, match=r"Int8Linear\(0.0\): input has shape \(2, 12\)"):
+        model(torch.randn(2, 12))
+
+
+class _Mask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w):
+        return w * self.mask
+
+
+def test_parametrized_masks_are_read_and_baked():
+    torch.manual_seed(0)
+    lin, kept = nn.Linear(32, 16), nn.Linear(32, 16)
+    mask = (torch.rand(16, 32) > 0.5).float()
+    parametrize.register_parametrization(lin, "weight", _Mask(mask))
+    parametrize.register_parametrization(kept, "weight", _Mask(mask))
+    model = nn.Sequential(lin, kept)
+    pc.convert(model, policy="int8", exclude=["1"])
+    q = unpack_int8_weights(model[0].w_packed, 16, 32)
+    assert torch.equal(q != 0, (lin.weight != 0) & (q != 0))  # masked weights quantize to 0
+    assert (q[mask == 0] == 0).all()
+    assert type(model[1]) is nn.Linear and not parametrize.is_parametrized(model[1])
+    assert torch.equal(model[1].weight, kept.weight)
+
+
+def test_sparse_formats_are_reported_unavailable_when_not_built():
+    if hasattr(pc.nn, "SparseLinear"):
+        pytest.skip("this build has the sparse modules")
+    model = nn.Sequential(nn.Linear(32, 32))
+    pc.convert(model, policy="state")
+    rec = convert_mod.conversion_record(model).layers[0]
+    assert "SparseLinear is not in this build" in rec.not_considered["sparse-fp32"]
+    assert any("sparse-fp32 not considered" in n for n in convert_mod.conversion_record(model).notes)
+
+
+class _FakeSparseLinear(nn.Module):
+    """Stands in for pycompress.nn.SparseLinear to exercise the registry's plumbing (a dense masked Linear)."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.register_buffer("weight", weight.clone())
+        self.register_buffer("bias", bias.clone() if bias is not None else None)
+        self.name = None
+
+    @classmethod
+    def from_float(cls, linear):
+        return cls(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_sparse_candidate_chosen_from_zeros_when_the_module_exists(monkeypatch):
+    monkeypatch.setattr(pc.nn, "SparseLinear", _FakeSparseLinear, raising=False)
+    sparse = nn.Linear(64, 64)
+    with torch.no_grad():
+        sparse.weight[torch.rand(64, 64) > 0.05] = 0
+    model = nn.Sequential(sparse, nn.Linear(64, 64))
+    pc.convert(model, policy="state")
+    assert isinstance(model[0], _FakeSparseLinear) and model[0].name == "0"
+    assert isinstance(model[1], Int8Linear)
+    layers = convert_mod.conversion_record(model).layers
+    assert layers[0].format == "sparse-fp32" and "sparse weights" in layers[0].reason
+    assert "density 1.00 > 0.1" in layers[1].not_considered["sparse-fp32"]
+
+
+@dataclass
+class _QuantState:
+    weight_bits: int
+    weight_scale: torch.Tensor
+    activations: str
+    act_scale: float | None
+    act_zero_point: int
+    act_bits: int = 8
+
+
+def test_quant_state_gives_int8_static_with_calibrated_parameters(monkeypatch):
+    lin = nn.Linear(16, 8)
+    scale = lin.weight.detach().abs().amax(dim=1) / 100  # a calibrated scale that clips (not max-abs / 127)
+    states = {id(lin): _QuantState(8, scale, "static", 0.05, 120)}
+    fake = types.ModuleType("pycompress.quant")
+    fake.__spec__ = importlib.machinery.ModuleSpec("pycompress.quant", None)
+    fake.get_quant_state = lambda module: states.get(id(module))
+    monkeypatch.setitem(sys.modules, "pycompress.quant", fake)
+    model = nn.Sequential(lin, nn.Linear(16, 8))
+    pc.convert(model, policy="state")
+    assert model[0].act_scale == 0.05 and model[0].act_zero_point == 120
+    assert torch.equal(model[0].w_scale, scale)
+    q = unpack_int8_weights(model[0].w_packed, 8, 16)
+    assert torch.equal(q, torch.clamp(torch.round(lin.weight.detach() / scale[:, None]), -127, 127).to(torch.int8))
+    assert model[1].act_scale is None  # no state: dynamic
+    formats = [r.format for r in convert_mod.conversion_record(model).layers]
+    assert formats == ["int8-static", "int8-dynamic"]
+
+
+def test_converted_model_releases_float_weights():
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    weights = [weakref.ref(m.weight) for m in model]
+    pc.convert(model, policy="int8")
+    gc.collect()
+    assert all(w() is None for w in weights)
+
+
+def _storage_bytes(module: nn.Module) -> int:
+    storages = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_summary_bytes_match_real_buffers():
+    from pycompress.examples import ResNet18
+
+    model = ResNet18(num_classes=10, width=16).eval()
+    before = {n: _storage_bytes(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    pc.convert(model, policy="int8")
+    table = pc.summary(model)
+    assert len(table.rows) == len(before)
+    for row in table.rows:
+        module = model.get_submodule(row.name)
+        assert row.bytes_after == _storage_bytes(module), row.name
+        assert row.bytes_before == before[row.name], row.name
+        assert row.format == "int8-dynamic" and row.weight_bits == 8
+    assert table.model_bytes == _storage_bytes(model)
+    # int8 weights + an int32 col_sum and a float32 scale per channel: 3-4x smaller than fp32
+    assert 3.0 < table.bytes_before / table.bytes_after < 4.0
+    text = str(table)
+    assert "layer1.0.conv1" in text and "im2col + q8 GEMM" in text and "bytes before" in text
