@@ -171,7 +171,9 @@ def _architecture(module: nn.Module, layer_names: dict[int, str]) -> dict | None
         if args is None:
             return None
         spec["args"] = args
-    for child_name, child in module.named_children():
+    for child_name, child in module._modules.items():  # named_children() would drop a repeated (shared) child
+        if child is None:
+            return None
         child_spec = _architecture(child, layer_names)
         if child_spec is None:
             return None
