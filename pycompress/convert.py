@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -55,6 +54,7 @@ FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-fp32", "sparse-int8")
 POLICIES = ("auto", "state", "int8") + FORMATS
 
 # auto: a candidate must beat float by this factor (timings on a shared CPU are noisy).
+# Candidates are built one layer at a time, so timing adds one layer's packed copies at most.
 AUTO_MIN_SPEEDUP = 1.05
 AUTO_WARMUP, AUTO_REPEATS = 2, 7
 
@@ -273,16 +273,20 @@ def module_bytes(module: nn.Module) -> int:
 # ---------------------------------------------------------------- timing and checks
 
 
-def _time_us(module: nn.Module, args: tuple) -> float:
+def _time_candidates_us(modules: dict[str, nn.Module], args: tuple) -> dict[str, float]:
+    """Microseconds per call of each module on ``args``: round-robin rounds so machine noise hits
+    every candidate alike, and the minimum over rounds (noise only ever adds time)."""
+    samples: dict[str, list[float]] = {name: [] for name in modules}
     with torch.no_grad():
         for _ in range(AUTO_WARMUP):
-            module(*args)
-        samples = []
+            for module in modules.values():
+                module(*args)
         for _ in range(AUTO_REPEATS):
-            t0 = time.perf_counter()
-            module(*args)
-            samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+            for name, module in modules.items():
+                t0 = time.perf_counter()
+                module(*args)
+                samples[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: min(v) for name, v in samples.items()}
 
 
 def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.Module]], inputs,
@@ -452,17 +456,14 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         elif captured_args is not None:
             args = captured_args
             record.input_shape = tuple(tuple(a.shape) for a in args)
-            record.timings_us["float"] = _time_us(module, args)
+            built = {cand: build_module(module, cand, name, state) for cand in FORMATS if candidates[cand] is None}
+            record.timings_us = _time_candidates_us(built, args)
             fmt, why, best = "float", "no candidate beat float by 5%", record.timings_us["float"] / AUTO_MIN_SPEEDUP
-            for cand in FORMATS[1:]:
-                if candidates[cand] is not None:
-                    continue
-                built = build_module(module, cand, name, state)
-                record.timings_us[cand] = _time_us(built, args)
-                if record.timings_us[cand] < best:
-                    best, fmt, chosen = record.timings_us[cand], cand, built
+            for cand, us in record.timings_us.items():
+                if cand != "float" and us < best:
+                    best, fmt, chosen = us, cand, built[cand]
                     why = f"fastest at input {record.input_shape[0]} (timed)"
-                del built
+            del built
         elif timing:
             fmt, why = heuristic_format(state, candidates, module.weight.numel())
             why += "; not called by example_inputs"
