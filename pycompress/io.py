@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from pycompress._native import ACTIVATIONS, build_info
-from pycompress.convert import ConversionRecord, LayerRecord, _target_kind, conversion_record, converted_layers
+from pycompress.convert import (
+    ConversionRecord,
+    LayerRecord,
+    _target_kind,
+    conversion_record,
+    converted_layers,
+    fusible_activation,
+)
 from pycompress.nn.int8_conv import Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
@@ -247,6 +254,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "layers": manifest_layers,
         "architecture": _architecture(model, layer_names),
         "aliases": aliases,
+        "fused": list(record.fused) if record is not None else [],
         "record": asdict(record) if record is not None else None,
     }
     path = os.fspath(path)
@@ -288,13 +296,22 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, tensors
 
 
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _record_from(manifest: dict) -> ConversionRecord | None:
     rec = manifest.get("record")
     if not isinstance(rec, dict):
         return None
     try:
         layers = [LayerRecord(**{**r, "input_shape": None}) for r in rec["layers"]]
-        return ConversionRecord(str(rec["policy"]), layers, [str(n) for n in rec["notes"]])
+        return ConversionRecord(str(rec["policy"]), layers, [str(n) for n in rec["notes"]],
+                                [str(n) for n in rec.get("fused", [])])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"load: the manifest's conversion record is malformed: {exc}") from None
 
@@ -331,6 +348,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                         == (layer.in_channels, layer.out_channels, layer.kernel_size))
             if not shape_ok:
                 raise ValueError(f"load({path}): layer {name}: the model's {float_layer} does not match the file's {layer}")
+        fused = manifest.get("fused", [])
+        if not isinstance(fused, list):
+            raise ValueError(f"load({path}): manifest field 'fused' is malformed")
+        for act_path in fused:
+            act = model.get_submodule(act_path) if isinstance(act_path, str) and _has_submodule(model, act_path) else None
+            if act is None or fusible_activation(act) is None:
+                raise ValueError(f"load({path}): the file fused the activation {act_path!r} into its layer, but the "
+                                 "model has no such ReLU / GELU there (is it the same architecture?)")
+            parent_name, _, child = act_path.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
         # Shared layers: every path that holds the same float layer gets the one converted layer.
         by_float = {id(model.get_submodule(name)): layer for name, layer in layers.items()}
         paths = [(q, by_float[id(m)]) for q, m in model.named_modules(remove_duplicate=False) if q and id(m) in by_float]

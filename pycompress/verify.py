@@ -222,6 +222,18 @@ def call_model(model: nn.Module, inputs):
     return model(inputs)
 
 
+def _activation_fn(module: nn.Module):
+    from pycompress.convert import epilogue_gemm
+
+    gemm = epilogue_gemm(module)
+    kind = "none" if gemm is None else gemm.activation
+    if kind == "relu":
+        return torch.relu
+    if kind == "gelu":
+        return torch.nn.functional.gelu
+    return lambda t: t
+
+
 def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db: float | None = None,
            output_min_sqnr_db: float | None = None, output_min_cosine: float | None = None) -> VerifyReport:
     """Run ``model`` (converted) and ``reference`` (its float original) on ``inputs``; see the module docstring.
@@ -248,10 +260,12 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
         twins[id(module)] = twin
 
     reference_outputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
+    # A layer that runs a fused activation is compared with act(float twin).
+    epilogues = {id(m): _activation_fn(m) for _, m in layers}
 
-    def capture_reference(name):
+    def capture_reference(name, epilogue):
         def hook(_mod, _args, out):
-            reference_outputs[name].append(out.detach())
+            reference_outputs[name].append(epilogue(out.detach()))
         return hook
 
     call_index: dict[int, int] = {}
@@ -260,7 +274,7 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
         key = id(_mod)
         report = reports[key]
         with torch.no_grad():
-            report.local.update(out, twins[key](*args))
+            report.local.update(out, epilogues[key](twins[key](*args)))
         i = call_index.get(key, 0)
         call_index[key] = i + 1
         seen = reference_outputs[report.name]
@@ -270,8 +284,9 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
     handles = []
     try:
         with torch.no_grad():
-            for name, _ in layers:
-                handles.append(reference.get_submodule(name).register_forward_hook(capture_reference(name)))
+            for name, module in layers:
+                handles.append(reference.get_submodule(name).register_forward_hook(
+                    capture_reference(name, epilogues[id(module)])))
             ref_out = call_model(reference, inputs)
             for h in handles:
                 h.remove()

@@ -300,3 +300,22 @@ def test_summary_bytes_match_real_buffers():
     assert 3.0 < table.bytes_before / table.bytes_after < 4.0
     text = str(table)
     assert "layer1.0.conv1" in text and "im2col + q8 GEMM" in text and "bytes before" in text
+
+
+def test_relu_and_exact_gelu_fuse_into_the_kernel_epilogue():
+    torch.manual_seed(0)
+    shared_act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(approximate="tanh"),
+                          nn.Linear(32, 32), shared_act, nn.Linear(32, 32), shared_act, nn.Linear(32, 4), nn.ReLU())
+    ref = copy.deepcopy(model)
+    pc.convert(model, policy="int8")
+    assert model[0].activation == "gelu" and isinstance(model[1], nn.Identity)
+    assert model[2].activation == "none" and type(model[3]) is nn.GELU  # tanh GELU: not the kernel's function
+    assert model[4].activation == "none" and model[5] is shared_act  # a shared module is not rewritten
+    assert model[8].activation == "relu"
+    assert convert_mod.conversion_record(model).fused == ["1", "9"]
+    assert "fused gelu" in str(pc.summary(model))
+    report = pc.verify(model, ref, torch.randn(8, 16))
+    assert report.ok, str(report)
+    plain = pc.convert(copy.deepcopy(ref), policy="int8", fuse_activations=False)
+    assert plain[0].activation == "none" and type(plain[1]) is nn.GELU

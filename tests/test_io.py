@@ -168,3 +168,40 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         pc.save(model, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+class BertIntermediate(nn.Module):
+    """Named like Hugging Face's block, whose forward is act(dense(x)) (convert.FUSIBLE_PARENTS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 64)
+        self.intermediate_act_fn = nn.GELU()
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.intermediate = BertIntermediate()
+        self.out = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.out(self.intermediate(x))
+
+
+def test_fused_activations_survive_a_skeleton_load(tmp_path):
+    torch.manual_seed(0)
+    model = pc.convert(Block(), policy="int8")
+    assert pc.conversion_record(model).fused == ["intermediate.intermediate_act_fn"]
+    path = tmp_path / "b.safetensors"
+    pc.save(model, path)
+    loaded = pc.load(path, model=Block())
+    assert isinstance(loaded.intermediate.intermediate_act_fn, nn.Identity)
+    x = torch.randn(3, 16)
+    assert torch.equal(loaded(x), model(x))
+    _rewrite(path, edit_manifest=lambda m: m.update(fused=["out"]))
+    with pytest.raises(ValueError, match="fused the activation 'out'"):
+        pc.load(path, model=Block())

@@ -97,6 +97,8 @@ def test_minilm_sentence_embeddings_survive_int8(monkeypatch):
     batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
     pc.convert(model, policy="int8")
     assert sum(r.format == "int8-dynamic" for r in pc.summary(model).rows) == 37  # 6 x 6 encoder Linears + pooler
+    fused = pc.conversion_record(model).fused  # the FFN's exact GELU runs in the int8 kernel's epilogue
+    assert fused == [f"encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(6)]
 
     def embed(m):
         with torch.no_grad():

@@ -27,9 +27,10 @@ def test_per_layer_numbers_match_a_direct_computation():
     x = torch.randn(16, 32)
     report = pc.verify(model, ref, x)
     assert [r.name for r in report.layers] == ["0", "2", "4"]
+    assert model[0].activation == "relu" and isinstance(model[1], nn.Identity)  # ReLU fused into the kernel
     # Layer 0 sees the raw input in both models: local and accumulated errors coincide.
     with torch.no_grad():
-        out, expected = model[0](x).double(), ref[0](x).double()
+        out, expected = model[0](x).double(), torch.relu(ref[0](x)).double()
     err = out - expected
     row = report.layers[0]
     assert row.local.max_abs == pytest.approx(float(err.abs().max()), rel=1e-9)
