@@ -306,7 +306,8 @@ def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.M
     captured: dict[int, tuple[tuple, torch.Tensor | None]] = {}
 
     def hook(mod, args, out):
-        if id(mod) not in captured:
+        # A layer called with keyword or non-tensor arguments is not captured: it is decided by the heuristic.
+        if id(mod) not in captured and args and all(isinstance(a, torch.Tensor) for a in args):
             captured[id(mod)] = (tuple(a.detach() for a in args), out.detach() if keep_outputs else None)
 
     handles = [m.register_forward_hook(hook) for _, m in targets.values()]
@@ -361,7 +362,7 @@ def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]
     for rec in records:
         by_module[id(model.get_submodule(rec.name))] = rec
     names = {id(m): n for n, m in model.named_modules()}
-    pairs: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent, activation attribute, layer, activation)
+    pairs: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, activation attribute, layer, activation)
     for parent in model.modules():
         if type(parent) is nn.Sequential:
             children = list(parent._modules.items())
