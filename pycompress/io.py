@@ -80,7 +80,16 @@ def _pair_ok(v, lo: int) -> bool:
     return isinstance(v, list) and len(v) == 2 and all(_is_int(x, lo, 1 << 20) for x in v)
 
 
-def _build_layer(entry, where: str) -> nn.Module:
+def _check_packed_size(cfg: dict, k: int, n: int, packed: torch.Tensor | None, where: str) -> None:
+    """Before a layer is allocated: its config must describe the packed weights the file really holds
+    (so a manifest cannot ask for more memory than the file's own tensors)."""
+    kp, np_ = (k + KGROUP - 1) // KGROUP * KGROUP, (n + PANEL - 1) // PANEL * PANEL
+    if packed is None or packed.numel() != kp * np_:
+        got = "none" if packed is None else f"{packed.numel()} bytes"
+        raise ValueError(f"load: layer {where}: config K={k}, N={n} needs {kp * np_} packed weight bytes, the file has {got}")
+
+
+def _build_layer(entry, where: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """An empty pycompress layer from a manifest entry, after checking every field."""
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
         raise ValueError(f"load: manifest entry for {where} is malformed")
@@ -105,6 +114,7 @@ def _build_layer(entry, where: str) -> nn.Module:
             problems.append("in_features / out_features out of range")
         if problems:
             raise ValueError(f"load: layer {where}: " + "; ".join(problems))
+        _check_packed_size(cfg, cfg["in_features"], cfg["out_features"], tensors.get(f"{where}.w_packed"), where)
         return Int8Linear(cfg["in_features"], cfg["out_features"], **common)
     if kind == "Int8Conv2d":
         for f in ("kernel_size", "stride", "dilation"):
@@ -118,6 +128,8 @@ def _build_layer(entry, where: str) -> nn.Module:
             problems.append(f"kernel_size x in_channels exceeds K={MAX_K}")
         if problems:
             raise ValueError(f"load: layer {where}: " + "; ".join(problems))
+        k = cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1]
+        _check_packed_size(cfg, k, cfg["out_channels"], tensors.get(f"{where}.gemm.w_packed"), where)
         return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
                           tuple(cfg["padding"]), tuple(cfg["dilation"]), **common)
     raise ValueError(f"load: layer {where} has type {kind!r}; this build can load Int8Linear and Int8Conv2d layers "
@@ -325,12 +337,15 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """
     path = os.fspath(path)
     manifest, tensors = _read(path)
-    layers = {name: _build_layer(entry, name) for name, entry in manifest["layers"].items()}
-    if model is None:
+    layers = {name: _build_layer(entry, name, tensors) for name, entry in manifest["layers"].items()}
+    rebuilt = model is None
+    if rebuilt:
         if manifest.get("architecture") is None:
             raise ValueError(f"load({path}): this model's architecture is not made only of plain torch.nn modules, so it "
                              "cannot be rebuilt without code; pass model=<a float instance of the same architecture>")
-        model = _rebuild(manifest["architecture"], layers)
+        # Built on the meta device: sizes in the manifest allocate nothing until they match the file's tensors.
+        with torch.device("meta"):
+            model = _rebuild(manifest["architecture"], layers)
     else:
         for name, layer in layers.items():
             try:
@@ -382,7 +397,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     for name, module in converted_layers(model):
         gemm, prefix = (module.gemm, f"{name}.gemm.") if isinstance(module, Int8Conv2d) else (module, f"{name}.")
         _check_int8_operands(gemm, tensors, prefix, name)
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=rebuilt)
     record = _record_from(manifest)
     if record is not None:
         model._pycompress_conversion = record

@@ -94,7 +94,8 @@ BAD_TENSORS = [
     ("4.w_scale", lambda t: t * float("nan"), "w_scale must be finite"),
     ("4.w_scale", lambda t: -t, "w_scale must be finite and > 0"),
     ("4.bias", lambda t: t * float("inf"), "bias has NaN or Inf"),
-    ("4.w_packed", lambda t: t[:-4].clone(), r"4.w_packed is torch.int8 \(\d+,\), expected"),
+    ("4.w_packed", lambda t: t[:-4].clone(), r"needs 16384 packed weight bytes, the file has 16380 bytes"),
+    ("4.col_sum", lambda t: t[:-1].clone(), r"4.col_sum is torch.int32 \(31,\), expected"),
     ("4.w_scale", lambda t: t.double(), "expected torch.float32"),
     ("0.gemm.w_packed", lambda t: torch.ones_like(t), "nonzero padding|col_sum"),
 ]
@@ -119,6 +120,7 @@ BAD_CONFIGS = [
     ({"activation": "swish"}, "activation 'swish'"),
     ({"weight_bits": 9}, "weight_bits 9"),
     ({"in_features": 0}, "in_features / out_features"),
+    ({"out_features": 1 << 24}, r"needs \d+ packed weight bytes, the file has 16384 bytes"),
 ]
 
 
