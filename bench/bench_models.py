@@ -12,8 +12,9 @@ Peers, built from the same float model:
   torch dynamic int8   torch.ao.quantization.quantize_dynamic (Linear only: FBGEMM)
   ORT dynamic int8     torch.onnx.export of the float model, onnxruntime.quantization.quantize_dynamic
   pycompress           pycompress.convert(model, example_inputs=inputs) (policy "auto": timed per layer)
-Timing: the implementations run round-robin (one call each per round) so machine noise hits them
-alike; the median over rounds is reported, after warm-up. `cos` is the cosine similarity of the
+Timing: each implementation runs in blocks of consecutive calls after a pause, blocks of all
+implementations alternating over 3 passes (see time_in_blocks: why not call-by-call round-robin);
+the median over all calls is reported. `cos` is the cosine similarity of the
 output to the float model's on the same input (an accuracy check beside the speed).
 """
 
@@ -136,22 +137,30 @@ def build_peers(s: Scenario, threads: int, workdir: str) -> tuple[dict, dict[str
     return peers, {"convert_s": convert_s}, note
 
 
-def time_round_robin(peers: dict, rounds: int, warmup: int = 2) -> tuple[dict[str, float], dict[str, float]]:
-    """Median milliseconds per peer, and each peer's output cosine to torch fp32."""
+def time_in_blocks(peers: dict, rounds: int, passes: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Median milliseconds per peer, and each peer's output cosine to torch fp32.
+
+    Each peer runs in consecutive blocks, after a pause, and the blocks of all peers alternate over
+    several passes. Not call-by-call round-robin: ONNX Runtime's and OpenMP's worker threads keep
+    spinning for a while after a call, and on 2 cores that steals the CPU from whichever peer runs
+    next (it made pycompress at 2 threads look 2x slower than at 1 thread).
+    """
     samples: dict[str, list[float]] = {name: [] for name in peers}
+    per_block = max(1, rounds // passes)
     with torch.inference_mode():
         reference = peers["torch fp32"]().double().flatten()
         cos = {}
         for name, fn in peers.items():
             out = fn().double().flatten()
             cos[name] = float(out @ reference / (out.norm() * reference.norm()))
-            for _ in range(warmup):
-                fn()
-        for _ in range(rounds):
+        for _ in range(passes):
             for name, fn in peers.items():
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+                time.sleep(0.05)
+                fn()  # warm-up after the pause
+                for _ in range(per_block):
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}, cos
 
 
@@ -162,7 +171,7 @@ def run_all(quick: bool) -> list[dict]:
             for threads in THREADS:
                 peers, extra, note = build_peers(s, threads, workdir)
                 rounds = max(3, s.rounds // 4) if quick else s.rounds
-                ms, cos = time_round_robin(peers, rounds)
+                ms, cos = time_in_blocks(peers, rounds)
                 row = {"scenario": s.id, "threads": threads, "ms": ms, "cos": cos, "note": note, **extra}
                 results.append(row)
                 print(format_row(row), flush=True)
@@ -185,7 +194,7 @@ def markdown(results: list[dict], rss: list[dict]) -> str:
         "",
         f"`python bench/bench_models.py`, {datetime.date.today()}: pycompress {info['version']} "
         f"(ISA {info['active_isa']}), torch {torch.__version__}, on this project's 2-core machine "
-        "(shared with other jobs while measured: medians of round-robin rounds; read the ratios, not the absolute ms).",
+        "(shared with other jobs while measured: medians over blocks of calls alternating between peers; read the ratios, not the absolute ms).",
         "Median ms per forward pass. Ratios: peer time / pycompress time (>1: pycompress faster). "
         "`cos`: cosine of pycompress's output to the float model's. pycompress = `pycompress.convert(model, "
         "example_inputs=...)`, policy auto (each layer timed, float kept where int8 is not faster).",
