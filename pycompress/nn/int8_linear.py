@@ -101,6 +101,25 @@ class Int8Linear(nn.Module):
             return int8_linear_cpu(*args)
         return ops.int8_linear(*args)
 
+    def get_extra_state(self) -> dict:
+        # The packed buffers alone do not pin down K (it is padded to a multiple
+        # of 4): the configuration travels with the state_dict and is checked on load.
+        return {"format": "int8_linear/v1", "in_features": self.in_features, "out_features": self.out_features,
+                "activation": self.activation, "act_scale": self.act_scale, "act_zero_point": self.act_zero_point,
+                "weight_bits": self.weight_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        for key in ("format", "in_features", "out_features"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"{self._label()}: state_dict has {key}={state.get(key)!r}, "
+                                 f"this module expects {mine[key]!r}")
+        self.activation = state["activation"]
+        self._act_code = activation_code(self.activation)
+        self.act_scale = state["act_scale"]
+        self.act_zero_point = state["act_zero_point"]
+        self.weight_bits = state["weight_bits"]
+
     def _label(self) -> str:
         return f"Int8Linear({self.name})" if self.name else f"Int8Linear({self.in_features}->{self.out_features})"
 
