@@ -44,7 +44,6 @@ PYBIND11_MODULE(_C, m) {
     d["compiled_isas"] = isa_names(compiled_isas());
     d["supported_isas"] = isa_names(supported_isas());
     d["active_isa"] = std::string(isa_name(active_isa()));
-    d["cuda_compiled"] = static_cast<bool>(PYCOMPRESS_WITH_CUDA);
     d["pool_workers"] = thread_pool_workers();
     return d;
   });
