@@ -132,7 +132,7 @@ void f32_cols_mv(const F32Task& t) {
       const __m512 wb = _mm512_set1_ps(wv);
       const float* xr = t.xt + k * t.ldxt;
 #pragma GCC unroll 8
-      for (int v = 0; v < MV; ++v) acc[s][v] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xr + 16 * v), acc[s][v]);
+      for (int v = 0; v < MV; ++v) acc[s][v] = _mm512_fmadd_ps(wb, _mm512_load_ps(xr + 16 * v), acc[s][v]);
     };
     if (w.format == Format::Csr) {
       int64_t j = w.row_ptr[n];
@@ -231,7 +231,7 @@ void q8_cols_mv(const Q8Task& t) {
       const __m512i wb = _mm512_set1_epi32(w4);
       const uint32_t* xr = t.xqt + static_cast<int64_t>(w.blk_idx[b]) * t.ldxt;
 #pragma GCC unroll 8
-      for (int v = 0; v < MV; ++v) acc[s][v] = _mm512_dpbusd_epi32(acc[s][v], _mm512_loadu_si512(xr + 16 * v), wb);
+      for (int v = 0; v < MV; ++v) acc[s][v] = _mm512_dpbusd_epi32(acc[s][v], _mm512_load_si512(xr + 16 * v), wb);
     };
     int64_t b = w.row_ptr[n];
     const int64_t b1 = w.row_ptr[n + 1];
@@ -241,16 +241,16 @@ void q8_cols_mv(const Q8Task& t) {
     }
     for (int s = 0; b < b1; ++b, ++s) step(s, b);
 
-    const __m512i col_sum = _mm512_set1_epi32(w.col_sum[n]);
-    const __m512 w_scale = _mm512_set1_ps(w.w_scale[n]);
 #pragma GCC unroll 8
     for (int v = 0; v < MV; ++v) {
 #pragma GCC unroll 4
       for (int s = 1; s < S; ++s) acc[0][v] = _mm512_add_epi32(acc[0][v], acc[s][v]);
-      if (t.raw != nullptr) {
+      if (t.raw != nullptr) {  // raw mode has no epilogue operands
         store_column_raw(t.raw, t.ldraw, n, 16 * v, t.m, acc[0][v]);
         continue;
       }
+      const __m512i col_sum = _mm512_set1_epi32(w.col_sum[n]);
+      const __m512 w_scale = _mm512_set1_ps(w.w_scale[n]);
       const __mmask16 rows = tail_mask(t.m - 16 * v);
       const __m512i zp = _mm512_maskz_loadu_epi32(rows, t.row_zp + 16 * v);
       const __m512 rs = _mm512_maskz_loadu_ps(rows, t.row_scale + 16 * v);
