@@ -33,19 +33,6 @@ ROWS = (1, 2, 3, 4, 5, 15, 16, 17, 33, 129)
 SHAPES = ((1, 1), (3, 7), (16, 64), (17, 100), (40, 132), (33, 260))
 
 
-@pytest.fixture(params=pc.supported_isas())
-def sparse_isa(request):
-    previous = pc.get_isa()
-    pc.set_isa(request.param)
-    yield request.param
-    pc.set_isa(previous)
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(2024)
-
-
 def sparse_linear(n, k, density, gen, bias=True, pattern="unstructured"):
     lin = torch.nn.Linear(k, n, bias=bias)
     with torch.no_grad():
@@ -106,7 +93,7 @@ def test_nm24_pack_refuses_denser_groups(gen):
 # ---- fp32 ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_csr_matches_float64_reference(sparse_isa, activation, gen):
+def test_csr_matches_float64_reference(isa, activation, gen):
     for (n, k), density in zip(SHAPES, (0.5, 0.3, 0.1, 0.05, 0.2, 0.02)):
         lin = sparse_linear(n, k, density, gen, bias=n % 2 == 1)
         mod = SparseLinear.from_float(lin, format="csr", activation=activation)
@@ -116,7 +103,7 @@ def test_csr_matches_float64_reference(sparse_isa, activation, gen):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_nm24_matches_float64_reference(sparse_isa, activation, gen):
+def test_nm24_matches_float64_reference(isa, activation, gen):
     for n, k in ((1, 4), (5, 28), (16, 32), (17, 100), (40, 132)):
         lin = sparse_linear(n, k, 0.5, gen, pattern="nm24")
         mod = SparseLinear.from_float(lin, activation=activation)
@@ -150,7 +137,7 @@ def test_fp32_epilogue_is_bit_identical_across_isas(gen):
 # ---- int8 ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pattern", ("unstructured", "block1x4"))
-def test_int8_accumulators_bit_exact(sparse_isa, pattern, gen):
+def test_int8_accumulators_bit_exact(isa, pattern, gen):
     for (n, k), density in zip(SHAPES, (0.5, 0.3, 0.1, 0.05, 0.2, 0.02)):
         w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         w = w * (torch.rand(n, k, generator=gen) < density).to(torch.int8)
@@ -160,10 +147,10 @@ def test_int8_accumulators_bit_exact(sparse_isa, pattern, gen):
             q = torch.zeros(m, kp, dtype=torch.uint8)
             q[:, :k] = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8)
             got = sparse_q8_accumulate_raw(q, row_ptr, blk_idx, values, k)
-            assert torch.equal(got.to(torch.int64), q8_accumulate_ref(q[:, :k], w)), (sparse_isa, n, k, m)
+            assert torch.equal(got.to(torch.int64), q8_accumulate_ref(q[:, :k], w)), (isa, n, k, m)
 
 
-def test_int8_extremes_never_saturate(sparse_isa):
+def test_int8_extremes_never_saturate(isa):
     # 255 * -128 pairs: any int16 pair sum (vpmaddubsw) would saturate; the sum must stay exact.
     k, n = 4096, 20
     w = torch.full((n, k), -128, dtype=torch.int8)
@@ -177,7 +164,7 @@ def test_int8_extremes_never_saturate(sparse_isa):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("static", (None, (0.05, 128)))
-def test_int8_linear_bit_exact_and_equal_to_dense_int8(sparse_isa, activation, static, gen):
+def test_int8_linear_bit_exact_and_equal_to_dense_int8(isa, activation, static, gen):
     for (n, k), density in zip(SHAPES, (0.5, 0.3, 0.1, 0.05, 0.2, 0.02)):
         lin = sparse_linear(n, k, density, gen, bias=n % 2 == 0)
         kwargs = dict(activation=activation, act_scale=None if static is None else static[0],
@@ -192,7 +179,7 @@ def test_int8_linear_bit_exact_and_equal_to_dense_int8(sparse_isa, activation, s
             assert torch.equal(y, dense(x))  # same numbers contract as the dense int8 GEMM
 
 
-def test_int8_nonfinite_rows_become_nan_and_spare_the_others(sparse_isa, gen):
+def test_int8_nonfinite_rows_become_nan_and_spare_the_others(isa, gen):
     mod = SparseInt8Linear.from_float(sparse_linear(24, 40, 0.3, gen))
     for m in (3, 20):
         x = torch.randn(m, 40, generator=gen)
@@ -217,7 +204,7 @@ def _is_nm24(lin):
     return is_nm24(lin.weight.detach())
 
 
-def test_leading_dims_and_noncontiguous_inputs(sparse_isa, gen):
+def test_leading_dims_and_noncontiguous_inputs(isa, gen):
     lin = sparse_linear(24, 64, 0.5, gen, pattern="nm24")
     for mod in all_modules(lin):
         wide = torch.randn(20, 3, 100, generator=gen)
@@ -228,14 +215,14 @@ def test_leading_dims_and_noncontiguous_inputs(sparse_isa, gen):
 
 
 @pytest.mark.parametrize("shape", ((0, 64), (2, 0, 64)))
-def test_empty_batch(sparse_isa, shape, gen):
+def test_empty_batch(isa, shape, gen):
     for mod in all_modules(sparse_linear(8, 64, 0.5, gen, pattern="nm24")):
         y = mod(torch.randn(*shape))
         assert y.shape == (*shape[:-1], 8)
 
 
 @pytest.mark.parametrize("density", (0.0, 1.0))
-def test_density_0_and_100_percent(sparse_isa, density, gen):
+def test_density_0_and_100_percent(isa, density, gen):
     lin = sparse_linear(19, 36, density, gen)
     x = torch.randn(21, 36, generator=gen)
     for m in (1, 21):
@@ -249,7 +236,7 @@ def test_density_0_and_100_percent(sparse_isa, density, gen):
         assert torch.equal(csr(x), torch.relu(lin.bias.detach()).expand(21, 19))
 
 
-def test_all_zero_rows(sparse_isa, gen):
+def test_all_zero_rows(isa, gen):
     lin = sparse_linear(33, 50, 0.4, gen)
     with torch.no_grad():
         lin.weight[::3] = 0
@@ -372,7 +359,7 @@ def test_results_do_not_depend_on_thread_count(gen):
         pc.set_num_threads(None)
 
 
-def test_many_python_threads_match_serial(sparse_isa, gen):
+def test_many_python_threads_match_serial(isa, gen):
     lin = sparse_linear(200, 128, 0.2, gen)
     mods = [SparseLinear.from_float(lin), SparseInt8Linear.from_float(lin)]
     inputs = [torch.randn(m, 128, generator=gen) for m in (1, 3, 17, 70)]
