@@ -135,24 +135,26 @@ def analyze_channel_groups(model: nn.Module, example_inputs: object = None) -> l
             module_uses[node.target] = module_uses.get(node.target, 0) + 1
             mod = modules[node.target]
             val = in_vals[0] if len(in_vals) == 1 else None
+            # A layer whose input is not traced channels (e.g. after an unsupported op)
+            # still produces a group of its own.
+            if isinstance(mod, nn.Conv2d) and mod.groups == 1:
+                if val is not None and val.layout != "map":
+                    mark_unsupported(val, node, "a conv reads a tensor whose channels are not at dim 1")
+                elif val is not None:
+                    raw[uf.find(val.group)].consumers.append((node.target, mod, 1))
+                values[node] = _Value(new_group(producers=[(node.target, mod)]), "map")
+                continue
             if isinstance(mod, nn.Conv2d) and val is not None:
-                if mod.groups == 1:
-                    if val.layout != "map":
-                        mark_unsupported(val, node, "a conv reads a tensor whose channels are not at dim 1")
-                    else:
-                        raw[uf.find(val.group)].consumers.append((node.target, mod, 1))
-                    values[node] = _Value(new_group(producers=[(node.target, mod)]), "map")
-                elif mod.groups == mod.in_channels == mod.out_channels and val.layout == "map":
+                if mod.groups == mod.in_channels == mod.out_channels and val.layout == "map":
                     raw[uf.find(val.group)].norms.append(mod)
                     values[node] = val
                 else:
                     mark_unsupported(val, node, f"grouped conv (groups={mod.groups})")
                 continue
-            if isinstance(mod, nn.Linear) and val is not None:
-                rank = _rank(node.args[0])
-                if val.layout == "map" and rank != 2:
+            if isinstance(mod, nn.Linear):
+                if val is not None and val.layout == "map" and _rank(node.args[0]) != 2:
                     mark_unsupported(val, node, "a Linear reads a feature map (channels not at the last dim)")
-                else:
+                elif val is not None:
                     raw[uf.find(val.group)].consumers.append((node.target, mod, val.factor))
                 values[node] = _Value(new_group(producers=[(node.target, mod)]), "vec")
                 continue
@@ -164,7 +166,7 @@ def analyze_channel_groups(model: nn.Module, example_inputs: object = None) -> l
                 values[node] = val
                 continue
             if isinstance(mod, nn.Flatten) and val is not None:
-                values[node] = _flatten(node, val, mod.start_dim, mod.end_dim, mark_unsupported)
+                _store(values, node, _flatten(node, val, mod.start_dim, mod.end_dim, mark_unsupported))
                 continue
         elif node.op == "call_function" and node.target in _PASSTHROUGH_FUNCTIONS and len(in_vals) == 1 \
                 and in_vals[0].factor == 1 and node.args and node.args[0] in values:
@@ -177,12 +179,17 @@ def analyze_channel_groups(model: nn.Module, example_inputs: object = None) -> l
         elif node.op == "call_function" and node.target is torch.flatten and len(in_vals) == 1:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            values[node] = _flatten(node, in_vals[0], start, end, mark_unsupported)
+            _store(values, node, _flatten(node, in_vals[0], start, end, mark_unsupported))
             continue
         elif node.op == "call_method" and node.target == "flatten" and len(in_vals) == 1:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            values[node] = _flatten(node, in_vals[0], start, end, mark_unsupported)
+            _store(values, node, _flatten(node, in_vals[0], start, end, mark_unsupported))
+            continue
+        elif _is_spatial_reduction(node) and len(in_vals) == 1 and in_vals[0].layout == "map" \
+                and in_vals[0].factor == 1:
+            keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            values[node] = _Value(in_vals[0].group, "map" if keepdim else "vec")
             continue
         elif node.op == "call_function" and node.target in _ADD_OPS and in_vals:
             if len(in_vals) == 2 and in_vals[0].layout == in_vals[1].layout and in_vals[0].factor == in_vals[1].factor:
@@ -210,6 +217,23 @@ def analyze_channel_groups(model: nn.Module, example_inputs: object = None) -> l
         root.fixed = root.fixed or grp.fixed
         root.unsupported += grp.unsupported
     return list(merged.values())
+
+
+def _is_spatial_reduction(node: torch.fx.Node) -> bool:
+    """x.mean/amax/sum(dim=(2, 3)) on an NCHW map: global pooling, channels survive."""
+    is_reduction = (node.op == "call_method" and node.target in ("mean", "amax", "sum")) or (
+        node.op == "call_function" and node.target in (torch.mean, torch.amax, torch.sum))
+    if not is_reduction:
+        return False
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = (dims,) if isinstance(dims, int) else dims
+    return isinstance(dims, (tuple, list)) and sorted(dims) in ([2, 3], [-2, -1])
+
+
+def _store(values: dict, node: torch.fx.Node, value: _Value | None) -> None:
+    """Record a channel-carrying result; an unsupported flatten (None) was already reported."""
+    if value is not None:
+        values[node] = value
 
 
 def _rank(arg: object) -> int | None:
