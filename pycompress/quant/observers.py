@@ -123,9 +123,11 @@ class PercentileObserver(_SamplingObserver):
 
 
 class MSEObserver(_SamplingObserver):
-    """The range [a * min, a * max], a in a grid of ``steps`` values in (0, 1], that
-    minimizes the mean squared fake-quantization error on the observed values; ties go
-    to the widest range."""
+    """The range [a * min, b * max] minimizing the mean squared fake-quantization error
+    on the observed values, with a, b on a grid of ``steps`` values in (0, 1], found by
+    coordinate search (the max end, then the min end, twice); ties go to the widest
+    range. The two ends are searched separately so that clipping a long positive
+    tail does not also clip the negative side."""
 
     name = "mse"
 
@@ -133,17 +135,18 @@ class MSEObserver(_SamplingObserver):
         super().__init__(bits)
         self.steps = steps
 
+    def _error(self, v: torch.Tensor, lo: float, hi: float) -> float:
+        scale, zp = affine_qparams(lo, hi, self.bits)
+        return float(((fake_quantize_affine(v, scale, zp, self.bits) - v).double() ** 2).mean())
+
     def range(self) -> tuple[float, float]:
         v = self.values()
-        best, best_err = None, None
-        for i in range(self.steps):
-            a = 1.0 - i / self.steps
-            lo, hi = a * self.lo, a * self.hi
-            scale, zp = affine_qparams(lo, hi, self.bits)
-            err = float(((fake_quantize_affine(v, scale, zp, self.bits) - v).double() ** 2).mean())
-            if best_err is None or err < best_err:
-                best, best_err = (lo, hi), err
-        return best
+        lo, hi = self.lo, self.hi
+        grid = [1.0 - i / self.steps for i in range(self.steps)]
+        for _ in range(2):
+            hi = min((self._error(v, lo, a * self.hi), -a, a * self.hi) for a in grid)[2]
+            lo = min((self._error(v, a * self.lo, hi), -a, a * self.lo) for a in grid)[2]
+        return lo, hi
 
 
 OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MSEObserver)}
