@@ -61,6 +61,11 @@
 //         with a scatter (one per 16 rows and channel, negligible next to the
 //         nnz_row FMAs that produced them).
 //
+//   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
+//         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
+//         16 channels and group of up to 4 rows, accumulators are 16 channel
+//         lanes, so the epilogue and the store are contiguous vectors.
+//
 // int8 numbers are exactly those of the dense int8 GEMM (csrc/q8/q8_gemm.h):
 // the activations are quantized by the same q8 quantize_rows kernels, int32
 // accumulation has no intermediate saturation on any path (the AVX2 path uses

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pycompress import _C, ops
-from pycompress._native import activation_code
+from pycompress._native import activation_code, get_isa
 from pycompress.ops.sparse import (
     build_sliced,
     ensure_valid_structure,
@@ -190,11 +190,14 @@ class SparseInt8Linear(_SparseBase):
     M=4 940/280/345, M=8 1020/534/682, M=16 1359/1301/1437 (3072x768: M=1 95/21/40 blocks,
     171/32/41 unstructured). Per block and 16 rows the sliced kernel costs about 16/fill row-steps of ~2
     cycles against ~2.8 cycles for the bsr1x4 cols kernel, so it runs when M <= 16 and
-    M * steps <= 1.4 * blocks.
+    M * steps <= 1.4 * blocks. The AVX2 sliced kernel handles one row at a time (two vpermd and a blend
+    per half step): same machine, ISA avx2, 1x4 blocks M=1 327/158, M=4 629/579, M=16 733/6456; so below
+    AVX-512 it runs only for M <= 4.
     """
 
-    # Sliced kernel when M <= _SLICED_MAX_ROWS and M * steps <= _SLICED_STEP_RATIO * blocks (see above).
+    # Sliced kernel when M <= max rows (per ISA) and M * steps <= _SLICED_STEP_RATIO * blocks (see above).
     _SLICED_MAX_ROWS = 16
+    _SLICED_MAX_ROWS_BELOW_AVX512 = 4
     _SLICED_STEP_RATIO = 1.4
 
     def __init__(self, in_features: int, out_features: int, nblocks: int = 0, bias: bool = True,
@@ -259,7 +262,8 @@ class SparseInt8Linear(_SparseBase):
 
     def _use_sliced(self, m: int) -> bool:
         steps = self.sliced_base.numel()
-        return 0 < m <= self._SLICED_MAX_ROWS and m * steps <= self._SLICED_STEP_RATIO * self.blk_idx.numel()
+        max_rows = self._SLICED_MAX_ROWS if get_isa() == "avx512" else self._SLICED_MAX_ROWS_BELOW_AVX512
+        return 0 < m <= max_rows and m * steps <= self._SLICED_STEP_RATIO * self.blk_idx.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
