@@ -267,16 +267,17 @@ class SparseInt8Linear(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        eager = _eager_cpu(x)
-        if eager:
+        if _eager_cpu(x):
             self._refresh_sliced()
-        if self._use_sliced(x.numel() // self.in_features):
-            args = (x, self.sliced_ptr, self.sliced_base, self.sliced_lane, self.sliced_values, self.col_sum,
-                    self.w_scale, self.bias, self._act_code, self.act_scale, self.act_zero_point)
-            return sparse_int8_linear_sliced_cpu(*args) if eager else ops.sparse_int8_linear_sliced(*args)
+            if self._use_sliced(x.numel() // self.in_features):
+                return sparse_int8_linear_sliced_cpu(x, self.sliced_ptr, self.sliced_base, self.sliced_lane,
+                                                     self.sliced_values, self.col_sum, self.w_scale, self.bias,
+                                                     self._act_code, self.act_scale, self.act_zero_point)
         args = (x, self.row_ptr, self.blk_idx, self.values, self.col_sum, self.w_scale, self.bias, self._act_code,
                 self.act_scale, self.act_zero_point)
-        return sparse_int8_linear_cpu(*args) if eager else ops.sparse_int8_linear(*args)
+        # Traced graphs take the bsr1x4 op for every M: the per-call kernel choice reads the run-time ISA,
+        # which dynamo cannot trace (the sliced op itself is traceable: ops.sparse_int8_linear_sliced).
+        return sparse_int8_linear_cpu(*args) if _eager_cpu(x) else ops.sparse_int8_linear(*args)
 
     def packed_bytes(self) -> int:
         """Bytes of the bsr1x4 pack (the state_dict); the derived sliced copy is ``sliced_bytes()``."""
