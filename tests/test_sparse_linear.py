@@ -10,7 +10,7 @@ import torch
 
 import pycompress as pc
 from pycompress.nn import Int8Linear, SparseInt8Linear, SparseLinear
-from pycompress.ops.sparse import sparse_q8_accumulate_raw
+from pycompress.ops.sparse import build_sliced, sparse_int8_linear_sliced, sparse_q8_accumulate_raw, sparse_sliced_accumulate_raw
 from pycompress.reference import (
     fp32_error_bound,
     int8_linear_ref,
@@ -177,6 +177,154 @@ def test_int8_linear_bit_exact_and_equal_to_dense_int8(isa, activation, static, 
             y = mod(x)
             assert torch.equal(y, int8_linear_ref(x, q, scale, lin.bias, activation, static)), (n, k, m)
             assert torch.equal(y, dense(x))  # same numbers contract as the dense int8 GEMM
+
+
+# ---- int8 sliced layout (16 channel lanes, 16-group windows) ------------------------------------------
+
+# Around the sliced tiles: 16 channel lanes (N), 64-byte windows (K), 4-row groups and 8-slice blocks.
+SLICED_SHAPES = ((1, 1), (15, 63), (16, 64), (17, 65), (33, 4), (40, 132), (129, 260), (20, 1000))
+
+
+def sliced_args(mod):
+    return (mod.sliced_ptr, mod.sliced_base, mod.sliced_lane, mod.sliced_values, mod.col_sum, mod.w_scale, mod.bias)
+
+
+@pytest.mark.parametrize("pattern", ("unstructured", "block1x4"))
+def test_sliced_accumulators_bit_exact(isa, pattern, gen):
+    for (n, k), density in zip(SLICED_SHAPES, (1.0, 0.3, 0.1, 0.5, 0.9, 0.2, 0.05, 0.1)):
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        if pattern == "unstructured":
+            mask = torch.rand(n, k, generator=gen) < density
+        else:
+            mask = (torch.rand(n, (k + 3) // 4, generator=gen) < density).repeat_interleave(4, 1)[:, :k]
+        w = w * mask.to(torch.int8)
+        sliced = build_sliced(*pack_bsr1x4(w)[:3], k)
+        kp = (k + 3) // 4 * 4
+        for m in (1, 2, 3, 4, 5, 8, 16, 17):
+            q = torch.zeros(m, kp, dtype=torch.uint8)
+            q[:, :k] = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8)
+            got = sparse_sliced_accumulate_raw(q, *sliced, n, k)
+            assert torch.equal(got.to(torch.int64), q8_accumulate_ref(q[:, :k], w)), (isa, n, k, m)
+
+
+def test_sliced_layout_of_unsorted_blocks_is_still_exact(isa, gen):
+    # A valid bsr1x4 pack need not list a channel's blocks in k order; the slicer must still place them all.
+    n, k = 20, 300
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    w = w * (torch.rand(n, k, generator=gen) < 0.2).to(torch.int8)
+    row_ptr, blk_idx, values, _ = pack_bsr1x4(w)
+    for c in range(n):
+        lo, hi = int(row_ptr[c]), int(row_ptr[c + 1])
+        order = torch.arange(hi - 1, lo - 1, -1)
+        blk_idx[lo:hi] = blk_idx[order].clone()
+        values.view(-1, 4)[lo:hi] = values.view(-1, 4)[order].clone()
+    q = torch.randint(0, 256, (3, k), generator=gen, dtype=torch.uint8)
+    got = sparse_sliced_accumulate_raw(q, *build_sliced(row_ptr, blk_idx, values, k), n, k)
+    assert torch.equal(got.to(torch.int64), q8_accumulate_ref(q, w))
+
+
+def test_sliced_extremes_never_saturate(isa):
+    k, n = 4096, 20
+    w = torch.full((n, k), -128, dtype=torch.int8)
+    w[1::2] = 127
+    sliced = build_sliced(*pack_bsr1x4(w)[:3], k)
+    for m in (1, 5):
+        q = torch.full((m, k), 255, dtype=torch.uint8)
+        assert torch.equal(sparse_sliced_accumulate_raw(q, *sliced, n, k).to(torch.int64), q8_accumulate_ref(q, w))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("static", (None, (0.05, 128)))
+def test_sliced_linear_bit_exact_and_equal_to_dense_int8(isa, activation, static, gen):
+    for (n, k), density in zip(SLICED_SHAPES, (1.0, 0.3, 0.1, 0.5, 0.9, 0.2, 0.05, 0.0)):
+        lin = sparse_linear(n, k, density, gen, bias=n % 2 == 1)
+        kwargs = dict(activation=activation, act_scale=None if static is None else static[0],
+                      act_zero_point=0 if static is None else static[1])
+        mod = SparseInt8Linear.from_float(lin, **kwargs)
+        dense = Int8Linear.from_float(lin, **kwargs)
+        q, scale = quantize_weight_per_channel(lin.weight.detach())
+        for m in (0, 1, 3, 4, 7, 16):
+            x = torch.randn(m, k, generator=gen)
+            y = sparse_int8_linear_sliced(x, *sliced_args(mod), activation_code(activation), *kwargs_static(static))
+            assert torch.equal(y, int8_linear_ref(x, q, scale, lin.bias, activation, static)), (n, k, m)
+            assert torch.equal(y, dense(x))
+
+
+def kwargs_static(static):
+    return (None, 0) if static is None else static
+
+
+def activation_code(name):
+    return ACTIVATIONS.index(name)
+
+
+def test_sliced_all_zero_rows_and_noncontiguous_input(isa, gen):
+    lin = sparse_linear(37, 200, 0.1, gen)
+    with torch.no_grad():
+        lin.weight[5:22] = 0  # a whole slice of zero channels and parts of two others
+    mod = SparseInt8Linear.from_float(lin)
+    wide = torch.randn(6, 400, generator=gen)
+    x = wide[:, ::2]
+    y = sparse_int8_linear_sliced(x, *sliced_args(mod))
+    assert torch.equal(y, sparse_int8_linear_sliced(x.contiguous(), *sliced_args(mod)))
+    assert torch.equal(y, Int8Linear.from_float(lin)(x.contiguous()))
+    assert torch.equal(y[:, 5:22], lin.bias.detach().expand(6, -1)[:, 5:22])
+
+
+def test_sliced_kernel_is_chosen_for_small_batches(gen):
+    mod = SparseInt8Linear.from_float(sparse_linear(64, 256, 0.1, gen))
+    assert mod._use_sliced(1)
+    assert not mod._use_sliced(mod._SLICED_MAX_ROWS + 1)
+    assert not mod._use_sliced(0)
+
+
+def test_sliced_copy_follows_in_place_changes_and_stays_out_of_state_dict(gen):
+    lin = sparse_linear(24, 64, 0.3, gen)
+    mod = SparseInt8Linear.from_float(lin)
+    assert not any(key.startswith("sliced_") for key in mod.state_dict())
+    x = torch.randn(1, 64, generator=gen)
+    before = mod(x)
+    with torch.no_grad():
+        mod.values.mul_(-1)  # same structure, negated weights (col_sum is stale on purpose: raw path below)
+    kp = 64
+    q = torch.randint(0, 256, (1, kp), generator=gen, dtype=torch.uint8)
+    mod(x)  # triggers the rebuild
+    raw = sparse_sliced_accumulate_raw(q, mod.sliced_ptr, mod.sliced_base, mod.sliced_lane, mod.sliced_values, 24, 64)
+    expected = q8_accumulate_ref(q, unpack_bsr1x4(mod.row_ptr, mod.blk_idx, mod.values, 64))
+    assert torch.equal(raw.to(torch.int64), expected)
+    assert not torch.equal(mod(x), before)
+
+
+def test_corrupt_sliced_pack_is_refused(gen):
+    mod = SparseInt8Linear.from_float(sparse_linear(40, 132, 0.3, gen))
+    x = torch.randn(2, 132, generator=gen)
+    base_args = sliced_args(mod)
+
+    def run(slice_ptr=None, step_base=None, step_lane=None, values=None):
+        args = list(base_args)
+        for i, t in enumerate((slice_ptr, step_base, step_lane, values)):
+            if t is not None:
+                args[i] = t
+        return sparse_int8_linear_sliced(x, *args)
+
+    far = mod.sliced_base.clone()
+    far[0] = 132 // 4 - 16 + 1  # window would end past the row
+    with pytest.raises(ValueError, match="window starts at group"):
+        run(step_base=far)
+    bad_ptr = mod.sliced_ptr.clone()
+    bad_ptr[1], bad_ptr[2] = bad_ptr[2], bad_ptr[1] - 1
+    with pytest.raises(ValueError, match="decreases"):
+        run(slice_ptr=bad_ptr)
+    short_ptr = mod.sliced_ptr.clone()
+    short_ptr[-1] -= 1
+    with pytest.raises(ValueError, match="steps are stored"):
+        run(slice_ptr=short_ptr)
+    with pytest.raises(ValueError, match="slice_ptr must be int32"):
+        run(slice_ptr=mod.sliced_ptr[:-1])
+    with pytest.raises(ValueError, match="values must be int8"):
+        run(values=mod.sliced_values[:-1])
+    with pytest.raises(ValueError, match="step_lane must be uint32"):
+        run(step_lane=mod.sliced_lane[:, :1])
 
 
 def test_int8_nonfinite_rows_become_nan_and_spare_the_others(isa, gen):
@@ -348,13 +496,14 @@ def test_extra_repr_is_informative(gen):
 def test_results_do_not_depend_on_thread_count(gen):
     lin = sparse_linear(300, 256, 0.2, gen)
     mods = [SparseLinear.from_float(lin), SparseInt8Linear.from_float(lin)]
-    x = torch.randn(40, 256, generator=gen)
+    inputs = [torch.randn(m, 256, generator=gen) for m in (40, 2)]  # M=2: the sliced int8 kernel
     try:
         pc.set_num_threads(1)
-        serial = [mod(x) for mod in mods]
+        serial = [[mod(x) for x in inputs] for mod in mods]
         pc.set_num_threads(2)
-        for mod, y in zip(mods, serial):
-            assert torch.equal(mod(x), y)  # each output is computed by one thread, in one order
+        for mod, ys in zip(mods, serial):
+            for x, y in zip(inputs, ys):
+                assert torch.equal(mod(x), y)  # each output is computed by one thread, in one order
     finally:
         pc.set_num_threads(None)
 
@@ -392,6 +541,9 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.pycompress.sparse_linear_nm24.default, (x, nm.nm_idx, nm.values, nm.bias, 2))
     torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear.default,
                           (x, i8.row_ptr, i8.blk_idx, i8.values, i8.col_sum, i8.w_scale, i8.bias, 0, None, 0))
+    torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear_sliced.default,
+                          (x, i8.sliced_ptr, i8.sliced_base, i8.sliced_lane, i8.sliced_values, i8.col_sum,
+                           i8.w_scale, i8.bias, 1, None, 0))
 
 
 def test_torch_compile_traces_through(gen):

@@ -26,6 +26,28 @@
 //           no worse than a 1x1 format could do with int32 multiplies; block
 //           pruning (1x4) makes it 10% of the blocks.
 //
+//   sliced  int8, derived from a bsr1x4 pack by build_sliced (never stored in
+//           a state_dict; the module rebuilds it). Output channels in slices of
+//           kSliceLanes = 16 (one zmm lane = one channel: one vpdpbusd serves 16
+//           channels). A slice is a list of steps; step j holds one 1x4 block
+//           (or a zero pad) per lane, all within a window of 16 k/4 groups that
+//           starts at group step_base[j]: the 64 activation bytes of the window
+//           are one unaligned zmm load, and vpermd (16 dword lanes, 4-bit index)
+//           moves each lane's group into place. No gather: per step one weight
+//           load, one vpermd and one vpdpbusd per row. Lane l's 4-bit window
+//           offset is nibble l/2 of step_lane[2j + l%2] (even lanes in word 0,
+//           odd in word 1: a qword broadcast plus one vpsrlvd puts every
+//           nibble in its lane; vpermd ignores the bits above). Packing is
+//           greedy: each step's window starts at the smallest pending group of
+//           the slice and every lane whose next block falls inside it takes
+//           that block, so lanes drift at most 16 groups apart and padding
+//           stays low (bench/bench_sparse.py prints the fill).
+//           slice_ptr int32 [ceil(N/16)+1] over steps, step_base uint16
+//           [nsteps] with step_base + 16 <= max(K/4 rounded up, 16) (so any
+//           nibble is in range), step_lane uint32 [nsteps][2], values int8
+//           [nsteps][16][4]. Activations are read with a row stride of
+//           sliced_row_bytes(k) = max(kp, 64) (zero padded).
+//
 // Kernels, two shapes of the same math, picked by the number of rows M:
 //   rows  (M < kGatherMaxRows): for each output channel, gather the
 //         activations a nonzero needs straight from row-major x (vpgatherdd /
@@ -38,6 +60,11 @@
 //         Results for one output channel are a vector over rows; they go to y
 //         with a scatter (one per 16 rows and channel, negligible next to the
 //         nnz_row FMAs that produced them).
+//
+//   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
+//         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
+//         16 channels and group of up to 4 rows, accumulators are 16 channel
+//         lanes, so the epilogue and the store are contiguous vectors.
 //
 // int8 numbers are exactly those of the dense int8 GEMM (csrc/q8/q8_gemm.h):
 // the activations are quantized by the same q8 quantize_rows kernels, int32
@@ -121,11 +148,46 @@ struct Q8Task {
   int64_t ldraw;
 };
 
+constexpr int64_t kSliceLanes = 16;
+constexpr int64_t kSliceWindowGroups = 16;
+
+inline int64_t sliced_row_bytes(int64_t k) {
+  const int64_t kp = (k + 3) / 4 * 4;
+  return kp > 4 * kSliceWindowGroups ? kp : 4 * kSliceWindowGroups;
+}
+
+struct SlicedWeights {
+  int64_t n, k;
+  const int32_t* slice_ptr;   // [ceil(n/16) + 1]
+  const uint16_t* step_base;  // [nsteps]
+  const uint32_t* step_lane;  // [nsteps][2]
+  const int8_t* values;       // [nsteps][64]
+  const int32_t* col_sum;
+  const float* w_scale;
+};
+
+// Slices [s0, s1) for rows [0, m).
+struct SlicedTask {
+  const SlicedWeights* w;
+  int64_t s0, s1, m;
+  const uint8_t* xq;       // quantized rows, row stride ldq = sliced_row_bytes(k), zero padded
+  int64_t ldq;
+  const float* row_scale;
+  const int32_t* row_zp;
+  const float* bias;       // nullable
+  Activation act;
+  float* y;                // row stride ldy, or nullptr in raw mode
+  int64_t ldy;
+  int32_t* raw;            // raw accumulators (tests), row stride ldraw
+  int64_t ldraw;
+};
+
 struct Kernels {
   void (*f32_rows)(const F32Task&);
   void (*f32_cols)(const F32Task&);   // nullptr: use f32_rows for every M
   void (*q8_rows)(const Q8Task&);
   void (*q8_cols)(const Q8Task&);     // nullptr: use q8_rows for every M
+  void (*q8_sliced)(const SlicedTask&);
 };
 
 const Kernels& kernels_scalar();
@@ -145,6 +207,13 @@ inline int64_t nm24_k(const uint32_t* row_idx, int64_t j) {
 // Throw std::invalid_argument naming what is wrong.
 void validate_csr(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t nnz, int64_t k);
 void validate_bsr1x4(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t nblocks, int64_t k);
+void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k);
+
+// Steps of the sliced layout of a validated bsr1x4 pack (first pass of build).
+int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);
+// Fills a sliced pack (arrays sized by sliced_steps) from a validated bsr1x4 pack.
+void build_sliced(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                  int32_t* slice_ptr, uint16_t* step_base, uint32_t* step_lane, int8_t* out_values, int64_t nsteps);
 
 struct F32LinearArgs {
   F32Weights w;
@@ -172,6 +241,23 @@ struct Q8LinearArgs {
   int nthreads;
 };
 void q8_linear(const Q8LinearArgs& a);
+
+struct SlicedLinearArgs {
+  SlicedWeights w;
+  const float* x;
+  int64_t m, ldx;
+  const float* bias;
+  Activation act;
+  bool is_static;
+  float static_scale;
+  int32_t static_zp;
+  float* y;
+  int64_t ldy;
+  int nthreads;
+};
+void sliced_linear(const SlicedLinearArgs& a);
+// Test hook: raw accumulators of quantized rows q [m][sliced_row_bytes(k)].
+void sliced_accumulate_raw(const SlicedWeights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads);
 
 // Test hook: raw int32 accumulators of quantized rows q [m][kp] against the
 // bsr1x4 weights, out [m][n], on the active ISA (and its rows or cols kernel

@@ -3,6 +3,7 @@
 // channels across threads by nonzero count and runs the active ISA's kernels.
 // Compiled without ISA flags.
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -136,6 +137,7 @@ uint32_t* grow_aligned(std::vector<uint32_t>& v, size_t n) {
 struct Scratch {
   std::vector<uint32_t> xt;
   std::vector<uint8_t> q;
+  std::vector<uint8_t> q_compact;
   std::vector<float> scale;
   std::vector<int32_t> zp;
   std::vector<uint8_t> nonfinite;
@@ -192,6 +194,105 @@ void validate_bsr1x4(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx,
     if (msg.compare(0, prefix.size(), prefix) == 0) msg = "sparse bsr1x4 (indices are k/4 groups)" + msg.substr(prefix.size());
     throw std::invalid_argument(msg);
   }
+}
+
+void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k) {
+  check_k(k, "sparse sliced");
+  if (n < 1) throw std::invalid_argument("sparse sliced: N=" + std::to_string(n) + " must be >= 1");
+  const int64_t slices = (n + kSliceLanes - 1) / kSliceLanes;
+  if (slice_ptr[0] != 0) throw std::invalid_argument("sparse sliced: slice_ptr[0] = " + std::to_string(slice_ptr[0]) + ", expected 0");
+  for (int64_t s = 0; s < slices; ++s) {
+    if (slice_ptr[s + 1] < slice_ptr[s]) {
+      throw std::invalid_argument("sparse sliced: slice_ptr decreases at slice " + std::to_string(s));
+    }
+  }
+  if (slice_ptr[slices] != nsteps) {
+    throw std::invalid_argument("sparse sliced: slice_ptr[end] = " + std::to_string(slice_ptr[slices]) + " but " +
+                                std::to_string(nsteps) + " steps are stored");
+  }
+  const int64_t last_base = sliced_row_bytes(k) / 4 - kSliceWindowGroups;
+  for (int64_t j = 0; j < nsteps; ++j) {
+    if (step_base[j] > last_base) {
+      throw std::invalid_argument("sparse sliced: step " + std::to_string(j) + " window starts at group " +
+                                  std::to_string(step_base[j]) + ", beyond " + std::to_string(last_base) +
+                                  " for K=" + std::to_string(k));
+    }
+  }
+}
+
+namespace {
+
+// The greedy slicing of sparse.h, shared by the counting and the filling pass:
+// emit(slice, base, take) is called once per step, take[l] = block of lane l
+// or -1 for a pad.
+template <typename Emit>
+void slice_greedy(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k, Emit emit) {
+  const int64_t last_base = sliced_row_bytes(k) / 4 - kSliceWindowGroups;
+  const int64_t slices = (n + kSliceLanes - 1) / kSliceLanes;
+  for (int64_t s = 0; s < slices; ++s) {
+    int64_t next[kSliceLanes], end[kSliceLanes], take[kSliceLanes];
+    for (int64_t l = 0; l < kSliceLanes; ++l) {
+      const int64_t ch = s * kSliceLanes + l;
+      next[l] = ch < n ? row_ptr[ch] : 0;
+      end[l] = ch < n ? row_ptr[ch + 1] : 0;
+    }
+    for (;;) {
+      int64_t base = std::numeric_limits<int64_t>::max();
+      for (int64_t l = 0; l < kSliceLanes; ++l) {
+        if (next[l] < end[l]) base = std::min<int64_t>(base, blk_idx[next[l]]);
+      }
+      if (base == std::numeric_limits<int64_t>::max()) break;
+      base = std::min(base, last_base);
+      for (int64_t l = 0; l < kSliceLanes; ++l) {
+        take[l] = -1;
+        // Blocks of a lane are normally sorted; an unsorted (still valid)
+        // pack only costs extra steps: a block below the window waits for a
+        // window that starts at it.
+        if (next[l] < end[l] && blk_idx[next[l]] >= base && blk_idx[next[l]] < base + kSliceWindowGroups) {
+          take[l] = next[l]++;
+        }
+      }
+      emit(s, base, take);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k) {
+  int64_t steps = 0;
+  slice_greedy(row_ptr, n, blk_idx, k, [&](int64_t, int64_t, const int64_t*) { ++steps; });
+  if (steps > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("sparse sliced: too many steps for int32 slice pointers");
+  return steps;
+}
+
+void build_sliced(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                  int32_t* slice_ptr, uint16_t* step_base, uint32_t* step_lane, int8_t* out_values, int64_t nsteps) {
+  int64_t j = 0;
+  int64_t cur_slice = 0;
+  slice_ptr[0] = 0;
+  slice_greedy(row_ptr, n, blk_idx, k, [&](int64_t s, int64_t base, const int64_t* take) {
+    if (j >= nsteps) throw std::invalid_argument("sparse sliced: more steps than allocated");
+    for (; cur_slice < s; ++cur_slice) slice_ptr[cur_slice + 1] = static_cast<int32_t>(j);
+    step_base[j] = static_cast<uint16_t>(base);
+    uint32_t words[2] = {0, 0};
+    int8_t* v = out_values + 64 * j;
+    for (int64_t l = 0; l < kSliceLanes; ++l) {
+      if (take[l] < 0) {
+        std::memset(v + 4 * l, 0, 4);
+        continue;
+      }
+      const uint32_t offset = static_cast<uint32_t>(blk_idx[take[l]] - base);
+      words[l & 1] |= offset << (4 * (l >> 1));
+      std::memcpy(v + 4 * l, values + 4 * take[l], 4);
+    }
+    step_lane[2 * j] = words[0];
+    step_lane[2 * j + 1] = words[1];
+    ++j;
+  });
+  const int64_t slices = (n + kSliceLanes - 1) / kSliceLanes;
+  for (; cur_slice < slices; ++cur_slice) slice_ptr[cur_slice + 1] = static_cast<int32_t>(j);
+  if (j != nsteps) throw std::invalid_argument("sparse sliced: fewer steps than allocated");
 }
 
 void f32_linear(const F32LinearArgs& a) {
@@ -345,6 +446,88 @@ void q8_linear(const Q8LinearArgs& a) {
   for (int64_t r = 0; r < a.m; ++r) {
     if (nonfinite[r]) std::fill(a.y + r * a.ldy, a.y + r * a.ldy + w.n, std::numeric_limits<float>::quiet_NaN());
   }
+}
+
+namespace {
+
+void sliced_run(const SlicedWeights& w, const uint8_t* q, int64_t m, const float* scale, const int32_t* zp,
+                const float* bias, Activation act, float* y, int64_t ldy, int32_t* raw, int nthreads) {
+  const Kernels& kern = kernels_for(active_isa());
+  const int64_t slices = (w.n + kSliceLanes - 1) / kSliceLanes;
+  const int64_t nsteps = w.slice_ptr[slices];
+  const int threads = effective_threads(nthreads, std::max<int64_t>(64 * nsteps, w.n) * m);
+  const std::vector<int64_t> sb = split_by_nnz(w.slice_ptr, slices, threads == 1 ? 1 : threads * kChunksPerThread);
+  const int64_t nchunks = static_cast<int64_t>(sb.size()) - 1;
+  SlicedTask base{};
+  base.w = &w;
+  base.m = m;
+  base.xq = q;
+  base.ldq = sliced_row_bytes(w.k);
+  base.row_scale = scale;
+  base.row_zp = zp;
+  base.bias = bias;
+  base.act = act;
+  base.y = y;
+  base.ldy = ldy;
+  base.raw = raw;
+  base.ldraw = w.n;
+  parallel_for(nchunks, threads, [&](int64_t t) {
+    SlicedTask task = base;
+    task.s0 = sb[static_cast<size_t>(t)];
+    task.s1 = sb[static_cast<size_t>(t) + 1];
+    kern.q8_sliced(task);
+  });
+}
+
+}  // namespace
+
+void sliced_linear(const SlicedLinearArgs& a) {
+  const SlicedWeights& w = a.w;
+  if (a.m < 0 || w.n < 1) throw std::invalid_argument("sparse sliced int8 linear: bad sizes " + sizes(a.m, w.k, w.n));
+  check_k(w.k, "sparse sliced int8 linear");
+  if (a.ldx < w.k || a.ldy < w.n) throw std::invalid_argument("sparse sliced int8 linear: row stride smaller than row");
+  if (a.is_static && (!(a.static_scale > 0.0f) || !(a.static_scale <= std::numeric_limits<float>::max()) ||
+                      a.static_zp < 0 || a.static_zp > 255)) {
+    throw std::invalid_argument("sparse sliced int8 linear: static activation scale must be finite and > 0, zero point in [0, 255]");
+  }
+  if (a.m == 0) return;
+  const Isa isa = active_isa();
+  const int64_t ldq = sliced_row_bytes(w.k);
+  Scratch& s = thread_scratch();
+  uint8_t* q = grow(s.q, static_cast<size_t>(a.m * ldq));
+  float* scale = grow(s.scale, static_cast<size_t>(a.m));
+  int32_t* zp = grow(s.zp, static_cast<size_t>(a.m));
+  uint8_t* nonfinite = grow(s.nonfinite, static_cast<size_t>(a.m));
+  // The dense int8 GEMM's quantizer (identical numbers). It writes rows of
+  // kp bytes; when K < 64 the windows read up to 64 bytes, so those rows are
+  // quantized compactly and copied into zero-padded rows of ldq.
+  const int64_t kp = (w.k + 3) / 4 * 4;
+  uint8_t* qc = ldq == kp ? q : grow(s.q_compact, static_cast<size_t>(a.m * kp));
+  const q8::Kernels& qk = q8::kernels_for(isa);
+  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t{1} << 16) / w.k);
+  const int64_t qtasks = (a.m + rows_per_task - 1) / rows_per_task;
+  parallel_for(qtasks, effective_threads(a.nthreads, a.m * w.k * 16), [&](int64_t t) {
+    const int64_t r0 = t * rows_per_task;
+    q8::QuantizeRows p{a.x + r0 * a.ldx, a.ldx, std::min(rows_per_task, a.m - r0), w.k, kp, qc + r0 * kp,
+                       scale + r0, zp + r0, nonfinite + r0, a.is_static, a.static_scale, a.static_zp};
+    qk.quantize_rows(p);
+  });
+  if (qc != q) {
+    for (int64_t r = 0; r < a.m; ++r) {
+      std::memcpy(q + r * ldq, qc + r * kp, static_cast<size_t>(kp));
+      std::memset(q + r * ldq + kp, 0, static_cast<size_t>(ldq - kp));
+    }
+  }
+  sliced_run(w, q, a.m, scale, zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
+  for (int64_t r = 0; r < a.m; ++r) {
+    if (nonfinite[r]) std::fill(a.y + r * a.ldy, a.y + r * a.ldy + w.n, std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+void sliced_accumulate_raw(const SlicedWeights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads) {
+  check_k(w.k, "sparse sliced accumulate");
+  if (m <= 0) return;
+  sliced_run(w, q, m, nullptr, nullptr, nullptr, Activation::None, nullptr, 0, out, nthreads);
 }
 
 void q8_accumulate_raw(const Q8Weights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads) {

@@ -45,10 +45,37 @@ void q8_rows_scalar(const Q8Task& t) {
   }
 }
 
+void q8_sliced_scalar(const SlicedTask& t) {
+  const SlicedWeights& w = *t.w;
+  for (int64_t s = t.s0; s < t.s1; ++s) {
+    for (int64_t r = 0; r < t.m; ++r) {
+      const uint8_t* xq = t.xq + r * t.ldq;
+      int32_t acc[kSliceLanes] = {};
+      for (int64_t j = w.slice_ptr[s]; j < w.slice_ptr[s + 1]; ++j) {
+        const int8_t* v = w.values + 64 * j;
+        for (int64_t l = 0; l < kSliceLanes; ++l) {
+          const uint32_t offset = (w.step_lane[2 * j + (l & 1)] >> (4 * (l >> 1))) & 15u;
+          const uint8_t* a = xq + 4 * (static_cast<int64_t>(w.step_base[j]) + offset);
+          for (int b = 0; b < 4; ++b) acc[l] += static_cast<int32_t>(a[b]) * v[4 * l + b];
+        }
+      }
+      for (int64_t l = 0; l < kSliceLanes && s * kSliceLanes + l < w.n; ++l) {
+        const int64_t n = s * kSliceLanes + l;
+        if (t.raw != nullptr) {
+          t.raw[r * t.ldraw + n] = acc[l];
+        } else {
+          t.y[r * t.ldy + n] = q8_epilogue(acc[l], t.row_zp[r], w.col_sum[n], t.row_scale[r], w.w_scale[n], t.bias,
+                                           n, t.act);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& kernels_scalar() {
-  static const Kernels k{f32_rows_scalar, nullptr, q8_rows_scalar, nullptr};
+  static const Kernels k{f32_rows_scalar, nullptr, q8_rows_scalar, nullptr, q8_sliced_scalar};
   return k;
 }
 

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from pycompress import _C, ops
-from pycompress._native import activation_code
+from pycompress._native import activation_code, get_isa
 from pycompress.ops.sparse import (
+    build_sliced,
     ensure_valid_structure,
+    sparse_int8_linear_sliced_cpu,
     sparse_int8_linear_cpu,
     sparse_linear_csr_cpu,
     sparse_linear_nm24_cpu,
@@ -177,8 +179,26 @@ class SparseInt8Linear(_SparseBase):
     uint8 activations quantized per row at run time or with a static scale / zero point): on the same
     weights the two give bit-identical outputs. Unstructured sparsity and 1x4 block pruning both pack into
     bsr1x4; a block is stored when any of its 4 weights is nonzero. Buffers: ``row_ptr``, ``blk_idx``,
-    ``values``, ``col_sum``, ``w_scale``, ``bias``.
+    ``values``, ``col_sum``, ``w_scale``, ``bias`` (the state_dict), plus the sliced layout derived from
+    them (non-persistent buffers ``sliced_*``, rebuilt after loading or any in-place change of the pack).
+
+    Kernel choice per call (csrc/sparse/sparse.h): the sliced kernel costs one vpermd + vpdpbusd per row
+    and step (16 channel lanes, ``fill`` of them real blocks); the bsr1x4 kernels cost one gather per row
+    and 16 blocks (M < 4) or one vpdpbusd per block and 16 rows (M >= 4). Measured on Zen 4, one thread,
+    4096x4096 at 90% (µs, bsr1x4 / sliced / dense int8): 1x4 blocks (fill 0.57) M=1 292/67/298,
+    M=4 292/140/343, M=8 317/247/809, M=16 394/479/1555; unstructured (fill 0.83) M=1 728/134/266,
+    M=4 940/280/345, M=8 1020/534/682, M=16 1359/1301/1437 (3072x768: M=1 95/21/40 blocks,
+    171/32/41 unstructured). Per block and 16 rows the sliced kernel costs about 16/fill row-steps of ~2
+    cycles against ~2.8 cycles for the bsr1x4 cols kernel, so it runs when M <= 16 and
+    M * steps <= 1.4 * blocks. The AVX2 sliced kernel handles one row at a time (two vpermd and a blend
+    per half step): same machine, ISA avx2, 1x4 blocks M=1 327/158, M=4 629/579, M=16 733/6456; so below
+    AVX-512 it runs only for M <= 4.
     """
+
+    # Sliced kernel when M <= max rows (per ISA) and M * steps <= _SLICED_STEP_RATIO * blocks (see above).
+    _SLICED_MAX_ROWS = 16
+    _SLICED_MAX_ROWS_BELOW_AVX512 = 4
+    _SLICED_STEP_RATIO = 1.4
 
     def __init__(self, in_features: int, out_features: int, nblocks: int = 0, bias: bool = True,
                  activation: str = "none", act_scale: float | None = None, act_zero_point: int = 0,
@@ -194,6 +214,7 @@ class SparseInt8Linear(_SparseBase):
         self.register_buffer("col_sum", torch.zeros(out_features, dtype=torch.int32))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self._sliced_stamp = None
 
     @classmethod
     def from_float(cls, linear: nn.Module, activation: str = "none", act_scale: float | None = None,
@@ -219,12 +240,51 @@ class SparseInt8Linear(_SparseBase):
                                    _C.sparse_validate_bsr1x4)
         except ValueError as e:
             raise ValueError(f"{self._label()}: {e}") from None
+        self._refresh_sliced()
+
+    def _pack_stamp(self):
+        # Inference tensors have no version counter (and cannot be written outside inference mode).
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                     for t in (self.row_ptr, self.blk_idx, self.values))
+
+    def _refresh_sliced(self) -> None:
+        """(Re)builds the sliced layout when the bsr1x4 pack changed since the last build."""
+        stamp = self._pack_stamp()
+        if stamp == self._sliced_stamp:
+            return
+        try:
+            sliced = build_sliced(self.row_ptr, self.blk_idx, self.values, self.in_features)
+        except ValueError as e:
+            raise ValueError(f"{self._label()}: {e}") from None
+        for name, t in zip(("sliced_ptr", "sliced_base", "sliced_lane", "sliced_values"), sliced):
+            self.register_buffer(name, t, persistent=False)
+        self._sliced_stamp = stamp
+
+    def _use_sliced(self, m: int) -> bool:
+        steps = self.sliced_base.numel()
+        max_rows = self._SLICED_MAX_ROWS if get_isa() == "avx512" else self._SLICED_MAX_ROWS_BELOW_AVX512
+        return 0 < m <= max_rows and m * steps <= self._SLICED_STEP_RATIO * self.blk_idx.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if _eager_cpu(x):
+            self._refresh_sliced()
+            if self._use_sliced(x.numel() // self.in_features):
+                return sparse_int8_linear_sliced_cpu(x, self.sliced_ptr, self.sliced_base, self.sliced_lane,
+                                                     self.sliced_values, self.col_sum, self.w_scale, self.bias,
+                                                     self._act_code, self.act_scale, self.act_zero_point)
         args = (x, self.row_ptr, self.blk_idx, self.values, self.col_sum, self.w_scale, self.bias, self._act_code,
                 self.act_scale, self.act_zero_point)
+        # Traced graphs take the bsr1x4 op for every M: the per-call kernel choice reads the run-time ISA,
+        # which dynamo cannot trace (the sliced op itself is traceable: ops.sparse_int8_linear_sliced).
         return sparse_int8_linear_cpu(*args) if _eager_cpu(x) else ops.sparse_int8_linear(*args)
+
+    def packed_bytes(self) -> int:
+        """Bytes of the bsr1x4 pack (the state_dict); the derived sliced copy is ``sliced_bytes()``."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if not name.startswith("sliced_"))
+
+    def sliced_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.startswith("sliced_"))
 
     def extra_repr(self) -> str:
         nblocks = self.blk_idx.numel()
@@ -235,7 +295,8 @@ class SparseInt8Linear(_SparseBase):
         act = "" if self.activation == "none" else f", activation={self.activation}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format=bsr1x4, weights=int{self.weight_bits} per-channel, activations=uint8 {acts}, "
-                f"density={density:.2%}, block_density={block_density:.2%}, bytes={self.packed_bytes()}{act}")
+                f"density={density:.2%}, block_density={block_density:.2%}, bytes={self.packed_bytes()}, "
+                f"sliced_bytes={self.sliced_bytes()}{act}")
 
 
 def _float_weight(cls, linear: nn.Module, name: str | None):

@@ -28,6 +28,11 @@ LIB.define("sparse_linear_csr(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor v
 LIB.define("sparse_linear_nm24(Tensor x, Tensor nm_idx, Tensor values, Tensor? bias, int activation=0) -> Tensor")
 LIB.define("sparse_int8_linear(Tensor x, Tensor row_ptr, Tensor blk_idx, Tensor values, Tensor col_sum, "
            "Tensor w_scale, Tensor? bias, int activation=0, float? act_scale=None, int act_zero_point=0) -> Tensor")
+LIB.define("sparse_int8_linear_sliced(Tensor x, Tensor slice_ptr, Tensor step_base, Tensor step_lane, Tensor values, "
+           "Tensor col_sum, Tensor w_scale, Tensor? bias, int activation=0, float? act_scale=None, "
+           "int act_zero_point=0) -> Tensor")
+
+SLICE_LANES = 16
 
 _FORMAT_CSR, _FORMAT_NM24 = 0, 1
 
@@ -90,6 +95,52 @@ def _check_int8(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation,
     if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= 255):
         raise ValueError(f"{op}: static scale {act_scale} must be finite > 0, zero point {act_zero_point} in [0, 255]")
     return k, n
+
+
+def _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias, activation, act_scale,
+                  act_zero_point) -> tuple[int, int]:
+    op = "sparse_int8_linear_sliced"
+    n = col_sum.numel()
+    if col_sum.dtype != torch.int32 or col_sum.dim() != 1 or n < 1:
+        raise ValueError(f"{op}: col_sum must be 1-D int32 of N >= 1, got {col_sum.dtype} {tuple(col_sum.shape)}")
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != n:
+        raise ValueError(f"{op}: w_scale must be 1-D float32 of {n}, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    slices = (n + SLICE_LANES - 1) // SLICE_LANES
+    if slice_ptr.dtype != torch.int32 or tuple(slice_ptr.shape) != (slices + 1,):
+        raise ValueError(f"{op}: slice_ptr must be int32 [{slices + 1}] for N={n}, got {slice_ptr.dtype} "
+                         f"{tuple(slice_ptr.shape)}")
+    if step_base.dtype != torch.uint16 or step_base.dim() != 1:
+        raise ValueError(f"{op}: step_base must be 1-D uint16, got {step_base.dtype} {tuple(step_base.shape)}")
+    steps = step_base.numel()
+    if step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (steps, 2):
+        raise ValueError(f"{op}: step_lane must be uint32 [{steps}, 2], got {step_lane.dtype} {tuple(step_lane.shape)}")
+    if values.dtype != torch.int8 or tuple(values.shape) != (steps, 4 * SLICE_LANES):
+        raise ValueError(f"{op}: values must be int8 [{steps}, {4 * SLICE_LANES}], got {values.dtype} "
+                         f"{tuple(values.shape)}")
+    k = _check_common(op, x, bias, n, activation)
+    if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= 255):
+        raise ValueError(f"{op}: static scale {act_scale} must be finite > 0, zero point {act_zero_point} in [0, 255]")
+    return k, n
+
+
+def build_sliced(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int):
+    """The sliced layout (csrc/sparse/sparse.h) of a bsr1x4 pack: (slice_ptr, step_base, step_lane, values).
+
+    The bsr1x4 structure is validated first, so the builder only reads in bounds; its output is validated
+    again by the op like any pack handed to it.
+    """
+    op = "build_sliced"
+    n = _check_csr_like(op, row_ptr, blk_idx, values, 4, torch.int8)
+    ensure_valid_structure(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    _require_contiguous(op, values)
+    steps = _C.sparse_sliced_steps(row_ptr.data_ptr(), n, blk_idx.data_ptr(), k)
+    slice_ptr = torch.empty((n + SLICE_LANES - 1) // SLICE_LANES + 1, dtype=torch.int32)
+    step_base = torch.empty(steps, dtype=torch.uint16)
+    step_lane = torch.empty((steps, 2), dtype=torch.uint32)
+    sliced_values = torch.empty((steps, 4 * SLICE_LANES), dtype=torch.int8)
+    _C.sparse_build_sliced(row_ptr.data_ptr(), n, blk_idx.data_ptr(), values.data_ptr(), k, slice_ptr.data_ptr(),
+                           step_base.data_ptr(), step_lane.data_ptr(), sliced_values.data_ptr(), steps)
+    return slice_ptr, step_base, step_lane, sliced_values
 
 
 def _stamp(row_ptr: torch.Tensor, idx: torch.Tensor, k: int):
@@ -169,6 +220,28 @@ def sparse_int8_linear_cpu(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=N
     return _out(x, y, n)
 
 
+def _sliced_validator(n: int):
+    # ensure_valid_structure passes len(slice_ptr) - 1 = number of slices; the C++ check wants N.
+    return lambda slice_ptr, _slices, step_base, nsteps, k: _C.sparse_validate_sliced(slice_ptr, n, step_base,
+                                                                                       nsteps, k)
+
+
+def sparse_int8_linear_sliced_cpu(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None,
+                                  activation=0, act_scale=None, act_zero_point=0):
+    op = "sparse_int8_linear_sliced"
+    k, n = _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias, activation, act_scale,
+                         act_zero_point)
+    _require_contiguous(op, step_lane, values, col_sum, w_scale, bias)
+    ensure_valid_structure(op, slice_ptr, step_base, k, _sliced_validator(n))
+    x2 = _rows(x, k)
+    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    _C.sparse_sliced_linear(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.data_ptr(), values.data_ptr(),
+                            col_sum.data_ptr(), w_scale.data_ptr(), x2.data_ptr(), x2.shape[0], _ldx(x2, k),
+                            0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
+                            1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads())
+    return _out(x, y, n)
+
+
 @torch.library.register_fake("pycompress::sparse_linear_csr")
 def _sparse_linear_csr_fake(x, row_ptr, col_idx, values, bias=None, activation=0):
     _, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
@@ -191,6 +264,7 @@ def _sparse_int8_linear_fake(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
 LIB.impl("sparse_linear_csr", sparse_linear_csr_cpu, "CPU")
 LIB.impl("sparse_linear_nm24", sparse_linear_nm24_cpu, "CPU")
 LIB.impl("sparse_int8_linear", sparse_int8_linear_cpu, "CPU")
+LIB.impl("sparse_int8_linear_sliced", sparse_int8_linear_sliced_cpu, "CPU")
 
 
 def sparse_linear_csr(x, row_ptr, col_idx, values, bias=None, activation=0):
@@ -205,6 +279,42 @@ def sparse_int8_linear(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=None,
                        act_zero_point=0):
     return torch.ops.pycompress.sparse_int8_linear(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation,
                                                    act_scale, act_zero_point)
+
+
+@torch.library.register_fake("pycompress::sparse_int8_linear_sliced")
+def _sparse_int8_linear_sliced_fake(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None,
+                                    activation=0, act_scale=None, act_zero_point=0):
+    _, n = _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias, activation, act_scale,
+                         act_zero_point)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def sparse_int8_linear_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None, activation=0,
+                              act_scale=None, act_zero_point=0):
+    return torch.ops.pycompress.sparse_int8_linear_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale,
+                                                          bias, activation, act_scale, act_zero_point)
+
+
+def sparse_sliced_accumulate_raw(q: torch.Tensor, slice_ptr, step_base, step_lane, values, n: int,
+                                 k: int) -> torch.Tensor:
+    """Test hook: raw int32 accumulators of quantized rows q uint8 [M, round_up(K, 4)] against a sliced pack."""
+    op = "sparse_sliced_accumulate_raw"
+    kp = (k + 3) // 4 * 4
+    if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] != kp:
+        raise ValueError(f"{op}: q must be uint8 [M, {kp}], got {q.dtype} {tuple(q.shape)}")
+    if values.dtype != torch.int8 or tuple(values.shape) != (step_base.numel(), 4 * SLICE_LANES):
+        raise ValueError(f"{op}: values must be int8 [steps, {4 * SLICE_LANES}]")
+    if step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (step_base.numel(), 2):
+        raise ValueError(f"{op}: step_lane must be uint32 [steps, 2]")
+    ensure_valid_structure(op, slice_ptr, step_base, k, _sliced_validator(n))
+    # Rows zero padded to the window reach (sparse.h: sliced_row_bytes).
+    padded = torch.zeros((q.shape[0], max(kp, 4 * SLICE_LANES)), dtype=torch.uint8)
+    padded[:, :kp] = q
+    out = torch.empty((q.shape[0], n), dtype=torch.int32)
+    _C.sparse_sliced_accumulate_raw(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.contiguous().data_ptr(),
+                                    values.contiguous().data_ptr(), padded.data_ptr(), q.shape[0], out.data_ptr(),
+                                    num_threads())
+    return out
 
 
 def sparse_q8_accumulate_raw(q: torch.Tensor, row_ptr, blk_idx, values, k: int) -> torch.Tensor:
