@@ -239,13 +239,18 @@ def format_overhead(shape: LinearShape, records: list[dict]) -> str:
 
 
 def format_peaks() -> str:
-    peaks = machine.measure_peaks(tuple(THREADS))
+    peaks = machine.measure_peaks()
     if not peaks:
         return "(no g++: peaks not measured)"
     kernels = sorted({k for k, _ in peaks}, key=list(machine.PEAK_KERNELS).index)
     header = ["microbenchmark (bench/peak/vnni_peak.cpp)"] + [f"{t} thr GOPS" for t in THREADS]
     rows = [[k] + [f"{peaks[(k, t)]:.0f}" if (k, t) in peaks else "n/a" for t in THREADS] for k in kernels]
-    return _markdown(header, rows)
+    table = _markdown(header, rows)
+    one, two = peaks.get(("vpdpbusd_zmm", 1)), peaks.get(("vpdpbusd_zmm", 2))
+    if one and two and two < 1.6 * one:
+        table += (f"\n\nWARNING: the 2-thread vpdpbusd peak is only {two / one:.2f}x the 1-thread one: the second "
+                  "core was busy with another job, so every 2-thread figure of this run is unreliable.")
+    return table
 
 
 def environment() -> str:
@@ -261,6 +266,7 @@ def environment() -> str:
         f"CPU: {machine.cpu_model()}; {machine.describe_caches()}",
         f"SIMD flags: {machine.simd_flags()}",
         f"python {platform.python_version()}, " + ", ".join(versions),
+        f"load average at start: {machine.load_average()} (a quiet 2-core machine is below 0.3)",
     ])
 
 
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if "peak" in args.only:
         print("## int8 / fp32 multiply-add peaks\n")
         print(format_peaks() + "\n", flush=True)
-        dump["peaks"] = {f"{k} t{t}": v for (k, t), v in machine.measure_peaks(tuple(THREADS)).items()}
+        dump["peaks"] = {f"{k} t{t}": v for (k, t), v in machine.measure_peaks().items()}
     if "main" in args.only:
         records = run_main_table(shapes, args.threads, args.rounds, batch_s)
         print("## int8 Linear vs peers: median us per call (per layer for stacks)\n")
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_overhead(OVERHEAD_SHAPE, records) + "\n", flush=True)
         dump["overhead"] = [{"threads": r["threads"], "timings": {n: asdict(t) for n, t in r["timings"].items()}}
                             for r in records]
-    print(f"(total {time.perf_counter() - started:.0f} s)")
+    print(f"(total {time.perf_counter() - started:.0f} s; load average at the end: {machine.load_average()})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dump, f, indent=1)

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from shapes import MIB
+from shapes import MIB, THREADS
 
 PEAK_SOURCE = Path(__file__).resolve().parent / "peak" / "vnni_peak.cpp"
 # Each kernel needs these /proc/cpuinfo flags; without them it would fault.
@@ -48,6 +48,14 @@ def cpu_model() -> str:
     family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
     cores = fields.get("CPU(s)", "?").strip()
     return f"{name} (family {family}, model {model}), {cores} CPUs"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: above ~0.5 on 2 cores, other jobs share the machine."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def simd_flags() -> str:
@@ -122,8 +130,9 @@ def _compile_peak_binary() -> Path | None:
 
 
 @functools.cache
-def measure_peaks(threads: tuple[int, ...] = (1, 2), seconds: float = 0.5) -> dict[tuple[str, int], float]:
-    """{(kernel, threads): GOPS} for each kernel this CPU can run (ops = 2 x MACs)."""
+def measure_peaks(seconds: float = 0.5) -> dict[tuple[str, int], float]:
+    """{(kernel, threads): GOPS} for each kernel this CPU can run, at each thread
+    count of shapes.THREADS (ops = 2 x MACs). Measured once per process."""
     binary = _compile_peak_binary()
     if binary is None:
         return {}
@@ -131,7 +140,7 @@ def measure_peaks(threads: tuple[int, ...] = (1, 2), seconds: float = 0.5) -> di
     for kernel, needs in PEAK_KERNELS.items():
         if not all(flag in cpu_flags() for flag in needs):
             continue
-        for t in threads:
+        for t in THREADS:
             out = subprocess.run([str(binary), kernel, str(t), str(seconds)], capture_output=True, text=True,
                                  check=True).stdout.split()
             peaks[(kernel, t)] = float(out[2])
