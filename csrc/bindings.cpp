@@ -15,6 +15,8 @@
 namespace py = pybind11;
 using namespace pycompress;
 
+void register_sparse_bindings(py::module_& m);  // csrc/sparse/sparse_bindings.cpp
+
 namespace {
 
 template <typename T>
@@ -44,7 +46,6 @@ PYBIND11_MODULE(_C, m) {
     d["compiled_isas"] = isa_names(compiled_isas());
     d["supported_isas"] = isa_names(supported_isas());
     d["active_isa"] = std::string(isa_name(active_isa()));
-    d["cuda_compiled"] = static_cast<bool>(PYCOMPRESS_WITH_CUDA);
     d["pool_workers"] = thread_pool_workers();
     return d;
   });
@@ -82,4 +83,6 @@ PYBIND11_MODULE(_C, m) {
         q8::gemm_raw(ptr<const uint8_t>(q), m, kp, ptr<const int8_t>(w_packed), n, ptr<int32_t>(out), nthreads);
       },
       "test hook: raw int32 accumulators of quantized rows against packed weights");
+
+  register_sparse_bindings(m);
 }

@@ -5,16 +5,22 @@ registers them as ``torch.ops.pycompress.*``; ``pycompress.nn`` holds the
 inference modules that use them.
 """
 
-from pycompress import nn, ops, reference
+from pycompress import distill, nn, ops, prune, quant, reference
 from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
+from pycompress.quant import prepare_qat, quantize
 
 __version__ = build_info()["version"]
 
 __all__ = [
     "build_info",
+    "distill",
     "get_isa",
     "nn",
     "ops",
+    "prepare_qat",
+    "prune",
+    "quant",
+    "quantize",
     "reference",
     "set_isa",
     "set_num_threads",

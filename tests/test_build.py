@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ def test_set_isa_round_trip(isa):
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
+    # Run outside the source tree so the installed package is imported, not ./pycompress.
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+                          env={**os.environ, **env}, timeout=120, cwd=tempfile.gettempdir())
 
 
 def test_env_var_forces_lower_path():

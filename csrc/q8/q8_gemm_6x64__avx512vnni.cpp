@@ -85,7 +85,27 @@ void tile_rows(const GemmTile& t, int64_t r0) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
 
-  for (int64_t g = 0; g < groups; ++g) {
+  int64_t g = 0;
+  if constexpr (MR == 1) {
+    // One row (decode / GEMV): a second set of accumulators for odd k-groups
+    // halves the vpdpbusd dependency chain; integer sums are exact in any order.
+    __m512i odd[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) odd[v] = _mm512_setzero_si512();
+    for (; g + 2 <= groups; g += 2) {
+      int32_t a8[2];
+      std::memcpy(a8, a + g * kKGroup, sizeof a8);
+      const __m512i ab0 = _mm512_set1_epi32(a8[0]), ab1 = _mm512_set1_epi32(a8[1]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        acc[0][v] = _mm512_dpbusd_epi32(acc[0][v], ab0, _mm512_loadu_si512(w + v * panel_bytes + g * 64));
+        odd[v] = _mm512_dpbusd_epi32(odd[v], ab1, _mm512_loadu_si512(w + v * panel_bytes + g * 64 + 64));
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_add_epi32(acc[0][v], odd[v]);
+  }
+  for (; g < groups; ++g) {
     __m512i wv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * panel_bytes + g * 64);

@@ -2,5 +2,6 @@
 and what its kernel needs; build them with ``from_float``."""
 
 from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.sparse_linear import SparseInt8Linear, SparseLinear
 
-__all__ = ["Int8Linear"]
+__all__ = ["Int8Linear", "SparseInt8Linear", "SparseLinear"]

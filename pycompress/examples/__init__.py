@@ -1,0 +1,1 @@
+"""Worked examples on real data; ``digits`` is the pipeline behind ``pycompress demo``."""
