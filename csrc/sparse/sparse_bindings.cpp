@@ -6,22 +6,14 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "bindings_util.h"
 #include "sparse/sparse.h"
 
 namespace py = pybind11;
 using namespace pycompress;
+using bindings::ptr;
 
 namespace {
-
-template <typename T>
-T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-Activation sparse_activation(int act) {
-  if (act < 0 || act > 2) throw std::invalid_argument("activation code must be 0 (none), 1 (relu) or 2 (gelu)");
-  return static_cast<Activation>(act);
-}
 
 sparse::Format f32_format(int code) {
   if (code != static_cast<int>(sparse::Format::Csr) && code != static_cast<int>(sparse::Format::Nm24)) {
@@ -73,7 +65,7 @@ void register_sparse_bindings(py::module_& m) {
         a.m = m;
         a.ldx = ldx;
         a.bias = ptr<const float>(bias);
-        a.act = sparse_activation(act);
+        a.act = bindings::parse_activation(act);
         a.y = ptr<float>(y);
         a.ldy = ldy;
         a.nthreads = nthreads;
@@ -92,7 +84,7 @@ void register_sparse_bindings(py::module_& m) {
         a.m = m;
         a.ldx = ldx;
         a.bias = ptr<const float>(bias);
-        a.act = sparse_activation(act);
+        a.act = bindings::parse_activation(act);
         a.is_static = is_static;
         a.static_scale = static_scale;
         a.static_zp = static_zp;
@@ -149,7 +141,7 @@ void register_sparse_bindings(py::module_& m) {
         a.m = m;
         a.ldx = ldx;
         a.bias = ptr<const float>(bias);
-        a.act = sparse_activation(act);
+        a.act = bindings::parse_activation(act);
         a.is_static = is_static;
         a.static_scale = static_scale;
         a.static_zp = static_zp;
