@@ -8,29 +8,25 @@
 #include <string>
 #include <vector>
 
+#include "bindings_util.h"
 #include "common/isa.h"
 #include "common/thread_pool.h"
 #include "q8/q8_gemm.h"
 
 namespace py = pybind11;
 using namespace pycompress;
+using bindings::parse_activation;
+using bindings::ptr;
+
+void register_sparse_bindings(py::module_& m);   // csrc/sparse/sparse_bindings.cpp
+void register_entropy_bindings(py::module_& m);  // csrc/entropy/entropy_bindings.cpp
 
 namespace {
-
-template <typename T>
-T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 std::vector<std::string> isa_names(const std::vector<Isa>& isas) {
   std::vector<std::string> names;
   for (Isa isa : isas) names.emplace_back(isa_name(isa));
   return names;
-}
-
-Activation parse_activation(int act) {
-  if (act < 0 || act > 2) throw std::invalid_argument("activation code must be 0 (none), 1 (relu) or 2 (gelu)");
-  return static_cast<Activation>(act);
 }
 
 }  // namespace
@@ -44,7 +40,6 @@ PYBIND11_MODULE(_C, m) {
     d["compiled_isas"] = isa_names(compiled_isas());
     d["supported_isas"] = isa_names(supported_isas());
     d["active_isa"] = std::string(isa_name(active_isa()));
-    d["cuda_compiled"] = static_cast<bool>(PYCOMPRESS_WITH_CUDA);
     d["pool_workers"] = thread_pool_workers();
     return d;
   });
@@ -82,4 +77,7 @@ PYBIND11_MODULE(_C, m) {
         q8::gemm_raw(ptr<const uint8_t>(q), m, kp, ptr<const int8_t>(w_packed), n, ptr<int32_t>(out), nthreads);
       },
       "test hook: raw int32 accumulators of quantized rows against packed weights");
+
+  register_sparse_bindings(m);
+  register_entropy_bindings(m);
 }

@@ -5,10 +5,11 @@ registers them as ``torch.ops.pycompress.*``; ``pycompress.nn`` holds the
 inference modules that use them.
 """
 
-from pycompress import nn, ops, reference
+from pycompress import distill, nn, ops, prune, quant, reference
 from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
 from pycompress.convert import conversion_record, convert
 from pycompress.io import load, save
+from pycompress.quant import prepare_qat, quantize
 from pycompress.summary import summary
 from pycompress.verify import verify
 
@@ -18,10 +19,15 @@ __all__ = [
     "build_info",
     "conversion_record",
     "convert",
+    "distill",
     "get_isa",
     "load",
     "nn",
     "ops",
+    "prepare_qat",
+    "prune",
+    "quant",
+    "quantize",
     "reference",
     "save",
     "set_isa",

@@ -51,18 +51,9 @@ def get_isa() -> str:
     return _C.get_isa()
 
 
-def cuda_module():
-    """The CUDA extension module, or None when it was not built."""
-    try:
-        from pycompress import _C_cuda
-    except ImportError:
-        return None
-    return _C_cuda
-
-
 def build_info() -> dict:
     info = dict(_C.build_info())
-    info["cuda"] = cuda_module() is not None
+    info["cuda"] = False  # no CUDA kernels yet: the ops are registered for CPU tensors only
     info["threads"] = num_threads()
     info["torch"] = torch.__version__
     return info

@@ -1,5 +1,5 @@
-"""The ``pycompress`` command line. One function per subcommand: ``add_<name>_parser`` declares
-it, ``<name>_command`` runs it.
+"""The ``pycompress`` command line: ``pycompress demo | info | bench``. One function per subcommand
+runs it; ``build_parser`` declares them.
 
   pycompress bench [--model NAME|module:factory] [--input-shape N,C,H,W] [--batch B --seq S]
                    [--shapes M,K,N;...] [--threads T] [--repeats R]
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import statistics
 import sys
 import time
@@ -225,9 +226,30 @@ def bench_command(args) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pycompress.demo import run_demo
+
+    run_demo(quick=args.quick, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import pycompress
+
+    print(json.dumps(pycompress.build_info(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pycompress", description="pycompress command line")
+    parser = argparse.ArgumentParser(prog="pycompress", description="pycompress command line: demo | info | bench")
     sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compress a digits classifier end to end and print the table")
+    demo.add_argument("--quick", action="store_true", help="a short run (seconds), as CI uses")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.set_defaults(func=cmd_demo)
+    info = sub.add_parser("info", help="print build_info(): version, ISAs, threads, CUDA")
+    info.set_defaults(func=cmd_info)
     add_bench_parser(sub)
     return parser
 

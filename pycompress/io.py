@@ -251,6 +251,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     aliases: dict[str, str] = {}
     by_storage: dict[tuple, str] = {}
     for key, tensor in model.state_dict(keep_vars=False).items():
+        if not isinstance(tensor, torch.Tensor):
+            continue  # a module's extra state (Int8Linear's config): the manifest carries and checks it
         if tensor.device.type != "cpu":
             raise ValueError(f"save: {key} is on {tensor.device}; move the model to CPU first")
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
@@ -385,12 +387,17 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             raise ValueError(f"load({path}): alias {key!r} -> {target!r} names no stored tensor")
         tensors[key] = tensors[target]
     expected = model.state_dict()
+    for key, value in expected.items():
+        if not isinstance(value, torch.Tensor):
+            tensors[key] = value  # extra state of a layer built from the checked manifest config
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(f"load({path}): tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, want in expected.items():
         got = tensors[key]
+        if not isinstance(want, torch.Tensor):
+            continue
         if got.dtype != want.dtype or got.shape != want.shape:
             raise ValueError(f"load({path}): {key} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} "
                              f"{tuple(want.shape)}")

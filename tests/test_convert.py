@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
-import importlib.machinery
-import sys
-import types
 import weakref
 from dataclasses import dataclass
 
@@ -197,9 +194,9 @@ def test_parametrized_masks_are_read_and_baked():
     assert torch.equal(model[1].weight, kept.weight)
 
 
-def test_sparse_formats_are_reported_unavailable_when_not_built():
-    if hasattr(pc.nn, "SparseLinear"):
-        pytest.skip("this build has the sparse modules")
+def test_sparse_formats_are_reported_unavailable_when_not_built(monkeypatch):
+    monkeypatch.delattr(pc.nn, "SparseLinear", raising=False)  # a build without the sparse modules
+    monkeypatch.delattr(pc.nn, "SparseInt8Linear", raising=False)
     model = nn.Sequential(nn.Linear(32, 32))
     pc.convert(model, policy="state")
     rec = convert_mod.conversion_record(model).layers[0]
@@ -207,35 +204,24 @@ def test_sparse_formats_are_reported_unavailable_when_not_built():
     assert any("sparse-fp32 not considered" in n for n in convert_mod.conversion_record(model).notes)
 
 
-class _FakeSparseLinear(nn.Module):
-    """Stands in for pycompress.nn.SparseLinear to exercise the registry's plumbing (a dense masked Linear)."""
-
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.register_buffer("weight", weight.clone())
-        self.register_buffer("bias", bias.clone() if bias is not None else None)
-        self.name = None
-
-    @classmethod
-    def from_float(cls, linear):
-        return cls(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None)
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.weight, self.bias)
-
-
-def test_sparse_candidate_chosen_from_zeros_when_the_module_exists(monkeypatch):
-    monkeypatch.setattr(pc.nn, "SparseLinear", _FakeSparseLinear, raising=False)
+def test_sparse_formats_are_chosen_from_zeros():
+    torch.manual_seed(0)
     sparse = nn.Linear(64, 64)
     with torch.no_grad():
         sparse.weight[torch.rand(64, 64) > 0.05] = 0
-    model = nn.Sequential(sparse, nn.Linear(64, 64))
+    model = nn.Sequential(sparse, nn.ReLU(), nn.Linear(64, 64))
+    ref = copy.deepcopy(model)
     pc.convert(model, policy="state")
-    assert isinstance(model[0], _FakeSparseLinear) and model[0].name == "0"
-    assert isinstance(model[1], Int8Linear)
+    assert isinstance(model[0], pc.nn.SparseInt8Linear) and model[0].name == "0"
+    assert isinstance(model[2], Int8Linear)
     layers = convert_mod.conversion_record(model).layers
-    assert layers[0].format == "sparse-fp32" and "sparse weights" in layers[0].reason
+    assert layers[0].format == "sparse-int8" and "sparse weights" in layers[0].reason
     assert "density 1.00 > 0.1" in layers[1].not_considered["sparse-fp32"]
+    report = pc.verify(model, ref, torch.randn(8, 64))
+    assert report.ok, str(report)
+    fp32 = pc.convert(copy.deepcopy(ref), policy="state", overrides={"0": "sparse-fp32"})
+    assert isinstance(fp32[0], pc.nn.SparseLinear)
+    assert pc.verify(fp32, ref, torch.randn(8, 64)).layers[0].local.sqnr_db > 80
 
 
 @dataclass
@@ -252,10 +238,8 @@ def test_quant_state_gives_int8_static_with_calibrated_parameters(monkeypatch):
     lin = nn.Linear(16, 8)
     scale = lin.weight.detach().abs().amax(dim=1) / 100  # a calibrated scale that clips (not max-abs / 127)
     states = {id(lin): _QuantState(8, scale, "static", 0.05, 120)}
-    fake = types.ModuleType("pycompress.quant")
-    fake.__spec__ = importlib.machinery.ModuleSpec("pycompress.quant", None)
-    fake.get_quant_state = lambda module: states.get(id(module))
-    monkeypatch.setitem(sys.modules, "pycompress.quant", fake)
+    # The states pycompress.quant.get_quant_state would report after a static calibration.
+    monkeypatch.setattr(pc.quant, "get_quant_state", lambda module: states.get(id(module)))
     model = nn.Sequential(lin, nn.Linear(16, 8))
     pc.convert(model, policy="state")
     assert model[0].act_scale == 0.05 and model[0].act_zero_point == 120

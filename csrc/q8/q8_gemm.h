@@ -21,6 +21,8 @@
 //   Padding is zero. colsum[n] = sum_k w[n][k] (int32, Np entries).
 #pragma once
 
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 
 #include "common/epilogue_math.h"
@@ -33,6 +35,8 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kKGroup = 4;
 constexpr int64_t kMaxK = 65536;
 constexpr int64_t kTileCols = 64;  // columns per driver tile (4 panels)
+constexpr float kFltMin = FLT_MIN;
+constexpr float kFltMax = FLT_MAX;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -70,6 +74,39 @@ struct QuantizeRows {
   float static_scale;
   int32_t static_zp;
 };
+
+namespace {
+
+// Quantization parameters of one row from its range, shared by every ISA's
+// quantize_rows (internal linkage: included by TUs with different ISA flags).
+// Returns false for a non-finite row, which then gets scale 1 and zero point 0.
+struct RowParams {
+  float scale;
+  float inv_scale;
+  int32_t zp;
+};
+
+inline bool row_params(const QuantizeRows& p, float lo, float hi, float nan_probe, RowParams* out) {
+  float scale = p.static_scale;
+  if (!p.is_static) {
+    scale = (hi - lo) / 255.0f;
+    scale = scale < kFltMin ? kFltMin : scale;
+  }
+  if (!(nan_probe == 0.0f) || !(scale <= kFltMax)) {
+    *out = RowParams{1.0f, 1.0f, 0};
+    return false;
+  }
+  const float inv_scale = 1.0f / scale;
+  int32_t zp = p.static_zp;
+  if (!p.is_static) {
+    zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
+    zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
+  }
+  *out = RowParams{scale, inv_scale, zp};
+  return true;
+}
+
+}  // namespace
 
 struct Kernels {
   void (*quantize_rows)(const QuantizeRows&);

@@ -63,27 +63,17 @@ void quantize_rows_avx2(const QuantizeRows& p) {
       vhi = _mm256_max_ps(vhi, v);
     }
     const float lo = hmin(vlo), hi = hmax(vhi), nan_probe = hsum(probe);
-    float scale = p.static_scale;
-    int32_t zp = p.static_zp;
-    if (!p.is_static) {
-      scale = (hi - lo) / 255.0f;
-      scale = scale < FLT_MIN ? FLT_MIN : scale;
-    }
-    const bool nonfinite = !(nan_probe == 0.0f) || !(scale <= FLT_MAX);
-    p.nonfinite[r] = nonfinite ? 1 : 0;
-    if (nonfinite) {
-      p.scale[r] = 1.0f;
-      p.zp[r] = 0;
+    RowParams rp;
+    const bool finite = row_params(p, lo, hi, nan_probe, &rp);
+    p.nonfinite[r] = finite ? 0 : 1;
+    p.scale[r] = rp.scale;
+    p.zp[r] = rp.zp;
+    if (!finite) {
       std::memset(q, 0, static_cast<size_t>(p.kp));
       continue;
     }
-    const float inv_scale = 1.0f / scale;
-    if (!p.is_static) {
-      zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
-      zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
-    }
-    p.scale[r] = scale;
-    p.zp[r] = zp;
+    const float inv_scale = rp.inv_scale;
+    const int32_t zp = rp.zp;
     const __m256 vinv = _mm256_set1_ps(inv_scale);
     const __m256 vmin = _mm256_set1_ps(-256.0f), vmax = _mm256_set1_ps(256.0f);
     const __m256i vzp = _mm256_set1_epi32(zp);

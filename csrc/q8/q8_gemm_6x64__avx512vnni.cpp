@@ -35,27 +35,17 @@ void quantize_rows_avx512(const QuantizeRows& p) {
     const float lo = _mm512_reduce_min_ps(vlo);
     const float hi = _mm512_reduce_max_ps(vhi);
     const float nan_probe = _mm512_reduce_add_ps(probe);
-    float scale = p.static_scale;
-    int32_t zp = p.static_zp;
-    if (!p.is_static) {
-      scale = (hi - lo) / 255.0f;
-      scale = scale < FLT_MIN ? FLT_MIN : scale;
-    }
-    const bool nonfinite = !(nan_probe == 0.0f) || !(scale <= FLT_MAX);
-    p.nonfinite[r] = nonfinite ? 1 : 0;
-    if (nonfinite) {
-      p.scale[r] = 1.0f;
-      p.zp[r] = 0;
+    RowParams rp;
+    const bool finite = row_params(p, lo, hi, nan_probe, &rp);
+    p.nonfinite[r] = finite ? 0 : 1;
+    p.scale[r] = rp.scale;
+    p.zp[r] = rp.zp;
+    if (!finite) {
       std::memset(q, 0, static_cast<size_t>(p.kp));
       continue;
     }
-    const float inv_scale = 1.0f / scale;
-    if (!p.is_static) {
-      zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
-      zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
-    }
-    p.scale[r] = scale;
-    p.zp[r] = zp;
+    const float inv_scale = rp.inv_scale;
+    const int32_t zp = rp.zp;
     const __m512 vinv = _mm512_set1_ps(inv_scale);
     const __m512 vmin = _mm512_set1_ps(-256.0f), vmax = _mm512_set1_ps(256.0f);
     const __m512i vzp = _mm512_set1_epi32(zp);
@@ -85,7 +75,27 @@ void tile_rows(const GemmTile& t, int64_t r0) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
 
-  for (int64_t g = 0; g < groups; ++g) {
+  int64_t g = 0;
+  if constexpr (MR == 1) {
+    // One row (decode / GEMV): a second set of accumulators for odd k-groups
+    // halves the vpdpbusd dependency chain; integer sums are exact in any order.
+    __m512i odd[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) odd[v] = _mm512_setzero_si512();
+    for (; g + 2 <= groups; g += 2) {
+      int32_t a8[2];
+      std::memcpy(a8, a + g * kKGroup, sizeof a8);
+      const __m512i ab0 = _mm512_set1_epi32(a8[0]), ab1 = _mm512_set1_epi32(a8[1]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        acc[0][v] = _mm512_dpbusd_epi32(acc[0][v], ab0, _mm512_loadu_si512(w + v * panel_bytes + g * 64));
+        odd[v] = _mm512_dpbusd_epi32(odd[v], ab1, _mm512_loadu_si512(w + v * panel_bytes + g * 64 + 64));
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_add_epi32(acc[0][v], odd[v]);
+  }
+  for (; g < groups; ++g) {
     __m512i wv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * panel_bytes + g * 64);

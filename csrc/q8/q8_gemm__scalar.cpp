@@ -28,27 +28,17 @@ void quantize_rows_scalar(const QuantizeRows& p) {
       lo = std::min(lo, x[k]);
       hi = std::max(hi, x[k]);
     }
-    float scale = p.static_scale;
-    int32_t zp = p.static_zp;
-    if (!p.is_static) {
-      scale = (hi - lo) / 255.0f;
-      scale = scale < FLT_MIN ? FLT_MIN : scale;
-    }
-    const bool nonfinite = !(nan_probe == 0.0f) || !(scale <= FLT_MAX);
-    p.nonfinite[r] = nonfinite ? 1 : 0;
-    if (nonfinite) {
-      p.scale[r] = 1.0f;
-      p.zp[r] = 0;
+    RowParams rp;
+    const bool finite = row_params(p, lo, hi, nan_probe, &rp);
+    p.nonfinite[r] = finite ? 0 : 1;
+    p.scale[r] = rp.scale;
+    p.zp[r] = rp.zp;
+    if (!finite) {
       std::fill(q, q + p.kp, uint8_t{0});
       continue;
     }
-    const float inv_scale = 1.0f / scale;
-    if (!p.is_static) {
-      zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
-      zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
-    }
-    p.scale[r] = scale;
-    p.zp[r] = zp;
+    const float inv_scale = rp.inv_scale;
+    const int32_t zp = rp.zp;
     for (int64_t k = 0; k < p.k; ++k) q[k] = static_cast<uint8_t>(quantize_value(x[k], inv_scale, zp));
     std::fill(q + p.k, q + p.kp, uint8_t{0});
   }

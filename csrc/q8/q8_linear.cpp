@@ -160,6 +160,9 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q
 void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, int64_t n, int32_t* out,
               int nthreads) {
   check_k(kp);
+  if (kp % kKGroup != 0) {
+    throw std::invalid_argument("q8_gemm_raw: row length " + std::to_string(kp) + " must be a multiple of 4");
+  }
   if (m == 0) return;
   GemmTile tile{};
   tile.a = q;

@@ -1,8 +1,5 @@
-"""Model definitions used by the tests, the benchmarks and the demo (random weights).
-
-torchvision does not import beside the CPU torch build this project targets, so the
-standard architectures are written out here.
-"""
+"""Worked examples on real data; ``digits`` is the pipeline behind ``pycompress demo``.
+``models`` holds the architectures the tests and benchmarks convert."""
 
 from pycompress.examples.models import MobileNetV3Small, ResNet18, SmallCNN
 

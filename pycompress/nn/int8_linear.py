@@ -88,18 +88,39 @@ class Int8Linear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1:] != (self.in_features,):
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
                              f"expected (..., {self.in_features}) features")
         if x.dtype != torch.float32:
             raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32")
-        args = (x, self.w_packed, self.col_sum, self.w_scale, self.bias,
-                self._act_code, self.act_scale, self.act_zero_point)
-        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Eager CPU: the op's own CPU kernel, minus ~9 us of dispatcher overhead
-            # per call (bench/README.md). Traced or fake tensors take the op.
-            return int8_linear_cpu(*args)
-        return ops.int8_linear(*args)
+        if type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling():
+            # Eager CPU: the op's own CPU kernel without the dispatcher round trip, and
+            # buffers read from the dict rather than through nn.Module.__getattr__
+            # (together ~10 us per call; bench/README.md). Traced or fake tensors take the op.
+            b = self._buffers
+            return int8_linear_cpu(x, b["w_packed"], b["col_sum"], b["w_scale"], b["bias"],
+                                   self._act_code, self.act_scale, self.act_zero_point)
+        return ops.int8_linear(x, self.w_packed, self.col_sum, self.w_scale, self.bias,
+                               self._act_code, self.act_scale, self.act_zero_point)
+
+    def get_extra_state(self) -> dict:
+        # The packed buffers alone do not pin down K (it is padded to a multiple
+        # of 4): the configuration travels with the state_dict and is checked on load.
+        return {"format": "int8_linear/v1", "in_features": self.in_features, "out_features": self.out_features,
+                "activation": self.activation, "act_scale": self.act_scale, "act_zero_point": self.act_zero_point,
+                "weight_bits": self.weight_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        for key in ("format", "in_features", "out_features"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"{self._label()}: state_dict has {key}={state.get(key)!r}, "
+                                 f"this module expects {mine[key]!r}")
+        self.activation = state["activation"]
+        self._act_code = activation_code(self.activation)
+        self.act_scale = state["act_scale"]
+        self.act_zero_point = state["act_zero_point"]
+        self.weight_bits = state["weight_bits"]
 
     def _label(self) -> str:
         return f"Int8Linear({self.name})" if self.name else f"Int8Linear({self.in_features}->{self.out_features})"

@@ -16,8 +16,28 @@ from pycompress.reference.q8 import (
     quantize_weight_per_channel,
     unpack_int8_weights,
 )
+from pycompress.reference.sparse import (
+    fp32_error_bound,
+    is_nm24,
+    pack_bsr1x4,
+    pack_csr,
+    pack_nm24,
+    sparse_linear_ref,
+    unpack_bsr1x4,
+    unpack_csr,
+    unpack_nm24,
+)
 
 __all__ = [
+    "fp32_error_bound",
+    "is_nm24",
+    "pack_bsr1x4",
+    "pack_csr",
+    "pack_nm24",
+    "sparse_linear_ref",
+    "unpack_bsr1x4",
+    "unpack_csr",
+    "unpack_nm24",
     "gelu_exact",
     "gelu_spec",
     "int8_conv2d_ref",

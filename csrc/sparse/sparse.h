@@ -1,0 +1,268 @@
+// Sparse linear layers: y = act(x @ W_sparse^T + b), fp32 and int8 weights.
+//
+// Formats (each chosen for what this CPU does well; all ISA independent, so a
+// state_dict moves between CPUs):
+//
+//   csr     fp32, unstructured. row_ptr int32 [N+1], col_idx uint16 [nnz],
+//           values float [nnz]. uint16 halves the index traffic of int32 and is
+//           enough for K <= kMaxK = 65536; larger K is refused with an error
+//           (split the layer) rather than silently using a slower path.
+//   nm24    fp32, 2:4 semi-structured: every group of 4 consecutive k holds at
+//           most 2 nonzeros, stored as exactly 2 values (a zero value when the
+//           group holds fewer). values float [N][K/2]; indices 2 bits per stored
+//           value: nonzero j of row n lives at k = 4*(j/2) + ((idx[n][j/16] >>
+//           2*(j%16)) & 3), idx uint32 [N][ceil(K/32)]. One uint32 word is the
+//           16 indices one zmm gather needs. K % 4 == 0 is required, so every
+//           decodable index is < K: a corrupt nm24 pack cannot address out of
+//           bounds, only the sizes need checking.
+//   bsr1x4  int8, 1x4 blocks along K (one output channel x 4 consecutive k):
+//           exactly one 32-bit operand of the VNNI 4-byte dot product
+//           (vpdpbusd), so a block costs one instruction per 16 rows.
+//           row_ptr int32 [N+1] over blocks, blk_idx uint16 [nblocks] (k/4),
+//           values int8 [nblocks][4], col_sum int32 [N] (row sums, for the
+//           activation zero point). Unstructured int8 sparsity is packed in this
+//           format too: at 90% unstructured sparsity 34% of the 1x4 blocks are
+//           nonzero, i.e. 0.86 vpdpbusd per true nonzero per 16 rows, which is
+//           no worse than a 1x1 format could do with int32 multiplies; block
+//           pruning (1x4) makes it 10% of the blocks.
+//
+//   sliced  int8, derived from a bsr1x4 pack by build_sliced (never stored in
+//           a state_dict; the module rebuilds it). Output channels in slices of
+//           kSliceLanes = 16 (one zmm lane = one channel: one vpdpbusd serves 16
+//           channels). A slice is a list of steps; step j holds one 1x4 block
+//           (or a zero pad) per lane, all within a window of 16 k/4 groups that
+//           starts at group step_base[j]: the 64 activation bytes of the window
+//           are one unaligned zmm load, and vpermd (16 dword lanes, 4-bit index)
+//           moves each lane's group into place. No gather: per step one weight
+//           load, one vpermd and one vpdpbusd per row. Lane l's 4-bit window
+//           offset is nibble l/2 of step_lane[2j + l%2] (even lanes in word 0,
+//           odd in word 1: a qword broadcast plus one vpsrlvd puts every
+//           nibble in its lane; vpermd ignores the bits above). Packing is
+//           greedy: each step's window starts at the smallest pending group of
+//           the slice and every lane whose next block falls inside it takes
+//           that block, so lanes drift at most 16 groups apart and padding
+//           stays low (bench/bench_sparse.py prints the fill).
+//           slice_ptr int32 [ceil(N/16)+1] over steps, step_base uint16
+//           [nsteps] with step_base + 16 <= max(K/4 rounded up, 16) (so any
+//           nibble is in range), step_lane uint32 [nsteps][2], values int8
+//           [nsteps][16][4]. Activations are read with a row stride of
+//           sliced_row_bytes(k) = max(kp, 64) (zero padded).
+//
+// Kernels, two shapes of the same math, picked by the number of rows M:
+//   rows  (M < kGatherMaxRows): for each output channel, gather the
+//         activations a nonzero needs straight from row-major x (vpgatherdd /
+//         vpgatherdps, 16 nonzeros per gather) and reduce at the end. Decode
+//         (M = 1) streams the packed weights once with no per-nonzero scalar work.
+//   cols  (M >= kGatherMaxRows): the activations are transposed once per call so
+//         that 16 rows of one k are contiguous (x^T [K][Mp], int8: [K/4][Mp] of
+//         4-byte groups); each nonzero (or 1x4 block) is broadcast and multiplied
+//         into up to 8 vectors = 128 rows: one weight load serves 128 rows.
+//         Results for one output channel are a vector over rows; they go to y
+//         with a scatter (one per 16 rows and channel, negligible next to the
+//         nnz_row FMAs that produced them).
+//
+//   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
+//         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
+//         16 channels and group of up to 4 rows, accumulators are 16 channel
+//         lanes, so the epilogue and the store are contiguous vectors.
+//
+// int8 numbers are exactly those of the dense int8 GEMM (csrc/q8/q8_gemm.h):
+// the activations are quantized by the same q8 quantize_rows kernels, int32
+// accumulation has no intermediate saturation on any path (the AVX2 path uses
+// vpmaddwd on zero-extended int16, never vpmaddubsw), and the epilogue
+//   v = float(acc - zp[r] * col_sum[n]) * (scale[r] * w_scale[n]) + bias[n]; act(v)
+// is the same IEEE float ops on every path: int8 results are bit-identical
+// across ISAs. fp32 results differ across ISAs only by summation order (the
+// tests bound it against a float64 reference); the fp32 epilogue (bias, act) is
+// the shared bit-exact one.
+//
+// Safety: kernels trust the structure (indices < K, row_ptr monotonic and
+// within nnz). validate_* check exactly that; the Python op runs them before a
+// kernel ever sees a pack (memoized per tensor version, see pycompress/ops/sparse.py).
+#pragma once
+
+#include <cstdint>
+
+#include "common/epilogue_math.h"
+#include "common/isa.h"
+
+namespace pycompress {
+namespace sparse {
+
+constexpr int64_t kMaxK = 65536;
+// Below this many rows the gather kernel wins (one gather per row per 16
+// nonzeros vs one FMA per nonzero per 16 rows); measured on Zen 4 with
+// bench/bench_sparse.py.
+constexpr int64_t kGatherMaxRows = 4;
+// Rows per block of the transposed path: 8 zmm accumulators per output channel.
+constexpr int64_t kColsBlockRows = 128;
+
+enum class Format : int { Csr = 0, Nm24 = 1, Bsr1x4 = 2 };
+
+struct F32Weights {
+  Format format;           // Csr or Nm24
+  int64_t n, k;
+  const int32_t* row_ptr;  // Csr
+  const uint16_t* col_idx; // Csr
+  const uint32_t* nm_idx;  // Nm24, nm_words per row
+  int64_t nm_words;
+  const float* values;
+};
+
+struct Q8Weights {
+  int64_t n, k, kp;        // kp = round_up(k, 4)
+  const int32_t* row_ptr;
+  const uint16_t* blk_idx;
+  const int8_t* values;
+  const int32_t* col_sum;
+  const float* w_scale;
+};
+
+// Output channels [n0, n1) for rows [0, m) of a row block.
+struct F32Task {
+  const F32Weights* w;
+  int64_t n0, n1, m;
+  const float* x;          // rows path: row-major, row stride ldx
+  int64_t ldx;
+  const float* xt;         // cols path: [k][ldxt], ldxt a multiple of 16
+  int64_t ldxt;
+  const float* bias;       // nullable
+  Activation act;
+  float* y;                // row stride ldy
+  int64_t ldy;
+};
+
+struct Q8Task {
+  const Q8Weights* w;
+  int64_t n0, n1, m;
+  const uint8_t* xq;       // rows path: quantized rows, row stride kp (padding k are 0)
+  const uint32_t* xqt;     // cols path: [kp/4][ldxt] 4-byte groups, ldxt a multiple of 16
+  int64_t ldxt;
+  const float* row_scale;  // per row of this block
+  const int32_t* row_zp;
+  const float* bias;       // nullable
+  Activation act;
+  float* y;                // row stride ldy, or nullptr in raw mode
+  int64_t ldy;
+  int32_t* raw;            // raw accumulators (tests), row stride ldraw
+  int64_t ldraw;
+};
+
+constexpr int64_t kSliceLanes = 16;
+constexpr int64_t kSliceWindowGroups = 16;
+
+inline int64_t sliced_row_bytes(int64_t k) {
+  const int64_t kp = (k + 3) / 4 * 4;
+  return kp > 4 * kSliceWindowGroups ? kp : 4 * kSliceWindowGroups;
+}
+
+struct SlicedWeights {
+  int64_t n, k;
+  const int32_t* slice_ptr;   // [ceil(n/16) + 1]
+  const uint16_t* step_base;  // [nsteps]
+  const uint32_t* step_lane;  // [nsteps][2]
+  const int8_t* values;       // [nsteps][64]
+  const int32_t* col_sum;
+  const float* w_scale;
+};
+
+// Slices [s0, s1) for rows [0, m).
+struct SlicedTask {
+  const SlicedWeights* w;
+  int64_t s0, s1, m;
+  const uint8_t* xq;       // quantized rows, row stride ldq = sliced_row_bytes(k), zero padded
+  int64_t ldq;
+  const float* row_scale;
+  const int32_t* row_zp;
+  const float* bias;       // nullable
+  Activation act;
+  float* y;                // row stride ldy, or nullptr in raw mode
+  int64_t ldy;
+  int32_t* raw;            // raw accumulators (tests), row stride ldraw
+  int64_t ldraw;
+};
+
+struct Kernels {
+  void (*f32_rows)(const F32Task&);
+  void (*f32_cols)(const F32Task&);   // nullptr: use f32_rows for every M
+  void (*q8_rows)(const Q8Task&);
+  void (*q8_cols)(const Q8Task&);     // nullptr: use q8_rows for every M
+  void (*q8_sliced)(const SlicedTask&);
+};
+
+const Kernels& kernels_scalar();
+#if PYCOMPRESS_X86
+const Kernels& kernels_avx2();
+const Kernels& kernels_avx512vnni();
+#endif
+const Kernels& kernels_for(Isa isa);
+
+// 2-bit index of stored value j in a row of nm24 indices.
+inline int64_t nm24_k(const uint32_t* row_idx, int64_t j) {
+  return 4 * (j >> 1) + ((row_idx[j >> 4] >> (2 * (j & 15))) & 3u);
+}
+
+// ---- driver (sparse_linear.cpp) --------------------------------------------
+
+// Throw std::invalid_argument naming what is wrong.
+void validate_csr(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t nnz, int64_t k);
+void validate_bsr1x4(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t nblocks, int64_t k);
+void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k);
+
+// Steps of the sliced layout of a validated bsr1x4 pack (first pass of build).
+int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);
+// Fills a sliced pack (arrays sized by sliced_steps) from a validated bsr1x4 pack.
+void build_sliced(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                  int32_t* slice_ptr, uint16_t* step_base, uint32_t* step_lane, int8_t* out_values, int64_t nsteps);
+
+struct F32LinearArgs {
+  F32Weights w;
+  const float* x;
+  int64_t m, ldx;
+  const float* bias;
+  Activation act;
+  float* y;
+  int64_t ldy;
+  int nthreads;
+};
+void f32_linear(const F32LinearArgs& a);
+
+struct Q8LinearArgs {
+  Q8Weights w;
+  const float* x;
+  int64_t m, ldx;
+  const float* bias;
+  Activation act;
+  bool is_static;
+  float static_scale;
+  int32_t static_zp;
+  float* y;
+  int64_t ldy;
+  int nthreads;
+};
+void q8_linear(const Q8LinearArgs& a);
+
+struct SlicedLinearArgs {
+  SlicedWeights w;
+  const float* x;
+  int64_t m, ldx;
+  const float* bias;
+  Activation act;
+  bool is_static;
+  float static_scale;
+  int32_t static_zp;
+  float* y;
+  int64_t ldy;
+  int nthreads;
+};
+void sliced_linear(const SlicedLinearArgs& a);
+// Test hook: raw accumulators of quantized rows q [m][sliced_row_bytes(k)].
+void sliced_accumulate_raw(const SlicedWeights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads);
+
+// Test hook: raw int32 accumulators of quantized rows q [m][kp] against the
+// bsr1x4 weights, out [m][n], on the active ISA (and its rows or cols kernel
+// chosen by m, as in q8_linear).
+void q8_accumulate_raw(const Q8Weights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads);
+
+}  // namespace sparse
+}  // namespace pycompress

@@ -1,0 +1,164 @@
+// pybind11 bindings of the sparse linears. Raw pointers and sizes only: the
+// Python layer (pycompress/ops/sparse.py) checks dtypes, shapes, contiguity and
+// runs the structural validation before any kernel call. Kernels drop the GIL.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "bindings_util.h"
+#include "sparse/sparse.h"
+
+namespace py = pybind11;
+using namespace pycompress;
+using bindings::ptr;
+
+namespace {
+
+sparse::Format f32_format(int code) {
+  if (code != static_cast<int>(sparse::Format::Csr) && code != static_cast<int>(sparse::Format::Nm24)) {
+    throw std::invalid_argument("sparse fp32 format code must be 0 (csr) or 1 (nm24)");
+  }
+  return static_cast<sparse::Format>(code);
+}
+
+sparse::Q8Weights q8_weights(int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t blk_idx,
+                             std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale) {
+  return sparse::Q8Weights{n, k, (k + 3) / 4 * 4, ptr<const int32_t>(row_ptr), ptr<const uint16_t>(blk_idx),
+                           ptr<const int8_t>(values), ptr<const int32_t>(col_sum), ptr<const float>(w_scale)};
+}
+
+sparse::SlicedWeights sliced_weights(int64_t n, int64_t k, std::uintptr_t slice_ptr, std::uintptr_t step_base,
+                                     std::uintptr_t step_lane, std::uintptr_t values, std::uintptr_t col_sum,
+                                     std::uintptr_t w_scale) {
+  return sparse::SlicedWeights{n, k, ptr<const int32_t>(slice_ptr), ptr<const uint16_t>(step_base),
+                               ptr<const uint32_t>(step_lane), ptr<const int8_t>(values), ptr<const int32_t>(col_sum),
+                               ptr<const float>(w_scale)};
+}
+
+}  // namespace
+
+void register_sparse_bindings(py::module_& m) {
+  m.def(
+      "sparse_validate_csr",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t col_idx, int64_t nnz, int64_t k) {
+        py::gil_scoped_release release;
+        sparse::validate_csr(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(col_idx), nnz, k);
+      },
+      "checks a csr pack: row_ptr[0] == 0, monotonic, row_ptr[N] == nnz, every index < K");
+  m.def(
+      "sparse_validate_bsr1x4",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, int64_t nblocks, int64_t k) {
+        py::gil_scoped_release release;
+        sparse::validate_bsr1x4(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx), nblocks, k);
+      },
+      "checks a bsr1x4 pack: as csr, with block indices < ceil(K/4)");
+  m.def(
+      "sparse_f32_linear",
+      [](int format, int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t nm_idx,
+         int64_t nm_words, std::uintptr_t values, std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t bias,
+         int act, std::uintptr_t y, int64_t ldy, int nthreads) {
+        sparse::F32LinearArgs a{};
+        a.w = sparse::F32Weights{f32_format(format), n, k, ptr<const int32_t>(row_ptr), ptr<const uint16_t>(col_idx),
+                                 ptr<const uint32_t>(nm_idx), nm_words, ptr<const float>(values)};
+        a.x = ptr<const float>(x);
+        a.m = m;
+        a.ldx = ldx;
+        a.bias = ptr<const float>(bias);
+        a.act = bindings::parse_activation(act);
+        a.y = ptr<float>(y);
+        a.ldy = ldy;
+        a.nthreads = nthreads;
+        py::gil_scoped_release release;
+        sparse::f32_linear(a);
+      },
+      "y = act(x @ W^T + bias) with a validated csr / nm24 fp32 pack, on the active ISA");
+  m.def(
+      "sparse_q8_linear",
+      [](int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t blk_idx, std::uintptr_t values,
+         std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t bias,
+         int act, bool is_static, float static_scale, int32_t static_zp, std::uintptr_t y, int64_t ldy, int nthreads) {
+        sparse::Q8LinearArgs a{};
+        a.w = q8_weights(n, k, row_ptr, blk_idx, values, col_sum, w_scale);
+        a.x = ptr<const float>(x);
+        a.m = m;
+        a.ldx = ldx;
+        a.bias = ptr<const float>(bias);
+        a.act = bindings::parse_activation(act);
+        a.is_static = is_static;
+        a.static_scale = static_scale;
+        a.static_zp = static_zp;
+        a.y = ptr<float>(y);
+        a.ldy = ldy;
+        a.nthreads = nthreads;
+        py::gil_scoped_release release;
+        sparse::q8_linear(a);
+      },
+      "y = act(dequant(quant(x) @ W^T) + bias) with a validated bsr1x4 int8 pack, on the active ISA");
+  m.def(
+      "sparse_q8_accumulate_raw",
+      [](int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t blk_idx, std::uintptr_t values,
+         std::uintptr_t q, int64_t m, std::uintptr_t out, int nthreads) {
+        const sparse::Q8Weights w = q8_weights(n, k, row_ptr, blk_idx, values, 0, 0);
+        py::gil_scoped_release release;
+        sparse::q8_accumulate_raw(w, ptr<const uint8_t>(q), m, ptr<int32_t>(out), nthreads);
+      },
+      "test hook: raw int32 accumulators of quantized rows [m][round_up(K,4)] against a bsr1x4 pack");
+  m.def(
+      "sparse_validate_sliced",
+      [](std::uintptr_t slice_ptr, int64_t n, std::uintptr_t step_base, int64_t nsteps, int64_t k) {
+        py::gil_scoped_release release;
+        sparse::validate_sliced(ptr<const int32_t>(slice_ptr), n, ptr<const uint16_t>(step_base), nsteps, k);
+      },
+      "checks a sliced pack: slice_ptr[0] == 0, monotonic, slice_ptr[end] == nsteps, every window inside the row");
+  m.def(
+      "sparse_sliced_steps",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, int64_t k) {
+        py::gil_scoped_release release;
+        return sparse::sliced_steps(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx), k);
+      },
+      "number of steps of the sliced layout of a validated bsr1x4 pack");
+  m.def(
+      "sparse_build_sliced",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, std::uintptr_t values, int64_t k,
+         std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane, std::uintptr_t out_values,
+         int64_t nsteps) {
+        py::gil_scoped_release release;
+        sparse::build_sliced(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx), ptr<const int8_t>(values), k,
+                             ptr<int32_t>(slice_ptr), ptr<uint16_t>(step_base), ptr<uint32_t>(step_lane),
+                             ptr<int8_t>(out_values), nsteps);
+      },
+      "fills a sliced pack (sized by sparse_sliced_steps) from a validated bsr1x4 pack");
+  m.def(
+      "sparse_sliced_linear",
+      [](int64_t n, int64_t k, std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane,
+         std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t x, int64_t m,
+         int64_t ldx, std::uintptr_t bias, int act, bool is_static, float static_scale, int32_t static_zp,
+         std::uintptr_t y, int64_t ldy, int nthreads) {
+        sparse::SlicedLinearArgs a{};
+        a.w = sliced_weights(n, k, slice_ptr, step_base, step_lane, values, col_sum, w_scale);
+        a.x = ptr<const float>(x);
+        a.m = m;
+        a.ldx = ldx;
+        a.bias = ptr<const float>(bias);
+        a.act = bindings::parse_activation(act);
+        a.is_static = is_static;
+        a.static_scale = static_scale;
+        a.static_zp = static_zp;
+        a.y = ptr<float>(y);
+        a.ldy = ldy;
+        a.nthreads = nthreads;
+        py::gil_scoped_release release;
+        sparse::sliced_linear(a);
+      },
+      "y = act(dequant(quant(x) @ W^T) + bias) with a validated sliced int8 pack, on the active ISA");
+  m.def(
+      "sparse_sliced_accumulate_raw",
+      [](int64_t n, int64_t k, std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane,
+         std::uintptr_t values, std::uintptr_t q, int64_t m, std::uintptr_t out, int nthreads) {
+        const sparse::SlicedWeights w = sliced_weights(n, k, slice_ptr, step_base, step_lane, values, 0, 0);
+        py::gil_scoped_release release;
+        sparse::sliced_accumulate_raw(w, ptr<const uint8_t>(q), m, ptr<int32_t>(out), nthreads);
+      },
+      "test hook: raw int32 accumulators of quantized rows [m][max(round_up(K,4), 64)] against a sliced pack");
+}

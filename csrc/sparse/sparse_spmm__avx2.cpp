@@ -1,0 +1,289 @@
+// AVX2 path of the sparse linears (see sparse.h). Same kernel shapes as the
+// AVX-512 path with 8-lane vectors. int8 products use vpmaddwd on zero-extended
+// activations and sign-extended weights (two exact u8*s8 products per int32
+// lane): vpmaddubsw would saturate its int16 pair sums (255*127*2 > 32767) and
+// make the result depend on the CPU.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common/vec_math_avx2.h"
+#include "sparse/sparse.h"
+#include "sparse/sparse_epilogue.h"
+
+namespace pycompress {
+namespace sparse {
+namespace {
+
+inline float hsum_ps(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  uint32_t s = 0;  // wrapping sum: exact whenever the true sum fits int32
+  for (int i = 0; i < 8; ++i) s += static_cast<uint32_t>(t[i]);
+  return static_cast<int32_t>(s);
+}
+
+void f32_rows_avx2(const F32Task& t) {
+  const F32Weights& w = *t.w;
+  const int64_t half_k = w.k / 2;
+  for (int64_t r = 0; r < t.m; ++r) {
+    const float* x = t.x + r * t.ldx;
+    for (int64_t n = t.n0; n < t.n1; ++n) {
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      float tail = 0.0f;
+      if (w.format == Format::Csr) {
+        int64_t j = w.row_ptr[n];
+        const int64_t j1 = w.row_ptr[n + 1];
+        for (; j + 16 <= j1; j += 16) {
+          const __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.col_idx + j)));
+          const __m256i i1 =
+              _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.col_idx + j + 8)));
+          acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w.values + j), _mm256_i32gather_ps(x, i0, 4), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w.values + j + 8), _mm256_i32gather_ps(x, i1, 4), acc1);
+        }
+        for (; j < j1; ++j) tail = tail + w.values[j] * x[w.col_idx[j]];
+      } else {
+        const float* vals = w.values + n * half_k;
+        const uint32_t* nm_row = w.nm_idx + n * w.nm_words;
+        const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+        const __m256i three = _mm256_set1_epi32(3);
+        int64_t j = 0;
+        for (; j + 16 <= half_k; j += 16) {
+          const __m256i bits = _mm256_set1_epi32(static_cast<int>(nm_row[j >> 4]));
+          const __m256i i0 = _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, shifts), three), base),
+                                              _mm256_set1_epi32(static_cast<int>(2 * j)));
+          const __m256i hi = _mm256_srli_epi32(bits, 16);
+          const __m256i i1 = _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, shifts), three), base),
+                                              _mm256_set1_epi32(static_cast<int>(2 * j + 16)));
+          acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), _mm256_i32gather_ps(x, i0, 4), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), _mm256_i32gather_ps(x, i1, 4), acc1);
+        }
+        for (; j < half_k; ++j) tail = tail + vals[j] * x[nm24_k(nm_row, j)];
+      }
+      const float sum = hsum_ps(_mm256_add_ps(acc0, acc1)) + tail;
+      t.y[r * t.ldy + n] = f32_epilogue(sum, t.bias, n, t.act);
+    }
+  }
+}
+
+inline void store_column(float* y, int64_t ldy, int64_t n, int64_t row0, int64_t m, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  const int64_t rows = m - row0 < 8 ? m - row0 : 8;
+  for (int64_t i = 0; i < rows; ++i) y[(row0 + i) * ldy + n] = tmp[i];
+}
+
+inline void store_column_raw(int32_t* raw, int64_t ld, int64_t n, int64_t row0, int64_t m, __m256i v) {
+  alignas(32) int32_t tmp[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
+  const int64_t rows = m - row0 < 8 ? m - row0 : 8;
+  for (int64_t i = 0; i < rows; ++i) raw[(row0 + i) * ld + n] = tmp[i];
+}
+
+// Up to 4 ymm (32 rows) per pass; fewer vectors get two accumulator sets.
+template <int MV>
+void f32_cols_pass(const F32Task& t, int64_t row0) {
+  constexpr int S = MV <= 2 ? 2 : 1;
+  const F32Weights& w = *t.w;
+  const int64_t half_k = w.k / 2;
+  const float* xt = t.xt + row0;
+  for (int64_t n = t.n0; n < t.n1; ++n) {
+    __m256 acc[S][MV];
+#pragma GCC unroll 2
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[s][v] = _mm256_setzero_ps();
+    auto step = [&](int s, float wv, int64_t k) {
+      const __m256 wb = _mm256_set1_ps(wv);
+      const float* xr = xt + k * t.ldxt;
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[s][v] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xr + 8 * v), acc[s][v]);
+    };
+    if (w.format == Format::Csr) {
+      int64_t j = w.row_ptr[n];
+      const int64_t j1 = w.row_ptr[n + 1];
+      for (; j + S <= j1; j += S) {
+#pragma GCC unroll 2
+        for (int s = 0; s < S; ++s) step(s, w.values[j + s], w.col_idx[j + s]);
+      }
+      for (; j < j1; ++j) step(0, w.values[j], w.col_idx[j]);
+    } else {
+      const float* vals = w.values + n * half_k;
+      const uint32_t* nm_row = w.nm_idx + n * w.nm_words;
+      for (int64_t j = 0; j < half_k; ++j) step(static_cast<int>(j % S), vals[j], nm24_k(nm_row, j));
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) {
+      if (S == 2) acc[0][v] = _mm256_add_ps(acc[0][v], acc[S - 1][v]);
+      __m256 y = acc[0][v];
+      if (t.bias != nullptr) y = _mm256_add_ps(y, _mm256_set1_ps(t.bias[n]));
+      y = apply_activation_avx2(y, t.act);
+      store_column(t.y, t.ldy, n, row0 + 8 * v, t.m, y);
+    }
+  }
+}
+
+void f32_cols_avx2(const F32Task& t) {
+  for (int64_t row0 = 0; row0 < t.m; row0 += 32) {
+    switch ((t.m - row0 + 7) / 8) {
+      case 1: f32_cols_pass<1>(t, row0); break;
+      case 2: f32_cols_pass<2>(t, row0); break;
+      case 3: f32_cols_pass<3>(t, row0); break;
+      default: f32_cols_pass<4>(t, row0); break;
+    }
+  }
+}
+
+void q8_rows_avx2(const Q8Task& t) {
+  const Q8Weights& w = *t.w;
+  for (int64_t r = 0; r < t.m; ++r) {
+    const uint8_t* xq = t.xq + r * w.kp;
+    for (int64_t n = t.n0; n < t.n1; ++n) {
+      __m256i acc = _mm256_setzero_si256();
+      int64_t b = w.row_ptr[n];
+      const int64_t b1 = w.row_ptr[n + 1];
+      for (; b + 8 <= b1; b += 8) {
+        const __m256i idx = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.blk_idx + b)));
+        const __m256i xg = _mm256_i32gather_epi32(reinterpret_cast<const int*>(xq), idx, 4);
+        const __m128i* wp = reinterpret_cast<const __m128i*>(w.values + 4 * b);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(xg)),
+                                                      _mm256_cvtepi8_epi16(_mm_loadu_si128(wp))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(xg, 1)),
+                                                      _mm256_cvtepi8_epi16(_mm_loadu_si128(wp + 1))));
+      }
+      uint32_t tail = 0;
+      for (; b < b1; ++b) {
+        const uint8_t* a = xq + 4 * static_cast<int64_t>(w.blk_idx[b]);
+        for (int j = 0; j < 4; ++j) tail += static_cast<uint32_t>(static_cast<int32_t>(a[j]) * w.values[4 * b + j]);
+      }
+      q8_store_scalar(t, r, n, static_cast<int32_t>(static_cast<uint32_t>(hsum_epi32(acc)) + tail));
+    }
+  }
+}
+
+// 16 rows x 4 bytes of transposed activations times one 1x4 block: 4 vpmaddwd,
+// each leaving (pair sum, pair sum) for 4 rows; folded per row at the end.
+template <int MV>
+void q8_cols_pass(const Q8Task& t, int64_t row0) {
+  const Q8Weights& w = *t.w;
+  const uint32_t* xt = t.xqt + row0;
+  for (int64_t n = t.n0; n < t.n1; ++n) {
+    __m256i acc[MV][4];
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[v][q] = _mm256_setzero_si256();
+    for (int64_t b = w.row_ptr[n]; b < w.row_ptr[n + 1]; ++b) {
+      int32_t w4;
+      std::memcpy(&w4, w.values + 4 * b, sizeof w4);
+      const __m256i wb = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(w4)));
+      const __m128i* xr = reinterpret_cast<const __m128i*>(xt + static_cast<int64_t>(w.blk_idx[b]) * t.ldxt);
+#pragma GCC unroll 2
+      for (int v = 0; v < MV; ++v)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          const __m256i x16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(xr + 4 * v + q));
+          acc[v][q] = _mm256_add_epi32(acc[v][q], _mm256_madd_epi16(x16, wb));
+        }
+    }
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        // hadd gives rows [0,1,4,5 | 2,3,6,7]; the permute restores 0..7.
+        const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[v][2 * h], acc[v][2 * h + 1]), 0xD8);
+        const int64_t r0 = row0 + 16 * v + 8 * h;
+        if (r0 >= t.m) continue;
+        if (t.raw != nullptr) {
+          store_column_raw(t.raw, t.ldraw, n, r0, t.m, sums);
+          continue;
+        }
+        const int64_t valid = t.m - r0 < 8 ? t.m - r0 : 8;
+        const __m256i rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i zp = _mm256_maskload_epi32(t.row_zp + r0, rows);
+        const __m256 rs = _mm256_maskload_ps(t.row_scale + r0, rows);
+        const __m256i corrected = _mm256_sub_epi32(sums, _mm256_mullo_epi32(zp, _mm256_set1_epi32(w.col_sum[n])));
+        __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(corrected), _mm256_mul_ps(rs, _mm256_set1_ps(w.w_scale[n])));
+        if (t.bias != nullptr) y = _mm256_add_ps(y, _mm256_set1_ps(t.bias[n]));
+        y = apply_activation_avx2(y, t.act);
+        store_column(t.y, t.ldy, n, r0, t.m, y);
+      }
+  }
+}
+
+void q8_cols_avx2(const Q8Task& t) {
+  for (int64_t row0 = 0; row0 < t.m; row0 += 32) {
+    if (t.m - row0 > 16) q8_cols_pass<2>(t, row0); else q8_cols_pass<1>(t, row0);
+  }
+}
+
+// Sliced layout (sparse.h) in two halves of 8 lanes: the 16-group window is
+// two ymm, vpermd picks within each and the offset's bit 3 selects between
+// them (blendv on the offset shifted into the sign bit). The dot product is
+// vpmaddwd on zero-extended bytes (no saturation), pairs folded at the end.
+void q8_sliced_avx2(const SlicedTask& t) {
+  const SlicedWeights& w = *t.w;
+  const __m256i shifts[2] = {_mm256_set_epi32(12, 12, 8, 8, 4, 4, 0, 0), _mm256_set_epi32(28, 28, 24, 24, 20, 20, 16, 16)};
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t s = t.s0; s < t.s1; ++s) {
+    const int64_t n0 = s * kSliceLanes;
+    for (int64_t r = 0; r < t.m; ++r) {
+      const uint8_t* xq = t.xq + r * t.ldq;
+      __m256i acc[2][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()},
+                           {_mm256_setzero_si256(), _mm256_setzero_si256()}};
+      for (int64_t j = w.slice_ptr[s]; j < w.slice_ptr[s + 1]; ++j) {
+        int64_t lanes;
+        std::memcpy(&lanes, w.step_lane + 2 * j, sizeof lanes);
+        const __m256i all = _mm256_set1_epi64x(lanes);
+        const uint8_t* xw = xq + 4 * static_cast<int64_t>(w.step_base[j]);
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw + 32));
+        for (int h = 0; h < 2; ++h) {
+          const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(all, shifts[h]), low4);
+          const __m256 pick_hi = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+          const __m256i xv = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_permutevar8x32_epi32(lo, idx)),
+                                                                  _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(hi, idx)),
+                                                                  pick_hi));
+          const __m128i* wp = reinterpret_cast<const __m128i*>(w.values + 64 * j + 32 * h);
+          acc[h][0] = _mm256_add_epi32(acc[h][0], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(xv)),
+                                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wp))));
+          acc[h][1] = _mm256_add_epi32(acc[h][1], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(xv, 1)),
+                                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wp + 1))));
+        }
+      }
+      alignas(32) int32_t sums[kSliceLanes];
+      for (int h = 0; h < 2; ++h) {
+        // hadd leaves channels (0 1 4 5 | 2 3 6 7) of the half; qword order 0 2 1 3 restores them.
+        const __m256i folded = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[h][0], acc[h][1]), 0xD8);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8 * h), folded);
+      }
+      for (int64_t l = 0; l < kSliceLanes && n0 + l < w.n; ++l) {
+        const int64_t n = n0 + l;
+        if (t.raw != nullptr) {
+          t.raw[r * t.ldraw + n] = sums[l];
+        } else {
+          t.y[r * t.ldy + n] = q8_epilogue(sums[l], t.row_zp[r], w.col_sum[n], t.row_scale[r], w.w_scale[n], t.bias,
+                                           n, t.act);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_avx2() {
+  static const Kernels k{f32_rows_avx2, f32_cols_avx2, q8_rows_avx2, q8_cols_avx2, q8_sliced_avx2};
+  return k;
+}
+
+}  // namespace sparse
+}  // namespace pycompress

@@ -1,0 +1,83 @@
+// Portable scalar path: the executable specification of sparse.h. It serves
+// every M through the rows kernels (no transposed activations).
+#include <cstring>
+
+#include "sparse/sparse.h"
+#include "sparse/sparse_epilogue.h"
+
+namespace pycompress {
+namespace sparse {
+namespace {
+
+void f32_rows_scalar(const F32Task& t) {
+  const F32Weights& w = *t.w;
+  const int64_t half_k = w.k / 2;
+  for (int64_t r = 0; r < t.m; ++r) {
+    const float* x = t.x + r * t.ldx;
+    float* y = t.y + r * t.ldy;
+    for (int64_t n = t.n0; n < t.n1; ++n) {
+      float acc = 0.0f;
+      if (w.format == Format::Csr) {
+        for (int64_t j = w.row_ptr[n]; j < w.row_ptr[n + 1]; ++j) acc = acc + w.values[j] * x[w.col_idx[j]];
+      } else {
+        const float* v = w.values + n * half_k;
+        const uint32_t* idx = w.nm_idx + n * w.nm_words;
+        for (int64_t j = 0; j < half_k; ++j) acc = acc + v[j] * x[nm24_k(idx, j)];
+      }
+      y[n] = f32_epilogue(acc, t.bias, n, t.act);
+    }
+  }
+}
+
+void q8_rows_scalar(const Q8Task& t) {
+  const Q8Weights& w = *t.w;
+  for (int64_t r = 0; r < t.m; ++r) {
+    const uint8_t* xq = t.xq + r * w.kp;
+    for (int64_t n = t.n0; n < t.n1; ++n) {
+      int32_t acc = 0;
+      for (int64_t b = w.row_ptr[n]; b < w.row_ptr[n + 1]; ++b) {
+        const uint8_t* a = xq + 4 * static_cast<int64_t>(w.blk_idx[b]);
+        const int8_t* v = w.values + 4 * b;
+        for (int j = 0; j < 4; ++j) acc += static_cast<int32_t>(a[j]) * v[j];
+      }
+      q8_store_scalar(t, r, n, acc);
+    }
+  }
+}
+
+void q8_sliced_scalar(const SlicedTask& t) {
+  const SlicedWeights& w = *t.w;
+  for (int64_t s = t.s0; s < t.s1; ++s) {
+    for (int64_t r = 0; r < t.m; ++r) {
+      const uint8_t* xq = t.xq + r * t.ldq;
+      int32_t acc[kSliceLanes] = {};
+      for (int64_t j = w.slice_ptr[s]; j < w.slice_ptr[s + 1]; ++j) {
+        const int8_t* v = w.values + 64 * j;
+        for (int64_t l = 0; l < kSliceLanes; ++l) {
+          const uint32_t offset = (w.step_lane[2 * j + (l & 1)] >> (4 * (l >> 1))) & 15u;
+          const uint8_t* a = xq + 4 * (static_cast<int64_t>(w.step_base[j]) + offset);
+          for (int b = 0; b < 4; ++b) acc[l] += static_cast<int32_t>(a[b]) * v[4 * l + b];
+        }
+      }
+      for (int64_t l = 0; l < kSliceLanes && s * kSliceLanes + l < w.n; ++l) {
+        const int64_t n = s * kSliceLanes + l;
+        if (t.raw != nullptr) {
+          t.raw[r * t.ldraw + n] = acc[l];
+        } else {
+          t.y[r * t.ldy + n] = q8_epilogue(acc[l], t.row_zp[r], w.col_sum[n], t.row_scale[r], w.w_scale[n], t.bias,
+                                           n, t.act);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_scalar() {
+  static const Kernels k{f32_rows_scalar, nullptr, q8_rows_scalar, nullptr, q8_sliced_scalar};
+  return k;
+}
+
+}  // namespace sparse
+}  // namespace pycompress

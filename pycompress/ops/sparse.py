@@ -1,0 +1,333 @@
+"""Sparse linears as torch ops (formats: csrc/sparse/sparse.h, pycompress/reference/sparse.py).
+
+- ``torch.ops.pycompress.sparse_linear_csr(x, row_ptr, col_idx, values, bias, activation)``
+- ``torch.ops.pycompress.sparse_linear_nm24(x, nm_idx, values, bias, activation)``
+- ``torch.ops.pycompress.sparse_int8_linear(x, row_ptr, blk_idx, values, col_sum, w_scale, bias,
+  activation, act_scale, act_zero_point)``
+
+Safety: every call checks dtypes and sizes (O(1)); the structure a kernel trusts (row_ptr[0] == 0,
+monotonic, row_ptr[N] == nnz, every index < K) is checked in C++ before the first kernel call on a pack
+and again whenever a structural tensor changes: the check is memoized per (data_ptr, version counter,
+K), and every in-place write through torch (``copy_``, ``load_state_dict``, indexing) bumps the version.
+A corrupt pack therefore raises a ValueError instead of reaching a kernel. (Writes that bypass torch's
+version counter, e.g. through a numpy view, are not seen; pycompress never does that.) nm24 packs need
+no structural check: any 2-bit index of a K % 4 == 0 row is in range.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pycompress import _C
+from pycompress._native import num_threads
+from pycompress.ops._library import LIB
+from pycompress.reference.sparse import MAX_K, NM_PER_WORD
+
+LIB.define("sparse_linear_csr(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
+           "int activation=0) -> Tensor")
+LIB.define("sparse_linear_nm24(Tensor x, Tensor nm_idx, Tensor values, Tensor? bias, int activation=0) -> Tensor")
+LIB.define("sparse_int8_linear(Tensor x, Tensor row_ptr, Tensor blk_idx, Tensor values, Tensor col_sum, "
+           "Tensor w_scale, Tensor? bias, int activation=0, float? act_scale=None, int act_zero_point=0) -> Tensor")
+LIB.define("sparse_int8_linear_sliced(Tensor x, Tensor slice_ptr, Tensor step_base, Tensor step_lane, Tensor values, "
+           "Tensor col_sum, Tensor w_scale, Tensor? bias, int activation=0, float? act_scale=None, "
+           "int act_zero_point=0) -> Tensor")
+
+SLICE_LANES = 16
+
+_FORMAT_CSR, _FORMAT_NM24 = 0, 1
+
+
+def _check_common(op: str, x, bias, n: int, activation: int) -> int:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{op}: x must be float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension")
+    k = x.shape[-1]
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"{op}: K={k} features is outside [1, {MAX_K}] (uint16 column indices)")
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1 or bias.numel() != n):
+        raise ValueError(f"{op}: bias must be 1-D float32 of {n}, got {bias.dtype} {tuple(bias.shape)}")
+    if activation not in (0, 1, 2):
+        raise ValueError(f"{op}: activation code {activation} not in (0, 1, 2)")
+    return k
+
+
+def _check_csr_like(op: str, row_ptr, idx, values, values_per_entry: int, value_dtype) -> int:
+    if row_ptr.dtype != torch.int32 or row_ptr.dim() != 1 or row_ptr.numel() < 2:
+        raise ValueError(f"{op}: row_ptr must be 1-D int32 with N+1 >= 2 entries, got {row_ptr.dtype} "
+                         f"{tuple(row_ptr.shape)}")
+    if idx.dtype != torch.uint16 or idx.dim() != 1:
+        raise ValueError(f"{op}: indices must be 1-D uint16, got {idx.dtype} {tuple(idx.shape)}")
+    if values.dtype != value_dtype or values.dim() != 1 or values.numel() != values_per_entry * idx.numel():
+        raise ValueError(f"{op}: values must be 1-D {value_dtype} of {values_per_entry} x {idx.numel()} entries, "
+                         f"got {values.dtype} {tuple(values.shape)}")
+    return row_ptr.numel() - 1
+
+
+def _check_csr(x, row_ptr, col_idx, values, bias, activation) -> tuple[int, int]:
+    n = _check_csr_like("sparse_linear_csr", row_ptr, col_idx, values, 1, torch.float32)
+    return _check_common("sparse_linear_csr", x, bias, n, activation), n
+
+
+def _check_nm24(x, nm_idx, values, bias, activation) -> tuple[int, int]:
+    op = "sparse_linear_nm24"
+    if values.dtype != torch.float32 or values.dim() != 2:
+        raise ValueError(f"{op}: values must be 2-D float32 [N, K/2], got {values.dtype} {tuple(values.shape)}")
+    n = values.shape[0]
+    k = _check_common(op, x, bias, n, activation)
+    if k % 4 or values.shape[1] != k // 2:
+        raise ValueError(f"{op}: x has K={k} features; 2:4 values [N, K/2] = {tuple(values.shape)} expect "
+                         f"K={2 * values.shape[1]} (a multiple of 4)")
+    words = (k // 2 + NM_PER_WORD - 1) // NM_PER_WORD
+    if nm_idx.dtype != torch.uint32 or tuple(nm_idx.shape) != (n, words):
+        raise ValueError(f"{op}: nm_idx must be uint32 [{n}, {words}], got {nm_idx.dtype} {tuple(nm_idx.shape)}")
+    return k, n
+
+
+def _check_int8(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation, act_scale,
+                act_zero_point) -> tuple[int, int]:
+    op = "sparse_int8_linear"
+    n = _check_csr_like(op, row_ptr, blk_idx, values, 4, torch.int8)
+    k = _check_common(op, x, bias, n, activation)
+    for name, t, dtype in (("col_sum", col_sum, torch.int32), ("w_scale", w_scale, torch.float32)):
+        if t.dtype != dtype or t.dim() != 1 or t.numel() != n:
+            raise ValueError(f"{op}: {name} must be 1-D {dtype} of {n}, got {t.dtype} {tuple(t.shape)}")
+    if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= 255):
+        raise ValueError(f"{op}: static scale {act_scale} must be finite > 0, zero point {act_zero_point} in [0, 255]")
+    return k, n
+
+
+def _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias, activation, act_scale,
+                  act_zero_point) -> tuple[int, int]:
+    op = "sparse_int8_linear_sliced"
+    n = col_sum.numel()
+    if col_sum.dtype != torch.int32 or col_sum.dim() != 1 or n < 1:
+        raise ValueError(f"{op}: col_sum must be 1-D int32 of N >= 1, got {col_sum.dtype} {tuple(col_sum.shape)}")
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != n:
+        raise ValueError(f"{op}: w_scale must be 1-D float32 of {n}, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    slices = (n + SLICE_LANES - 1) // SLICE_LANES
+    if slice_ptr.dtype != torch.int32 or tuple(slice_ptr.shape) != (slices + 1,):
+        raise ValueError(f"{op}: slice_ptr must be int32 [{slices + 1}] for N={n}, got {slice_ptr.dtype} "
+                         f"{tuple(slice_ptr.shape)}")
+    if step_base.dtype != torch.uint16 or step_base.dim() != 1:
+        raise ValueError(f"{op}: step_base must be 1-D uint16, got {step_base.dtype} {tuple(step_base.shape)}")
+    steps = step_base.numel()
+    if step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (steps, 2):
+        raise ValueError(f"{op}: step_lane must be uint32 [{steps}, 2], got {step_lane.dtype} {tuple(step_lane.shape)}")
+    if values.dtype != torch.int8 or tuple(values.shape) != (steps, 4 * SLICE_LANES):
+        raise ValueError(f"{op}: values must be int8 [{steps}, {4 * SLICE_LANES}], got {values.dtype} "
+                         f"{tuple(values.shape)}")
+    k = _check_common(op, x, bias, n, activation)
+    if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= 255):
+        raise ValueError(f"{op}: static scale {act_scale} must be finite > 0, zero point {act_zero_point} in [0, 255]")
+    return k, n
+
+
+def build_sliced(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int):
+    """The sliced layout (csrc/sparse/sparse.h) of a bsr1x4 pack: (slice_ptr, step_base, step_lane, values).
+
+    The bsr1x4 structure is validated first, so the builder only reads in bounds; its output is validated
+    again by the op like any pack handed to it.
+    """
+    op = "build_sliced"
+    n = _check_csr_like(op, row_ptr, blk_idx, values, 4, torch.int8)
+    ensure_valid_structure(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    _require_contiguous(op, values)
+    steps = _C.sparse_sliced_steps(row_ptr.data_ptr(), n, blk_idx.data_ptr(), k)
+    slice_ptr = torch.empty((n + SLICE_LANES - 1) // SLICE_LANES + 1, dtype=torch.int32)
+    step_base = torch.empty(steps, dtype=torch.uint16)
+    step_lane = torch.empty((steps, 2), dtype=torch.uint32)
+    sliced_values = torch.empty((steps, 4 * SLICE_LANES), dtype=torch.int8)
+    _C.sparse_build_sliced(row_ptr.data_ptr(), n, blk_idx.data_ptr(), values.data_ptr(), k, slice_ptr.data_ptr(),
+                           step_base.data_ptr(), step_lane.data_ptr(), sliced_values.data_ptr(), steps)
+    return slice_ptr, step_base, step_lane, sliced_values
+
+
+def _stamp(row_ptr: torch.Tensor, idx: torch.Tensor, k: int):
+    return (row_ptr.data_ptr(), row_ptr._version, idx.data_ptr(), idx._version, k)
+
+
+def ensure_valid_structure(op: str, row_ptr: torch.Tensor, idx: torch.Tensor, k: int, validate) -> None:
+    """Runs the C++ structural check unless it already passed for these exact tensors and versions."""
+    memo = not (row_ptr.is_inference() or idx.is_inference())  # inference tensors have no version counter
+    if memo and getattr(row_ptr, "_pycompress_valid", None) == _stamp(row_ptr, idx, k):
+        return
+    if not (row_ptr.is_contiguous() and idx.is_contiguous()):
+        raise ValueError(f"{op}: row_ptr and indices must be contiguous")
+    try:
+        validate(row_ptr.data_ptr(), row_ptr.numel() - 1, idx.data_ptr(), idx.numel(), k)
+    except ValueError as e:
+        raise ValueError(f"{op}: corrupt sparse pack: {e}") from None
+    if memo:
+        row_ptr._pycompress_valid = _stamp(row_ptr, idx, k)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
+    if x2.shape[0] > 0 and (x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k)):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _ldx(x2: torch.Tensor, k: int) -> int:
+    return x2.stride(0) if x2.shape[0] > 1 else k
+
+
+def _require_contiguous(op: str, *tensors) -> None:
+    if not all(t is None or t.is_contiguous() for t in tensors):
+        raise ValueError(f"{op}: weight operands must be contiguous (build them with pycompress.nn modules)")
+
+
+def _out(x, y, n):
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+def sparse_linear_csr_cpu(x, row_ptr, col_idx, values, bias=None, activation=0):
+    k, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
+    _require_contiguous("sparse_linear_csr", values, bias)
+    ensure_valid_structure("sparse_linear_csr", row_ptr, col_idx, k, _C.sparse_validate_csr)
+    x2 = _rows(x, k)
+    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    _C.sparse_f32_linear(_FORMAT_CSR, n, k, row_ptr.data_ptr(), col_idx.data_ptr(), 0, 0, values.data_ptr(),
+                         x2.data_ptr(), x2.shape[0], _ldx(x2, k), 0 if bias is None else bias.data_ptr(),
+                         activation, y.data_ptr(), n, num_threads())
+    return _out(x, y, n)
+
+
+def sparse_linear_nm24_cpu(x, nm_idx, values, bias=None, activation=0):
+    k, n = _check_nm24(x, nm_idx, values, bias, activation)
+    _require_contiguous("sparse_linear_nm24", nm_idx, values, bias)
+    x2 = _rows(x, k)
+    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    _C.sparse_f32_linear(_FORMAT_NM24, n, k, 0, 0, nm_idx.data_ptr(), nm_idx.shape[1], values.data_ptr(),
+                         x2.data_ptr(), x2.shape[0], _ldx(x2, k), 0 if bias is None else bias.data_ptr(),
+                         activation, y.data_ptr(), n, num_threads())
+    return _out(x, y, n)
+
+
+def sparse_int8_linear_cpu(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=None, activation=0,
+                           act_scale=None, act_zero_point=0):
+    k, n = _check_int8(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    _require_contiguous("sparse_int8_linear", values, col_sum, w_scale, bias)
+    ensure_valid_structure("sparse_int8_linear", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    x2 = _rows(x, k)
+    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    _C.sparse_q8_linear(n, k, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(), col_sum.data_ptr(),
+                        w_scale.data_ptr(), x2.data_ptr(), x2.shape[0], _ldx(x2, k),
+                        0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
+                        1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads())
+    return _out(x, y, n)
+
+
+def _sliced_validator(n: int):
+    # ensure_valid_structure passes len(slice_ptr) - 1 = number of slices; the C++ check wants N.
+    return lambda slice_ptr, _slices, step_base, nsteps, k: _C.sparse_validate_sliced(slice_ptr, n, step_base,
+                                                                                       nsteps, k)
+
+
+def sparse_int8_linear_sliced_cpu(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None,
+                                  activation=0, act_scale=None, act_zero_point=0):
+    op = "sparse_int8_linear_sliced"
+    k, n = _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias, activation, act_scale,
+                         act_zero_point)
+    _require_contiguous(op, step_lane, values, col_sum, w_scale, bias)
+    ensure_valid_structure(op, slice_ptr, step_base, k, _sliced_validator(n))
+    x2 = _rows(x, k)
+    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    _C.sparse_sliced_linear(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.data_ptr(), values.data_ptr(),
+                            col_sum.data_ptr(), w_scale.data_ptr(), x2.data_ptr(), x2.shape[0], _ldx(x2, k),
+                            0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
+                            1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads())
+    return _out(x, y, n)
+
+
+@torch.library.register_fake("pycompress::sparse_linear_csr")
+def _sparse_linear_csr_fake(x, row_ptr, col_idx, values, bias=None, activation=0):
+    _, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("pycompress::sparse_linear_nm24")
+def _sparse_linear_nm24_fake(x, nm_idx, values, bias=None, activation=0):
+    _, n = _check_nm24(x, nm_idx, values, bias, activation)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("pycompress::sparse_int8_linear")
+def _sparse_int8_linear_fake(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=None, activation=0,
+                             act_scale=None, act_zero_point=0):
+    _, n = _check_int8(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+LIB.impl("sparse_linear_csr", sparse_linear_csr_cpu, "CPU")
+LIB.impl("sparse_linear_nm24", sparse_linear_nm24_cpu, "CPU")
+LIB.impl("sparse_int8_linear", sparse_int8_linear_cpu, "CPU")
+LIB.impl("sparse_int8_linear_sliced", sparse_int8_linear_sliced_cpu, "CPU")
+
+
+def sparse_linear_csr(x, row_ptr, col_idx, values, bias=None, activation=0):
+    return torch.ops.pycompress.sparse_linear_csr(x, row_ptr, col_idx, values, bias, activation)
+
+
+def sparse_linear_nm24(x, nm_idx, values, bias=None, activation=0):
+    return torch.ops.pycompress.sparse_linear_nm24(x, nm_idx, values, bias, activation)
+
+
+def sparse_int8_linear(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=None, activation=0, act_scale=None,
+                       act_zero_point=0):
+    return torch.ops.pycompress.sparse_int8_linear(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation,
+                                                   act_scale, act_zero_point)
+
+
+@torch.library.register_fake("pycompress::sparse_int8_linear_sliced")
+def _sparse_int8_linear_sliced_fake(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None,
+                                    activation=0, act_scale=None, act_zero_point=0):
+    _, n = _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias, activation, act_scale,
+                         act_zero_point)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def sparse_int8_linear_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None, activation=0,
+                              act_scale=None, act_zero_point=0):
+    return torch.ops.pycompress.sparse_int8_linear_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale,
+                                                          bias, activation, act_scale, act_zero_point)
+
+
+def sparse_sliced_accumulate_raw(q: torch.Tensor, slice_ptr, step_base, step_lane, values, n: int,
+                                 k: int) -> torch.Tensor:
+    """Test hook: raw int32 accumulators of quantized rows q uint8 [M, round_up(K, 4)] against a sliced pack."""
+    op = "sparse_sliced_accumulate_raw"
+    kp = (k + 3) // 4 * 4
+    if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] != kp:
+        raise ValueError(f"{op}: q must be uint8 [M, {kp}], got {q.dtype} {tuple(q.shape)}")
+    if values.dtype != torch.int8 or tuple(values.shape) != (step_base.numel(), 4 * SLICE_LANES):
+        raise ValueError(f"{op}: values must be int8 [steps, {4 * SLICE_LANES}]")
+    if step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (step_base.numel(), 2):
+        raise ValueError(f"{op}: step_lane must be uint32 [steps, 2]")
+    ensure_valid_structure(op, slice_ptr, step_base, k, _sliced_validator(n))
+    # Rows zero padded to the window reach (sparse.h: sliced_row_bytes).
+    padded = torch.zeros((q.shape[0], max(kp, 4 * SLICE_LANES)), dtype=torch.uint8)
+    padded[:, :kp] = q
+    out = torch.empty((q.shape[0], n), dtype=torch.int32)
+    _C.sparse_sliced_accumulate_raw(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.contiguous().data_ptr(),
+                                    values.contiguous().data_ptr(), padded.data_ptr(), q.shape[0], out.data_ptr(),
+                                    num_threads())
+    return out
+
+
+def sparse_q8_accumulate_raw(q: torch.Tensor, row_ptr, blk_idx, values, k: int) -> torch.Tensor:
+    """Test hook: raw int32 accumulators of quantized rows q uint8 [M, round_up(K, 4)] on the active ISA."""
+    n = row_ptr.numel() - 1
+    ensure_valid_structure("sparse_q8_accumulate_raw", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    kp = (k + 3) // 4 * 4
+    if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] != kp or not q.is_contiguous():
+        raise ValueError(f"sparse_q8_accumulate_raw: q must be contiguous uint8 [M, {kp}], got {q.dtype} "
+                         f"{tuple(q.shape)}")
+    if values.numel() != 4 * blk_idx.numel():
+        raise ValueError("sparse_q8_accumulate_raw: values must hold 4 bytes per block")
+    out = torch.empty((q.shape[0], n), dtype=torch.int32)
+    _C.sparse_q8_accumulate_raw(n, k, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(), q.data_ptr(),
+                                q.shape[0], out.data_ptr(), num_threads())
+    return out

@@ -1,0 +1,134 @@
+"""Pruning masks as ``torch.nn.utils.parametrize`` parametrizations on ``weight``.
+
+``module.weight`` is recomputed as ``original * mask`` on every access, so:
+- a pruned weight is exactly zero in every forward pass, whatever the optimizer
+  does to ``original`` (momentum, weight decay);
+- its gradient is ``grad * mask`` = 0, so training never revives it;
+- the model stays an ordinary ``nn.Module``: any training loop keeps working.
+
+``remove(model)`` bakes ``original * mask`` into a plain ``weight`` Parameter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class PruningMask(nn.Module):
+    """weight -> weight * mask; ``mask`` is a buffer (saved in ``state_dict``), 1 = kept."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+def _parametrizations(module: nn.Module) -> list[nn.Module]:
+    if not parametrize.is_parametrized(module, "weight"):
+        return []
+    return list(module.parametrizations.weight)
+
+
+def get_pruning_mask_module(module: nn.Module) -> PruningMask | None:
+    for p in _parametrizations(module):
+        if isinstance(p, PruningMask):
+            return p
+    return None
+
+
+def get_mask(module: nn.Module) -> torch.Tensor | None:
+    """The boolean keep-mask (same shape as ``weight``) of a pruned layer, or None."""
+    p = get_pruning_mask_module(module)
+    return None if p is None else p.mask.bool()
+
+
+def original_weight(module: nn.Module) -> torch.Tensor:
+    """The stored (unmasked) weight tensor: ``parametrizations.weight.original`` or ``weight``."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def masked_float_weight(module: nn.Module) -> torch.Tensor:
+    """The weight with the pruning mask applied and no other parametrization (no fake-quant)."""
+    w = original_weight(module)
+    p = get_pruning_mask_module(module)
+    return w if p is None else p(w)
+
+
+def attach_mask(module: nn.Module, mask: torch.Tensor, name: str) -> None:
+    """Attach a new mask; zeroes the pruned entries of the stored weight too, so the
+    stored tensor and the effective one agree."""
+    if get_pruning_mask_module(module) is not None:
+        raise ValueError(f"prune({name}): layer is already pruned; call pycompress.prune.remove(model) "
+                         "first, or use GradualPruner to raise sparsity step by step")
+    if any(True for _ in _parametrizations(module)):
+        raise ValueError(f"prune({name}): layer already has parametrizations on weight "
+                         f"({[type(p).__name__ for p in _parametrizations(module)]}); prune before "
+                         "quantize/prepare_qat")
+    if mask.shape != module.weight.shape:
+        raise ValueError(f"prune({name}): mask shape {tuple(mask.shape)} != weight shape {tuple(module.weight.shape)}")
+    mask = mask.to(device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        module.weight.mul_(mask)
+    parametrize.register_parametrization(module, "weight", PruningMask(mask))
+
+
+def update_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    p = get_pruning_mask_module(module)
+    assert p is not None, "update_mask on a layer without a PruningMask"
+    with torch.no_grad():
+        p.mask.copy_(mask.to(p.mask.dtype))
+        module.parametrizations.weight.original.mul_(p.mask)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Make every pruning mask in ``model`` permanent: plain ``weight`` Parameters with
+    exact zeros. Other parametrizations (e.g. fake-quant) are kept, above the baked weight."""
+    for _, module in list(model.named_modules()):
+        plist = _parametrizations(module)
+        if not any(isinstance(p, PruningMask) for p in plist):
+            continue
+        with torch.no_grad():
+            baked = masked_float_weight(module).detach().clone()
+        others = [p for p in plist if not isinstance(p, PruningMask)]
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        with torch.no_grad():
+            module.weight.copy_(baked)
+        for p in others:
+            parametrize.register_parametrization(module, "weight", p)
+    return model
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def prunable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) for every Linear/Conv layer not excluded by name or fnmatch pattern."""
+    exclude = list(exclude)
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and not _matches(name, exclude):
+            yield name, module
+
+
+def sparsity_report(model: nn.Module) -> dict[str, float]:
+    """Fraction of exact zeros in the effective weight of every Linear/Conv layer, plus
+    ``"__total__"`` over all of them."""
+    report, zeros, total = {}, 0, 0
+    for name, module in prunable_layers(model):
+        w = module.weight.detach()
+        z = int((w == 0).sum())
+        report[name] = z / w.numel()
+        zeros, total = zeros + z, total + w.numel()
+    report["__total__"] = zeros / total if total else 0.0
+    return report

@@ -1,0 +1,69 @@
+"""Training-time quantization: PTQ (``quantize``), QAT (``prepare_qat``), Conv+BN folding.
+
+Contract with ``pycompress.convert`` (implemented here, tested in tests/test_quant*.py):
+
+- After ``quantize(model, ...)`` or ``prepare_qat(model, ...)`` (and training), each
+  quantized ``nn.Linear`` / ``nn.Conv2d`` stays that type and
+  ``get_quant_state(module)`` returns a ``QuantState`` (None for layers that were not
+  quantized):
+
+  - ``weight_bits: int``
+  - ``weight_scale: float32 [out_channels]``: symmetric per channel,
+    ``q in [-(2^(b-1)-1), 2^(b-1)-1]``, exactly
+    ``pycompress.reference.q8.quantize_weight_per_channel(W, weight_bits)`` for ``W`` the
+    layer's float weight with its pruning mask applied (``pycompress.prune.masked_float_weight``)
+    viewed as ``[out, in * kh * kw]``. ``quantized_weight(module)`` returns ``(q, scale)``.
+  - ``activations: "dynamic" | "static"``
+  - ``act_scale: float | None``, ``act_zero_point: int``: uint8 asymmetric,
+    ``q = clamp(round(x / scale) + zp, 0, 255)`` as in csrc/q8/q8_gemm.h (static only;
+    dynamic has ``None`` / 0 and quantizes per row at run time).
+  - ``act_bits: int`` (8 for the kernels).
+
+- The model's float forward simulates exactly that arithmetic (fake quant), so its
+  accuracy before convert is what the kernels should give (up to float summation order).
+  Dynamic activations are simulated per row for a Linear (each vector along the last
+  dim) and per sample for a Conv2d.
+- Pruning masks (pycompress.prune) are kept below the weight fake-quant: pruned weights
+  quantize to exact zeros.
+- Quantization state lives in parametrizations (``WeightFakeQuant`` on ``weight``) and
+  in a ``activation_fake_quant`` submodule applied by a forward pre-hook; convert must
+  drop both (it reads only ``get_quant_state`` and ``quantized_weight``).
+- Weight bits below 8 are simulated; the int8 kernels run them as int8 values in the
+  reduced range (no int4 packing).
+- QAT on a converted model (one holding ``pycompress.nn`` modules) is a ValueError.
+"""
+
+from pycompress.quant.api import (
+    QuantState,
+    freeze_ranges,
+    get_quant_state,
+    prepare_qat,
+    quantize,
+    quantized_weight,
+)
+from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from pycompress.quant.fold import fold_conv_bn
+from pycompress.quant.observers import (
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    affine_qparams,
+    fake_quantize_affine,
+)
+
+__all__ = [
+    "ActivationFakeQuant",
+    "MSEObserver",
+    "MinMaxObserver",
+    "PercentileObserver",
+    "QuantState",
+    "WeightFakeQuant",
+    "affine_qparams",
+    "fake_quantize_affine",
+    "fold_conv_bn",
+    "freeze_ranges",
+    "get_quant_state",
+    "prepare_qat",
+    "quantize",
+    "quantized_weight",
+]

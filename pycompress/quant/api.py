@@ -1,0 +1,273 @@
+"""``pycompress.quantize`` (PTQ), ``pycompress.prepare_qat`` (QAT) and ``get_quant_state``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pycompress.prune.masks import _matches, masked_float_weight
+from pycompress.quant._progress import progress_bar
+from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
+from pycompress.quant.fold import fold_conv_bn
+from pycompress.quant.observers import OBSERVERS, make_observer
+from pycompress.reference.q8 import quantize_weight_per_channel
+
+QUANTIZABLE_TYPES = (nn.Linear, nn.Conv2d)
+ACTIVATION_MODES = ("dynamic", "static")
+
+
+@dataclass
+class QuantState:
+    """What convert needs to build a kernel layer from a quantized nn.Linear / nn.Conv2d.
+
+    weight_bits: bits of the symmetric per-channel weight integers (8 for the int8
+      kernels; fewer bits are simulated and still stored as int8 by convert).
+    weight_scale: float32 [out_channels]; ``q = clamp(round(W / scale), -(2^(b-1)-1),
+      2^(b-1)-1)`` for W the (masked) float weight viewed as [out, in * kh * kw], exactly
+      ``quantize_weight_per_channel(W, weight_bits)``; ``quantized_weight(module)``
+      returns (q, scale).
+    activations: ``"dynamic"`` (per row at run time) or ``"static"``.
+    act_scale / act_zero_point: the static uint8 parameters,
+      ``q = clamp(round(x / act_scale) + act_zero_point, 0, 2^act_bits - 1)``;
+      ``None`` / 0 for dynamic.
+    act_bits: 8 for the int8 kernels.
+    """
+
+    weight_bits: int
+    weight_scale: torch.Tensor
+    activations: str
+    act_scale: float | None
+    act_zero_point: int
+    act_bits: int
+
+
+def _weight_fake_quant(module: nn.Module) -> WeightFakeQuant | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, WeightFakeQuant)), None)
+
+
+def quantized_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in * kh * kw], scale float32 [out]) of a quantized layer: the integer
+    weights its fake-quant forward simulates (pruned entries are 0)."""
+    wfq = _weight_fake_quant(module)
+    if wfq is None:
+        raise ValueError(f"quantized_weight: {type(module).__name__} is not quantized")
+    w = masked_float_weight(module).detach()
+    return quantize_weight_per_channel(w.reshape(w.shape[0], -1), wfq.bits)
+
+
+def get_quant_state(module: nn.Module) -> QuantState | None:
+    """The quantization state of a Linear/Conv2d after ``quantize``/``prepare_qat``, else None.
+    Scales are computed from the current weights and ranges, so after QAT they
+    reflect the trained model."""
+    wfq = _weight_fake_quant(module)
+    afq = getattr(module, "activation_fake_quant", None)
+    if wfq is None or not isinstance(afq, ActivationFakeQuant):
+        return None
+    _, scale = quantized_weight(module)
+    static = afq.activations == "static"
+    if static and not bool(afq.initialized):
+        raise ValueError(f"get_quant_state: {type(module).__name__} has static activations whose range was "
+                         "never observed (train or calibrate first)")
+    return QuantState(
+        weight_bits=wfq.bits,
+        weight_scale=scale,
+        activations=afq.activations,
+        act_scale=float(afq.scale) if static else None,
+        act_zero_point=int(afq.zero_point) if static else 0,
+        act_bits=afq.bits,
+    )
+
+
+def _check_float_model(model: nn.Module, what: str) -> None:
+    for name, mod in model.named_modules():
+        if type(mod).__module__.startswith("pycompress.nn"):
+            raise ValueError(f"{what}: the model is already converted ({name or 'model'} is "
+                             f"{type(mod).__name__}); {what} needs the float model before pycompress.convert")
+
+
+def _layers(model: nn.Module, exclude: Iterable[str], what: str) -> list[tuple[str, nn.Module]]:
+    exclude = list(exclude)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and not _matches(n, exclude)]
+    if not layers:
+        raise ValueError(f"{what}: the model has no nn.Linear / nn.Conv2d layer to quantize")
+    for name, mod in layers:
+        if _is_quantized(mod):
+            raise ValueError(f"{what}({name}): layer is already quantized")
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1 and mod.groups != mod.in_channels:
+            raise ValueError(f"{what}({name}): grouped conv (groups={mod.groups}) is not supported")
+    return layers
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return _weight_fake_quant(module) is not None or hasattr(module, "activation_fake_quant")
+
+
+def _check_bits(weight_bits: int, act_bits: int, activations: str, what: str) -> None:
+    if not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
+        raise ValueError(f"{what}: weight_bits must be an int in [2, 8], got {weight_bits!r}")
+    if not isinstance(act_bits, int) or not 2 <= act_bits <= 8:
+        raise ValueError(f"{what}: act_bits must be an int in [2, 8], got {act_bits!r}")
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"{what}: activations must be one of {ACTIVATION_MODES}, got {activations!r}")
+
+
+def _attach(mod: nn.Module, weight_bits: int, afq: ActivationFakeQuant) -> None:
+    mod.activation_fake_quant = afq
+    mod.register_forward_pre_hook(quantize_input_hook)
+    parametrize.register_parametrization(mod, "weight", WeightFakeQuant(weight_bits))
+
+
+def _run_batch(model: nn.Module, batch: object) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _materialize(batches: Iterable | None, what: str) -> list | None:
+    if batches is None:
+        return None
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"{what}: calibration_batches must be an iterable of batches (e.g. a list of "
+                        "tensors or a DataLoader), not one tensor; wrap it: [x]")
+    out = list(batches)
+    if not out:
+        raise ValueError(f"{what}: calibration_batches is empty; pass at least one batch of sample inputs")
+    return out
+
+
+def _calibrate(model: nn.Module, modules: list[tuple[str, ActivationFakeQuant]], batches: list,
+               observer: str, act_bits: int, percentile: float, progress: bool | None, what: str) -> None:
+    for _, afq in modules:
+        afq.observer = make_observer(observer, act_bits, percentile)
+        afq.mode = "observe"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in progress_bar(batches, desc=f"{what}: calibration", enabled=progress):
+                _run_batch(model, batch)
+    finally:
+        model.train(was_training)
+        for _, afq in modules:
+            afq.mode = "quantize"
+    for name, afq in modules:
+        if afq.observer.lo is None:
+            raise ValueError(f"{what}({name}): the calibration batches never reached this layer (or held "
+                             "no finite values); cannot set its static activation range")
+        afq.set_range(*afq.observer.range())
+        afq.observer = None
+
+
+def _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, percentile, fold_bn,
+             exclude, progress, learn_range, range_momentum, what):
+    _check_bits(weight_bits, act_bits, activations, what)
+    if observer not in OBSERVERS:
+        raise ValueError(f"{what}: unknown observer {observer!r}; expected one of {sorted(OBSERVERS)}")
+    _check_float_model(model, what)
+    batches = _materialize(calibration_batches, what)
+    if what == "quantize" and activations == "static" and batches is None:
+        raise ValueError("quantize: static activations need calibration_batches (a few batches of sample inputs)")
+    _layers(model, exclude, what)  # validate before folding changes anything
+    if fold_bn:
+        fold_conv_bn(model)
+    layers = _layers(model, exclude, what)
+    static_modules = []
+    for name, mod in layers:
+        rows = "last_dim" if isinstance(mod, nn.Linear) else "sample"
+        afq = ActivationFakeQuant(activations, act_bits, rows, learn_range=learn_range,
+                                  range_momentum=range_momentum)
+        _attach(mod, weight_bits, afq)
+        if activations == "static":
+            static_modules.append((name, afq))
+    if static_modules and batches is not None:
+        try:
+            _calibrate(model, static_modules, batches, observer, act_bits, percentile, progress, what)
+        except Exception:
+            # Leave no half-quantized model behind: detach everything we attached.
+            for _, mod in layers:
+                _detach(mod)
+            raise
+    return model
+
+
+def _detach(mod: nn.Module) -> None:
+    if _weight_fake_quant(mod) is not None:
+        parametrizations = [p for p in mod.parametrizations.weight if not isinstance(p, WeightFakeQuant)]
+        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+        for p in parametrizations:
+            parametrize.register_parametrization(mod, "weight", p)
+    if hasattr(mod, "activation_fake_quant"):
+        del mod.activation_fake_quant
+    for key, hook in list(mod._forward_pre_hooks.items()):
+        if hook is quantize_input_hook:
+            del mod._forward_pre_hooks[key]
+
+
+def quantize(
+    model: nn.Module,
+    calibration_batches: Iterable | None = None,
+    weight_bits: int = 8,
+    activations: str = "dynamic",
+    observer: str = "minmax",
+    act_bits: int = 8,
+    percentile: float = 99.99,
+    fold_bn: bool = True,
+    exclude: Iterable[str] = (),
+    progress: bool | None = None,
+) -> nn.Module:
+    """Post-training quantization of every nn.Linear / nn.Conv2d (in place; returns the model).
+
+    Folds BatchNorm into the preceding Conv/Linear (``fold_bn``), calibrates static
+    activation ranges on ``calibration_batches`` (each batch: a tensor, a tuple of
+    positional inputs, or a dict of keyword inputs) with the ``observer``
+    (``"minmax"``, ``"percentile"`` at ``percentile``, or ``"mse"``), then attaches
+    fake quantization so the model's float forward simulates the quantized one.
+    Weights: symmetric per channel at ``weight_bits`` (8 runs on the int8 kernels;
+    2..7 are simulated and convert stores them as int8 values in the reduced range).
+    ``pycompress.convert`` reads each layer's ``get_quant_state``. ``progress=None``
+    shows a bar only on a terminal.
+    """
+    return _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, percentile, fold_bn,
+                    exclude, progress, learn_range=False, range_momentum=0.0, what="quantize")
+
+
+def prepare_qat(
+    model: nn.Module,
+    weight_bits: int = 8,
+    activations: str = "static",
+    act_bits: int = 8,
+    calibration_batches: Iterable | None = None,
+    observer: str = "minmax",
+    fold_bn: bool = True,
+    exclude: Iterable[str] = (),
+    range_momentum: float = 0.01,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Quantization-aware training: attach fake quantization (straight-through
+    estimators) to every nn.Linear / nn.Conv2d, in place, and return the model; then
+    train it in your own loop. Static activation ranges start from
+    ``calibration_batches`` if given (else from the first training batch) and follow an
+    exponential moving average (``range_momentum``) of batch min/max in training mode;
+    eval mode and ``freeze_ranges(model)`` fix them. BatchNorm is folded first
+    (``fold_bn``), so its statistics are frozen during QAT. Pruning masks already on the
+    weights stay in force (sparse QAT). The result converts like a PTQ model.
+    """
+    return _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, 99.99, fold_bn,
+                    exclude, progress, learn_range=True, range_momentum=range_momentum, what="prepare_qat")
+
+
+def freeze_ranges(model: nn.Module) -> nn.Module:
+    """Stop QAT activation-range updates (e.g. for the last epochs)."""
+    for mod in model.modules():
+        if isinstance(mod, ActivationFakeQuant):
+            mod.freeze()
+    return model

@@ -1,0 +1,143 @@
+"""Fake quantization with straight-through estimators, in the kernels' number formats.
+
+Weights: a ``torch.nn.utils.parametrize`` parametrization (``WeightFakeQuant``) on
+``weight``, registered after any pruning mask, that rounds each output channel to
+``bits``-bit symmetric integers with ``pycompress.reference.q8.quantize_weight_per_channel``
+(the same call convert makes) and passes gradients straight through.
+
+Activations: ``ActivationFakeQuant``, a submodule ``activation_fake_quant`` of the
+quantized layer applied to its input by a forward pre-hook: uint8 with a zero point,
+``q = clamp(round(x / scale) + zp, 0, 255)``, static (one calibrated scale / zero
+point) or dynamic (per row, computed from each row's range, as the kernels do).
+The straight-through estimator is clipped for static ranges: gradient 1 inside the
+representable range, 0 outside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pycompress.quant.observers import affine_qparams, fake_quantize_affine
+from pycompress.reference.q8 import quantize_weight_per_channel
+
+_F32 = torch.float32
+_FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+class WeightFakeQuant(nn.Module):
+    """weight -> dequantize(quantize_per_channel(weight, bits)), straight-through gradient."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"weight_bits must be in [2, 8], got {bits}")
+        self.bits = bits
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        w2 = weight.reshape(weight.shape[0], -1)
+        q, scale = quantize_weight_per_channel(w2, self.bits)
+        dequant = (q.to(_F32) * scale[:, None]).to(weight.dtype).reshape(weight.shape)
+        return weight + (dequant - weight).detach()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per-channel symmetric"
+
+
+def dynamic_fake_quantize_rows(rows: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-row dynamic uint8 quantization of a 2-D tensor, as the kernels' quantize_rows."""
+    qmax = float(2 ** bits - 1)
+    x = rows.detach().to(_F32)
+    zero = torch.zeros(x.shape[0], dtype=_F32, device=x.device)
+    lo = torch.minimum(x.amin(dim=1), zero)
+    hi = torch.maximum(x.amax(dim=1), zero)
+    scale = torch.clamp((hi - lo) / qmax, min=_FLT_MIN)
+    inv = 1.0 / scale
+    zp = torch.clamp(torch.round(-lo * inv), 0, qmax)
+    v = torch.clamp(x * inv[:, None], -256.0, 256.0)
+    q = torch.clamp(torch.round(v) + zp[:, None], 0, qmax)
+    return ((q - zp[:, None]) * scale[:, None]).to(rows.dtype)
+
+
+class ActivationFakeQuant(nn.Module):
+    """Fake-quantizes a layer's input.
+
+    modes: ``"observe"`` (PTQ calibration: pass through, feed the observer),
+    ``"quantize"``. With ``learn_range`` (QAT, static), training-mode forwards
+    update an exponential moving average of the batch min/max and recompute the
+    scale / zero point; eval-mode forwards (and ``freeze()``) keep them fixed.
+    ``rows``: ``"last_dim"`` (a Linear: each vector along the last dim is a row) or
+    ``"sample"`` (a conv: each sample is one row) for dynamic activations.
+    """
+
+    def __init__(self, activations: str, bits: int, rows: str, learn_range: bool = False,
+                 range_momentum: float = 0.01) -> None:
+        super().__init__()
+        self.activations = activations
+        self.bits = bits
+        self.rows = rows
+        self.learn_range = learn_range
+        self.range_momentum = range_momentum
+        self.mode = "quantize"
+        self.observer = None
+        self.frozen = False
+        self.register_buffer("scale", torch.ones((), dtype=_F32))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("range_min", torch.zeros((), dtype=_F32))
+        self.register_buffer("range_max", torch.zeros((), dtype=_F32))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def set_range(self, lo: float, hi: float) -> None:
+        scale, zp = affine_qparams(lo, hi, self.bits)
+        self.range_min.fill_(lo)
+        self.range_max.fill_(hi)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zp)
+        self.initialized.fill_(True)
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observer.update(x)
+            return x
+        if self.activations == "dynamic":
+            rows = x.reshape(-1, x.shape[-1]) if self.rows == "last_dim" else x.reshape(x.shape[0], -1)
+            if rows.numel() == 0:
+                return x
+            return x + (dynamic_fake_quantize_rows(rows, self.bits).reshape(x.shape) - x).detach()
+        if self.learn_range and self.training and not self.frozen:
+            self._update_range(x)
+        if not bool(self.initialized):
+            raise RuntimeError("ActivationFakeQuant: static activation range was never observed; run training "
+                               "forwards (QAT) or pass calibration_batches first")
+        qmax = 2 ** self.bits - 1
+        zp = self.zero_point.to(_F32)
+        lo = (0.0 - zp) * self.scale
+        hi = (qmax - zp) * self.scale
+        clipped = torch.maximum(torch.minimum(x, hi.to(x.dtype)), lo.to(x.dtype))
+        fq = fake_quantize_affine(x.detach(), self.scale, self.zero_point, self.bits)
+        return clipped + (fq - clipped).detach()
+
+    @torch.no_grad()
+    def _update_range(self, x: torch.Tensor) -> None:
+        finite = x.detach()[torch.isfinite(x.detach())]
+        if finite.numel() == 0:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
+        if bool(self.initialized):
+            m = self.range_momentum
+            lo = (1 - m) * float(self.range_min) + m * lo
+            hi = (1 - m) * float(self.range_max) + m * hi
+        self.set_range(lo, hi)
+
+    def extra_repr(self) -> str:
+        if self.activations == "dynamic":
+            return f"uint{self.bits} dynamic per {'row' if self.rows == 'last_dim' else 'sample'}"
+        return f"uint{self.bits} static scale={float(self.scale):.4g} zp={int(self.zero_point)}"
+
+
+def quantize_input_hook(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: fake-quantize the first positional input."""
+    return (module.activation_fake_quant(args[0]),) + tuple(args[1:])

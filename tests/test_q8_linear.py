@@ -1,0 +1,343 @@
+"""The int8 linear kernel against its exact reference, on every ISA path."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+import pycompress as pc
+from pycompress import _C
+from pycompress.reference.q8 import (
+    KGROUP,
+    MAX_K,
+    PANEL,
+    gelu_exact,
+    gelu_spec,
+    int8_linear_ref,
+    pack_int8_weights,
+    q8_accumulate_ref,
+    quantize_rows_ref,
+    quantize_weight_per_channel,
+    unpack_int8_weights,
+)
+
+# Sizes around the tiles: panels of 16 columns, driver tiles of 64, k-groups of 4,
+# vector widths of 8/16 floats, AVX-512 microkernel rows of 6 and AVX2 rows of 2.
+K_SIZES = [1, 3, 4, 5, 15, 16, 17, 63, 64, 65, 129, 768]
+N_SIZES = [1, 7, 15, 16, 17, 63, 64, 65, 130]
+M_SIZES = [1, 2, 5, 6, 7, 13, 200]
+
+
+def _round_up(v, m):
+    return (v + m - 1) // m * m
+
+
+def native_quantize(x: torch.Tensor, static=None):
+    m, k = x.shape
+    kp = _round_up(k, KGROUP)
+    q = torch.empty(m, kp, dtype=torch.uint8)
+    scale = torch.empty(m, dtype=torch.float32)
+    zp = torch.empty(m, dtype=torch.int32)
+    nonfinite = torch.empty(m, dtype=torch.uint8)
+    _C.q8_quantize_rows(x.data_ptr(), m, k, x.stride(0), q.data_ptr(), scale.data_ptr(), zp.data_ptr(),
+                        nonfinite.data_ptr(), static is not None, static[0] if static else 1.0,
+                        static[1] if static else 0)
+    return q, scale, zp, nonfinite.bool()
+
+
+def native_gemm_raw(q: torch.Tensor, w: torch.Tensor, threads: int = 2):
+    m, kp = q.shape
+    n = w.shape[0]
+    packed, _ = pack_int8_weights(w)
+    out = torch.empty(m, n, dtype=torch.int32)
+    _C.q8_gemm_raw(q.data_ptr(), m, kp, packed.data_ptr(), n, out.data_ptr(), threads)
+    return out
+
+
+def make_linear(k, n, gen, bias=True):
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=gen))
+    return lin
+
+
+def test_pack_round_trip(gen):
+    for n, k in [(1, 1), (17, 5), (64, 64), (65, 130)]:
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        packed, col_sum = pack_int8_weights(w)
+        assert packed.numel() == _round_up(n, PANEL) * _round_up(k, KGROUP)
+        assert torch.equal(unpack_int8_weights(packed, n, k), w)
+        assert torch.equal(col_sum[:n], w.sum(1, dtype=torch.int32))
+        assert not col_sum[n:].any()
+
+
+@pytest.mark.parametrize("k", K_SIZES)
+def test_quantize_rows_bit_exact(isa, k, gen):
+    x = torch.randn(7, k, generator=gen) * torch.logspace(-3, 3, 7)[:, None]
+    x[1] = 0.0                      # all-zero row: scale clamps to FLT_MIN, zp 0
+    x[2] = x[2].abs() + 1.0         # positive-only row: zp 0
+    x[3] = -x[3].abs() - 1.0        # negative-only row: zp 255
+    x[4] = 3.25                     # constant row
+    for static in (None, (0.05, 128), (1e-3, 0), (7.0, 255)):
+        q, scale, zp, nonfinite = native_quantize(x, static)
+        rq, rscale, rzp, rnonfinite = quantize_rows_ref(x, static)
+        assert torch.equal(q[:, :k], rq), (isa, k, static)
+        assert not q[:, k:].any()
+        assert torch.equal(scale, rscale) and torch.equal(zp, rzp)
+        assert not nonfinite.any() and not rnonfinite.any()
+
+
+@pytest.mark.parametrize("n", N_SIZES)
+@pytest.mark.parametrize("k", [1, 4, 5, 64, 67, 300])
+def test_gemm_accumulators_bit_exact(isa, n, k, gen):
+    kp = _round_up(k, KGROUP)
+    for m in (1, 6, 13):
+        q = torch.zeros(m, kp, dtype=torch.uint8)
+        q[:, :k] = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        assert torch.equal(native_gemm_raw(q, w), q8_accumulate_ref(q[:, :k], w).to(torch.int32))
+
+
+def test_gemm_raw_refuses_unpadded_rows():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        native_gemm_raw(torch.zeros(1, 6, dtype=torch.uint8), torch.zeros(16, 6, dtype=torch.int8))
+
+
+def test_gemm_extremes_never_saturate(isa):
+    # The pairs AVX2's vpmaddubsw would saturate: 255*127 + 255*127 > 32767, and
+    # the most negative sum: 255*(-128) in every term, up to the K limit.
+    for k in (2, 64, 4096, MAX_K):
+        n = 16
+        q = torch.zeros(2, _round_up(k, KGROUP), dtype=torch.uint8)
+        q[:, :k] = 255
+        w = torch.empty(n, k, dtype=torch.int8)
+        w[: n // 2] = 127
+        w[n // 2:] = -128
+        out = native_gemm_raw(q, w, threads=1)
+        assert (out[:, : n // 2] == 255 * 127 * k).all()
+        assert (out[:, n // 2:] == -255 * 128 * k).all()
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("static", [None, (0.02, 131)])
+def test_int8_linear_bit_exact(isa, activation, static, gen):
+    for k, n, m in [(5, 7, 1), (17, 65, 13), (64, 16, 6), (129, 130, 7), (768, 63, 200)]:
+        for bias in (True, False):
+            lin = make_linear(k, n, gen, bias)
+            mod = pc.nn.Int8Linear.from_float(lin, activation=activation,
+                                              act_scale=static and static[0],
+                                              act_zero_point=static[1] if static else 0)
+            x = torch.randn(m, k, generator=gen)
+            q, scale = quantize_weight_per_channel(lin.weight)
+            ref = int8_linear_ref(x, q, scale, lin.bias.detach() if bias else None, activation, static)
+            assert torch.equal(mod(x), ref), (isa, k, n, m, bias)
+
+
+def test_gelu_approximation_accuracy():
+    v = torch.linspace(-12, 12, 200001, dtype=torch.float32)
+    err = (gelu_spec(v).double() - gelu_exact(v)).abs()
+    # GELU = x * Phi. A&S 7.1.26 bounds |erfc error| by 1.5e-7, so Phi is off by at most
+    # 0.75e-7 from the approximation, plus float32 rounding while evaluating Phi (a few
+    # ulps of 1; allow 4 eps) and the rounding of the final product (1 ulp).
+    eps = torch.finfo(torch.float32).eps
+    bound = (0.75e-7 + 4 * eps) * v.double().abs() + eps * gelu_exact(v).abs() + 1e-30
+    assert (err <= bound).all(), float((err - bound).max())
+
+
+def test_leading_batch_dims_and_noncontiguous_inputs(isa, gen):
+    lin = make_linear(40, 33, gen)
+    mod = pc.nn.Int8Linear.from_float(lin)
+    q, scale = quantize_weight_per_channel(lin.weight)
+    ref = lambda x: int8_linear_ref(x.contiguous(), q, scale, lin.bias.detach())  # noqa: E731
+    wide = torch.randn(9, 100, generator=gen)
+    cases = {
+        "3-D": torch.randn(2, 5, 40, generator=gen),
+        "strided rows": wide[:, 10:50],
+        "transposed": torch.randn(40, 9, generator=gen).t(),
+        "every other column": torch.randn(9, 80, generator=gen)[:, ::2],
+        "expanded": torch.randn(1, 40, generator=gen).expand(4, 40),
+        "4-D permuted": torch.randn(3, 40, 2, 2, generator=gen).permute(0, 2, 3, 1),
+    }
+    for name, x in cases.items():
+        assert torch.equal(mod(x), ref(x)), name
+
+
+@pytest.mark.parametrize("shape", [(0, 40), (0, 3, 40), (2, 0, 40)])
+def test_empty_batch(isa, shape, gen):
+    mod = pc.nn.Int8Linear.from_float(make_linear(40, 12, gen))
+    y = mod(torch.randn(*shape))
+    assert y.shape == (*shape[:-1], 12)
+
+
+def test_nonfinite_rows_become_nan_and_spare_the_others(isa, gen):
+    lin = make_linear(70, 20, gen)
+    mod = pc.nn.Int8Linear.from_float(lin)
+    x = torch.randn(6, 70, generator=gen)
+    x[1, 3] = float("nan")
+    x[3, 69] = float("inf")
+    x[4, 0] = -float("inf")
+    y = mod(x)
+    bad = torch.tensor([False, True, False, True, True, False])
+    assert torch.isnan(y[bad]).all()
+    q, scale = quantize_weight_per_channel(lin.weight)
+    assert torch.equal(y[~bad], int8_linear_ref(x[~bad], q, scale, lin.bias.detach()))
+
+
+def test_huge_but_finite_activations_are_not_corrupted(isa, gen):
+    mod = pc.nn.Int8Linear.from_float(make_linear(16, 16, gen), act_scale=1e-3, act_zero_point=128)
+    x = torch.tensor([[3e38, -3e38] + [1.0] * 14])
+    y = mod(x)
+    q, scale = quantize_weight_per_channel(torch.nn.Linear(16, 16).weight)
+    assert torch.isfinite(y).all()
+    # Dynamic mode: the row range overflows float32 and is reported as non-finite.
+    dyn = pc.nn.Int8Linear.from_float(make_linear(16, 16, gen))
+    assert torch.isnan(dyn(x)).all()
+    del q, scale
+
+
+def test_wrong_inputs_get_clear_errors(gen):
+    mod = pc.nn.Int8Linear.from_float(make_linear(768, 64, gen), name="encoder.fc1")
+    with pytest.raises(ValueError, match=r"Int8Linear\(encoder.fc1\): input has shape \(2, 512\), expected \(\.\.\., 768\)"):
+        mod(torch.randn(2, 512))
+    for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.int32):
+        with pytest.raises(TypeError, match=f"Int8Linear\\(encoder.fc1\\): input dtype {dtype}, expected torch.float32"):
+            mod(torch.zeros(2, 768, dtype=dtype))
+
+
+def test_op_validates_every_operand(gen):
+    mod = pc.nn.Int8Linear.from_float(make_linear(20, 17, gen))
+    x = torch.randn(3, 20)
+    good = dict(w_packed=mod.w_packed, col_sum=mod.col_sum, w_scale=mod.w_scale, bias=mod.bias)
+    bad_cases = {
+        "packed weight must be 1-D int8 of": dict(w_packed=mod.w_packed[:-1]),
+        "col_sum must be 1-D int32": dict(col_sum=mod.col_sum.long()),
+        "bias must be 1-D float32 of 17": dict(bias=torch.zeros(16)),
+        "w_scale must be 1-D float32": dict(w_scale=mod.w_scale.double()),
+    }
+    for message, change in bad_cases.items():
+        args = {**good, **change}
+        with pytest.raises(ValueError, match=message):
+            torch.ops.pycompress.int8_linear(x, args["w_packed"], args["col_sum"], args["w_scale"], args["bias"])
+    with pytest.raises(ValueError, match="activation code 5"):
+        torch.ops.pycompress.int8_linear(x, *good.values(), 5)
+    with pytest.raises(ValueError, match="static scale"):
+        torch.ops.pycompress.int8_linear(x, *good.values(), 0, -1.0, 0)
+    with pytest.raises(ValueError, match="zero point 300"):
+        torch.ops.pycompress.int8_linear(x, *good.values(), 0, 0.1, 300)
+
+
+def test_k_beyond_int32_safe_limit_is_refused():
+    with pytest.raises(ValueError, match="in_features=65537 must be in \\[1, 65536\\]"):
+        pc.nn.Int8Linear(MAX_K + 1, 4)
+    x = torch.zeros(1, MAX_K + 1)
+    with pytest.raises(ValueError, match="K=65537 features is outside"):
+        torch.ops.pycompress.int8_linear(x, torch.zeros(1, dtype=torch.int8), torch.zeros(16, dtype=torch.int32),
+                                         torch.ones(4), None)
+
+
+def test_nan_weights_are_refused():
+    lin = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        lin.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="weight has NaN or Inf"):
+        pc.nn.Int8Linear.from_float(lin, name="fc")
+
+
+def test_low_bit_weights_run_on_the_same_kernel(isa, gen):
+    lin = make_linear(50, 20, gen)
+    for bits in (4, 2):
+        mod = pc.nn.Int8Linear.from_float(lin, weight_bits=bits)
+        q, scale = quantize_weight_per_channel(lin.weight, bits=bits)
+        assert q.abs().max() <= 2 ** (bits - 1) - 1
+        x = torch.randn(5, 50, generator=gen)
+        assert torch.equal(mod(x), int8_linear_ref(x, q, scale, lin.bias.detach()))
+
+
+def _relative_l2(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_quantization_error_no_worse_than_pytorch_dynamic_int8(gen):
+    # PyTorch's own dynamic int8 Linear is the yardstick (per-tensor uint8 activations,
+    # reduce_range on x86); ours quantizes per row with the full 8 bits.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+    for k, n, m in [(768, 768, 32), (768, 3072, 16), (3072, 768, 8)]:
+        lin = make_linear(k, n, gen)
+        x = torch.randn(m, k, generator=gen) * torch.linspace(0.1, 3, m)[:, None]
+        with torch.no_grad():
+            ref = lin(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch_q = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)(x)
+        ours = pc.nn.Int8Linear.from_float(lin)(x)
+        assert _relative_l2(ours, ref) <= _relative_l2(torch_q, ref), (k, n, m)
+
+
+def test_results_do_not_depend_on_thread_count(gen):
+    mod = pc.nn.Int8Linear.from_float(make_linear(300, 500, gen))
+    x = torch.randn(97, 300, generator=gen)
+    outs = []
+    for threads in (1, 2, 3):
+        pc.set_num_threads(threads)
+        try:
+            outs.append(mod(x))
+        finally:
+            pc.set_num_threads(None)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_many_python_threads_match_serial(isa, gen):
+    mod = pc.nn.Int8Linear.from_float(make_linear(256, 200, gen), activation="gelu")
+    inputs = [torch.randn(1 + 7 * i, 256, generator=gen) for i in range(8)]
+    serial = [mod(x) for x in inputs]
+    results: list = [None] * len(inputs)
+
+    def worker(i):
+        for _ in range(20):
+            results[i] = mod(inputs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert all(torch.equal(a, b) for a, b in zip(serial, results))
+
+
+def test_state_dict_round_trip(gen):
+    src = pc.nn.Int8Linear.from_float(make_linear(33, 21, gen), activation="relu")
+    dst = pc.nn.Int8Linear(33, 21, activation="relu")
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(4, 33, generator=gen)
+    assert torch.equal(src(x), dst(x))
+    # Same padded buffer sizes (K 33 and 34 both pad to 36): the configuration catches it.
+    with pytest.raises(ValueError, match="state_dict has in_features=33, this module expects 34"):
+        pc.nn.Int8Linear(34, 21).load_state_dict(src.state_dict())
+    with pytest.raises(ValueError, match="state_dict has in_features=33, this module expects 40"):
+        pc.nn.Int8Linear(40, 21).load_state_dict(src.state_dict())
+    # The activation settings travel with the state.
+    plain = pc.nn.Int8Linear(33, 21)
+    plain.load_state_dict(src.state_dict())
+    assert plain.activation == "relu" and torch.equal(plain(x), src(x))
+
+
+def test_extra_repr_is_informative(gen):
+    text = repr(pc.nn.Int8Linear.from_float(make_linear(64, 32, gen), activation="gelu"))
+    for part in ("in_features=64", "out_features=32", "int8 per-channel", "dynamic per-row", "gelu", "bytes="):
+        assert part in text
+
+
+def test_opcheck(gen):
+    mod = pc.nn.Int8Linear.from_float(make_linear(24, 20, gen))
+    for x, extra in [(torch.randn(5, 24), (0, None, 0)), (torch.randn(2, 3, 24), (2, 0.05, 7)),
+                     (torch.randn(0, 24), (1, None, 0))]:
+        torch.library.opcheck(torch.ops.pycompress.int8_linear.default,
+                              (x, mod.w_packed, mod.col_sum, mod.w_scale, mod.bias, *extra))
