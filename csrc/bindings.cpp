@@ -41,6 +41,7 @@ PYBIND11_MODULE(_C, m) {
     d["supported_isas"] = isa_names(supported_isas());
     d["active_isa"] = std::string(isa_name(active_isa()));
     d["pool_workers"] = thread_pool_workers();
+    d["threading"] = std::string(threading_backend());
     return d;
   });
   m.def("set_isa", [](const std::string& name) { set_active_isa(parse_isa(name)); }, py::arg("name"));

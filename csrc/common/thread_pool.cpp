@@ -1,7 +1,14 @@
 #include "common/thread_pool.h"
 
+#include <dlfcn.h>
+#include <link.h>
+
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -136,11 +143,97 @@ class Pool {
   std::vector<std::thread> workers_;
 };
 
+
+// ---- the shared OpenMP runtime -------------------------------------------
+
+using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+struct OpenMpRuntime {
+  GompParallelFn parallel = nullptr;
+  std::string path;
+};
+
+int find_openmp_library(struct dl_phdr_info* info, size_t, void* out) {
+  const char* name = info->dlpi_name;
+  if (name == nullptr || *name == '\0') return 0;
+  const char* base = std::strrchr(name, '/');
+  base = base ? base + 1 : name;
+  // GNU libgomp, and LLVM / Intel runtimes, which export the GOMP ABI too.
+  if (std::strncmp(base, "libgomp", 7) != 0 && std::strncmp(base, "libomp", 6) != 0 &&
+      std::strncmp(base, "libiomp5", 8) != 0) {
+    return 0;
+  }
+  void* handle = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
+  if (handle == nullptr) return 0;
+  auto* fn = reinterpret_cast<GompParallelFn>(dlsym(handle, "GOMP_parallel"));
+  dlclose(handle);  // RTLD_NOLOAD took a reference; the library stays loaded by its owner
+  if (fn == nullptr) return 0;
+  auto* rt = static_cast<OpenMpRuntime*>(out);
+  rt->parallel = fn;
+  rt->path = name;
+  return 1;
+}
+
+struct Backend {
+  OpenMpRuntime openmp;  // parallel == nullptr: use the pool
+  std::string description;
+};
+
+const Backend& backend() {
+  static const Backend b = [] {
+    Backend chosen;
+    const char* env = std::getenv("PYCOMPRESS_THREADING");
+    const std::string mode = env && *env ? env : "auto";
+    if (mode != "auto" && mode != "openmp" && mode != "pool") {
+      throw std::invalid_argument("PYCOMPRESS_THREADING='" + mode + "': expected auto, openmp or pool");
+    }
+    if (mode != "pool") dl_iterate_phdr(find_openmp_library, &chosen.openmp);
+    if (mode == "openmp" && chosen.openmp.parallel == nullptr) {
+      throw std::invalid_argument("PYCOMPRESS_THREADING=openmp but no OpenMP runtime is loaded (import torch first)");
+    }
+    chosen.description = chosen.openmp.parallel ? "openmp (" + chosen.openmp.path + ")" : "pool";
+    return chosen;
+  }();
+  return b;
+}
+
+struct OpenMpJob {
+  TaskFn fn;
+  void* ctx;
+  int64_t ntasks;
+  std::atomic<int64_t> next{0};
+};
+
+// Body of the parallel region: every team thread, the caller included, takes
+// tasks until none are left (dynamic, so a descheduled thread delays nobody
+// but its own task).
+void openmp_body(void* data) {
+  auto* job = static_cast<OpenMpJob*>(data);
+  for (;;) {
+    const int64_t t = job->next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= job->ntasks) return;
+    job->fn(job->ctx, t);
+  }
+}
+
 }  // namespace
 
 void parallel_for_raw(int64_t ntasks, int nthreads, TaskFn fn, void* ctx) {
+  const Backend& b = backend();
+  if (b.openmp.parallel != nullptr) {
+    OpenMpJob job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.ntasks = ntasks;
+    const int64_t team = nthreads < ntasks ? nthreads : ntasks;
+    b.openmp.parallel(openmp_body, &job, static_cast<unsigned>(team), 0);
+    return;
+  }
   Pool::instance().run(ntasks, nthreads, fn, ctx);
 }
+
+const char* threading_backend() { return backend().description.c_str(); }
+
 
 int thread_pool_workers() { return Pool::instance().workers(); }
 

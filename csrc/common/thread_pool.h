@@ -1,11 +1,22 @@
-// A small persistent thread pool for the kernels.
+// How the kernels run on several threads.
 //
-// Why not OpenMP: PyTorch ships its own libgomp; a second OpenMP runtime in the
-// same process gives two sets of spinning threads fighting over the cores. This
-// pool is torch-free, honours the thread count passed by the caller on every
-// call (the Python layer passes torch.get_num_threads()), and is safe to call
-// from many threads at once: each caller works on its own job and only borrows
-// idle workers, so concurrent callers never deadlock or share state.
+// Two backends behind one parallel_for:
+//   openmp  the OpenMP runtime already loaded in the process (PyTorch's bundled
+//           libgomp), found at run time with dl_iterate_phdr and entered through
+//           its GOMP_parallel ABI. The kernels then run on the same worker
+//           threads as torch's own ops. A second, separate set of threads does
+//           not scale on a small machine: after every torch op the OpenMP
+//           workers keep spinning and take the cores our own workers need
+//           (measured on all-MiniLM-L6-v2 at 2 threads: our int8 layers got no
+//           speedup from the second thread until they shared torch's team).
+//           Nothing is linked against an OpenMP library, so no second runtime
+//           can ever be loaded by pycompress.
+//   pool    a small persistent pool of our own, used when no OpenMP runtime is
+//           loaded (pycompress used without torch's OpenMP build) or when
+//           PYCOMPRESS_THREADING=pool. Each caller works on its own job and only
+//           borrows idle workers, so concurrent callers never deadlock.
+// Both honour the thread count passed on every call (the Python layer passes
+// torch.get_num_threads()) and are safe to call from many threads at once.
 #pragma once
 
 #include <cstdint>
@@ -33,5 +44,10 @@ void parallel_for(int64_t ntasks, int nthreads, const F& f) {
 
 // Number of pool workers started so far (for build_info and tests).
 int thread_pool_workers();
+
+// "openmp (<library path>)" or "pool": the backend parallel_for uses.
+// Chosen once from PYCOMPRESS_THREADING=auto|openmp|pool (default auto: openmp
+// when a runtime is loaded); openmp without a loaded runtime throws.
+const char* threading_backend();
 
 }  // namespace pycompress
