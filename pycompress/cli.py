@@ -229,7 +229,7 @@ def bench_command(args) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pycompress.demo import run_demo
 
-    run_demo(quick=args.quick, seed=args.seed, progress=not args.quiet)
+    run_demo(quick=args.quick, seed=args.seed, progress=not args.quiet, out=args.out)
     return 0
 
 
@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a short run (seconds), as CI uses")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.add_argument("--out", help="keep the compressed model at this path (default: a temporary file)")
     demo.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="print build_info(): version, ISAs, threads, CUDA")
     info.set_defaults(func=cmd_info)

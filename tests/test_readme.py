@@ -13,4 +13,6 @@ def test_readme_python_examples_run(capsys):
     assert blocks, "README.md has no python example"
     for code in blocks:
         exec(compile(code, str(README), "exec"), {})
-    assert "Int8Linear(in_features=768, out_features=3072" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Int8Linear(in_features=768, out_features=3072" in out
+    assert "verify: ok" in out
