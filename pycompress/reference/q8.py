@@ -97,26 +97,40 @@ def q8_accumulate_ref(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return q.to(torch.int64) @ w.to(torch.int64).t()
 
 
+# GELU's piecewise polynomial for E(u) = Phi(-u): row j holds the coefficient of t**j on each of the
+# 8 intervals. Derived by bench/gelu_coefficients.py (float64 least squares on Chebyshev nodes,
+# relative weights, rounded to float32); the same table as gelu_c::kTable in epilogue_math.h.
+_GELU_SCALE, _GELU_MAX_INDEX = 1.125, 7.0
+_GELU_TABLE = (
+    (0.5, 0.187031403, 0.0377201773, 0.00383038074, 0.000188590624, 4.40598069e-06, 4.82153979e-08, 0.0),
+    (-0.35461536, -0.238882527, -0.0730239227, -0.0101297572, -0.000637656369, -1.82156218e-05, -2.36164865e-07, 0.0),
+    (1.10906242e-07, 0.0943730697, 0.0576980971, 0.0120056123, 0.00100765168, 3.59804471e-05, 5.59593673e-07, 0.0),
+    (0.0466966406, 0.00660179509, -0.0207752064, -0.00815228373, -0.000977631658, -4.49568033e-05, -8.50956894e-07, 0.0),
+    (1.24101334e-05, -0.0137260761, 0.000605136564, 0.00325081078, 0.000639876409, 3.96448522e-05, 9.34881825e-07, 0.0),
+    (-0.00558348466, 0.00138989894, 0.0022635099, -0.000571833167, -0.000288237265, -2.62635058e-05, -8.10426855e-07, 0.0),
+    (0.000101577119, 0.00122529629, -0.000630033785, -0.000123104881, 8.33291924e-05, 1.34461725e-05, 5.66131291e-07, 0.0),
+    (0.000427306222, -0.000269911892, -5.19857931e-05, 8.60280488e-05, -1.11374911e-05, -4.32858724e-06, -2.33907642e-07, 0.0),
+)
+
+
 def gelu_spec(v: torch.Tensor) -> torch.Tensor:
-    """The kernels' GELU, step by step in float32 (csrc/common/epilogue_math.h)."""
+    """The kernels' GELU, step by step in float32 (csrc/common/epilogue_math.h).
+
+    GELU(x) = x * Phi(x); E(u) = Phi(-u) for u = |x| is a degree-7 polynomial in t = s - round(s),
+    s = min(u * 9/8, 7), with the coefficients of interval round(s); interval 7 (|x| >= 5.78) is zero,
+    so GELU saturates to x (x > 0) and -0 (x < 0). Every op is one float32 rounding, no FMA.
+    """
     f = lambda c: torch.tensor(c, dtype=_F32)  # noqa: E731
-    z = v.abs() * f(0.70710678118654752)
-    t = f(1.0) / (f(1.0) + f(0.3275911) * z)
-    poly = f(1.061405429)
-    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
-        poly = poly * t + f(c)
-    e = -(z * z)
-    e = torch.maximum(e, f(-87.0))
-    n = torch.round(e * f(1.44269504088896341))
-    r = e - n * f(0.693145751953125)
-    r = r - n * f(1.428606765330187045e-06)
-    p = f(1.0 / 5040.0)
-    for c in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
-        p = p * r + f(c)
-    two_n = ((n.to(torch.int32) + 127) << 23).view(_F32)
-    exp = p * two_n
-    half_erfc = f(0.5) * (t * poly) * exp
-    phi = torch.where(v >= 0, f(1.0) - half_erfc, half_erfc)
+    table = torch.tensor(_GELU_TABLE, dtype=_F32)
+    s = v.abs() * f(_GELU_SCALE)
+    s = torch.where(s < f(_GELU_MAX_INDEX), s, f(_GELU_MAX_INDEX))  # NaN -> 7, like _mm*_min_ps(s, 7)
+    n = torch.round(s)
+    t = s - n
+    idx = n.to(torch.int64)
+    e = table[-1][idx]
+    for coefficients in reversed(table[:-1]):
+        e = e * t + coefficients[idx]
+    phi = torch.where(v >= 0, f(1.0) - e, e)
     return v * phi
 
 
