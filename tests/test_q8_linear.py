@@ -138,6 +138,21 @@ def test_int8_linear_bit_exact(isa, activation, static, gen):
             assert torch.equal(mod(x), ref), (isa, k, n, m, bias)
 
 
+def test_fused_activations_bit_exact_over_the_whole_gelu_table(isa, gen):
+    # Pre-activations spread over [-9, 9] by the bias reach every interval of the GELU
+    # table (and its saturated end), not only the |x| < 4 that random layers produce.
+    lin = make_linear(48, 160, gen)
+    with torch.no_grad():
+        lin.bias.copy_(torch.linspace(-9, 9, 160))
+    x = torch.randn(7, 48, generator=gen) * 0.5
+    x[3, 5] = float("nan")
+    q, scale = quantize_weight_per_channel(lin.weight)
+    for activation in ("gelu", "relu"):
+        mod = pc.nn.Int8Linear.from_float(lin, activation=activation)
+        ref = int8_linear_ref(x, q, scale, lin.bias.detach(), activation)
+        assert torch.equal(mod(x).view(torch.int32), ref.view(torch.int32)), activation
+
+
 def test_gelu_approximation_accuracy():
     v = torch.linspace(-12, 12, 200001, dtype=torch.float32)
     exact = gelu_exact(v)
