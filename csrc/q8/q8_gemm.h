@@ -143,6 +143,11 @@ struct LinearArgs {
 // the binding drops the GIL around it.
 void linear(const LinearArgs& args);
 
+// The activation-quantization stage of a call, split over rows on the thread
+// pool; the dense and the sparse int8 linears both use it, so their activation
+// numbers are identical.
+void quantize_rows_parallel(const Kernels& kern, const QuantizeRows& rows, int nthreads);
+
 // Test hooks exposing each stage on its own, on the active ISA.
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale,
                    int32_t* zp, uint8_t* nonfinite, bool is_static, float static_scale,

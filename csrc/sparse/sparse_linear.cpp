@@ -432,14 +432,9 @@ void q8_linear(const Q8LinearArgs& a) {
 
   // The dense int8 GEMM's own quantizer: identical activation numbers.
   const q8::Kernels& qk = q8::kernels_for(isa);
-  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t{1} << 16) / w.k);
-  const int64_t qtasks = (a.m + rows_per_task - 1) / rows_per_task;
-  parallel_for(qtasks, effective_threads(a.nthreads, a.m * w.k * 16), [&](int64_t t) {
-    const int64_t r0 = t * rows_per_task;
-    q8::QuantizeRows p{a.x + r0 * a.ldx, a.ldx, std::min(rows_per_task, a.m - r0), w.k, w.kp, q + r0 * w.kp,
-                       scale + r0, zp + r0, nonfinite + r0, a.is_static, a.static_scale, a.static_zp};
-    qk.quantize_rows(p);
-  });
+  q8::quantize_rows_parallel(qk, q8::QuantizeRows{a.x, a.ldx, a.m, w.k, w.kp, q, scale, zp, nonfinite, a.is_static,
+                                                   a.static_scale, a.static_zp},
+                             a.nthreads);
 
   q8_run(w, q, a.m, scale, zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
 
@@ -504,14 +499,9 @@ void sliced_linear(const SlicedLinearArgs& a) {
   const int64_t kp = (w.k + 3) / 4 * 4;
   uint8_t* qc = ldq == kp ? q : grow(s.q_compact, static_cast<size_t>(a.m * kp));
   const q8::Kernels& qk = q8::kernels_for(isa);
-  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t{1} << 16) / w.k);
-  const int64_t qtasks = (a.m + rows_per_task - 1) / rows_per_task;
-  parallel_for(qtasks, effective_threads(a.nthreads, a.m * w.k * 16), [&](int64_t t) {
-    const int64_t r0 = t * rows_per_task;
-    q8::QuantizeRows p{a.x + r0 * a.ldx, a.ldx, std::min(rows_per_task, a.m - r0), w.k, kp, qc + r0 * kp,
-                       scale + r0, zp + r0, nonfinite + r0, a.is_static, a.static_scale, a.static_zp};
-    qk.quantize_rows(p);
-  });
+  q8::quantize_rows_parallel(
+      qk, q8::QuantizeRows{a.x, a.ldx, a.m, w.k, kp, qc, scale, zp, nonfinite, a.is_static, a.static_scale, a.static_zp},
+      a.nthreads);
   if (qc != q) {
     for (int64_t r = 0; r < a.m; ++r) {
       std::memcpy(q + r * ldq, qc + r * kp, static_cast<size_t>(kp));
