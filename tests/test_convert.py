@@ -216,7 +216,8 @@ def test_sparse_formats_are_chosen_from_zeros():
     assert isinstance(model[2], Int8Linear)
     layers = convert_mod.conversion_record(model).layers
     assert layers[0].format == "sparse-int8" and "sparse weights" in layers[0].reason
-    assert "density 1.00 > 0.1" in layers[1].not_considered["sparse-fp32"]
+    assert "density 1.00 > 0.06" in layers[1].not_considered["sparse-fp32"]
+    assert "1x4 block density 1.00 > 0.3" in layers[1].not_considered["sparse-int8"]
     report = pc.verify(model, ref, torch.randn(8, 64))
     assert report.ok, str(report)
     fp32 = pc.convert(copy.deepcopy(ref), policy="state", overrides={"0": "sparse-fp32"})
