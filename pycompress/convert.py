@@ -19,9 +19,11 @@ Choosing among the candidates (``policy``):
   (captured with forward hooks) and the fastest wins; float stays unless a candidate is at
   least ``AUTO_MIN_SPEEDUP`` faster, so a converted model is not slower because of pycompress.
 - ``"auto"`` without example inputs: the heuristic below (``heuristic_format``).
-- ``"state"``: the state-preferred format for every layer, no timing, no size heuristic.
+- ``"state"``: the state-preferred format for every layer, no timing, no size heuristic
+  (a layer is sparse when it is below the sparse density thresholds, as for ``"auto"``).
 - a format name (or ``"int8"``: int8-static where calibrated, else int8-dynamic): that format
-  wherever it applies; layers where it does not stay float, with the reason.
+  wherever it applies, whatever the layer's density; layers where it does not apply stay float,
+  with the reason.
 ``overrides={pattern: format}`` and ``exclude=[pattern]`` (fnmatch on qualified names) win over the policy.
 ``verify_inputs``: every converted layer is checked on the captured inputs against its float
 twin; a layer over its budget (``pycompress.verify.layer_budget_db``) stays float, with its SQNR.
@@ -197,8 +199,10 @@ def _int8_variant(state: LayerState) -> str:
     return "int8-static" if _quant_attr(state.quant, "activations") == "static" else "int8-dynamic"
 
 
-def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str]) -> dict[str, str | None]:
-    """For each format: None when it is a candidate for this layer, else why not."""
+def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
+                       density_limits: bool = True) -> dict[str, str | None]:
+    """For each format: None when it is a candidate for this layer, else why not. ``density_limits``:
+    apply the sparse density thresholds (the policies' choice; an explicit request skips them)."""
     reasons: dict[str, str | None] = {"float": None}
     for fmt in FORMATS[1:]:
         if fmt in global_unavailable:
@@ -214,6 +218,8 @@ def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str]) ->
     for fmt in ("sparse-fp32", "sparse-int8"):
         if reasons[fmt] is None and state.kind == "Conv2d" and not hasattr(pcnn, "SparseLinear"):
             reasons[fmt] = "sparse conv needs pycompress.nn.SparseLinear"
+    if not density_limits:
+        return reasons
     if reasons["sparse-int8"] is None and state.block_density > SPARSE_INT8_MAX_BLOCK_DENSITY:
         reasons["sparse-int8"] = (f"1x4 block density {state.block_density:.2f} > {SPARSE_INT8_MAX_BLOCK_DENSITY} "
                                   "(dense int8 wins for M <= 16)")
@@ -579,10 +585,11 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             requested = override[1] if override is not None else policy
             source = f"override {override[0]!r}" if override is not None else f"policy {policy!r}"
             fmt = _int8_variant(state) if requested == "int8" else requested
-            if candidates[fmt] is None:
+            applicable = _candidate_reasons(state, global_unavailable, density_limits=False)
+            if applicable[fmt] is None:
                 why = f"{source}"
             else:
-                why = f"{source} asked for {fmt}, which does not apply: {candidates[fmt]}"
+                why = f"{source} asked for {fmt}, which does not apply: {applicable[fmt]}"
                 fmt = "float"
         elif policy == "state":
             fmt, why = state_format(state, candidates)
