@@ -37,6 +37,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from pycompress import _C
 from pycompress._native import ACTIVATIONS, build_info
 from pycompress.convert import (
     ConversionRecord,
@@ -47,7 +48,6 @@ from pycompress.convert import (
     fusible_activation,
 )
 from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
-from pycompress import _C
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.nn.sparse_linear import SparseInt8Linear, SparseLinear
