@@ -175,8 +175,10 @@ def _block_density(gemm_weight: torch.Tensor) -> float:
 def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) -> LayerState:
     weight = module.weight  # parametrized: the masked / fake-quantized weight
     density = float((weight != 0).sum()) / max(1, weight.numel())
-    gemm_weight = weight.detach() if kind == "Linear" else weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    block_density = _block_density(gemm_weight) if gemm_weight.dim() == 2 else density
+    gemm_weight = weight.detach()
+    if kind == "Conv2d":  # the im2col GEMM's K order (kh, kw, C), as Im2colConv2d.gemm_weight
+        gemm_weight = gemm_weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    block_density = _block_density(gemm_weight)
     masked = parametrize.is_parametrized(module, "weight")
     quant = quant_lookup(module) if quant_lookup is not None else None
     unsupported = None
@@ -224,7 +226,8 @@ def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
         reasons["sparse-int8"] = (f"1x4 block density {state.block_density:.2f} > {SPARSE_INT8_MAX_BLOCK_DENSITY} "
                                   "(dense int8 wins for M <= 16)")
     if reasons["sparse-fp32"] is None and state.density > SPARSE_FP32_MAX_DENSITY:
-        reasons["sparse-fp32"] = f"density {state.density:.2f} > {SPARSE_FP32_MAX_DENSITY} (dense int8 wins for M <= 16)"
+        reasons["sparse-fp32"] = (f"density {state.density:.2f} > {SPARSE_FP32_MAX_DENSITY} "
+                                  "(dense int8 wins for M <= 16)")
     return reasons
 
 

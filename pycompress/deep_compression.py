@@ -67,8 +67,8 @@ class CompressionReport:
             lines.append(f"{r.name:<{width}}  {r.format:<12} {r.density:>7.1%}  {r.float32:>10,}  {r.pruned:>10,}  "
                          f"{r.quantized:>10,}  {r.huffman:>10,}  {r.float32 / max(1, r.huffman):>5.1f}x")
         lines.append("-" * len(head))
-        lines.append(f"{'total':<{width}}  {'':<12} {'':>7}  {self.total('float32'):>10,}  {self.total('pruned'):>10,}  "
-                     f"{self.total('quantized'):>10,}  {self.total('huffman'):>10,}  {self.ratio('huffman'):>5.1f}x")
+        totals = "  ".join(f"{self.total(stage):>10,}" for stage in STAGES)
+        lines.append(f"{'total':<{width}}  {'':<12} {'':>7}  {totals}  {self.ratio('huffman'):>5.1f}x")
         lines.append("ratio vs float32: " + ", ".join(f"{s} {self.ratio(s):.1f}x" for s in STAGES[1:]))
         if self.file_bytes is not None:
             lines.append(f"file on disk (whole model, entropy-coded): {self.file_bytes:,} bytes ({self.path})")

@@ -15,11 +15,13 @@ The manifest (metadata key ``pycompress``) holds:
 
 Nothing from the file reaches a kernel before it is checked: entropy-coded tensors are decoded
 first (a corrupt stream or code is refused by the decoder, and a stream cannot claim more symbols
-than its payload holds bits), then every tensor's dtype and shape
-against the module the manifest describes, no missing or extra tensors, and the packed int8
-operands' invariants (weights in the symmetric range, zero padding, ``col_sum`` equal to the
-packed columns' sums, finite positive scales, finite bias, static scale / zero point in range; for sparse packs, the structure by the ops' own C++ validator
-and then values, ``col_sum`` and padding).
+than its payload holds bits), then every tensor's dtype and shape against the module the manifest
+describes (a sparse layer is sized from the file's own index arrays), no missing or extra tensors,
+and the operands' invariants: packed int8 weights in the symmetric range, zero padding, ``col_sum``
+equal to the packed columns' sums, finite positive scales, finite bias, static scale / zero point
+in range; for sparse packs, first the structure with the ops' own C++ validator (row_ptr from 0,
+non-decreasing, ending at the stored count, every index < K), then the values, ``col_sum``, the
+last block's padding and nm24's index pairs.
 
 ``save`` never leaves a half-written file at ``path``: it writes a temporary file in the
 same directory, flushes it to disk and renames it over ``path`` (atomic on POSIX).
