@@ -8,6 +8,7 @@ inference modules that use them.
 from pycompress import distill, nn, ops, prune, quant, reference
 from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
 from pycompress.convert import conversion_record, convert
+from pycompress.deep_compression import compression_report
 from pycompress.io import load, save
 from pycompress.quant import prepare_qat, quantize
 from pycompress.summary import summary
@@ -17,6 +18,7 @@ __version__ = build_info()["version"]
 
 __all__ = [
     "build_info",
+    "compression_report",
     "conversion_record",
     "convert",
     "distill",

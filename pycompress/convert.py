@@ -19,9 +19,11 @@ Choosing among the candidates (``policy``):
   (captured with forward hooks) and the fastest wins; float stays unless a candidate is at
   least ``AUTO_MIN_SPEEDUP`` faster, so a converted model is not slower because of pycompress.
 - ``"auto"`` without example inputs: the heuristic below (``heuristic_format``).
-- ``"state"``: the state-preferred format for every layer, no timing, no size heuristic.
+- ``"state"``: the state-preferred format for every layer, no timing, no size heuristic
+  (a layer is sparse when it is below the sparse density thresholds, as for ``"auto"``).
 - a format name (or ``"int8"``: int8-static where calibrated, else int8-dynamic): that format
-  wherever it applies; layers where it does not stay float, with the reason.
+  wherever it applies, whatever the layer's density; layers where it does not apply stay float,
+  with the reason.
 ``overrides={pattern: format}`` and ``exclude=[pattern]`` (fnmatch on qualified names) win over the policy.
 ``verify_inputs``: every converted layer is checked on the captured inputs against its float
 twin; a layer over its budget (``pycompress.verify.layer_budget_db``) stays float, with its SQNR.
@@ -44,10 +46,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import pycompress.nn as pcnn
-from pycompress._native import activation_code, build_info, get_isa
+from pycompress._native import build_info, get_isa
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.reference.q8 import MAX_K
+from pycompress.reference.sparse import pack_bsr1x4
 from pycompress.verify import ErrorStats, call_model, layer_budget_db
 
 FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-fp32", "sparse-int8")
@@ -63,9 +66,19 @@ AUTO_WARMUP, AUTO_REPEATS = 2, 7
 # `pycompress bench`: a few microseconds of kernel per 768x768 GEMV beside ~10-25 us of call
 # overhead; below ~16K weights fp32 MKL wins at batch 1).
 HEURISTIC_MIN_WEIGHTS = 16384
-# A weight at or below this density (nonzero fraction) is a sparse candidate. Placeholder
-# values until the sparse benchmark's per-M crossover densities land with the sparse kernels.
-SPARSE_MAX_DENSITY = {"sparse-int8": 0.3, "sparse-fp32": 0.1}
+# Sparse candidates, from the break-even points of the sparse benchmark against the best dense
+# int8 kernel (bench/README.md "## Sparse kernels", 4096x4096, 1 thread, Zen 4). The heuristic
+# has no batch size, so it assumes decode-size inputs, M <= 16, and takes the break-even of the
+# worst M in that range (M = 16; at M = 1 sparsity pays earlier, at M = 128 it never beat dense
+# int8 up to 95% sparsity).
+# - sparse-int8 (bsr1x4): its time follows the stored 1x4 blocks (along K), not the nonzeros.
+#   M = 16 breaks even at 70% sparsity with 1x4-block pruning (block density 0.30, 1.03x) and at
+#   ~90.5% unstructured sparsity (block density 1 - 0.905^4 = 0.33; 0.96x at 90%); M = 1 at
+#   <= 70% / ~80%. A weight whose 1x4-block density is at or below 0.30 is a candidate.
+# - sparse-fp32 (csr): against dense int8, csr breaks even at ~94% sparsity for M = 1 (0.85x of
+#   dense int8's time at 95%, 1.7x at 90%) and ~92.5% for M = 16: density <= 0.06.
+SPARSE_INT8_MAX_BLOCK_DENSITY = 0.30
+SPARSE_FP32_MAX_DENSITY = 0.06
 
 _CONVERTED_TYPES: tuple[type, ...] = (Int8Linear, Im2colConv2d)
 
@@ -85,6 +98,7 @@ class LayerState:
 
     kind: str  # "Linear" | "Conv2d"
     density: float
+    block_density: float  # stored fraction of 1x4 blocks along K of the GEMM weight (what sparse-int8 stores)
     masked: bool
     quant: object | None  # pycompress.quant's state (weight_bits, weight_scale, activations, act_scale, act_zero_point)
     unsupported: str | None  # why no pycompress kernel can run this layer
@@ -151,9 +165,20 @@ def _sparse_unavailable(fmt: str) -> str | None:
     return None
 
 
+def _block_density(gemm_weight: torch.Tensor) -> float:
+    """Fraction of the 1x4 blocks along K (K padded to a multiple of 4) holding a nonzero."""
+    n, k = gemm_weight.shape
+    nonzero = torch.nn.functional.pad(gemm_weight.detach() != 0, (0, -k % 4))
+    return float(nonzero.view(n, -1, 4).any(dim=2).sum()) / max(1, nonzero.numel() // 4)
+
+
 def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) -> LayerState:
     weight = module.weight  # parametrized: the masked / fake-quantized weight
     density = float((weight != 0).sum()) / max(1, weight.numel())
+    gemm_weight = weight.detach()
+    if kind == "Conv2d":  # the im2col GEMM's K order (kh, kw, C), as Im2colConv2d.gemm_weight
+        gemm_weight = gemm_weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    block_density = _block_density(gemm_weight)
     masked = parametrize.is_parametrized(module, "weight")
     quant = quant_lookup(module) if quant_lookup is not None else None
     unsupported = None
@@ -165,7 +190,7 @@ def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) ->
         k = weight[0].numel()
         if k > MAX_K:
             unsupported = f"{k} input features exceed the int8 kernel's K limit of {MAX_K} (int32 accumulator)"
-    return LayerState(kind, density, masked, quant, unsupported)
+    return LayerState(kind, density, block_density, masked, quant, unsupported)
 
 
 def _quant_attr(quant, name: str, default=None):
@@ -176,8 +201,10 @@ def _int8_variant(state: LayerState) -> str:
     return "int8-static" if _quant_attr(state.quant, "activations") == "static" else "int8-dynamic"
 
 
-def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str]) -> dict[str, str | None]:
-    """For each format: None when it is a candidate for this layer, else why not."""
+def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
+                       density_limits: bool = True) -> dict[str, str | None]:
+    """For each format: None when it is a candidate for this layer, else why not. ``density_limits``:
+    apply the sparse density thresholds (the policies' choice; an explicit request skips them)."""
     reasons: dict[str, str | None] = {"float": None}
     for fmt in FORMATS[1:]:
         if fmt in global_unavailable:
@@ -193,8 +220,14 @@ def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str]) ->
     for fmt in ("sparse-fp32", "sparse-int8"):
         if reasons[fmt] is None and state.kind == "Conv2d" and not hasattr(pcnn, "SparseLinear"):
             reasons[fmt] = "sparse conv needs pycompress.nn.SparseLinear"
-        if reasons[fmt] is None and state.density > SPARSE_MAX_DENSITY[fmt]:
-            reasons[fmt] = f"density {state.density:.2f} > {SPARSE_MAX_DENSITY[fmt]} (dense kernels win)"
+    if not density_limits:
+        return reasons
+    if reasons["sparse-int8"] is None and state.block_density > SPARSE_INT8_MAX_BLOCK_DENSITY:
+        reasons["sparse-int8"] = (f"1x4 block density {state.block_density:.2f} > {SPARSE_INT8_MAX_BLOCK_DENSITY} "
+                                  "(dense int8 wins for M <= 16)")
+    if reasons["sparse-fp32"] is None and state.density > SPARSE_FP32_MAX_DENSITY:
+        reasons["sparse-fp32"] = (f"density {state.density:.2f} > {SPARSE_FP32_MAX_DENSITY} "
+                                  "(dense int8 wins for M <= 16)")
     return reasons
 
 
@@ -230,31 +263,67 @@ def _linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def sparse_int8_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, *,
+                            weight_scale: torch.Tensor | None = None, name: str | None = None,
+                            **kwargs) -> nn.Module:
+    """SparseInt8Linear for a 2-D float weight; ``weight_scale`` [out] uses a calibrated per-channel
+    scale (from ``pycompress.quantize``) as ``int8_linear_from_weight`` does, so both int8 formats
+    quantize a layer to the same integers."""
+    if weight_scale is None:
+        return pcnn.SparseInt8Linear.from_float(_linear_like(weight, bias), name=name, **kwargs)
+    label = f"SparseInt8Linear({name or ''})"
+    n, k = weight.shape
+    scale = torch.as_tensor(weight_scale, dtype=torch.float32).detach().cpu().reshape(-1)
+    if scale.numel() != n:
+        raise ValueError(f"{label}: weight_scale has {scale.numel()} entries, weight has {n} output channels")
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"{label}: weight_scale must be finite and > 0")
+    qmax = 2 ** (kwargs.get("weight_bits", 8) - 1) - 1
+    q = torch.clamp(torch.round(weight.detach().float().cpu() / scale[:, None]), -qmax, qmax).to(torch.int8)
+    row_ptr, blk_idx, values, col_sum = pack_bsr1x4(q)
+    mod = pcnn.SparseInt8Linear(k, n, nblocks=blk_idx.numel(), bias=bias is not None, name=name, **kwargs)
+    for buf, src in ((mod.row_ptr, row_ptr), (mod.blk_idx, blk_idx), (mod.values, values), (mod.col_sum, col_sum),
+                     (mod.w_scale, scale)):
+        buf.copy_(src)
+    if bias is not None:
+        mod.bias.copy_(bias.detach().to(torch.float32))
+    mod.validate()
+    return mod
+
+
 def build_module(module: nn.Module, fmt: str, name: str, state: LayerState) -> nn.Module:
     """The pycompress module for ``module`` in format ``fmt`` (``module`` itself for float)."""
     if fmt == "float":
         return module
     weight = module.weight.detach()
     bias = module.bias.detach() if module.bias is not None else None
-    if fmt.startswith("int8"):
+    if fmt in ("int8-dynamic", "int8-static", "sparse-int8"):
         kwargs = {"weight_bits": int(_quant_attr(state.quant, "weight_bits", 8)),
                   "weight_scale": _quant_attr(state.quant, "weight_scale")}
-        if fmt == "int8-static":
+        # sparse-int8 has one format for both activation modes: a calibrated layer gets its static scale.
+        if fmt == "int8-static" or (fmt == "sparse-int8" and _int8_variant(state) == "int8-static"):
             kwargs["act_scale"] = float(state.quant.act_scale)
             kwargs["act_zero_point"] = int(state.quant.act_zero_point)
+    if fmt.startswith("int8"):
         if state.kind == "Linear":
             return int8_linear_from_weight(weight, bias, name=name, **kwargs)
         return Int8Conv2d.from_float(module, name=name, **kwargs)
-    cls = pcnn.SparseLinear if fmt == "sparse-fp32" else pcnn.SparseInt8Linear
     gemm_weight = weight if state.kind == "Linear" else Im2colConv2d.gemm_weight(module)
-    gemm = cls.from_float(_linear_like(gemm_weight, bias))
-    if hasattr(gemm, "name"):
-        gemm.name = name
+    if fmt == "sparse-int8":
+        gemm = sparse_int8_from_weight(gemm_weight, bias, name=name, **kwargs)
+    else:
+        gemm = pcnn.SparseLinear.from_float(_linear_like(gemm_weight, bias), name=name)
     return gemm if state.kind == "Linear" else Im2colConv2d.from_gemm(module, gemm, name=name)
 
 
 def _bake_float(module: nn.Module) -> nn.Module:
-    """A float layer keeps its masked weight as a plain parameter: no training-time state at inference."""
+    """A float layer keeps no training-time state at inference: pycompress.quant's fake quantization
+    (weight parametrization, ``activation_fake_quant`` submodule and its forward pre-hook) is dropped,
+    so the layer computes in float, and its masked weight becomes a plain parameter."""
+    if importlib.util.find_spec("pycompress.quant") is not None:
+        from pycompress.quant import remove_fake_quant
+
+        remove_fake_quant(module)
     if parametrize.is_parametrized(module):
         for tensor_name in list(module.parametrizations.keys()):
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
@@ -349,9 +418,7 @@ def epilogue_gemm(module: nn.Module) -> Int8Linear | None:
 
 
 def set_epilogue_activation(gemm: Int8Linear, activation: str) -> None:
-    # Int8Linear fixes its kernel activation code at construction; both fields must agree.
-    gemm._act_code = activation_code(activation)
-    gemm.activation = activation
+    gemm.set_activation(activation)
 
 
 def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]:
@@ -521,10 +588,11 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             requested = override[1] if override is not None else policy
             source = f"override {override[0]!r}" if override is not None else f"policy {policy!r}"
             fmt = _int8_variant(state) if requested == "int8" else requested
-            if candidates[fmt] is None:
+            applicable = _candidate_reasons(state, global_unavailable, density_limits=False)
+            if applicable[fmt] is None:
                 why = f"{source}"
             else:
-                why = f"{source} asked for {fmt}, which does not apply: {candidates[fmt]}"
+                why = f"{source} asked for {fmt}, which does not apply: {applicable[fmt]}"
                 fmt = "float"
         elif policy == "state":
             fmt, why = state_format(state, candidates)

@@ -8,12 +8,20 @@ The manifest (metadata key ``pycompress``) holds:
   without code; otherwise null, and ``load(path, model=float_skeleton)`` converts a freshly
   built float model of the same architecture following the manifest;
 - ``aliases``: state-dict keys that share one tensor (shared modules), stored once;
-- ``record``: the conversion record, so ``pycompress.summary`` still explains each layer.
+- ``record``: the conversion record, so ``pycompress.summary`` still explains each layer;
+- ``entropy``: with ``save(..., entropy_coding=True)`` (Deep Compression's last stage), the tensors
+  stored Huffman-coded (``pycompress.entropy``): ``{key: {dtype, shape, count}}``; the file holds
+  the payload under ``key`` and the 256 code lengths under ``key + "/huffman_lengths"``.
 
-Nothing from the file reaches a kernel before it is checked: every tensor's dtype and shape
-against the module the manifest describes, no missing or extra tensors, and the packed int8
-operands' invariants (weights in the symmetric range, zero padding, ``col_sum`` equal to the
-packed columns' sums, finite positive scales, finite bias, static scale / zero point in range).
+Nothing from the file reaches a kernel before it is checked: entropy-coded tensors are decoded
+first (a corrupt stream or code is refused by the decoder, and a stream cannot claim more symbols
+than its payload holds bits), then every tensor's dtype and shape against the module the manifest
+describes (a sparse layer is sized from the file's own index arrays), no missing or extra tensors,
+and the operands' invariants: packed int8 weights in the symmetric range, zero padding, ``col_sum``
+equal to the packed columns' sums, finite positive scales, finite bias, static scale / zero point
+in range; for sparse packs, first the structure with the ops' own C++ validator (row_ptr from 0,
+non-decreasing, ending at the stored count, every index < K), then the values, ``col_sum``, the
+last block's padding and nm24's index pairs.
 
 ``save`` never leaves a half-written file at ``path``: it writes a temporary file in the
 same directory, flushes it to disk and renames it over ``path`` (atomic on POSIX).
@@ -31,6 +39,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from pycompress import _C
 from pycompress._native import ACTIVATIONS, build_info
 from pycompress.convert import (
     ConversionRecord,
@@ -40,9 +49,13 @@ from pycompress.convert import (
     converted_layers,
     fusible_activation,
 )
-from pycompress.nn.int8_conv import Int8Conv2d
+from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
+from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.sparse_linear import SparseInt8Linear, SparseLinear
+from pycompress.ops.sparse import ensure_valid_structure
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
+from pycompress.reference.sparse import NM_PER_WORD
 
 MANIFEST_KEY = "pycompress"
 MANIFEST_VERSION = 1
@@ -55,18 +68,41 @@ REBUILDABLE: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
 )}
 _JSON_SCALARS = (bool, int, float, str, type(None))
 
+# What entropy_coding stores Huffman-coded: the integer weights and the sparse index arrays (as bytes),
+# whose byte histograms are far from uniform after pruning and quantization. fp32 values, scales and
+# biases are left as they are (their bytes are close to uniform).
+ENTROPY_CODED_BUFFERS: dict[type[nn.Module], tuple[str, ...]] = {
+    Int8Linear: ("w_packed",),
+    SparseInt8Linear: ("values", "row_ptr", "blk_idx"),
+    SparseLinear: ("row_ptr", "col_idx", "nm_idx"),
+}
+HUFFMAN_LENGTHS_SUFFIX = "/huffman_lengths"
+_CODED_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.int8, torch.uint8, torch.uint16, torch.int32,
+                                                            torch.uint32)}
+
 
 # ---------------------------------------------------------------- manifest: pycompress layers
 
 
+def _conv_geometry(module: Im2colConv2d) -> dict:
+    return {"in_channels": module.in_channels, "out_channels": module.out_channels,
+            "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": list(module.padding),
+            "dilation": list(module.dilation)}
+
+
 def _layer_config(module: nn.Module) -> dict:
+    if isinstance(module, Im2colConv2d) and not isinstance(module, Int8Conv2d):
+        # A conv lowered onto a sparse GEMM module: the geometry here, the GEMM's own entry inside.
+        return {**_conv_geometry(module), "name": module.name,
+                "gemm": {"type": type(module.gemm).__name__, "config": _layer_config(module.gemm)}}
     gemm = module.gemm if isinstance(module, Int8Conv2d) else module
-    cfg = {"bias": gemm.bias is not None, "activation": gemm.activation, "act_scale": gemm.act_scale,
-           "act_zero_point": gemm.act_zero_point, "weight_bits": gemm.weight_bits, "name": gemm.name}
+    cfg = {"bias": gemm.bias is not None, "activation": gemm.activation, "name": gemm.name}
+    if isinstance(gemm, SparseLinear):
+        cfg["format"] = gemm.format  # the number of stored nonzeros comes from the file's tensors
+    else:
+        cfg.update(act_scale=gemm.act_scale, act_zero_point=gemm.act_zero_point, weight_bits=gemm.weight_bits)
     if isinstance(module, Int8Conv2d):
-        cfg.update(in_channels=module.in_channels, out_channels=module.out_channels,
-                   kernel_size=list(module.kernel_size), stride=list(module.stride), padding=list(module.padding),
-                   dilation=list(module.dilation))
+        cfg.update(_conv_geometry(module))
     else:
         cfg.update(in_features=module.in_features, out_features=module.out_features)
     return cfg
@@ -89,51 +125,117 @@ def _check_packed_size(cfg: dict, k: int, n: int, packed: torch.Tensor | None, w
         raise ValueError(f"load: layer {where}: config K={k}, N={n} needs {kp * np_} packed weight bytes, the file has {got}")
 
 
-def _build_layer(entry, where: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """An empty pycompress layer from a manifest entry, after checking every field."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-        raise ValueError(f"load: manifest entry for {where} is malformed")
-    kind, cfg = entry.get("type"), entry["config"]
+LOADABLE = ("Int8Linear", "Int8Conv2d", "SparseLinear", "SparseInt8Linear", "Im2colConv2d")
+_SPARSE_GEMMS = ("SparseLinear", "SparseInt8Linear")
+
+
+def _gemm_problems(cfg: dict, quantized: bool) -> list[str]:
     problems = []
     if not isinstance(cfg.get("bias"), bool):
         problems.append("bias must be a bool")
     if cfg.get("activation") not in ACTIVATIONS:
         problems.append(f"activation {cfg.get('activation')!r} not in {sorted(ACTIVATIONS)}")
-    scale = cfg.get("act_scale")
-    if scale is not None and not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
-        problems.append(f"act_scale {scale!r} must be null or a finite float > 0")
-    if not _is_int(cfg.get("act_zero_point"), 0, 255):
-        problems.append(f"act_zero_point {cfg.get('act_zero_point')!r} must be an int in [0, 255]")
-    if not _is_int(cfg.get("weight_bits"), 2, 8):
-        problems.append(f"weight_bits {cfg.get('weight_bits')!r} must be an int in [2, 8]")
     if not isinstance(cfg.get("name"), (str, type(None))):
         problems.append("name must be a string or null")
-    common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
-    if kind == "Int8Linear":
-        if not (_is_int(cfg.get("in_features"), 1, MAX_K) and _is_int(cfg.get("out_features"), 1, 1 << 24)):
-            problems.append("in_features / out_features out of range")
-        if problems:
-            raise ValueError(f"load: layer {where}: " + "; ".join(problems))
-        _check_packed_size(cfg, cfg["in_features"], cfg["out_features"], tensors.get(f"{where}.w_packed"), where)
-        return Int8Linear(cfg["in_features"], cfg["out_features"], **common)
-    if kind == "Int8Conv2d":
-        for f in ("kernel_size", "stride", "dilation"):
-            if not _pair_ok(cfg.get(f), 1):
-                problems.append(f"{f} must be two ints >= 1")
-        if not _pair_ok(cfg.get("padding"), 0):
-            problems.append("padding must be two ints >= 0")
-        if not (_is_int(cfg.get("in_channels"), 1, MAX_K) and _is_int(cfg.get("out_channels"), 1, 1 << 24)):
-            problems.append("in_channels / out_channels out of range")
-        elif _pair_ok(cfg.get("kernel_size"), 1) and cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1] > MAX_K:
-            problems.append(f"kernel_size x in_channels exceeds K={MAX_K}")
+    if quantized:
+        scale = cfg.get("act_scale")
+        if scale is not None and not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
+            problems.append(f"act_scale {scale!r} must be null or a finite float > 0")
+        if not _is_int(cfg.get("act_zero_point"), 0, 255):
+            problems.append(f"act_zero_point {cfg.get('act_zero_point')!r} must be an int in [0, 255]")
+        if not _is_int(cfg.get("weight_bits"), 2, 8):
+            problems.append(f"weight_bits {cfg.get('weight_bits')!r} must be an int in [2, 8]")
+    return problems
+
+
+def _geometry_problems(cfg: dict) -> list[str]:
+    problems = []
+    for f in ("kernel_size", "stride", "dilation"):
+        if not _pair_ok(cfg.get(f), 1):
+            problems.append(f"{f} must be two ints >= 1")
+    if not _pair_ok(cfg.get("padding"), 0):
+        problems.append("padding must be two ints >= 0")
+    if not (_is_int(cfg.get("in_channels"), 1, MAX_K) and _is_int(cfg.get("out_channels"), 1, 1 << 24)):
+        problems.append("in_channels / out_channels out of range")
+    elif _pair_ok(cfg.get("kernel_size"), 1) and cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1] > MAX_K:
+        problems.append(f"kernel_size x in_channels exceeds K={MAX_K}")
+    return problems
+
+
+def _file_tensor(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int | None,
+                 where: str) -> torch.Tensor:
+    """A 1-D tensor of the file, checked before a layer sized from it is allocated."""
+    t = tensors.get(key)
+    if t is None or t.dtype != dtype or t.dim() != 1 or (numel is not None and t.numel() != numel):
+        got = "none" if t is None else f"{t.dtype} {tuple(t.shape)}"
+        want = f"1-D {dtype}" + ("" if numel is None else f" of {numel}")
+        raise ValueError(f"load: layer {where}: {key} must be {want}, the file has {got}")
+    return t
+
+
+def _build_sparse(kind: str, cfg: dict, k: int, n: int, prefix: str, tensors: dict[str, torch.Tensor],
+                  where: str) -> nn.Module:
+    """A sparse GEMM module sized from the file's own tensors (never from the manifest alone)."""
+    common = {key: cfg[key] for key in ("bias", "activation", "name")}
+    if kind == "SparseLinear":
+        if cfg.get("format") == "csr":
+            _file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
+            nnz = _file_tensor(tensors, prefix + "col_idx", torch.uint16, None, where).numel()
+            return SparseLinear(k, n, nnz=nnz, format="csr", **common)
+        if cfg.get("format") == "nm24":
+            if k % 4:
+                raise ValueError(f"load: layer {where}: nm24 needs in_features % 4 == 0, got {k}")
+            values = tensors.get(prefix + "values")
+            if values is None or values.numel() != n * (k // 2):
+                raise ValueError(f"load: layer {where}: nm24 with K={k}, N={n} needs {n * (k // 2)} values, the "
+                                 f"file has {'none' if values is None else values.numel()}")
+            return SparseLinear(k, n, format="nm24", **common)
+        raise ValueError(f"load: layer {where}: format {cfg.get('format')!r} not in ('csr', 'nm24')")
+    _file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
+    nblocks = _file_tensor(tensors, prefix + "blk_idx", torch.uint16, None, where).numel()
+    return SparseInt8Linear(k, n, nblocks=nblocks, act_scale=cfg["act_scale"], act_zero_point=cfg["act_zero_point"],
+                            weight_bits=cfg["weight_bits"], **common)
+
+
+def _build_layer(entry, where: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """An empty pycompress layer from a manifest entry, after checking every field."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise ValueError(f"load: manifest entry for {where} is malformed")
+    kind, cfg = entry.get("type"), entry["config"]
+    if kind not in LOADABLE:
+        raise ValueError(f"load: layer {where} has type {kind!r}; this build loads {', '.join(LOADABLE)}")
+    if kind == "Im2colConv2d":
+        gemm_entry = cfg.get("gemm")
+        if not (isinstance(gemm_entry, dict) and gemm_entry.get("type") in _SPARSE_GEMMS
+                and isinstance(gemm_entry.get("config"), dict)):
+            raise ValueError(f"load: layer {where}: a lowered conv needs a 'gemm' entry of type {_SPARSE_GEMMS}")
+        gemm_kind, gemm_cfg = gemm_entry["type"], gemm_entry["config"]
+        problems = _geometry_problems(cfg) + _gemm_problems(gemm_cfg, gemm_kind == "SparseInt8Linear")
+        if not isinstance(cfg.get("name"), (str, type(None))):
+            problems.append("name must be a string or null")
         if problems:
             raise ValueError(f"load: layer {where}: " + "; ".join(problems))
         k = cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1]
-        _check_packed_size(cfg, k, cfg["out_channels"], tensors.get(f"{where}.gemm.w_packed"), where)
-        return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
-                          tuple(cfg["padding"]), tuple(cfg["dilation"]), **common)
-    raise ValueError(f"load: layer {where} has type {kind!r}; this build can load Int8Linear and Int8Conv2d layers "
-                     "(a sparse layer needs the sparse modules' validation before it can be loaded)")
+        gemm = _build_sparse(gemm_kind, gemm_cfg, k, cfg["out_channels"], f"{where}.gemm.", tensors, where)
+        return Im2colConv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
+                            tuple(cfg["padding"]), tuple(cfg["dilation"]), gemm=gemm, name=cfg["name"])
+    problems = _gemm_problems(cfg, kind != "SparseLinear")
+    if kind == "Int8Conv2d":
+        problems += _geometry_problems(cfg)
+    elif not (_is_int(cfg.get("in_features"), 1, MAX_K) and _is_int(cfg.get("out_features"), 1, 1 << 24)):
+        problems.append("in_features / out_features out of range")
+    if problems:
+        raise ValueError(f"load: layer {where}: " + "; ".join(problems))
+    if kind in _SPARSE_GEMMS:
+        return _build_sparse(kind, cfg, cfg["in_features"], cfg["out_features"], f"{where}.", tensors, where)
+    common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
+    if kind == "Int8Linear":
+        _check_packed_size(cfg, cfg["in_features"], cfg["out_features"], tensors.get(f"{where}.w_packed"), where)
+        return Int8Linear(cfg["in_features"], cfg["out_features"], **common)
+    k = cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1]
+    _check_packed_size(cfg, k, cfg["out_channels"], tensors.get(f"{where}.gemm.w_packed"), where)
+    return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
+                      tuple(cfg["padding"]), tuple(cfg["dilation"]), **common)
 
 
 def _check_int8_operands(gemm: Int8Linear, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
@@ -151,9 +253,63 @@ def _check_int8_operands(gemm: Int8Linear, tensors: dict[str, torch.Tensor], pre
         raise ValueError(f"load: {where}: col_sum does not match the packed weights (corrupt file)")
     if not (torch.isfinite(w_scale).all() and (w_scale > 0).all()):
         raise ValueError(f"load: {where}: w_scale must be finite and > 0")
+    _check_finite_bias(tensors, prefix, where)
+
+
+def _check_finite_bias(tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
     bias = tensors.get(prefix + "bias")
     if bias is not None and not torch.isfinite(bias).all():
         raise ValueError(f"load: {where}: bias has NaN or Inf")
+
+
+def _check_sparse_operands(gemm: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+    """A sparse pack's invariants. The structure (row_ptr from 0, non-decreasing, ending at the stored
+    count, every index < K) is checked by the same C++ validator the ops run, on the file's tensors,
+    before anything else reads them; then the values the kernels trust."""
+    k, n = gemm.in_features, gemm.out_features
+    if isinstance(gemm, SparseLinear):
+        values = tensors[prefix + "values"]
+        if gemm.format == "csr":
+            _validate_structure("sparse_linear_csr", tensors[prefix + "row_ptr"], tensors[prefix + "col_idx"], k,
+                                _C.sparse_validate_csr, where)
+        else:
+            # 2-bit indices cannot leave their group of 4; a pycompress pack holds two distinct ascending
+            # positions per group (pack_nm24) and zero bits past the K/2 stored values.
+            words = tensors[prefix + "nm_idx"].view(torch.int32)  # uint32 has few torch ops; the bits are the same
+            fields = torch.stack([(words >> (2 * j)) & 3 for j in range(NM_PER_WORD)], dim=-1)
+            fields = fields.reshape(n, -1)
+            pairs = fields[:, : k // 2].reshape(n, -1, 2)
+            if fields[:, k // 2:].any() or (pairs[..., 0] >= pairs[..., 1]).any():
+                raise ValueError(f"load: {where}: nm24 indices are not two ascending positions per group of 4 "
+                                 "with zero padding (corrupt file)")
+        if not torch.isfinite(values).all():
+            raise ValueError(f"load: {where}: sparse values have NaN or Inf")
+        _check_finite_bias(tensors, prefix, where)
+        return
+    row_ptr, blk_idx, values = tensors[prefix + "row_ptr"], tensors[prefix + "blk_idx"], tensors[prefix + "values"]
+    _validate_structure("sparse_int8_linear", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4, where)
+    qmax = 2 ** (gemm.weight_bits - 1) - 1
+    blocks = values.view(-1, 4)
+    if blocks.numel() and (blocks.min() < -qmax or blocks.max() > qmax):
+        raise ValueError(f"load: {where}: sparse int8 values leave the symmetric int{gemm.weight_bits} range "
+                         f"[-{qmax}, {qmax}]")
+    if k % 4 and blocks[blk_idx.to(torch.int64) == k // 4, k % 4:].any():
+        raise ValueError(f"load: {where}: the last 1x4 block of a row holds nonzeros past K={k} (corrupt file)")
+    rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff().to(torch.int64))
+    row_sums = torch.zeros(n, dtype=torch.int32).index_add_(0, rows, blocks.sum(dim=1, dtype=torch.int32))
+    if not torch.equal(row_sums, tensors[prefix + "col_sum"]):
+        raise ValueError(f"load: {where}: col_sum does not match the sparse int8 values (corrupt file)")
+    w_scale = tensors[prefix + "w_scale"]
+    if not (torch.isfinite(w_scale).all() and (w_scale > 0).all()):
+        raise ValueError(f"load: {where}: w_scale must be finite and > 0")
+    _check_finite_bias(tensors, prefix, where)
+
+
+def _validate_structure(op: str, row_ptr: torch.Tensor, idx: torch.Tensor, k: int, validate, where: str) -> None:
+    try:
+        ensure_valid_structure(op, row_ptr.contiguous(), idx.contiguous(), k, validate)
+    except ValueError as exc:
+        raise ValueError(f"load: {where}: {exc}") from None
 
 
 # ---------------------------------------------------------------- manifest: architecture
@@ -229,11 +385,74 @@ def _rebuild(spec, layers: dict[str, nn.Module], where: str = "model") -> nn.Mod
     return module
 
 
+# ---------------------------------------------------------------- entropy coding
+
+
+def layer_gemm(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the GEMM module, its state_dict prefix) of a converted layer."""
+    return (module.gemm, f"{name}.gemm.") if isinstance(module, Im2colConv2d) else (module, f"{name}.")
+
+
+def entropy_coded_keys(model: nn.Module) -> set[str]:
+    """The state_dict keys ``save(..., entropy_coding=True)`` Huffman-codes (``ENTROPY_CODED_BUFFERS``)."""
+    keys = set()
+    for name, module in converted_layers(model):
+        gemm, prefix = layer_gemm(module, name)
+        for buffer in ENTROPY_CODED_BUFFERS.get(type(gemm), ()):
+            if gemm._buffers.get(buffer) is not None:
+                keys.add(prefix + buffer)
+    return keys
+
+
+def huffman_code_if_smaller(t: torch.Tensor) -> HuffmanCoded | None:
+    """The tensor's bytes Huffman-coded, or None when that would not be smaller (the 256 code lengths
+    cost more than they save on small or near-uniform tensors)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() == 0:
+        return None
+    coded = huffman_encode(raw)
+    return coded if coded.nbytes < raw.numel() else None
+
+
+def _decode_entropy(manifest: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Replaces every coded tensor by its decoded bytes in the original dtype and shape (in place)."""
+    entries = manifest.get("entropy", {})
+    if not isinstance(entries, dict):
+        raise ValueError(f"load({path}): manifest field 'entropy' is malformed")
+    for key, entry in entries.items():
+        where = f"load({path}): entropy-coded tensor {key}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: malformed manifest entry")
+        dtype, shape, count = _CODED_DTYPES.get(entry.get("dtype")), entry.get("shape"), entry.get("count")
+        if dtype is None:
+            raise ValueError(f"{where}: dtype {entry.get('dtype')!r} not in {sorted(_CODED_DTYPES)}")
+        if not (isinstance(shape, list) and all(_is_int(d, 0, 1 << 40) for d in shape) and _is_int(count, 0, 1 << 50)
+                and math.prod(shape) * dtype.itemsize == count):
+            raise ValueError(f"{where}: shape {shape!r} of {entry.get('dtype')} does not hold count={count!r} bytes")
+        payload, lengths = tensors.get(key), tensors.pop(key + HUFFMAN_LENGTHS_SUFFIX, None)
+        if payload is None or lengths is None:
+            raise ValueError(f"{where}: the file lacks its payload or its code lengths")
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError(f"{where}: payload must be 1-D uint8, got {payload.dtype} {tuple(payload.shape)}")
+        if count > 8 * payload.numel():  # every symbol takes at least one bit: bounds the allocation below
+            raise ValueError(f"{where}: {count} symbols cannot fit in {payload.numel()} payload bytes")
+        try:
+            data = huffman_decode(HuffmanCoded(lengths=lengths, payload=payload, count=count, dtype=torch.uint8))
+        except ValueError as exc:
+            raise ValueError(f"{where}: corrupt: {exc}") from None
+        tensors[key] = data.view(dtype).view(shape)
+
+
 # ---------------------------------------------------------------- save / load
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model`` (converted or not) to ``path`` as safetensors + JSON manifest, atomically."""
+def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = False) -> None:
+    """Write ``model`` (converted or not) to ``path`` as safetensors + JSON manifest, atomically.
+
+    ``entropy_coding``: store the integer weights and sparse indices Huffman-coded (Deep Compression's
+    storage, ``ENTROPY_CODED_BUFFERS``; a tensor is coded only where that makes it smaller). ``load``
+    decodes them; the model in memory is the same either way.
+    """
     import safetensors.torch
 
     model = getattr(model, "_orig_mod", model)
@@ -241,9 +460,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     layer_names: dict[int, str] = {}
     manifest_layers = {}
     for name, module in layers:
-        if not isinstance(module, (Int8Linear, Int8Conv2d)):
-            raise NotImplementedError(f"save: layer {name} is a {type(module).__name__}; this build saves Int8Linear "
-                                      "and Int8Conv2d layers")
         if id(module) not in layer_names:
             layer_names[id(module)] = name
             manifest_layers[name] = {"type": type(module).__name__, "config": _layer_config(module)}
@@ -261,6 +477,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         by_storage[ident] = key
         tensors[key] = tensor.detach().contiguous().clone()
+    entropy = {}
+    if entropy_coding:
+        for key in sorted(entropy_coded_keys(model) & tensors.keys()):
+            original = tensors[key]
+            coded = huffman_code_if_smaller(original)
+            if coded is None:
+                continue
+            tensors[key] = coded.payload
+            tensors[key + HUFFMAN_LENGTHS_SUFFIX] = coded.lengths
+            entropy[key] = {"dtype": str(original.dtype).removeprefix("torch."), "shape": list(original.shape),
+                            "count": coded.count}
     record = conversion_record(model)
     manifest = {
         "version": MANIFEST_VERSION,
@@ -270,6 +497,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "aliases": aliases,
         "fused": list(record.fused) if record is not None else [],
         "record": asdict(record) if record is not None else None,
+        "entropy": entropy,
     }
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -307,6 +535,7 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     for field in ("layers", "aliases"):
         if not isinstance(manifest.get(field), dict):
             raise ValueError(f"load({path}): manifest field {field!r} is missing or malformed")
+    _decode_entropy(manifest, tensors, path)
     return manifest, tensors
 
 
@@ -355,7 +584,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             except AttributeError:
                 raise ValueError(f"load({path}): the model has no layer {name} (is it the same architecture?)") from None
             kind = _target_kind(float_layer)
-            expected = {"Int8Linear": "Linear", "Int8Conv2d": "Conv2d"}[type(layer).__name__]
+            expected = "Conv2d" if isinstance(layer, Im2colConv2d) else "Linear"
             if kind != expected:
                 raise ValueError(f"load({path}): layer {name} is a {type(float_layer).__name__}, the file has a "
                                  f"converted {expected}")
@@ -402,8 +631,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             raise ValueError(f"load({path}): {key} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} "
                              f"{tuple(want.shape)}")
     for name, module in converted_layers(model):
-        gemm, prefix = (module.gemm, f"{name}.gemm.") if isinstance(module, Int8Conv2d) else (module, f"{name}.")
-        _check_int8_operands(gemm, tensors, prefix, name)
+        gemm, prefix = layer_gemm(module, name)
+        if isinstance(gemm, Int8Linear):
+            _check_int8_operands(gemm, tensors, prefix, name)
+        else:
+            _check_sparse_operands(gemm, tensors, prefix, name)
     model.load_state_dict(tensors, strict=True, assign=rebuilt)
     record = _record_from(manifest)
     if record is not None:

@@ -216,7 +216,8 @@ def test_sparse_formats_are_chosen_from_zeros():
     assert isinstance(model[2], Int8Linear)
     layers = convert_mod.conversion_record(model).layers
     assert layers[0].format == "sparse-int8" and "sparse weights" in layers[0].reason
-    assert "density 1.00 > 0.1" in layers[1].not_considered["sparse-fp32"]
+    assert "density 1.00 > 0.06" in layers[1].not_considered["sparse-fp32"]
+    assert "1x4 block density 1.00 > 0.3" in layers[1].not_considered["sparse-int8"]
     report = pc.verify(model, ref, torch.randn(8, 64))
     assert report.ok, str(report)
     fp32 = pc.convert(copy.deepcopy(ref), policy="state", overrides={"0": "sparse-fp32"})
@@ -303,3 +304,76 @@ def test_relu_and_exact_gelu_fuse_into_the_kernel_epilogue():
     assert report.ok, str(report)
     plain = pc.convert(copy.deepcopy(ref), policy="int8", fuse_activations=False)
     assert plain[0].activation == "none" and type(plain[1]) is nn.GELU
+
+
+def _pruned_static_model():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
+    pc.prune.prune(model, 0.8, method="block")
+    pc.quantize(model, [torch.randn(16, 64) for _ in range(2)], activations="static")
+    return model
+
+
+def test_sparse_int8_uses_calibrated_static_activations():
+    model = _pruned_static_model()
+    states = [pc.quant.get_quant_state(model[i]) for i in (0, 2)]
+    dense = pc.convert(copy.deepcopy(model), policy="int8")
+    pc.convert(model, policy="state")
+    for layer, state in zip((model[0], model[2]), states):
+        assert isinstance(layer, pc.nn.SparseInt8Linear)
+        assert (layer.act_scale, layer.act_zero_point) == (state.act_scale, state.act_zero_point)
+        assert torch.equal(layer.w_scale, state.weight_scale)
+        assert "static" in layer.extra_repr()
+    assert isinstance(dense[0], Int8Linear) and dense[0].act_scale == states[0].act_scale
+    for batch in (1, 24):  # same integers, same static activations: the same numbers as int8-static
+        x = torch.randn(batch, 64)
+        assert torch.equal(model(x), dense(x))
+
+
+def test_sparse_thresholds_follow_block_density():
+    torch.manual_seed(5)
+    blocks, unstructured = nn.Linear(128, 128), nn.Linear(128, 128)
+    pc.prune.prune(nn.Sequential(blocks), 0.75, method="block")  # block density 0.25
+    pc.prune.prune(nn.Sequential(unstructured), 0.9)  # 90% of weights, 1 - 0.9^4 = 34% of the 1x4 blocks
+    model = pc.convert(nn.Sequential(blocks, unstructured), policy="auto")
+    layers = convert_mod.conversion_record(model).layers
+    assert isinstance(model[0], pc.nn.SparseInt8Linear) and layers[0].format == "sparse-int8"
+    assert isinstance(model[1], Int8Linear)
+    assert "1x4 block density 0.3" in layers[1].not_considered["sparse-int8"]
+    assert "dense int8 wins for M <= 16" in layers[1].not_considered["sparse-int8"]
+    # An explicit request is honoured whatever the density.
+    dense = pc.convert(nn.Sequential(nn.Linear(32, 16)), policy="auto", overrides={"0": "sparse-int8"})
+    assert isinstance(dense[0], pc.nn.SparseInt8Linear)
+    assert "override '0'" in convert_mod.conversion_record(dense).layers[0].reason
+
+
+def test_float_layers_keep_no_fake_quant():
+    from pycompress.quant import ActivationFakeQuant, WeightFakeQuant
+    from pycompress.quant.fake_quant import quantize_input_hook
+
+    model = _pruned_static_model()
+    masked_weight = pc.prune.masked_float_weight(model[2]).detach().clone()
+    pc.convert(model, policy="state", exclude=["2"])
+    assert type(model[2]) is nn.Linear and not parametrize.is_parametrized(model[2])
+    for name, module in model.named_modules():
+        assert not isinstance(module, (ActivationFakeQuant, WeightFakeQuant)), name
+        assert not hasattr(module, "activation_fake_quant"), name
+        assert quantize_input_hook not in module._forward_pre_hooks.values(), name
+    # The float layer computes in float: its masked float weight, no input quantization.
+    assert torch.equal(model[2].weight, masked_weight)
+    h = torch.randn(3, 96)
+    assert torch.equal(model[2](h), torch.nn.functional.linear(h, masked_weight, model[2].bias))
+
+
+def test_int8_linear_set_activation():
+    torch.manual_seed(6)
+    layer = Int8Linear.from_float(nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    plain = layer(x)
+    layer.set_activation("relu")
+    assert layer.activation == "relu" and torch.equal(layer(x), torch.relu(plain))
+    layer.set_activation("none")
+    assert torch.equal(layer(x), plain)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        layer.set_activation("swish")
+    assert layer.activation == "none"

@@ -14,7 +14,9 @@ from torch import nn
 
 import pycompress as pc
 from pycompress.examples import ResNet18
-from pycompress.nn import Int8Conv2d, Int8Linear
+from pycompress.convert import converted_layers
+from pycompress.nn import Int8Conv2d, Int8Linear, SparseInt8Linear
+from pycompress.nn.int8_conv import Im2colConv2d
 
 
 def _sequential():
@@ -207,3 +209,126 @@ def test_fused_activations_survive_a_skeleton_load(tmp_path):
     _rewrite(path, edit_manifest=lambda m: m.update(fused=["out"]))
     with pytest.raises(ValueError, match="fused the activation 'out'"):
         pc.load(path, model=Block())
+
+
+# ---------------------------------------------------------------- sparse layers
+
+
+def _zero_out(layer: nn.Module, keep: float, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        layer.weight[torch.rand(layer.weight.shape, generator=gen) > keep] = 0
+
+
+def _sparse_model(static: bool = True) -> nn.Sequential:
+    """Every sparse format: a sparse-int8 conv, sparse-int8 with K % 4 != 0 (static activations),
+    nm24 and csr fp32 Linears."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 30), nn.ReLU(),
+                          nn.Linear(30, 64), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40)).eval()
+    for i, keep in ((0, 0.2), (3, 0.1), (5, 0.1), (8, 0.05)):
+        _zero_out(model[i], keep, gen)
+    with torch.no_grad():
+        model[6].weight.view(48, 16, 4)[..., 1::2] = 0  # 2:4: SparseLinear picks nm24
+        model[8].weight[0, :4] = 0.5  # not 2:4: csr
+    if static:
+        pc.quantize(model, [torch.randn(16, 3, 4, 4, generator=gen) for _ in range(2)], activations="static",
+                    exclude=["6", "8"])
+    pc.convert(model, policy="state", overrides={"0": "sparse-int8", "3": "sparse-int8", "5": "sparse-int8",
+                                                 "6": "sparse-fp32", "8": "sparse-fp32"})
+    return model
+
+
+def _sparse_layers(model):
+    return {name: (m.gemm if isinstance(m, Im2colConv2d) else m) for name, m in converted_layers(model)}
+
+
+def test_sparse_layers_round_trip_bit_identical(tmp_path):
+    model = _sparse_model()
+    layers = _sparse_layers(model)
+    assert isinstance(layers["0"], SparseInt8Linear) and layers["0"].act_scale is not None
+    assert isinstance(layers["5"], SparseInt8Linear) and layers["5"].in_features == 30
+    assert (layers["6"].format, layers["8"].format) == ("nm24", "csr")
+    path = tmp_path / "sparse.safetensors"
+    pc.save(model, path)
+    for loaded in (pc.load(path), pc.load(path, model=_sparse_float_skeleton())):
+        loaded.eval()
+        got = _sparse_layers(loaded)
+        for name, layer in layers.items():
+            assert type(got[name]) is type(layer) and got[name].name == name
+            for buf_name, buf in layer.named_buffers():  # the non-persistent sliced layout is rebuilt too
+                assert torch.equal(getattr(got[name], buf_name), buf), (name, buf_name)
+        for batch in (1, 3, 40):  # sliced kernel (M <= 16 on AVX-512) and bsr1x4 kernel
+            x = torch.randn(batch, 3, 4, 4)
+            assert torch.equal(loaded(x), model(x)), batch
+        assert [r.format for r in pc.summary(loaded).rows] == [r.format for r in pc.summary(model).rows]
+
+
+def _sparse_float_skeleton():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 30), nn.ReLU(),
+                         nn.Linear(30, 64), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40))
+
+
+@pytest.fixture(scope="module")
+def sparse_saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sparse") / "s.safetensors"
+    pc.save(_sparse_model(static=False), path)
+    return path
+
+
+def _row_ptr_decreasing(t):
+    t = t.clone()
+    t[2] = t[3] + 1
+    return t
+
+
+def _last_block_padding(t):
+    t = t.clone()
+    t.view(-1, 4)[:, 2:] = 1  # K = 30: the last block's k = 30, 31 are padding (blocks with g = 7)
+    return t
+
+
+BAD_SPARSE = [
+    ("3.blk_idx", lambda t: torch.full_like(t, 40), r"3: sparse_int8_linear: corrupt sparse pack: .*index 40 out of "
+                                                   r"range"),
+    ("8.col_idx", lambda t: torch.full_like(t, 48), r"corrupt sparse pack: .*column index 48 out of range for K=48"),
+    ("8.row_ptr", _row_ptr_decreasing, "row_ptr decreases at row"),
+    ("3.row_ptr", lambda t: torch.cat([t[:-1], t[-1:] - 1]), r"row_ptr\[N\] = \d+ but \d+ indices/values"),
+    ("8.row_ptr", lambda t: torch.cat([t[:1] + 1, t[1:]]), r"row_ptr\[0\] = 1, expected 0"),
+    ("8.col_idx", lambda t: t[:-1].clone(), r"8.values is torch.float32 \(\d+,\), expected"),
+    ("3.row_ptr", lambda t: t[:-1].clone(), r"3.row_ptr must be 1-D torch.int32 of 31"),
+    ("0.gemm.row_ptr", lambda t: t.to(torch.int64), r"0.gemm.row_ptr must be 1-D torch.int32"),
+    ("6.values", lambda t: t[:-1].clone(), r"nm24 with K=64, N=48 needs 1536 values"),
+    ("6.nm_idx", lambda t: t.view(torch.int32).bitwise_not().view(torch.uint32), "nm24 indices are not two ascending"),
+    ("6.values", lambda t: t * float("nan"), "sparse values have NaN or Inf"),
+    ("3.values", lambda t: torch.full_like(t, -128), "symmetric int8 range"),
+    ("5.values", _last_block_padding, "nonzeros past K=30|col_sum"),
+    ("3.col_sum", lambda t: t + 1, "col_sum does not match the sparse int8 values"),
+    ("3.w_scale", lambda t: -t, "w_scale must be finite and > 0"),
+    ("8.bias", lambda t: t * float("inf"), "bias has NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("key,fn,message", BAD_SPARSE)
+def test_corrupt_sparse_packs_are_refused(sparse_saved, tmp_path, key, fn, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(sparse_saved.read_bytes())
+    _rewrite(path, edit_tensors=_set(key, fn))
+    with pytest.raises(ValueError, match=message):
+        pc.load(path)
+    with pytest.raises(ValueError, match=message):
+        pc.load(path, model=_sparse_float_skeleton())
+
+
+def test_bad_sparse_manifests_are_refused(sparse_saved, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    for edit, message in (
+        (lambda m: m["layers"]["8"]["config"].update(format="coo"), r"format 'coo' not in \('csr', 'nm24'\)"),
+        (lambda m: m["layers"]["3"]["config"].update(out_features=1 << 20), r"3.row_ptr must be 1-D torch.int32 of"),
+        (lambda m: m["layers"]["0"]["config"]["gemm"].update(type="Int8Linear"), "needs a 'gemm' entry"),
+        (lambda m: m["layers"]["3"].update(type="SparseConv3d"), "has type 'SparseConv3d'"),
+    ):
+        path.write_bytes(sparse_saved.read_bytes())
+        _rewrite(path, edit_manifest=edit)
+        with pytest.raises(ValueError, match=message):
+            pc.load(path)

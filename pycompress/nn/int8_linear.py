@@ -103,6 +103,11 @@ class Int8Linear(nn.Module):
         return ops.int8_linear(x, self.w_packed, self.col_sum, self.w_scale, self.bias,
                                self._act_code, self.act_scale, self.act_zero_point)
 
+    def set_activation(self, activation: str) -> None:
+        """Sets the activation the kernel applies in its epilogue ("none", "relu", "gelu")."""
+        self._act_code = activation_code(activation)
+        self.activation = activation
+
     def get_extra_state(self) -> dict:
         # The packed buffers alone do not pin down K (it is padded to a multiple
         # of 4): the configuration travels with the state_dict and is checked on load.

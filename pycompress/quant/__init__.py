@@ -40,6 +40,7 @@ from pycompress.quant.api import (
     prepare_qat,
     quantize,
     quantized_weight,
+    remove_fake_quant,
 )
 from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from pycompress.quant.fold import fold_conv_bn
@@ -66,4 +67,5 @@ __all__ = [
     "prepare_qat",
     "quantize",
     "quantized_weight",
+    "remove_fake_quant",
 ]

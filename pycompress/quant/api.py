@@ -199,6 +199,14 @@ def _prepare(model, calibration_batches, weight_bits, activations, observer, act
     return model
 
 
+def remove_fake_quant(module: nn.Module) -> nn.Module:
+    """Drop ``quantize`` / ``prepare_qat``'s training-time state from one layer, in place: the weight
+    fake quantization (other parametrizations such as a pruning mask stay), the
+    ``activation_fake_quant`` submodule and its forward pre-hook. The layer computes in float again."""
+    _detach(module)
+    return module
+
+
 def _detach(mod: nn.Module) -> None:
     if _weight_fake_quant(mod) is not None:
         parametrizations = [p for p in mod.parametrizations.weight if not isinstance(p, WeightFakeQuant)]
