@@ -68,7 +68,7 @@ def _print_table(rows: list[Row], batch: int) -> None:
 
 
 def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str | None = None) -> dict:
-    """Runs the pipeline and prints the table; returns the rows and the verify report."""
+    """Runs the pipeline and prints the tables; returns the rows, the verify report and the size report."""
     start = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
     say(f"pycompress {pc.__version__} on {pc.get_isa()}, {torch.get_num_threads()} threads; "
@@ -85,8 +85,9 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
 
     with tempfile.TemporaryDirectory() as tmp:
         path = out or os.path.join(tmp, "digits_student.safetensors")
-        pc.save(converted, path)
+        pc.save(converted, path, entropy_coding=True)  # Deep Compression's last stage: Huffman-coded weights
         file_bytes = os.path.getsize(path)
+        sizes = pc.compression_report(stages["pruned"].model, converted)
         # The student is a custom nn.Module: load rebuilds it from a fresh float instance of the
         # same architecture, BatchNorm folded as quantization left it.
         skeleton = StudentCNN().eval()
@@ -114,12 +115,14 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
                     f"convert({int8_name}); verify {'ok' if report.ok else 'FAILED'}"))
     rows.append(Row("saved file, reloaded", digits.evaluate(reloaded, x, y), rows[-1].params, file_bytes,
                     latency_us(reloaded, x[:1], repeats), latency_us(reloaded, x, repeats),
-                    "safetensors + JSON manifest; outputs " + ("identical" if same else "DIFFER")))
+                    "Huffman-coded safetensors; outputs " + ("identical" if same else "DIFFER")))
 
     print()
     print(summary)
     print()
     print(report)
+    print()
+    print(sizes)
     print()
     _print_table(rows, len(x))
     print(f"\n{len(x)} held-out test images; params = nonzero weights; bytes = float32 weights stored densely for "
@@ -127,4 +130,4 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
     print(f"total {time.perf_counter() - start:.1f} s")
     if not (report.ok and same):
         raise RuntimeError("demo: the converted model failed verification or did not survive save/load")
-    return {"rows": rows, "report": report}
+    return {"rows": rows, "report": report, "sizes": sizes}
