@@ -88,6 +88,19 @@ def calls_for(step: Step, batch_s: float) -> int:
     return max(1, min(100_000, round(batch_s / max(per_call, 1e-9))))
 
 
+# A pause before each sample. Another runtime's worker threads (ORT's pool, torch's
+# OpenMP team) keep spinning for tens of milliseconds after their last call and take
+# the second core from whoever runs next: measured at (128,768,3072), 2 threads,
+# pycompress took 1379 us right after ORT had run, 724 us 200 ms later, and FBGEMM
+# 1507 us vs 808 us. A real server runs one runtime; so must each sample.
+SETTLE_S = 0.15
+
+
+def _settle(step: Step) -> None:
+    time.sleep(SETTLE_S)
+    step()  # one untimed call: re-warm caches and threads
+
+
 def time_interleaved(steps: dict[str, Step], rounds: int, batch_s: float) -> dict[str, Timing]:
     """Median seconds per call of each step, sampled in rotating interleaved order."""
     names = list(steps)
@@ -96,7 +109,7 @@ def time_interleaved(steps: dict[str, Step], rounds: int, batch_s: float) -> dic
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            steps[name]()  # one untimed call: re-warm caches and threads after the previous implementation
+            _settle(steps[name])
             samples[name].append(_time_batch(steps[name], calls[name]))
     return {name: summarize(samples[name], calls[name]) for name in names}
 

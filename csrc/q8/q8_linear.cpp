@@ -25,9 +25,11 @@ const Kernels& kernels_for(Isa isa) {
 
 namespace {
 
-// Below this many multiply-adds a call runs on the calling thread: waking a
-// helper costs more than it saves (measured with bench/bench_q8_linear.py).
-constexpr int64_t kMinMacsPerThread = int64_t{1} << 18;
+// Below this many multiply-adds per thread a call runs on the calling thread:
+// a (1, 768, 768) GEMV (590K MACs, ~6 us) gains ~1.5 us from a second thread
+// when that thread is already awake and loses ~8 us when it is not
+// (bench/bench_q8_linear.py, 2026-11-25), so work must be >= 1M MACs per thread.
+constexpr int64_t kMinMacsPerThread = int64_t{1} << 20;
 // Rows per tile: the quantized rows of one tile stay in L2 beside its weights.
 constexpr int64_t kMaxTileRows = 192;
 constexpr int64_t kQuantizeTaskElements = 8192;
