@@ -193,8 +193,9 @@ def markdown(results: list[dict], rss: list[dict]) -> str:
         "## End-to-end models",
         "",
         f"`python bench/bench_models.py`, {datetime.date.today()}: pycompress {info['version']} "
-        f"(ISA {info['active_isa']}), torch {torch.__version__}, on this project's 2-core machine "
-        "(shared with other jobs while measured: medians over blocks of calls alternating between peers; read the ratios, not the absolute ms).",
+        f"(ISA {info['active_isa']}, threading {info['threading'].split(' ')[0]}), torch {torch.__version__}, "
+        f"on this project's 2-core machine, load average {os.getloadavg()[0]:.2f} at the end "
+        "(medians over blocks of calls alternating between peers; read the ratios).",
         "Median ms per forward pass. Ratios: peer time / pycompress time (>1: pycompress faster). "
         "`cos`: cosine of pycompress's output to the float model's. pycompress = `pycompress.convert(model, "
         "example_inputs=...)`, policy auto (each layer timed, float kept where int8 is not faster).",
