@@ -42,6 +42,15 @@ void parallel_for(int64_t ntasks, int nthreads, const F& f) {
       const_cast<void*>(static_cast<const void*>(&f)));
 }
 
+// Threads worth using for `work` units when each thread should get at least
+// `min_work_per_thread` (below that, waking a helper costs more than it saves):
+// between 1 and `requested`.
+inline int threads_for_work(int requested, int64_t work, int64_t min_work_per_thread) {
+  const int64_t useful = work / min_work_per_thread;
+  if (useful <= 1 || requested <= 1) return 1;
+  return useful < requested ? static_cast<int>(useful) : requested;
+}
+
 // Number of pool workers started so far (for build_info and tests).
 int thread_pool_workers();
 

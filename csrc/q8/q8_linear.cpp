@@ -54,10 +54,7 @@ Scratch& thread_scratch(int64_t m, int64_t kp) {
   return s;
 }
 
-int effective_threads(int requested, int64_t work) {
-  const int64_t useful = std::max<int64_t>(1, work / kMinMacsPerThread);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, useful)));
-}
+int effective_threads(int requested, int64_t work) { return threads_for_work(requested, work, kMinMacsPerThread); }
 
 void check_k(int64_t k) {
   if (k > kMaxK) {

@@ -41,10 +41,7 @@ std::string sizes(int64_t m, int64_t k, int64_t n) {
   return "M=" + std::to_string(m) + " K=" + std::to_string(k) + " N=" + std::to_string(n);
 }
 
-int effective_threads(int requested, int64_t work) {
-  const int64_t useful = std::max<int64_t>(1, work / kMinMacsPerThread);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, useful)));
-}
+int effective_threads(int requested, int64_t work) { return threads_for_work(requested, work, kMinMacsPerThread); }
 
 // Boundaries b[0] = 0 < ... < b[parts] = n of output channels so each part
 // holds about the same nonzeros (row_ptr) plus a fixed per-channel cost.
