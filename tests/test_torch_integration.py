@@ -57,7 +57,9 @@ def test_torch_export_runs_after_save_and_load_in_a_fresh_process(tmp_path):
         assert torch.equal(program.module()(x), y)
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # Outside the source tree, so the installed package is imported and not ./pycompress.
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
