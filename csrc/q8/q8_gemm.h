@@ -148,6 +148,13 @@ void linear(const LinearArgs& args);
 // numbers are identical.
 void quantize_rows_parallel(const Kernels& kern, const QuantizeRows& rows, int nthreads);
 
+// Throws std::invalid_argument, naming `what`, unless the static activation
+// parameters are usable (scale finite and > 0, zero point in [0, 255]).
+void check_static_activation(bool is_static, float scale, int32_t zp, const char* what);
+
+// The non-finite contract: rows of y whose input row held NaN/Inf become NaN.
+void fill_nonfinite_rows(const uint8_t* nonfinite, int64_t m, float* y, int64_t ldy, int64_t n);
+
 // Test hooks exposing each stage on its own, on the active ISA.
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale,
                    int32_t* zp, uint8_t* nonfinite, bool is_static, float static_scale,

@@ -92,6 +92,19 @@ void run_tiles(const Kernels& kern, const GemmTile& base, int64_t n, int nthread
 
 }  // namespace
 
+void check_static_activation(bool is_static, float scale, int32_t zp, const char* what) {
+  if (is_static && (!(scale > 0.0f) || !(scale <= std::numeric_limits<float>::max()) || zp < 0 || zp > 255)) {
+    throw std::invalid_argument(std::string(what) +
+                                ": static activation scale must be finite and > 0, zero point in [0, 255]");
+  }
+}
+
+void fill_nonfinite_rows(const uint8_t* nonfinite, int64_t m, float* y, int64_t ldy, int64_t n) {
+  for (int64_t r = 0; r < m; ++r) {
+    if (nonfinite[r]) std::fill(y + r * ldy, y + r * ldy + n, std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
 void quantize_rows_parallel(const Kernels& kern, const QuantizeRows& base, int nthreads) {
   // ~8K activations per task: a (128, 384) input becomes 4 tasks, so the pass
   // uses both cores instead of costing ~10% of a MiniLM projection on one.
@@ -117,10 +130,7 @@ void linear(const LinearArgs& args) {
   }
   check_k(args.k);
   if (args.ldx < args.k || args.ldy < args.n) throw std::invalid_argument("int8 linear: row stride smaller than row");
-  if (args.is_static && (!(args.static_scale > 0.0f) || !(args.static_scale <= std::numeric_limits<float>::max()) ||
-                         args.static_zp < 0 || args.static_zp > 255)) {
-    throw std::invalid_argument("int8 linear: static activation scale must be finite and > 0, zero point in [0, 255]");
-  }
+  check_static_activation(args.is_static, args.static_scale, args.static_zp, "int8 linear");
   if (args.m == 0) return;
   const Kernels& kern = kernels_for(active_isa());
   const int64_t kp = round_up(args.k, kKGroup);
@@ -146,9 +156,7 @@ void linear(const LinearArgs& args) {
   tile.ldy = args.ldy;
   run_tiles(kern, tile, args.n, args.nthreads);
 
-  for (int64_t r = 0; r < args.m; ++r) {
-    if (s.nonfinite[r]) std::fill(args.y + r * args.ldy, args.y + r * args.ldy + args.n, std::numeric_limits<float>::quiet_NaN());
-  }
+  fill_nonfinite_rows(s.nonfinite.data(), args.m, args.y, args.ldy, args.n);
 }
 
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale, int32_t* zp,

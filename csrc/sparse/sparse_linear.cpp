@@ -415,10 +415,7 @@ void q8_linear(const Q8LinearArgs& a) {
   check_k(w.k, "sparse int8 linear");
   if (w.kp != (w.k + 3) / 4 * 4) throw std::invalid_argument("sparse int8 linear: kp must be K rounded up to 4");
   if (a.ldx < w.k || a.ldy < w.n) throw std::invalid_argument("sparse int8 linear: row stride smaller than row");
-  if (a.is_static && (!(a.static_scale > 0.0f) || !(a.static_scale <= std::numeric_limits<float>::max()) ||
-                      a.static_zp < 0 || a.static_zp > 255)) {
-    throw std::invalid_argument("sparse int8 linear: static activation scale must be finite and > 0, zero point in [0, 255]");
-  }
+  q8::check_static_activation(a.is_static, a.static_scale, a.static_zp, "sparse int8 linear");
   if (a.m == 0) return;
   const Isa isa = active_isa();
   Scratch& s = thread_scratch();
@@ -435,9 +432,7 @@ void q8_linear(const Q8LinearArgs& a) {
 
   q8_run(w, q, a.m, scale, zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
 
-  for (int64_t r = 0; r < a.m; ++r) {
-    if (nonfinite[r]) std::fill(a.y + r * a.ldy, a.y + r * a.ldy + w.n, std::numeric_limits<float>::quiet_NaN());
-  }
+  q8::fill_nonfinite_rows(nonfinite, a.m, a.y, a.ldy, w.n);
 }
 
 namespace {
@@ -478,10 +473,7 @@ void sliced_linear(const SlicedLinearArgs& a) {
   if (a.m < 0 || w.n < 1) throw std::invalid_argument("sparse sliced int8 linear: bad sizes " + sizes(a.m, w.k, w.n));
   check_k(w.k, "sparse sliced int8 linear");
   if (a.ldx < w.k || a.ldy < w.n) throw std::invalid_argument("sparse sliced int8 linear: row stride smaller than row");
-  if (a.is_static && (!(a.static_scale > 0.0f) || !(a.static_scale <= std::numeric_limits<float>::max()) ||
-                      a.static_zp < 0 || a.static_zp > 255)) {
-    throw std::invalid_argument("sparse sliced int8 linear: static activation scale must be finite and > 0, zero point in [0, 255]");
-  }
+  q8::check_static_activation(a.is_static, a.static_scale, a.static_zp, "sparse sliced int8 linear");
   if (a.m == 0) return;
   const Isa isa = active_isa();
   const int64_t ldq = sliced_row_bytes(w.k);
@@ -506,9 +498,7 @@ void sliced_linear(const SlicedLinearArgs& a) {
     }
   }
   sliced_run(w, q, a.m, scale, zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
-  for (int64_t r = 0; r < a.m; ++r) {
-    if (nonfinite[r]) std::fill(a.y + r * a.ldy, a.y + r * a.ldy + w.n, std::numeric_limits<float>::quiet_NaN());
-  }
+  q8::fill_nonfinite_rows(nonfinite, a.m, a.y, a.ldy, w.n);
 }
 
 void sliced_accumulate_raw(const SlicedWeights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads) {
