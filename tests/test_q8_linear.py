@@ -76,7 +76,11 @@ def test_pack_round_trip(gen):
         assert not col_sum[n:].any()
 
 
-@pytest.mark.parametrize("k", K_SIZES)
+# Around the quantize loops' steps too: 32 floats per AVX2 step, 64 per AVX-512 step.
+QUANTIZE_K_SIZES = sorted(set(K_SIZES + [31, 32, 33, 95, 96, 97, 127, 128, 191, 192, 193]))
+
+
+@pytest.mark.parametrize("k", QUANTIZE_K_SIZES)
 def test_quantize_rows_bit_exact(isa, k, gen):
     x = torch.randn(7, k, generator=gen) * torch.logspace(-3, 3, 7)[:, None]
     x[1] = 0.0                      # all-zero row: scale clamps to FLT_MIN, zp 0
@@ -90,6 +94,21 @@ def test_quantize_rows_bit_exact(isa, k, gen):
         assert not q[:, k:].any()
         assert torch.equal(scale, rscale) and torch.equal(zp, rzp)
         assert not nonfinite.any() and not rnonfinite.any()
+
+
+def test_quantize_rows_flags_a_nonfinite_value_anywhere_in_the_row(isa, gen):
+    # One row per position: each lane of each independent range chain and the tails.
+    k = 203
+    positions = [0, 1, 7, 8, 15, 16, 31, 32, 47, 48, 63, 64, 100, 127, 128, 191, 192, 199, 202]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(len(positions) + 1, k, generator=gen)
+        for row, pos in enumerate(positions):
+            x[row, pos] = bad
+        q, scale, zp, nonfinite = native_quantize(x, None)
+        assert nonfinite[:-1].all() and not nonfinite[-1], (isa, bad)
+        assert not q[:-1].any()                       # non-finite rows quantize to zeros
+        rq, _, _, _ = quantize_rows_ref(x[-1:], None)
+        assert torch.equal(q[-1:, :k], rq)
 
 
 @pytest.mark.parametrize("n", N_SIZES)

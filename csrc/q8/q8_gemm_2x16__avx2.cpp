@@ -51,18 +51,39 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// One row's range and NaN/Inf probe (see the AVX-512 file) in four independent
+// chains of 8 floats.
+inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* probe) {
+  __m256 vlo[4], vhi[4], pr[4];
+#pragma GCC unroll 4
+  for (int u = 0; u < 4; ++u) vlo[u] = vhi[u] = pr[u] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * u);
+      pr[u] = _mm256_add_ps(pr[u], _mm256_sub_ps(v, v));
+      vlo[u] = _mm256_min_ps(vlo[u], v);
+      vhi[u] = _mm256_max_ps(vhi[u], v);
+    }
+  }
+  for (; i < k; i += 8) {  // masked-off lanes load 0, which every range holds already
+    const __m256 v = _mm256_maskload_ps(x + i, tail_mask(k - i));
+    pr[0] = _mm256_add_ps(pr[0], _mm256_sub_ps(v, v));
+    vlo[0] = _mm256_min_ps(vlo[0], v);
+    vhi[0] = _mm256_max_ps(vhi[0], v);
+  }
+  *lo = hmin(_mm256_min_ps(_mm256_min_ps(vlo[0], vlo[1]), _mm256_min_ps(vlo[2], vlo[3])));
+  *hi = hmax(_mm256_max_ps(_mm256_max_ps(vhi[0], vhi[1]), _mm256_max_ps(vhi[2], vhi[3])));
+  *probe = hsum(_mm256_add_ps(_mm256_add_ps(pr[0], pr[1]), _mm256_add_ps(pr[2], pr[3])));
+}
+
 void quantize_rows_avx2(const QuantizeRows& p) {
   for (int64_t r = 0; r < p.m; ++r) {
     const float* x = p.x + r * p.ldx;
     uint8_t* q = p.q + r * p.kp;
-    __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps(), probe = _mm256_setzero_ps();
-    for (int64_t k = 0; k < p.k; k += 8) {
-      const __m256 v = _mm256_maskload_ps(x + k, tail_mask(p.k - k));
-      probe = _mm256_add_ps(probe, _mm256_sub_ps(v, v));
-      vlo = _mm256_min_ps(vlo, v);
-      vhi = _mm256_max_ps(vhi, v);
-    }
-    const float lo = hmin(vlo), hi = hmax(vhi), nan_probe = hsum(probe);
+    float lo, hi, nan_probe;
+    row_range(x, p.k, &lo, &hi, &nan_probe);
     RowParams rp;
     const bool finite = row_params(p, lo, hi, nan_probe, &rp);
     p.nonfinite[r] = finite ? 0 : 1;
@@ -72,18 +93,30 @@ void quantize_rows_avx2(const QuantizeRows& p) {
       std::memset(q, 0, static_cast<size_t>(p.kp));
       continue;
     }
-    const float inv_scale = rp.inv_scale;
-    const int32_t zp = rp.zp;
-    const __m256 vinv = _mm256_set1_ps(inv_scale);
+    const __m256 vinv = _mm256_set1_ps(rp.inv_scale);
     const __m256 vmin = _mm256_set1_ps(-256.0f), vmax = _mm256_set1_ps(256.0f);
-    const __m256i vzp = _mm256_set1_epi32(zp);
-    const __m256i q0 = _mm256_setzero_si256(), q255 = _mm256_set1_epi32(255);
+    const __m256i vzp = _mm256_set1_epi32(rp.zp);
+    // round(x / scale) + zp, in [-256, 511] thanks to the +-256 pre-clamp.
+    auto quantize8 = [&](__m256 v) {
+      v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), vmin), vmax);
+      return _mm256_add_epi32(_mm256_cvtps_epi32(v), vzp);
+    };
     int64_t k = 0;
+    // 32 values per step: the saturating packs are exact (int16) and then the
+    // [0, 255] clamp (uint8); one vpermd undoes their 128-bit lane interleave.
+    const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; k + 32 <= p.k; k += 32) {
+      const __m256i a = quantize8(_mm256_loadu_ps(x + k));
+      const __m256i b = quantize8(_mm256_loadu_ps(x + k + 8));
+      const __m256i c = quantize8(_mm256_loadu_ps(x + k + 16));
+      const __m256i d = quantize8(_mm256_loadu_ps(x + k + 24));
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(bytes, lane_order));
+    }
+    const __m256i q0 = _mm256_setzero_si256(), q255 = _mm256_set1_epi32(255);
     for (; k < p.k; k += 8) {
       const __m256i in = tail_mask(p.k - k);
-      __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + k, in), vinv);
-      v = _mm256_min_ps(_mm256_max_ps(v, vmin), vmax);
-      __m256i qi = _mm256_add_epi32(_mm256_cvtps_epi32(v), vzp);
+      __m256i qi = quantize8(_mm256_maskload_ps(x + k, in));
       qi = _mm256_min_epi32(_mm256_max_epi32(qi, q0), q255);
       qi = _mm256_and_si256(qi, in);
       // 8 int32 in [0, 255] -> 8 bytes.

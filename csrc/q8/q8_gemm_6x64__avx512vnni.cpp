@@ -21,20 +21,41 @@ inline __mmask16 tail_mask(int64_t valid) {
   return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
 }
 
+// One row's range (and the NaN/Inf probe: v - v is 0 unless v is NaN or Inf)
+// in four independent chains of 16 floats: a single chain would wait on the
+// min/max latency every 16 values. min, max and the probe's sum are exact in
+// any order, so the result is the scalar spec's.
+inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* probe) {
+  __m512 vlo[4], vhi[4], pr[4];
+#pragma GCC unroll 4
+  for (int u = 0; u < 4; ++u) vlo[u] = vhi[u] = pr[u] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512 v = _mm512_loadu_ps(x + i + 16 * u);
+      pr[u] = _mm512_add_ps(pr[u], _mm512_sub_ps(v, v));
+      vlo[u] = _mm512_min_ps(vlo[u], v);
+      vhi[u] = _mm512_max_ps(vhi[u], v);
+    }
+  }
+  for (; i < k; i += 16) {  // masked-off lanes load 0, which every range holds already
+    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k - i), x + i);
+    pr[0] = _mm512_add_ps(pr[0], _mm512_sub_ps(v, v));
+    vlo[0] = _mm512_min_ps(vlo[0], v);
+    vhi[0] = _mm512_max_ps(vhi[0], v);
+  }
+  *lo = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(vlo[0], vlo[1]), _mm512_min_ps(vlo[2], vlo[3])));
+  *hi = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vhi[0], vhi[1]), _mm512_max_ps(vhi[2], vhi[3])));
+  *probe = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(pr[0], pr[1]), _mm512_add_ps(pr[2], pr[3])));
+}
+
 void quantize_rows_avx512(const QuantizeRows& p) {
   for (int64_t r = 0; r < p.m; ++r) {
     const float* x = p.x + r * p.ldx;
     uint8_t* q = p.q + r * p.kp;
-    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps(), probe = _mm512_setzero_ps();
-    for (int64_t k = 0; k < p.k; k += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(tail_mask(p.k - k), x + k);
-      probe = _mm512_add_ps(probe, _mm512_sub_ps(v, v));
-      vlo = _mm512_min_ps(vlo, v);
-      vhi = _mm512_max_ps(vhi, v);
-    }
-    const float lo = _mm512_reduce_min_ps(vlo);
-    const float hi = _mm512_reduce_max_ps(vhi);
-    const float nan_probe = _mm512_reduce_add_ps(probe);
+    float lo, hi, nan_probe;
+    row_range(x, p.k, &lo, &hi, &nan_probe);
     RowParams rp;
     const bool finite = row_params(p, lo, hi, nan_probe, &rp);
     p.nonfinite[r] = finite ? 0 : 1;
@@ -44,17 +65,33 @@ void quantize_rows_avx512(const QuantizeRows& p) {
       std::memset(q, 0, static_cast<size_t>(p.kp));
       continue;
     }
-    const float inv_scale = rp.inv_scale;
-    const int32_t zp = rp.zp;
-    const __m512 vinv = _mm512_set1_ps(inv_scale);
+    const __m512 vinv = _mm512_set1_ps(rp.inv_scale);
     const __m512 vmin = _mm512_set1_ps(-256.0f), vmax = _mm512_set1_ps(256.0f);
-    const __m512i vzp = _mm512_set1_epi32(zp);
+    const __m512i vzp = _mm512_set1_epi32(rp.zp);
+    // round(x / scale) + zp before the [0, 255] clamp; the +-256 pre-clamp keeps
+    // the conversion in range, so the sum lies in [-256, 511].
+    auto quantize16 = [&](__m512 v) {
+      v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), vmin), vmax);
+      return _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+    };
+    int64_t k = 0;
+    // 64 values per step: the saturating packs (int32 -> int16 exact for
+    // [-256, 511], int16 -> uint8 saturating = the [0, 255] clamp) replace the
+    // integer clamp and four narrowing stores; they interleave 128-bit lanes,
+    // which one vpermd puts back in order.
+    const __m512i lane_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (; k + 64 <= p.k; k += 64) {
+      const __m512i a = quantize16(_mm512_loadu_ps(x + k));
+      const __m512i b = quantize16(_mm512_loadu_ps(x + k + 16));
+      const __m512i c = quantize16(_mm512_loadu_ps(x + k + 32));
+      const __m512i d = quantize16(_mm512_loadu_ps(x + k + 48));
+      const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+      _mm512_storeu_si512(q + k, _mm512_permutexvar_epi32(lane_order, bytes));
+    }
     const __m512i q0 = _mm512_setzero_si512(), q255 = _mm512_set1_epi32(255);
-    for (int64_t k = 0; k < p.kp; k += 16) {
+    for (; k < p.kp; k += 16) {
       const __mmask16 in = tail_mask(p.k - k);
-      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, x + k), vinv);
-      v = _mm512_min_ps(_mm512_max_ps(v, vmin), vmax);
-      __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+      __m512i qi = quantize16(_mm512_maskz_loadu_ps(in, x + k));
       qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), q255);
       qi = _mm512_maskz_mov_epi32(in, qi);  // padding columns are 0
       _mm_mask_storeu_epi8(q + k, tail_mask(p.kp - k), _mm512_cvtepi32_epi8(qi));
