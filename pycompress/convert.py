@@ -18,9 +18,12 @@ Choosing among the candidates (``policy``):
 - ``"auto"`` with ``example_inputs``: each candidate is timed at the layer's real input shape
   (captured with forward hooks) and the fastest wins; float stays unless a candidate is at
   least ``AUTO_MIN_SPEEDUP`` faster, so a converted model is not slower because of pycompress.
+  Sparse formats are timed for any layer below the loose ``TIMED_SPARSE_*`` density limits
+  (the timing, not the M <= 16 break-even, decides).
 - ``"auto"`` without example inputs: the heuristic below (``heuristic_format``).
 - ``"state"``: the state-preferred format for every layer, no timing, no size heuristic
-  (a layer is sparse when it is below the sparse density thresholds, as for ``"auto"``).
+  (a layer is sparse when it is below the untimed sparse density thresholds, as for ``"auto"``
+  without example inputs).
 - a format name (or ``"int8"``: int8-static where calibrated, else int8-dynamic): that format
   wherever it applies, whatever the layer's density; layers where it does not apply stay float,
   with the reason.
@@ -79,6 +82,13 @@ HEURISTIC_MIN_WEIGHTS = 16384
 #   dense int8's time at 95%, 1.7x at 90%) and ~92.5% for M = 16: density <= 0.06.
 SPARSE_INT8_MAX_BLOCK_DENSITY = 0.30
 SPARSE_FP32_MAX_DENSITY = 0.06
+# auto WITH example inputs times the sparse formats at the layer's real input instead of
+# trusting the M <= 16 break-even above (at M = 1 unstructured int8 wins from ~80% sparsity, block
+# density ~0.59). These looser limits only skip building packs that cannot win at any M in the
+# sparse benchmark: no sparse format beat dense int8 at 50% sparsity (block density 0.94 when
+# unstructured, 0.5 with 1x4 blocks), and csr needs density well below 0.5 to beat dense fp32.
+TIMED_SPARSE_INT8_MAX_BLOCK_DENSITY = 0.75
+TIMED_SPARSE_FP32_MAX_DENSITY = 0.30
 
 _CONVERTED_TYPES: tuple[type, ...] = (Int8Linear, Im2colConv2d)
 
@@ -202,9 +212,10 @@ def _int8_variant(state: LayerState) -> str:
 
 
 def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
-                       density_limits: bool = True) -> dict[str, str | None]:
+                       density_limits: str | None = "heuristic") -> dict[str, str | None]:
     """For each format: None when it is a candidate for this layer, else why not. ``density_limits``:
-    apply the sparse density thresholds (the policies' choice; an explicit request skips them)."""
+    which sparse density thresholds apply: "heuristic" (untimed choice, M <= 16 break-even), "timed"
+    (the looser limits of a timed choice), None (an explicit request skips them)."""
     reasons: dict[str, str | None] = {"float": None}
     for fmt in FORMATS[1:]:
         if fmt in global_unavailable:
@@ -220,14 +231,18 @@ def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
     for fmt in ("sparse-fp32", "sparse-int8"):
         if reasons[fmt] is None and state.kind == "Conv2d" and not hasattr(pcnn, "SparseLinear"):
             reasons[fmt] = "sparse conv needs pycompress.nn.SparseLinear"
-    if not density_limits:
+    if density_limits is None:
         return reasons
-    if reasons["sparse-int8"] is None and state.block_density > SPARSE_INT8_MAX_BLOCK_DENSITY:
-        reasons["sparse-int8"] = (f"1x4 block density {state.block_density:.2f} > {SPARSE_INT8_MAX_BLOCK_DENSITY} "
-                                  "(dense int8 wins for M <= 16)")
-    if reasons["sparse-fp32"] is None and state.density > SPARSE_FP32_MAX_DENSITY:
-        reasons["sparse-fp32"] = (f"density {state.density:.2f} > {SPARSE_FP32_MAX_DENSITY} "
-                                  "(dense int8 wins for M <= 16)")
+    if density_limits == "timed":
+        int8_limit, fp32_limit = TIMED_SPARSE_INT8_MAX_BLOCK_DENSITY, TIMED_SPARSE_FP32_MAX_DENSITY
+        because = "no sparse kernel wins there at any batch size"
+    else:
+        int8_limit, fp32_limit = SPARSE_INT8_MAX_BLOCK_DENSITY, SPARSE_FP32_MAX_DENSITY
+        because = "dense int8 wins for M <= 16"
+    if reasons["sparse-int8"] is None and state.block_density > int8_limit:
+        reasons["sparse-int8"] = f"1x4 block density {state.block_density:.2f} > {int8_limit} ({because})"
+    if reasons["sparse-fp32"] is None and state.density > fp32_limit:
+        reasons["sparse-fp32"] = f"density {state.density:.2f} > {fp32_limit} ({because})"
     return reasons
 
 
@@ -576,7 +591,8 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             state.unsupported = "nn.MultiheadAttention reads its projections' weights directly, not through forward"
         elif _base_type(module) not in (nn.Linear, nn.Conv2d):
             state.unsupported = f"{_base_type(module).__name__} subclasses nn.{kind}; its forward may differ"
-        candidates = _candidate_reasons(state, global_unavailable)
+        timed = policy == "auto" and captured_args is not None
+        candidates = _candidate_reasons(state, global_unavailable, "timed" if timed else "heuristic")
         record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module),
                              not_considered={f: r for f, r in candidates.items() if r is not None})
         excluded = _matches(names, exclude)
@@ -588,7 +604,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             requested = override[1] if override is not None else policy
             source = f"override {override[0]!r}" if override is not None else f"policy {policy!r}"
             fmt = _int8_variant(state) if requested == "int8" else requested
-            applicable = _candidate_reasons(state, global_unavailable, density_limits=False)
+            applicable = _candidate_reasons(state, global_unavailable, density_limits=None)
             if applicable[fmt] is None:
                 why = f"{source}"
             else:
@@ -596,7 +612,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
                 fmt = "float"
         elif policy == "state":
             fmt, why = state_format(state, candidates)
-        elif captured_args is not None:
+        elif timed:
             args = captured_args
             record.input_shape = tuple(tuple(a.shape) for a in args)
             built = {cand: build_module(module, cand, name, state) for cand in FORMATS if candidates[cand] is None}

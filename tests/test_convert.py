@@ -347,6 +347,24 @@ def test_sparse_thresholds_follow_block_density():
     assert "override '0'" in convert_mod.conversion_record(dense).layers[0].reason
 
 
+def test_timed_auto_times_sparse_formats_beyond_the_untimed_break_even():
+    # 85% unstructured sparsity: 1x4 block density ~0.48, above the untimed M <= 16 limit (0.30),
+    # yet a candidate when example inputs let convert time it (it wins at M = 1 on this CPU).
+    torch.manual_seed(6)
+    sparse, dense = nn.Linear(512, 512), nn.Linear(512, 512)
+    pc.prune.prune(nn.Sequential(sparse), 0.85)
+    untimed = pc.convert(copy.deepcopy(nn.Sequential(sparse, dense)), policy="auto")
+    assert "dense int8 wins for M <= 16" in convert_mod.conversion_record(untimed).layers[0].not_considered["sparse-int8"]
+    model = pc.convert(nn.Sequential(sparse, dense), example_inputs=torch.randn(1, 512))
+    timed_sparse, timed_dense = convert_mod.conversion_record(model).layers
+    assert set(timed_sparse.timings_us) == {"float", "int8-dynamic", "sparse-int8", "sparse-fp32"}, timed_sparse
+    assert timed_sparse.format == min(timed_sparse.timings_us, key=timed_sparse.timings_us.get) or \
+        timed_sparse.format == "float"
+    # A dense layer is never packed sparse just to be timed.
+    assert set(timed_dense.timings_us) == {"float", "int8-dynamic"}
+    assert "no sparse kernel wins there" in timed_dense.not_considered["sparse-int8"]
+
+
 def test_float_layers_keep_no_fake_quant():
     from pycompress.quant import ActivationFakeQuant, WeightFakeQuant
     from pycompress.quant.fake_quant import quantize_input_hook
