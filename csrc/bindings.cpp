@@ -61,6 +61,28 @@ PYBIND11_MODULE(_C, m) {
       "y[m, n] = act(dequant(quant(x) @ W^T) + bias) on the active ISA");
 
   m.def(
+      "q8_linear_shared_input",
+      [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, const std::vector<py::tuple>& outputs,
+         bool is_static, float static_scale, int32_t static_zp, int nthreads) {
+        // outputs: (w_packed, col_sum, w_scale, bias or 0, n, y, ldy, act) per linear.
+        std::vector<q8::LinearOutput> outs;
+        outs.reserve(outputs.size());
+        for (const py::tuple& o : outputs) {
+          if (o.size() != 8) throw py::value_error("q8_linear_shared_input: each output is an 8-tuple");
+          outs.push_back(q8::LinearOutput{ptr<const int8_t>(o[0].cast<std::uintptr_t>()),
+                                          ptr<const int32_t>(o[1].cast<std::uintptr_t>()),
+                                          ptr<const float>(o[2].cast<std::uintptr_t>()),
+                                          ptr<const float>(o[3].cast<std::uintptr_t>()), o[4].cast<int64_t>(),
+                                          ptr<float>(o[5].cast<std::uintptr_t>()), o[6].cast<int64_t>(),
+                                          parse_activation(o[7].cast<int>())});
+        }
+        const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads};
+        py::gil_scoped_release release;
+        q8::linear_shared_input(in, outs.data(), static_cast<int>(outs.size()));
+      },
+      "several int8 linears of one x: x quantized once, every output's tiles in one parallel pass");
+
+  m.def(
       "q8_quantize_rows",
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, std::uintptr_t q, std::uintptr_t scale,
          std::uintptr_t zp, std::uintptr_t nonfinite, bool is_static, float static_scale, int32_t static_zp) {

@@ -51,7 +51,7 @@ from torch.nn.utils import parametrize
 import pycompress.nn as pcnn
 from pycompress._native import build_info, get_isa
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
-from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.int8_linear import Int8Linear, SharedInputGroup
 from pycompress.reference.q8 import MAX_K
 from pycompress.reference.sparse import pack_bsr1x4
 from pycompress.verify import ErrorStats, call_model, layer_budget_db
@@ -101,6 +101,24 @@ FUSIBLE_PARENTS = {
     "RobertaIntermediate": ("dense", "intermediate_act_fn"),
 }
 
+# Shared-input groups (pycompress.nn.SharedInputGroup): int8 layers that read the same tensor are
+# computed in one kernel call (x quantized once, one parallel pass). Found two ways:
+# - these parents (name -> layer attributes), whose forward calls the layers back to back on one
+#   tensor with nothing in between (transformers 5.x source), so their outputs may be shared
+#   even for inference tensors, which have no version counter;
+# - with example inputs, any int8 layers whose first call received the very same tensor object
+#   (shared only for tensors whose version counter proves x unchanged between the calls).
+SHARED_INPUT_PARENTS = {
+    "BertSelfAttention": ("query", "key", "value"),
+    "RobertaSelfAttention": ("query", "key", "value"),
+    "LlamaAttention": ("q_proj", "k_proj", "v_proj"),
+    "MistralAttention": ("q_proj", "k_proj", "v_proj"),
+    "Qwen2Attention": ("q_proj", "k_proj", "v_proj"),
+    "LlamaMLP": ("gate_proj", "up_proj"),
+    "MistralMLP": ("gate_proj", "up_proj"),
+    "Qwen2MLP": ("gate_proj", "up_proj"),
+}
+
 
 @dataclass
 class LayerState:
@@ -139,6 +157,8 @@ class ConversionRecord:
     layers: list[LayerRecord]
     notes: list[str]
     fused: list[str] = field(default_factory=list)  # activation modules replaced by nn.Identity (qualified names)
+    # SharedInputGroups: {"layers": qualified names, "adjacent": bool} (see SharedInputGroup)
+    shared_input: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- layer state
@@ -385,14 +405,21 @@ def _time_candidates_us(modules: dict[str, nn.Module], args: tuple) -> dict[str,
 
 
 def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.Module]], inputs,
-                      keep_outputs: bool) -> dict[int, tuple[tuple, torch.Tensor | None]]:
-    """Each target layer's first call during model(inputs): (args, output)."""
+                      keep_outputs: bool, input_sources: dict[int, int] | None = None
+                      ) -> dict[int, tuple[tuple, torch.Tensor | None]]:
+    """Each target layer's first call during model(inputs): (args, output). ``input_sources``, when
+    given, receives id(layer) -> a number naming the tensor object of that call's first argument
+    (equal numbers: the very same tensor)."""
     captured: dict[int, tuple[tuple, torch.Tensor | None]] = {}
+    seen_inputs: list[torch.Tensor] = []  # held until the end, so no id is reused for another tensor
 
     def hook(mod, args, out):
         # A layer called with keyword or non-tensor arguments is not captured: it is decided by the heuristic.
         if id(mod) not in captured and args and all(isinstance(a, torch.Tensor) for a in args):
             captured[id(mod)] = (tuple(a.detach() for a in args), out.detach() if keep_outputs else None)
+            if input_sources is not None:
+                seen_inputs.append(args[0])
+                input_sources[id(mod)] = id(args[0])
 
     handles = [m.register_forward_hook(hook) for _, m in targets.values()]
     try:
@@ -402,6 +429,45 @@ def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.M
         for h in handles:
             h.remove()
     return captured
+
+
+def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: dict[int, int],
+                  original_ids: dict[int, int]) -> list[dict]:
+    """Groups the converted dense int8 layers that read one tensor (SHARED_INPUT_PARENTS, then the
+    captured sources) into SharedInputGroups; returns them as ConversionRecord.shared_input entries."""
+    names = {id(m): n for n, m in model.named_modules()}
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+
+    def eligible(m) -> bool:
+        return type(m) is Int8Linear and m._shared_input is None and uses[id(m)] == 1
+
+    def compatible(members: list[Int8Linear]) -> bool:
+        first = members[0]
+        return all(m.in_features == first.in_features and m.act_scale == first.act_scale
+                   and m.act_zero_point == first.act_zero_point for m in members)
+
+    groups: list[dict] = []
+    for parent in model.modules():
+        attrs = SHARED_INPUT_PARENTS.get(type(parent).__name__)
+        if attrs is None:
+            continue
+        members = [getattr(parent, a, None) for a in attrs]
+        if all(eligible(m) for m in members) and compatible(members):
+            SharedInputGroup(members, adjacent=True)
+            groups.append({"layers": [names[id(m)] for m in members], "adjacent": True})
+    by_source: dict[int, list[Int8Linear]] = {}
+    for rec in records:
+        m = model.get_submodule(rec.name)
+        source = input_sources.get(original_ids.get(id(m), -1))
+        if source is not None and eligible(m):
+            by_source.setdefault(source, []).append(m)
+    for members in by_source.values():
+        if len(members) >= 2 and compatible(members):
+            SharedInputGroup(members)
+            groups.append({"layers": [names[id(m)] for m in members], "adjacent": False})
+    return groups
 
 
 def _local_error(new: nn.Module, args: tuple, float_out: torch.Tensor) -> ErrorStats:
@@ -474,6 +540,13 @@ def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]
 # ---------------------------------------------------------------- public API
 
 
+def restore_shared_inputs(model: nn.Module, groups: list[dict]) -> None:
+    """Re-forms the SharedInputGroups of a conversion record on a model rebuilt from it (load)."""
+    for group in groups:
+        members = [model.get_submodule(n) for n in group["layers"]]
+        SharedInputGroup(members, adjacent=bool(group["adjacent"]))
+
+
 def is_converted(model: nn.Module) -> bool:
     return hasattr(model, "_pycompress_conversion") or any(isinstance(m, _converted_types()) for m in model.modules())
 
@@ -516,12 +589,15 @@ def _matches(name_list: list[str], patterns) -> str | None:
 
 def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, overrides: dict[str, str] | None = None,
             exclude: list[str] | tuple[str, ...] = (), verify_inputs=None,
-            layer_min_sqnr_db: float | None = None, fuse_activations: bool = True) -> nn.Module:
+            layer_min_sqnr_db: float | None = None, fuse_activations: bool = True,
+            share_inputs: bool = True) -> nn.Module:
     """Swap ``model``'s Linear / Conv2d layers for pycompress modules, in place (see the module docstring).
 
     example_inputs / verify_inputs: a tensor, a tuple of positional args, or a dict of keyword args.
     layer_min_sqnr_db: overrides the per-format budget used with ``verify_inputs``.
     fuse_activations: fold a ReLU / exact GELU that follows an int8 layer into its kernel (FUSIBLE_PARENTS).
+    share_inputs: compute int8 layers that read the same tensor in one kernel call
+      (pycompress.nn.SharedInputGroup; SHARED_INPUT_PARENTS, or the same input tensor in example_inputs).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
@@ -574,7 +650,11 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
 
     timing = policy == "auto" and example_inputs is not None
-    captured = _capture_layer_io(model, targets, example_inputs, keep_outputs=False) if timing else {}
+    input_sources: dict[int, int] = {}
+    capture = example_inputs is not None and (timing or share_inputs)
+    captured = _capture_layer_io(model, targets, example_inputs, keep_outputs=False,
+                                 input_sources=input_sources) if capture else {}
+    original_ids: dict[int, int] = {}  # id(converted module) -> id(the float layer it replaced)
     checked = _capture_layer_io(model, targets, verify_inputs, keep_outputs=True) if verify_inputs is not None else {}
 
     records: list[LayerRecord] = []
@@ -648,10 +728,12 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         record.kernel = _kernel_name(fmt, kind, new)
         records.append(record)
         if new is not module:
+            original_ids[id(new)] = key
             for qualified in names:
                 _set_submodule(model, qualified, new)
     fused = _fuse_activations(model, records) if fuse_activations else []
-    converted = ConversionRecord(policy, records, notes, fused)
+    shared = _share_inputs(model, records, input_sources, original_ids) if share_inputs else []
+    converted = ConversionRecord(policy, records, notes, fused, shared)
     model._pycompress_conversion = converted
     return model
 

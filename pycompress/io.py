@@ -48,6 +48,7 @@ from pycompress.convert import (
     conversion_record,
     converted_layers,
     fusible_activation,
+    restore_shared_inputs,
 )
 from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d
@@ -553,8 +554,10 @@ def _record_from(manifest: dict) -> ConversionRecord | None:
         return None
     try:
         layers = [LayerRecord(**{**r, "input_shape": None}) for r in rec["layers"]]
+        shared = [{"layers": [str(n) for n in g["layers"]], "adjacent": bool(g["adjacent"])}
+                  for g in rec.get("shared_input", [])]
         return ConversionRecord(str(rec["policy"]), layers, [str(n) for n in rec["notes"]],
-                                [str(n) for n in rec.get("fused", [])])
+                                [str(n) for n in rec.get("fused", [])], shared)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"load: the manifest's conversion record is malformed: {exc}") from None
 
@@ -640,5 +643,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     record = _record_from(manifest)
     if record is not None:
         model._pycompress_conversion = record
+        try:
+            restore_shared_inputs(model, record.shared_input)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"load({path}): a shared-input group of the conversion record does not fit the "
+                             f"model: {exc}") from None
     return model
 

@@ -78,7 +78,10 @@ def summary(model: nn.Module) -> Summary:
             fmt, bits = "float", 32
             weight = module.weight
             density = float((weight != 0).sum()) / max(1, weight.numel())
-        rows.append(SummaryRow(name, kind, fmt, density, bits, rec.bytes_before if rec else after, after,
-                               rec.kernel if rec else ("torch (float32)" if fmt == "float" else type(module).__name__),
+        kernel = rec.kernel if rec else ("torch (float32)" if fmt == "float" else type(module).__name__)
+        group = getattr(module, "_shared_input", None)
+        if group is not None:
+            kernel += f" + input shared by {group.size} layers"
+        rows.append(SummaryRow(name, kind, fmt, density, bits, rec.bytes_before if rec else after, after, kernel,
                                rec.reason if rec else ("not converted" if fmt == "float" else "")))
     return Summary(rows, module_bytes(model), list(record.notes) if record else [])

@@ -143,6 +143,34 @@ struct LinearArgs {
 // the binding drops the GIL around it.
 void linear(const LinearArgs& args);
 
+// Several linears reading the same x (a transformer's query / key / value
+// projections): x is quantized once and the tiles of every output go to the
+// thread pool together, so the call costs one quantization and one fork/join
+// instead of one per linear, and small N no longer leaves a thread idle. Each
+// output is exactly what linear() gives for it alone: same quantized rows, same
+// per-column accumulation and epilogue.
+struct SharedInput {
+  const float* x;
+  int64_t m, k, ldx;
+  bool is_static;
+  float static_scale;
+  int32_t static_zp;
+  int nthreads;
+};
+
+struct LinearOutput {
+  const int8_t* w_packed;
+  const int32_t* col_sum;
+  const float* w_scale;
+  const float* bias;       // nullable
+  int64_t n;
+  float* y;
+  int64_t ldy;
+  Activation act;
+};
+
+void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int count);
+
 // The activation-quantization stage of a call, split over rows on the thread
 // pool; the dense and the sparse int8 linears both use it, so their activation
 // numbers are identical.

@@ -64,30 +64,44 @@ void check_k(int64_t k) {
   }
 }
 
+// Splits rows [0, m) into row tiles: enough of them that every thread gets
+// >= 4 tiles when the column tiles alone are too few.
+int64_t rows_per_tile(int64_t m, int64_t n_tiles, int threads) {
+  int64_t m_tiles = (m + kMaxTileRows - 1) / kMaxTileRows;
+  while (n_tiles * m_tiles < 4 * threads && m_tiles < (m + 5) / 6) ++m_tiles;
+  return (m + m_tiles - 1) / m_tiles;
+}
+
+// The tile of rows [r0, r0 + rows) and columns [n0, n0 + kTileCols) of `base`.
+GemmTile sub_tile(const GemmTile& base, int64_t r0, int64_t rows, int64_t n0, int64_t n) {
+  GemmTile tile = base;
+  tile.m = std::min(rows, base.m - r0);
+  tile.a = base.a + r0 * base.lda;
+  tile.n0 = n0;
+  tile.ncols = std::min(kTileCols, n - n0);
+  // Row-indexed epilogue operands and outputs are shifted so tiles see row 0.
+  if (base.row_scale != nullptr) tile.row_scale = base.row_scale + r0;
+  if (base.row_zp != nullptr) tile.row_zp = base.row_zp + r0;
+  if (base.y != nullptr) tile.y = base.y + r0 * base.ldy;
+  if (base.raw != nullptr) tile.raw = base.raw + r0 * base.ldraw;
+  return tile;
+}
+
 void run_tiles(const Kernels& kern, const GemmTile& base, int64_t n, int nthreads) {
   const int64_t m = base.m;
   const int64_t n_tiles = (n + kTileCols - 1) / kTileCols;
   const int threads = effective_threads(nthreads, m * n * base.kp);
-  int64_t m_tiles = (m + kMaxTileRows - 1) / kMaxTileRows;
-  // Too few column tiles to keep every thread busy: split the rows further.
-  while (n_tiles * m_tiles < 4 * threads && m_tiles < (m + 5) / 6) ++m_tiles;
-  const int64_t rows = (m + m_tiles - 1) / m_tiles;
-  m_tiles = (m + rows - 1) / rows;
+  const int64_t rows = rows_per_tile(m, n_tiles, threads);
+  const int64_t m_tiles = (m + rows - 1) / rows;
   parallel_for(n_tiles * m_tiles, threads, [&](int64_t t) {
     const int64_t mt = t / n_tiles, nt = t % n_tiles;
-    GemmTile tile = base;
-    const int64_t r0 = mt * rows;
-    tile.m = std::min(rows, m - r0);
-    tile.a = base.a + r0 * base.lda;
-    tile.n0 = nt * kTileCols;
-    tile.ncols = std::min(kTileCols, n - tile.n0);
-    // Row-indexed epilogue operands and outputs are shifted so tiles see row 0.
-    if (base.row_scale != nullptr) tile.row_scale = base.row_scale + r0;
-    if (base.row_zp != nullptr) tile.row_zp = base.row_zp + r0;
-    if (base.y != nullptr) tile.y = base.y + r0 * base.ldy;
-    if (base.raw != nullptr) tile.raw = base.raw + r0 * base.ldraw;
-    kern.gemm_tile(tile);
+    kern.gemm_tile(sub_tile(base, mt * rows, rows, nt * kTileCols, n));
   });
+}
+
+void check_output(int64_t n, int64_t ldy) {
+  if (n <= 0) throw std::invalid_argument("int8 linear: bad output size N=" + std::to_string(n));
+  if (ldy < n) throw std::invalid_argument("int8 linear: row stride smaller than row");
 }
 
 }  // namespace
@@ -123,40 +137,70 @@ void quantize_rows_parallel(const Kernels& kern, const QuantizeRows& base, int n
   });
 }
 
-void linear(const LinearArgs& args) {
-  if (args.m < 0 || args.k <= 0 || args.n <= 0) {
-    throw std::invalid_argument("int8 linear: bad sizes M=" + std::to_string(args.m) +
-                                " K=" + std::to_string(args.k) + " N=" + std::to_string(args.n));
+void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int count) {
+  if (in.m < 0 || in.k <= 0 || count <= 0) {
+    throw std::invalid_argument("int8 linear: bad sizes M=" + std::to_string(in.m) + " K=" + std::to_string(in.k) +
+                                " outputs=" + std::to_string(count));
   }
-  check_k(args.k);
-  if (args.ldx < args.k || args.ldy < args.n) throw std::invalid_argument("int8 linear: row stride smaller than row");
-  check_static_activation(args.is_static, args.static_scale, args.static_zp, "int8 linear");
-  if (args.m == 0) return;
+  check_k(in.k);
+  if (in.ldx < in.k) throw std::invalid_argument("int8 linear: row stride smaller than row");
+  for (int i = 0; i < count; ++i) check_output(outputs[i].n, outputs[i].ldy);
+  check_static_activation(in.is_static, in.static_scale, in.static_zp, "int8 linear");
+  if (in.m == 0) return;
   const Kernels& kern = kernels_for(active_isa());
-  const int64_t kp = round_up(args.k, kKGroup);
-  Scratch& s = thread_scratch(args.m, kp);
+  const int64_t kp = round_up(in.k, kKGroup);
+  Scratch& s = thread_scratch(in.m, kp);
 
-  QuantizeRows qr{args.x, args.ldx, args.m, args.k, kp, s.q.data(), s.scale.data(), s.zp.data(),
-                  s.nonfinite.data(), args.is_static, args.static_scale, args.static_zp};
-  quantize_rows_parallel(kern, qr, args.nthreads);
+  QuantizeRows qr{in.x, in.ldx, in.m, in.k, kp, s.q.data(), s.scale.data(), s.zp.data(),
+                  s.nonfinite.data(), in.is_static, in.static_scale, in.static_zp};
+  quantize_rows_parallel(kern, qr, in.nthreads);
 
-  GemmTile tile{};
-  tile.a = s.q.data();
-  tile.lda = kp;
-  tile.m = args.m;
-  tile.w = args.w_packed;
-  tile.kp = kp;
-  tile.row_scale = s.scale.data();
-  tile.row_zp = s.zp.data();
-  tile.col_sum = args.col_sum;
-  tile.w_scale = args.w_scale;
-  tile.bias = args.bias;
-  tile.act = args.act;
-  tile.y = args.y;
-  tile.ldy = args.ldy;
-  run_tiles(kern, tile, args.n, args.nthreads);
+  // Column tiles of every output, numbered consecutively: output i owns
+  // [first_tile[i], first_tile[i + 1]).
+  std::vector<int64_t> first_tile(static_cast<size_t>(count) + 1, 0);
+  int64_t n_total = 0;
+  for (int i = 0; i < count; ++i) {
+    first_tile[i + 1] = first_tile[i] + (outputs[i].n + kTileCols - 1) / kTileCols;
+    n_total += outputs[i].n;
+  }
+  const int64_t n_tiles = first_tile[count];
+  const int threads = effective_threads(in.nthreads, in.m * n_total * kp);
+  const int64_t rows = rows_per_tile(in.m, n_tiles, threads);
+  const int64_t m_tiles = (in.m + rows - 1) / rows;
 
-  fill_nonfinite_rows(s.nonfinite.data(), args.m, args.y, args.ldy, args.n);
+  GemmTile base{};
+  base.a = s.q.data();
+  base.lda = kp;
+  base.m = in.m;
+  base.kp = kp;
+  base.row_scale = s.scale.data();
+  base.row_zp = s.zp.data();
+  parallel_for(n_tiles * m_tiles, threads, [&](int64_t t) {
+    const int64_t mt = t / n_tiles, nt = t % n_tiles;
+    int i = 0;
+    while (nt >= first_tile[i + 1]) ++i;
+    const LinearOutput& out = outputs[i];
+    GemmTile tile = base;
+    tile.w = out.w_packed;
+    tile.col_sum = out.col_sum;
+    tile.w_scale = out.w_scale;
+    tile.bias = out.bias;
+    tile.act = out.act;
+    tile.y = out.y;
+    tile.ldy = out.ldy;
+    kern.gemm_tile(sub_tile(tile, mt * rows, rows, (nt - first_tile[i]) * kTileCols, out.n));
+  });
+
+  for (int i = 0; i < count; ++i) {
+    fill_nonfinite_rows(s.nonfinite.data(), in.m, outputs[i].y, outputs[i].ldy, outputs[i].n);
+  }
+}
+
+void linear(const LinearArgs& args) {
+  const SharedInput in{args.x, args.m, args.k, args.ldx, args.is_static, args.static_scale, args.static_zp,
+                       args.nthreads};
+  const LinearOutput out{args.w_packed, args.col_sum, args.w_scale, args.bias, args.n, args.y, args.ldy, args.act};
+  linear_shared_input(in, &out, 1);
 }
 
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale, int32_t* zp,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import nn
 
 from pycompress import ops
-from pycompress.ops.q8 import int8_linear_cpu
+from pycompress.ops.q8 import int8_linear_cpu, int8_linear_shared_input_cpu
 from pycompress._native import activation_code
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
 
@@ -54,6 +57,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("col_sum", torch.zeros(np_, dtype=torch.int32))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self._shared_input: SharedInputGroup | None = None  # set by SharedInputGroup (pycompress.convert)
 
     @classmethod
     def from_float(
@@ -97,6 +101,8 @@ class Int8Linear(nn.Module):
             # Eager CPU: the op's own CPU kernel without the dispatcher round trip, and
             # buffers read from the dict rather than through nn.Module.__getattr__
             # (together ~10 us per call; bench/README.md). Traced or fake tensors take the op.
+            if self._shared_input is not None:
+                return self._shared_input.output(self, x)
             b = self._buffers
             return int8_linear_cpu(x, b["w_packed"], b["col_sum"], b["w_scale"], b["bias"],
                                    self._act_code, self.act_scale, self.act_zero_point)
@@ -134,9 +140,106 @@ class Int8Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.w_packed, self.col_sum, self.w_scale, self.bias)
                    if t is not None)
 
+    def _operands(self) -> tuple:
+        b = self._buffers
+        return b["w_packed"], b["col_sum"], b["w_scale"], b["bias"], self._act_code
+
+    def _stamp(self) -> tuple:
+        # Identity and version of every operand: any change to the layer after a shared call
+        # computed its output makes that output stale.
+        b = self._buffers
+        w, c, s, bias = b["w_packed"], b["col_sum"], b["w_scale"], b["bias"]
+        return (id(w), w._version, id(c), c._version, id(s), s._version, id(bias),
+                0 if bias is None else bias._version, self._act_code, self.act_scale, self.act_zero_point)
+
     def extra_repr(self) -> str:
         acts = "dynamic per-row" if self.act_scale is None else f"static scale={self.act_scale:.4g} zp={self.act_zero_point}"
         act = "" if self.activation == "none" else f", activation={self.activation}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weights=int{self.weight_bits} per-channel, activations=uint8 {acts}{act}, bytes={self.packed_bytes()}")
+                f"weights=int{self.weight_bits} per-channel, activations=uint8 {acts}{act}, bytes={self.packed_bytes()}"
+                + ("" if self._shared_input is None else f", input shared with {self._shared_input.size - 1} other(s)"))
+
+
+class SharedInputGroup:
+    """Int8Linear layers that read the same input tensor, e.g. a transformer's query, key and
+    value projections. The first member called with ``x`` computes every member's output in one
+    kernel call (x quantized once, all tiles in one parallel pass; bench/README.md); each other
+    member then takes its output instead of recomputing it, provided it is called with that very
+    tensor, unmodified (same ``_version``), on the same thread, and its own weights, activation and
+    activation parameters did not change since. In every other case a member computes alone, so a
+    result never depends on the grouping: it is bit-identical to the member's own kernel call.
+
+    Inference tensors (made under ``torch.inference_mode``) have no version counter, so an in-place
+    change of x between two member calls could not be seen: for them the outputs are shared only
+    when ``adjacent=True``, which says the members are always called back to back on the same
+    tensor with nothing in between (convert sets it for parent modules whose forward it knows,
+    ``pycompress.convert.SHARED_INPUT_PARENTS``); otherwise each member computes alone.
+
+    Eager CPU calls only; traced / compiled / exported calls take each member's own op. Outputs
+    waiting for their member are held per thread until taken or replaced by the next shared call.
+    """
+
+    def __init__(self, members: list[Int8Linear], adjacent: bool = False) -> None:
+        if len(members) < 2:
+            raise ValueError("SharedInputGroup: needs at least two Int8Linear layers")
+        for m in members:
+            if type(m) is not Int8Linear:
+                raise TypeError(f"SharedInputGroup: {type(m).__name__} is not an Int8Linear")
+            if m._shared_input is not None:
+                raise ValueError(f"SharedInputGroup: {m._label()} already shares its input with another group")
+        k = members[0].in_features
+        for m in members[1:]:
+            if m.in_features != k:
+                raise ValueError(f"SharedInputGroup: {m._label()} has {m.in_features} input features, "
+                                 f"{members[0]._label()} has {k}")
+        self.members = list(members)
+        self.adjacent = adjacent
+        self._local = threading.local()
+        for m in self.members:
+            m._shared_input = self
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def dissolve(self) -> None:
+        """Every member computes alone again."""
+        for m in self.members:
+            m._shared_input = None
+        self._local = threading.local()
+
+    def output(self, member: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+        version = None if x.is_inference() else x._version
+        if version is None and not self.adjacent:
+            return int8_linear_cpu(x, *member._operands(), member.act_scale, member.act_zero_point)
+        local = self._local
+        pending = getattr(local, "pending", None)
+        if pending is not None and pending[0]() is x and pending[1] == version:
+            waiting = pending[2].pop(id(member), None)
+            if waiting is not None and waiting[1] == member._stamp():
+                return waiting[0]
+        scale, zero_point = self.members[0].act_scale, self.members[0].act_zero_point
+        for m in self.members:
+            if m.act_scale != scale or m.act_zero_point != zero_point:
+                local.pending = None  # members no longer quantize x alike: each computes alone
+                return int8_linear_cpu(x, *member._operands(), member.act_scale, member.act_zero_point)
+        ys = int8_linear_shared_input_cpu(x, [m._operands() for m in self.members], scale, zero_point)
+        mine = None
+        waiting = {}
+        for m, y in zip(self.members, ys):
+            if m is member:
+                mine = y
+            else:
+                waiting[id(m)] = (y, m._stamp())
+        local.pending = (weakref.ref(x), version, waiting)
+        return mine
+
+    def __getstate__(self) -> dict:
+        # Pending outputs and the thread-local store are not state.
+        return {"members": self.members, "adjacent": self.adjacent}
+
+    def __setstate__(self, state: dict) -> None:
+        self.members = state["members"]
+        self.adjacent = state["adjacent"]
+        self._local = threading.local()
 

@@ -83,5 +83,31 @@ def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale
 LIB.impl("int8_linear", int8_linear_cpu, "CPU")
 
 
+def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0) -> list[torch.Tensor]:
+    """Several int8 linears of one input, eager CPU only: ``outputs`` is a sequence of
+    ``(w_packed, col_sum, w_scale, bias, activation)``. x is quantized once and every output's
+    tiles run in one parallel pass; each result equals ``int8_linear_cpu`` of that output alone."""
+    if not outputs:
+        raise ValueError("int8_linear_shared_input: no outputs")
+    sizes = [_check(x, *out, act_scale, act_zero_point)[1] for out in outputs]
+    for w_packed, col_sum, w_scale, bias, _ in outputs:
+        if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
+                and (bias is None or bias.is_contiguous())):
+            raise ValueError("int8_linear_shared_input: weight operands must be contiguous")
+    k = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > 0 and (x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k)):
+        x2 = x2.contiguous()
+    ys = [torch.empty((m, n), dtype=torch.float32) for n in sizes]
+    _C.q8_linear_shared_input(
+        x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k,
+        [(w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), n, y.data_ptr(), n, act)
+         for (w, c, s, b, act), n, y in zip(outputs, sizes, ys)],
+        act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(),
+    )
+    return ys if x.dim() == 2 else [y.view(*x.shape[:-1], n) for y, n in zip(ys, sizes)]
+
+
 def int8_linear(x, w_packed, col_sum, w_scale, bias=None, activation=0, act_scale=None, act_zero_point=0):
     return torch.ops.pycompress.int8_linear(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
