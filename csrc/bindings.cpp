@@ -76,11 +76,36 @@ PYBIND11_MODULE(_C, m) {
                                           ptr<float>(o[5].cast<std::uintptr_t>()), o[6].cast<int64_t>(),
                                           parse_activation(o[7].cast<int>())});
         }
-        const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads};
+        const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads,
+                                 nullptr};
         py::gil_scoped_release release;
         q8::linear_shared_input(in, outs.data(), static_cast<int>(outs.size()));
       },
       "several int8 linears of one x: x quantized once, every output's tiles in one parallel pass");
+
+  m.def(
+      "q8_conv2d_nhwc",
+      [](std::uintptr_t x, const std::vector<int64_t>& strides, const std::vector<int64_t>& shape,
+         const std::vector<int64_t>& geometry, std::uintptr_t w_packed, std::uintptr_t col_sum,
+         std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int act, bool is_static,
+         float static_scale, int32_t static_zp, int nthreads) {
+        // strides (n, h, w) in floats, shape (batch, h, w, c), geometry (ho, wo, kh, kw, sh, sw, ph, pw, dh, dw);
+        // y is [batch * ho * wo, n] (NHWC).
+        if (strides.size() != 3 || shape.size() != 4 || geometry.size() != 10) {
+          throw py::value_error("q8_conv2d_nhwc: strides, shape and geometry need 3, 4 and 10 entries");
+        }
+        const q8::Im2col g{ptr<const float>(x), strides[0], strides[1], strides[2], shape[0], shape[1],
+                           shape[2], shape[3], geometry[0], geometry[1], geometry[2], geometry[3],
+                           geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]};
+        const int64_t m = g.batch * g.ho * g.wo, k = g.kh * g.kw * g.c;
+        const q8::SharedInput in{nullptr, m, k, k, is_static, static_scale, static_zp, nthreads, &g};
+        const q8::LinearOutput out{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum),
+                                   ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), n,
+                                   parse_activation(act)};
+        py::gil_scoped_release release;
+        q8::linear_shared_input(in, &out, 1);
+      },
+      "int8 conv2d (groups=1) of an NHWC float input: im2col rows quantized straight from x, then the GEMM");
 
   m.def(
       "q8_quantize_rows",

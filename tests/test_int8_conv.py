@@ -30,6 +30,11 @@ CONV_CASES = [
     (3, 64, 7, 2, 3, 1, 20, 20),
     (33, 65, 3, 1, 1, 1, 5, 6),
     (8, 8, 1, 1, 1, 1, 4, 4),  # 1x1 with padding takes the im2col path
+    # The eager kernel reads im2col rows straight from NHWC x in runs (csrc/q8/q8_gemm.h for_each_run):
+    (1, 16, 3, 1, 1, 1, 6, 5),         # one channel
+    (200, 16, 3, 1, 1, 1, 4, 4),       # runs longer than a 64-value vector step
+    (3, 8, 5, 1, 4, 1, 2, 3),          # kernel wider than the image: rows with no tap inside
+    (2, 8, (3, 3), 1, 1, (2, 1), 7, 7),  # dilation along H only: taps of a kernel row stay adjacent
 ]
 
 
@@ -72,6 +77,29 @@ def test_int8_conv_noncontiguous_and_channels_last_inputs():
     assert torch.equal(q(wide), q(wide.contiguous()))
     pointwise = Int8Conv2d.from_float(nn.Conv2d(8, 12, 1), name="pw")
     assert torch.equal(pointwise(base.to(memory_format=torch.channels_last)), pointwise(base))
+
+
+def test_int8_conv_reads_channel_slices_and_keeps_nan_to_its_windows(each_isa):
+    conv = nn.Conv2d(5, 16, 3, padding=1)
+    q = Int8Conv2d.from_float(conv, name="conv")
+    wide = torch.randn(2, 9, 6, 7).to(memory_format=torch.channels_last)
+    x = wide[:, 2:7]  # channels_last slice: pixel stride 9 floats, 5 channels each
+    assert torch.equal(q(x), _ref_for(conv, x.contiguous()))
+    x = x.contiguous()
+    x[1, 3, 2, 4] = float("nan")
+    y, ref = q(x), _ref_for(conv, x)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
+    nan_pixels = y.isnan().any(1)
+    assert nan_pixels.sum() == 9 and nan_pixels[1, 1:4, 3:6].all()  # exactly the 3x3 windows over (2, 4)
+
+
+def test_int8_conv_traced_path_gives_the_eager_numbers():
+    # torch.compile takes the float-im2col lowering; eager takes the direct kernel: same rows, same bits.
+    conv = nn.Conv2d(6, 24, 3, stride=2, padding=1)
+    q = Int8Conv2d.from_float(conv, name="conv")
+    x = torch.randn(2, 6, 11, 9)
+    compiled = torch.compile(q, fullgraph=True)
+    assert torch.equal(compiled(x), q(x))
 
 
 def test_int8_conv_empty_batch():

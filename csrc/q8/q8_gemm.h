@@ -21,6 +21,7 @@
 //   Padding is zero. colsum[n] = sum_k w[n][k] (int32, Np entries).
 #pragma once
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -62,8 +63,20 @@ struct GemmTile {
   int64_t ldraw;
 };
 
-struct QuantizeRows {
+// A convolution's GEMM rows read straight from its NHWC float input (im2col
+// without the float copy): row r = (b, oh, ow) in that order, columns (i, j, c):
+//   x[b][oh*sh - ph + i*dh][ow*sw - pw + j*dw][c], 0 outside the image.
+// Strides are in floats; channels are contiguous.
+struct Im2col {
   const float* x;
+  int64_t stride_n, stride_h, stride_w;
+  int64_t batch, h, w, c;
+  int64_t ho, wo;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+struct QuantizeRows {
+  const float* x;          // rows x + r * ldx, or nullptr when im2col gives the rows
   int64_t ldx;
   int64_t m, k, kp;
   uint8_t* q;              // row stride kp; columns [k, kp) are written as 0
@@ -73,9 +86,54 @@ struct QuantizeRows {
   bool is_static;
   float static_scale;
   int32_t static_zp;
+  const Im2col* im2col;    // nullable; then row r is GEMM row row0 + r of the convolution
+  int64_t row0;
 };
 
 namespace {
+
+// Calls fn(src, len, col) for the contiguous runs that make up row r, in
+// column order: `len` floats at `src` are columns [col, col + len), and a null
+// `src` is a run of zeros (the convolution's padding). A plain row is one run;
+// an im2col row is one run per kernel tap (kh * kw runs of C floats), or one
+// per kernel row when the taps of a row are adjacent in memory (dw == 1 and
+// dense NHWC), which matters for a 3-channel first layer.
+template <class Fn>
+inline void for_each_run(const QuantizeRows& p, int64_t r, Fn&& fn) {
+  if (p.im2col == nullptr) {
+    fn(p.x + r * p.ldx, p.k, int64_t{0});
+    return;
+  }
+  const Im2col& g = *p.im2col;
+  const int64_t row = p.row0 + r;
+  const int64_t ow = row % g.wo, oh = (row / g.wo) % g.ho, b = row / (g.wo * g.ho);
+  const float* image = g.x + b * g.stride_n;
+  const bool merge_row = g.dw == 1 && g.stride_w == g.c;
+  const int64_t iw0 = ow * g.sw - g.pw;
+  for (int64_t i = 0, col = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+    if (ih < 0 || ih >= g.h) {
+      fn(static_cast<const float*>(nullptr), g.kw * g.c, col);
+      col += g.kw * g.c;
+      continue;
+    }
+    const float* line = image + ih * g.stride_h;
+    if (merge_row) {
+      // Taps j in [j0, j1) are inside the image and adjacent in memory.
+      const int64_t j0 = iw0 < 0 ? std::min<int64_t>(-iw0, g.kw) : 0;
+      const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(g.kw, g.w - iw0));
+      if (j0 > 0) fn(static_cast<const float*>(nullptr), j0 * g.c, col);
+      if (j1 > j0) fn(line + (iw0 + j0) * g.stride_w, (j1 - j0) * g.c, col + j0 * g.c);
+      if (j1 < g.kw) fn(static_cast<const float*>(nullptr), (g.kw - j1) * g.c, col + j1 * g.c);
+      col += g.kw * g.c;
+      continue;
+    }
+    for (int64_t j = 0; j < g.kw; ++j, col += g.c) {
+      const int64_t iw = iw0 + j * g.dw;
+      fn(iw >= 0 && iw < g.w ? line + iw * g.stride_w : nullptr, g.c, col);
+    }
+  }
+}
 
 // Quantization parameters of one row from its range, shared by every ISA's
 // quantize_rows (internal linkage: included by TUs with different ISA flags).
@@ -150,12 +208,13 @@ void linear(const LinearArgs& args);
 // output is exactly what linear() gives for it alone: same quantized rows, same
 // per-column accumulation and epilogue.
 struct SharedInput {
-  const float* x;
+  const float* x;          // rows x + r * ldx, unless im2col is set
   int64_t m, k, ldx;
   bool is_static;
   float static_scale;
   int32_t static_zp;
   int nthreads;
+  const Im2col* im2col;    // nullable: a convolution's rows, read from its NHWC input
 };
 
 struct LinearOutput {

@@ -78,12 +78,54 @@ inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* pr
   *probe = hsum(_mm256_add_ps(_mm256_add_ps(pr[0], pr[1]), _mm256_add_ps(pr[2], pr[3])));
 }
 
+// q[0, len) = the quantized x[0, len).
+inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp) {
+  const __m256 vinv = _mm256_set1_ps(inv_scale);
+  const __m256 vmin = _mm256_set1_ps(-256.0f), vmax = _mm256_set1_ps(256.0f);
+  const __m256i vzp = _mm256_set1_epi32(zp);
+  // round(x / scale) + zp, in [-256, 511] thanks to the +-256 pre-clamp.
+  auto quantize8 = [&](__m256 v) {
+    v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), vmin), vmax);
+    return _mm256_add_epi32(_mm256_cvtps_epi32(v), vzp);
+  };
+  int64_t k = 0;
+  // 32 values per step: the saturating packs are exact (int16) and then the
+  // [0, 255] clamp (uint8); one vpermd undoes their 128-bit lane interleave.
+  const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; k + 32 <= len; k += 32) {
+    const __m256i a = quantize8(_mm256_loadu_ps(x + k));
+    const __m256i b = quantize8(_mm256_loadu_ps(x + k + 8));
+    const __m256i c = quantize8(_mm256_loadu_ps(x + k + 16));
+    const __m256i d = quantize8(_mm256_loadu_ps(x + k + 24));
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(bytes, lane_order));
+  }
+  const __m256i q0 = _mm256_setzero_si256(), q255 = _mm256_set1_epi32(255);
+  for (; k < len; k += 8) {
+    const __m256i in = tail_mask(len - k);
+    __m256i qi = quantize8(_mm256_maskload_ps(x + k, in));
+    qi = _mm256_min_epi32(_mm256_max_epi32(qi, q0), q255);
+    // 8 int32 in [0, 255] -> 8 bytes.
+    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+    const __m128i b8 = _mm_packus_epi16(w16, w16);
+    alignas(16) uint8_t tmp[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+    std::memcpy(q + k, tmp, static_cast<size_t>(len - k < 8 ? len - k : 8));
+  }
+}
+
 void quantize_rows_avx2(const QuantizeRows& p) {
   for (int64_t r = 0; r < p.m; ++r) {
-    const float* x = p.x + r * p.ldx;
     uint8_t* q = p.q + r * p.kp;
-    float lo, hi, nan_probe;
-    row_range(x, p.k, &lo, &hi, &nan_probe);
+    float lo = 0.0f, hi = 0.0f, nan_probe = 0.0f;
+    for_each_run(p, r, [&](const float* x, int64_t len, int64_t) {
+      if (x == nullptr) return;  // padding: 0 is in every range already
+      float run_lo, run_hi, run_probe;
+      row_range(x, len, &run_lo, &run_hi, &run_probe);
+      lo = std::min(lo, run_lo);
+      hi = std::max(hi, run_hi);
+      nan_probe = nan_probe + run_probe;
+    });
     RowParams rp;
     const bool finite = row_params(p, lo, hi, nan_probe, &rp);
     p.nonfinite[r] = finite ? 0 : 1;
@@ -93,41 +135,16 @@ void quantize_rows_avx2(const QuantizeRows& p) {
       std::memset(q, 0, static_cast<size_t>(p.kp));
       continue;
     }
-    const __m256 vinv = _mm256_set1_ps(rp.inv_scale);
-    const __m256 vmin = _mm256_set1_ps(-256.0f), vmax = _mm256_set1_ps(256.0f);
-    const __m256i vzp = _mm256_set1_epi32(rp.zp);
-    // round(x / scale) + zp, in [-256, 511] thanks to the +-256 pre-clamp.
-    auto quantize8 = [&](__m256 v) {
-      v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), vmin), vmax);
-      return _mm256_add_epi32(_mm256_cvtps_epi32(v), vzp);
-    };
-    int64_t k = 0;
-    // 32 values per step: the saturating packs are exact (int16) and then the
-    // [0, 255] clamp (uint8); one vpermd undoes their 128-bit lane interleave.
-    const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (; k + 32 <= p.k; k += 32) {
-      const __m256i a = quantize8(_mm256_loadu_ps(x + k));
-      const __m256i b = quantize8(_mm256_loadu_ps(x + k + 8));
-      const __m256i c = quantize8(_mm256_loadu_ps(x + k + 16));
-      const __m256i d = quantize8(_mm256_loadu_ps(x + k + 24));
-      const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(bytes, lane_order));
-    }
-    const __m256i q0 = _mm256_setzero_si256(), q255 = _mm256_set1_epi32(255);
-    for (; k < p.k; k += 8) {
-      const __m256i in = tail_mask(p.k - k);
-      __m256i qi = quantize8(_mm256_maskload_ps(x + k, in));
-      qi = _mm256_min_epi32(_mm256_max_epi32(qi, q0), q255);
-      qi = _mm256_and_si256(qi, in);
-      // 8 int32 in [0, 255] -> 8 bytes.
-      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
-      const __m128i b8 = _mm_packus_epi16(w16, w16);
-      const int64_t nbytes = p.kp - k < 8 ? p.kp - k : 8;
-      alignas(16) uint8_t tmp[16];
-      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
-      std::memcpy(q + k, tmp, static_cast<size_t>(nbytes));
-    }
-    for (; k < p.kp; ++k) q[k] = 0;
+    // The quantized 0 of the padding: zp itself, as the scalar spec's formula gives for 0.0f.
+    const uint8_t zero_code = static_cast<uint8_t>(rp.zp);
+    for_each_run(p, r, [&](const float* x, int64_t len, int64_t col) {
+      if (x == nullptr) {
+        std::memset(q + col, zero_code, static_cast<size_t>(len));
+      } else {
+        quantize_run(x, len, q + col, rp.inv_scale, rp.zp);
+      }
+    });
+    std::memset(q + p.k, 0, static_cast<size_t>(p.kp - p.k));
   }
 }
 

@@ -50,12 +50,52 @@ inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* pr
   *probe = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(pr[0], pr[1]), _mm512_add_ps(pr[2], pr[3])));
 }
 
+// q[0, len) = the quantized x[0, len).
+inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp) {
+  const __m512 vinv = _mm512_set1_ps(inv_scale);
+  const __m512 vmin = _mm512_set1_ps(-256.0f), vmax = _mm512_set1_ps(256.0f);
+  const __m512i vzp = _mm512_set1_epi32(zp);
+  // round(x / scale) + zp before the [0, 255] clamp; the +-256 pre-clamp keeps
+  // the conversion in range, so the sum lies in [-256, 511].
+  auto quantize16 = [&](__m512 v) {
+    v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), vmin), vmax);
+    return _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+  };
+  int64_t k = 0;
+  // 64 values per step: the saturating packs (int32 -> int16 exact for
+  // [-256, 511], int16 -> uint8 saturating = the [0, 255] clamp) replace the
+  // integer clamp and four narrowing stores; they interleave 128-bit lanes,
+  // which one vpermd puts back in order.
+  const __m512i lane_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (; k + 64 <= len; k += 64) {
+    const __m512i a = quantize16(_mm512_loadu_ps(x + k));
+    const __m512i b = quantize16(_mm512_loadu_ps(x + k + 16));
+    const __m512i c = quantize16(_mm512_loadu_ps(x + k + 32));
+    const __m512i d = quantize16(_mm512_loadu_ps(x + k + 48));
+    const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+    _mm512_storeu_si512(q + k, _mm512_permutexvar_epi32(lane_order, bytes));
+  }
+  const __m512i q0 = _mm512_setzero_si512(), q255 = _mm512_set1_epi32(255);
+  for (; k < len; k += 16) {
+    const __mmask16 in = tail_mask(len - k);
+    __m512i qi = quantize16(_mm512_maskz_loadu_ps(in, x + k));
+    qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), q255);
+    _mm_mask_storeu_epi8(q + k, in, _mm512_cvtepi32_epi8(qi));
+  }
+}
+
 void quantize_rows_avx512(const QuantizeRows& p) {
   for (int64_t r = 0; r < p.m; ++r) {
-    const float* x = p.x + r * p.ldx;
     uint8_t* q = p.q + r * p.kp;
-    float lo, hi, nan_probe;
-    row_range(x, p.k, &lo, &hi, &nan_probe);
+    float lo = 0.0f, hi = 0.0f, nan_probe = 0.0f;
+    for_each_run(p, r, [&](const float* x, int64_t len, int64_t) {
+      if (x == nullptr) return;  // padding: 0 is in every range already
+      float run_lo, run_hi, run_probe;
+      row_range(x, len, &run_lo, &run_hi, &run_probe);
+      lo = std::min(lo, run_lo);
+      hi = std::max(hi, run_hi);
+      nan_probe = nan_probe + run_probe;
+    });
     RowParams rp;
     const bool finite = row_params(p, lo, hi, nan_probe, &rp);
     p.nonfinite[r] = finite ? 0 : 1;
@@ -65,37 +105,16 @@ void quantize_rows_avx512(const QuantizeRows& p) {
       std::memset(q, 0, static_cast<size_t>(p.kp));
       continue;
     }
-    const __m512 vinv = _mm512_set1_ps(rp.inv_scale);
-    const __m512 vmin = _mm512_set1_ps(-256.0f), vmax = _mm512_set1_ps(256.0f);
-    const __m512i vzp = _mm512_set1_epi32(rp.zp);
-    // round(x / scale) + zp before the [0, 255] clamp; the +-256 pre-clamp keeps
-    // the conversion in range, so the sum lies in [-256, 511].
-    auto quantize16 = [&](__m512 v) {
-      v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), vmin), vmax);
-      return _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
-    };
-    int64_t k = 0;
-    // 64 values per step: the saturating packs (int32 -> int16 exact for
-    // [-256, 511], int16 -> uint8 saturating = the [0, 255] clamp) replace the
-    // integer clamp and four narrowing stores; they interleave 128-bit lanes,
-    // which one vpermd puts back in order.
-    const __m512i lane_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    for (; k + 64 <= p.k; k += 64) {
-      const __m512i a = quantize16(_mm512_loadu_ps(x + k));
-      const __m512i b = quantize16(_mm512_loadu_ps(x + k + 16));
-      const __m512i c = quantize16(_mm512_loadu_ps(x + k + 32));
-      const __m512i d = quantize16(_mm512_loadu_ps(x + k + 48));
-      const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
-      _mm512_storeu_si512(q + k, _mm512_permutexvar_epi32(lane_order, bytes));
-    }
-    const __m512i q0 = _mm512_setzero_si512(), q255 = _mm512_set1_epi32(255);
-    for (; k < p.kp; k += 16) {
-      const __mmask16 in = tail_mask(p.k - k);
-      __m512i qi = quantize16(_mm512_maskz_loadu_ps(in, x + k));
-      qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), q255);
-      qi = _mm512_maskz_mov_epi32(in, qi);  // padding columns are 0
-      _mm_mask_storeu_epi8(q + k, tail_mask(p.kp - k), _mm512_cvtepi32_epi8(qi));
-    }
+    // The quantized 0 of the padding: zp itself, as the scalar spec's formula gives for 0.0f.
+    const uint8_t zero_code = static_cast<uint8_t>(rp.zp);
+    for_each_run(p, r, [&](const float* x, int64_t len, int64_t col) {
+      if (x == nullptr) {
+        std::memset(q + col, zero_code, static_cast<size_t>(len));
+      } else {
+        quantize_run(x, len, q + col, rp.inv_scale, rp.zp);
+      }
+    });
+    std::memset(q + p.k, 0, static_cast<size_t>(p.kp - p.k));
   }
 }
 

@@ -99,6 +99,25 @@ void run_tiles(const Kernels& kern, const GemmTile& base, int64_t n, int nthread
   });
 }
 
+// The geometry must describe exactly m rows of k columns that lie in the
+// input or its zero padding; the Python layer derives it, this is the guard.
+void check_im2col(const Im2col& g, int64_t m, int64_t k) {
+  const bool positive = g.batch >= 0 && g.h > 0 && g.w > 0 && g.c > 0 && g.kh > 0 && g.kw > 0 && g.sh > 0 &&
+                        g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0 && g.ho > 0 && g.wo > 0;
+  const bool shape = positive && g.ho == (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1 &&
+                     g.wo == (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1 &&
+                     m == g.batch * g.ho * g.wo && k == g.kh * g.kw * g.c;
+  // Pixels, rows and images must not overlap (a dimension of size 1 may have any stride, as in torch).
+  const int64_t row_extent = (g.w - 1) * g.stride_w + g.c;
+  const int64_t image_extent = (g.h - 1) * g.stride_h + row_extent;
+  const bool strides = (g.w == 1 || g.stride_w >= g.c) && (g.h == 1 || g.stride_h >= row_extent) &&
+                       (g.batch <= 1 || g.stride_n >= image_extent);
+  if (!shape || !strides) {
+    throw std::invalid_argument("int8 conv2d: inconsistent im2col geometry for M=" + std::to_string(m) +
+                                " K=" + std::to_string(k));
+  }
+}
+
 void check_output(int64_t n, int64_t ldy) {
   if (n <= 0) throw std::invalid_argument("int8 linear: bad output size N=" + std::to_string(n));
   if (ldy < n) throw std::invalid_argument("int8 linear: row stride smaller than row");
@@ -128,7 +147,11 @@ void quantize_rows_parallel(const Kernels& kern, const QuantizeRows& base, int n
     QuantizeRows p = base;
     const int64_t r0 = t * rows_per_task;
     p.m = std::min(rows_per_task, base.m - r0);
-    p.x = base.x + r0 * base.ldx;
+    if (base.im2col != nullptr) {
+      p.row0 = base.row0 + r0;
+    } else {
+      p.x = base.x + r0 * base.ldx;
+    }
     p.q = base.q + r0 * base.kp;
     p.scale = base.scale + r0;
     p.zp = base.zp + r0;
@@ -143,7 +166,11 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
                                 " outputs=" + std::to_string(count));
   }
   check_k(in.k);
-  if (in.ldx < in.k) throw std::invalid_argument("int8 linear: row stride smaller than row");
+  if (in.im2col != nullptr) {
+    check_im2col(*in.im2col, in.m, in.k);
+  } else if (in.ldx < in.k) {
+    throw std::invalid_argument("int8 linear: row stride smaller than row");
+  }
   for (int i = 0; i < count; ++i) check_output(outputs[i].n, outputs[i].ldy);
   check_static_activation(in.is_static, in.static_scale, in.static_zp, "int8 linear");
   if (in.m == 0) return;
@@ -152,7 +179,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   Scratch& s = thread_scratch(in.m, kp);
 
   QuantizeRows qr{in.x, in.ldx, in.m, in.k, kp, s.q.data(), s.scale.data(), s.zp.data(),
-                  s.nonfinite.data(), in.is_static, in.static_scale, in.static_zp};
+                  s.nonfinite.data(), in.is_static, in.static_scale, in.static_zp, in.im2col, 0};
   quantize_rows_parallel(kern, qr, in.nthreads);
 
   // Column tiles of every output, numbered consecutively: output i owns
@@ -198,7 +225,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
 
 void linear(const LinearArgs& args) {
   const SharedInput in{args.x, args.m, args.k, args.ldx, args.is_static, args.static_scale, args.static_zp,
-                       args.nthreads};
+                       args.nthreads, nullptr};
   const LinearOutput out{args.w_packed, args.col_sum, args.w_scale, args.bias, args.n, args.y, args.ldy, args.act};
   linear_shared_input(in, &out, 1);
 }
@@ -207,7 +234,7 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q
                    uint8_t* nonfinite, bool is_static, float static_scale, int32_t static_zp) {
   check_k(k);
   const int64_t kp = round_up(k, kKGroup);
-  QuantizeRows p{x, ldx, m, k, kp, q, scale, zp, nonfinite, is_static, static_scale, static_zp};
+  QuantizeRows p{x, ldx, m, k, kp, q, scale, zp, nonfinite, is_static, static_scale, static_zp, nullptr, 0};
   kernels_for(active_isa()).quantize_rows(p);
 }
 

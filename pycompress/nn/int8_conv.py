@@ -3,10 +3,13 @@
 The convolution is lowered to one GEMM, ``[N*Ho*Wo, kh*kw*C] @ [kh*kw*C, O]``:
 - 1x1, stride 1, no padding: the NHWC view of the input is already the GEMM's A matrix
   (no copy when the input is channels_last, which is what this module returns);
-- otherwise im2col in NHWC order: pad once, take a strided window *view* of the padded
-  input and copy it once into ``[N*Ho*Wo, kh*kw*C]`` rows whose innermost run is the C
-  contiguous channels (unfold-then-transpose in NCHW order would copy twice and read the
-  input with stride W in the inner loop).
+- otherwise im2col in NHWC order, rows ``[N*Ho*Wo, kh*kw*C]`` whose innermost run is the C
+  contiguous channels. Eager int8 calls never build it in float: the kernel
+  (``q8_conv2d_nhwc``, csrc/q8/q8_gemm.h ``Im2col``) quantizes each row straight from the
+  NHWC input, padding included. Traced calls (torch.compile / export) and sparse GEMMs pad
+  once, take a strided window *view* of the padded input and copy it once into the rows
+  (unfold-then-transpose in NCHW order would copy twice and read the input with stride W in
+  the inner loop); both give the same rows, hence the same numbers.
 The weight is reordered to (O, kh, kw, C) to match, quantized per output channel and
 packed once by ``Int8Linear``. The output is returned as an NCHW tensor with channels_last
 memory, so the next convolution's im2col reads it without a layout change.
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycompress.nn.int8_linear import Int8Linear
+from pycompress.ops.q8 import int8_conv2d_nhwc_cpu
 from pycompress.reference.q8 import pack_int8_weights
 
 
@@ -144,6 +148,17 @@ class Im2colConv2d(nn.Module):
             raise ValueError(f"{self._label()}: input {h}x{w} with padding {self.padding} is smaller than the "
                              f"{span_h}x{span_w} receptive field")
         nhwc = x.permute(0, 2, 3, 1)
+        gemm = self.gemm
+        if (not self._pointwise and type(gemm) is Int8Linear and type(x) is torch.Tensor and x.is_cpu
+                and x.dtype == torch.float32 and not torch.compiler.is_compiling()):
+            # Eager CPU int8: the kernel quantizes the im2col rows straight from x, so the float
+            # im2col copy (4x the bytes of its uint8 rows) is never written. Same numbers as below.
+            if nhwc.stride(3) != 1 and self.in_channels != 1:
+                nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            b = gemm._buffers
+            y = int8_conv2d_nhwc_cpu(nhwc, (kh, kw, sh, sw, ph, pw, dh, dw), b["w_packed"], b["col_sum"],
+                                     b["w_scale"], b["bias"], gemm._act_code, gemm.act_scale, gemm.act_zero_point)
+            return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         if self._pointwise:
             cols = nhwc.reshape(n * h * w, self.in_channels)
         else:

@@ -26,14 +26,19 @@ def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_
     stay in the low microseconds. Only static sizes (K, N) are inspected, so
     dynamic batch dimensions trace without guards.
     """
-    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
-        raise ValueError(f"int8_linear: w_scale must be 1-D float32, got {w_scale.dtype} {tuple(w_scale.shape)}")
-    n = w_scale.shape[0]
     if x.dtype != torch.float32:
         raise TypeError(f"int8_linear: x must be float32, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("int8_linear: x must have at least one dimension")
-    k = x.shape[-1]
+    return x.shape[-1], _check_weights(x.shape[-1], w_packed, col_sum, w_scale, bias, activation, act_scale,
+                                       act_zero_point)
+
+
+def _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point) -> int:
+    """Validates the weight-side operands for K input features; returns N."""
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
+        raise ValueError(f"int8_linear: w_scale must be 1-D float32, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    n = w_scale.shape[0]
     if not 1 <= k <= MAX_K:
         raise ValueError(f"int8_linear: K={k} features is outside [1, {MAX_K}]; beyond {MAX_K} an int32 "
                          "accumulator of uint8*int8 products can overflow")
@@ -51,7 +56,7 @@ def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_
     if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= 255):
         raise ValueError(f"int8_linear: static scale {act_scale} must be finite > 0, "
                          f"zero point {act_zero_point} in [0, 255]")
-    return k, n
+    return n
 
 
 @torch.library.register_fake("pycompress::int8_linear")
@@ -111,3 +116,26 @@ def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0) -
 
 def int8_linear(x, w_packed, col_sum, w_scale, bias=None, activation=0, act_scale=None, act_zero_point=0):
     return torch.ops.pycompress.int8_linear(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+
+
+def int8_conv2d_nhwc_cpu(x_nhwc, geometry, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None,
+                         act_zero_point=0) -> torch.Tensor:
+    """int8 conv2d (groups=1), eager CPU: ``x_nhwc`` [B, H, W, C] float32 with contiguous channels
+    (any other strides), ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw). The im2col rows are quantized
+    straight from x (no float im2col copy) and are exactly the rows of the float im2col, so the result
+    is bit-identical to ``int8_linear_cpu`` of that copy. Returns y [B * Ho * Wo, N] (NHWC order)."""
+    if x_nhwc.dtype != torch.float32 or x_nhwc.dim() != 4 or (x_nhwc.stride(3) != 1 and x_nhwc.shape[3] != 1):
+        raise ValueError(f"int8_conv2d: x must be 4-D NHWC float32 with contiguous channels, got {x_nhwc.dtype} "
+                         f"{tuple(x_nhwc.shape)} strides {x_nhwc.stride()}")
+    b, h, w, c = x_nhwc.shape
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    n = _check_weights(kh * kw * c, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    y = torch.empty((b * ho * wo, n), dtype=torch.float32)
+    _C.q8_conv2d_nhwc(
+        x_nhwc.data_ptr(), list(x_nhwc.stride()[:3]), [b, h, w, c], [ho, wo, kh, kw, sh, sw, ph, pw, dh, dw],
+        w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        n, y.data_ptr(), activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
+        act_zero_point, num_threads(),
+    )
+    return y
