@@ -81,7 +81,7 @@ def test_panel_kernel_matches_float64_reference(isa, m, k, gen):
     ref = sparse_linear_ref(x, weight, mod.bias, "relu")
     bound = fp32_error_bound(x, weight, mod.bias, "relu")
     assert ((y.to(torch.float64) - ref).abs() <= bound).all()
-    assert (mod.panel_bytes() > 0) == (m >= 4 and isa == "avx512")
+    assert mod.panel_bytes() > 0  # built with the pack, used for M >= 4 on AVX-512
 
 
 def test_panel_kernel_noncontiguous_input_and_many_blocks(isa, gen):
@@ -141,7 +141,6 @@ def test_panel_copy_follows_in_place_changes_and_stays_out_of_state_dict(gen):
     weight = weight_with_structure(12, P + 3, gen)
     mod = SparseLinear.from_float(linear_from(weight, gen), format="csr")
     x = torch.randn(8, P + 3, generator=gen)
-    mod(x)
     assert mod.panel_bytes() > 0
     assert not any(name.startswith("panel_") for name in mod.state_dict())
     with torch.no_grad():

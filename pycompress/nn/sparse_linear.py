@@ -96,14 +96,14 @@ class SparseLinear(_SparseBase):
     Formats: ``csr`` (unstructured; uint16 column indices) or ``nm24`` (2:4, two values per group of 4 k and
     2-bit indices). Buffers: csr ``row_ptr``, ``col_idx``, ``values``; nm24 ``nm_idx``, ``values``; ``bias``.
 
-    A csr layer called eagerly with M >= 4 rows on AVX-512 also derives the csr panel layout
-    (csrc/sparse/sparse.h: the nonzeros reordered by K panels so the transposed activations stay in L1/L2,
-    about the size of the pack again) into non-persistent buffers ``panel_*``, rebuilt whenever the pack
-    changes; decode-only (M < 4) use never builds it. ``packed_bytes()`` counts the pack, ``panel_bytes()``
-    the derived copy.
+    A csr layer also derives the csr panel layout (csrc/sparse/sparse.h: the nonzeros reordered by K panels
+    so the transposed activations stay in L1/L2, about the size of the pack again) into non-persistent
+    buffers ``panel_*``, like SparseInt8Linear's sliced layout: built by ``validate()`` (from_float, loading)
+    and rebuilt whenever the pack changes; eager calls with M >= 4 pass it to the kernels, which use it on
+    AVX-512. ``packed_bytes()`` counts the pack, ``panel_bytes()`` the derived copy.
     """
 
-    # The kernels read the panel layout only for M >= 4 (below, the gather kernel runs) on AVX-512.
+    # The kernels read the panel layout only for M >= 4 (below, the gather kernel runs).
     _PANEL_MIN_ROWS = 4
 
     def __init__(self, in_features: int, out_features: int, nnz: int = 0, format: str = "csr", bias: bool = True,
@@ -165,22 +165,31 @@ class SparseLinear(_SparseBase):
                                    _C.sparse_validate_csr)
         except ValueError as e:
             raise ValueError(f"{self._label()}: {e}") from None
+        if csr_panels_supported(self.in_features):
+            self._refresh_panels()
 
     def _panels_for(self, m: int):
-        """The csr panel layout when the kernels would use it for M rows, (re)built if the pack changed."""
-        if m < self._PANEL_MIN_ROWS or get_isa() != "avx512" or not csr_panels_supported(self.in_features):
+        """The csr panel layout when the kernels would use it for M rows."""
+        if m < self._PANEL_MIN_ROWS or not csr_panels_supported(self.in_features):
             return None
+        self._refresh_panels()
+        return self.panel_sub, self.panel_idx, self.panel_values
+
+    def _refresh_panels(self) -> None:
+        """(Re)builds the csr panel layout when the pack changed since the last build."""
         stamp = tuple((t.data_ptr(), None if t.is_inference() else t._version)
                       for t in (self.row_ptr, self.col_idx, self.values))
         if stamp != self._panel_stamp:
             try:
-                panels = build_csr_panels(self.row_ptr, self.col_idx, self.values, self.in_features)
+                # Normal tensors even under inference_mode: their structural check is then memoized per
+                # version (inference tensors have no version counter and would be re-checked every call).
+                with torch.inference_mode(False):
+                    panels = build_csr_panels(self.row_ptr, self.col_idx, self.values, self.in_features)
             except ValueError as e:
                 raise ValueError(f"{self._label()}: {e}") from None
             for name, t in zip(("panel_sub", "panel_idx", "panel_values"), panels):
                 self.register_buffer(name, t, persistent=False)
             self._panel_stamp = stamp
-        return self.panel_sub, self.panel_idx, self.panel_values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
