@@ -48,6 +48,32 @@
 //           [nsteps][16][4]. Activations are read with a row stride of
 //           sliced_row_bytes(k) = max(kp, 64) (zero padded).
 //
+//   csr panels  fp32, derived from a validated csr pack by build_csr_panels
+//           (never stored in a state_dict; SparseLinear rebuilds it, like the
+//           sliced layout). The cols kernel below streams every nonzero's 16-row
+//           x^T vector from cache: with x^T [K][M] larger than L1 (M=16, K=4096:
+//           256 KiB) it runs at the L2 bandwidth (~2.3 cycles per nonzero on Zen
+//           4), and for M=128 (2 MiB) at the L3 bandwidth. The panel layout tiles
+//           K so a panel of x^T stays in L1/L2 while a block of output channels
+//           runs over it, and stores the nonzeros in the order that loop reads
+//           them (the tiled loop over a plain csr pack jumps between rows on
+//           every panel and was slower than no tiling):
+//             for each block of kPanelRows channels, for each panel of
+//             kPanelCols columns, for each channel n of the block: the segment
+//             of row n's nonzeros with k in the panel, in kSubPanels sub-panels
+//             of kSubPanelCols columns (csr order within each), then zero pads
+//             up to a multiple of 4 entries (the kernel's unroll: no tail loop,
+//             no unpredictable exit branch). A pad's index is K: the driver
+//             appends a zero row K to x^T, so a pad adds 0 * 0 even when x holds
+//             Inf or NaN. (K <= 65535 so K fits the uint16 index.)
+//           sub int32 [segments * kSubPanels + 1]: start of every sub-panel of
+//           every segment, segments in the order above (segment of channel n,
+//           panel o, in the block starting at n0 with rows_b channels:
+//           n0 * panels + o * rows_b + (n - n0)); the entry after a segment's
+//           last sub-panel starts the next segment, sub[end] = entries.
+//           idx uint16 [entries] (k, or K for a pad), values float [entries].
+//           Sizes: entries <= nnz + 3 * N * panels.
+//
 // Kernels, two shapes of the same math, picked by the number of rows M:
 //   rows  (M < kGatherMaxRows): for each output channel, gather the
 //         activations a nonzero needs straight from row-major x (vpgatherdd /
@@ -60,6 +86,13 @@
 //         Results for one output channel are a vector over rows; they go to y
 //         with a scatter (one per 16 rows and channel, negligible next to the
 //         nnz_row FMAs that produced them).
+//
+//   cols over csr panels (fp32 csr, M >= kGatherMaxRows, AVX-512, when the
+//         module passes the panel layout): same math, per block of channels the
+//         panel loop is outermost; each channel's partial sums live in a
+//         per-thread scratch between panels. M <= 32 runs whole panel segments
+//         (x^T panel 512 x 16 or 32 rows fits L1/L2); more rows run the
+//         sub-panels one at a time (128 columns x 128 rows = 64 KiB).
 //
 //   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
 //         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
@@ -99,6 +132,20 @@ constexpr int64_t kColsBlockRows = 128;
 
 enum class Format : int { Csr = 0, Nm24 = 1, Bsr1x4 = 2 };
 
+constexpr int64_t kPanelRows = 256;
+constexpr int64_t kPanelCols = 512;
+constexpr int64_t kSubPanelCols = 128;
+constexpr int64_t kSubPanels = kPanelCols / kSubPanelCols;
+constexpr int64_t kPanelMaxK = 65535;  // the pad index K must fit uint16
+
+inline int64_t csr_panels_count(int64_t k) { return (k + kPanelCols - 1) / kPanelCols; }
+
+struct CsrPanels {
+  const int32_t* sub;      // [n * csr_panels_count(k) * kSubPanels + 1]
+  const uint16_t* idx;     // [entries]: k, or K for a pad
+  const float* values;     // [entries]
+};
+
 struct F32Weights {
   Format format;           // Csr or Nm24
   int64_t n, k;
@@ -107,6 +154,7 @@ struct F32Weights {
   const uint32_t* nm_idx;  // Nm24, nm_words per row
   int64_t nm_words;
   const float* values;
+  const CsrPanels* panels = nullptr;  // Csr, optional: the cols kernels' layout
 };
 
 struct Q8Weights {
@@ -185,6 +233,8 @@ struct SlicedTask {
 struct Kernels {
   void (*f32_rows)(const F32Task&);
   void (*f32_cols)(const F32Task&);   // nullptr: use f32_rows for every M
+  // Cols kernel over csr panels (xt has a zero row K); nullptr: f32_cols.
+  void (*f32_cols_panels)(const F32Task&);
   void (*q8_rows)(const Q8Task&);
   void (*q8_cols)(const Q8Task&);     // nullptr: use q8_rows for every M
   void (*q8_sliced)(const SlicedTask&);
@@ -208,6 +258,16 @@ inline int64_t nm24_k(const uint32_t* row_idx, int64_t j) {
 void validate_csr(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t nnz, int64_t k);
 void validate_bsr1x4(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t nblocks, int64_t k);
 void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k);
+
+// Entries of the csr panel layout of a validated csr pack (first pass of build).
+int64_t csr_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t k);
+// Fills a csr panel layout (arrays sized by csr_panel_entries) from a validated csr pack.
+void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
+                      int32_t* sub, uint16_t* idx, float* out_values, int64_t entries);
+// Throws std::invalid_argument unless sub has n * panels * kSubPanels + 1
+// monotonic entries from 0 to `entries`, every segment starts on a multiple of
+// 4 and every index is <= K (K itself is the zero pad row).
+void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k);
 
 // Steps of the sliced layout of a validated bsr1x4 pack (first pass of build).
 int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);

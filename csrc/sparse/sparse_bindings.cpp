@@ -39,6 +39,11 @@ sparse::SlicedWeights sliced_weights(int64_t n, int64_t k, std::uintptr_t slice_
 }  // namespace
 
 void register_sparse_bindings(py::module_& m) {
+  // The csr panel layout's geometry (sparse.h), for the Python builder and the tests.
+  m.attr("SPARSE_PANEL_ROWS") = sparse::kPanelRows;
+  m.attr("SPARSE_PANEL_COLS") = sparse::kPanelCols;
+  m.attr("SPARSE_SUB_PANEL_COLS") = sparse::kSubPanelCols;
+  m.attr("SPARSE_PANEL_MAX_K") = sparse::kPanelMaxK;
   m.def(
       "sparse_validate_csr",
       [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t col_idx, int64_t nnz, int64_t k) {
@@ -57,10 +62,14 @@ void register_sparse_bindings(py::module_& m) {
       "sparse_f32_linear",
       [](int format, int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t nm_idx,
          int64_t nm_words, std::uintptr_t values, std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t bias,
-         int act, std::uintptr_t y, int64_t ldy, int nthreads) {
+         int act, std::uintptr_t y, int64_t ldy, int nthreads, std::uintptr_t panel_sub, std::uintptr_t panel_idx,
+         std::uintptr_t panel_values) {
         sparse::F32LinearArgs a{};
         a.w = sparse::F32Weights{f32_format(format), n, k, ptr<const int32_t>(row_ptr), ptr<const uint16_t>(col_idx),
                                  ptr<const uint32_t>(nm_idx), nm_words, ptr<const float>(values)};
+        const sparse::CsrPanels panels{ptr<const int32_t>(panel_sub), ptr<const uint16_t>(panel_idx),
+                                       ptr<const float>(panel_values)};
+        if (panel_sub != 0) a.w.panels = &panels;
         a.x = ptr<const float>(x);
         a.m = m;
         a.ldx = ldx;
@@ -72,7 +81,35 @@ void register_sparse_bindings(py::module_& m) {
         py::gil_scoped_release release;
         sparse::f32_linear(a);
       },
-      "y = act(x @ W^T + bias) with a validated csr / nm24 fp32 pack, on the active ISA");
+      "y = act(x @ W^T + bias) with a validated csr / nm24 fp32 pack (and, optionally, its validated csr panel "
+      "layout for M >= 4), on the active ISA",
+      py::arg("format"), py::arg("n"), py::arg("k"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("nm_idx"),
+      py::arg("nm_words"), py::arg("values"), py::arg("x"), py::arg("m"), py::arg("ldx"), py::arg("bias"),
+      py::arg("act"), py::arg("y"), py::arg("ldy"), py::arg("nthreads"), py::arg("panel_sub") = 0,
+      py::arg("panel_idx") = 0, py::arg("panel_values") = 0);
+  m.def(
+      "sparse_csr_panel_entries",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t col_idx, int64_t k) {
+        py::gil_scoped_release release;
+        return sparse::csr_panel_entries(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(col_idx), k);
+      },
+      "number of entries (nonzeros + pads) of the csr panel layout of a validated csr pack");
+  m.def(
+      "sparse_build_csr_panels",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t col_idx, std::uintptr_t values, int64_t k,
+         std::uintptr_t sub, std::uintptr_t idx, std::uintptr_t out_values, int64_t entries) {
+        py::gil_scoped_release release;
+        sparse::build_csr_panels(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(col_idx), ptr<const float>(values),
+                                 k, ptr<int32_t>(sub), ptr<uint16_t>(idx), ptr<float>(out_values), entries);
+      },
+      "fills a csr panel layout (sized by sparse_csr_panel_entries) from a validated csr pack");
+  m.def(
+      "sparse_validate_csr_panels",
+      [](std::uintptr_t sub, int64_t nsub, std::uintptr_t idx, int64_t entries, int64_t n, int64_t k) {
+        py::gil_scoped_release release;
+        sparse::validate_csr_panels(ptr<const int32_t>(sub), nsub, ptr<const uint16_t>(idx), entries, n, k);
+      },
+      "checks a csr panel layout: pointer count, monotonic, segments on multiples of 4, every index <= K");
   m.def(
       "sparse_q8_linear",
       [](int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t blk_idx, std::uintptr_t values,

@@ -292,6 +292,115 @@ void build_sliced(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, co
   if (j != nsteps) throw std::invalid_argument("sparse sliced: fewer steps than allocated");
 }
 
+namespace {
+
+// Visits the csr panel layout of a validated csr pack in storage order:
+// entry(k, value_index) per entry (value_index < 0 for a pad), sub_start()
+// before every sub-panel. Columns of a row are bucketed by sub-panel with a
+// counting pass, so unsorted (still valid) rows land in the right panel too.
+template <typename SubStart, typename Entry>
+void csr_panels_walk(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t k, SubStart sub_start,
+                     Entry entry) {
+  const int64_t panels = csr_panels_count(k);
+  const int64_t subs = panels * kSubPanels;
+  std::vector<int64_t> first(static_cast<size_t>(subs + 1));
+  std::vector<int64_t> order;
+  std::vector<std::vector<int64_t>> row_order(static_cast<size_t>(kPanelRows));
+  std::vector<std::vector<int64_t>> row_first(static_cast<size_t>(kPanelRows));
+  for (int64_t b0 = 0; b0 < n; b0 += kPanelRows) {
+    const int64_t rows_b = std::min(kPanelRows, n - b0);
+    for (int64_t i = 0; i < rows_b; ++i) {  // bucket each row of the block by sub-panel
+      const int64_t j0 = row_ptr[b0 + i], j1 = row_ptr[b0 + i + 1];
+      std::vector<int64_t>& f = row_first[static_cast<size_t>(i)];
+      std::vector<int64_t>& ord = row_order[static_cast<size_t>(i)];
+      f.assign(static_cast<size_t>(subs + 1), 0);
+      for (int64_t j = j0; j < j1; ++j) ++f[static_cast<size_t>(col_idx[j] / kSubPanelCols + 1)];
+      for (int64_t q = 0; q < subs; ++q) f[static_cast<size_t>(q + 1)] += f[static_cast<size_t>(q)];
+      ord.assign(static_cast<size_t>(j1 - j0), 0);
+      std::vector<int64_t> fill(f.begin(), f.end() - 1);
+      for (int64_t j = j0; j < j1; ++j) ord[static_cast<size_t>(fill[static_cast<size_t>(col_idx[j] / kSubPanelCols)]++)] = j;
+    }
+    for (int64_t o = 0; o < panels; ++o) {
+      for (int64_t i = 0; i < rows_b; ++i) {
+        const std::vector<int64_t>& f = row_first[static_cast<size_t>(i)];
+        const std::vector<int64_t>& ord = row_order[static_cast<size_t>(i)];
+        int64_t count = 0;
+        for (int64_t q = 0; q < kSubPanels; ++q) {
+          sub_start();
+          const int64_t sq = o * kSubPanels + q;
+          for (int64_t e = f[static_cast<size_t>(sq)]; e < f[static_cast<size_t>(sq + 1)]; ++e, ++count) {
+            entry(static_cast<int64_t>(col_idx[ord[static_cast<size_t>(e)]]), ord[static_cast<size_t>(e)]);
+          }
+        }
+        for (; count % 4 != 0; ++count) entry(k, -1);
+      }
+    }
+  }
+}
+
+void check_panel_k(int64_t k) {
+  if (k < 1 || k > kPanelMaxK) {
+    throw std::invalid_argument("sparse csr panels: K=" + std::to_string(k) + " is outside [1, " +
+                                std::to_string(kPanelMaxK) + "] (the pad index K must fit uint16)");
+  }
+}
+
+}  // namespace
+
+int64_t csr_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t k) {
+  check_panel_k(k);
+  int64_t entries = 0;
+  csr_panels_walk(row_ptr, n, col_idx, k, [] {}, [&](int64_t, int64_t) { ++entries; });
+  if (entries > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("sparse csr panels: too many entries for int32 pointers");
+  }
+  return entries;
+}
+
+void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
+                      int32_t* sub, uint16_t* idx, float* out_values, int64_t entries) {
+  check_panel_k(k);
+  int64_t e = 0, s = 0;
+  csr_panels_walk(
+      row_ptr, n, col_idx, k, [&] { sub[s++] = static_cast<int32_t>(e); },
+      [&](int64_t col, int64_t j) {
+        if (e >= entries) throw std::invalid_argument("sparse csr panels: more entries than allocated");
+        idx[e] = static_cast<uint16_t>(col);
+        out_values[e] = j < 0 ? 0.0f : values[j];
+        ++e;
+      });
+  if (e != entries) throw std::invalid_argument("sparse csr panels: fewer entries than allocated");
+  sub[s] = static_cast<int32_t>(e);
+}
+
+void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k) {
+  check_panel_k(k);
+  if (n < 1) throw std::invalid_argument("sparse csr panels: N=" + std::to_string(n) + " must be >= 1");
+  const int64_t expected = n * csr_panels_count(k) * kSubPanels + 1;
+  if (nsub != expected) {
+    throw std::invalid_argument("sparse csr panels: " + std::to_string(nsub) + " sub-panel pointers, expected " +
+                                std::to_string(expected) + " for N=" + std::to_string(n) + " K=" + std::to_string(k));
+  }
+  if (sub[0] != 0) throw std::invalid_argument("sparse csr panels: sub[0] = " + std::to_string(sub[0]) + ", expected 0");
+  for (int64_t i = 0; i + 1 < nsub; ++i) {
+    if (sub[i + 1] < sub[i]) throw std::invalid_argument("sparse csr panels: pointers decrease at " + std::to_string(i));
+    if (i % kSubPanels == 0 && sub[i] % 4 != 0) {
+      throw std::invalid_argument("sparse csr panels: segment " + std::to_string(i / kSubPanels) +
+                                  " starts at " + std::to_string(sub[i]) + ", not a multiple of 4");
+    }
+  }
+  if (sub[nsub - 1] != entries || entries % 4 != 0) {
+    throw std::invalid_argument("sparse csr panels: sub[end] = " + std::to_string(sub[nsub - 1]) + " but " +
+                                std::to_string(entries) + " entries are stored (a multiple of 4 expected)");
+  }
+  uint16_t max_idx = 0;
+  for (int64_t j = 0; j < entries; ++j) max_idx = std::max(max_idx, idx[j]);
+  if (entries > 0 && max_idx > k) {
+    throw std::invalid_argument("sparse csr panels: index " + std::to_string(max_idx) + " beyond the pad row K=" +
+                                std::to_string(k));
+  }
+}
+
 void f32_linear(const F32LinearArgs& a) {
   const F32Weights& w = a.w;
   if (a.m < 0 || w.n < 1) throw std::invalid_argument("sparse fp32 linear: bad sizes " + sizes(a.m, w.k, w.n));
@@ -332,10 +441,17 @@ void f32_linear(const F32LinearArgs& a) {
     return;
   }
 
-  const std::vector<RowBlock> blocks = row_blocks(a.m, w.k);
+  // The panel kernel reads a zero row K of x^T for its pads (sparse.h).
+  const bool panels = w.format == Format::Csr && w.panels != nullptr && kern.f32_cols_panels != nullptr;
+  const int64_t xt_rows = panels ? w.k + 1 : w.k;
+  const std::vector<RowBlock> blocks = row_blocks(a.m, xt_rows);
   Scratch& s = thread_scratch();
-  uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * w.k));
+  uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * xt_rows));
   transpose_blocks(reinterpret_cast<const uint32_t*>(a.x), a.ldx, w.k, blocks, xt, threads);
+  if (panels) {
+    for (const RowBlock& b : blocks) std::fill(xt + b.offset + w.k * b.ld, xt + b.offset + (w.k + 1) * b.ld, 0u);
+  }
+  const auto cols_kernel = panels ? kern.f32_cols_panels : kern.f32_cols;
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
   parallel_for(nchunks * nblocks, threads, [&](int64_t t) {
     const RowBlock& b = blocks[static_cast<size_t>(t / nchunks)];
@@ -346,7 +462,7 @@ void f32_linear(const F32LinearArgs& a) {
     task.xt = reinterpret_cast<const float*>(xt + b.offset);
     task.ldxt = b.ld;
     task.y = a.y + b.r0 * a.ldy;
-    kern.f32_cols(task);
+    cols_kernel(task);
   });
 }
 

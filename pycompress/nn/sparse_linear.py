@@ -14,7 +14,9 @@ from torch import nn
 from pycompress import _C, ops
 from pycompress._native import activation_code, get_isa
 from pycompress.ops.sparse import (
+    build_csr_panels,
     build_sliced,
+    csr_panels_supported,
     ensure_valid_structure,
     sparse_int8_linear_sliced_cpu,
     sparse_int8_linear_cpu,
@@ -93,7 +95,16 @@ class SparseLinear(_SparseBase):
 
     Formats: ``csr`` (unstructured; uint16 column indices) or ``nm24`` (2:4, two values per group of 4 k and
     2-bit indices). Buffers: csr ``row_ptr``, ``col_idx``, ``values``; nm24 ``nm_idx``, ``values``; ``bias``.
+
+    A csr layer also derives the csr panel layout (csrc/sparse/sparse.h: the nonzeros reordered by K panels
+    so the transposed activations stay in L1/L2, about the size of the pack again) into non-persistent
+    buffers ``panel_*``, like SparseInt8Linear's sliced layout: built by ``validate()`` (from_float, loading)
+    and rebuilt whenever the pack changes; eager calls with M >= 4 pass it to the kernels, which use it on
+    AVX-512. ``packed_bytes()`` counts the pack, ``panel_bytes()`` the derived copy.
     """
+
+    # The kernels read the panel layout only for M >= 4 (below, the gather kernel runs).
+    _PANEL_MIN_ROWS = 4
 
     def __init__(self, in_features: int, out_features: int, nnz: int = 0, format: str = "csr", bias: bool = True,
                  activation: str = "none", name: str | None = None) -> None:
@@ -105,6 +116,7 @@ class SparseLinear(_SparseBase):
             self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
             self.register_buffer("col_idx", torch.zeros(nnz, dtype=torch.uint16))
             self.register_buffer("values", torch.zeros(nnz, dtype=torch.float32))
+            self._panel_stamp = None
         else:
             if in_features % 4:
                 raise ValueError(f"{self._label()}: nm24 needs in_features % 4 == 0, got {in_features}")
@@ -153,14 +165,48 @@ class SparseLinear(_SparseBase):
                                    _C.sparse_validate_csr)
         except ValueError as e:
             raise ValueError(f"{self._label()}: {e}") from None
+        if csr_panels_supported(self.in_features):
+            self._refresh_panels()
+
+    def _panels_for(self, m: int):
+        """The csr panel layout when the kernels would use it for M rows."""
+        if m < self._PANEL_MIN_ROWS or not csr_panels_supported(self.in_features):
+            return None
+        self._refresh_panels()
+        return self.panel_sub, self.panel_idx, self.panel_values
+
+    def _refresh_panels(self) -> None:
+        """(Re)builds the csr panel layout when the pack changed since the last build."""
+        stamp = tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                      for t in (self.row_ptr, self.col_idx, self.values))
+        if stamp != self._panel_stamp:
+            try:
+                # Normal tensors even under inference_mode: their structural check is then memoized per
+                # version (inference tensors have no version counter and would be re-checked every call).
+                with torch.inference_mode(False):
+                    panels = build_csr_panels(self.row_ptr, self.col_idx, self.values, self.in_features)
+            except ValueError as e:
+                raise ValueError(f"{self._label()}: {e}") from None
+            for name, t in zip(("panel_sub", "panel_idx", "panel_values"), panels):
+                self.register_buffer(name, t, persistent=False)
+            self._panel_stamp = stamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.format == "csr":
             args = (x, self.row_ptr, self.col_idx, self.values, self.bias, self._act_code)
-            return sparse_linear_csr_cpu(*args) if _eager_cpu(x) else ops.sparse_linear_csr(*args)
+            if _eager_cpu(x):
+                return sparse_linear_csr_cpu(*args, panels=self._panels_for(x.numel() // self.in_features))
+            return ops.sparse_linear_csr(*args)
         args = (x, self.nm_idx, self.values, self.bias, self._act_code)
         return sparse_linear_nm24_cpu(*args) if _eager_cpu(x) else ops.sparse_linear_nm24(*args)
+
+    def packed_bytes(self) -> int:
+        """Bytes of the pack (the state_dict); the derived panel layout is ``panel_bytes()``."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if not name.startswith("panel_"))
+
+    def panel_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.startswith("panel_"))
 
     def nnz(self) -> int:
         return int(self.values.numel()) if self.format == "csr" else int((self.values != 0).sum())

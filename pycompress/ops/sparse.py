@@ -143,6 +143,39 @@ def build_sliced(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Ten
     return slice_ptr, step_base, step_lane, sliced_values
 
 
+def csr_panels_supported(k: int) -> bool:
+    """Whether a K-feature csr pack has a panel layout (the pad index K must fit uint16)."""
+    return 1 <= k <= _C.SPARSE_PANEL_MAX_K
+
+
+def build_csr_panels(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, k: int):
+    """The csr panel layout (csrc/sparse/sparse.h) of a csr pack: (sub, idx, values).
+
+    The csr structure is validated first, so the builder only reads in bounds; its output is validated again
+    by the op like any layout handed to it.
+    """
+    op = "build_csr_panels"
+    n = _check_csr_like(op, row_ptr, col_idx, values, 1, torch.float32)
+    if not csr_panels_supported(k):
+        raise ValueError(f"{op}: K={k} is outside [1, {_C.SPARSE_PANEL_MAX_K}] (the pad index K must fit uint16)")
+    ensure_valid_structure(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
+    _require_contiguous(op, values)
+    entries = _C.sparse_csr_panel_entries(row_ptr.data_ptr(), n, col_idx.data_ptr(), k)
+    panels = (k + _C.SPARSE_PANEL_COLS - 1) // _C.SPARSE_PANEL_COLS
+    sub = torch.empty(n * panels * (_C.SPARSE_PANEL_COLS // _C.SPARSE_SUB_PANEL_COLS) + 1, dtype=torch.int32)
+    idx = torch.empty(entries, dtype=torch.uint16)
+    panel_values = torch.empty(entries, dtype=torch.float32)
+    _C.sparse_build_csr_panels(row_ptr.data_ptr(), n, col_idx.data_ptr(), values.data_ptr(), k, sub.data_ptr(),
+                               idx.data_ptr(), panel_values.data_ptr(), entries)
+    return sub, idx, panel_values
+
+
+def _panels_validator(n: int):
+    # ensure_valid_structure passes len(sub) - 1; the C++ check wants the pointer count and N.
+    return lambda sub, nsub_minus_1, idx, entries, k: _C.sparse_validate_csr_panels(sub, nsub_minus_1 + 1, idx,
+                                                                                     entries, n, k)
+
+
 def _stamp(row_ptr: torch.Tensor, idx: torch.Tensor, k: int):
     return (row_ptr.data_ptr(), row_ptr._version, idx.data_ptr(), idx._version, k)
 
@@ -183,15 +216,28 @@ def _out(x, y, n):
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
-def sparse_linear_csr_cpu(x, row_ptr, col_idx, values, bias=None, activation=0):
+def sparse_linear_csr_cpu(x, row_ptr, col_idx, values, bias=None, activation=0, panels=None):
+    """``panels``: the pack's csr panel layout (build_csr_panels) or None; the AVX-512 kernels use it for
+    M >= 4 (same results up to fp32 summation order)."""
+    op = "sparse_linear_csr"
     k, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
-    _require_contiguous("sparse_linear_csr", values, bias)
-    ensure_valid_structure("sparse_linear_csr", row_ptr, col_idx, k, _C.sparse_validate_csr)
+    _require_contiguous(op, values, bias)
+    ensure_valid_structure(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
+    panel_ptrs = (0, 0, 0)
+    if panels is not None:
+        sub, idx, panel_values = panels
+        if (sub.dtype != torch.int32 or sub.dim() != 1 or idx.dtype != torch.uint16 or idx.dim() != 1
+                or panel_values.dtype != torch.float32 or panel_values.shape != idx.shape):
+            raise ValueError(f"{op}: panels must be (int32 sub, uint16 idx, float32 values) 1-D tensors, got "
+                             f"{sub.dtype} {idx.dtype} {panel_values.dtype}")
+        _require_contiguous(op, panel_values)
+        ensure_valid_structure(op, sub, idx, k, _panels_validator(n))
+        panel_ptrs = (sub.data_ptr(), idx.data_ptr(), panel_values.data_ptr())
     x2 = _rows(x, k)
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     _C.sparse_f32_linear(_FORMAT_CSR, n, k, row_ptr.data_ptr(), col_idx.data_ptr(), 0, 0, values.data_ptr(),
                          x2.data_ptr(), x2.shape[0], _ldx(x2, k), 0 if bias is None else bias.data_ptr(),
-                         activation, y.data_ptr(), n, num_threads())
+                         activation, y.data_ptr(), n, num_threads(), *panel_ptrs)
     return _out(x, y, n)
 
 
