@@ -81,7 +81,8 @@ def test_panel_kernel_matches_float64_reference(isa, m, k, gen):
     ref = sparse_linear_ref(x, weight, mod.bias, "relu")
     bound = fp32_error_bound(x, weight, mod.bias, "relu")
     assert ((y.to(torch.float64) - ref).abs() <= bound).all()
-    assert mod.panel_bytes() > 0  # built with the pack, used for M >= 4 on AVX-512
+    # Built lazily by the first call with M >= 4 (the kernels use it there, on AVX-512).
+    assert (mod.panel_bytes() > 0) == (m >= SparseLinear._PANEL_MIN_ROWS)
 
 
 def test_panel_kernel_noncontiguous_input_and_many_blocks(isa, gen):
@@ -141,6 +142,10 @@ def test_panel_copy_follows_in_place_changes_and_stays_out_of_state_dict(gen):
     weight = weight_with_structure(12, P + 3, gen)
     mod = SparseLinear.from_float(linear_from(weight, gen), format="csr")
     x = torch.randn(8, P + 3, generator=gen)
+    assert mod.panel_bytes() == 0  # decode-only users never pay for it
+    mod(x[:1])
+    assert mod.panel_bytes() == 0
+    mod(x)
     assert mod.panel_bytes() > 0
     assert not any(name.startswith("panel_") for name in mod.state_dict())
     with torch.no_grad():

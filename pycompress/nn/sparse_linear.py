@@ -98,9 +98,9 @@ class SparseLinear(_SparseBase):
 
     A csr layer also derives the csr panel layout (csrc/sparse/sparse.h: the nonzeros reordered by K panels
     so the transposed activations stay in L1/L2, about the size of the pack again) into non-persistent
-    buffers ``panel_*``, like SparseInt8Linear's sliced layout: built by ``validate()`` (from_float, loading)
-    and rebuilt whenever the pack changes; eager calls with M >= 4 pass it to the kernels, which use it on
-    AVX-512. ``packed_bytes()`` counts the pack, ``panel_bytes()`` the derived copy.
+    buffers ``panel_*``: built by the first eager call with M >= 4 (so decode-only users, M < 4, never pay
+    its memory) and rebuilt whenever the pack changes; those calls pass it to the kernels, which use it on
+    AVX-512. ``packed_bytes()`` counts the pack, ``panel_bytes()`` the derived copy (0 until built).
     """
 
     # The kernels read the panel layout only for M >= 4 (below, the gather kernel runs).
@@ -165,8 +165,6 @@ class SparseLinear(_SparseBase):
                                    _C.sparse_validate_csr)
         except ValueError as e:
             raise ValueError(f"{self._label()}: {e}") from None
-        if csr_panels_supported(self.in_features):
-            self._refresh_panels()
 
     def _panels_for(self, m: int):
         """The csr panel layout when the kernels would use it for M rows."""
