@@ -52,11 +52,13 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, std::uintptr_t w_packed, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act,
          bool is_static, float static_scale, int32_t static_zp, int nthreads) {
-        q8::LinearArgs a{ptr<const float>(x), m, k, ldx, ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum),
-                         ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ldy,
-                         parse_activation(act), is_static, static_scale, static_zp, nthreads};
+        const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads,
+                                 nullptr};
+        const q8::LinearOutput out{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum),
+                                   ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ldy,
+                                   parse_activation(act)};
         py::gil_scoped_release release;
-        q8::linear(a);
+        q8::linear_shared_input(in, &out, 1);
       },
       "y[m, n] = act(dequant(quant(x) @ W^T) + bias) on the active ISA");
 

@@ -164,6 +164,43 @@ inline bool row_params(const QuantizeRows& p, float lo, float hi, float nan_prob
   return true;
 }
 
+// The row loop of every ISA's quantize_rows: `range(x, len, &lo, &hi, &probe)`
+// and `quantize(x, len, q, inv_scale, zp)` are the ISA's loops over one run
+// (for_each_run). Runs of padding hold 0, which every range already holds, and
+// quantize to zp (the formula's value for 0.0f); columns [k, kp) are 0.
+template <class RangeFn, class QuantizeFn>
+inline void quantize_rows_with(const QuantizeRows& p, RangeFn&& range, QuantizeFn&& quantize) {
+  for (int64_t r = 0; r < p.m; ++r) {
+    uint8_t* q = p.q + r * p.kp;
+    float lo = 0.0f, hi = 0.0f, nan_probe = 0.0f;
+    for_each_run(p, r, [&](const float* x, int64_t len, int64_t) {
+      if (x == nullptr) return;
+      float run_lo, run_hi, run_probe;
+      range(x, len, &run_lo, &run_hi, &run_probe);
+      lo = std::min(lo, run_lo);
+      hi = std::max(hi, run_hi);
+      nan_probe = nan_probe + run_probe;  // 0, or NaN once any run held NaN/Inf
+    });
+    RowParams rp;
+    const bool finite = row_params(p, lo, hi, nan_probe, &rp);
+    p.nonfinite[r] = finite ? 0 : 1;
+    p.scale[r] = rp.scale;
+    p.zp[r] = rp.zp;
+    if (!finite) {
+      std::fill(q, q + p.kp, uint8_t{0});
+      continue;
+    }
+    for_each_run(p, r, [&](const float* x, int64_t len, int64_t col) {
+      if (x == nullptr) {
+        std::fill(q + col, q + col + len, static_cast<uint8_t>(rp.zp));
+      } else {
+        quantize(x, len, q + col, rp.inv_scale, rp.zp);
+      }
+    });
+    std::fill(q + p.k, q + p.kp, uint8_t{0});
+  }
+}
+
 }  // namespace
 
 struct Kernels {
@@ -180,33 +217,14 @@ const Kernels& kernels_for(Isa isa);
 
 // ---- the driver (q8_linear.cpp) -------------------------------------------
 
-struct LinearArgs {
-  const float* x;
-  int64_t m, k, ldx;
-  const int8_t* w_packed;
-  const int32_t* col_sum;
-  const float* w_scale;
-  const float* bias;       // nullable
-  int64_t n;
-  float* y;
-  int64_t ldy;
-  Activation act;
-  bool is_static;
-  float static_scale;
-  int32_t static_zp;
-  int nthreads;
-};
-
-// Throws std::invalid_argument on inconsistent sizes. Releases nothing itself:
-// the binding drops the GIL around it.
-void linear(const LinearArgs& args);
-
-// Several linears reading the same x (a transformer's query / key / value
-// projections): x is quantized once and the tiles of every output go to the
-// thread pool together, so the call costs one quantization and one fork/join
-// instead of one per linear, and small N no longer leaves a thread idle. Each
-// output is exactly what linear() gives for it alone: same quantized rows, same
-// per-column accumulation and epilogue.
+// y_i = act_i(dequant(quant(x) @ W_i^T) + b_i) for one or more linears reading
+// the same x (a transformer's query / key / value projections): x is quantized
+// once and the tiles of every output go to the thread pool together, so the
+// call costs one quantization and one fork/join instead of one per linear, and
+// small N no longer leaves a thread idle. Each output is exactly what a call
+// with that output alone gives: same quantized rows, same per-column
+// accumulation and epilogue. Throws std::invalid_argument on inconsistent
+// sizes. Releases nothing itself: the binding drops the GIL around it.
 struct SharedInput {
   const float* x;          // rows x + r * ldx, unless im2col is set
   int64_t m, k, ldx;

@@ -84,39 +84,7 @@ inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scal
   }
 }
 
-void quantize_rows_avx512(const QuantizeRows& p) {
-  for (int64_t r = 0; r < p.m; ++r) {
-    uint8_t* q = p.q + r * p.kp;
-    float lo = 0.0f, hi = 0.0f, nan_probe = 0.0f;
-    for_each_run(p, r, [&](const float* x, int64_t len, int64_t) {
-      if (x == nullptr) return;  // padding: 0 is in every range already
-      float run_lo, run_hi, run_probe;
-      row_range(x, len, &run_lo, &run_hi, &run_probe);
-      lo = std::min(lo, run_lo);
-      hi = std::max(hi, run_hi);
-      nan_probe = nan_probe + run_probe;
-    });
-    RowParams rp;
-    const bool finite = row_params(p, lo, hi, nan_probe, &rp);
-    p.nonfinite[r] = finite ? 0 : 1;
-    p.scale[r] = rp.scale;
-    p.zp[r] = rp.zp;
-    if (!finite) {
-      std::memset(q, 0, static_cast<size_t>(p.kp));
-      continue;
-    }
-    // The quantized 0 of the padding: zp itself, as the scalar spec's formula gives for 0.0f.
-    const uint8_t zero_code = static_cast<uint8_t>(rp.zp);
-    for_each_run(p, r, [&](const float* x, int64_t len, int64_t col) {
-      if (x == nullptr) {
-        std::memset(q + col, zero_code, static_cast<size_t>(len));
-      } else {
-        quantize_run(x, len, q + col, rp.inv_scale, rp.zp);
-      }
-    });
-    std::memset(q + p.k, 0, static_cast<size_t>(p.kp - p.k));
-  }
-}
+void quantize_rows_avx512(const QuantizeRows& p) { quantize_rows_with(p, row_range, quantize_run); }
 
 template <int MR, int NV>
 void tile_rows(const GemmTile& t, int64_t r0) {

@@ -17,40 +17,23 @@ inline int32_t quantize_value(float x, float inv_scale, int32_t zp) {
 }
 
 void quantize_rows_scalar(const QuantizeRows& p) {
-  for (int64_t r = 0; r < p.m; ++r) {
-    uint8_t* q = p.q + r * p.kp;
-    // x - x is 0 for finite x and NaN otherwise; a sum of them flags the row.
-    // Zero runs (padding) hold 0, which every range already includes.
-    float nan_probe = 0.0f;
-    float lo = 0.0f, hi = 0.0f;
-    for_each_run(p, r, [&](const float* x, int64_t len, int64_t) {
-      if (x == nullptr) return;
-      for (int64_t k = 0; k < len; ++k) {
-        nan_probe = nan_probe + (x[k] - x[k]);
-        lo = std::min(lo, x[k]);
-        hi = std::max(hi, x[k]);
-      }
-    });
-    RowParams rp;
-    const bool finite = row_params(p, lo, hi, nan_probe, &rp);
-    p.nonfinite[r] = finite ? 0 : 1;
-    p.scale[r] = rp.scale;
-    p.zp[r] = rp.zp;
-    if (!finite) {
-      std::fill(q, q + p.kp, uint8_t{0});
-      continue;
-    }
-    const float inv_scale = rp.inv_scale;
-    const int32_t zp = rp.zp;
-    for_each_run(p, r, [&](const float* x, int64_t len, int64_t col) {
-      if (x == nullptr) {
-        std::fill(q + col, q + col + len, static_cast<uint8_t>(quantize_value(0.0f, inv_scale, zp)));
-        return;
-      }
-      for (int64_t k = 0; k < len; ++k) q[col + k] = static_cast<uint8_t>(quantize_value(x[k], inv_scale, zp));
-    });
-    std::fill(q + p.k, q + p.kp, uint8_t{0});
-  }
+  quantize_rows_with(
+      p,
+      [](const float* x, int64_t len, float* lo, float* hi, float* probe) {
+        // x - x is 0 for finite x and NaN otherwise; a sum of them flags the row.
+        float nan_probe = 0.0f, l = 0.0f, h = 0.0f;
+        for (int64_t k = 0; k < len; ++k) {
+          nan_probe = nan_probe + (x[k] - x[k]);
+          l = std::min(l, x[k]);
+          h = std::max(h, x[k]);
+        }
+        *lo = l;
+        *hi = h;
+        *probe = nan_probe;
+      },
+      [](const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp) {
+        for (int64_t k = 0; k < len; ++k) q[k] = static_cast<uint8_t>(quantize_value(x[k], inv_scale, zp));
+      });
 }
 
 void gemm_tile_scalar(const GemmTile& t) {

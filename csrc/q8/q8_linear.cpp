@@ -223,13 +223,6 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   }
 }
 
-void linear(const LinearArgs& args) {
-  const SharedInput in{args.x, args.m, args.k, args.ldx, args.is_static, args.static_scale, args.static_zp,
-                       args.nthreads, nullptr};
-  const LinearOutput out{args.w_packed, args.col_sum, args.w_scale, args.bias, args.n, args.y, args.ldy, args.act};
-  linear_shared_input(in, &out, 1);
-}
-
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale, int32_t* zp,
                    uint8_t* nonfinite, bool is_static, float static_scale, int32_t static_zp) {
   check_k(k);
