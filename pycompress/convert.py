@@ -253,6 +253,9 @@ def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
             reasons[fmt] = "sparse conv needs pycompress.nn.SparseLinear"
     if density_limits is None:
         return reasons
+    if reasons["sparse-fp32"] is None and state.quant is not None:
+        reasons["sparse-fp32"] = ("the layer is quantized by pycompress.quantize: a policy keeps its int8 numbers "
+                                  "(sparse-int8); an override can ask for sparse-fp32 to drop them")
     if density_limits == "timed":
         int8_limit, fp32_limit = TIMED_SPARSE_INT8_MAX_BLOCK_DENSITY, TIMED_SPARSE_FP32_MAX_DENSITY
         because = "no sparse kernel wins there at any batch size"

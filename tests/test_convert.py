@@ -395,3 +395,21 @@ def test_int8_linear_set_activation():
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         layer.set_activation("swish")
     assert layer.activation == "none"
+
+
+def test_policies_keep_a_quantized_layer_in_int8_numbers():
+    # Timed auto once picked sparse-fp32 for a pruned + PTQ layer, silently dropping the int8 numbers
+    # the user asked for (verify then failed against the fake-quant reference).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    calibration = [torch.randn(32, 256) for _ in range(2)]
+    pc.prune(model, sparsity=0.8, method="block", block=(1, 4))
+    pc.quantize(model, calibration, activations="static")
+    keep = copy.deepcopy(model)
+    pc.convert(model, example_inputs=(calibration[0],))
+    for rec in convert_mod.conversion_record(model).layers:
+        assert "sparse-fp32" not in rec.timings_us
+        assert "quantized by pycompress.quantize" in rec.not_considered["sparse-fp32"]
+        assert rec.format in ("int8-static", "sparse-int8", "float"), rec
+    pc.convert(keep, overrides={"0": "sparse-fp32"})  # asked for explicitly: honoured
+    assert isinstance(keep[0], pc.nn.SparseLinear)
