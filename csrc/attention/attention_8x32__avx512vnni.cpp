@@ -1,0 +1,65 @@
+// AVX-512 attention: 8 query rows x 32 keys score tiles and 8 rows x 32 output
+// columns PV tiles (16 zmm accumulators each). Needs only AVX-512F; it lives
+// with the avx512vnni path because that is the ISA level the dispatch selects.
+#include <immintrin.h>
+
+#include "attention/attention_blocked.h"
+#include "attention/attention_exp.h"
+
+namespace pycompress {
+namespace attention {
+namespace {
+
+struct VecAvx512 {
+  using T = __m512;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T x) { _mm512_storeu_ps(p, x); }
+  static __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static T load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+  static void store_partial(float* p, T x, int n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T div(T a, T b) { return _mm512_div_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static float hmax(T x) { return _mm512_reduce_max_ps(x); }
+  static float hsum(T x) { return _mm512_reduce_add_ps(x); }
+  static T bool_keep(T s, const uint8_t* keep) {
+    const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep)));
+    const __mmask16 masked = _mm512_cmpeq_epi32_mask(k, _mm512_setzero_si512());
+    return _mm512_mask_mov_ps(s, masked, _mm512_set1_ps(-__builtin_inff()));
+  }
+  static T exp(T x) {
+    using namespace exp_c;
+    // max/min return their second operand when either is NaN: NaN passes through.
+    x = _mm512_max_ps(_mm512_set1_ps(kMinX), x);
+    x = _mm512_min_ps(_mm512_set1_ps(kMaxX), x);
+    const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    T r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    T p = _mm512_set1_ps(kC4);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kC3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kC2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kC1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kC0));
+    const T r2 = _mm512_mul_ps(r, r);
+    T y = _mm512_fmadd_ps(p, r2, r);
+    y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+    // y * 2^n with one rounding, subnormal and overflowing results included.
+    return _mm512_scalef_ps(y, n);
+  }
+};
+
+}  // namespace
+
+const Kernels& kernels_avx512vnni() {
+  static const Kernels k{attend_rows_blocked<VecAvx512, 8, 2, 2>, exp_n_blocked<VecAvx512>};
+  return k;
+}
+
+}  // namespace attention
+}  // namespace pycompress

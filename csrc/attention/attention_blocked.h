@@ -1,0 +1,280 @@
+// The blocked (flash-style) attention shared by the vector paths, written once
+// over a vector-traits type V. Included only by the ISA translation units
+// (attention_*__avx2.cpp, attention_*__avx512vnni.cpp); everything has internal
+// linkage so each TU keeps its own copy compiled with its own flags.
+//
+// V provides: T (register type), W (lanes), zero, set1, load, store,
+// load_partial(p, n) / store_partial(p, x, n) for n < W lanes, fmadd(a, b, c) = a*b+c,
+// add, sub, mul, div, max, hmax, hsum, exp, and bool_keep(s, keep) which sets
+// lanes whose keep byte is 0 to -inf.
+//
+// Per task (head (b, h), query rows [r0, r1)):
+//   qs = scale * q rows                         (rows x D, packed once)
+//   for each key block [k0, k1) (<= key_block(D) keys; under causal, only keys some row sees):
+//     kt = K[k0:k1]^T                           (D x n, zero padded to W)
+//     for each tile of R query rows:
+//       S = qs_tile . kt                        (R x n: W-wide columns, R x NK accumulators)
+//       per row: mask, causal, m' = max(m, max S), alpha = exp(m - m'), P = exp(S - m'),
+//                l = l * alpha + sum P           (m' = -inf is replaced by 0 so a fully
+//                                                 masked block gives P = 0, not NaN)
+//       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators)
+//   out rows = O / l (0 where l == 0: every key masked)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "attention/attention.h"
+
+namespace pycompress {
+namespace attention {
+namespace {
+
+constexpr float kNegInfBlocked = -std::numeric_limits<float>::infinity();
+
+// S[r][c] = sum_e qs[r][e] * kt[e][c] for R rows and NV vectors of columns.
+template <class V, int R, int NV>
+inline void qk_tile(const float* qs, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds) {
+  typename V::T acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
+  for (int64_t e = 0; e < d; ++e) {
+    typename V::T kv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) kv[c] = V::load(kt + e * ldk + c * V::W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const typename V::T qb = V::set1(qs[r * d + e]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(qb, kv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) V::store(s + r * lds + c * V::W, acc[r][c]);
+}
+
+template <class V, int R, int NV>
+inline void qk_rows(const float* qs, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds, int64_t ncols) {
+  int64_t c0 = 0;
+  for (; c0 + NV * V::W <= ncols; c0 += NV * V::W) qk_tile<V, R, NV>(qs, d, kt + c0, ldk, s + c0, lds);
+  for (; c0 < ncols; c0 += V::W) qk_tile<V, R, 1>(qs, d, kt + c0, ldk, s + c0, lds);
+}
+
+// O[r][:] = alpha[r] * O[r][:] + sum_j P[r][j] * v[j][:] over NV vectors of output
+// columns; the last vector holds `tail` columns of v when kPartial (O is padded).
+template <class V, int R, int NV, bool kPartial>
+inline void pv_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nkeys, float* o, int64_t ldo,
+                    const float* alpha, int tail) {
+  typename V::T acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const typename V::T a = V::set1(alpha[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = V::mul(V::load(o + r * ldo + c * V::W), a);
+  }
+  for (int64_t j = 0; j < nkeys; ++j) {
+    typename V::T vv[NV];
+    const float* vj = v + j * ldv;
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) {
+      vv[c] = (kPartial && c == NV - 1) ? V::load_partial(vj + c * V::W, tail) : V::load(vj + c * V::W);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const typename V::T pb = V::set1(p[r * ldp + j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) V::store(o + r * ldo + c * V::W, acc[r][c]);
+}
+
+template <class V, int R, int NV>
+inline void pv_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nkeys, int64_t dv, float* o,
+                    int64_t ldo, const float* alpha) {
+  int64_t c0 = 0;
+  for (; c0 + NV * V::W <= dv; c0 += NV * V::W) pv_tile<V, R, NV, false>(p, ldp, v + c0, ldv, nkeys, o + c0, ldo, alpha, 0);
+  for (; c0 + V::W <= dv; c0 += V::W) pv_tile<V, R, 1, false>(p, ldp, v + c0, ldv, nkeys, o + c0, ldo, alpha, 0);
+  if (c0 < dv) {
+    pv_tile<V, R, 1, true>(p, ldp, v + c0, ldv, nkeys, o + c0, ldo, alpha, static_cast<int>(dv - c0));
+  }
+}
+
+// Tiles of fewer than R rows (the last of a chunk) get their own instantiation, so
+// a single query row (decoding) does one row's work, not R rows'.
+template <class V, int R, int NK, int ND>
+struct TileRows {
+  static void qk(int rows, const float* qs, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds,
+                 int64_t ncols) {
+    if (rows == R) return qk_rows<V, R, NK>(qs, d, kt, ldk, s, lds, ncols);
+    TileRows<V, R - 1, NK, ND>::qk(rows, qs, d, kt, ldk, s, lds, ncols);
+  }
+  static void pv(int rows, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nkeys, int64_t dv,
+                 float* o, int64_t ldo, const float* alpha) {
+    if (rows == R) return pv_rows<V, R, ND>(p, ldp, v, ldv, nkeys, dv, o, ldo, alpha);
+    TileRows<V, R - 1, NK, ND>::pv(rows, p, ldp, v, ldv, nkeys, dv, o, ldo, alpha);
+  }
+};
+template <class V, int NK, int ND>
+struct TileRows<V, 0, NK, ND> {
+  static void qk(int, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t) {}
+  static void pv(int, const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*) {}
+};
+
+// Where row i's mask values for keys k0.. start, and how to read them.
+struct MaskRow {
+  MaskKind kind;
+  const void* p;
+  int64_t stride;
+};
+
+// Adds the mask to n scores (bool: -inf where the byte is 0).
+template <class V>
+inline void apply_mask(float* s, int64_t n, const MaskRow& mr) {
+  if (mr.kind == MaskKind::Additive) {
+    const float* m = static_cast<const float*>(mr.p);
+    if (mr.stride == 1) {
+      int64_t j = 0;
+      for (; j + V::W <= n; j += V::W) V::store(s + j, V::add(V::load(s + j), V::load(m + j)));
+      for (; j < n; ++j) s[j] += m[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] += m[j * mr.stride];
+    }
+  } else if (mr.kind == MaskKind::Bool) {
+    const uint8_t* m = static_cast<const uint8_t*>(mr.p);
+    if (mr.stride == 1) {
+      int64_t j = 0;
+      for (; j + V::W <= n; j += V::W) V::store(s + j, V::bool_keep(V::load(s + j), m + j));
+      for (; j < n; ++j) s[j] = m[j] ? s[j] : kNegInfBlocked;
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] = m[j * mr.stride] ? s[j] : kNegInfBlocked;
+    }
+  }
+}
+
+// One row of one key block: scores s[0, n) become probabilities exp(s - m'), with
+// s[visible, n) hidden by causality; s[n, np) is padding. Updates the running max
+// and sum; returns the factor alpha the row's earlier accumulators are scaled by.
+template <class V>
+inline float softmax_block_row(float* s, int64_t n, int64_t np, int64_t visible, const MaskRow& mr, float* m_io,
+                               float* l_io) {
+  if (mr.kind != MaskKind::None) apply_mask<V>(s, n, mr);
+  for (int64_t j = visible < 0 ? 0 : visible; j < np; ++j) s[j] = kNegInfBlocked;
+  typename V::T vmax = V::set1(kNegInfBlocked);
+  for (int64_t j = 0; j < np; j += V::W) vmax = V::max(vmax, V::load(s + j));
+  const float block_max = V::hmax(vmax);
+  const float m_old = *m_io;
+  const float m_new = block_max > m_old ? block_max : m_old;
+  const float base = m_new == kNegInfBlocked ? 0.0f : m_new;
+  const typename V::T vbase = V::set1(base);
+  typename V::T vsum = V::zero();
+  for (int64_t j = 0; j < np; j += V::W) {
+    const typename V::T p = V::exp(V::sub(V::load(s + j), vbase));
+    V::store(s + j, p);
+    vsum = V::add(vsum, p);
+  }
+  const float alpha = std::exp(m_old - base);
+  *m_io = m_new;
+  *l_io = *l_io * alpha + V::hsum(vsum);
+  return alpha;
+}
+
+template <class V, int R, int NK, int ND>
+void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, const Workspace& ws) {
+  const int64_t d = a.d, dv = a.dv, rows = r1 - r0;
+  const int64_t kb = key_block(d);
+  const int64_t ldk = round_up(kb, kPad);
+  const int64_t lds = ldk;
+  const int64_t ldo = round_up(dv, kPad);
+
+  const float* qb = a.q + b * a.q_sb + h * a.q_sh;
+  const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
+  const float* vbase = a.v + b * a.v_sb + h * a.v_sh;
+  const typename V::T vscale = V::set1(a.scale);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* src = qb + (r0 + i) * a.q_ss;
+    float* dst = ws.qs + i * d;
+    int64_t e = 0;
+    for (; e + V::W <= d; e += V::W) V::store(dst + e, V::mul(V::load(src + e), vscale));
+    for (; e < d; ++e) dst[e] = src[e] * a.scale;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    ws.m[i] = kNegInfBlocked;
+    ws.l[i] = 0.0f;
+  }
+  std::memset(ws.o, 0, sizeof(float) * rows * ldo);
+
+  const int64_t mask_elem = a.mask_kind == MaskKind::Bool ? 1 : 4;
+  const char* mask_head = a.mask_kind == MaskKind::None
+                              ? nullptr
+                              : static_cast<const char*>(a.mask) + (b * a.m_sb + h * a.m_sh) * mask_elem;
+  // Under causality the last row of the chunk sees keys [0, r1): later keys are never read.
+  const int64_t kend = a.causal ? (r1 < a.sk ? r1 : a.sk) : a.sk;
+  float alpha[R];
+  for (int64_t k0 = 0; k0 < kend; k0 += kb) {
+    const int64_t n = kend - k0 < kb ? kend - k0 : kb;
+    const int64_t np = round_up(n, V::W);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* kj = kbase + (k0 + j) * a.k_ss;
+      for (int64_t e = 0; e < d; ++e) ws.kt[e * ldk + j] = kj[e];
+    }
+    for (int64_t e = 0; e < d; ++e)
+      for (int64_t j = n; j < np; ++j) ws.kt[e * ldk + j] = 0.0f;
+
+    for (int64_t t0 = 0; t0 < rows; t0 += R) {
+      const int tr = static_cast<int>(rows - t0 < R ? rows - t0 : R);
+      const int64_t g0 = r0 + t0;  // first query row of the tile
+      int64_t nt = n;
+      if (a.causal) {
+        const int64_t seen = g0 + tr - k0;  // keys of this block the tile's last row sees
+        if (seen <= 0) continue;
+        nt = seen < n ? seen : n;
+      }
+      const int64_t ntp = round_up(nt, V::W);
+      TileRows<V, R, NK, ND>::qk(tr, ws.qs + t0 * d, d, ws.kt, ldk, ws.s, lds, ntp);
+      for (int r = 0; r < tr; ++r) {
+        const int64_t g = g0 + r;
+        MaskRow mr{a.mask_kind, nullptr, a.m_sk};
+        if (mask_head != nullptr) mr.p = mask_head + (g * a.m_ss + k0 * a.m_sk) * mask_elem;
+        const int64_t visible = a.causal ? g + 1 - k0 : nt;
+        alpha[r] = softmax_block_row<V>(ws.s + r * lds, nt, ntp, visible < nt ? visible : nt, mr, ws.m + t0 + r,
+                                        ws.l + t0 + r);
+      }
+      TileRows<V, R, NK, ND>::pv(tr, ws.s, lds, vbase + k0 * a.v_ss, a.v_ss, nt, dv, ws.o + t0 * ldo, ldo, alpha);
+    }
+  }
+
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = a.out + ((b * a.sq + r0 + i) * a.heads + h) * dv;
+    const float l = ws.l[i];
+    const float* o = ws.o + i * ldo;
+    if (l == 0.0f) {
+      std::memset(out, 0, sizeof(float) * dv);
+      continue;
+    }
+    const typename V::T vl = V::set1(l);
+    int64_t e = 0;
+    for (; e + V::W <= dv; e += V::W) V::store(out + e, V::div(V::load(o + e), vl));
+    if (e < dv) V::store_partial(out + e, V::div(V::load(o + e), vl), static_cast<int>(dv - e));
+  }
+}
+
+template <class V>
+void exp_n_blocked(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) V::store(y + i, V::exp(V::load(x + i)));
+  if (i < n) V::store_partial(y + i, V::exp(V::load_partial(x + i, static_cast<int>(n - i))), static_cast<int>(n - i));
+}
+
+}  // namespace
+}  // namespace attention
+}  // namespace pycompress
