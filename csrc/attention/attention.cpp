@@ -93,7 +93,7 @@ void attention(const AttentionArgs& args) {
   });
 }
 
-void exp_active(const float* x, float* y, int64_t n) { kernels_for(active_isa()).exp_n(x, y, n); }
+void exp2_active(const float* x, float* y, int64_t n) { kernels_for(active_isa()).exp2_n(x, y, n); }
 
 }  // namespace attention
 }  // namespace pycompress

@@ -26,13 +26,14 @@
 //           weight. Whether it also reaches a row that gives key j weight exactly 0 (a
 //           masked key; 0 * inf = NaN) is unspecified: the vector paths skip keys beyond
 //           the causal boundary of a whole row tile, but not masked keys inside a tile.
-//   exp    scalar path: std::exp. Vector paths: Cody-Waite reduction x = n ln2 + r,
-//          |r| <= ln2/2, exp(r) = 1 + r + r^2 P(r) with P of degree 4 (coefficients:
-//          bench/exp_coefficients.py, fit error 3.6e-9 relative), times 2^n (AVX-512
-//          vscalefps; AVX2 two exponent-field multiplies so subnormal results round
-//          once). Max error 2 ulp over all floats (tests/test_attention.py checks it
-//          against float64 exp over the whole range); exp(-inf) = 0, exp(+inf) = +inf,
-//          exp(NaN) = NaN, results below the subnormal range are 0.
+//   exp    scalar path: std::exp. Vector paths work in base 2: q is scaled by
+//          scale * log2(e) and additive masks by log2(e), and p = 2^(s2 - m2) with their
+//          own exp2: n = round(x), f = x - n (exact), 2^f by a degree-6 polynomial
+//          (coefficients: bench/exp_coefficients.py, fit error 1.6e-8 relative), times
+//          2^n (AVX-512 vscalefps; AVX2 two exponent-field multiplies, so a subnormal
+//          result rounds once). Max error: EXP2_MAX_ULP in tests/test_attention.py,
+//          checked against float64 over every float input; 2^-inf = 0, 2^inf = inf,
+//          2^NaN = NaN, results below the subnormal range are 0.
 //
 // Memory: blockwise (flash-style) online softmax. A thread holds a chunk of at most
 // kMaxChunkRows query rows (scaled q, output accumulators, running max and sum) and one
@@ -96,8 +97,8 @@ constexpr int64_t kMaxTileRows = 8;
 struct Kernels {
   // Rows [r0, r1) of head (b, h), at most kMaxChunkRows of them, written to out.
   void (*attend_rows)(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, const Workspace& ws);
-  // y[i] = exp(x[i]) with this path's exp (test hook for its accuracy).
-  void (*exp_n)(const float* x, float* y, int64_t n);
+  // y[i] = 2^x[i] with this path's exp2 (test hook for its accuracy).
+  void (*exp2_n)(const float* x, float* y, int64_t n);
 };
 
 const Kernels& kernels_scalar();
@@ -111,8 +112,8 @@ const Kernels& kernels_for(Isa isa);
 // runs on args.nthreads threads (at most) with the active ISA's kernels.
 void attention(const AttentionArgs& args);
 
-// Test hook: exp of n floats on the active ISA.
-void exp_active(const float* x, float* y, int64_t n);
+// Test hook: 2^x of n floats on the active ISA.
+void exp2_active(const float* x, float* y, int64_t n);
 
 }  // namespace attention
 }  // namespace pycompress

@@ -40,6 +40,26 @@ struct VecAvx2 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static float first(T x) { return _mm256_cvtss_f32(x); }
+  static void transpose(const float* src, int64_t lds, float* dst, int64_t ldd) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    // r[4q + c]: column c (low 128) and column 4 + c (high 128) of rows 4q..4q+3.
+    for (int c = 0; c < 4; ++c) {
+      _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+      _mm256_storeu_ps(dst + (4 + c) * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+    }
+  }
   static T bool_keep(T s, const uint8_t* keep) {
     const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep)));
     const __m256 masked = _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_setzero_si256()));
@@ -47,34 +67,32 @@ struct VecAvx2 {
   }
   // 2^e for integer-valued e in [-126, 127], built in the exponent field.
   static T pow2(__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); }
-  static T exp(T x) {
+  static T exp2(T x) {
     using namespace exp_c;
     x = _mm256_max_ps(_mm256_set1_ps(kMinX), x);  // NaN passes through (second operand)
     x = _mm256_min_ps(_mm256_set1_ps(kMaxX), x);
-    const T n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    T r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    T p = _mm256_set1_ps(kC4);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kC3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kC2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kC1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kC0));
-    const T r2 = _mm256_mul_ps(r, r);
-    T y = _mm256_fmadd_ps(p, r2, r);
-    y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
-    // n in [-150, 129] (NaN converts to INT_MIN and the result stays NaN through y):
+    const T n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const T f = _mm256_sub_ps(x, n);
+    T p = _mm256_set1_ps(kC6);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kC5));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kC4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kC3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kC2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kC1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    // n in [-150, 129] (NaN converts to INT_MIN; p is NaN then and stays NaN):
     // 2^n = 2^(n/2) 2^(n - n/2), each factor normal, so a subnormal result rounds once.
     const __m256i ni = _mm256_cvtps_epi32(n);
     const __m256i n1 = _mm256_srai_epi32(ni, 1);
     const __m256i n2 = _mm256_sub_epi32(ni, n1);
-    return _mm256_mul_ps(_mm256_mul_ps(y, pow2(n1)), pow2(n2));
+    return _mm256_mul_ps(_mm256_mul_ps(p, pow2(n1)), pow2(n2));
   }
 };
 
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels k{attend_rows_blocked<VecAvx2, 6, 2, 2>, exp_n_blocked<VecAvx2>};
+  static const Kernels k{attend_rows_blocked<VecAvx2, 6, 2, 2>, exp2_n_blocked<VecAvx2>};
   return k;
 }
 

@@ -27,10 +27,10 @@ void register_attention_bindings(py::module_& m) {
       },
       "out[B, Sq, H, Dv] = softmax(scale * q k^T + mask) v on the active ISA (strides in elements)");
   m.def(
-      "attention_exp",
+      "attention_exp2",
       [](std::uintptr_t x, std::uintptr_t y, int64_t n) {
         py::gil_scoped_release release;
-        attention::exp_active(ptr<const float>(x), ptr<float>(y), n);
+        attention::exp2_active(ptr<const float>(x), ptr<float>(y), n);
       },
-      "test hook: y = exp(x) with the active ISA's exp");
+      "test hook: y = 2^x with the active ISA's exp2 (the softmax's exponential)");
 }

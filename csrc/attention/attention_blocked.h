@@ -5,16 +5,18 @@
 //
 // V provides: T (register type), W (lanes), zero, set1, load, store,
 // load_partial(p, n) / store_partial(p, x, n) for n < W lanes, fmadd(a, b, c) = a*b+c,
-// add, sub, mul, div, max, hmax, hsum, exp, and bool_keep(s, keep) which sets
-// lanes whose keep byte is 0 to -inf.
+// add, sub, mul, div, max, hmax, hsum, first (lane 0), exp2, bool_keep(s, keep) which
+// sets lanes whose keep byte is 0 to -inf, and transpose(src, lds, dst, ldd) of a
+// W x W block.
 //
 // Per task (head (b, h), query rows [r0, r1)):
-//   qs = scale * q rows                         (rows x D, packed once)
+//   qs = scale * log2(e) * q rows               (rows x D, packed once; scores in base 2,
+//                                                additive masks times log2(e), P = 2^(S - m))
 //   for each key block [k0, k1) (<= key_block(D) keys; under causal, only keys some row sees):
 //     kt = K[k0:k1]^T                           (D x n, zero padded to W)
 //     for each tile of R query rows:
 //       S = qs_tile . kt                        (R x n: W-wide columns, R x NK accumulators)
-//       per row: mask, causal, m' = max(m, max S), alpha = exp(m - m'), P = exp(S - m'),
+//       per row: mask, causal, m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
 //                l = l * alpha + sum P           (m' = -inf is replaced by 0 so a fully
 //                                                 masked block gives P = 0, not NaN)
 //       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators)
@@ -27,6 +29,7 @@
 #include <limits>
 
 #include "attention/attention.h"
+#include "attention/attention_exp.h"
 
 namespace pycompress {
 namespace attention {
@@ -137,17 +140,18 @@ struct MaskRow {
   int64_t stride;
 };
 
-// Adds the mask to n scores (bool: -inf where the byte is 0).
+// Adds the mask, in base-2 units, to n scores (bool: -inf where the byte is 0).
 template <class V>
 inline void apply_mask(float* s, int64_t n, const MaskRow& mr) {
   if (mr.kind == MaskKind::Additive) {
     const float* m = static_cast<const float*>(mr.p);
+    const typename V::T vlog2e = V::set1(exp_c::kLog2e);
     if (mr.stride == 1) {
       int64_t j = 0;
-      for (; j + V::W <= n; j += V::W) V::store(s + j, V::add(V::load(s + j), V::load(m + j)));
-      for (; j < n; ++j) s[j] += m[j];
+      for (; j + V::W <= n; j += V::W) V::store(s + j, V::fmadd(V::load(m + j), vlog2e, V::load(s + j)));
+      for (; j < n; ++j) s[j] += m[j] * exp_c::kLog2e;
     } else {
-      for (int64_t j = 0; j < n; ++j) s[j] += m[j * mr.stride];
+      for (int64_t j = 0; j < n; ++j) s[j] += m[j * mr.stride] * exp_c::kLog2e;
     }
   } else if (mr.kind == MaskKind::Bool) {
     const uint8_t* m = static_cast<const uint8_t*>(mr.p);
@@ -178,34 +182,50 @@ inline float softmax_block_row(float* s, int64_t n, int64_t np, int64_t visible,
   const typename V::T vbase = V::set1(base);
   typename V::T vsum = V::zero();
   for (int64_t j = 0; j < np; j += V::W) {
-    const typename V::T p = V::exp(V::sub(V::load(s + j), vbase));
+    const typename V::T p = V::exp2(V::sub(V::load(s + j), vbase));
     V::store(s + j, p);
     vsum = V::add(vsum, p);
   }
-  const float alpha = std::exp(m_old - base);
+  const float alpha = V::first(V::exp2(V::set1(m_old - base)));
   *m_io = m_new;
   *l_io = *l_io * alpha + V::hsum(vsum);
   return alpha;
+}
+
+// kt[e][j] = k[j][e] for n keys (rows k_ss apart), columns [n, np) zeroed: W x W
+// blocks transposed in registers, the edges element by element.
+template <class V>
+inline void pack_kt(const float* k, int64_t k_ss, int64_t n, int64_t np, int64_t d, float* kt, int64_t ldk) {
+  int64_t j = 0;
+  for (; j + V::W <= n; j += V::W) {
+    int64_t e = 0;
+    for (; e + V::W <= d; e += V::W) V::transpose(k + j * k_ss + e, k_ss, kt + e * ldk + j, ldk);
+    for (; e < d; ++e)
+      for (int64_t jj = j; jj < j + V::W; ++jj) kt[e * ldk + jj] = k[jj * k_ss + e];
+  }
+  for (int64_t e = 0; e < d; ++e) {
+    for (int64_t jj = j; jj < n; ++jj) kt[e * ldk + jj] = k[jj * k_ss + e];
+    for (int64_t jj = n; jj < np; ++jj) kt[e * ldk + jj] = 0.0f;
+  }
 }
 
 template <class V, int R, int NK, int ND>
 void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, const Workspace& ws) {
   const int64_t d = a.d, dv = a.dv, rows = r1 - r0;
   const int64_t kb = key_block(d);
-  const int64_t ldk = round_up(kb, kPad);
-  const int64_t lds = ldk;
   const int64_t ldo = round_up(dv, kPad);
 
   const float* qb = a.q + b * a.q_sb + h * a.q_sh;
   const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
   const float* vbase = a.v + b * a.v_sb + h * a.v_sh;
-  const typename V::T vscale = V::set1(a.scale);
+  const float qscale = a.scale * exp_c::kLog2e;  // scores in base 2 (attention_exp.h)
+  const typename V::T vscale = V::set1(qscale);
   for (int64_t i = 0; i < rows; ++i) {
     const float* src = qb + (r0 + i) * a.q_ss;
     float* dst = ws.qs + i * d;
     int64_t e = 0;
     for (; e + V::W <= d; e += V::W) V::store(dst + e, V::mul(V::load(src + e), vscale));
-    for (; e < d; ++e) dst[e] = src[e] * a.scale;
+    for (; e < d; ++e) dst[e] = src[e] * qscale;
   }
   for (int64_t i = 0; i < rows; ++i) {
     ws.m[i] = kNegInfBlocked;
@@ -223,12 +243,9 @@ void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r
   for (int64_t k0 = 0; k0 < kend; k0 += kb) {
     const int64_t n = kend - k0 < kb ? kend - k0 : kb;
     const int64_t np = round_up(n, V::W);
-    for (int64_t j = 0; j < n; ++j) {
-      const float* kj = kbase + (k0 + j) * a.k_ss;
-      for (int64_t e = 0; e < d; ++e) ws.kt[e * ldk + j] = kj[e];
-    }
-    for (int64_t e = 0; e < d; ++e)
-      for (int64_t j = n; j < np; ++j) ws.kt[e * ldk + j] = 0.0f;
+    const int64_t ldk = np;  // K^T and the scores are as wide as this block
+    const int64_t lds = np;
+    pack_kt<V>(kbase + k0 * a.k_ss, a.k_ss, n, np, d, ws.kt, ldk);
 
     for (int64_t t0 = 0; t0 < rows; t0 += R) {
       const int tr = static_cast<int>(rows - t0 < R ? rows - t0 : R);
@@ -269,10 +286,10 @@ void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r
 }
 
 template <class V>
-void exp_n_blocked(const float* x, float* y, int64_t n) {
+void exp2_n_blocked(const float* x, float* y, int64_t n) {
   int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) V::store(y + i, V::exp(V::load(x + i)));
-  if (i < n) V::store_partial(y + i, V::exp(V::load_partial(x + i, static_cast<int>(n - i))), static_cast<int>(n - i));
+  for (; i + V::W <= n; i += V::W) V::store(y + i, V::exp2(V::load(x + i)));
+  if (i < n) V::store_partial(y + i, V::exp2(V::load_partial(x + i, static_cast<int>(n - i))), static_cast<int>(n - i));
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Constants of the vector exp (attention.h, "exp"). Internal linkage: included by
+// Constants of the vector 2^x (attention.h, "exp"). Internal linkage: included by
 // translation units compiled with different ISA flags.
 #pragma once
 
@@ -6,22 +6,22 @@ namespace pycompress {
 namespace attention {
 namespace {
 namespace exp_c {
-// exp(x) = 2^n exp(r), n = round(x log2 e), r = x - n ln2 with ln2 split in two
-// (kLn2Hi has 9 significant bits, so n * kLn2Hi is exact for |n| <= 2^15).
+// The vector paths work in base 2: scores carry a factor log2(e) (folded into q and
+// into additive masks) and probabilities are 2^x. 2^x = 2^n 2^f with n = round(x) and
+// f = x - n exact, |f| <= 1/2: no Cody-Waite split is needed.
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
-// Inputs are clamped to [kMinX, kMaxX] (NaN passes through): below kMinX the result
-// rounds to 0 (exp(-104) < half the smallest subnormal), above kMaxX it is +inf.
-constexpr float kMinX = -104.0f;
-constexpr float kMaxX = 89.0f;
-// exp(r) = 1 + r + r^2 (c0 + r (c1 + r (c2 + r (c3 + r c4)))) on |r| <= ln2/2:
-// relative fit error 3.6e-9 (bench/exp_coefficients.py derives them).
-constexpr float kC0 = 0.4999999403953552f;
-constexpr float kC1 = 0.1666652113199234f;
-constexpr float kC2 = 0.04166838899254799f;
-constexpr float kC3 = 0.00836874544620514f;
-constexpr float kC4 = 0.0013814539415761828f;
+// Inputs are clamped to [kMinX, kMaxX] (NaN passes through): 2^-150 rounds to 0 and
+// 2^129 overflows to +inf, so the clamp changes no result.
+constexpr float kMinX = -150.0f;
+constexpr float kMaxX = 129.0f;
+// 2^f = 1 + f (c1 + f (c2 + f (c3 + f (c4 + f (c5 + f c6))))) on |f| <= 1/2:
+// relative fit error 1.6e-8 (bench/exp_coefficients.py derives them).
+constexpr float kC1 = 0.6931471824645996f;
+constexpr float kC2 = 0.24022647738456726f;
+constexpr float kC3 = 0.055503323674201965f;
+constexpr float kC4 = 0.00961843691766262f;
+constexpr float kC5 = 0.0013398873852565885f;
+constexpr float kC6 = 0.00015353361959569156f;
 }  // namespace exp_c
 }  // namespace
 }  // namespace attention
