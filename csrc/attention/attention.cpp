@@ -52,7 +52,7 @@ void validate(const AttentionArgs& a) {
 }
 
 struct Scratch {
-  std::vector<float> qs, kt, s, o, m, l;
+  std::vector<float> kt, s, o, m, l;
 };
 
 Workspace thread_workspace(const AttentionArgs& a, int64_t chunk_rows) {
@@ -61,13 +61,12 @@ Workspace thread_workspace(const AttentionArgs& a, int64_t chunk_rows) {
   const auto grow = [](std::vector<float>& v, int64_t n) {
     if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
   };
-  grow(s.qs, chunk_rows * a.d);
   grow(s.kt, a.d * ldk);
   grow(s.s, std::max(kMaxTileRows * ldk, a.sk));
   grow(s.o, chunk_rows * round_up(a.dv, kPad));
   grow(s.m, chunk_rows);
   grow(s.l, chunk_rows);
-  return Workspace{s.qs.data(), s.kt.data(), s.s.data(), s.o.data(), s.m.data(), s.l.data()};
+  return Workspace{s.kt.data(), s.s.data(), s.o.data(), s.m.data(), s.l.data()};
 }
 
 }  // namespace

@@ -14,8 +14,9 @@
 //
 // Numbers (every ISA path; they agree to fp32 rounding, not bit for bit):
 //   s_ij  = scale * (q_i . k_j) + mask_ij, where a bool-False or causally hidden key has
-//           s_ij = -inf. The scalar path (the specification) computes scale * dot in float;
-//           the vector paths fold scale into q and accumulate with FMA.
+//           s_ij = -inf. The scalar path (the specification) accumulates the dot products,
+//           the softmax sum and the output in double; the vector paths in float with FMA,
+//           the output as a two-level sum (within a key block, then across blocks).
 //   p_ij  = exp(s_ij - m_i) with m_i = max_j s_ij; out_i = sum_j p_ij v_j / sum_j p_ij.
 //   fully masked rows: a row whose scores are all -inf (every key masked) gives 0, as
 //           torch.nn.functional.scaled_dot_product_attention does since torch 2.5.
@@ -36,7 +37,7 @@
 //          2^NaN = NaN, results below the subnormal range are 0.
 //
 // Memory: blockwise (flash-style) online softmax. A thread holds a chunk of at most
-// kMaxChunkRows query rows (scaled q, output accumulators, running max and sum) and one
+// kMaxChunkRows query rows (output accumulators, running max and sum) and one
 // block of at most kMaxKeyBlock keys (K^T packed, one row tile of scores): scratch is
 // O(rows * D + D * key block), independent of Sk. The scalar path keeps one score row
 // of Sk floats instead (O(Sk)).
@@ -85,7 +86,6 @@ inline int64_t key_block(int64_t d) {
 
 // Per-thread scratch handed to a kernel, sized by the driver for `rows` query rows.
 struct Workspace {
-  float* qs;     // rows x d: scale * q
   float* kt;     // d x round_up(key_block, kPad): K^T of one key block
   float* s;      // max_tile_rows x max(round_up(key_block, kPad), sk): scores / probabilities
   float* o;      // rows x round_up(dv, kPad): unnormalised output accumulators

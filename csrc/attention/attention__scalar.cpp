@@ -1,7 +1,9 @@
 // The executable specification of attention.h: one query row at a time, two
-// passes over a score row of Sk floats, std::exp. No ISA flags.
+// passes over a score row of Sk floats, std::exp and double sums. No ISA flags.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "attention/attention.h"
 
@@ -26,9 +28,9 @@ void score_row(const AttentionArgs& a, int64_t b, int64_t h, int64_t i, float* s
       continue;
     }
     const float* kj = kb + j * a.k_ss;
-    float dot = 0.0f;
-    for (int64_t e = 0; e < a.d; ++e) dot += qi[e] * kj[e];
-    float sij = a.scale * dot;
+    double dot = 0.0;
+    for (int64_t e = 0; e < a.d; ++e) dot += static_cast<double>(qi[e]) * kj[e];
+    float sij = static_cast<float>(a.scale * dot);
     if (a.mask_kind == MaskKind::Additive) {
       sij += reinterpret_cast<const float*>(mrow)[j * a.m_sk];
     } else if (a.mask_kind == MaskKind::Bool) {
@@ -40,7 +42,8 @@ void score_row(const AttentionArgs& a, int64_t b, int64_t h, int64_t i, float* s
 
 void attend_rows_scalar(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, const Workspace& ws) {
   float* s = ws.s;
-  float* acc = ws.o;
+  // Sums in double: the specification is as accurate as float inputs allow, whatever Sk and D.
+  std::vector<double> acc(static_cast<size_t>(a.dv));
   const float* vb = a.v + b * a.v_sb + h * a.v_sh;
   for (int64_t i = r0; i < r1; ++i) {
     score_row(a, b, h, i, s);
@@ -48,17 +51,17 @@ void attend_rows_scalar(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0
     float m = kNegInf;
     for (int64_t j = 0; j < a.sk; ++j) m = s[j] > m ? s[j] : m;
     const float base = m == kNegInf ? 0.0f : m;  // fully masked row: every p is exp(-inf) = 0
-    float sum = 0.0f;
-    for (int64_t e = 0; e < a.dv; ++e) acc[e] = 0.0f;
+    double sum = 0.0;
+    std::fill(acc.begin(), acc.end(), 0.0);
     for (int64_t j = 0; j < a.sk; ++j) {
-      const float p = std::exp(s[j] - base);
+      const double p = std::exp(static_cast<double>(s[j]) - base);
       sum += p;
       if (p == 0.0f) continue;  // exactly-zero weights (masked keys) are skipped
       const float* vj = vb + j * a.v_ss;
       for (int64_t e = 0; e < a.dv; ++e) acc[e] += p * vj[e];
     }
     float* out = a.out + ((b * a.sq + i) * a.heads + h) * a.dv;
-    for (int64_t e = 0; e < a.dv; ++e) out[e] = sum == 0.0f ? 0.0f : acc[e] / sum;
+    for (int64_t e = 0; e < a.dv; ++e) out[e] = sum == 0.0 ? 0.0f : static_cast<float>(acc[e] / sum);
   }
 }
 

@@ -10,16 +10,16 @@
 // W x W block.
 //
 // Per task (head (b, h), query rows [r0, r1)):
-//   qs = scale * log2(e) * q rows               (rows x D, packed once; scores in base 2,
-//                                                additive masks times log2(e), P = 2^(S - m))
 //   for each key block [k0, k1) (<= key_block(D) keys; under causal, only keys some row sees):
 //     kt = K[k0:k1]^T                           (D x n, zero padded to W)
 //     for each tile of R query rows:
-//       S = qs_tile . kt                        (R x n: W-wide columns, R x NK accumulators)
-//       per row: mask, causal, m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
+//       S = q_tile . kt                         (R x n: W-wide columns, R x NK accumulators;
+//                                                q read in place)
+//       per row: S *= scale log2(e) (base 2), mask (additive ones times log2(e)), causal, m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
 //                l = l * alpha + sum P           (m' = -inf is replaced by 0 so a fully
 //                                                 masked block gives P = 0, not NaN)
-//       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators)
+//       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators from zero,
+//                                                added to O_tile once per block)
 //   out rows = O / l (0 where l == 0: every key masked)
 #pragma once
 
@@ -39,7 +39,7 @@ constexpr float kNegInfBlocked = -std::numeric_limits<float>::infinity();
 
 // S[r][c] = sum_e qs[r][e] * kt[e][c] for R rows and NV vectors of columns.
 template <class V, int R, int NV>
-inline void qk_tile(const float* qs, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds) {
+inline void qk_tile(const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds) {
   typename V::T acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -51,7 +51,7 @@ inline void qk_tile(const float* qs, int64_t d, const float* kt, int64_t ldk, fl
     for (int c = 0; c < NV; ++c) kv[c] = V::load(kt + e * ldk + c * V::W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const typename V::T qb = V::set1(qs[r * d + e]);
+      const typename V::T qb = V::set1(qs[r * ldq + e]);
 #pragma GCC unroll 4
       for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(qb, kv[c], acc[r][c]);
     }
@@ -63,10 +63,11 @@ inline void qk_tile(const float* qs, int64_t d, const float* kt, int64_t ldk, fl
 }
 
 template <class V, int R, int NV>
-inline void qk_rows(const float* qs, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds, int64_t ncols) {
+inline void qk_rows(const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds,
+                    int64_t ncols) {
   int64_t c0 = 0;
-  for (; c0 + NV * V::W <= ncols; c0 += NV * V::W) qk_tile<V, R, NV>(qs, d, kt + c0, ldk, s + c0, lds);
-  for (; c0 < ncols; c0 += V::W) qk_tile<V, R, 1>(qs, d, kt + c0, ldk, s + c0, lds);
+  for (; c0 + NV * V::W <= ncols; c0 += NV * V::W) qk_tile<V, R, NV>(qs, ldq, d, kt + c0, ldk, s + c0, lds);
+  for (; c0 < ncols; c0 += V::W) qk_tile<V, R, 1>(qs, ldq, d, kt + c0, ldk, s + c0, lds);
 }
 
 // O[r][:] = alpha[r] * O[r][:] + sum_j P[r][j] * v[j][:] over NV vectors of output
@@ -76,11 +77,9 @@ inline void pv_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, in
                     const float* alpha, int tail) {
   typename V::T acc[R][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const typename V::T a = V::set1(alpha[r]);
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = V::mul(V::load(o + r * ldo + c * V::W), a);
-  }
+    for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
   for (int64_t j = 0; j < nkeys; ++j) {
     typename V::T vv[NV];
     const float* vj = v + j * ldv;
@@ -95,10 +94,17 @@ inline void pv_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, in
       for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
     }
   }
+  // The block's sum is added to the earlier blocks' only here: a two-level sum, whose
+  // rounding error grows with the block length, not with Sk.
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
+    const typename V::T a = V::set1(alpha[r]);
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) V::store(o + r * ldo + c * V::W, acc[r][c]);
+    for (int c = 0; c < NV; ++c) {
+      float* out = o + r * ldo + c * V::W;
+      V::store(out, V::fmadd(V::load(out), a, acc[r][c]));
+    }
+  }
 }
 
 template <class V, int R, int NV>
@@ -116,10 +122,10 @@ inline void pv_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, in
 // a single query row (decoding) does one row's work, not R rows'.
 template <class V, int R, int NK, int ND>
 struct TileRows {
-  static void qk(int rows, const float* qs, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds,
-                 int64_t ncols) {
-    if (rows == R) return qk_rows<V, R, NK>(qs, d, kt, ldk, s, lds, ncols);
-    TileRows<V, R - 1, NK, ND>::qk(rows, qs, d, kt, ldk, s, lds, ncols);
+  static void qk(int rows, const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s,
+                 int64_t lds, int64_t ncols) {
+    if (rows == R) return qk_rows<V, R, NK>(qs, ldq, d, kt, ldk, s, lds, ncols);
+    TileRows<V, R - 1, NK, ND>::qk(rows, qs, ldq, d, kt, ldk, s, lds, ncols);
   }
   static void pv(int rows, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nkeys, int64_t dv,
                  float* o, int64_t ldo, const float* alpha) {
@@ -129,7 +135,7 @@ struct TileRows {
 };
 template <class V, int NK, int ND>
 struct TileRows<V, 0, NK, ND> {
-  static void qk(int, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t) {}
+  static void qk(int, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t) {}
   static void pv(int, const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*) {}
 };
 
@@ -165,16 +171,38 @@ inline void apply_mask(float* s, int64_t n, const MaskRow& mr) {
   }
 }
 
+// s[j] *= scale2 (= scale * log2 e: scores in base 2) for j < n. Scaling the dot
+// products, not q, keeps the scores as accurate as torch's scale * (q @ k^T).
+template <class V>
+inline void scale_scores(float* s, int64_t n, float scale2) {
+  const typename V::T c = V::set1(scale2);
+  int64_t j = 0;
+  for (; j + V::W <= n; j += V::W) V::store(s + j, V::mul(V::load(s + j), c));
+  for (; j < n; ++j) s[j] *= scale2;
+}
+
 // One row of one key block: scores s[0, n) become probabilities exp(s - m'), with
 // s[visible, n) hidden by causality; s[n, np) is padding. Updates the running max
 // and sum; returns the factor alpha the row's earlier accumulators are scaled by.
 template <class V>
-inline float softmax_block_row(float* s, int64_t n, int64_t np, int64_t visible, const MaskRow& mr, float* m_io,
-                               float* l_io) {
-  if (mr.kind != MaskKind::None) apply_mask<V>(s, n, mr);
-  for (int64_t j = visible < 0 ? 0 : visible; j < np; ++j) s[j] = kNegInfBlocked;
+inline float softmax_block_row(float* s, int64_t n, int64_t np, int64_t visible, const MaskRow& mr, float scale2,
+                               float* m_io, float* l_io) {
   typename V::T vmax = V::set1(kNegInfBlocked);
-  for (int64_t j = 0; j < np; j += V::W) vmax = V::max(vmax, V::load(s + j));
+  if (mr.kind == MaskKind::None && visible >= n) {
+    // The common case in one pass: scale, pad, max.
+    for (int64_t j = n; j < np; ++j) s[j] = kNegInfBlocked;
+    const typename V::T c = V::set1(scale2);
+    for (int64_t j = 0; j < np; j += V::W) {
+      const typename V::T x = V::mul(V::load(s + j), c);
+      V::store(s + j, x);
+      vmax = V::max(vmax, x);
+    }
+  } else {
+    scale_scores<V>(s, n, scale2);
+    if (mr.kind != MaskKind::None) apply_mask<V>(s, n, mr);
+    for (int64_t j = visible < 0 ? 0 : visible; j < np; ++j) s[j] = kNegInfBlocked;
+    for (int64_t j = 0; j < np; j += V::W) vmax = V::max(vmax, V::load(s + j));
+  }
   const float block_max = V::hmax(vmax);
   const float m_old = *m_io;
   const float m_new = block_max > m_old ? block_max : m_old;
@@ -216,17 +244,9 @@ void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r
   const int64_t ldo = round_up(dv, kPad);
 
   const float* qb = a.q + b * a.q_sb + h * a.q_sh;
+  const float scale2 = a.scale * exp_c::kLog2e;  // scores in base 2 (attention_exp.h)
   const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
   const float* vbase = a.v + b * a.v_sb + h * a.v_sh;
-  const float qscale = a.scale * exp_c::kLog2e;  // scores in base 2 (attention_exp.h)
-  const typename V::T vscale = V::set1(qscale);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* src = qb + (r0 + i) * a.q_ss;
-    float* dst = ws.qs + i * d;
-    int64_t e = 0;
-    for (; e + V::W <= d; e += V::W) V::store(dst + e, V::mul(V::load(src + e), vscale));
-    for (; e < d; ++e) dst[e] = src[e] * qscale;
-  }
   for (int64_t i = 0; i < rows; ++i) {
     ws.m[i] = kNegInfBlocked;
     ws.l[i] = 0.0f;
@@ -257,14 +277,14 @@ void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r
         nt = seen < n ? seen : n;
       }
       const int64_t ntp = round_up(nt, V::W);
-      TileRows<V, R, NK, ND>::qk(tr, ws.qs + t0 * d, d, ws.kt, ldk, ws.s, lds, ntp);
+      TileRows<V, R, NK, ND>::qk(tr, qb + g0 * a.q_ss, a.q_ss, d, ws.kt, ldk, ws.s, lds, ntp);
       for (int r = 0; r < tr; ++r) {
         const int64_t g = g0 + r;
         MaskRow mr{a.mask_kind, nullptr, a.m_sk};
         if (mask_head != nullptr) mr.p = mask_head + (g * a.m_ss + k0 * a.m_sk) * mask_elem;
         const int64_t visible = a.causal ? g + 1 - k0 : nt;
-        alpha[r] = softmax_block_row<V>(ws.s + r * lds, nt, ntp, visible < nt ? visible : nt, mr, ws.m + t0 + r,
-                                        ws.l + t0 + r);
+        alpha[r] = softmax_block_row<V>(ws.s + r * lds, nt, ntp, visible < nt ? visible : nt, mr, scale2,
+                                        ws.m + t0 + r, ws.l + t0 + r);
       }
       TileRows<V, R, NK, ND>::pv(tr, ws.s, lds, vbase + k0 * a.v_ss, a.v_ss, nt, dv, ws.o + t0 * ldo, ldo, alpha);
     }

@@ -1,0 +1,294 @@
+"""torch.ops.pycompress.attention against its float64 reference, on every ISA path.
+
+Tolerance, derived from flash-attention's rule (STYLE.md): the kernel's max error
+against the float64 reference is compared with that of the same math in float32
+PyTorch (pycompress.reference.attention with dtype=float32, MKL matmuls and libm exp).
+The vector paths add three roundings that peer does not have: the scores' conversion
+to base 2 (scale * log2 e), an exp2 of up to 1 ulp (libm's exp: 0.5), and the
+two-level output sum across key blocks. Measured over 10 seeds of the shapes below,
+their error is 1.0-1.7x the peer's at the median and 2.7x at worst, so the bound is
+3x (the scalar path, summing in double, stays under 0.4x). The floor of 1 float32 ulp
+of the largest output covers cases where the peer happens to be exact (one key).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+import pycompress as pc
+from pycompress import _C
+from pycompress.ops.attention import attention, attention_cpu
+from pycompress.reference.attention import attention_ref
+
+# Max error of the vector paths' 2^x in float32 ulps (measured 1 on AVX2 and AVX-512,
+# over the inputs of test_exp2_accuracy; csrc/attention/attention.h).
+EXP2_MAX_ULP = 1
+PEER_FACTOR = 3.0
+
+
+def heads(b, h, s, d, gen, hf_layout=True):
+    """[B, H, S, D]; hf_layout: the transposed view of a [B, S, H*D] Linear output that
+    transformers passes (strides (S*H*D, D, H*D, 1))."""
+    if hf_layout:
+        return torch.randn(b, s, h, d, generator=gen).transpose(1, 2)
+    return torch.randn(b, h, s, d, generator=gen)
+
+
+def assert_close_to_reference(out, q, k, v, mask=None, is_causal=False, scale=None):
+    ref = attention_ref(q, k, v, mask, is_causal, scale)
+    peer = attention_ref(q, k, v, mask, is_causal, scale, dtype=torch.float32)
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref).abs().max().item()
+    peer_err = (peer.double() - ref).abs().max().item()
+    floor = 2.0**-24 * ref.abs().max().item()
+    assert err <= PEER_FACTOR * peer_err + floor, f"error {err:.3g} vs float32 peer {peer_err:.3g} (floor {floor:.3g})"
+
+
+# (B, H, Sq, Sk, D): sizes below, at and above the tiles (8 or 6 rows, 16/32 keys or
+# columns, key blocks of 512 / 256 keys for D = 32 / 64) and the real MiniLM head.
+SHAPES = [
+    (1, 1, 1, 1, 1), (2, 3, 15, 17, 15), (1, 2, 16, 16, 16), (1, 2, 17, 15, 17), (1, 1, 127, 129, 32),
+    (1, 12, 128, 128, 32), (1, 1, 129, 127, 33), (1, 1, 300, 300, 64), (2, 1, 1, 300, 64), (1, 1, 300, 1, 17),
+    (1, 2, 33, 129, 1), (1, 1, 9, 600, 64), (1, 1, 40, 520, 32), (1, 1, 13, 7, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(isa, gen, shape):
+    b, h, sq, sk, d = shape
+    q, k, v = heads(b, h, sq, d, gen), heads(b, h, sk, d, gen), heads(b, h, sk, d, gen)
+    assert_close_to_reference(attention(q, k, v), q, k, v)
+
+
+@pytest.mark.parametrize("d,dv", [(32, 17), (16, 64), (3, 1)])
+def test_value_head_dim_differs(isa, gen, d, dv):
+    q, k, v = heads(2, 2, 19, d, gen), heads(2, 2, 23, d, gen), heads(2, 2, 23, dv, gen)
+    out = attention(q, k, v, scale=0.3)
+    assert out.shape == (2, 19, 2, dv)
+    assert_close_to_reference(out, q, k, v, scale=0.3)
+
+
+def test_strided_and_noncontiguous_inputs(isa, gen):
+    b, h, s, d = 2, 3, 37, 32
+    # Sequence stride 2, heads and batch permuted, and a last dim that is not contiguous
+    # (copied by the wrapper).
+    q = torch.randn(b, h, 2 * s, d, generator=gen)[:, :, ::2]
+    k = torch.randn(h, b, s, d, generator=gen).transpose(0, 1)
+    v = torch.randn(b, h, d, s, generator=gen).transpose(2, 3)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = attention(q, k, v)
+    assert_close_to_reference(out, q, k, v)
+    assert torch.equal(out, attention(q.contiguous(), k.contiguous(), v.contiguous()))
+
+
+def _masks(b, h, sq, sk, gen):
+    keep = torch.rand(b, 1, sq, sk, generator=gen) > 0.3
+    keep[..., 0] = True
+    pad = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+    pad[0, ..., sk // 2:] = False
+    return {
+        "bool_b1qk": keep,
+        "float_bhqk": torch.randn(b, h, sq, sk, generator=gen),
+        "bool_qk_2d": keep[0, 0],
+        "float_k_1d": torch.randn(sk, generator=gen),
+        "bool_padding_expanded": pad.expand(b, 1, sq, sk),  # stride 0 over queries, as HF builds it
+        "float_last_dim_broadcast": torch.randn(b, h, sq, 1, generator=gen),
+        "float_transposed_view": torch.randn(b, h, sk, sq, generator=gen).transpose(2, 3),
+        "float_finfo_min_padding": torch.zeros(b, 1, 1, sk).masked_fill(~pad, torch.finfo(torch.float32).min),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_masks(1, 1, 2, 2, torch.Generator())))
+@pytest.mark.parametrize("sq,sk", [(17, 33), (128, 128), (5, 129)])
+def test_masks(isa, gen, kind, sq, sk):
+    b, h, d = 2, 3, 32
+    mask = _masks(b, h, sq, sk, gen)[kind]
+    q, k, v = heads(b, h, sq, d, gen), heads(b, h, sk, d, gen), heads(b, h, sk, d, gen)
+    assert_close_to_reference(attention(q, k, v, mask), q, k, v, mask)
+
+
+@pytest.mark.parametrize("sq,sk", [(17, 17), (5, 20), (20, 5), (129, 129), (1, 7), (300, 300)])
+def test_causal(isa, gen, sq, sk):
+    b, h, d = 1, 2, 16
+    q, k, v = heads(b, h, sq, d, gen), heads(b, h, sk, d, gen), heads(b, h, sk, d, gen)
+    assert_close_to_reference(attention(q, k, v, is_causal=True), q, k, v, is_causal=True)
+    if sq == sk:
+        torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert torch.allclose(attention(q, k, v, is_causal=True), torch_out.transpose(1, 2), atol=1e-5)
+    mask = torch.rand(b, 1, sq, sk, generator=gen) > 0.5
+    assert_close_to_reference(attention(q, k, v, mask, is_causal=True), q, k, v, mask, is_causal=True)
+
+
+def test_fully_masked_rows_are_zero_as_in_torch(isa, gen):
+    b, h, sq, sk, d = 2, 2, 20, 40, 32
+    q, k, v = heads(b, h, sq, d, gen), heads(b, h, sk, d, gen), heads(b, h, sk, d, gen)
+    keep = torch.rand(b, h, sq, sk, generator=gen) > 0.5
+    keep[0, 1, 3] = False
+    keep[1, :, 17] = False
+    additive = torch.zeros(b, h, sq, sk).masked_fill(~keep, -math.inf)
+    for mask in (keep, additive):
+        out = attention(q, k, v, mask)
+        assert torch.all(out[0, 3, 1] == 0) and torch.all(out[1, 17] == 0)
+        assert_close_to_reference(out, q, k, v, mask)
+        torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        assert torch.allclose(out, torch_out, atol=1e-5)
+    # A mask that hides every key of a whole 512-key block (and more) for some rows only.
+    sk = 1100
+    k, v = heads(1, 1, sk, 32, gen), heads(1, 1, sk, 32, gen)
+    q = heads(1, 1, 3, 32, gen)
+    keep = torch.zeros(1, 1, 3, sk, dtype=torch.bool)
+    keep[0, 0, 0, 1050:] = True
+    keep[0, 0, 1, :5] = True
+    out = attention(q, k, v, keep)
+    assert torch.all(out[0, 2] == 0)
+    assert_close_to_reference(out, q, k, v, keep)
+
+
+def test_empty(isa, gen):
+    for b, h, sq, sk in [(0, 2, 5, 5), (2, 0, 5, 5), (2, 2, 0, 5)]:
+        q, k, v = torch.randn(b, h, sq, 8), torch.randn(b, h, sk, 8), torch.randn(b, h, sk, 4)
+        out = attention(q, k, v)
+        assert out.shape == (b, sq, h, 4)
+    # No keys at all: every row is fully masked, so 0.
+    out = attention(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 4))
+    assert out.shape == (2, 5, 2, 4) and torch.all(out == 0)
+
+
+def test_nonfinite_inputs(isa, gen):
+    b, h, s, d = 1, 2, 24, 16
+    q, k, v = heads(b, h, s, d, gen, False), heads(b, h, s, d, gen, False), heads(b, h, s, d, gen, False)
+    # NaN in one query row: that row only.
+    qn = q.clone()
+    qn[0, 0, 3, 5] = math.nan
+    out = attention(qn, k, v)
+    assert torch.isnan(out[0, 3, 0]).all()
+    assert torch.isfinite(out[0, :3]).all() and torch.isfinite(out[0, 4:]).all() and torch.isfinite(out[0, 3, 1]).all()
+    # NaN in one key: every row of that head that sees it; under causality, rows before it are finite.
+    kn = k.clone()
+    kn[0, 1, 9, 0] = math.nan
+    out = attention(q, kn, v)
+    assert torch.isnan(out[0, :, 1]).all() and torch.isfinite(out[0, :, 0]).all()
+    out = attention(q, kn, v, is_causal=True)
+    assert torch.isfinite(out[0, :9, 1]).all() and torch.isnan(out[0, 9:, 1]).all()
+    # +inf in a query: its scores are +-inf, inf - inf in the softmax: NaN, as the reference.
+    qi = q.clone()
+    qi[0, 0, 7] = math.inf
+    out = attention(qi, k, v)
+    ref = attention_ref(qi, k, v)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[0, 7, 0]).all()
+    # +inf in one value row that every query weighs: +-inf in those columns, NaN pattern as the reference.
+    vi = v.clone()
+    vi[0, 0, 4, 2] = math.inf
+    vi[0, 0, 6, 2] = -math.inf
+    vi[0, 0, 4, 3] = math.inf
+    out, ref = attention(q, k, vi), attention_ref(q, k, vi)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.isinf(out[0, :, 0, 3]).all() and torch.isnan(out[0, :, 0, 2]).all()
+    finite = torch.isfinite(ref)
+    assert torch.allclose(out[finite].double(), ref[finite], atol=1e-5)
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """float32 bits as integers whose order is the floats' order (for ulp distances)."""
+    i = x.view(torch.int32).long()
+    return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+def test_exp2_accuracy(isa):
+    gen = torch.Generator().manual_seed(7)
+    random_bits = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64)
+    x = torch.cat([
+        torch.linspace(-160.0, 140.0, 3_000_001),
+        torch.logspace(-40, 0, 100_000),
+        -torch.logspace(-40, 0, 100_000),
+        random_bits.to(torch.int32).view(torch.float32),  # every exponent, NaNs and infs included
+        torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -126.0, -149.0, -149.5, -150.0, -150.5,
+                      127.0, 127.99999, 128.0, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45]),
+    ]).to(torch.float32)
+    y = torch.empty_like(x)
+    _C.attention_exp2(x.data_ptr(), y.data_ptr(), x.numel())
+    expected = torch.exp2(x.double()).float()  # float64 exp2 rounded once to float32
+    nan = torch.isnan(x)
+    assert torch.isnan(y[nan]).all()
+    assert not torch.isnan(y[~nan]).any()
+    ulps = (_ordered(y[~nan]) - _ordered(expected[~nan])).abs()
+    assert ulps.max().item() <= EXP2_MAX_ULP, f"max {ulps.max().item()} ulp at x={x[~nan][ulps.argmax()].item()}"
+    special = torch.tensor([-math.inf, math.inf, -1000.0, 1000.0, 0.0])
+    out = torch.empty_like(special)
+    _C.attention_exp2(special.data_ptr(), out.data_ptr(), special.numel())
+    assert out.tolist() == [0.0, math.inf, 0.0, math.inf, 1.0]
+
+
+def test_results_do_not_depend_on_thread_count(isa, gen):
+    q, k, v = heads(3, 4, 70, 32, gen), heads(3, 4, 90, 32, gen), heads(3, 4, 90, 32, gen)
+    mask = torch.rand(3, 1, 70, 90, generator=gen) > 0.2
+    outs = []
+    for threads in (1, 2, 3):
+        pc.set_num_threads(threads)
+        try:
+            outs.append((attention(q, k, v, mask), attention(q, k, v, is_causal=True)))
+        finally:
+            pc.set_num_threads(None)
+    for other in outs[1:]:
+        assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][1], other[1])
+
+
+def test_concurrent_callers_match_serial(isa, gen):
+    cases = [(heads(2, 3, 20 + 13 * i, 32, gen), heads(2, 3, 40 + 7 * i, 32, gen), heads(2, 3, 40 + 7 * i, 32, gen))
+             for i in range(4)]
+    serial = [attention(*c) for c in cases]
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def worker(i):
+        results[i] = [attention(*cases[i]) for _ in range(15)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert all(torch.equal(r, serial[i]) for r in results[i])
+
+
+def test_opcheck(gen):
+    q, k, v = heads(2, 3, 9, 16, gen), heads(2, 3, 11, 16, gen), heads(2, 3, 11, 8, gen)
+    mask = torch.rand(2, 1, 9, 11, generator=gen) > 0.3
+    for args in [(q, k, v, None, False, None), (q, k, v, mask, False, 0.5), (q, k, v, mask.float(), True, None),
+                 (q[:0], k[:0], v[:0], None, False, None)]:
+        torch.library.opcheck(torch.ops.pycompress.attention.default, args)
+
+
+def test_compile_fullgraph(gen):
+    def block(x, q, k, v, mask):
+        return attention(q, k, v, mask).flatten(2) @ x
+
+    compiled = torch.compile(block, fullgraph=True)
+    q, k, v = heads(2, 4, 16, 8, gen), heads(2, 4, 16, 8, gen), heads(2, 4, 16, 8, gen)
+    x, mask = torch.randn(32, 5, generator=gen), torch.rand(2, 1, 16, 16, generator=gen) > 0.2
+    assert torch.allclose(compiled(x, q, k, v, mask), block(x, q, k, v, mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (lambda q, k, v: (q.double(), k, v), TypeError, "q must be float32"),
+    (lambda q, k, v: (q[0], k, v), ValueError, r"q must be 4-D"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1]), ValueError, "q has 3 heads but k has 1"),
+    (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, "k has 6 keys but v has 4"),
+    (lambda q, k, v: (q, k[..., :7], v), ValueError, "q head dim 8 differs from k head dim 7"),
+    (lambda q, k, v: (q, k[:1], v), ValueError, "batch sizes differ"),
+    (lambda q, k, v: (q, k, v, torch.ones(2, 3, 5, 7, dtype=torch.bool)), ValueError, "does not broadcast"),
+    (lambda q, k, v: (q, k, v, torch.ones(5, 6, dtype=torch.int64)), TypeError, "mask must be bool"),
+    (lambda q, k, v: (q, k, v, None, False, math.inf), ValueError, "scale must be finite"),
+])
+def test_bad_input(gen, args, error, match):
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    with pytest.raises(error, match=match):
+        attention_cpu(*args(q, k, v))
+    with pytest.raises(ValueError, match="runs on CPU"):
+        attention_cpu(q.to("meta"), k.to("meta"), v.to("meta"))
