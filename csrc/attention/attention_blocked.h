@@ -13,9 +13,9 @@
 //   for each key block [k0, k1) (<= key_block(D) keys; under causal, only keys some row sees):
 //     kt = K[k0:k1]^T                           (D x n, zero padded to W)
 //     for each tile of R query rows:
-//       S = q_tile . kt                         (R x n: W-wide columns, R x NK accumulators;
-//                                                q read in place)
-//       per row: S *= scale log2(e) (base 2), mask (additive ones times log2(e)), causal, m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
+//       S = scale log2(e) q_tile . kt           (R x n: W-wide columns, R x NK accumulators;
+//                                                q read in place; scores in base 2)
+//       per row: mask (additive ones times log2(e)), causal, m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
 //                l = l * alpha + sum P           (m' = -inf is replaced by 0 so a fully
 //                                                 masked block gives P = 0, not NaN)
 //       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators from zero,
@@ -37,9 +37,12 @@ namespace {
 
 constexpr float kNegInfBlocked = -std::numeric_limits<float>::infinity();
 
-// S[r][c] = sum_e qs[r][e] * kt[e][c] for R rows and NV vectors of columns.
+// S[r][c] = scale2 * sum_e q[r][e] * kt[e][c] for R rows and NV vectors of columns.
+// Scaling the dot products, not q, keeps the scores as accurate as torch's
+// scale * (q @ k^T); scale2 = scale * log2(e) puts them in base 2.
 template <class V, int R, int NV>
-inline void qk_tile(const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds) {
+inline void qk_tile(const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds,
+                    float scale2) {
   typename V::T acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -56,18 +59,19 @@ inline void qk_tile(const float* qs, int64_t ldq, int64_t d, const float* kt, in
       for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(qb, kv[c], acc[r][c]);
     }
   }
+  const typename V::T c2 = V::set1(scale2);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) V::store(s + r * lds + c * V::W, acc[r][c]);
+    for (int c = 0; c < NV; ++c) V::store(s + r * lds + c * V::W, V::mul(acc[r][c], c2));
 }
 
 template <class V, int R, int NV>
 inline void qk_rows(const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds,
-                    int64_t ncols) {
+                    int64_t ncols, float scale2) {
   int64_t c0 = 0;
-  for (; c0 + NV * V::W <= ncols; c0 += NV * V::W) qk_tile<V, R, NV>(qs, ldq, d, kt + c0, ldk, s + c0, lds);
-  for (; c0 < ncols; c0 += V::W) qk_tile<V, R, 1>(qs, ldq, d, kt + c0, ldk, s + c0, lds);
+  for (; c0 + NV * V::W <= ncols; c0 += NV * V::W) qk_tile<V, R, NV>(qs, ldq, d, kt + c0, ldk, s + c0, lds, scale2);
+  for (; c0 < ncols; c0 += V::W) qk_tile<V, R, 1>(qs, ldq, d, kt + c0, ldk, s + c0, lds, scale2);
 }
 
 // O[r][:] = alpha[r] * O[r][:] + sum_j P[r][j] * v[j][:] over NV vectors of output
@@ -123,9 +127,9 @@ inline void pv_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, in
 template <class V, int R, int NK, int ND>
 struct TileRows {
   static void qk(int rows, const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s,
-                 int64_t lds, int64_t ncols) {
-    if (rows == R) return qk_rows<V, R, NK>(qs, ldq, d, kt, ldk, s, lds, ncols);
-    TileRows<V, R - 1, NK, ND>::qk(rows, qs, ldq, d, kt, ldk, s, lds, ncols);
+                 int64_t lds, int64_t ncols, float scale2) {
+    if (rows == R) return qk_rows<V, R, NK>(qs, ldq, d, kt, ldk, s, lds, ncols, scale2);
+    TileRows<V, R - 1, NK, ND>::qk(rows, qs, ldq, d, kt, ldk, s, lds, ncols, scale2);
   }
   static void pv(int rows, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nkeys, int64_t dv,
                  float* o, int64_t ldo, const float* alpha) {
@@ -135,7 +139,7 @@ struct TileRows {
 };
 template <class V, int NK, int ND>
 struct TileRows<V, 0, NK, ND> {
-  static void qk(int, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t) {}
+  static void qk(int, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t, float) {}
   static void pv(int, const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*) {}
 };
 
@@ -171,38 +175,16 @@ inline void apply_mask(float* s, int64_t n, const MaskRow& mr) {
   }
 }
 
-// s[j] *= scale2 (= scale * log2 e: scores in base 2) for j < n. Scaling the dot
-// products, not q, keeps the scores as accurate as torch's scale * (q @ k^T).
-template <class V>
-inline void scale_scores(float* s, int64_t n, float scale2) {
-  const typename V::T c = V::set1(scale2);
-  int64_t j = 0;
-  for (; j + V::W <= n; j += V::W) V::store(s + j, V::mul(V::load(s + j), c));
-  for (; j < n; ++j) s[j] *= scale2;
-}
-
 // One row of one key block: scores s[0, n) become probabilities exp(s - m'), with
 // s[visible, n) hidden by causality; s[n, np) is padding. Updates the running max
 // and sum; returns the factor alpha the row's earlier accumulators are scaled by.
 template <class V>
-inline float softmax_block_row(float* s, int64_t n, int64_t np, int64_t visible, const MaskRow& mr, float scale2,
-                               float* m_io, float* l_io) {
+inline float softmax_block_row(float* s, int64_t n, int64_t np, int64_t visible, const MaskRow& mr, float* m_io,
+                               float* l_io) {
+  if (mr.kind != MaskKind::None) apply_mask<V>(s, n, mr);
+  for (int64_t j = visible < 0 ? 0 : visible; j < np; ++j) s[j] = kNegInfBlocked;
   typename V::T vmax = V::set1(kNegInfBlocked);
-  if (mr.kind == MaskKind::None && visible >= n) {
-    // The common case in one pass: scale, pad, max.
-    for (int64_t j = n; j < np; ++j) s[j] = kNegInfBlocked;
-    const typename V::T c = V::set1(scale2);
-    for (int64_t j = 0; j < np; j += V::W) {
-      const typename V::T x = V::mul(V::load(s + j), c);
-      V::store(s + j, x);
-      vmax = V::max(vmax, x);
-    }
-  } else {
-    scale_scores<V>(s, n, scale2);
-    if (mr.kind != MaskKind::None) apply_mask<V>(s, n, mr);
-    for (int64_t j = visible < 0 ? 0 : visible; j < np; ++j) s[j] = kNegInfBlocked;
-    for (int64_t j = 0; j < np; j += V::W) vmax = V::max(vmax, V::load(s + j));
-  }
+  for (int64_t j = 0; j < np; j += V::W) vmax = V::max(vmax, V::load(s + j));
   const float block_max = V::hmax(vmax);
   const float m_old = *m_io;
   const float m_new = block_max > m_old ? block_max : m_old;
@@ -277,14 +259,14 @@ void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r
         nt = seen < n ? seen : n;
       }
       const int64_t ntp = round_up(nt, V::W);
-      TileRows<V, R, NK, ND>::qk(tr, qb + g0 * a.q_ss, a.q_ss, d, ws.kt, ldk, ws.s, lds, ntp);
+      TileRows<V, R, NK, ND>::qk(tr, qb + g0 * a.q_ss, a.q_ss, d, ws.kt, ldk, ws.s, lds, ntp, scale2);
       for (int r = 0; r < tr; ++r) {
         const int64_t g = g0 + r;
         MaskRow mr{a.mask_kind, nullptr, a.m_sk};
         if (mask_head != nullptr) mr.p = mask_head + (g * a.m_ss + k0 * a.m_sk) * mask_elem;
         const int64_t visible = a.causal ? g + 1 - k0 : nt;
-        alpha[r] = softmax_block_row<V>(ws.s + r * lds, nt, ntp, visible < nt ? visible : nt, mr, scale2,
-                                        ws.m + t0 + r, ws.l + t0 + r);
+        alpha[r] = softmax_block_row<V>(ws.s + r * lds, nt, ntp, visible < nt ? visible : nt, mr, ws.m + t0 + r,
+                                        ws.l + t0 + r);
       }
       TileRows<V, R, NK, ND>::pv(tr, ws.s, lds, vbase + k0 * a.v_ss, a.v_ss, nt, dv, ws.o + t0 * ldo, ldo, alpha);
     }
