@@ -118,9 +118,11 @@ def test_masks(isa, gen, kind, sq, sk):
     assert_close_to_reference(attention(q, k, v, mask), q, k, v, mask)
 
 
-@pytest.mark.parametrize("sq,sk", [(17, 17), (5, 20), (20, 5), (129, 129), (1, 7), (300, 300)])
+# D = 64: key blocks of 256, so (600, 600) spans three blocks, and rows of the first
+# chunk tiles see no key of the later blocks at all.
+@pytest.mark.parametrize("sq,sk", [(17, 17), (5, 20), (20, 5), (129, 129), (1, 7), (600, 600)])
 def test_causal(isa, gen, sq, sk):
-    b, h, d = 1, 2, 16
+    b, h, d = 1, 2, 64
     q, k, v = heads(b, h, sq, d, gen), heads(b, h, sk, d, gen), heads(b, h, sk, d, gen)
     assert_close_to_reference(attention(q, k, v, is_causal=True), q, k, v, is_causal=True)
     if sq == sk:
@@ -295,7 +297,7 @@ def test_bad_input(gen, args, error, match):
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
     with pytest.raises(error, match=match):
         attention_cpu(*args(q, k, v))
-    with pytest.raises(ValueError, match="runs on CPU"):
+    with pytest.raises(ValueError, match="runs on CPU, got devices .*'q': 'meta'"):
         attention_cpu(q.to("meta"), k.to("meta"), v.to("meta"))
 
 

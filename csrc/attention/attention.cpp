@@ -55,14 +55,14 @@ struct Scratch {
   std::vector<float> kt, s, o, m, l;
 };
 
-Workspace thread_workspace(const AttentionArgs& a, int64_t chunk_rows) {
+Workspace thread_workspace(const Kernels& kern, const AttentionArgs& a, int64_t chunk_rows) {
   thread_local Scratch s;
   const int64_t ldk = round_up(key_block(a.d), kPad);
   const auto grow = [](std::vector<float>& v, int64_t n) {
     if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
   };
   grow(s.kt, a.d * ldk);
-  grow(s.s, std::max(kMaxTileRows * ldk, a.sk));
+  grow(s.s, kern.score_row_of_sk ? a.sk : kMaxTileRows * ldk);
   grow(s.o, chunk_rows * round_up(a.dv, kPad));
   grow(s.m, chunk_rows);
   grow(s.l, chunk_rows);
@@ -88,7 +88,7 @@ void attention(const AttentionArgs& args) {
   parallel_for(heads_total * chunks, threads, [&](int64_t t) {
     const int64_t bh = t / chunks, c = t % chunks;
     const int64_t r0 = c * rows, r1 = std::min(args.sq, r0 + rows);
-    kern.attend_rows(args, bh / args.heads, bh % args.heads, r0, r1, thread_workspace(args, rows));
+    kern.attend_rows(args, bh / args.heads, bh % args.heads, r0, r1, thread_workspace(kern, args, rows));
   });
 }
 

@@ -27,19 +27,20 @@
 //           weight. Whether it also reaches a row that gives key j weight exactly 0 (a
 //           masked key; 0 * inf = NaN) is unspecified: the vector paths skip keys beyond
 //           the causal boundary of a whole row tile, but not masked keys inside a tile.
-//   exp    scalar path: std::exp. Vector paths work in base 2: q is scaled by
-//          scale * log2(e) and additive masks by log2(e), and p = 2^(s2 - m2) with their
+//   exp    scalar path: std::exp. Vector paths work in base 2: the dot products are scaled
+//          by scale * log2(e) and additive masks by log2(e), and p = 2^(s2 - m2) with their
 //          own exp2: n = round(x), f = x - n (exact), 2^f by a degree-6 polynomial
 //          (coefficients: bench/exp_coefficients.py, fit error 1.6e-8 relative), times
 //          2^n (AVX-512 vscalefps; AVX2 two exponent-field multiplies, so a subnormal
-//          result rounds once). Max error: EXP2_MAX_ULP in tests/test_attention.py,
-//          checked against float64 over every float input; 2^-inf = 0, 2^inf = inf,
-//          2^NaN = NaN, results below the subnormal range are 0.
+//          result rounds once). Max error 1 ulp against float64 2^x rounded to float
+//          (tests/test_attention.py::test_exp2_accuracy: a 1e-4 grid over [-160, 140],
+//          both signs of 1e-40..1, 2^20 random bit patterns: every exponent, NaN, inf);
+//          2^-inf = 0, 2^inf = inf, 2^NaN = NaN, results below the subnormal range are 0.
 //
 // Memory: blockwise (flash-style) online softmax. A thread holds a chunk of at most
 // kMaxChunkRows query rows (output accumulators, running max and sum) and one
 // block of at most kMaxKeyBlock keys (K^T packed, one row tile of scores): scratch is
-// O(rows * D + D * key block), independent of Sk. The scalar path keeps one score row
+// O(rows * Dv + D * key block), independent of Sk. The scalar path keeps one score row
 // of Sk floats instead (O(Sk)).
 #pragma once
 
@@ -87,7 +88,8 @@ inline int64_t key_block(int64_t d) {
 // Per-thread scratch handed to a kernel, sized by the driver for `rows` query rows.
 struct Workspace {
   float* kt;     // d x round_up(key_block, kPad): K^T of one key block
-  float* s;      // max_tile_rows x max(round_up(key_block, kPad), sk): scores / probabilities
+  float* s;      // kMaxTileRows x round_up(key_block, kPad) scores / probabilities
+                 // (the scalar path: one row of Sk)
   float* o;      // rows x round_up(dv, kPad): unnormalised output accumulators
   float* m;      // rows: running max
   float* l;      // rows: running sum of probabilities
@@ -95,6 +97,8 @@ struct Workspace {
 constexpr int64_t kMaxTileRows = 8;
 
 struct Kernels {
+  // The scalar path's score scratch is one row of Sk floats, the blocked paths' one tile.
+  bool score_row_of_sk;
   // Rows [r0, r1) of head (b, h), at most kMaxChunkRows of them, written to out.
   void (*attend_rows)(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, const Workspace& ws);
   // y[i] = 2^x[i] with this path's exp2 (test hook for its accuracy).

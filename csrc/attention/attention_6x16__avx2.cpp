@@ -92,7 +92,7 @@ struct VecAvx2 {
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels k{attend_rows_blocked<VecAvx2, 6, 2, 2>, exp2_n_blocked<VecAvx2>};
+  static const Kernels k{false, attend_rows_blocked<VecAvx2, 6, 2, 2>, exp2_n_blocked<VecAvx2>};
   return k;
 }
 

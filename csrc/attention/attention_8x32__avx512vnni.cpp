@@ -85,7 +85,7 @@ struct VecAvx512 {
 }  // namespace
 
 const Kernels& kernels_avx512vnni() {
-  static const Kernels k{attend_rows_blocked<VecAvx512, 8, 2, 2>, exp2_n_blocked<VecAvx512>};
+  static const Kernels k{false, attend_rows_blocked<VecAvx512, 8, 2, 2>, exp2_n_blocked<VecAvx512>};
   return k;
 }
 

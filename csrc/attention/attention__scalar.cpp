@@ -72,7 +72,7 @@ void exp2_n_scalar(const float* x, float* y, int64_t n) {
 }  // namespace
 
 const Kernels& kernels_scalar() {
-  static const Kernels k{attend_rows_scalar, exp2_n_scalar};
+  static const Kernels k{true, attend_rows_scalar, exp2_n_scalar};
   return k;
 }
 

@@ -32,11 +32,13 @@ def _check(q, k, v, mask, scale) -> tuple[int, int, int, int, int, int, float]:
 
     Plain comparisons, not torch._check: this runs on every eager call.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype != torch.float32:
-            raise TypeError(f"attention: {name} must be float32, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+    f32 = torch.float32
+    if not (q.dtype == f32 and k.dtype == f32 and v.dtype == f32 and q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dtype != f32:
+                raise TypeError(f"attention: {name} must be float32, got {t.dtype}")
+            if t.dim() != 4:
+                raise ValueError(f"attention: {name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
     b, h, sq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
         raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -77,17 +79,15 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 def attention_cpu(q, k, v, mask=None, is_causal=False, scale=None):
     """The CPU kernel behind the op, callable directly on eager CPU tensors (no dispatcher)."""
     b, h, sq, sk, d, dv, scale = _check(q, k, v, mask, scale)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.device.type != "cpu":
-            raise ValueError(f"attention: {name} is on {t.device}; the fused attention kernel runs on CPU")
+    if not (q.is_cpu and k.is_cpu and v.is_cpu and (mask is None or mask.is_cpu)):
+        devices = {name: str(t.device) for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)) if t is not None}
+        raise ValueError(f"attention: the fused attention kernel runs on CPU, got devices {devices}")
     out = torch.empty((b, sq, h, dv), dtype=torch.float32)
-    if out.numel() == 0:
+    if b * sq * h == 0:
         return out
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     kind, mask_ptr, mask_strides = MASK_NONE, 0, (0, 0, 0, 0)
     if mask is not None:
-        if mask.device.type != "cpu":
-            raise ValueError(f"attention: mask is on {mask.device}; the fused attention kernel runs on CPU")
         kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
         m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
         # A broadcast dim is read with stride 0, whatever stride the tensor gives it.
