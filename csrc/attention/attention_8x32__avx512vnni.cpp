@@ -33,28 +33,30 @@ struct VecAvx512 {
     __m512 r[16], t[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
     // 32-bit, then 64-bit interleaves within 128-bit lanes, then two 128-bit lane shuffles.
+    // (maskz forms with every lane selected: GCC 12's plain forms warn of an uninitialised
+    // pass-through operand.)
     for (int i = 0; i < 16; i += 2) {
-      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      t[i] = _mm512_maskz_unpacklo_ps(0xFFFF, r[i], r[i + 1]);
+      t[i + 1] = _mm512_maskz_unpackhi_ps(0xFFFF, r[i], r[i + 1]);
     }
     for (int i = 0; i < 16; i += 4) {
-      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-      r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-      r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      r[i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, _mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, _mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, _mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      r[i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, _mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
     }
     // r[4q + c] now holds, in 128-bit lane L, column c of rows 4q..4q+3 for columns 4L..4L+3.
     for (int c = 0; c < 4; ++c) {
-      t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);        // lanes 0,2 of each
-      t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);    // lanes 1,3
-      t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-      t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+      t[c] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[c], r[4 + c], 0x88);  // lanes 0,2 of each
+      t[4 + c] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[c], r[4 + c], 0xdd);  // lanes 1,3
+      t[8 + c] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + c], r[12 + c], 0x88);
+      t[12 + c] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + c], r[12 + c], 0xdd);
     }
     for (int c = 0; c < 4; ++c) {
-      r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);        // column c (lane 0)
-      r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);    // column 8 + c (lane 2)
-      r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);  // column 4 + c (lane 1)
-      r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);  // column 12 + c (lane 3)
+      r[c] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[c], t[8 + c], 0x88);  // column c (lane 0)
+      r[8 + c] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[c], t[8 + c], 0xdd);  // column 8 + c (lane 2)
+      r[4 + c] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + c], t[12 + c], 0x88);  // column 4 + c (lane 1)
+      r[12 + c] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + c], t[12 + c], 0xdd);  // column 12 + c (lane 3)
     }
     for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
   }
