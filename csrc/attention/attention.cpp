@@ -76,8 +76,10 @@ void attention(const AttentionArgs& args) {
   const int64_t heads_total = args.batch * args.heads;
   if (heads_total == 0 || args.sq == 0) return;
   const Kernels& kern = kernels_for(active_isa());
-  const int threads = threads_for_work(args.nthreads, heads_total * args.sq * std::max<int64_t>(args.sk, 1) *
-                                                          (args.d + args.dv), kMinMacsPerThread);
+  // Multiply-adds of the call, saturated (the product of five sizes can pass 2^63).
+  const double macs = static_cast<double>(heads_total) * args.sq * std::max<int64_t>(args.sk, 1) * (args.d + args.dv);
+  const int64_t work = macs < 1e18 ? static_cast<int64_t>(macs) : int64_t{1000000000000000000};
+  const int threads = threads_for_work(args.nthreads, work, kMinMacsPerThread);
   // Enough tasks for dynamic scheduling to even out the threads (causal rows differ
   // in work), without chunks so short that K^T is repacked for few rows.
   int64_t chunks = (args.sq + kMaxChunkRows - 1) / kMaxChunkRows;
