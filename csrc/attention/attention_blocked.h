@@ -15,7 +15,8 @@
 //     for each tile of R query rows:
 //       S = scale log2(e) q_tile . kt           (R x n: W-wide columns, R x NK accumulators;
 //                                                q read in place; scores in base 2)
-//       per row: mask (additive ones times log2(e)), causal, m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
+//       per row: mask (additive ones times log2(e)), causality,
+//                m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
 //                l = l * alpha + sum P           (m' = -inf is replaced by 0 so a fully
 //                                                 masked block gives P = 0, not NaN)
 //       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators from zero,
@@ -175,7 +176,7 @@ inline void apply_mask(float* s, int64_t n, const MaskRow& mr) {
   }
 }
 
-// One row of one key block: scores s[0, n) become probabilities exp(s - m'), with
+// One row of one key block: base-2 scores s[0, n) become probabilities 2^(s - m'), with
 // s[visible, n) hidden by causality; s[n, np) is padding. Updates the running max
 // and sum; returns the factor alpha the row's earlier accumulators are scaled by.
 template <class V>
