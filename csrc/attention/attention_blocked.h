@@ -176,31 +176,42 @@ inline void apply_mask(float* s, int64_t n, const MaskRow& mr) {
   }
 }
 
-// One row of one key block: base-2 scores s[0, n) become probabilities 2^(s - m'), with
-// s[visible, n) hidden by causality; s[n, np) is padding. Updates the running max
-// and sum; returns the factor alpha the row's earlier accumulators are scaled by.
-template <class V>
-inline float softmax_block_row(float* s, int64_t n, int64_t np, int64_t visible, const MaskRow& mr, float* m_io,
-                               float* l_io) {
-  if (mr.kind != MaskKind::None) apply_mask<V>(s, n, mr);
-  for (int64_t j = visible < 0 ? 0 : visible; j < np; ++j) s[j] = kNegInfBlocked;
-  typename V::T vmax = V::set1(kNegInfBlocked);
-  for (int64_t j = 0; j < np; j += V::W) vmax = V::max(vmax, V::load(s + j));
-  const float block_max = V::hmax(vmax);
-  const float m_old = *m_io;
-  const float m_new = block_max > m_old ? block_max : m_old;
-  const float base = m_new == kNegInfBlocked ? 0.0f : m_new;
-  const typename V::T vbase = V::set1(base);
-  typename V::T vsum = V::zero();
-  for (int64_t j = 0; j < np; j += V::W) {
-    const typename V::T p = V::exp2(V::sub(V::load(s + j), vbase));
-    V::store(s + j, p);
-    vsum = V::add(vsum, p);
+// The softmax step of one row tile and one key block: base-2 scores s[r][0, n) become
+// probabilities 2^(s - m'), with s[r][visible[r], n) hidden by causality; s[r][n, np)
+// is padding. Updates each row's running max m and sum l, and sets alpha[r], the factor
+// the row's earlier accumulators are scaled by. Rows are handled pass by pass (all
+// maxima, then one vector exp2 for every alpha, then all exponentials) so the
+// out-of-order core overlaps the rows' reductions.
+template <class V, int R>
+inline void softmax_tile(float* s, int64_t lds, int rows, int64_t n, int64_t np, const int64_t* visible,
+                         const MaskRow* masks, float* m, float* l, float* alpha) {
+  static_assert(R <= V::W, "one vector holds the tile's alphas");
+  alignas(64) float delta[V::W] = {};
+  float base[R];
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * lds;
+    if (masks[r].kind != MaskKind::None) apply_mask<V>(sr, n, masks[r]);
+    for (int64_t j = visible[r] < 0 ? 0 : visible[r]; j < np; ++j) sr[j] = kNegInfBlocked;
+    typename V::T vmax = V::set1(kNegInfBlocked);
+    for (int64_t j = 0; j < np; j += V::W) vmax = V::max(vmax, V::load(sr + j));
+    const float block_max = V::hmax(vmax);
+    const float m_new = block_max > m[r] ? block_max : m[r];
+    base[r] = m_new == kNegInfBlocked ? 0.0f : m_new;
+    delta[r] = m[r] - base[r];
+    m[r] = m_new;
   }
-  const float alpha = V::first(V::exp2(V::set1(m_old - base)));
-  *m_io = m_new;
-  *l_io = *l_io * alpha + V::hsum(vsum);
-  return alpha;
+  V::store(alpha, V::exp2(V::load(delta)));
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * lds;
+    const typename V::T vbase = V::set1(base[r]);
+    typename V::T vsum = V::zero();
+    for (int64_t j = 0; j < np; j += V::W) {
+      const typename V::T p = V::exp2(V::sub(V::load(sr + j), vbase));
+      V::store(sr + j, p);
+      vsum = V::add(vsum, p);
+    }
+    l[r] = l[r] * alpha[r] + V::hsum(vsum);
+  }
 }
 
 // kt[e][j] = k[j][e] for n keys (rows k_ss apart), columns [n, np) zeroed: W x W
@@ -242,7 +253,7 @@ void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r
                               : static_cast<const char*>(a.mask) + (b * a.m_sb + h * a.m_sh) * mask_elem;
   // Under causality the last row of the chunk sees keys [0, r1): later keys are never read.
   const int64_t kend = a.causal ? (r1 < a.sk ? r1 : a.sk) : a.sk;
-  float alpha[R];
+  alignas(64) float alpha[V::W];
   for (int64_t k0 = 0; k0 < kend; k0 += kb) {
     const int64_t n = kend - k0 < kb ? kend - k0 : kb;
     const int64_t np = round_up(n, V::W);
@@ -261,14 +272,15 @@ void attend_rows_blocked(const AttentionArgs& a, int64_t b, int64_t h, int64_t r
       }
       const int64_t ntp = round_up(nt, V::W);
       TileRows<V, R, NK, ND>::qk(tr, qb + g0 * a.q_ss, a.q_ss, d, ws.kt, ldk, ws.s, lds, ntp, scale2);
+      MaskRow masks[R];
+      int64_t visible[R];
       for (int r = 0; r < tr; ++r) {
         const int64_t g = g0 + r;
-        MaskRow mr{a.mask_kind, nullptr, a.m_sk};
-        if (mask_head != nullptr) mr.p = mask_head + (g * a.m_ss + k0 * a.m_sk) * mask_elem;
-        const int64_t visible = a.causal ? g + 1 - k0 : nt;
-        alpha[r] = softmax_block_row<V>(ws.s + r * lds, nt, ntp, visible < nt ? visible : nt, mr, ws.m + t0 + r,
-                                        ws.l + t0 + r);
+        masks[r] = MaskRow{a.mask_kind, nullptr, a.m_sk};
+        if (mask_head != nullptr) masks[r].p = mask_head + (g * a.m_ss + k0 * a.m_sk) * mask_elem;
+        visible[r] = a.causal && g + 1 - k0 < nt ? g + 1 - k0 : nt;
       }
+      softmax_tile<V, R>(ws.s, lds, tr, nt, ntp, visible, masks, ws.m + t0, ws.l + t0, alpha);
       TileRows<V, R, NK, ND>::pv(tr, ws.s, lds, vbase + k0 * a.v_ss, a.v_ss, nt, dv, ws.o + t0 * ldo, ldo, alpha);
     }
   }
