@@ -3,12 +3,13 @@
 Tolerance, derived from flash-attention's rule (STYLE.md): the kernel's max error
 against the float64 reference is compared with that of the same math in float32
 PyTorch (pycompress.reference.attention with dtype=float32, MKL matmuls and libm exp).
-The vector paths add three roundings that peer does not have: the scores' conversion
-to base 2 (scale * log2 e), an exp2 of up to 1 ulp (libm's exp: 0.5), and the
-two-level output sum across key blocks. Measured over 10 seeds of the shapes below,
-their error is 1.0-1.7x the peer's at the median and 2.7x at worst, so the bound is
-3x (the scalar path, summing in double, stays under 0.4x). The floor of 1 float32 ulp
-of the largest output covers cases where the peer happens to be exact (one key).
+The vector paths add roundings that peer does not have (the scores' conversion to
+base 2, an exp2 of up to 1 ulp where libm's exp has 0.5) and sum in runs of 32
+(dot products) and 128 (values) where the peer's BLAS has its own blocking. Measured
+over 10 seeds of SHAPES, their error is 0.6-1.3x the peer's at the median and 2.1x
+at worst (D = 128 with 7 keys: few outputs, so the max is noisy), so the bound is
+2.5x; the scalar path, summing in double, stays under 0.6x. The floor of 1 float32
+ulp of the largest output covers cases where the peer happens to be exact (one key).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pycompress.reference.attention import attention_ref
 # Max error of the vector paths' 2^x in float32 ulps (measured 1 on AVX2 and AVX-512,
 # over the inputs of test_exp2_accuracy; csrc/attention/attention.h).
 EXP2_MAX_ULP = 1
-PEER_FACTOR = 3.0
+PEER_FACTOR = 2.5
 
 
 def heads(b, h, s, d, gen, hf_layout=True):

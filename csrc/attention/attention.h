@@ -16,7 +16,8 @@
 //   s_ij  = scale * (q_i . k_j) + mask_ij, where a bool-False or causally hidden key has
 //           s_ij = -inf. The scalar path (the specification) accumulates the dot products,
 //           the softmax sum and the output in double; the vector paths in float with FMA,
-//           the output as a two-level sum (within a key block, then across blocks).
+//           in runs of 32 terms (dot products) and 128 keys (outputs) whose sums are
+//           then added up, so the rounding error does not grow with D or Sk.
 //   p_ij  = exp(s_ij - m_i) with m_i = max_j s_ij; out_i = sum_j p_ij v_j / sum_j p_ij.
 //   fully masked rows: a row whose scores are all -inf (every key masked) gives 0, as
 //           torch.nn.functional.scaled_dot_product_attention does since torch 2.5.

@@ -19,8 +19,9 @@
 //                m' = max(m, max S), alpha = 2^(m - m'), P = 2^(S - m'),
 //                l = l * alpha + sum P           (m' = -inf is replaced by 0 so a fully
 //                                                 masked block gives P = 0, not NaN)
-//       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators from zero,
-//                                                added to O_tile once per block)
+//       O_tile = alpha * O_tile + P . V[k0:k1]  (R x Dv: R x ND accumulators)
+//   (dot products and value sums run over at most kSumRun terms in registers, then
+//    add to the total in memory)
 //   out rows = O / l (0 where l == 0: every key masked)
 #pragma once
 
@@ -38,18 +39,26 @@ namespace {
 
 constexpr float kNegInfBlocked = -std::numeric_limits<float>::infinity();
 
-// S[r][c] = scale2 * sum_e q[r][e] * kt[e][c] for R rows and NV vectors of columns.
-// Scaling the dot products, not q, keeps the scores as accurate as torch's
-// scale * (q @ k^T); scale2 = scale * log2(e) puts them in base 2.
-template <class V, int R, int NV>
-inline void qk_tile(const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds,
-                    float scale2) {
+// Dot products (kSumRun) and value sums (kValueRun) are accumulated in registers in
+// runs of at most this many terms, then added to the running total in memory: a
+// two-level sum whose rounding error grows with the run, not with D or Sk, like the
+// blocked sums of a BLAS (one 128-term FMA chain made D = 128 outputs up to 6x less
+// accurate than torch's float32 matmuls). Value runs are longer because each flush
+// costs a load and a store per accumulator (32 cost MiniLM's [1,12,128,32] ~10%).
+constexpr int64_t kSumRun = 32;
+constexpr int64_t kValueRun = 128;
+
+// One run of the dot products, e in [e0, e1), for R rows and NV vectors of columns:
+// the first run stores its sums, later runs add theirs to S, the last scales S.
+template <class V, int R, int NV, bool kFirst, bool kLast>
+inline void qk_run(const float* qs, int64_t ldq, int64_t e0, int64_t e1, const float* kt, int64_t ldk, float* s,
+                   int64_t lds, float scale2) {
   typename V::T acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
-  for (int64_t e = 0; e < d; ++e) {
+  for (int64_t e = e0; e < e1; ++e) {
     typename V::T kv[NV];
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) kv[c] = V::load(kt + e * ldk + c * V::W);
@@ -64,7 +73,24 @@ inline void qk_tile(const float* qs, int64_t ldq, int64_t d, const float* kt, in
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) V::store(s + r * lds + c * V::W, V::mul(acc[r][c], c2));
+    for (int c = 0; c < NV; ++c) {
+      float* out = s + r * lds + c * V::W;
+      const typename V::T total = kFirst ? acc[r][c] : V::add(V::load(out), acc[r][c]);
+      V::store(out, kLast ? V::mul(total, c2) : total);
+    }
+}
+
+// S[r][c] = scale2 * sum_e q[r][e] * kt[e][c] for R rows and NV vectors of columns.
+// Scaling the dot products, not q, keeps the scores as accurate as torch's
+// scale * (q @ k^T); scale2 = scale * log2(e) puts them in base 2.
+template <class V, int R, int NV>
+inline void qk_tile(const float* qs, int64_t ldq, int64_t d, const float* kt, int64_t ldk, float* s, int64_t lds,
+                    float scale2) {
+  if (d <= kSumRun) return qk_run<V, R, NV, true, true>(qs, ldq, 0, d, kt, ldk, s, lds, scale2);
+  qk_run<V, R, NV, true, false>(qs, ldq, 0, kSumRun, kt, ldk, s, lds, scale2);
+  int64_t e0 = kSumRun;
+  for (; d - e0 > kSumRun; e0 += kSumRun) qk_run<V, R, NV, false, false>(qs, ldq, e0, e0 + kSumRun, kt, ldk, s, lds, scale2);
+  qk_run<V, R, NV, false, true>(qs, ldq, e0, d, kt, ldk, s, lds, scale2);
 }
 
 template <class V, int R, int NV>
@@ -76,38 +102,40 @@ inline void qk_rows(const float* qs, int64_t ldq, int64_t d, const float* kt, in
 }
 
 // O[r][:] = alpha[r] * O[r][:] + sum_j P[r][j] * v[j][:] over NV vectors of output
-// columns; the last vector holds `tail` columns of v when kPartial (O is padded).
+// columns; the last vector holds `tail` columns of v when kPartial (O is padded). The
+// keys are summed in runs of kSumRun, each run added to O in memory.
 template <class V, int R, int NV, bool kPartial>
 inline void pv_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t nkeys, float* o, int64_t ldo,
                     const float* alpha, int tail) {
-  typename V::T acc[R][NV];
+  for (int64_t j0 = 0; j0 < nkeys; j0 += kValueRun) {
+    const int64_t j1 = nkeys - j0 < kValueRun ? nkeys : j0 + kValueRun;
+    typename V::T acc[R][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
-  for (int64_t j = 0; j < nkeys; ++j) {
-    typename V::T vv[NV];
-    const float* vj = v + j * ldv;
+      for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
+    for (int64_t j = j0; j < j1; ++j) {
+      typename V::T vv[NV];
+      const float* vj = v + j * ldv;
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) {
-      vv[c] = (kPartial && c == NV - 1) ? V::load_partial(vj + c * V::W, tail) : V::load(vj + c * V::W);
+      for (int c = 0; c < NV; ++c) {
+        vv[c] = (kPartial && c == NV - 1) ? V::load_partial(vj + c * V::W, tail) : V::load(vj + c * V::W);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const typename V::T pb = V::set1(p[r * ldp + j]);
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
+      }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const typename V::T pb = V::set1(p[r * ldp + j]);
+      const typename V::T a = V::set1(j0 == 0 ? alpha[r] : 1.0f);
 #pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
-    }
-  }
-  // The block's sum is added to the earlier blocks' only here: a two-level sum, whose
-  // rounding error grows with the block length, not with Sk.
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const typename V::T a = V::set1(alpha[r]);
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) {
-      float* out = o + r * ldo + c * V::W;
-      V::store(out, V::fmadd(V::load(out), a, acc[r][c]));
+      for (int c = 0; c < NV; ++c) {
+        float* out = o + r * ldo + c * V::W;
+        V::store(out, V::fmadd(V::load(out), a, acc[r][c]));
+      }
     }
   }
 }
