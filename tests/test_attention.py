@@ -416,10 +416,7 @@ def test_pycompress_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import pycompress, pycompress.attention, torch\n"
             "from pycompress.attention import use_fused_attention\n"
-            "try:\n"
-            "    use_fused_attention(torch.nn.Linear(2, 2))\n"
-            "except ImportError as e:\n"
-            "    assert 'transformers' in str(e), e\n"
-            "else:\n"
-            "    raise AssertionError('expected ImportError')\n")
+            "assert use_fused_attention(torch.nn.Linear(2, 2)) == []\n"
+            "q = torch.randn(1, 2, 3, 4)\n"
+            "assert pycompress.ops.attention.attention(q, q, q).shape == (1, 3, 2, 4)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())
