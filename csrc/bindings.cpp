@@ -20,6 +20,7 @@ using bindings::ptr;
 
 void register_sparse_bindings(py::module_& m);   // csrc/sparse/sparse_bindings.cpp
 void register_entropy_bindings(py::module_& m);  // csrc/entropy/entropy_bindings.cpp
+void register_attention_bindings(py::module_& m);  // csrc/attention/attention_bindings.cpp
 
 namespace {
 
@@ -130,4 +131,5 @@ PYBIND11_MODULE(_C, m) {
 
   register_sparse_bindings(m);
   register_entropy_bindings(m);
+  register_attention_bindings(m);
 }
