@@ -6,6 +6,7 @@ inference modules that use them.
 """
 
 from pycompress import distill, nn, ops, prune, quant, reference
+from pycompress.attention import use_fused_attention
 from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
 from pycompress.convert import conversion_record, convert
 from pycompress.deep_compression import compression_report
@@ -36,5 +37,6 @@ __all__ = [
     "set_num_threads",
     "summary",
     "supported_isas",
+    "use_fused_attention",
     "verify",
 ]

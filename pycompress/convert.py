@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 import pycompress.nn as pcnn
 from pycompress._native import build_info, get_isa
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
+from pycompress.attention import use_fused_attention
 from pycompress.nn.int8_linear import Int8Linear, SharedInputGroup
 from pycompress.reference.q8 import MAX_K
 from pycompress.reference.sparse import pack_bsr1x4
@@ -159,6 +160,8 @@ class ConversionRecord:
     fused: list[str] = field(default_factory=list)  # activation modules replaced by nn.Identity (qualified names)
     # SharedInputGroups: {"layers": qualified names, "adjacent": bool} (see SharedInputGroup)
     shared_input: list[dict] = field(default_factory=list)
+    # attention modules switched to pycompress's fused attention kernel (pycompress.attention)
+    attention: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- layer state
@@ -593,7 +596,7 @@ def _matches(name_list: list[str], patterns) -> str | None:
 def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, overrides: dict[str, str] | None = None,
             exclude: list[str] | tuple[str, ...] = (), verify_inputs=None,
             layer_min_sqnr_db: float | None = None, fuse_activations: bool = True,
-            share_inputs: bool = True) -> nn.Module:
+            share_inputs: bool = True, fused_attention: bool = True) -> nn.Module:
     """Swap ``model``'s Linear / Conv2d layers for pycompress modules, in place (see the module docstring).
 
     example_inputs / verify_inputs: a tensor, a tuple of positional args, or a dict of keyword args.
@@ -601,6 +604,10 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
     fuse_activations: fold a ReLU / exact GELU that follows an int8 layer into its kernel (FUSIBLE_PARENTS).
     share_inputs: compute int8 layers that read the same tensor in one kernel call
       (pycompress.nn.SharedInputGroup; SHARED_INPUT_PARENTS, or the same input tensor in example_inputs).
+    fused_attention: switch a Hugging Face transformers model on the default sdpa attention to
+      pycompress's fused fp32 attention kernel (``pycompress.use_fused_attention``; what the kernel
+      cannot serve still goes to sdpa). It is fp32 math as before, not a compression format: the
+      summary notes it, and ``verify`` compares the whole model against the float reference.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
@@ -736,7 +743,11 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
                 _set_submodule(model, qualified, new)
     fused = _fuse_activations(model, records) if fuse_activations else []
     shared = _share_inputs(model, records, input_sources, original_ids) if share_inputs else []
-    converted = ConversionRecord(policy, records, notes, fused, shared)
+    attention = use_fused_attention(model) if fused_attention else []
+    if attention:
+        notes.append(f"attention: {len(attention)} modules run pycompress's fused fp32 attention kernel "
+                     "(fused_attention=False keeps sdpa)")
+    converted = ConversionRecord(policy, records, notes, fused, shared, attention)
     model._pycompress_conversion = converted
     return model
 

@@ -50,6 +50,7 @@ from pycompress.convert import (
     fusible_activation,
     restore_shared_inputs,
 )
+from pycompress.attention import use_fused_attention
 from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear
@@ -557,7 +558,8 @@ def _record_from(manifest: dict) -> ConversionRecord | None:
         shared = [{"layers": [str(n) for n in g["layers"]], "adjacent": bool(g["adjacent"])}
                   for g in rec.get("shared_input", [])]
         return ConversionRecord(str(rec["policy"]), layers, [str(n) for n in rec["notes"]],
-                                [str(n) for n in rec.get("fused", [])], shared)
+                                [str(n) for n in rec.get("fused", [])], shared,
+                                [str(n) for n in rec.get("attention", [])])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"load: the manifest's conversion record is malformed: {exc}") from None
 
@@ -648,5 +650,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"load({path}): a shared-input group of the conversion record does not fit the "
                              f"model: {exc}") from None
+        if record.attention:
+            switched = use_fused_attention(model)
+            if sorted(switched) != sorted(record.attention):
+                record.notes.append(f"load: the file's model ran fused attention in {len(record.attention)} "
+                                    f"modules; this one in {len(switched)}")
     return model
 

@@ -99,6 +99,9 @@ def test_minilm_sentence_embeddings_survive_int8(monkeypatch):
     assert sum(r.format == "int8-dynamic" for r in pc.summary(model).rows) == 37  # 6 x 6 encoder Linears + pooler
     fused = pc.conversion_record(model).fused  # the FFN's exact GELU runs in the int8 kernel's epilogue
     assert fused == [f"encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(6)]
+    record = pc.conversion_record(model)
+    assert record.attention == [f"encoder.layer.{i}.attention.self" for i in range(6)]  # fused attention kernel
+    assert len(record.shared_input) == 6  # query/key/value: one kernel call per layer
 
     def embed(m):
         with torch.no_grad():

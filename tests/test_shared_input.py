@@ -281,3 +281,25 @@ def test_bert_query_key_value_share_one_call(monkeypatch):
         got, want = model(input_ids=ids).last_hidden_state, alone(input_ids=ids).last_hidden_state
     assert torch.equal(got, want)
     assert calls.shared == 2  # one per layer's query/key/value
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_bert_groups_and_fused_attention_survive_save_and_load(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=32)
+    model = pc.convert(BertModel(config).eval(), policy="int8")
+    assert pc.conversion_record(model).attention == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+    path = tmp_path / "bert.safetensors"
+    pc.save(model, path)
+    loaded = pc.load(path, model=BertModel(config).eval())
+    assert loaded.config._attn_implementation == "pycompress"
+    assert loaded.encoder.layer[1].attention.self.query._shared_input is not None
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).last_hidden_state,
+                           model(input_ids=ids, attention_mask=mask).last_hidden_state)

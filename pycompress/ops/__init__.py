@@ -6,7 +6,8 @@ converted models without running the kernels.
 """
 
 from pycompress.ops._library import LIB
+from pycompress.ops import attention  # the module: registers torch.ops.pycompress.attention
 from pycompress.ops.q8 import int8_linear
 from pycompress.ops.sparse import sparse_int8_linear, sparse_int8_linear_sliced, sparse_linear_csr, sparse_linear_nm24
 
-__all__ = ["LIB", "int8_linear", "sparse_int8_linear", "sparse_int8_linear_sliced", "sparse_linear_csr", "sparse_linear_nm24"]
+__all__ = ["LIB", "attention", "int8_linear", "sparse_int8_linear", "sparse_int8_linear_sliced", "sparse_linear_csr", "sparse_linear_nm24"]

@@ -5,6 +5,7 @@ Tests compare the native kernels to these. They are never used as a silent
 fallback at run time.
 """
 
+from pycompress.reference.attention import attention_ref
 from pycompress.reference.conv import int8_conv2d_ref
 from pycompress.reference.q8 import (
     gelu_exact,
@@ -29,6 +30,7 @@ from pycompress.reference.sparse import (
 )
 
 __all__ = [
+    "attention_ref",
     "fp32_error_bound",
     "is_nm24",
     "pack_bsr1x4",
