@@ -127,7 +127,12 @@ def build_peers(s: Scenario, threads: int, workdir: str) -> tuple[dict, dict[str
     convert_s = time.perf_counter() - t0
     table = pycompress.summary(ours)
     formats = [r.format for r in table.rows]
+    record = pycompress.conversion_record(ours)
     note = f"{sum(f != 'float' for f in formats)}/{len(formats)} layers int8"
+    if record.shared_input:
+        note += f", {len(record.shared_input)} shared-input groups"
+    if record.attention:
+        note += f", fused attention x{len(record.attention)}"
     peers = {
         "torch fp32": lambda: model(*inputs),
         "torch dynamic int8": lambda: dynamic(*inputs),
@@ -198,7 +203,10 @@ def markdown(results: list[dict], rss: list[dict]) -> str:
         "(medians over blocks of calls alternating between peers; read the ratios).",
         "Median ms per forward pass. Ratios: peer time / pycompress time (>1: pycompress faster). "
         "`cos`: cosine of pycompress's output to the float model's. pycompress = `pycompress.convert(model, "
-        "example_inputs=...)`, policy auto (each layer timed, float kept where int8 is not faster).",
+        "example_inputs=...)`, policy auto (each layer timed, float kept where int8 is not faster); for "
+        "MiniLM it also runs query/key/value as one kernel call per layer and routes attention to "
+        "pycompress's fused fp32 attention kernel (bench/README.md, \"Fused attention\"); ORT runs its own "
+        "graph optimizations, torch its SDPA.",
         "",
         "| model / input | threads | torch fp32 | torch dynamic int8 | ORT dynamic int8 | pycompress | vs fp32 | vs ORT int8 | cos | layers |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
