@@ -17,6 +17,8 @@ so pycompress imports without it (use_fused_attention then switches nothing).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from pycompress.ops.attention import attention, attention_cpu
@@ -100,6 +102,10 @@ def use_fused_attention(model: torch.nn.Module) -> list[str]:
     not installed: then no module can be a transformers model), so convert can call it
     on any model.
     """
+    if "transformers" not in sys.modules:
+        # A transformers model cannot exist before its package is imported; importing it here
+        # would cost every other model ~100 MiB of resident memory and a second of start-up.
+        return []
     try:
         from transformers import PreTrainedModel
     except ImportError:

@@ -411,21 +411,23 @@ def _time_candidates_us(modules: dict[str, nn.Module], args: tuple) -> dict[str,
 
 
 def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.Module]], inputs,
-                      keep_outputs: bool, input_sources: dict[int, int] | None = None
-                      ) -> dict[int, tuple[tuple, torch.Tensor | None]]:
-    """Each target layer's first call during model(inputs): (args, output). ``input_sources``, when
-    given, receives id(layer) -> a number naming the tensor object of that call's first argument
-    (equal numbers: the very same tensor)."""
+                      keep_outputs: bool, input_sources: dict[int, tuple] | None = None,
+                      keep_args: bool = True) -> dict[int, tuple[tuple, torch.Tensor | None]]:
+    """Each target layer's first call during model(inputs): (args, output); ``keep_args=False`` keeps
+    neither (only ``input_sources``). ``input_sources``, when given, receives id(layer) -> a key naming
+    the tensor object of that call's first argument (equal keys: the same tensor, or, rarely, a later
+    tensor that reused a dead one's id and address: grouping such layers costs a recomputation at run
+    time, never a wrong number, see SharedInputGroup). Nothing is held beyond what the model holds, so
+    the capture's peak memory is the model's own forward."""
     captured: dict[int, tuple[tuple, torch.Tensor | None]] = {}
-    seen_inputs: list[torch.Tensor] = []  # held until the end, so no id is reused for another tensor
 
     def hook(mod, args, out):
         # A layer called with keyword or non-tensor arguments is not captured: it is decided by the heuristic.
         if id(mod) not in captured and args and all(isinstance(a, torch.Tensor) for a in args):
-            captured[id(mod)] = (tuple(a.detach() for a in args), out.detach() if keep_outputs else None)
+            captured[id(mod)] = ((tuple(a.detach() for a in args), out.detach() if keep_outputs else None)
+                                 if keep_args else ((), None))
             if input_sources is not None:
-                seen_inputs.append(args[0])
-                input_sources[id(mod)] = id(args[0])
+                input_sources[id(mod)] = (id(args[0]), args[0].data_ptr(), tuple(args[0].shape))
 
     handles = [m.register_forward_hook(hook) for _, m in targets.values()]
     try:
@@ -437,7 +439,7 @@ def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.M
     return captured
 
 
-def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: dict[int, int],
+def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: dict[int, tuple],
                   original_ids: dict[int, int]) -> list[dict]:
     """Groups the converted dense int8 layers that read one tensor (SHARED_INPUT_PARENTS, then the
     captured sources) into SharedInputGroups; returns them as ConversionRecord.shared_input entries."""
@@ -463,7 +465,7 @@ def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: d
         if all(eligible(m) for m in members) and compatible(members):
             SharedInputGroup(members, adjacent=True)
             groups.append({"layers": [names[id(m)] for m in members], "adjacent": True})
-    by_source: dict[int, list[Int8Linear]] = {}
+    by_source: dict[tuple, list[Int8Linear]] = {}
     for rec in records:
         m = model.get_submodule(rec.name)
         source = input_sources.get(original_ids.get(id(m), -1))
@@ -660,10 +662,10 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
 
     timing = policy == "auto" and example_inputs is not None
-    input_sources: dict[int, int] = {}
+    input_sources: dict[int, tuple] = {}
     capture = example_inputs is not None and (timing or share_inputs)
-    captured = _capture_layer_io(model, targets, example_inputs, keep_outputs=False,
-                                 input_sources=input_sources) if capture else {}
+    captured = _capture_layer_io(model, targets, example_inputs, keep_outputs=False, input_sources=input_sources,
+                                 keep_args=timing) if capture else {}
     original_ids: dict[int, int] = {}  # id(converted module) -> id(the float layer it replaced)
     checked = _capture_layer_io(model, targets, verify_inputs, keep_outputs=True) if verify_inputs is not None else {}
 
