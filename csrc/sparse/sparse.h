@@ -74,6 +74,15 @@
 //           idx uint16 [entries] (k, or K for a pad), values float [entries].
 //           Sizes: entries <= nnz + 3 * N * panels.
 //
+//   bsr1x4 panels  int8, the same layout derived from a validated bsr1x4 pack
+//           by build_bsr1x4_panels (never stored; SparseInt8Linear rebuilds
+//           it): columns are the k/4 groups (K' = ceil(K/4) groups, panels of
+//           kPanelCols groups = 2048 k), an entry is one 1x4 block (idx uint16
+//           group, or K' for a pad; values int8 [entries][4], zero for a pad).
+//           For M=16 rows the x^T panel is 512 groups x 64 bytes = 32 KiB: in
+//           L1/L2, where the plain cols kernel reads x^T [K/4][16] (64 KiB at
+//           K=4096) from L2 for every block.
+//
 // Kernels, two shapes of the same math, picked by the number of rows M:
 //   rows  (M < kGatherMaxRows): for each output channel, gather the
 //         activations a nonzero needs straight from row-major x (vpgatherdd /
@@ -162,6 +171,12 @@ struct F32Weights {
   const CsrPanels* panels = nullptr;  // Csr, optional: the cols kernels' layout
 };
 
+struct Bsr1x4Panels {
+  const int32_t* sub;      // [n * csr_panels_count(ceil(k/4)) * kSubPanels + 1]
+  const uint16_t* idx;     // [entries]: k/4 group, or ceil(k/4) for a pad
+  const int8_t* values;    // [entries][4]
+};
+
 struct Q8Weights {
   int64_t n, k, kp;        // kp = round_up(k, 4)
   const int32_t* row_ptr;
@@ -169,6 +184,7 @@ struct Q8Weights {
   const int8_t* values;
   const int32_t* col_sum;
   const float* w_scale;
+  const Bsr1x4Panels* panels = nullptr;  // optional: the cols kernels' layout
 };
 
 // Output channels [n0, n1) for rows [0, m) of a row block.
@@ -242,6 +258,8 @@ struct Kernels {
   void (*f32_cols_panels)(const F32Task&);
   void (*q8_rows)(const Q8Task&);
   void (*q8_cols)(const Q8Task&);     // nullptr: use q8_rows for every M
+  // Cols kernel over bsr1x4 panels (xqt has a zero group row ceil(K/4)); nullptr: q8_cols.
+  void (*q8_cols_panels)(const Q8Task&);
   void (*q8_sliced)(const SlicedTask&);
 };
 
@@ -273,6 +291,13 @@ void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx
 // monotonic entries from 0 to `entries`, every segment starts on a multiple of
 // 4 and every index is <= K (K itself is the zero pad row).
 void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k);
+
+// The same for a validated bsr1x4 pack (columns = k/4 groups, 4-byte blocks).
+int64_t bsr1x4_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);
+void build_bsr1x4_panels(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                         int32_t* sub, uint16_t* idx, int8_t* out_values, int64_t entries);
+void validate_bsr1x4_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n,
+                            int64_t k);
 
 // Steps of the sliced layout of a validated bsr1x4 pack (first pass of build).
 int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);

@@ -360,20 +360,64 @@ int64_t csr_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* col
   return entries;
 }
 
-void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
-                      int32_t* sub, uint16_t* idx, float* out_values, int64_t entries) {
+namespace {
+
+// Shared by both layouts: entries are 4 bytes (a float or a 1x4 int8 block),
+// copied bit for bit; a pad is 4 zero bytes.
+void build_panels_4byte(const char* what, const int32_t* row_ptr, int64_t n, const uint16_t* col_idx,
+                        const unsigned char* values, int64_t k, int32_t* sub, uint16_t* idx, unsigned char* out_values,
+                        int64_t entries) {
   check_panel_k(k);
   int64_t e = 0, s = 0;
   csr_panels_walk(
       row_ptr, n, col_idx, k, [&] { sub[s++] = static_cast<int32_t>(e); },
       [&](int64_t col, int64_t j) {
-        if (e >= entries) throw std::invalid_argument("sparse csr panels: more entries than allocated");
+        if (e >= entries) throw std::invalid_argument(std::string(what) + ": more entries than allocated");
         idx[e] = static_cast<uint16_t>(col);
-        out_values[e] = j < 0 ? 0.0f : values[j];
+        if (j < 0) {
+          std::memset(out_values + 4 * e, 0, 4);
+        } else {
+          std::memcpy(out_values + 4 * e, values + 4 * j, 4);
+        }
         ++e;
       });
-  if (e != entries) throw std::invalid_argument("sparse csr panels: fewer entries than allocated");
+  if (e != entries) throw std::invalid_argument(std::string(what) + ": fewer entries than allocated");
   sub[s] = static_cast<int32_t>(e);
+}
+
+}  // namespace
+
+void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
+                      int32_t* sub, uint16_t* idx, float* out_values, int64_t entries) {
+  build_panels_4byte("sparse csr panels", row_ptr, n, col_idx, reinterpret_cast<const unsigned char*>(values), k, sub,
+                     idx, reinterpret_cast<unsigned char*>(out_values), entries);
+}
+
+int64_t bsr1x4_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k) {
+  check_k(k, "sparse bsr1x4 panels");
+  return csr_panel_entries(row_ptr, n, blk_idx, (k + 3) / 4);
+}
+
+void build_bsr1x4_panels(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                         int32_t* sub, uint16_t* idx, int8_t* out_values, int64_t entries) {
+  check_k(k, "sparse bsr1x4 panels");
+  build_panels_4byte("sparse bsr1x4 panels", row_ptr, n, blk_idx, reinterpret_cast<const unsigned char*>(values),
+                     (k + 3) / 4, sub, idx, reinterpret_cast<unsigned char*>(out_values), entries);
+}
+
+void validate_bsr1x4_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n,
+                            int64_t k) {
+  check_k(k, "sparse bsr1x4 panels");
+  try {
+    validate_csr_panels(sub, nsub, idx, entries, n, (k + 3) / 4);
+  } catch (const std::invalid_argument& e) {
+    std::string msg = e.what();
+    const std::string prefix = "sparse csr panels";
+    if (msg.compare(0, prefix.size(), prefix) == 0) {
+      msg = "sparse bsr1x4 panels (indices are k/4 groups, K is their count)" + msg.substr(prefix.size());
+    }
+    throw std::invalid_argument(msg);
+  }
 }
 
 void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k) {
@@ -504,11 +548,18 @@ void q8_run(const Q8Weights& w, const uint8_t* q, int64_t m, const float* scale,
     return;
   }
 
+  // The panel kernel reads a zero group row ceil(K/4) of x^T for its pads (sparse.h).
+  const bool panels = w.panels != nullptr && kern.q8_cols_panels != nullptr;
   const int64_t groups = w.kp / 4;
-  const std::vector<RowBlock> blocks = row_blocks(m, groups, kColsBlockRows);
+  const int64_t xt_rows = panels ? groups + 1 : groups;
+  const std::vector<RowBlock> blocks = row_blocks(m, xt_rows, panels ? kPanelBlockRows : kColsBlockRows);
   Scratch& s = thread_scratch();
-  uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * groups));
+  uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * xt_rows));
   transpose_blocks(reinterpret_cast<const uint32_t*>(q), groups, groups, blocks, xt, threads);
+  if (panels) {
+    for (const RowBlock& b : blocks) std::fill(xt + b.offset + groups * b.ld, xt + b.offset + (groups + 1) * b.ld, 0u);
+  }
+  const auto cols_kernel = panels ? kern.q8_cols_panels : kern.q8_cols;
   const int64_t nrb = static_cast<int64_t>(blocks.size());
   parallel_for(nchunks * nrb, threads, [&](int64_t t) {
     const RowBlock& b = blocks[static_cast<size_t>(t / nchunks)];
@@ -522,7 +573,7 @@ void q8_run(const Q8Weights& w, const uint8_t* q, int64_t m, const float* scale,
     task.row_zp = zp + b.r0;
     task.y = y != nullptr ? y + b.r0 * ldy : nullptr;
     task.raw = raw != nullptr ? raw + b.r0 * w.n : nullptr;
-    kern.q8_cols(task);
+    cols_kernel(task);
   });
 }
 

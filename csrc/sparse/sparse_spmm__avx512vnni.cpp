@@ -343,6 +343,121 @@ void q8_cols_avx512(const Q8Task& t) {
   }
 }
 
+// One run of bsr1x4 panel entries [j, j1) (a multiple of 4) into out (MV
+// vectors of 16 rows), x^T row stride the constant 16 * MV groups; the four
+// blocks of a group of entries come from one 16-byte load.
+template <int MV>
+inline void q8_panel_run(const uint32_t* xt, const int8_t* vals, const uint16_t* idx, int64_t j, int64_t j1,
+                         __m512i* out) {
+  constexpr int S = acc_sets<MV>();
+  constexpr int64_t ldxt = 16 * MV;
+  __m512i acc[S][MV];
+#pragma GCC unroll 2
+  for (int v = 0; v < MV; ++v) {
+    acc[0][v] = out[v];
+#pragma GCC unroll 4
+    for (int s = 1; s < S; ++s) acc[s][v] = _mm512_setzero_si512();
+  }
+  auto dot = [&](int s, __m512i wb, uint64_t g) {
+    const uint32_t* xr = xt + static_cast<int64_t>(g) * ldxt;
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) acc[s][v] = _mm512_dpbusd_epi32(acc[s][v], _mm512_load_si512(xr + 16 * v), wb);
+  };
+  for (; j < j1; j += 4) {
+    uint64_t gs;
+    std::memcpy(&gs, idx + j, sizeof gs);
+    const __m128i w4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + 4 * j));
+    dot(0, _mm512_broadcastd_epi32(w4), gs & 0xFFFFu);
+    dot(1 % S, _mm512_broadcastd_epi32(_mm_shuffle_epi32(w4, 1)), (gs >> 16) & 0xFFFFu);
+    dot(2 % S, _mm512_broadcastd_epi32(_mm_shuffle_epi32(w4, 2)), (gs >> 32) & 0xFFFFu);
+    dot(3 % S, _mm512_broadcastd_epi32(_mm_shuffle_epi32(w4, 3)), gs >> 48);
+  }
+#pragma GCC unroll 2
+  for (int v = 0; v < MV; ++v) {
+#pragma GCC unroll 4
+    for (int s = 1; s < S; ++s) acc[0][v] = _mm512_add_epi32(acc[0][v], acc[s][v]);
+    out[v] = acc[0][v];
+  }
+}
+
+// Epilogue of `channels` (<= 16) consecutive channels from n0 for the 16 rows
+// from row0 (col(c): channel c's 16 int32 row sums), transposed in registers
+// so y (or raw) gets one contiguous masked store per row; per lane the same
+// IEEE operations as q8_epilogue.
+template <typename Col>
+inline void q8_store_tile(const Q8Task& t, int64_t n0, int64_t channels, int64_t row0, Col col) {
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) r[c] = c < channels ? _mm512_load_ps(col(c)) : _mm512_setzero_ps();
+  transpose16x16(r);
+  const __mmask16 lanes = tail_mask(channels);
+  const int64_t rows = t.m - row0 < 16 ? t.m - row0 : 16;
+  if (t.raw != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      _mm512_mask_storeu_epi32(t.raw + (row0 + i) * t.ldraw + n0, lanes, _mm512_castps_si512(r[i]));
+    }
+    return;
+  }
+  const __m512i col_sum = _mm512_maskz_loadu_epi32(lanes, t.w->col_sum + n0);
+  const __m512 w_scale = _mm512_maskz_loadu_ps(lanes, t.w->w_scale + n0);
+  const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, t.bias + n0) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = row0 + i;
+    const __m512i corrected =
+        _mm512_sub_epi32(_mm512_castps_si512(r[i]), _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[row]), col_sum));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(_mm512_set1_ps(t.row_scale[row]), w_scale));
+    if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+    y = apply_activation_avx512(y, t.act);
+    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes, y);
+  }
+}
+
+// Cols kernel over bsr1x4 panels: the fp32 panel loop (f32_cols_panels_mv)
+// with int32 partial sums.
+template <int MV>
+void q8_cols_panels_mv(const Q8Task& t) {
+  const Q8Weights& w = *t.w;
+  const Bsr1x4Panels& pn = *w.panels;
+  const int64_t panels = csr_panels_count(w.kp / 4);
+  thread_local std::vector<int32_t> scratch;  // one per worker thread: never shared
+  const size_t ints = static_cast<size_t>(kPanelRows * MV * 16);
+  if (scratch.size() < ints + 16) scratch.resize(ints + 16);
+  int32_t* part = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(int32_t) % 16) % 16;
+  for (int64_t b0 = t.n0 / kPanelRows * kPanelRows; b0 < t.n1; b0 += kPanelRows) {
+    const int64_t rows_b = w.n - b0 < kPanelRows ? w.n - b0 : kPanelRows;
+    const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
+    const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
+    for (int64_t o = 0; o < panels; ++o) {
+      const int32_t* sub = pn.sub + (b0 * panels + o * rows_b) * kSubPanels;
+      for (int64_t n = r0; n < r1; ++n) {
+        const int32_t* sn = sub + (n - b0) * kSubPanels;
+        int32_t* pr = part + (n - r0) * MV * 16;
+        __m512i out[MV];
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) out[v] = o == 0 ? _mm512_setzero_si512() : _mm512_load_si512(pr + 16 * v);
+        q8_panel_run<MV>(t.xqt, pn.values, pn.idx, sn[0], sn[kSubPanels], out);
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) _mm512_store_si512(pr + 16 * v, out[v]);
+      }
+    }
+    for (int64_t c0 = r0; c0 < r1; c0 += 16) {
+      const int64_t channels = r1 - c0 < 16 ? r1 - c0 : 16;
+#pragma GCC unroll 2
+      for (int v = 0; v < MV; ++v) {
+        q8_store_tile(t, c0, channels, 16 * v, [&](int c) {
+          return reinterpret_cast<const float*>(part + ((c0 - r0 + c) * MV + v) * 16);
+        });
+      }
+    }
+  }
+}
+
+void q8_cols_panels_avx512(const Q8Task& t) {
+  static_assert(kPanelBlockRows == 32, "the driver hands this kernel at most 2 zmm of rows");
+  if (t.m <= 16) return q8_cols_panels_mv<1>(t);
+  return q8_cols_panels_mv<2>(t);
+}
+
 // Sliced layout (sparse.h): per step one weight zmm (16 channels x one 1x4
 // block), the 16 window offsets unpacked by a qword broadcast + vpsrlvd, and
 // per row one unaligned 64-byte window load, one vpermd, one vpdpbusd.
@@ -426,7 +541,8 @@ const Kernels& kernels_avx512vnni() {
   // beat one 16-lane gather (4096x4096 csr at 90%, M=1: 626 vs 815 us on one
   // thread, 341 vs 440 us on two). The 16-lane int8 gather wins (726 vs
   // 1001 us): each gathered dword carries a whole 1x4 block.
-  static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512, q8_rows_avx512, q8_cols_avx512, q8_sliced_avx512};
+  static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512, q8_rows_avx512, q8_cols_avx512, q8_cols_panels_avx512,
+                         q8_sliced_avx512};
   return k;
 }
 
