@@ -218,7 +218,17 @@ def csr_panels_ref(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.T
                             out.append(vals[j])
                 while (len(idx) - sub[-subs]) % 4:  # zero pads to a multiple of 4; index K reads a zero row
                     idx.append(k)
-                    out.append(0.0)
+                    out.append(0)
     sub.append(len(idx))
     return (torch.tensor(sub, dtype=torch.int32), torch.tensor(idx, dtype=torch.int64).to(torch.uint16),
-            torch.tensor(out, dtype=torch.float32))
+            torch.tensor(out, dtype=values.dtype))
+
+
+def bsr1x4_panels_ref(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int, panel_rows: int,
+                      panel_cols: int, sub_panel_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bsr1x4 panel layout of csrc/sparse/sparse.h (the specification of build_bsr1x4_panels): the csr
+    panel layout over the ceil(K/4) block columns, each entry one 1x4 int8 block, a pad four zero bytes and the
+    index ceil(K/4). Returns (sub int32, idx uint16, values int8 [entries * 4])."""
+    blocks = values.reshape(-1, 4).view(torch.int32).reshape(-1)  # a block's 4 bytes travel as one 32-bit word
+    sub, idx, words = csr_panels_ref(row_ptr, blk_idx, blocks, (k + 3) // 4, panel_rows, panel_cols, sub_panel_cols)
+    return sub, idx, words.view(torch.int8).reshape(-1)
