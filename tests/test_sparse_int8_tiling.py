@@ -104,7 +104,7 @@ def test_module_bit_exact_and_equal_to_dense_int8(isa, activation, static, gen):
     mod = SparseInt8Linear.from_float(lin, **kwargs)
     dense = Int8Linear.from_float(lin, **kwargs)
     q, scale = quantize_weight_per_channel(lin.weight.detach())
-    for m in PANEL_MS:
+    for m in (0, 3, 8, 16, 17, 33):  # gather, sliced, one 16-row vector, two, two 32-row blocks
         x = torch.randn(m, k, generator=gen)
         y = mod(x)
         assert torch.equal(y, int8_linear_ref(x, q, scale, lin.bias, activation, static)), m

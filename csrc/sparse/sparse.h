@@ -92,16 +92,19 @@
 //         that 16 rows of one k are contiguous (x^T [K][Mp], int8: [K/4][Mp] of
 //         4-byte groups); each nonzero (or 1x4 block) is broadcast and multiplied
 //         into up to 8 vectors = 128 rows: one weight load serves 128 rows.
-//         Results for one output channel are a vector over rows; they go to y
-//         with a scatter (one per 16 rows and channel, negligible next to the
-//         nnz_row FMAs that produced them).
+//         Results for one output channel are a vector over rows; 16 channels
+//         at a time are transposed in registers and stored as one contiguous
+//         row piece per row (a store per channel and row into y, whose row
+//         stride is often a power of two, kept hitting one L1 set).
 //
-//   cols over csr panels (fp32 csr, M >= kGatherMaxRows, AVX-512, when the
+//   cols over csr / bsr1x4 panels (M >= kGatherMaxRows, AVX-512, when the
 //         module passes the panel layout): same math, per block of channels the
 //         panel loop is outermost; each channel's partial sums live in a
-//         per-thread scratch between panels. M <= 32 runs whole panel segments
-//         (x^T panel 512 x 16 or 32 rows fits L1/L2); more rows run the
-//         sub-panels one at a time (128 columns x 128 rows = 64 KiB).
+//         per-thread scratch between panels. The driver hands it blocks of at
+//         most kPanelBlockRows = 32 rows, so whole panel segments run against
+//         an x^T panel of 512 columns x 16 or 32 rows (32 / 64 KiB, L1/L2).
+//         The sub-panel pointers of the layout are kept for its validation
+//         and tests; the kernels read only segment starts.
 //
 //   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
 //         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
