@@ -21,10 +21,9 @@ from pycompress.reference import (
 from pycompress.reference.sparse import bsr1x4_panels_ref
 
 P = _C.SPARSE_PANEL_COLS  # in k/4 groups: 4 * P features per panel
-SUB = _C.SPARSE_SUB_PANEL_COLS
 ROWS_PER_BLOCK = _C.SPARSE_PANEL_ROWS
 # Around the panel width (in features: 4 groups each), a K that is not a multiple of 4, one short panel.
-PANEL_KS = (1, 6, 4 * SUB + 2, 4 * P - 1, 4 * P, 4 * P + 1, 8 * P + 13)
+PANEL_KS = (1, 6, 4 * (P // 4) + 2, 4 * P - 1, 4 * P, 4 * P + 1, 8 * P + 13)
 # Around the 16-row vectors, the 32-row blocks of x^T, and the 4-row limit of the gather kernel.
 PANEL_MS = (0, 3, 4, 15, 16, 17, 31, 32, 33, 48, 70)
 
@@ -65,7 +64,7 @@ def quantized_rows(m, k, gen):
 def test_builder_matches_the_specification(n, k, gen):
     row_ptr, blk_idx, values, _ = pack_bsr1x4(int8_weight(n, k, gen))
     built = build_bsr1x4_panels(row_ptr, blk_idx, values, k)
-    spec = bsr1x4_panels_ref(row_ptr, blk_idx, values, k, ROWS_PER_BLOCK, P, SUB)
+    spec = bsr1x4_panels_ref(row_ptr, blk_idx, values, k, ROWS_PER_BLOCK, P)
     for got, want in zip(built, spec):
         assert got.dtype == want.dtype and torch.equal(got, want)
 

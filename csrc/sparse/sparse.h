@@ -60,17 +60,15 @@
 //           every panel and was slower than no tiling):
 //             for each block of kPanelRows channels, for each panel of
 //             kPanelCols columns, for each channel n of the block: the segment
-//             of row n's nonzeros with k in the panel, in kSubPanels sub-panels
-//             of kSubPanelCols columns (csr order within each), then zero pads
+//             of row n's nonzeros with k in the panel (csr order), then zero pads
 //             up to a multiple of 4 entries (the kernel's unroll: no tail loop,
 //             no unpredictable exit branch). A pad's index is K: the driver
 //             appends a zero row K to x^T, so a pad adds 0 * 0 even when x holds
 //             Inf or NaN. (K <= 65535 so K fits the uint16 index.)
-//           sub int32 [segments * kSubPanels + 1]: start of every sub-panel of
-//           every segment, segments in the order above (segment of channel n,
-//           panel o, in the block starting at n0 with rows_b channels:
-//           n0 * panels + o * rows_b + (n - n0)); the entry after a segment's
-//           last sub-panel starts the next segment, sub[end] = entries.
+//           sub int32 [segments + 1]: start of every segment, segments in the
+//           order above (segment of channel n, panel o, in the block starting
+//           at n0 with rows_b channels: n0 * panels + o * rows_b + (n - n0)),
+//           sub[end] = entries.
 //           idx uint16 [entries] (k, or K for a pad), values float [entries].
 //           Sizes: entries <= nnz + 3 * N * panels.
 //
@@ -103,8 +101,6 @@
 //         per-thread scratch between panels. The driver hands it blocks of at
 //         most kPanelBlockRows = 32 rows, so whole panel segments run against
 //         an x^T panel of 512 columns x 16 or 32 rows (32 / 64 KiB, L1/L2).
-//         The sub-panel pointers of the layout are kept for its validation
-//         and tests; the kernels read only segment starts.
 //
 //   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
 //         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
@@ -143,7 +139,7 @@ constexpr int64_t kGatherMaxRows = 4;
 constexpr int64_t kColsBlockRows = 128;
 // Rows per block of the cols kernel over csr panels (at most 2 zmm of rows):
 // 4096x4096 at 90%, M=128 on Zen 4: blocks of 32 rows ran in 0.63x the time of
-// one 128-row block over 128-column sub-panels (x^T panel reads from L1 / L2
+// one 128-row block over 128-column panels (x^T panel reads from L1 / L2
 // against L2 for 128 rows); the weights are then read once per 32 rows (from L3).
 constexpr int64_t kPanelBlockRows = 32;
 
@@ -151,14 +147,12 @@ enum class Format : int { Csr = 0, Nm24 = 1, Bsr1x4 = 2 };
 
 constexpr int64_t kPanelRows = 256;
 constexpr int64_t kPanelCols = 512;
-constexpr int64_t kSubPanelCols = 128;
-constexpr int64_t kSubPanels = kPanelCols / kSubPanelCols;
 constexpr int64_t kPanelMaxK = 65535;  // the pad index K must fit uint16
 
 inline int64_t csr_panels_count(int64_t k) { return (k + kPanelCols - 1) / kPanelCols; }
 
 struct CsrPanels {
-  const int32_t* sub;      // [n * csr_panels_count(k) * kSubPanels + 1]
+  const int32_t* sub;      // [n * csr_panels_count(k) + 1]
   const uint16_t* idx;     // [entries]: k, or K for a pad
   const float* values;     // [entries]
 };
@@ -175,7 +169,7 @@ struct F32Weights {
 };
 
 struct Bsr1x4Panels {
-  const int32_t* sub;      // [n * csr_panels_count(ceil(k/4)) * kSubPanels + 1]
+  const int32_t* sub;      // [n * csr_panels_count(ceil(k/4)) + 1]
   const uint16_t* idx;     // [entries]: k/4 group, or ceil(k/4) for a pad
   const int8_t* values;    // [entries][4]
 };
@@ -290,7 +284,7 @@ int64_t csr_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* col
 // Fills a csr panel layout (arrays sized by csr_panel_entries) from a validated csr pack.
 void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
                       int32_t* sub, uint16_t* idx, float* out_values, int64_t entries);
-// Throws std::invalid_argument unless sub has n * panels * kSubPanels + 1
+// Throws std::invalid_argument unless sub has n * panels + 1
 // monotonic entries from 0 to `entries`, every segment starts on a multiple of
 // 4 and every index is <= K (K itself is the zero pad row).
 void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k);

@@ -42,7 +42,6 @@ void register_sparse_bindings(py::module_& m) {
   // The csr panel layout's geometry (sparse.h), for the Python builder and the tests.
   m.attr("SPARSE_PANEL_ROWS") = sparse::kPanelRows;
   m.attr("SPARSE_PANEL_COLS") = sparse::kPanelCols;
-  m.attr("SPARSE_SUB_PANEL_COLS") = sparse::kSubPanelCols;
   m.attr("SPARSE_PANEL_MAX_K") = sparse::kPanelMaxK;
   m.def(
       "sparse_validate_csr",

@@ -299,41 +299,35 @@ namespace {
 
 // Visits the csr panel layout of a validated csr pack in storage order:
 // entry(k, value_index) per entry (value_index < 0 for a pad), sub_start()
-// before every sub-panel. Columns of a row are bucketed by sub-panel with a
+// before every segment. Columns of a row are bucketed by panel with a
 // counting pass, so unsorted (still valid) rows land in the right panel too.
 template <typename SubStart, typename Entry>
 void csr_panels_walk(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t k, SubStart sub_start,
                      Entry entry) {
   const int64_t panels = csr_panels_count(k);
-  const int64_t subs = panels * kSubPanels;
-  std::vector<int64_t> first(static_cast<size_t>(subs + 1));
-  std::vector<int64_t> order;
   std::vector<std::vector<int64_t>> row_order(static_cast<size_t>(kPanelRows));
   std::vector<std::vector<int64_t>> row_first(static_cast<size_t>(kPanelRows));
   for (int64_t b0 = 0; b0 < n; b0 += kPanelRows) {
     const int64_t rows_b = std::min(kPanelRows, n - b0);
-    for (int64_t i = 0; i < rows_b; ++i) {  // bucket each row of the block by sub-panel
+    for (int64_t i = 0; i < rows_b; ++i) {  // bucket each row of the block by panel
       const int64_t j0 = row_ptr[b0 + i], j1 = row_ptr[b0 + i + 1];
       std::vector<int64_t>& f = row_first[static_cast<size_t>(i)];
       std::vector<int64_t>& ord = row_order[static_cast<size_t>(i)];
-      f.assign(static_cast<size_t>(subs + 1), 0);
-      for (int64_t j = j0; j < j1; ++j) ++f[static_cast<size_t>(col_idx[j] / kSubPanelCols + 1)];
-      for (int64_t q = 0; q < subs; ++q) f[static_cast<size_t>(q + 1)] += f[static_cast<size_t>(q)];
+      f.assign(static_cast<size_t>(panels + 1), 0);
+      for (int64_t j = j0; j < j1; ++j) ++f[static_cast<size_t>(col_idx[j] / kPanelCols + 1)];
+      for (int64_t o = 0; o < panels; ++o) f[static_cast<size_t>(o + 1)] += f[static_cast<size_t>(o)];
       ord.assign(static_cast<size_t>(j1 - j0), 0);
       std::vector<int64_t> fill(f.begin(), f.end() - 1);
-      for (int64_t j = j0; j < j1; ++j) ord[static_cast<size_t>(fill[static_cast<size_t>(col_idx[j] / kSubPanelCols)]++)] = j;
+      for (int64_t j = j0; j < j1; ++j) ord[static_cast<size_t>(fill[static_cast<size_t>(col_idx[j] / kPanelCols)]++)] = j;
     }
     for (int64_t o = 0; o < panels; ++o) {
       for (int64_t i = 0; i < rows_b; ++i) {
         const std::vector<int64_t>& f = row_first[static_cast<size_t>(i)];
         const std::vector<int64_t>& ord = row_order[static_cast<size_t>(i)];
         int64_t count = 0;
-        for (int64_t q = 0; q < kSubPanels; ++q) {
-          sub_start();
-          const int64_t sq = o * kSubPanels + q;
-          for (int64_t e = f[static_cast<size_t>(sq)]; e < f[static_cast<size_t>(sq + 1)]; ++e, ++count) {
-            entry(static_cast<int64_t>(col_idx[ord[static_cast<size_t>(e)]]), ord[static_cast<size_t>(e)]);
-          }
+        sub_start();
+        for (int64_t e = f[static_cast<size_t>(o)]; e < f[static_cast<size_t>(o + 1)]; ++e, ++count) {
+          entry(static_cast<int64_t>(col_idx[ord[static_cast<size_t>(e)]]), ord[static_cast<size_t>(e)]);
         }
         for (; count % 4 != 0; ++count) entry(k, -1);
       }
@@ -423,16 +417,16 @@ void validate_bsr1x4_panels(const int32_t* sub, int64_t nsub, const uint16_t* id
 void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k) {
   check_panel_k(k);
   if (n < 1) throw std::invalid_argument("sparse csr panels: N=" + std::to_string(n) + " must be >= 1");
-  const int64_t expected = n * csr_panels_count(k) * kSubPanels + 1;
+  const int64_t expected = n * csr_panels_count(k) + 1;
   if (nsub != expected) {
-    throw std::invalid_argument("sparse csr panels: " + std::to_string(nsub) + " sub-panel pointers, expected " +
+    throw std::invalid_argument("sparse csr panels: " + std::to_string(nsub) + " segment pointers, expected " +
                                 std::to_string(expected) + " for N=" + std::to_string(n) + " K=" + std::to_string(k));
   }
   if (sub[0] != 0) throw std::invalid_argument("sparse csr panels: sub[0] = " + std::to_string(sub[0]) + ", expected 0");
   for (int64_t i = 0; i + 1 < nsub; ++i) {
     if (sub[i + 1] < sub[i]) throw std::invalid_argument("sparse csr panels: pointers decrease at " + std::to_string(i));
-    if (i % kSubPanels == 0 && sub[i] % 4 != 0) {
-      throw std::invalid_argument("sparse csr panels: segment " + std::to_string(i / kSubPanels) +
+    if (sub[i] % 4 != 0) {
+      throw std::invalid_argument("sparse csr panels: segment " + std::to_string(i) +
                                   " starts at " + std::to_string(sub[i]) + ", not a multiple of 4");
     }
   }

@@ -247,14 +247,14 @@ void f32_cols_panels_mv(const F32Task& t) {
     const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
     const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
     for (int64_t o = 0; o < panels; ++o) {
-      const int32_t* sub = pn.sub + (b0 * panels + o * rows_b) * kSubPanels;
+      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
       for (int64_t n = r0; n < r1; ++n) {
-        const int32_t* sn = sub + (n - b0) * kSubPanels;
+        const int32_t* sn = sub + (n - b0);
         float* pr = part + (n - r0) * MV * 16;
         __m512 out[MV];
 #pragma GCC unroll 2
         for (int v = 0; v < MV; ++v) out[v] = o == 0 ? _mm512_setzero_ps() : _mm512_load_ps(pr + 16 * v);
-        f32_panel_run<MV>(t.xt, pn.values, pn.idx, sn[0], sn[kSubPanels], out);
+        f32_panel_run<MV>(t.xt, pn.values, pn.idx, sn[0], sn[1], out);
 #pragma GCC unroll 2
         for (int v = 0; v < MV; ++v) _mm512_store_ps(pr + 16 * v, out[v]);
       }
@@ -422,14 +422,14 @@ void q8_cols_panels_mv(const Q8Task& t) {
     const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
     const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
     for (int64_t o = 0; o < panels; ++o) {
-      const int32_t* sub = pn.sub + (b0 * panels + o * rows_b) * kSubPanels;
+      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
       for (int64_t n = r0; n < r1; ++n) {
-        const int32_t* sn = sub + (n - b0) * kSubPanels;
+        const int32_t* sn = sub + (n - b0);
         int32_t* pr = part + (n - r0) * MV * 16;
         __m512i out[MV];
 #pragma GCC unroll 2
         for (int v = 0; v < MV; ++v) out[v] = o == 0 ? _mm512_setzero_si512() : _mm512_load_si512(pr + 16 * v);
-        q8_panel_run<MV>(t.xqt, pn.values, pn.idx, sn[0], sn[kSubPanels], out);
+        q8_panel_run<MV>(t.xqt, pn.values, pn.idx, sn[0], sn[1], out);
 #pragma GCC unroll 2
         for (int v = 0; v < MV; ++v) _mm512_store_si512(pr + 16 * v, out[v]);
       }

@@ -162,7 +162,7 @@ def build_csr_panels(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch
     _require_contiguous(op, values)
     entries = _C.sparse_csr_panel_entries(row_ptr.data_ptr(), n, col_idx.data_ptr(), k)
     panels = (k + _C.SPARSE_PANEL_COLS - 1) // _C.SPARSE_PANEL_COLS
-    sub = torch.empty(n * panels * (_C.SPARSE_PANEL_COLS // _C.SPARSE_SUB_PANEL_COLS) + 1, dtype=torch.int32)
+    sub = torch.empty(n * panels + 1, dtype=torch.int32)
     idx = torch.empty(entries, dtype=torch.uint16)
     panel_values = torch.empty(entries, dtype=torch.float32)
     _C.sparse_build_csr_panels(row_ptr.data_ptr(), n, col_idx.data_ptr(), values.data_ptr(), k, sub.data_ptr(),
@@ -180,7 +180,7 @@ def build_bsr1x4_panels(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: to
     entries = _C.sparse_bsr1x4_panel_entries(row_ptr.data_ptr(), n, blk_idx.data_ptr(), k)
     groups = (k + 3) // 4
     panels = (groups + _C.SPARSE_PANEL_COLS - 1) // _C.SPARSE_PANEL_COLS
-    sub = torch.empty(n * panels * (_C.SPARSE_PANEL_COLS // _C.SPARSE_SUB_PANEL_COLS) + 1, dtype=torch.int32)
+    sub = torch.empty(n * panels + 1, dtype=torch.int32)
     idx = torch.empty(entries, dtype=torch.uint16)
     panel_values = torch.empty(4 * entries, dtype=torch.int8)
     _C.sparse_build_bsr1x4_panels(row_ptr.data_ptr(), n, blk_idx.data_ptr(), values.data_ptr(), k, sub.data_ptr(),
