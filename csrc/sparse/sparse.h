@@ -102,7 +102,7 @@
 //         most kPanelBlockRows = 32 rows, so whole panel segments run against
 //         an x^T panel of 512 columns x 16 or 32 rows (32 / 64 KiB, L1/L2).
 //
-//   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
+//   sliced  (int8, any M; SparseInt8Linear uses it for M <= 8 when it needs
 //         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
 //         16 channels and group of up to 4 rows, accumulators are 16 channel
 //         lanes, so the epilogue and the store are contiguous vectors.
@@ -137,7 +137,7 @@ constexpr int64_t kMaxK = 65536;
 constexpr int64_t kGatherMaxRows = 4;
 // Rows per block of the transposed path: 8 zmm accumulators per output channel.
 constexpr int64_t kColsBlockRows = 128;
-// Rows per block of the cols kernel over csr panels (at most 2 zmm of rows):
+// Rows per block of the cols kernels over panels (at most 2 zmm of rows):
 // 4096x4096 at 90%, M=128 on Zen 4: blocks of 32 rows ran in 0.63x the time of
 // one 128-row block over 128-column panels (x^T panel reads from L1 / L2
 // against L2 for 128 rows); the weights are then read once per 32 rows (from L3).
