@@ -71,7 +71,7 @@ def test_builder_matches_the_specification(n, k, gen):
 
 @pytest.mark.parametrize("k", (6, 4 * P, 4 * P + 1, 8 * P + 13))
 def test_panel_accumulators_bit_exact(isa, k, gen):
-    n = 37
+    n = ROWS_PER_BLOCK + 3  # two channel blocks, the second one short
     w = int8_weight(n, k, gen)
     row_ptr, blk_idx, values, _ = pack_bsr1x4(w)
     panels = build_bsr1x4_panels(row_ptr, blk_idx, values, k)
@@ -96,7 +96,7 @@ def test_panel_extremes_never_saturate(isa):
 @pytest.mark.parametrize("activation", ("none", "relu", "gelu"))
 @pytest.mark.parametrize("static", (None, (0.05, 128)))
 def test_module_bit_exact_and_equal_to_dense_int8(isa, activation, static, gen):
-    n, k = ROWS_PER_BLOCK + 21, 4 * P + 37
+    n, k = 37, 4 * P + 37  # two panels (channel blocks: test_panel_accumulators_bit_exact)
     lin = linear_from(int8_weight(n, k, gen), gen)
     kwargs = dict(activation=activation, act_scale=None if static is None else static[0],
                   act_zero_point=0 if static is None else static[1])
