@@ -161,6 +161,22 @@ def sweep(k, n, gen, threads_list, ms, sparsities):
     return results
 
 
+def print_layout_bytes(k, n, sparsity, gen):
+    """Memory of the packs (the state_dict) and of the derived layouts the kernels build on first use."""
+    unstr = masked_linear(k, n, sparsity, "unstructured", gen)
+    f32 = SparseLinear.from_float(unstr, format="csr")
+    i8 = SparseInt8Linear.from_float(unstr)
+    with torch.inference_mode():
+        x = torch.randn(16, k, generator=gen)
+        f32(x)  # builds the csr panel layout (AVX-512, M >= 4)
+        i8(x)  # builds the bsr1x4 panel layout (AVX-512, M > 8)
+    mib = 1 << 20
+    print(f"\n## Bytes at {sparsity:.0%} ({k}x{n}; dense fp32 {4 * k * n / mib:.1f} MiB): "
+          f"f32 csr pack {f32.packed_bytes() / mib:.1f} MiB + panel copy {f32.panel_bytes() / mib:.1f} MiB; "
+          f"int8 bsr1x4 pack {i8.packed_bytes() / mib:.1f} MiB + sliced copy {i8.sliced_bytes() / mib:.1f} MiB "
+          f"+ panel copy {i8.panel_bytes() / mib:.1f} MiB")
+
+
 def break_even(points):
     """Lowest sparsity where sparse time <= dense time, linear between measured points (None: never)."""
     prev = None
@@ -264,6 +280,7 @@ def main(argv=None):
 
     results = sweep(4096, 4096, gen, threads_list, ms, sparsities)
     print_sweep(results, sparsities)
+    print_layout_bytes(4096, 4096, 0.9, gen)
 
     print("\n## Other shapes at 90% sparsity, median us")
     extra = {}

@@ -15,10 +15,9 @@ from pycompress.reference import fp32_error_bound, pack_csr, sparse_linear_ref
 from pycompress.reference.sparse import csr_panels_ref
 
 P = _C.SPARSE_PANEL_COLS
-SUB = _C.SPARSE_SUB_PANEL_COLS
 ROWS_PER_BLOCK = _C.SPARSE_PANEL_ROWS
-# Around the panel width, the sub-panel width, a single short panel and an odd K.
-PANEL_KS = (1, 7, SUB - 1, SUB + 1, P - 1, P, P + 1, 2 * P + 3, 3 * P - 5)
+# Around the panel width, a single short panel and an odd K.
+PANEL_KS = (1, 7, P // 4 + 1, P - 1, P, P + 1, 2 * P + 3, 3 * P - 5)
 # Around the 16-row vectors, the 2-vector limit of whole-panel runs, and the 128-row blocks of x^T.
 PANEL_MS = (0, 4, 15, 16, 17, 32, 33, 48, 129)
 
@@ -51,7 +50,7 @@ def linear_from(weight, gen):
 def test_builder_matches_the_specification(n, k, gen):
     row_ptr, col_idx, values = pack_csr(weight_with_structure(n, k, gen))
     built = build_csr_panels(row_ptr, col_idx, values, k)
-    spec = csr_panels_ref(row_ptr, col_idx, values, k, ROWS_PER_BLOCK, P, SUB)
+    spec = csr_panels_ref(row_ptr, col_idx, values, k, ROWS_PER_BLOCK, P)
     for got, want in zip(built, spec):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
@@ -65,12 +64,12 @@ def test_builder_places_unsorted_rows_by_column(gen):
         col_idx[lo:hi] = col_idx[lo:hi].to(torch.int32).flip(0).to(torch.uint16)
         values[lo:hi] = values[lo:hi].flip(0)
     built = build_csr_panels(row_ptr, col_idx, values, k)
-    spec = csr_panels_ref(row_ptr, col_idx, values, k, ROWS_PER_BLOCK, P, SUB)
+    spec = csr_panels_ref(row_ptr, col_idx, values, k, ROWS_PER_BLOCK, P)
     for got, want in zip(built, spec):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("k", (SUB - 1, P, P + 1, 2 * P + 3))
+@pytest.mark.parametrize("k", (P // 4 + 1, P, P + 1, 2 * P + 3))
 @pytest.mark.parametrize("m", PANEL_MS)
 def test_panel_kernel_matches_float64_reference(isa, m, k, gen):
     n = 37
@@ -176,9 +175,8 @@ def test_corrupt_panel_layout_is_refused(gen):
     with pytest.raises(ValueError, match="pointers"):
         run(sub[:-1].clone(), idx, vals)
     shifted = sub.clone()
-    per_segment = _C.SPARSE_PANEL_COLS // _C.SPARSE_SUB_PANEL_COLS
-    starts = torch.arange(per_segment, sub.numel() - 1, per_segment)
-    s = int(starts[sub[starts] > sub[starts - 1]][0])  # a segment after a non-empty sub-panel
+    starts = torch.arange(1, sub.numel() - 1)
+    s = int(starts[sub[starts] > sub[starts - 1]][0])  # a segment after a non-empty one
     shifted[s] -= 1  # still monotonic, no longer on a multiple of 4
     with pytest.raises(ValueError, match="multiple of 4"):
         run(shifted, idx, vals)

@@ -60,19 +60,26 @@
 //           every panel and was slower than no tiling):
 //             for each block of kPanelRows channels, for each panel of
 //             kPanelCols columns, for each channel n of the block: the segment
-//             of row n's nonzeros with k in the panel, in kSubPanels sub-panels
-//             of kSubPanelCols columns (csr order within each), then zero pads
+//             of row n's nonzeros with k in the panel (csr order), then zero pads
 //             up to a multiple of 4 entries (the kernel's unroll: no tail loop,
 //             no unpredictable exit branch). A pad's index is K: the driver
 //             appends a zero row K to x^T, so a pad adds 0 * 0 even when x holds
 //             Inf or NaN. (K <= 65535 so K fits the uint16 index.)
-//           sub int32 [segments * kSubPanels + 1]: start of every sub-panel of
-//           every segment, segments in the order above (segment of channel n,
-//           panel o, in the block starting at n0 with rows_b channels:
-//           n0 * panels + o * rows_b + (n - n0)); the entry after a segment's
-//           last sub-panel starts the next segment, sub[end] = entries.
+//           sub int32 [segments + 1]: start of every segment, segments in the
+//           order above (segment of channel n, panel o, in the block starting
+//           at n0 with rows_b channels: n0 * panels + o * rows_b + (n - n0)),
+//           sub[end] = entries.
 //           idx uint16 [entries] (k, or K for a pad), values float [entries].
 //           Sizes: entries <= nnz + 3 * N * panels.
+//
+//   bsr1x4 panels  int8, the same layout derived from a validated bsr1x4 pack
+//           by build_bsr1x4_panels (never stored; SparseInt8Linear rebuilds
+//           it): columns are the k/4 groups (K' = ceil(K/4) groups, panels of
+//           kPanelCols groups = 2048 k), an entry is one 1x4 block (idx uint16
+//           group, or K' for a pad; values int8 [entries][4], zero for a pad).
+//           For M=16 rows the x^T panel is 512 groups x 64 bytes = 32 KiB: in
+//           L1/L2, where the plain cols kernel reads x^T [K/4][16] (64 KiB at
+//           K=4096) from L2 for every block.
 //
 // Kernels, two shapes of the same math, picked by the number of rows M:
 //   rows  (M < kGatherMaxRows): for each output channel, gather the
@@ -83,18 +90,19 @@
 //         that 16 rows of one k are contiguous (x^T [K][Mp], int8: [K/4][Mp] of
 //         4-byte groups); each nonzero (or 1x4 block) is broadcast and multiplied
 //         into up to 8 vectors = 128 rows: one weight load serves 128 rows.
-//         Results for one output channel are a vector over rows; they go to y
-//         with a scatter (one per 16 rows and channel, negligible next to the
-//         nnz_row FMAs that produced them).
+//         Results for one output channel are a vector over rows; 16 channels
+//         at a time are transposed in registers and stored as one contiguous
+//         row piece per row (a store per channel and row into y, whose row
+//         stride is often a power of two, kept hitting one L1 set).
 //
-//   cols over csr panels (fp32 csr, M >= kGatherMaxRows, AVX-512, when the
+//   cols over csr / bsr1x4 panels (M >= kGatherMaxRows, AVX-512, when the
 //         module passes the panel layout): same math, per block of channels the
 //         panel loop is outermost; each channel's partial sums live in a
-//         per-thread scratch between panels. M <= 32 runs whole panel segments
-//         (x^T panel 512 x 16 or 32 rows fits L1/L2); more rows run the
-//         sub-panels one at a time (128 columns x 128 rows = 64 KiB).
+//         per-thread scratch between panels. The driver hands it blocks of at
+//         most kPanelBlockRows = 32 rows, so whole panel segments run against
+//         an x^T panel of 512 columns x 16 or 32 rows (32 / 64 KiB, L1/L2).
 //
-//   sliced  (int8, any M; SparseInt8Linear uses it for M <= 16 when it needs
+//   sliced  (int8, any M; SparseInt8Linear uses it for M <= 8 when it needs
 //         few enough steps, see pycompress/nn/sparse_linear.py): per slice of
 //         16 channels and group of up to 4 rows, accumulators are 16 channel
 //         lanes, so the epilogue and the store are contiguous vectors.
@@ -129,19 +137,22 @@ constexpr int64_t kMaxK = 65536;
 constexpr int64_t kGatherMaxRows = 4;
 // Rows per block of the transposed path: 8 zmm accumulators per output channel.
 constexpr int64_t kColsBlockRows = 128;
+// Rows per block of the cols kernels over panels (at most 2 zmm of rows):
+// 4096x4096 at 90%, M=128 on Zen 4: blocks of 32 rows ran in 0.63x the time of
+// one 128-row block over 128-column panels (x^T panel reads from L1 / L2
+// against L2 for 128 rows); the weights are then read once per 32 rows (from L3).
+constexpr int64_t kPanelBlockRows = 32;
 
 enum class Format : int { Csr = 0, Nm24 = 1, Bsr1x4 = 2 };
 
 constexpr int64_t kPanelRows = 256;
 constexpr int64_t kPanelCols = 512;
-constexpr int64_t kSubPanelCols = 128;
-constexpr int64_t kSubPanels = kPanelCols / kSubPanelCols;
 constexpr int64_t kPanelMaxK = 65535;  // the pad index K must fit uint16
 
 inline int64_t csr_panels_count(int64_t k) { return (k + kPanelCols - 1) / kPanelCols; }
 
 struct CsrPanels {
-  const int32_t* sub;      // [n * csr_panels_count(k) * kSubPanels + 1]
+  const int32_t* sub;      // [n * csr_panels_count(k) + 1]
   const uint16_t* idx;     // [entries]: k, or K for a pad
   const float* values;     // [entries]
 };
@@ -157,6 +168,12 @@ struct F32Weights {
   const CsrPanels* panels = nullptr;  // Csr, optional: the cols kernels' layout
 };
 
+struct Bsr1x4Panels {
+  const int32_t* sub;      // [n * csr_panels_count(ceil(k/4)) + 1]
+  const uint16_t* idx;     // [entries]: k/4 group, or ceil(k/4) for a pad
+  const int8_t* values;    // [entries][4]
+};
+
 struct Q8Weights {
   int64_t n, k, kp;        // kp = round_up(k, 4)
   const int32_t* row_ptr;
@@ -164,6 +181,7 @@ struct Q8Weights {
   const int8_t* values;
   const int32_t* col_sum;
   const float* w_scale;
+  const Bsr1x4Panels* panels = nullptr;  // optional: the cols kernels' layout
 };
 
 // Output channels [n0, n1) for rows [0, m) of a row block.
@@ -237,6 +255,8 @@ struct Kernels {
   void (*f32_cols_panels)(const F32Task&);
   void (*q8_rows)(const Q8Task&);
   void (*q8_cols)(const Q8Task&);     // nullptr: use q8_rows for every M
+  // Cols kernel over bsr1x4 panels (xqt has a zero group row ceil(K/4)); nullptr: q8_cols.
+  void (*q8_cols_panels)(const Q8Task&);
   void (*q8_sliced)(const SlicedTask&);
 };
 
@@ -264,10 +284,17 @@ int64_t csr_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* col
 // Fills a csr panel layout (arrays sized by csr_panel_entries) from a validated csr pack.
 void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
                       int32_t* sub, uint16_t* idx, float* out_values, int64_t entries);
-// Throws std::invalid_argument unless sub has n * panels * kSubPanels + 1
+// Throws std::invalid_argument unless sub has n * panels + 1
 // monotonic entries from 0 to `entries`, every segment starts on a multiple of
 // 4 and every index is <= K (K itself is the zero pad row).
 void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k);
+
+// The same for a validated bsr1x4 pack (columns = k/4 groups, 4-byte blocks).
+int64_t bsr1x4_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);
+void build_bsr1x4_panels(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                         int32_t* sub, uint16_t* idx, int8_t* out_values, int64_t entries);
+void validate_bsr1x4_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n,
+                            int64_t k);
 
 // Steps of the sliced layout of a validated bsr1x4 pack (first pass of build).
 int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);

@@ -42,7 +42,6 @@ void register_sparse_bindings(py::module_& m) {
   // The csr panel layout's geometry (sparse.h), for the Python builder and the tests.
   m.attr("SPARSE_PANEL_ROWS") = sparse::kPanelRows;
   m.attr("SPARSE_PANEL_COLS") = sparse::kPanelCols;
-  m.attr("SPARSE_SUB_PANEL_COLS") = sparse::kSubPanelCols;
   m.attr("SPARSE_PANEL_MAX_K") = sparse::kPanelMaxK;
   m.def(
       "sparse_validate_csr",
@@ -114,9 +113,13 @@ void register_sparse_bindings(py::module_& m) {
       "sparse_q8_linear",
       [](int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t blk_idx, std::uintptr_t values,
          std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t bias,
-         int act, bool is_static, float static_scale, int32_t static_zp, std::uintptr_t y, int64_t ldy, int nthreads) {
+         int act, bool is_static, float static_scale, int32_t static_zp, std::uintptr_t y, int64_t ldy, int nthreads,
+         std::uintptr_t panel_sub, std::uintptr_t panel_idx, std::uintptr_t panel_values) {
         sparse::Q8LinearArgs a{};
         a.w = q8_weights(n, k, row_ptr, blk_idx, values, col_sum, w_scale);
+        const sparse::Bsr1x4Panels panels{ptr<const int32_t>(panel_sub), ptr<const uint16_t>(panel_idx),
+                                          ptr<const int8_t>(panel_values)};
+        if (panel_sub != 0) a.w.panels = &panels;
         a.x = ptr<const float>(x);
         a.m = m;
         a.ldx = ldx;
@@ -131,16 +134,53 @@ void register_sparse_bindings(py::module_& m) {
         py::gil_scoped_release release;
         sparse::q8_linear(a);
       },
-      "y = act(dequant(quant(x) @ W^T) + bias) with a validated bsr1x4 int8 pack, on the active ISA");
+      "y = act(dequant(quant(x) @ W^T) + bias) with a validated bsr1x4 int8 pack (and, optionally, its validated "
+      "bsr1x4 panel layout for M >= 4), on the active ISA",
+      py::arg("n"), py::arg("k"), py::arg("row_ptr"), py::arg("blk_idx"), py::arg("values"), py::arg("col_sum"),
+      py::arg("w_scale"), py::arg("x"), py::arg("m"), py::arg("ldx"), py::arg("bias"), py::arg("act"),
+      py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"), py::arg("y"), py::arg("ldy"),
+      py::arg("nthreads"), py::arg("panel_sub") = 0, py::arg("panel_idx") = 0, py::arg("panel_values") = 0);
+  m.def(
+      "sparse_bsr1x4_panel_entries",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, int64_t k) {
+        py::gil_scoped_release release;
+        return sparse::bsr1x4_panel_entries(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx), k);
+      },
+      "number of entries (blocks + pads) of the bsr1x4 panel layout of a validated bsr1x4 pack");
+  m.def(
+      "sparse_build_bsr1x4_panels",
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, std::uintptr_t values, int64_t k,
+         std::uintptr_t sub, std::uintptr_t idx, std::uintptr_t out_values, int64_t entries) {
+        py::gil_scoped_release release;
+        sparse::build_bsr1x4_panels(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx),
+                                    ptr<const int8_t>(values), k, ptr<int32_t>(sub), ptr<uint16_t>(idx),
+                                    ptr<int8_t>(out_values), entries);
+      },
+      "fills a bsr1x4 panel layout (sized by sparse_bsr1x4_panel_entries) from a validated bsr1x4 pack");
+  m.def(
+      "sparse_validate_bsr1x4_panels",
+      [](std::uintptr_t sub, int64_t nsub, std::uintptr_t idx, int64_t entries, int64_t n, int64_t k) {
+        py::gil_scoped_release release;
+        sparse::validate_bsr1x4_panels(ptr<const int32_t>(sub), nsub, ptr<const uint16_t>(idx), entries, n, k);
+      },
+      "checks a bsr1x4 panel layout: as the csr one, with group indices <= ceil(K/4) (the pad)");
   m.def(
       "sparse_q8_accumulate_raw",
       [](int64_t n, int64_t k, std::uintptr_t row_ptr, std::uintptr_t blk_idx, std::uintptr_t values,
-         std::uintptr_t q, int64_t m, std::uintptr_t out, int nthreads) {
-        const sparse::Q8Weights w = q8_weights(n, k, row_ptr, blk_idx, values, 0, 0);
+         std::uintptr_t q, int64_t m, std::uintptr_t out, int nthreads, std::uintptr_t panel_sub,
+         std::uintptr_t panel_idx, std::uintptr_t panel_values) {
+        sparse::Q8Weights w = q8_weights(n, k, row_ptr, blk_idx, values, 0, 0);
+        const sparse::Bsr1x4Panels panels{ptr<const int32_t>(panel_sub), ptr<const uint16_t>(panel_idx),
+                                          ptr<const int8_t>(panel_values)};
+        if (panel_sub != 0) w.panels = &panels;
         py::gil_scoped_release release;
         sparse::q8_accumulate_raw(w, ptr<const uint8_t>(q), m, ptr<int32_t>(out), nthreads);
       },
-      "test hook: raw int32 accumulators of quantized rows [m][round_up(K,4)] against a bsr1x4 pack");
+      "test hook: raw int32 accumulators of quantized rows [m][round_up(K,4)] against a bsr1x4 pack (and its "
+      "optional panel layout)",
+      py::arg("n"), py::arg("k"), py::arg("row_ptr"), py::arg("blk_idx"), py::arg("values"), py::arg("q"),
+      py::arg("m"), py::arg("out"), py::arg("nthreads"), py::arg("panel_sub") = 0, py::arg("panel_idx") = 0,
+      py::arg("panel_values") = 0);
   m.def(
       "sparse_validate_sliced",
       [](std::uintptr_t slice_ptr, int64_t n, std::uintptr_t step_base, int64_t nsteps, int64_t k) {

@@ -66,22 +66,25 @@ std::vector<int64_t> split_by_nnz(const int32_t* row_ptr, int64_t n, int64_t par
 
 // dst[c][r] = src[r][c] for 32-bit elements, r < rows, c < cols; dst row
 // stride ld >= rows, rows [rows, ld) of dst are zeroed (the cols kernels run
-// whole vectors of rows). Tiled so both sides stay in L1.
-void transpose32(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds, uint32_t* dst, int64_t ld,
-                 int64_t c0, int64_t c1) {
+// whole vectors of rows). Tiled 16 x 16: the tile's source lines are copied
+// into a local buffer first, because with a power-of-two row stride (K=4096:
+// 16 KiB) the 16 lines map to one L1 set of 8 ways, and reading them column by
+// column missed L1 on nearly every element.
+void transpose32(const uint32_t* src, int64_t rows, int64_t lds, uint32_t* dst, int64_t ld, int64_t c0, int64_t c1) {
   constexpr int64_t kTile = 16;
+  uint32_t tile[kTile][kTile];
   for (int64_t cb = c0; cb < c1; cb += kTile) {
     const int64_t ce = std::min(cb + kTile, c1);
     for (int64_t rb = 0; rb < rows; rb += kTile) {
       const int64_t re = std::min(rb + kTile, rows);
+      for (int64_t r = rb; r < re; ++r) std::memcpy(tile[r - rb], src + r * lds + cb, sizeof(uint32_t) * (ce - cb));
       for (int64_t c = cb; c < ce; ++c) {
         uint32_t* d = dst + c * ld;
-        for (int64_t r = rb; r < re; ++r) d[r] = src[r * lds + c];
+        for (int64_t r = rb; r < re; ++r) d[r] = tile[r - rb][c - cb];
       }
     }
     for (int64_t c = cb; c < ce; ++c) std::fill(dst + c * ld + rows, dst + c * ld + ld, 0u);
   }
-  (void)cols;
 }
 
 struct RowBlock {
@@ -89,11 +92,11 @@ struct RowBlock {
   size_t offset;         // of its transposed activations in the scratch buffer
 };
 
-std::vector<RowBlock> row_blocks(int64_t m, int64_t k_elems) {
+std::vector<RowBlock> row_blocks(int64_t m, int64_t k_elems, int64_t block_rows) {
   std::vector<RowBlock> blocks;
   size_t offset = 0;
-  for (int64_t r0 = 0; r0 < m; r0 += kColsBlockRows) {
-    const int64_t rows = std::min(kColsBlockRows, m - r0);
+  for (int64_t r0 = 0; r0 < m; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, m - r0);
     const int64_t ld = (rows + 15) / 16 * 16;
     blocks.push_back({r0, rows, ld, offset});
     offset += static_cast<size_t>(ld * k_elems);
@@ -111,7 +114,7 @@ void transpose_blocks(const uint32_t* src, int64_t lds, int64_t k_elems, const s
   parallel_for(tasks, nthreads, [&](int64_t t) {
     const RowBlock& b = blocks[static_cast<size_t>(t / chunks)];
     const int64_t c0 = (t % chunks) * kChunk;
-    transpose32(src + b.r0 * lds, b.rows, k_elems, lds, dst + b.offset, b.ld, c0, std::min(c0 + kChunk, k_elems));
+    transpose32(src + b.r0 * lds, b.rows, lds, dst + b.offset, b.ld, c0, std::min(c0 + kChunk, k_elems));
   });
 }
 
@@ -296,41 +299,35 @@ namespace {
 
 // Visits the csr panel layout of a validated csr pack in storage order:
 // entry(k, value_index) per entry (value_index < 0 for a pad), sub_start()
-// before every sub-panel. Columns of a row are bucketed by sub-panel with a
+// before every segment. Columns of a row are bucketed by panel with a
 // counting pass, so unsorted (still valid) rows land in the right panel too.
 template <typename SubStart, typename Entry>
 void csr_panels_walk(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t k, SubStart sub_start,
                      Entry entry) {
   const int64_t panels = csr_panels_count(k);
-  const int64_t subs = panels * kSubPanels;
-  std::vector<int64_t> first(static_cast<size_t>(subs + 1));
-  std::vector<int64_t> order;
   std::vector<std::vector<int64_t>> row_order(static_cast<size_t>(kPanelRows));
   std::vector<std::vector<int64_t>> row_first(static_cast<size_t>(kPanelRows));
   for (int64_t b0 = 0; b0 < n; b0 += kPanelRows) {
     const int64_t rows_b = std::min(kPanelRows, n - b0);
-    for (int64_t i = 0; i < rows_b; ++i) {  // bucket each row of the block by sub-panel
+    for (int64_t i = 0; i < rows_b; ++i) {  // bucket each row of the block by panel
       const int64_t j0 = row_ptr[b0 + i], j1 = row_ptr[b0 + i + 1];
       std::vector<int64_t>& f = row_first[static_cast<size_t>(i)];
       std::vector<int64_t>& ord = row_order[static_cast<size_t>(i)];
-      f.assign(static_cast<size_t>(subs + 1), 0);
-      for (int64_t j = j0; j < j1; ++j) ++f[static_cast<size_t>(col_idx[j] / kSubPanelCols + 1)];
-      for (int64_t q = 0; q < subs; ++q) f[static_cast<size_t>(q + 1)] += f[static_cast<size_t>(q)];
+      f.assign(static_cast<size_t>(panels + 1), 0);
+      for (int64_t j = j0; j < j1; ++j) ++f[static_cast<size_t>(col_idx[j] / kPanelCols + 1)];
+      for (int64_t o = 0; o < panels; ++o) f[static_cast<size_t>(o + 1)] += f[static_cast<size_t>(o)];
       ord.assign(static_cast<size_t>(j1 - j0), 0);
       std::vector<int64_t> fill(f.begin(), f.end() - 1);
-      for (int64_t j = j0; j < j1; ++j) ord[static_cast<size_t>(fill[static_cast<size_t>(col_idx[j] / kSubPanelCols)]++)] = j;
+      for (int64_t j = j0; j < j1; ++j) ord[static_cast<size_t>(fill[static_cast<size_t>(col_idx[j] / kPanelCols)]++)] = j;
     }
     for (int64_t o = 0; o < panels; ++o) {
       for (int64_t i = 0; i < rows_b; ++i) {
         const std::vector<int64_t>& f = row_first[static_cast<size_t>(i)];
         const std::vector<int64_t>& ord = row_order[static_cast<size_t>(i)];
         int64_t count = 0;
-        for (int64_t q = 0; q < kSubPanels; ++q) {
-          sub_start();
-          const int64_t sq = o * kSubPanels + q;
-          for (int64_t e = f[static_cast<size_t>(sq)]; e < f[static_cast<size_t>(sq + 1)]; ++e, ++count) {
-            entry(static_cast<int64_t>(col_idx[ord[static_cast<size_t>(e)]]), ord[static_cast<size_t>(e)]);
-          }
+        sub_start();
+        for (int64_t e = f[static_cast<size_t>(o)]; e < f[static_cast<size_t>(o + 1)]; ++e, ++count) {
+          entry(static_cast<int64_t>(col_idx[ord[static_cast<size_t>(e)]]), ord[static_cast<size_t>(e)]);
         }
         for (; count % 4 != 0; ++count) entry(k, -1);
       }
@@ -357,35 +354,79 @@ int64_t csr_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* col
   return entries;
 }
 
-void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
-                      int32_t* sub, uint16_t* idx, float* out_values, int64_t entries) {
+namespace {
+
+// Shared by both layouts: entries are 4 bytes (a float or a 1x4 int8 block),
+// copied bit for bit; a pad is 4 zero bytes.
+void build_panels_4byte(const char* what, const int32_t* row_ptr, int64_t n, const uint16_t* col_idx,
+                        const unsigned char* values, int64_t k, int32_t* sub, uint16_t* idx, unsigned char* out_values,
+                        int64_t entries) {
   check_panel_k(k);
   int64_t e = 0, s = 0;
   csr_panels_walk(
       row_ptr, n, col_idx, k, [&] { sub[s++] = static_cast<int32_t>(e); },
       [&](int64_t col, int64_t j) {
-        if (e >= entries) throw std::invalid_argument("sparse csr panels: more entries than allocated");
+        if (e >= entries) throw std::invalid_argument(std::string(what) + ": more entries than allocated");
         idx[e] = static_cast<uint16_t>(col);
-        out_values[e] = j < 0 ? 0.0f : values[j];
+        if (j < 0) {
+          std::memset(out_values + 4 * e, 0, 4);
+        } else {
+          std::memcpy(out_values + 4 * e, values + 4 * j, 4);
+        }
         ++e;
       });
-  if (e != entries) throw std::invalid_argument("sparse csr panels: fewer entries than allocated");
+  if (e != entries) throw std::invalid_argument(std::string(what) + ": fewer entries than allocated");
   sub[s] = static_cast<int32_t>(e);
+}
+
+}  // namespace
+
+void build_csr_panels(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, const float* values, int64_t k,
+                      int32_t* sub, uint16_t* idx, float* out_values, int64_t entries) {
+  build_panels_4byte("sparse csr panels", row_ptr, n, col_idx, reinterpret_cast<const unsigned char*>(values), k, sub,
+                     idx, reinterpret_cast<unsigned char*>(out_values), entries);
+}
+
+int64_t bsr1x4_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k) {
+  check_k(k, "sparse bsr1x4 panels");
+  return csr_panel_entries(row_ptr, n, blk_idx, (k + 3) / 4);
+}
+
+void build_bsr1x4_panels(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                         int32_t* sub, uint16_t* idx, int8_t* out_values, int64_t entries) {
+  check_k(k, "sparse bsr1x4 panels");
+  build_panels_4byte("sparse bsr1x4 panels", row_ptr, n, blk_idx, reinterpret_cast<const unsigned char*>(values),
+                     (k + 3) / 4, sub, idx, reinterpret_cast<unsigned char*>(out_values), entries);
+}
+
+void validate_bsr1x4_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n,
+                            int64_t k) {
+  check_k(k, "sparse bsr1x4 panels");
+  try {
+    validate_csr_panels(sub, nsub, idx, entries, n, (k + 3) / 4);
+  } catch (const std::invalid_argument& e) {
+    std::string msg = e.what();
+    const std::string prefix = "sparse csr panels";
+    if (msg.compare(0, prefix.size(), prefix) == 0) {
+      msg = "sparse bsr1x4 panels (indices are k/4 groups, K is their count)" + msg.substr(prefix.size());
+    }
+    throw std::invalid_argument(msg);
+  }
 }
 
 void validate_csr_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n, int64_t k) {
   check_panel_k(k);
   if (n < 1) throw std::invalid_argument("sparse csr panels: N=" + std::to_string(n) + " must be >= 1");
-  const int64_t expected = n * csr_panels_count(k) * kSubPanels + 1;
+  const int64_t expected = n * csr_panels_count(k) + 1;
   if (nsub != expected) {
-    throw std::invalid_argument("sparse csr panels: " + std::to_string(nsub) + " sub-panel pointers, expected " +
+    throw std::invalid_argument("sparse csr panels: " + std::to_string(nsub) + " segment pointers, expected " +
                                 std::to_string(expected) + " for N=" + std::to_string(n) + " K=" + std::to_string(k));
   }
   if (sub[0] != 0) throw std::invalid_argument("sparse csr panels: sub[0] = " + std::to_string(sub[0]) + ", expected 0");
   for (int64_t i = 0; i + 1 < nsub; ++i) {
     if (sub[i + 1] < sub[i]) throw std::invalid_argument("sparse csr panels: pointers decrease at " + std::to_string(i));
-    if (i % kSubPanels == 0 && sub[i] % 4 != 0) {
-      throw std::invalid_argument("sparse csr panels: segment " + std::to_string(i / kSubPanels) +
+    if (sub[i] % 4 != 0) {
+      throw std::invalid_argument("sparse csr panels: segment " + std::to_string(i) +
                                   " starts at " + std::to_string(sub[i]) + ", not a multiple of 4");
     }
   }
@@ -444,7 +485,7 @@ void f32_linear(const F32LinearArgs& a) {
   // The panel kernel reads a zero row K of x^T for its pads (sparse.h).
   const bool panels = w.format == Format::Csr && w.panels != nullptr && kern.f32_cols_panels != nullptr;
   const int64_t xt_rows = panels ? w.k + 1 : w.k;
-  const std::vector<RowBlock> blocks = row_blocks(a.m, xt_rows);
+  const std::vector<RowBlock> blocks = row_blocks(a.m, xt_rows, panels ? kPanelBlockRows : kColsBlockRows);
   Scratch& s = thread_scratch();
   uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * xt_rows));
   transpose_blocks(reinterpret_cast<const uint32_t*>(a.x), a.ldx, w.k, blocks, xt, threads);
@@ -501,11 +542,18 @@ void q8_run(const Q8Weights& w, const uint8_t* q, int64_t m, const float* scale,
     return;
   }
 
+  // The panel kernel reads a zero group row ceil(K/4) of x^T for its pads (sparse.h).
+  const bool panels = w.panels != nullptr && kern.q8_cols_panels != nullptr;
   const int64_t groups = w.kp / 4;
-  const std::vector<RowBlock> blocks = row_blocks(m, groups);
+  const int64_t xt_rows = panels ? groups + 1 : groups;
+  const std::vector<RowBlock> blocks = row_blocks(m, xt_rows, panels ? kPanelBlockRows : kColsBlockRows);
   Scratch& s = thread_scratch();
-  uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * groups));
+  uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * xt_rows));
   transpose_blocks(reinterpret_cast<const uint32_t*>(q), groups, groups, blocks, xt, threads);
+  if (panels) {
+    for (const RowBlock& b : blocks) std::fill(xt + b.offset + groups * b.ld, xt + b.offset + (groups + 1) * b.ld, 0u);
+  }
+  const auto cols_kernel = panels ? kern.q8_cols_panels : kern.q8_cols;
   const int64_t nrb = static_cast<int64_t>(blocks.size());
   parallel_for(nchunks * nrb, threads, [&](int64_t t) {
     const RowBlock& b = blocks[static_cast<size_t>(t / nchunks)];
@@ -519,7 +567,7 @@ void q8_run(const Q8Weights& w, const uint8_t* q, int64_t m, const float* scale,
     task.row_zp = zp + b.r0;
     task.y = y != nullptr ? y + b.r0 * ldy : nullptr;
     task.raw = raw != nullptr ? raw + b.r0 * w.n : nullptr;
-    kern.q8_cols(task);
+    cols_kernel(task);
   });
 }
 

@@ -281,7 +281,7 @@ void q8_sliced_avx2(const SlicedTask& t) {
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels k{f32_rows_avx2, f32_cols_avx2, nullptr, q8_rows_avx2, q8_cols_avx2, q8_sliced_avx2};
+  static const Kernels k{f32_rows_avx2, f32_cols_avx2, nullptr, q8_rows_avx2, q8_cols_avx2, nullptr, q8_sliced_avx2};
   return k;
 }
 

@@ -23,19 +23,90 @@ inline __mmask16 tail_mask(int64_t valid) {
   return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
 }
 
-// Stores the 16-row vector `v` of output channel n: rows 16*vi + lane < m.
-inline void store_column(float* y, int64_t ldy, int64_t n, int64_t row0, int64_t m, __m512 v) {
-  alignas(64) float tmp[16];
-  _mm512_store_ps(tmp, v);
-  const int64_t rows = m - row0 < 16 ? m - row0 : 16;
-  for (int64_t i = 0; i < rows; ++i) y[(row0 + i) * ldy + n] = tmp[i];
+// In-register 16 x 16 transpose: r[i] lane j becomes r[j] lane i.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: a0 b0 a1 b1 | a2 b2 a3 b3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane L: element 4L + j of rows 4i..4i+3 in r[4i + j]
+    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  __m512 o[16];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {  // gather lane L of r[j], r[4+j], r[8+j], r[12+j] into row 4L + j
+    const __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), u3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    o[j] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    o[8 + j] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+    o[4 + j] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    o[12 + j] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = o[i];
 }
 
-inline void store_column_raw(int32_t* raw, int64_t ld, int64_t n, int64_t row0, int64_t m, __m512i v) {
-  alignas(64) int32_t tmp[16];
-  _mm512_store_si512(tmp, v);
-  const int64_t rows = m - row0 < 16 ? m - row0 : 16;
-  for (int64_t i = 0; i < rows; ++i) raw[(row0 + i) * ld + n] = tmp[i];
+// Epilogue of `channels` (<= 16) consecutive output channels from n0 for the
+// 16 rows from row0: col(c) points at channel c's 16 row sums. The tile is
+// transposed in registers so y gets one contiguous (masked) row store per
+// row, and bias is one vector load: a store per channel and row into a y
+// whose row stride is a power of two hits one L1 set and missed on nearly
+// every store (K=N=4096, M=16: ~40% of the call).
+template <typename Col>
+inline void f32_store_tile(const F32Task& t, int64_t n0, int64_t channels, int64_t row0, Col col) {
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) r[c] = c < channels ? _mm512_load_ps(col(c)) : _mm512_setzero_ps();
+  transpose16x16(r);
+  const __mmask16 lanes = tail_mask(channels);
+  const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, t.bias + n0) : _mm512_setzero_ps();
+  const int64_t rows = t.m - row0 < 16 ? t.m - row0 : 16;
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 y = r[i];
+    if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+    y = apply_activation_avx512(y, t.act);
+    _mm512_mask_storeu_ps(t.y + (row0 + i) * t.ldy + n0, lanes, y);
+  }
+}
+
+// Epilogue of `channels` (<= 16) consecutive channels from n0 for the 16 rows
+// from row0 (col(c): channel c's 16 int32 row sums), transposed in registers
+// so y (or raw) gets one contiguous masked store per row; per lane the same
+// IEEE operations as q8_epilogue.
+template <typename Col>
+inline void q8_store_tile(const Q8Task& t, int64_t n0, int64_t channels, int64_t row0, Col col) {
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) r[c] = c < channels ? _mm512_load_ps(col(c)) : _mm512_setzero_ps();
+  transpose16x16(r);
+  const __mmask16 lanes = tail_mask(channels);
+  const int64_t rows = t.m - row0 < 16 ? t.m - row0 : 16;
+  if (t.raw != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      _mm512_mask_storeu_epi32(t.raw + (row0 + i) * t.ldraw + n0, lanes, _mm512_castps_si512(r[i]));
+    }
+    return;
+  }
+  const __m512i col_sum = _mm512_maskz_loadu_epi32(lanes, t.w->col_sum + n0);
+  const __m512 w_scale = _mm512_maskz_loadu_ps(lanes, t.w->w_scale + n0);
+  const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, t.bias + n0) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = row0 + i;
+    const __m512i corrected =
+        _mm512_sub_epi32(_mm512_castps_si512(r[i]), _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[row]), col_sum));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(_mm512_set1_ps(t.row_scale[row]), w_scale));
+    if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+    y = apply_activation_avx512(y, t.act);
+    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes, y);
+  }
 }
 
 // Independent accumulator sets so the FMA latency (4 cycles) is covered.
@@ -44,11 +115,25 @@ constexpr int acc_sets() {
   return MV == 1 ? 4 : (MV == 2 ? 2 : 1);
 }
 
+// Channels of the cols kernels are finished 16 at a time: their row sums wait
+// in this tile for the transposed-tile epilogue.
+template <int MV>
+struct ColsTile {
+  alignas(64) float v[16][MV * 16];
+};
+
 template <int MV>
 void f32_cols_mv(const F32Task& t) {
   constexpr int S = acc_sets<MV>();
   const F32Weights& w = *t.w;
   const int64_t half_k = w.k / 2;
+  ColsTile<MV> tile;
+  auto flush = [&](int64_t c0, int64_t channels) {
+#pragma GCC unroll 8
+    for (int v = 0; v < MV; ++v) {
+      f32_store_tile(t, c0, channels, 16 * v, [&](int c) { return &tile.v[c][16 * v]; });
+    }
+  };
   for (int64_t n = t.n0; n < t.n1; ++n) {
     __m512 acc[S][MV];
 #pragma GCC unroll 4
@@ -80,15 +165,14 @@ void f32_cols_mv(const F32Task& t) {
         }
       }
     }
+    const int64_t c = (n - t.n0) % 16;
 #pragma GCC unroll 8
     for (int v = 0; v < MV; ++v) {
 #pragma GCC unroll 4
       for (int s = 1; s < S; ++s) acc[0][v] = _mm512_add_ps(acc[0][v], acc[s][v]);
-      __m512 y = acc[0][v];
-      if (t.bias != nullptr) y = _mm512_add_ps(y, _mm512_set1_ps(t.bias[n]));
-      y = apply_activation_avx512(y, t.act);
-      store_column(t.y, t.ldy, n, 16 * v, t.m, y);
+      _mm512_store_ps(&tile.v[c][16 * v], acc[0][v]);
     }
+    if (c == 15 || n + 1 == t.n1) flush(n - c, c + 1);
   }
 }
 
@@ -145,10 +229,11 @@ inline void f32_panel_run(const float* xt, const float* vals, const uint16_t* id
   }
 }
 
-// Cols kernel over csr panels (sparse.h): per block of channels, the panels
-// (or, with SUB, their sub-panels) outermost; partial sums of the task's rows
-// of the block in a per-thread scratch, the epilogue after the last panel.
-template <int MV, bool SUB>
+// Cols kernel over csr panels (sparse.h), for up to kPanelBlockRows rows
+// (MV <= 2 zmm): per block of channels the panels are outermost; partial sums
+// of the task's channels of the block live in a per-thread scratch between
+// panels, the epilogue runs after the last panel, 16 channels at a time.
+template <int MV>
 void f32_cols_panels_mv(const F32Task& t) {
   const F32Weights& w = *t.w;
   const CsrPanels& pn = *w.panels;
@@ -162,44 +247,32 @@ void f32_cols_panels_mv(const F32Task& t) {
     const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
     const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
     for (int64_t o = 0; o < panels; ++o) {
-      const int32_t* sub = pn.sub + (b0 * panels + o * rows_b) * kSubPanels;
-      for (int64_t q = 0; q < (SUB ? kSubPanels : 1); ++q) {
-        const bool first = o == 0 && q == 0;
-        for (int64_t n = r0; n < r1; ++n) {
-          const int32_t* sn = sub + (n - b0) * kSubPanels;
-          float* pr = part + (n - r0) * MV * 16;
-          __m512 out[MV];
-#pragma GCC unroll 8
-          for (int v = 0; v < MV; ++v) out[v] = first ? _mm512_setzero_ps() : _mm512_load_ps(pr + 16 * v);
-          f32_panel_run<MV>(t.xt, pn.values, pn.idx, sn[SUB ? q : 0], sn[SUB ? q + 1 : kSubPanels], out);
-#pragma GCC unroll 8
-          for (int v = 0; v < MV; ++v) _mm512_store_ps(pr + 16 * v, out[v]);
-        }
+      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
+      for (int64_t n = r0; n < r1; ++n) {
+        const int32_t* sn = sub + (n - b0);
+        float* pr = part + (n - r0) * MV * 16;
+        __m512 out[MV];
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) out[v] = o == 0 ? _mm512_setzero_ps() : _mm512_load_ps(pr + 16 * v);
+        f32_panel_run<MV>(t.xt, pn.values, pn.idx, sn[0], sn[1], out);
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) _mm512_store_ps(pr + 16 * v, out[v]);
       }
     }
-    for (int64_t n = r0; n < r1; ++n) {
-#pragma GCC unroll 8
+    for (int64_t c0 = r0; c0 < r1; c0 += 16) {
+      const int64_t channels = r1 - c0 < 16 ? r1 - c0 : 16;
+#pragma GCC unroll 2
       for (int v = 0; v < MV; ++v) {
-        __m512 y = _mm512_load_ps(part + ((n - r0) * MV + v) * 16);
-        if (t.bias != nullptr) y = _mm512_add_ps(y, _mm512_set1_ps(t.bias[n]));
-        y = apply_activation_avx512(y, t.act);
-        store_column(t.y, t.ldy, n, 16 * v, t.m, y);
+        f32_store_tile(t, c0, channels, 16 * v, [&](int c) { return part + ((c0 - r0 + c) * MV + v) * 16; });
       }
     }
   }
 }
 
 void f32_cols_panels_avx512(const F32Task& t) {
-  switch ((t.m + 15) / 16) {
-    case 1: return f32_cols_panels_mv<1, false>(t);
-    case 2: return f32_cols_panels_mv<2, false>(t);
-    case 3: return f32_cols_panels_mv<3, true>(t);
-    case 4: return f32_cols_panels_mv<4, true>(t);
-    case 5: return f32_cols_panels_mv<5, true>(t);
-    case 6: return f32_cols_panels_mv<6, true>(t);
-    case 7: return f32_cols_panels_mv<7, true>(t);
-    default: return f32_cols_panels_mv<8, true>(t);
-  }
+  static_assert(kPanelBlockRows == 32, "the driver hands this kernel at most 2 zmm of rows");
+  if (t.m <= 16) return f32_cols_panels_mv<1>(t);
+  return f32_cols_panels_mv<2>(t);
 }
 
 template <int MR>
@@ -243,6 +316,13 @@ template <int MV>
 void q8_cols_mv(const Q8Task& t) {
   constexpr int S = acc_sets<MV>();
   const Q8Weights& w = *t.w;
+  ColsTile<MV> tile;  // int32 row sums, moved as raw bits
+  auto flush = [&](int64_t c0, int64_t channels) {
+#pragma GCC unroll 8
+    for (int v = 0; v < MV; ++v) {
+      q8_store_tile(t, c0, channels, 16 * v, [&](int c) { return &tile.v[c][16 * v]; });
+    }
+  };
   for (int64_t n = t.n0; n < t.n1; ++n) {
     __m512i acc[S][MV];
 #pragma GCC unroll 4
@@ -265,25 +345,14 @@ void q8_cols_mv(const Q8Task& t) {
     }
     for (int s = 0; b < b1; ++b, ++s) step(s, b);
 
+    const int64_t c = (n - t.n0) % 16;
 #pragma GCC unroll 8
     for (int v = 0; v < MV; ++v) {
 #pragma GCC unroll 4
       for (int s = 1; s < S; ++s) acc[0][v] = _mm512_add_epi32(acc[0][v], acc[s][v]);
-      if (t.raw != nullptr) {  // raw mode has no epilogue operands
-        store_column_raw(t.raw, t.ldraw, n, 16 * v, t.m, acc[0][v]);
-        continue;
-      }
-      const __m512i col_sum = _mm512_set1_epi32(w.col_sum[n]);
-      const __m512 w_scale = _mm512_set1_ps(w.w_scale[n]);
-      const __mmask16 rows = tail_mask(t.m - 16 * v);
-      const __m512i zp = _mm512_maskz_loadu_epi32(rows, t.row_zp + 16 * v);
-      const __m512 rs = _mm512_maskz_loadu_ps(rows, t.row_scale + 16 * v);
-      const __m512i corrected = _mm512_sub_epi32(acc[0][v], _mm512_mullo_epi32(zp, col_sum));
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(rs, w_scale));
-      if (t.bias != nullptr) y = _mm512_add_ps(y, _mm512_set1_ps(t.bias[n]));
-      y = apply_activation_avx512(y, t.act);
-      store_column(t.y, t.ldy, n, 16 * v, t.m, y);
+      _mm512_store_si512(&tile.v[c][16 * v], acc[0][v]);
     }
+    if (c == 15 || n + 1 == t.n1) flush(n - c, c + 1);
   }
 }
 
@@ -298,6 +367,89 @@ void q8_cols_avx512(const Q8Task& t) {
     case 7: return q8_cols_mv<7>(t);
     default: return q8_cols_mv<8>(t);
   }
+}
+
+// One run of bsr1x4 panel entries [j, j1) (a multiple of 4) into out (MV
+// vectors of 16 rows), x^T row stride the constant 16 * MV groups; the four
+// blocks of a group of entries come from one 16-byte load.
+template <int MV>
+inline void q8_panel_run(const uint32_t* xt, const int8_t* vals, const uint16_t* idx, int64_t j, int64_t j1,
+                         __m512i* out) {
+  constexpr int S = acc_sets<MV>();
+  constexpr int64_t ldxt = 16 * MV;
+  __m512i acc[S][MV];
+#pragma GCC unroll 2
+  for (int v = 0; v < MV; ++v) {
+    acc[0][v] = out[v];
+#pragma GCC unroll 4
+    for (int s = 1; s < S; ++s) acc[s][v] = _mm512_setzero_si512();
+  }
+  auto dot = [&](int s, __m512i wb, uint64_t g) {
+    const uint32_t* xr = xt + static_cast<int64_t>(g) * ldxt;
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) acc[s][v] = _mm512_dpbusd_epi32(acc[s][v], _mm512_load_si512(xr + 16 * v), wb);
+  };
+  for (; j < j1; j += 4) {
+    uint64_t gs;
+    std::memcpy(&gs, idx + j, sizeof gs);
+    const __m128i w4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + 4 * j));
+    dot(0, _mm512_broadcastd_epi32(w4), gs & 0xFFFFu);
+    dot(1 % S, _mm512_broadcastd_epi32(_mm_shuffle_epi32(w4, 1)), (gs >> 16) & 0xFFFFu);
+    dot(2 % S, _mm512_broadcastd_epi32(_mm_shuffle_epi32(w4, 2)), (gs >> 32) & 0xFFFFu);
+    dot(3 % S, _mm512_broadcastd_epi32(_mm_shuffle_epi32(w4, 3)), gs >> 48);
+  }
+#pragma GCC unroll 2
+  for (int v = 0; v < MV; ++v) {
+#pragma GCC unroll 4
+    for (int s = 1; s < S; ++s) acc[0][v] = _mm512_add_epi32(acc[0][v], acc[s][v]);
+    out[v] = acc[0][v];
+  }
+}
+
+// Cols kernel over bsr1x4 panels: the fp32 panel loop (f32_cols_panels_mv)
+// with int32 partial sums.
+template <int MV>
+void q8_cols_panels_mv(const Q8Task& t) {
+  const Q8Weights& w = *t.w;
+  const Bsr1x4Panels& pn = *w.panels;
+  const int64_t panels = csr_panels_count(w.kp / 4);
+  thread_local std::vector<int32_t> scratch;  // one per worker thread: never shared
+  const size_t ints = static_cast<size_t>(kPanelRows * MV * 16);
+  if (scratch.size() < ints + 16) scratch.resize(ints + 16);
+  int32_t* part = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(int32_t) % 16) % 16;
+  for (int64_t b0 = t.n0 / kPanelRows * kPanelRows; b0 < t.n1; b0 += kPanelRows) {
+    const int64_t rows_b = w.n - b0 < kPanelRows ? w.n - b0 : kPanelRows;
+    const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
+    const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
+    for (int64_t o = 0; o < panels; ++o) {
+      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
+      for (int64_t n = r0; n < r1; ++n) {
+        const int32_t* sn = sub + (n - b0);
+        int32_t* pr = part + (n - r0) * MV * 16;
+        __m512i out[MV];
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) out[v] = o == 0 ? _mm512_setzero_si512() : _mm512_load_si512(pr + 16 * v);
+        q8_panel_run<MV>(t.xqt, pn.values, pn.idx, sn[0], sn[1], out);
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) _mm512_store_si512(pr + 16 * v, out[v]);
+      }
+    }
+    for (int64_t c0 = r0; c0 < r1; c0 += 16) {
+      const int64_t channels = r1 - c0 < 16 ? r1 - c0 : 16;
+#pragma GCC unroll 2
+      for (int v = 0; v < MV; ++v) {
+        q8_store_tile(t, c0, channels, 16 * v, [&](int c) {
+          return reinterpret_cast<const float*>(part + ((c0 - r0 + c) * MV + v) * 16);
+        });
+      }
+    }
+  }
+}
+
+void q8_cols_panels_avx512(const Q8Task& t) {
+  static_assert(kPanelBlockRows == 32, "the driver hands this kernel at most 2 zmm of rows");
+  if (t.m <= 16) return q8_cols_panels_mv<1>(t);
+  return q8_cols_panels_mv<2>(t);
 }
 
 // Sliced layout (sparse.h): per step one weight zmm (16 channels x one 1x4
@@ -383,7 +535,8 @@ const Kernels& kernels_avx512vnni() {
   // beat one 16-lane gather (4096x4096 csr at 90%, M=1: 626 vs 815 us on one
   // thread, 341 vs 440 us on two). The 16-lane int8 gather wins (726 vs
   // 1001 us): each gathered dword carries a whole 1x4 block.
-  static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512, q8_rows_avx512, q8_cols_avx512, q8_sliced_avx512};
+  static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512, q8_rows_avx512, q8_cols_avx512, q8_cols_panels_avx512,
+                         q8_sliced_avx512};
   return k;
 }
 

@@ -14,6 +14,7 @@ from torch import nn
 from pycompress import _C, ops
 from pycompress._native import activation_code, get_isa
 from pycompress.ops.sparse import (
+    build_bsr1x4_panels,
     build_csr_panels,
     build_sliced,
     csr_panels_supported,
@@ -228,21 +229,27 @@ class SparseInt8Linear(_SparseBase):
 
     Kernel choice per call (csrc/sparse/sparse.h): the sliced kernel costs one vpermd + vpdpbusd per row
     and step (16 channel lanes, ``fill`` of them real blocks); the bsr1x4 kernels cost one gather per row
-    and 16 blocks (M < 4) or one vpdpbusd per block and 16 rows (M >= 4). Measured on Zen 4, one thread,
-    4096x4096 at 90% (µs, bsr1x4 / sliced / dense int8): 1x4 blocks (fill 0.57) M=1 292/67/298,
-    M=4 292/140/343, M=8 317/247/809, M=16 394/479/1555; unstructured (fill 0.83) M=1 728/134/266,
-    M=4 940/280/345, M=8 1020/534/682, M=16 1359/1301/1437 (3072x768: M=1 95/21/40 blocks,
-    171/32/41 unstructured). Per block and 16 rows the sliced kernel costs about 16/fill row-steps of ~2
-    cycles against ~2.8 cycles for the bsr1x4 cols kernel, so it runs when M <= 16 and
-    M * steps <= 1.4 * blocks. The AVX2 sliced kernel handles one row at a time (two vpermd and a blend
-    per half step): same machine, ISA avx2, 1x4 blocks M=1 327/158, M=4 629/579, M=16 733/6456; so below
-    AVX-512 it runs only for M <= 4.
+    and 16 blocks (M < 4) or one vpdpbusd per block and 16 rows (M >= 4), the latter over the bsr1x4 panel
+    layout on AVX-512 (x^T panels kept in L1/L2). Measured on Zen 4, one thread, 4096x4096 at 90%
+    unstructured (µs, bsr1x4 / bsr1x4 panels / sliced / dense int8): M=1 717/-/132/307, M=4 889/743/277/362,
+    M=8 904/751/542/687, M=16 1004/772/1110/1339, M=32 2375/1508/2286/2610, M=128 9604/6199/8832/9944.
+    So on AVX-512 the sliced kernel runs for M <= 8 when it needs few enough steps (M * steps <=
+    1.4 * blocks; 1x4-block pruned packs fill fewer lanes), the panel kernel for the other M >= 4. The
+    AVX2 sliced kernel handles one row at a time (two vpermd and a blend per half step): 1x4 blocks M=1
+    327/158 (bsr1x4 / sliced), M=4 629/579, M=16 733/6456; so below AVX-512 it runs only for M <= 4, and
+    there is no panel kernel.
+
+    The panel layout (non-persistent buffers ``panel_*``, ``panel_bytes()``) is built by the first eager call
+    that runs the panel kernel, so decode-only users (M < 4) never hold it; it is rebuilt whenever the pack
+    changes.
     """
 
     # Sliced kernel when M <= max rows (per ISA) and M * steps <= _SLICED_STEP_RATIO * blocks (see above).
-    _SLICED_MAX_ROWS = 16
+    _SLICED_MAX_ROWS = 8
     _SLICED_MAX_ROWS_BELOW_AVX512 = 4
     _SLICED_STEP_RATIO = 1.4
+    # The bsr1x4 kernels read the panel layout for M >= 4 (below, the gather kernel runs).
+    _PANEL_MIN_ROWS = 4
 
     def __init__(self, in_features: int, out_features: int, nblocks: int = 0, bias: bool = True,
                  activation: str = "none", act_scale: float | None = None, act_zero_point: int = 0,
@@ -259,6 +266,7 @@ class SparseInt8Linear(_SparseBase):
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self._sliced_stamp = None
+        self._panel_stamp = None
 
     @classmethod
     def from_float(cls, linear: nn.Module, activation: str = "none", act_scale: float | None = None,
@@ -304,6 +312,23 @@ class SparseInt8Linear(_SparseBase):
             self.register_buffer(name, t, persistent=False)
         self._sliced_stamp = stamp
 
+    def _panels_for(self, m: int):
+        """The bsr1x4 panel layout when the kernels would use it for M rows (AVX-512, M >= 4)."""
+        if m < self._PANEL_MIN_ROWS or get_isa() != "avx512":
+            return None
+        stamp = self._pack_stamp()
+        if stamp != self._panel_stamp:
+            try:
+                # Normal tensors even under inference_mode: their structural check is then memoized per version.
+                with torch.inference_mode(False):
+                    panels = build_bsr1x4_panels(self.row_ptr, self.blk_idx, self.values, self.in_features)
+            except ValueError as e:
+                raise ValueError(f"{self._label()}: {e}") from None
+            for name, t in zip(("panel_sub", "panel_idx", "panel_values"), panels):
+                self.register_buffer(name, t, persistent=False)
+            self._panel_stamp = stamp
+        return self.panel_sub, self.panel_idx, self.panel_values
+
     def _use_sliced(self, m: int) -> bool:
         steps = self.sliced_base.numel()
         max_rows = self._SLICED_MAX_ROWS if get_isa() == "avx512" else self._SLICED_MAX_ROWS_BELOW_AVX512
@@ -321,14 +346,21 @@ class SparseInt8Linear(_SparseBase):
                 self.act_scale, self.act_zero_point)
         # Traced graphs take the bsr1x4 op for every M: the per-call kernel choice reads the run-time ISA,
         # which dynamo cannot trace (the sliced op itself is traceable: ops.sparse_int8_linear_sliced).
-        return sparse_int8_linear_cpu(*args) if _eager_cpu(x) else ops.sparse_int8_linear(*args)
+        if _eager_cpu(x):
+            return sparse_int8_linear_cpu(*args, panels=self._panels_for(x.numel() // self.in_features))
+        return ops.sparse_int8_linear(*args)
 
     def packed_bytes(self) -> int:
-        """Bytes of the bsr1x4 pack (the state_dict); the derived sliced copy is ``sliced_bytes()``."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if not name.startswith("sliced_"))
+        """Bytes of the bsr1x4 pack (the state_dict); the derived copies are ``sliced_bytes()`` and
+        ``panel_bytes()``."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers()
+                   if not name.startswith(("sliced_", "panel_")))
 
     def sliced_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.startswith("sliced_"))
+
+    def panel_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.startswith("panel_"))
 
     def extra_repr(self) -> str:
         nblocks = self.blk_idx.numel()

@@ -162,12 +162,46 @@ def build_csr_panels(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch
     _require_contiguous(op, values)
     entries = _C.sparse_csr_panel_entries(row_ptr.data_ptr(), n, col_idx.data_ptr(), k)
     panels = (k + _C.SPARSE_PANEL_COLS - 1) // _C.SPARSE_PANEL_COLS
-    sub = torch.empty(n * panels * (_C.SPARSE_PANEL_COLS // _C.SPARSE_SUB_PANEL_COLS) + 1, dtype=torch.int32)
+    sub = torch.empty(n * panels + 1, dtype=torch.int32)
     idx = torch.empty(entries, dtype=torch.uint16)
     panel_values = torch.empty(entries, dtype=torch.float32)
     _C.sparse_build_csr_panels(row_ptr.data_ptr(), n, col_idx.data_ptr(), values.data_ptr(), k, sub.data_ptr(),
                                idx.data_ptr(), panel_values.data_ptr(), entries)
     return sub, idx, panel_values
+
+
+def build_bsr1x4_panels(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int):
+    """The bsr1x4 panel layout (csrc/sparse/sparse.h: the csr panel layout over k/4 groups, one 1x4 block per
+    entry) of a bsr1x4 pack: (sub, idx, values int8 [entries * 4]). Validated input, like build_csr_panels."""
+    op = "build_bsr1x4_panels"
+    n = _check_csr_like(op, row_ptr, blk_idx, values, 4, torch.int8)
+    ensure_valid_structure(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    _require_contiguous(op, values)
+    entries = _C.sparse_bsr1x4_panel_entries(row_ptr.data_ptr(), n, blk_idx.data_ptr(), k)
+    groups = (k + 3) // 4
+    panels = (groups + _C.SPARSE_PANEL_COLS - 1) // _C.SPARSE_PANEL_COLS
+    sub = torch.empty(n * panels + 1, dtype=torch.int32)
+    idx = torch.empty(entries, dtype=torch.uint16)
+    panel_values = torch.empty(4 * entries, dtype=torch.int8)
+    _C.sparse_build_bsr1x4_panels(row_ptr.data_ptr(), n, blk_idx.data_ptr(), values.data_ptr(), k, sub.data_ptr(),
+                                  idx.data_ptr(), panel_values.data_ptr(), entries)
+    return sub, idx, panel_values
+
+
+def _bsr1x4_panel_ptrs(op: str, panels, n: int, k: int) -> tuple[int, int, int]:
+    """Checks a bsr1x4 panel layout handed to an op (dtypes, sizes, memoized structure) and returns its pointers."""
+    if panels is None:
+        return 0, 0, 0
+    sub, idx, panel_values = panels
+    if (sub.dtype != torch.int32 or sub.dim() != 1 or idx.dtype != torch.uint16 or idx.dim() != 1
+            or panel_values.dtype != torch.int8 or panel_values.shape != (4 * idx.numel(),)):
+        raise ValueError(f"{op}: panels must be (int32 sub, uint16 idx, int8 values of 4 per index) 1-D tensors, got "
+                         f"{sub.dtype} {idx.dtype} {panel_values.dtype} {tuple(panel_values.shape)}")
+    _require_contiguous(op, panel_values)
+    validator = (lambda sub_ptr, nsub_minus_1, idx_ptr, entries, kk:
+                 _C.sparse_validate_bsr1x4_panels(sub_ptr, nsub_minus_1 + 1, idx_ptr, entries, n, kk))
+    ensure_valid_structure(op, sub, idx, k, validator)
+    return sub.data_ptr(), idx.data_ptr(), panel_values.data_ptr()
 
 
 def _panels_validator(n: int):
@@ -253,16 +287,20 @@ def sparse_linear_nm24_cpu(x, nm_idx, values, bias=None, activation=0):
 
 
 def sparse_int8_linear_cpu(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=None, activation=0,
-                           act_scale=None, act_zero_point=0):
+                           act_scale=None, act_zero_point=0, panels=None):
+    """``panels``: the pack's bsr1x4 panel layout (build_bsr1x4_panels) or None; the AVX-512 kernels use it for
+    M >= 4 (bit-identical results: exact int32 accumulation)."""
     k, n = _check_int8(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
     _require_contiguous("sparse_int8_linear", values, col_sum, w_scale, bias)
     ensure_valid_structure("sparse_int8_linear", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    panel_ptrs = _bsr1x4_panel_ptrs("sparse_int8_linear", panels, n, k)
     x2 = _rows(x, k)
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     _C.sparse_q8_linear(n, k, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(), col_sum.data_ptr(),
                         w_scale.data_ptr(), x2.data_ptr(), x2.shape[0], _ldx(x2, k),
                         0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
-                        1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads())
+                        1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads(),
+                        *panel_ptrs)
     return _out(x, y, n)
 
 
@@ -363,10 +401,12 @@ def sparse_sliced_accumulate_raw(q: torch.Tensor, slice_ptr, step_base, step_lan
     return out
 
 
-def sparse_q8_accumulate_raw(q: torch.Tensor, row_ptr, blk_idx, values, k: int) -> torch.Tensor:
-    """Test hook: raw int32 accumulators of quantized rows q uint8 [M, round_up(K, 4)] on the active ISA."""
+def sparse_q8_accumulate_raw(q: torch.Tensor, row_ptr, blk_idx, values, k: int, panels=None) -> torch.Tensor:
+    """Test hook: raw int32 accumulators of quantized rows q uint8 [M, round_up(K, 4)] on the active ISA (with the
+    bsr1x4 panel layout ``panels`` when given)."""
     n = row_ptr.numel() - 1
     ensure_valid_structure("sparse_q8_accumulate_raw", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    panel_ptrs = _bsr1x4_panel_ptrs("sparse_q8_accumulate_raw", panels, n, k)
     kp = (k + 3) // 4 * 4
     if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] != kp or not q.is_contiguous():
         raise ValueError(f"sparse_q8_accumulate_raw: q must be contiguous uint8 [M, {kp}], got {q.dtype} "
@@ -375,5 +415,5 @@ def sparse_q8_accumulate_raw(q: torch.Tensor, row_ptr, blk_idx, values, k: int) 
         raise ValueError("sparse_q8_accumulate_raw: values must hold 4 bytes per block")
     out = torch.empty((q.shape[0], n), dtype=torch.int32)
     _C.sparse_q8_accumulate_raw(n, k, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(), q.data_ptr(),
-                                q.shape[0], out.data_ptr(), num_threads())
+                                q.shape[0], out.data_ptr(), num_threads(), *panel_ptrs)
     return out

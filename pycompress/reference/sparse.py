@@ -198,27 +198,35 @@ def fp32_error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def csr_panels_ref(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, k: int, panel_rows: int,
-                   panel_cols: int, sub_panel_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   panel_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The csr panel layout of csrc/sparse/sparse.h, written out plainly (the specification of
     build_csr_panels): (sub int32, idx uint16, values float32). Loops in Python: for test-sized packs."""
     n = row_ptr.numel() - 1
     panels = (k + panel_cols - 1) // panel_cols
-    subs = panel_cols // sub_panel_cols
     rp, cols, vals = row_ptr.tolist(), col_idx.to(torch.int64).tolist(), values.tolist()
     sub, idx, out = [], [], []
     for n0 in range(0, n, panel_rows):
         for o in range(panels):
             for row in range(n0, min(n, n0 + panel_rows)):
-                for q in range(subs):
-                    sub.append(len(idx))
-                    lo = o * panel_cols + q * sub_panel_cols
-                    for j in range(rp[row], rp[row + 1]):  # csr order within a sub-panel
-                        if lo <= cols[j] < lo + sub_panel_cols:
-                            idx.append(cols[j])
-                            out.append(vals[j])
-                while (len(idx) - sub[-subs]) % 4:  # zero pads to a multiple of 4; index K reads a zero row
+                sub.append(len(idx))
+                lo = o * panel_cols
+                for j in range(rp[row], rp[row + 1]):  # csr order within a segment
+                    if lo <= cols[j] < lo + panel_cols:
+                        idx.append(cols[j])
+                        out.append(vals[j])
+                while (len(idx) - sub[-1]) % 4:  # zero pads to a multiple of 4; index K reads a zero row
                     idx.append(k)
-                    out.append(0.0)
+                    out.append(0)
     sub.append(len(idx))
     return (torch.tensor(sub, dtype=torch.int32), torch.tensor(idx, dtype=torch.int64).to(torch.uint16),
-            torch.tensor(out, dtype=torch.float32))
+            torch.tensor(out, dtype=values.dtype))
+
+
+def bsr1x4_panels_ref(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int, panel_rows: int,
+                      panel_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bsr1x4 panel layout of csrc/sparse/sparse.h (the specification of build_bsr1x4_panels): the csr
+    panel layout over the ceil(K/4) block columns, each entry one 1x4 int8 block, a pad four zero bytes and the
+    index ceil(K/4). Returns (sub int32, idx uint16, values int8 [entries * 4])."""
+    blocks = values.reshape(-1, 4).view(torch.int32).reshape(-1)  # a block's 4 bytes travel as one 32-bit word
+    sub, idx, words = csr_panels_ref(row_ptr, blk_idx, blocks, (k + 3) // 4, panel_rows, panel_cols)
+    return sub, idx, words.view(torch.int8).reshape(-1)
