@@ -229,44 +229,63 @@ inline void f32_panel_run(const float* xt, const float* vals, const uint16_t* id
   }
 }
 
-// Cols kernel over csr panels (sparse.h), for up to kPanelBlockRows rows
-// (MV <= 2 zmm): per block of channels the panels are outermost; partial sums
-// of the task's channels of the block live in a per-thread scratch between
-// panels, the epilogue runs after the last panel, 16 channels at a time.
-template <int MV>
-void f32_cols_panels_mv(const F32Task& t) {
-  const F32Weights& w = *t.w;
-  const CsrPanels& pn = *w.panels;
-  const int64_t panels = csr_panels_count(w.k);
-  thread_local std::vector<float> scratch;  // one per worker thread: never shared
-  const size_t floats = static_cast<size_t>(kPanelRows * MV * 16);
-  if (scratch.size() < floats + 16) scratch.resize(floats + 16);
-  float* part = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 16) % 16;
-  for (int64_t b0 = t.n0 / kPanelRows * kPanelRows; b0 < t.n1; b0 += kPanelRows) {
-    const int64_t rows_b = w.n - b0 < kPanelRows ? w.n - b0 : kPanelRows;
-    const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
-    const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
+// The loop of both cols kernels over a panel layout (sparse.h), for up to
+// kPanelBlockRows rows (MV <= 2 zmm): per block of kPanelRows channels the
+// panels are outermost; the partial sums of the task's channels of the block
+// (raw 32-bit lanes: float or int32) live in a per-thread scratch between
+// panels. `run(j0, j1, sums)` adds segment [j0, j1) of a channel to its MV
+// vectors of sums; `store(c0, channels, v, lanes)` runs the epilogue of 16
+// channels' vector v after the last panel, lanes(c) pointing at channel c's.
+template <int MV, class Run, class Store>
+void cols_panels_loop(int64_t n0, int64_t n1, int64_t n, int64_t panels, const int32_t* sub_all, Run&& run,
+                      Store&& store) {
+  thread_local std::vector<uint32_t> scratch;  // one per worker thread: never shared
+  const size_t lanes = static_cast<size_t>(kPanelRows * MV * 16);
+  if (scratch.size() < lanes + 16) scratch.resize(lanes + 16);
+  uint32_t* part = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(uint32_t) % 16) % 16;
+  for (int64_t b0 = n0 / kPanelRows * kPanelRows; b0 < n1; b0 += kPanelRows) {
+    const int64_t rows_b = n - b0 < kPanelRows ? n - b0 : kPanelRows;
+    const int64_t r0 = n0 > b0 ? n0 : b0;
+    const int64_t r1 = n1 < b0 + rows_b ? n1 : b0 + rows_b;
     for (int64_t o = 0; o < panels; ++o) {
-      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
-      for (int64_t n = r0; n < r1; ++n) {
-        const int32_t* sn = sub + (n - b0);
-        float* pr = part + (n - r0) * MV * 16;
-        __m512 out[MV];
+      const int32_t* sub = sub_all + b0 * panels + o * rows_b;
+      for (int64_t c = r0; c < r1; ++c) {
+        const int32_t* sc = sub + (c - b0);
+        uint32_t* pr = part + (c - r0) * MV * 16;
+        __m512i sums[MV];
 #pragma GCC unroll 2
-        for (int v = 0; v < MV; ++v) out[v] = o == 0 ? _mm512_setzero_ps() : _mm512_load_ps(pr + 16 * v);
-        f32_panel_run<MV>(t.xt, pn.values, pn.idx, sn[0], sn[1], out);
+        for (int v = 0; v < MV; ++v) sums[v] = o == 0 ? _mm512_setzero_si512() : _mm512_load_si512(pr + 16 * v);
+        run(sc[0], sc[1], sums);
 #pragma GCC unroll 2
-        for (int v = 0; v < MV; ++v) _mm512_store_ps(pr + 16 * v, out[v]);
+        for (int v = 0; v < MV; ++v) _mm512_store_si512(pr + 16 * v, sums[v]);
       }
     }
     for (int64_t c0 = r0; c0 < r1; c0 += 16) {
       const int64_t channels = r1 - c0 < 16 ? r1 - c0 : 16;
 #pragma GCC unroll 2
       for (int v = 0; v < MV; ++v) {
-        f32_store_tile(t, c0, channels, 16 * v, [&](int c) { return part + ((c0 - r0 + c) * MV + v) * 16; });
+        store(c0, channels, 16 * v, [&](int c) { return part + ((c0 - r0 + c) * MV + v) * 16; });
       }
     }
   }
+}
+
+template <int MV>
+void f32_cols_panels_mv(const F32Task& t) {
+  const CsrPanels& pn = *t.w->panels;
+  cols_panels_loop<MV>(
+      t.n0, t.n1, t.w->n, csr_panels_count(t.w->k), pn.sub,
+      [&](int32_t j0, int32_t j1, __m512i* sums) {
+        __m512 out[MV];
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) out[v] = _mm512_castsi512_ps(sums[v]);
+        f32_panel_run<MV>(t.xt, pn.values, pn.idx, j0, j1, out);
+#pragma GCC unroll 2
+        for (int v = 0; v < MV; ++v) sums[v] = _mm512_castps_si512(out[v]);
+      },
+      [&](int64_t c0, int64_t channels, int64_t row0, auto lanes) {
+        f32_store_tile(t, c0, channels, row0, [&](int c) { return reinterpret_cast<const float*>(lanes(c)); });
+      });
 }
 
 void f32_cols_panels_avx512(const F32Task& t) {
@@ -406,44 +425,16 @@ inline void q8_panel_run(const uint32_t* xt, const int8_t* vals, const uint16_t*
   }
 }
 
-// Cols kernel over bsr1x4 panels: the fp32 panel loop (f32_cols_panels_mv)
-// with int32 partial sums.
+// Cols kernel over bsr1x4 panels: the panel loop with int32 partial sums.
 template <int MV>
 void q8_cols_panels_mv(const Q8Task& t) {
-  const Q8Weights& w = *t.w;
-  const Bsr1x4Panels& pn = *w.panels;
-  const int64_t panels = csr_panels_count(w.kp / 4);
-  thread_local std::vector<int32_t> scratch;  // one per worker thread: never shared
-  const size_t ints = static_cast<size_t>(kPanelRows * MV * 16);
-  if (scratch.size() < ints + 16) scratch.resize(ints + 16);
-  int32_t* part = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(int32_t) % 16) % 16;
-  for (int64_t b0 = t.n0 / kPanelRows * kPanelRows; b0 < t.n1; b0 += kPanelRows) {
-    const int64_t rows_b = w.n - b0 < kPanelRows ? w.n - b0 : kPanelRows;
-    const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
-    const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
-    for (int64_t o = 0; o < panels; ++o) {
-      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
-      for (int64_t n = r0; n < r1; ++n) {
-        const int32_t* sn = sub + (n - b0);
-        int32_t* pr = part + (n - r0) * MV * 16;
-        __m512i out[MV];
-#pragma GCC unroll 2
-        for (int v = 0; v < MV; ++v) out[v] = o == 0 ? _mm512_setzero_si512() : _mm512_load_si512(pr + 16 * v);
-        q8_panel_run<MV>(t.xqt, pn.values, pn.idx, sn[0], sn[1], out);
-#pragma GCC unroll 2
-        for (int v = 0; v < MV; ++v) _mm512_store_si512(pr + 16 * v, out[v]);
-      }
-    }
-    for (int64_t c0 = r0; c0 < r1; c0 += 16) {
-      const int64_t channels = r1 - c0 < 16 ? r1 - c0 : 16;
-#pragma GCC unroll 2
-      for (int v = 0; v < MV; ++v) {
-        q8_store_tile(t, c0, channels, 16 * v, [&](int c) {
-          return reinterpret_cast<const float*>(part + ((c0 - r0 + c) * MV + v) * 16);
-        });
-      }
-    }
-  }
+  const Bsr1x4Panels& pn = *t.w->panels;
+  cols_panels_loop<MV>(
+      t.n0, t.n1, t.w->n, csr_panels_count(t.w->kp / 4), pn.sub,
+      [&](int32_t j0, int32_t j1, __m512i* sums) { q8_panel_run<MV>(t.xqt, pn.values, pn.idx, j0, j1, sums); },
+      [&](int64_t c0, int64_t channels, int64_t row0, auto lanes) {
+        q8_store_tile(t, c0, channels, row0, [&](int c) { return reinterpret_cast<const float*>(lanes(c)); });
+      });
 }
 
 void q8_cols_panels_avx512(const Q8Task& t) {
