@@ -412,13 +412,15 @@ def _time_candidates_us(modules: dict[str, nn.Module], args: tuple) -> dict[str,
 
 def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.Module]], inputs,
                       keep_outputs: bool, input_sources: dict[int, tuple] | None = None,
-                      keep_args: bool = True) -> dict[int, tuple[tuple, torch.Tensor | None]]:
+                      keep_args: bool = True, on_first_call: Callable | None = None
+                      ) -> dict[int, tuple[tuple, torch.Tensor | None]]:
     """Each target layer's first call during model(inputs): (args, output); ``keep_args=False`` keeps
     neither (only ``input_sources``). ``input_sources``, when given, receives id(layer) -> a key naming
     the tensor object of that call's first argument (equal keys: the same tensor, or, rarely, a later
     tensor that reused a dead one's id and address: grouping such layers costs a recomputation at run
-    time, never a wrong number, see SharedInputGroup). Nothing is held beyond what the model holds, so
-    the capture's peak memory is the model's own forward."""
+    time, never a wrong number, see SharedInputGroup). ``on_first_call(layer, args)`` runs inside that
+    first call (convert times the layer's candidates there, so no layer's input outlives its call).
+    With ``keep_args=False`` nothing is held beyond what the model holds."""
     captured: dict[int, tuple[tuple, torch.Tensor | None]] = {}
 
     def hook(mod, args, out):
@@ -428,6 +430,8 @@ def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.M
                                  if keep_args else ((), None))
             if input_sources is not None:
                 input_sources[id(mod)] = (id(args[0]), args[0].data_ptr(), tuple(args[0].shape))
+            if on_first_call is not None:
+                on_first_call(mod, args)
 
     handles = [m.register_forward_hook(hook) for _, m in targets.values()]
     try:
@@ -661,11 +665,36 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
     if not targets:
         notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
 
+    def state_of(key: int, module: nn.Module) -> LayerState:
+        state = _layer_state(module, _target_kind(module), quant_lookup)
+        if key in mha_children:
+            state.unsupported = "nn.MultiheadAttention reads its projections' weights directly, not through forward"
+        elif _base_type(module) not in (nn.Linear, nn.Conv2d):
+            state.unsupported = f"{_base_type(module).__name__} subclasses nn.{state.kind}; its forward may differ"
+        return state
+
+    def decided_without_timing(names: list[str]) -> bool:
+        return _matches(names, exclude) is not None or any(_matches(names, [p]) for p in overrides)
+
+    # auto with example inputs: each layer's candidates are built and timed inside the layer's first
+    # call, on its real input, and only the timings are kept: the peak is the model's own forward plus
+    # one layer's candidates, never every layer's input at once.
+    timings: dict[int, tuple[tuple, dict[str, float]]] = {}
+
+    def time_layer(module: nn.Module, args: tuple) -> None:
+        names = targets[id(module)][0]
+        if decided_without_timing(names):
+            return
+        state = state_of(id(module), module)
+        candidates = _candidate_reasons(state, global_unavailable, "timed")
+        built = {cand: build_module(module, cand, names[0], state) for cand in FORMATS if candidates[cand] is None}
+        timings[id(module)] = (tuple(tuple(a.shape) for a in args), _time_candidates_us(built, args))
+
     timing = policy == "auto" and example_inputs is not None
     input_sources: dict[int, tuple] = {}
     capture = example_inputs is not None and (timing or share_inputs)
     captured = _capture_layer_io(model, targets, example_inputs, keep_outputs=False, input_sources=input_sources,
-                                 keep_args=timing) if capture else {}
+                                 keep_args=False, on_first_call=time_layer if timing else None) if capture else {}
     original_ids: dict[int, int] = {}  # id(converted module) -> id(the float layer it replaced)
     checked = _capture_layer_io(model, targets, verify_inputs, keep_outputs=True) if verify_inputs is not None else {}
 
@@ -674,22 +703,16 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
     # the peak stays near the float model plus one layer's scratch.
     for key in list(targets):
         names, module = targets.pop(key)
-        captured_args = captured.pop(key, (None, None))[0]
         checked_io = checked.pop(key, None)
         name = names[0]
         kind = _target_kind(module)
-        state = _layer_state(module, kind, quant_lookup)
-        if key in mha_children:
-            state.unsupported = "nn.MultiheadAttention reads its projections' weights directly, not through forward"
-        elif _base_type(module) not in (nn.Linear, nn.Conv2d):
-            state.unsupported = f"{_base_type(module).__name__} subclasses nn.{kind}; its forward may differ"
-        timed = policy == "auto" and captured_args is not None
+        state = state_of(key, module)
+        timed = policy == "auto" and key in timings
         candidates = _candidate_reasons(state, global_unavailable, "timed" if timed else "heuristic")
         record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module),
                              not_considered={f: r for f, r in candidates.items() if r is not None})
         excluded = _matches(names, exclude)
         override = next(((p, f) for p, f in overrides.items() if _matches(names, [p])), None)
-        chosen = None
         if excluded is not None:
             fmt, why = "float", f"excluded by pattern {excluded!r}"
         elif override is not None or policy not in ("auto", "state"):
@@ -705,24 +728,19 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         elif policy == "state":
             fmt, why = state_format(state, candidates)
         elif timed:
-            args = captured_args
-            record.input_shape = tuple(tuple(a.shape) for a in args)
-            built = {cand: build_module(module, cand, name, state) for cand in FORMATS if candidates[cand] is None}
-            record.timings_us = _time_candidates_us(built, args)
+            record.input_shape, record.timings_us = timings.pop(key)
             fmt, why, best = "float", "no candidate beat float by 5%", record.timings_us["float"] / AUTO_MIN_SPEEDUP
             for cand, us in record.timings_us.items():
                 if cand != "float" and us < best:
-                    best, fmt, chosen = us, cand, built[cand]
+                    best, fmt = us, cand
                     why = f"fastest at input {record.input_shape[0]} (timed)"
-            del built
         elif timing:
             fmt, why = heuristic_format(state, candidates, module.weight.numel())
             why += "; not called by example_inputs"
         else:
             fmt, why = heuristic_format(state, candidates, module.weight.numel())
 
-        new = module if fmt == "float" else (chosen if chosen is not None and layer_format(chosen)[0] == fmt
-                                             else build_module(module, fmt, name, state))
+        new = module if fmt == "float" else build_module(module, fmt, name, state)
         if fmt != "float" and checked_io is not None:
             fmt_name, bits = layer_format(new)
             budget = layer_budget_db(fmt_name, bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
