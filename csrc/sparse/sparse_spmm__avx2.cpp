@@ -87,6 +87,52 @@ inline void store_column_raw(int32_t* raw, int64_t ld, int64_t n, int64_t row0, 
   for (int64_t i = 0; i < rows; ++i) raw[(row0 + i) * ld + n] = tmp[i];
 }
 
+inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 2; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 a = t[4 * i + h], b = t[4 * i + 2 + h];
+      u[4 * i + 2 * h] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * i + 2 * h + 1] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+inline __m256i lanes_mask(int64_t valid) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(valid)), index);
+}
+
+// Epilogue of `channels` (<= 8) consecutive output channels from n0 for the 8
+// rows from row0 (col(c): channel c's 8 row sums): transposed in registers so
+// y gets one contiguous masked store per row and bias is one vector load (a
+// store per channel and row into a y whose row stride is a power of two hits
+// one L1 set; see the AVX-512 file).
+template <typename Col>
+inline void f32_store_tile8(const F32Task& t, int64_t n0, int64_t channels, int64_t row0, Col col) {
+  __m256 r[8];
+  for (int c = 0; c < 8; ++c) r[c] = c < channels ? _mm256_load_ps(col(c)) : _mm256_setzero_ps();
+  transpose8x8(r);
+  const __m256i lanes = lanes_mask(channels);
+  const __m256 bias = t.bias != nullptr ? _mm256_maskload_ps(t.bias + n0, lanes) : _mm256_setzero_ps();
+  const int64_t rows = t.m - row0 < 8 ? t.m - row0 : 8;
+  for (int64_t i = 0; i < rows; ++i) {
+    __m256 y = r[i];
+    if (t.bias != nullptr) y = _mm256_add_ps(y, bias);
+    y = apply_activation_avx2(y, t.act);
+    _mm256_maskstore_ps(t.y + (row0 + i) * t.ldy + n0, lanes, y);
+  }
+}
+
 // Up to 4 ymm (32 rows) per pass; fewer vectors get two accumulator sets.
 template <int MV>
 void f32_cols_pass(const F32Task& t, int64_t row0) {
@@ -94,6 +140,13 @@ void f32_cols_pass(const F32Task& t, int64_t row0) {
   const F32Weights& w = *t.w;
   const int64_t half_k = w.k / 2;
   const float* xt = t.xt + row0;
+  alignas(32) float sums[8][MV * 8];  // 8 channels' row sums, stored as tiles of 8 x 8
+  auto flush = [&](int64_t c0, int64_t channels) {
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) {
+      f32_store_tile8(t, c0, channels, row0 + 8 * v, [&](int c) { return &sums[c][8 * v]; });
+    }
+  };
   for (int64_t n = t.n0; n < t.n1; ++n) {
     __m256 acc[S][MV];
 #pragma GCC unroll 2
@@ -119,14 +172,13 @@ void f32_cols_pass(const F32Task& t, int64_t row0) {
       const uint32_t* nm_row = w.nm_idx + n * w.nm_words;
       for (int64_t j = 0; j < half_k; ++j) step(static_cast<int>(j % S), vals[j], nm24_k(nm_row, j));
     }
+    const int64_t slot = (n - t.n0) % 8;
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) {
       if (S == 2) acc[0][v] = _mm256_add_ps(acc[0][v], acc[S - 1][v]);
-      __m256 y = acc[0][v];
-      if (t.bias != nullptr) y = _mm256_add_ps(y, _mm256_set1_ps(t.bias[n]));
-      y = apply_activation_avx2(y, t.act);
-      store_column(t.y, t.ldy, n, row0 + 8 * v, t.m, y);
+      _mm256_store_ps(&sums[slot][8 * v], acc[0][v]);
     }
+    if (slot == 7 || n + 1 == t.n1) flush(n - slot, slot + 1);
   }
 }
 
