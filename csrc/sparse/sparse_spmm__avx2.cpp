@@ -73,19 +73,7 @@ void f32_rows_avx2(const F32Task& t) {
   }
 }
 
-inline void store_column(float* y, int64_t ldy, int64_t n, int64_t row0, int64_t m, __m256 v) {
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, v);
-  const int64_t rows = m - row0 < 8 ? m - row0 : 8;
-  for (int64_t i = 0; i < rows; ++i) y[(row0 + i) * ldy + n] = tmp[i];
-}
 
-inline void store_column_raw(int32_t* raw, int64_t ld, int64_t n, int64_t row0, int64_t m, __m256i v) {
-  alignas(32) int32_t tmp[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
-  const int64_t rows = m - row0 < 8 ? m - row0 : 8;
-  for (int64_t i = 0; i < rows; ++i) raw[(row0 + i) * ld + n] = tmp[i];
-}
 
 inline void transpose8x8(__m256 r[8]) {
   __m256 t[8];
@@ -222,10 +210,48 @@ void q8_rows_avx2(const Q8Task& t) {
 
 // 16 rows x 4 bytes of transposed activations times one 1x4 block: 4 vpmaddwd,
 // each leaving (pair sum, pair sum) for 4 rows; folded per row at the end.
+// int8 twin of f32_store_tile8: the 8 rows from row0 of `channels` (<= 8)
+// channels from n0 (col(c): channel c's 8 int32 row sums), transposed in
+// registers; per lane the same IEEE operations as q8_epilogue, then one masked
+// store per row (or the raw sums, for the test hook).
+template <typename Col>
+inline void q8_store_tile8(const Q8Task& t, int64_t n0, int64_t channels, int64_t row0, Col col) {
+  __m256 r[8];
+  for (int c = 0; c < 8; ++c) r[c] = c < channels ? _mm256_load_ps(col(c)) : _mm256_setzero_ps();
+  transpose8x8(r);
+  const __m256i lanes = lanes_mask(channels);
+  const int64_t rows = t.m - row0 < 8 ? t.m - row0 : 8;
+  if (t.raw != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      _mm256_maskstore_epi32(t.raw + (row0 + i) * t.ldraw + n0, lanes, _mm256_castps_si256(r[i]));
+    }
+    return;
+  }
+  const __m256i col_sum = _mm256_maskload_epi32(t.w->col_sum + n0, lanes);
+  const __m256 w_scale = _mm256_maskload_ps(t.w->w_scale + n0, lanes);
+  const __m256 bias = t.bias != nullptr ? _mm256_maskload_ps(t.bias + n0, lanes) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = row0 + i;
+    const __m256i corrected =
+        _mm256_sub_epi32(_mm256_castps_si256(r[i]), _mm256_mullo_epi32(_mm256_set1_epi32(t.row_zp[row]), col_sum));
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(corrected), _mm256_mul_ps(_mm256_set1_ps(t.row_scale[row]), w_scale));
+    if (t.bias != nullptr) y = _mm256_add_ps(y, bias);
+    y = apply_activation_avx2(y, t.act);
+    _mm256_maskstore_ps(t.y + row * t.ldy + n0, lanes, y);
+  }
+}
+
 template <int MV>
 void q8_cols_pass(const Q8Task& t, int64_t row0) {
   const Q8Weights& w = *t.w;
   const uint32_t* xt = t.xqt + row0;
+  alignas(32) int32_t sums[8][MV * 16];  // 8 channels' int32 row sums, flushed as 8 x 8 tiles
+  auto flush = [&](int64_t c0, int64_t channels) {
+    for (int g = 0; g < 2 * MV && row0 + 8 * g < t.m; ++g) {
+      q8_store_tile8(t, c0, channels, row0 + 8 * g,
+                     [&](int c) { return reinterpret_cast<const float*>(&sums[c][8 * g]); });
+    }
+  };
   for (int64_t n = t.n0; n < t.n1; ++n) {
     __m256i acc[MV][4];
 #pragma GCC unroll 2
@@ -245,29 +271,16 @@ void q8_cols_pass(const Q8Task& t, int64_t row0) {
           acc[v][q] = _mm256_add_epi32(acc[v][q], _mm256_madd_epi16(x16, wb));
         }
     }
+    const int64_t slot = (n - t.n0) % 8;
 #pragma GCC unroll 2
     for (int v = 0; v < MV; ++v)
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         // hadd gives rows [0,1,4,5 | 2,3,6,7]; the permute restores 0..7.
-        const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[v][2 * h], acc[v][2 * h + 1]), 0xD8);
-        const int64_t r0 = row0 + 16 * v + 8 * h;
-        if (r0 >= t.m) continue;
-        if (t.raw != nullptr) {
-          store_column_raw(t.raw, t.ldraw, n, r0, t.m, sums);
-          continue;
-        }
-        const int64_t valid = t.m - r0 < 8 ? t.m - r0 : 8;
-        const __m256i rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)),
-                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256i zp = _mm256_maskload_epi32(t.row_zp + r0, rows);
-        const __m256 rs = _mm256_maskload_ps(t.row_scale + r0, rows);
-        const __m256i corrected = _mm256_sub_epi32(sums, _mm256_mullo_epi32(zp, _mm256_set1_epi32(w.col_sum[n])));
-        __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(corrected), _mm256_mul_ps(rs, _mm256_set1_ps(w.w_scale[n])));
-        if (t.bias != nullptr) y = _mm256_add_ps(y, _mm256_set1_ps(t.bias[n]));
-        y = apply_activation_avx2(y, t.act);
-        store_column(t.y, t.ldy, n, r0, t.m, y);
+        const __m256i rows8 = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[v][2 * h], acc[v][2 * h + 1]), 0xD8);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&sums[slot][16 * v + 8 * h]), rows8);
       }
+    if (slot == 7 || n + 1 == t.n1) flush(n - slot, slot + 1);
   }
 }
 
