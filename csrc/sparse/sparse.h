@@ -314,8 +314,9 @@ struct F32LinearArgs {
 };
 void f32_linear(const F32LinearArgs& a);
 
-struct Q8LinearArgs {
-  Q8Weights w;
+// The activation side of an int8 sparse call, common to the bsr1x4 and the
+// sliced linears: x is quantized by the dense int8 GEMM's quantizer.
+struct Q8Call {
   const float* x;
   int64_t m, ldx;
   const float* bias;
@@ -327,20 +328,14 @@ struct Q8LinearArgs {
   int64_t ldy;
   int nthreads;
 };
+
+struct Q8LinearArgs : Q8Call {
+  Q8Weights w;
+};
 void q8_linear(const Q8LinearArgs& a);
 
-struct SlicedLinearArgs {
+struct SlicedLinearArgs : Q8Call {
   SlicedWeights w;
-  const float* x;
-  int64_t m, ldx;
-  const float* bias;
-  Activation act;
-  bool is_static;
-  float static_scale;
-  int32_t static_zp;
-  float* y;
-  int64_t ldy;
-  int nthreads;
 };
 void sliced_linear(const SlicedLinearArgs& a);
 // Test hook: raw accumulators of quantized rows q [m][sliced_row_bytes(k)].

@@ -36,6 +36,22 @@ sparse::SlicedWeights sliced_weights(int64_t n, int64_t k, std::uintptr_t slice_
                                ptr<const float>(w_scale)};
 }
 
+// The activation side of an int8 sparse call, as both int8 linears' bindings receive it.
+void set_q8_call(sparse::Q8Call& c, std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t bias, int act,
+                 bool is_static, float static_scale, int32_t static_zp, std::uintptr_t y, int64_t ldy, int nthreads) {
+  c.x = ptr<const float>(x);
+  c.m = m;
+  c.ldx = ldx;
+  c.bias = ptr<const float>(bias);
+  c.act = bindings::parse_activation(act);
+  c.is_static = is_static;
+  c.static_scale = static_scale;
+  c.static_zp = static_zp;
+  c.y = ptr<float>(y);
+  c.ldy = ldy;
+  c.nthreads = nthreads;
+}
+
 }  // namespace
 
 void register_sparse_bindings(py::module_& m) {
@@ -120,17 +136,7 @@ void register_sparse_bindings(py::module_& m) {
         const sparse::Bsr1x4Panels panels{ptr<const int32_t>(panel_sub), ptr<const uint16_t>(panel_idx),
                                           ptr<const int8_t>(panel_values)};
         if (panel_sub != 0) a.w.panels = &panels;
-        a.x = ptr<const float>(x);
-        a.m = m;
-        a.ldx = ldx;
-        a.bias = ptr<const float>(bias);
-        a.act = bindings::parse_activation(act);
-        a.is_static = is_static;
-        a.static_scale = static_scale;
-        a.static_zp = static_zp;
-        a.y = ptr<float>(y);
-        a.ldy = ldy;
-        a.nthreads = nthreads;
+        set_q8_call(a, x, m, ldx, bias, act, is_static, static_scale, static_zp, y, ldy, nthreads);
         py::gil_scoped_release release;
         sparse::q8_linear(a);
       },
@@ -214,17 +220,7 @@ void register_sparse_bindings(py::module_& m) {
          std::uintptr_t y, int64_t ldy, int nthreads) {
         sparse::SlicedLinearArgs a{};
         a.w = sliced_weights(n, k, slice_ptr, step_base, step_lane, values, col_sum, w_scale);
-        a.x = ptr<const float>(x);
-        a.m = m;
-        a.ldx = ldx;
-        a.bias = ptr<const float>(bias);
-        a.act = bindings::parse_activation(act);
-        a.is_static = is_static;
-        a.static_scale = static_scale;
-        a.static_zp = static_zp;
-        a.y = ptr<float>(y);
-        a.ldy = ldy;
-        a.nthreads = nthreads;
+        set_q8_call(a, x, m, ldx, bias, act, is_static, static_scale, static_zp, y, ldy, nthreads);
         py::gil_scoped_release release;
         sparse::sliced_linear(a);
       },

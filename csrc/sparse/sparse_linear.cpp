@@ -573,33 +573,15 @@ void q8_run(const Q8Weights& w, const uint8_t* q, int64_t m, const float* scale,
 
 }  // namespace
 
-void q8_linear(const Q8LinearArgs& a) {
-  const Q8Weights& w = a.w;
-  if (a.m < 0 || w.n < 1) throw std::invalid_argument("sparse int8 linear: bad sizes " + sizes(a.m, w.k, w.n));
-  check_k(w.k, "sparse int8 linear");
-  if (w.kp != (w.k + 3) / 4 * 4) throw std::invalid_argument("sparse int8 linear: kp must be K rounded up to 4");
-  if (a.ldx < w.k || a.ldy < w.n) throw std::invalid_argument("sparse int8 linear: row stride smaller than row");
-  q8::check_static_activation(a.is_static, a.static_scale, a.static_zp, "sparse int8 linear");
-  if (a.m == 0) return;
-  const Isa isa = active_isa();
-  Scratch& s = thread_scratch();
-  uint8_t* q = grow(s.q, static_cast<size_t>(a.m * w.kp));
-  float* scale = grow(s.scale, static_cast<size_t>(a.m));
-  int32_t* zp = grow(s.zp, static_cast<size_t>(a.m));
-  uint8_t* nonfinite = grow(s.nonfinite, static_cast<size_t>(a.m));
-
-  // The dense int8 GEMM's own quantizer: identical activation numbers.
-  const q8::Kernels& qk = q8::kernels_for(isa);
-  q8::quantize_rows_parallel(qk, q8::QuantizeRows{a.x, a.ldx, a.m, w.k, w.kp, q, scale, zp, nonfinite, a.is_static,
-                                                   a.static_scale, a.static_zp},
-                             a.nthreads);
-
-  q8_run(w, q, a.m, scale, zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
-
-  q8::fill_nonfinite_rows(nonfinite, a.m, a.y, a.ldy, w.n);
-}
-
 namespace {
+
+// The checks both int8 linears make of their call (what: the op, for errors).
+void check_q8_call(const Q8Call& a, int64_t n, int64_t k, const char* what) {
+  if (a.m < 0 || n < 1) throw std::invalid_argument(std::string(what) + ": bad sizes " + sizes(a.m, k, n));
+  check_k(k, what);
+  if (a.ldx < k || a.ldy < n) throw std::invalid_argument(std::string(what) + ": row stride smaller than row");
+  q8::check_static_activation(a.is_static, a.static_scale, a.static_zp, what);
+}
 
 void sliced_run(const SlicedWeights& w, const uint8_t* q, int64_t m, const float* scale, const int32_t* zp,
                 const float* bias, Activation act, float* y, int64_t ldy, int32_t* raw, int nthreads) {
@@ -630,39 +612,55 @@ void sliced_run(const SlicedWeights& w, const uint8_t* q, int64_t m, const float
   });
 }
 
+struct QuantizedRows {
+  uint8_t* q;  // rows of ldq bytes
+  float* scale;
+  int32_t* zp;
+  uint8_t* nonfinite;
+};
+
+// x quantized by the dense int8 GEMM's quantizer (identical numbers) into this
+// thread's scratch, rows of ldq >= kp bytes. The quantizer writes rows of kp
+// bytes; wider rows (the sliced windows read up to 64 bytes when K < 64) are
+// quantized compactly and copied into zero-padded rows.
+QuantizedRows quantize_x(const Q8Call& a, int64_t k, int64_t ldq) {
+  const int64_t kp = (k + 3) / 4 * 4;
+  Scratch& s = thread_scratch();
+  const QuantizedRows out{grow(s.q, static_cast<size_t>(a.m * ldq)), grow(s.scale, static_cast<size_t>(a.m)),
+                          grow(s.zp, static_cast<size_t>(a.m)), grow(s.nonfinite, static_cast<size_t>(a.m))};
+  uint8_t* qc = ldq == kp ? out.q : grow(s.q_compact, static_cast<size_t>(a.m * kp));
+  q8::quantize_rows_parallel(q8::kernels_for(active_isa()),
+                             q8::QuantizeRows{a.x, a.ldx, a.m, k, kp, qc, out.scale, out.zp, out.nonfinite,
+                                              a.is_static, a.static_scale, a.static_zp, nullptr, 0},
+                             a.nthreads);
+  if (qc != out.q) {
+    for (int64_t r = 0; r < a.m; ++r) {
+      std::memcpy(out.q + r * ldq, qc + r * kp, static_cast<size_t>(kp));
+      std::memset(out.q + r * ldq + kp, 0, static_cast<size_t>(ldq - kp));
+    }
+  }
+  return out;
+}
+
 }  // namespace
+
+void q8_linear(const Q8LinearArgs& a) {
+  const Q8Weights& w = a.w;
+  check_q8_call(a, w.n, w.k, "sparse int8 linear");
+  if (w.kp != (w.k + 3) / 4 * 4) throw std::invalid_argument("sparse int8 linear: kp must be K rounded up to 4");
+  if (a.m == 0) return;
+  const QuantizedRows x = quantize_x(a, w.k, w.kp);
+  q8_run(w, x.q, a.m, x.scale, x.zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
+  q8::fill_nonfinite_rows(x.nonfinite, a.m, a.y, a.ldy, w.n);
+}
 
 void sliced_linear(const SlicedLinearArgs& a) {
   const SlicedWeights& w = a.w;
-  if (a.m < 0 || w.n < 1) throw std::invalid_argument("sparse sliced int8 linear: bad sizes " + sizes(a.m, w.k, w.n));
-  check_k(w.k, "sparse sliced int8 linear");
-  if (a.ldx < w.k || a.ldy < w.n) throw std::invalid_argument("sparse sliced int8 linear: row stride smaller than row");
-  q8::check_static_activation(a.is_static, a.static_scale, a.static_zp, "sparse sliced int8 linear");
+  check_q8_call(a, w.n, w.k, "sparse sliced int8 linear");
   if (a.m == 0) return;
-  const Isa isa = active_isa();
-  const int64_t ldq = sliced_row_bytes(w.k);
-  Scratch& s = thread_scratch();
-  uint8_t* q = grow(s.q, static_cast<size_t>(a.m * ldq));
-  float* scale = grow(s.scale, static_cast<size_t>(a.m));
-  int32_t* zp = grow(s.zp, static_cast<size_t>(a.m));
-  uint8_t* nonfinite = grow(s.nonfinite, static_cast<size_t>(a.m));
-  // The dense int8 GEMM's quantizer (identical numbers). It writes rows of
-  // kp bytes; when K < 64 the windows read up to 64 bytes, so those rows are
-  // quantized compactly and copied into zero-padded rows of ldq.
-  const int64_t kp = (w.k + 3) / 4 * 4;
-  uint8_t* qc = ldq == kp ? q : grow(s.q_compact, static_cast<size_t>(a.m * kp));
-  const q8::Kernels& qk = q8::kernels_for(isa);
-  q8::quantize_rows_parallel(
-      qk, q8::QuantizeRows{a.x, a.ldx, a.m, w.k, kp, qc, scale, zp, nonfinite, a.is_static, a.static_scale, a.static_zp},
-      a.nthreads);
-  if (qc != q) {
-    for (int64_t r = 0; r < a.m; ++r) {
-      std::memcpy(q + r * ldq, qc + r * kp, static_cast<size_t>(kp));
-      std::memset(q + r * ldq + kp, 0, static_cast<size_t>(ldq - kp));
-    }
-  }
-  sliced_run(w, q, a.m, scale, zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
-  q8::fill_nonfinite_rows(nonfinite, a.m, a.y, a.ldy, w.n);
+  const QuantizedRows x = quantize_x(a, w.k, sliced_row_bytes(w.k));
+  sliced_run(w, x.q, a.m, x.scale, x.zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
+  q8::fill_nonfinite_rows(x.nonfinite, a.m, a.y, a.ldy, w.n);
 }
 
 void sliced_accumulate_raw(const SlicedWeights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads) {
