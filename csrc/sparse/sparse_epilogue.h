@@ -31,7 +31,9 @@ inline float q8_epilogue(int32_t acc, int32_t zp, int32_t col_sum, float row_sca
   return apply_activation(v, act);
 }
 
-inline void q8_store_scalar(const Q8Task& t, int64_t r, int64_t n, int32_t acc) {
+// Row r, channel n of an int8 task (Q8Task or SlicedTask): the raw sum, or its epilogue.
+template <class Task>
+inline void q8_store_scalar(const Task& t, int64_t r, int64_t n, int32_t acc) {
   if (t.raw != nullptr) {
     t.raw[r * t.ldraw + n] = acc;
     return;

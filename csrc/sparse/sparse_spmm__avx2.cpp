@@ -332,12 +332,7 @@ void q8_sliced_avx2(const SlicedTask& t) {
       }
       for (int64_t l = 0; l < kSliceLanes && n0 + l < w.n; ++l) {
         const int64_t n = n0 + l;
-        if (t.raw != nullptr) {
-          t.raw[r * t.ldraw + n] = sums[l];
-        } else {
-          t.y[r * t.ldy + n] = q8_epilogue(sums[l], t.row_zp[r], w.col_sum[n], t.row_scale[r], w.w_scale[n], t.bias,
-                                           n, t.act);
-        }
+        q8_store_scalar(t, r, n, sums[l]);
       }
     }
   }

@@ -61,12 +61,7 @@ void q8_sliced_scalar(const SlicedTask& t) {
       }
       for (int64_t l = 0; l < kSliceLanes && s * kSliceLanes + l < w.n; ++l) {
         const int64_t n = s * kSliceLanes + l;
-        if (t.raw != nullptr) {
-          t.raw[r * t.ldraw + n] = acc[l];
-        } else {
-          t.y[r * t.ldy + n] = q8_epilogue(acc[l], t.row_zp[r], w.col_sum[n], t.row_scale[r], w.w_scale[n], t.bias,
-                                           n, t.act);
-        }
+        q8_store_scalar(t, r, n, acc[l]);
       }
     }
   }
