@@ -443,14 +443,20 @@ def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.M
     return captured
 
 
+def _use_counts(model: nn.Module) -> dict[int, int]:
+    """id(module) -> how many places of the model hold it (a shared module counts once per place)."""
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    return uses
+
+
 def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: dict[int, tuple],
                   original_ids: dict[int, int]) -> list[dict]:
     """Groups the converted dense int8 layers that read one tensor (SHARED_INPUT_PARENTS, then the
     captured sources) into SharedInputGroups; returns them as ConversionRecord.shared_input entries."""
     names = {id(m): n for n, m in model.named_modules()}
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
 
     def eligible(m) -> bool:
         return type(m) is Int8Linear and m._shared_input is None and uses[id(m)] == 1
@@ -515,9 +521,7 @@ def set_epilogue_activation(gemm: Int8Linear, activation: str) -> None:
 
 
 def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]:
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
     by_module = {}
     for rec in records:
         by_module[id(model.get_submodule(rec.name))] = rec
