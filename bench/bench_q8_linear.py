@@ -185,9 +185,12 @@ def _overhead_steps(shape: LinearShape, threads: int, inputs: list[torch.Tensor]
     args = (x, module.w_packed, module.col_sum, module.w_scale, module.bias, 0, None, 0)
     kernel_call = functools.partial(_C.q8_linear, *_q8_args(module, x, y, threads))
     kernel_call.keepalive = y  # the partial holds y's raw pointer
+    plan_call = functools.partial(module._native_plan().run, x.data_ptr(), shape.m, shape.k, y.data_ptr(), threads)
+    plan_call.keepalive = (x, y)
     steps: dict[str, Step] = {
         "torch.empty((M, N)) (allocation floor)": functools.partial(torch.empty, (shape.m, shape.n)),
         "_C.q8_linear (kernel + pybind11, preallocated y)": kernel_call,
+        "Int8Linear's native plan .run (what a module call runs)": plan_call,
         "int8_linear_cpu (op body: checks, alloc, pointers)": functools.partial(int8_linear_cpu, *args),
         "torch.ops.pycompress.int8_linear (dispatcher)": functools.partial(torch.ops.pycompress.int8_linear, *args),
         "Int8Linear module call": functools.partial(module, x),

@@ -30,6 +30,40 @@ std::vector<std::string> isa_names(const std::vector<Isa>& isas) {
   return names;
 }
 
+// One dense int8 linear with its weight-side operands bound once:
+// pycompress.nn.Int8Linear keeps one per layer (validated by
+// pycompress.ops.q8.int8_linear_plan, rebuilt whenever a buffer is replaced or
+// its storage moves), so an eager call passes only x, y and the thread count
+// (bench/README.md: per-call overhead).
+class Q8LinearPlan {
+ public:
+  Q8LinearPlan(std::uintptr_t w_packed, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias,
+               int64_t k, int64_t n, int act, bool is_static, float static_scale, int32_t static_zp)
+      : k_(k),
+        is_static_(is_static),
+        static_scale_(static_scale),
+        static_zp_(static_zp),
+        out_{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum), ptr<const float>(w_scale),
+             ptr<const float>(bias), n, nullptr, n, parse_activation(act)} {}
+
+  // y[m, n] (contiguous) = the linear of x's m rows (row stride ldx).
+  void run(std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t y, int nthreads) const {
+    const q8::SharedInput in{ptr<const float>(x), m, k_, ldx, is_static_, static_scale_, static_zp_, nthreads,
+                             nullptr};
+    q8::LinearOutput out = out_;
+    out.y = ptr<float>(y);
+    py::gil_scoped_release release;
+    q8::linear_shared_input(in, &out, 1);
+  }
+
+ private:
+  int64_t k_;
+  bool is_static_;
+  float static_scale_;
+  int32_t static_zp_;
+  q8::LinearOutput out_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -62,6 +96,13 @@ PYBIND11_MODULE(_C, m) {
         q8::linear_shared_input(in, &out, 1);
       },
       "y[m, n] = act(dequant(quant(x) @ W^T) + bias) on the active ISA");
+
+  py::class_<Q8LinearPlan>(m, "Q8LinearPlan")
+      .def(py::init<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int, bool,
+                    float, int32_t>(),
+           py::arg("w_packed"), py::arg("col_sum"), py::arg("w_scale"), py::arg("bias"), py::arg("k"),
+           py::arg("n"), py::arg("act"), py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"))
+      .def("run", &Q8LinearPlan::run, "y[m, n] = the bound linear of x (m rows, row stride ldx)");
 
   m.def(
       "q8_linear_shared_input",

@@ -370,6 +370,57 @@ def test_state_dict_round_trip(gen):
     assert plain.activation == "relu" and torch.equal(plain(x), src(x))
 
 
+def test_module_follows_every_change_to_its_buffers_and_settings(gen):
+    # The eager call binds the layer's operands once (a native plan); any later change must be
+    # seen on the next call, and a bad replacement refused, never read out of bounds.
+    lin = make_linear(40, 24, gen)
+    mod = pc.nn.Int8Linear.from_float(lin)
+    x = torch.randn(5, 40, generator=gen)
+    q, scale = quantize_weight_per_channel(lin.weight)
+    bias = lin.bias.detach()
+    assert torch.equal(mod(x), int8_linear_ref(x, q, scale, bias))
+    mod.w_scale.mul_(2)  # in place: same storage
+    assert torch.equal(mod(x), int8_linear_ref(x, q, scale * 2, bias))
+    mod.w_scale = scale.clone()  # a replaced buffer
+    assert torch.equal(mod(x), int8_linear_ref(x, q, scale, bias))
+    mod.bias = torch.zeros(24)
+    assert torch.equal(mod(x), int8_linear_ref(x, q, scale, torch.zeros(24)))
+    mod.bias = bias.clone()
+    mod.set_activation("relu")
+    assert torch.equal(mod(x), int8_linear_ref(x, q, scale, bias, "relu"))
+    mod.set_activation("none")
+    mod.act_scale, mod.act_zero_point = 0.02, 131
+    assert torch.equal(mod(x), int8_linear_ref(x, q, scale, bias, "none", (0.02, 131)))
+    mod.act_scale, mod.act_zero_point = None, 0
+    mod.share_memory()  # every storage moves to shared memory
+    assert torch.equal(mod(x), int8_linear_ref(x, q, scale, bias))
+    for copy in (copy_module(mod, "deepcopy"), copy_module(mod, "pickle")):
+        assert torch.equal(copy(x), int8_linear_ref(x, q, scale, bias))
+    other = make_linear(40, 24, gen)
+    mod.load_state_dict(pc.nn.Int8Linear.from_float(other).state_dict())
+    q2, scale2 = quantize_weight_per_channel(other.weight)
+    assert torch.equal(mod(x), int8_linear_ref(x, q2, scale2, other.bias.detach()))
+    mod.w_scale = torch.ones(23)
+    with pytest.raises(ValueError, match="w_scale must be 1-D float32"):
+        mod(x)
+    mod.w_scale = scale2.clone()
+    mod.w_packed = mod.w_packed[:-4]
+    with pytest.raises(ValueError, match="packed weight must be 1-D int8"):
+        mod(x)
+
+
+def copy_module(mod, how):
+    import copy
+    import io
+    import pickle
+
+    if how == "deepcopy":
+        return copy.deepcopy(mod)
+    buf = io.BytesIO()
+    pickle.dump(mod, buf)
+    return pickle.loads(buf.getvalue())
+
+
 def test_extra_repr_is_informative(gen):
     text = repr(pc.nn.Int8Linear.from_float(make_linear(64, 32, gen), activation="gelu"))
     for part in ("in_features=64", "out_features=32", "int8 per-channel", "dynamic per-row", "gelu", "bytes="):

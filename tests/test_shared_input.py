@@ -74,21 +74,22 @@ def test_kernel_rejects_a_member_of_another_width(gen):
 
 
 class Counting:
-    """Counts the kernel calls made by Int8Linear / SharedInputGroup."""
+    """Counts the kernel calls made by Int8Linear / SharedInputGroup: a layer computing alone
+    (its own eager call) or one shared call for a group."""
 
     def __init__(self, monkeypatch):
         self.alone = self.shared = 0
-        real_alone, real_shared = int8_linear_mod.int8_linear_cpu, int8_linear_mod.int8_linear_shared_input_cpu
+        real_alone, real_shared = Int8Linear._eager, int8_linear_mod.int8_linear_shared_input_cpu
 
-        def alone(*a, **kw):
+        def alone(layer, x):
             self.alone += 1
-            return real_alone(*a, **kw)
+            return real_alone(layer, x)
 
         def shared(*a, **kw):
             self.shared += 1
             return real_shared(*a, **kw)
 
-        monkeypatch.setattr(int8_linear_mod, "int8_linear_cpu", alone)
+        monkeypatch.setattr(Int8Linear, "_eager", alone)
         monkeypatch.setattr(int8_linear_mod, "int8_linear_shared_input_cpu", shared)
 
 

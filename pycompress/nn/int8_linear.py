@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from pycompress import ops
-from pycompress.ops.q8 import int8_linear_cpu, int8_linear_shared_input_cpu
-from pycompress._native import activation_code
+from pycompress.ops.q8 import int8_linear_plan, int8_linear_shared_input_cpu
+from pycompress._native import activation_code, num_threads
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
 
 
@@ -58,6 +58,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self._shared_input: SharedInputGroup | None = None  # set by SharedInputGroup (pycompress.convert)
+        self._plan = None  # (operands, key, native plan) of the eager path; see _native_plan
 
     @classmethod
     def from_float(
@@ -92,22 +93,67 @@ class Int8Linear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and self._shared_input is None
+                and not torch.compiler.is_compiling()):
+            return self._eager(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
                              f"expected (..., {self.in_features}) features")
         if x.dtype != torch.float32:
             raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32")
         if type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling():
-            # Eager CPU: the op's own CPU kernel without the dispatcher round trip, and
-            # buffers read from the dict rather than through nn.Module.__getattr__
-            # (together ~10 us per call; bench/README.md). Traced or fake tensors take the op.
-            if self._shared_input is not None:
-                return self._shared_input.output(self, x)
-            b = self._buffers
-            return int8_linear_cpu(x, b["w_packed"], b["col_sum"], b["w_scale"], b["bias"],
-                                   self._act_code, self.act_scale, self.act_zero_point)
+            # Eager CPU in a shared-input group: its output may already be computed.
+            return self._shared_input.output(self, x)
         return ops.int8_linear(x, self.w_packed, self.col_sum, self.w_scale, self.bias,
                                self._act_code, self.act_scale, self.act_zero_point)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        # Eager CPU call: the native plan of this layer's operands, without the dispatcher
+        # round trip and without re-checking the weights on every call (each check costs
+        # ~0.1 us of Python; bench/README.md: per-call overhead). Same kernel as the op.
+        k = self.in_features
+        shape = x.shape
+        if not shape or shape[-1] != k:
+            raise ValueError(f"{self._label()}: input has shape {tuple(shape)}, expected (..., {k}) features")
+        if x.is_contiguous():
+            x2, ldx = x, k
+            m = x.numel() // k
+        else:
+            x2 = x if len(shape) == 2 else x.reshape(-1, k)
+            m = x2.shape[0]
+            # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
+            if m > 0 and (x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k)):
+                x2 = x2.contiguous()
+            ldx = x2.stride(0) if m > 1 else k
+        plan = self._native_plan()
+        n = self.out_features
+        y = torch.empty(m, n, dtype=torch.float32)
+        plan.run(x2.data_ptr(), m, ldx, y.data_ptr(), num_threads())
+        return y if len(shape) == 2 else y.view(*shape[:-1], n)
+
+    def _native_plan(self):
+        """The native plan for the current buffers and activation settings; rebuilt (and the
+        buffers checked again) when a buffer was replaced or its storage moved. The record holds
+        the buffers it was built from, so their addresses cannot be reused while it lives."""
+        b = self._buffers
+        w, c, s, bias = b["w_packed"], b["col_sum"], b["w_scale"], b["bias"]
+        key = (w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if bias is None else bias.data_ptr(),
+               self._act_code, self.act_scale, self.act_zero_point)
+        r = self._plan
+        if r is not None and r[1] == key:
+            held = r[0]
+            if held[0] is w and held[1] is c and held[2] is s and held[3] is bias:
+                return r[2]
+        plan = int8_linear_plan(self.in_features, self.out_features, w, c, s, bias, self._act_code, self.act_scale,
+                                self.act_zero_point)
+        self._plan = ((w, c, s, bias), key, plan)
+        return plan
+
+    def __getstate__(self) -> dict:
+        # The native plan holds raw pointers: never copied or pickled, rebuilt on the next call.
+        state = dict(super().__getstate__())
+        state["_plan"] = None
+        return state
 
     def set_activation(self, activation: str) -> None:
         """Sets the activation the kernel applies in its epilogue ("none", "relu", "gelu")."""
@@ -211,7 +257,7 @@ class SharedInputGroup:
     def output(self, member: Int8Linear, x: torch.Tensor) -> torch.Tensor:
         version = None if x.is_inference() else x._version
         if version is None and not self.adjacent:
-            return int8_linear_cpu(x, *member._operands(), member.act_scale, member.act_zero_point)
+            return member._eager(x)
         local = self._local
         pending = getattr(local, "pending", None)
         if pending is not None and pending[0]() is x and pending[1] == version:
@@ -222,7 +268,7 @@ class SharedInputGroup:
         for m in self.members:
             if m.act_scale != scale or m.act_zero_point != zero_point:
                 local.pending = None  # members no longer quantize x alike: each computes alone
-                return int8_linear_cpu(x, *member._operands(), member.act_scale, member.act_zero_point)
+                return member._eager(x)
         ys = int8_linear_shared_input_cpu(x, [m._operands() for m in self.members], scale, zero_point)
         mine = None
         waiting = {}

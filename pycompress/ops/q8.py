@@ -88,6 +88,26 @@ def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale
 LIB.impl("int8_linear", int8_linear_cpu, "CPU")
 
 
+def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
+    """The weight-side operands of one int8 linear of K input features, checked once and bound
+    into a native plan: ``plan.run(x_ptr, m, ldx, y_ptr, threads)`` then computes what
+    ``int8_linear_cpu`` does for float32 rows x (contiguous within a row) into a contiguous y [m, N]
+    (N = n, the layer's output features).
+    The caller keeps the operands alive and rebuilds the plan when any of them is replaced or its
+    storage moves (``Int8Linear`` does)."""
+    if w_scale.dim() != 1 or w_scale.shape[0] != n:
+        raise ValueError(f"int8_linear: w_scale must be 1-D float32 of {n}, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
+            and (bias is None or bias.is_contiguous())
+            and all(t.device.type == "cpu" for t in (w_packed, col_sum, w_scale) + (() if bias is None else (bias,)))):
+        raise ValueError("int8_linear: weight operands must be contiguous CPU tensors "
+                         "(build them with pycompress.nn modules)")
+    return _C.Q8LinearPlan(w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
+                           0 if bias is None else bias.data_ptr(), k, n, activation, act_scale is not None,
+                           1.0 if act_scale is None else act_scale, act_zero_point)
+
+
 def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0) -> list[torch.Tensor]:
     """Several int8 linears of one input, eager CPU only: ``outputs`` is a sequence of
     ``(w_packed, col_sum, w_scale, bias, activation)``. x is quantized once and every output's
