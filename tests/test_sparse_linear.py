@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pycompress as pc
+from pycompress import _C
 from pycompress.nn import Int8Linear, SparseInt8Linear, SparseLinear
 from pycompress.ops.sparse import build_sliced, sparse_int8_linear_sliced, sparse_q8_accumulate_raw, sparse_sliced_accumulate_raw
 from pycompress.reference import (
@@ -185,12 +186,22 @@ def test_int8_linear_bit_exact_and_equal_to_dense_int8(isa, activation, static, 
 SLICED_SHAPES = ((1, 1), (15, 63), (16, 64), (17, 65), (33, 4), (40, 132), (129, 260), (20, 1000))
 
 
-def sliced_args(mod):
-    return (mod.sliced_ptr, mod.sliced_base, mod.sliced_lane, mod.sliced_values, mod.col_sum, mod.w_scale, mod.bias)
+# Both sliced layouts: "groups" (one 1x4 block per lane and step, vpermd) and "bytes" (up to 4 single
+# nonzeros per lane anywhere in a 64-byte window, vpermb; the scalar spec below AVX-512 VBMI).
+LAYOUTS = ("groups", "bytes")
 
 
+def sliced_args(mod, layout="groups"):
+    if layout == "groups":
+        sliced = (mod.sliced_ptr, mod.sliced_base, mod.sliced_lane, mod.sliced_values)
+    else:
+        sliced = build_sliced(mod.row_ptr, mod.blk_idx, mod.values, mod.in_features, byte_layout=True)
+    return (*sliced, mod.col_sum, mod.w_scale, mod.bias)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pattern", ("unstructured", "block1x4"))
-def test_sliced_accumulators_bit_exact(isa, pattern, gen):
+def test_sliced_accumulators_bit_exact(isa, pattern, layout, gen):
     for (n, k), density in zip(SLICED_SHAPES, (1.0, 0.3, 0.1, 0.5, 0.9, 0.2, 0.05, 0.1)):
         w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         if pattern == "unstructured":
@@ -198,7 +209,7 @@ def test_sliced_accumulators_bit_exact(isa, pattern, gen):
         else:
             mask = (torch.rand(n, (k + 3) // 4, generator=gen) < density).repeat_interleave(4, 1)[:, :k]
         w = w * mask.to(torch.int8)
-        sliced = build_sliced(*pack_bsr1x4(w)[:3], k)
+        sliced = build_sliced(*pack_bsr1x4(w)[:3], k, byte_layout=layout == "bytes")
         kp = (k + 3) // 4 * 4
         for m in (1, 2, 3, 4, 5, 8, 16, 17):
             q = torch.zeros(m, kp, dtype=torch.uint8)
@@ -207,7 +218,8 @@ def test_sliced_accumulators_bit_exact(isa, pattern, gen):
             assert torch.equal(got.to(torch.int64), q8_accumulate_ref(q[:, :k], w)), (isa, n, k, m)
 
 
-def test_sliced_layout_of_unsorted_blocks_is_still_exact(isa, gen):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliced_layout_of_unsorted_blocks_is_still_exact(isa, layout, gen):
     # A valid bsr1x4 pack need not list a channel's blocks in k order; the slicer must still place them all.
     n, k = 20, 300
     w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
@@ -219,23 +231,25 @@ def test_sliced_layout_of_unsorted_blocks_is_still_exact(isa, gen):
         blk_idx[lo:hi] = blk_idx[order].clone()
         values.view(-1, 4)[lo:hi] = values.view(-1, 4)[order].clone()
     q = torch.randint(0, 256, (3, k), generator=gen, dtype=torch.uint8)
-    got = sparse_sliced_accumulate_raw(q, *build_sliced(row_ptr, blk_idx, values, k), n, k)
+    got = sparse_sliced_accumulate_raw(q, *build_sliced(row_ptr, blk_idx, values, k, layout == "bytes"), n, k)
     assert torch.equal(got.to(torch.int64), q8_accumulate_ref(q, w))
 
 
-def test_sliced_extremes_never_saturate(isa):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliced_extremes_never_saturate(isa, layout):
     k, n = 4096, 20
     w = torch.full((n, k), -128, dtype=torch.int8)
     w[1::2] = 127
-    sliced = build_sliced(*pack_bsr1x4(w)[:3], k)
+    sliced = build_sliced(*pack_bsr1x4(w)[:3], k, byte_layout=layout == "bytes")
     for m in (1, 5):
         q = torch.full((m, k), 255, dtype=torch.uint8)
         assert torch.equal(sparse_sliced_accumulate_raw(q, *sliced, n, k).to(torch.int64), q8_accumulate_ref(q, w))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("static", (None, (0.05, 128)))
-def test_sliced_linear_bit_exact_and_equal_to_dense_int8(isa, activation, static, gen):
+def test_sliced_linear_bit_exact_and_equal_to_dense_int8(isa, activation, static, layout, gen):
     for (n, k), density in zip(SLICED_SHAPES, (1.0, 0.3, 0.1, 0.5, 0.9, 0.2, 0.05, 0.0)):
         lin = sparse_linear(n, k, density, gen, bias=n % 2 == 1)
         kwargs = dict(activation=activation, act_scale=None if static is None else static[0],
@@ -245,7 +259,8 @@ def test_sliced_linear_bit_exact_and_equal_to_dense_int8(isa, activation, static
         q, scale = quantize_weight_per_channel(lin.weight.detach())
         for m in (0, 1, 3, 4, 7, 16):
             x = torch.randn(m, k, generator=gen)
-            y = sparse_int8_linear_sliced(x, *sliced_args(mod), activation_code(activation), *kwargs_static(static))
+            y = sparse_int8_linear_sliced(x, *sliced_args(mod, layout), activation_code(activation),
+                                          *kwargs_static(static))
             assert torch.equal(y, int8_linear_ref(x, q, scale, lin.bias, activation, static)), (n, k, m)
             assert torch.equal(y, dense(x))
 
@@ -258,15 +273,16 @@ def activation_code(name):
     return ACTIVATIONS.index(name)
 
 
-def test_sliced_all_zero_rows_and_noncontiguous_input(isa, gen):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliced_all_zero_rows_and_noncontiguous_input(isa, layout, gen):
     lin = sparse_linear(37, 200, 0.1, gen)
     with torch.no_grad():
         lin.weight[5:22] = 0  # a whole slice of zero channels and parts of two others
     mod = SparseInt8Linear.from_float(lin)
     wide = torch.randn(6, 400, generator=gen)
     x = wide[:, ::2]
-    y = sparse_int8_linear_sliced(x, *sliced_args(mod))
-    assert torch.equal(y, sparse_int8_linear_sliced(x.contiguous(), *sliced_args(mod)))
+    y = sparse_int8_linear_sliced(x, *sliced_args(mod, layout))
+    assert torch.equal(y, sparse_int8_linear_sliced(x.contiguous(), *sliced_args(mod, layout)))
     assert torch.equal(y, Int8Linear.from_float(lin)(x.contiguous()))
     assert torch.equal(y[:, 5:22], lin.bias.detach().expand(6, -1)[:, 5:22])
 
@@ -325,6 +341,52 @@ def test_corrupt_sliced_pack_is_refused(gen):
         run(values=mod.sliced_values[:-1])
     with pytest.raises(ValueError, match="step_lane must be uint32"):
         run(step_lane=mod.sliced_lane[:, :1])
+
+
+def test_corrupt_byte_sliced_pack_is_refused(gen):
+    mod = SparseInt8Linear.from_float(sparse_linear(40, 132, 0.3, gen))
+    x = torch.randn(2, 132, generator=gen)
+    slice_ptr, step_base, step_pos, values, *rest = sliced_args(mod, "bytes")
+    far = step_base.clone()
+    far[0] = 132 - 64 + 1  # the 64-byte window would end past the (132-byte) row
+    with pytest.raises(ValueError, match="window starts at byte 69"):
+        sparse_int8_linear_sliced(x, slice_ptr, far, step_pos, values, *rest)
+    y = sparse_int8_linear_sliced(x, slice_ptr, step_base, step_pos, values, *rest)
+    assert torch.equal(y, sparse_int8_linear_sliced(x, *sliced_args(mod, "groups")))
+    # The structural check is memoized per tensor version and per kind: byte offsets that passed as a
+    # byte layout are checked again when the same tensors come as a group layout (4x further).
+    assert int(step_base.to(torch.int32).max()) > 132 // 4 - 16
+    lanes = torch.zeros((step_base.numel(), 2), dtype=torch.uint32)
+    with pytest.raises(ValueError, match="window starts at group"):
+        sparse_int8_linear_sliced(x, slice_ptr, step_base, lanes, values, *rest)
+    with pytest.raises(ValueError, match="window starts at byte 100"):
+        sparse_int8_linear_sliced(x, slice_ptr, step_base.fill_(100), step_pos, values, *rest)
+
+
+def test_byte_layout_is_chosen_for_unstructured_packs_where_vectorized(gen):
+    unstructured = SparseInt8Linear.from_float(sparse_linear(64, 512, 0.1, gen))
+    blocks = SparseInt8Linear.from_float(sparse_linear(64, 512, 0.1, gen, pattern="block1x4"))
+    x = torch.randn(3, 512, generator=gen)
+    vectorized = pc.get_isa() == "avx512" and _C.sparse_sliced_bytes_vectorized()
+    for mod in (unstructured, blocks):
+        assert mod.byte_sliced_bytes() == 0  # built by the first call that uses it
+        assert torch.equal(mod(x), int8_linear_ref(x, *int8_weights(mod), mod.bias))
+    assert (unstructured.byte_sliced_bytes() > 0) == vectorized
+    assert blocks.byte_sliced_bytes() == 0  # 1x4 blocks: as many steps, in more bytes
+    assert not any(key.startswith("byte_") for key in unstructured.state_dict())
+    if vectorized:
+        # An in-place change of the pack rebuilds the layout.
+        before = unstructured.byte_values.clone()
+        with torch.no_grad():
+            unstructured.values.mul_(-1)
+            unstructured.col_sum.mul_(-1)
+        assert torch.equal(unstructured(x), int8_linear_ref(x, *int8_weights(unstructured), unstructured.bias))
+        assert torch.equal(unstructured.byte_values, -before)
+
+
+def int8_weights(mod):
+    """The int8 weights [N, K] and per-channel scales of an int8 sparse layer."""
+    return unpack_bsr1x4(mod.row_ptr, mod.blk_idx, mod.values, mod.in_features), mod.w_scale
 
 
 def test_int8_nonfinite_rows_become_nan_and_spare_the_others(isa, gen):

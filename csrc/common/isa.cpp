@@ -107,6 +107,20 @@ std::vector<Isa> supported_isas() {
 
 Isa best_supported_isa() { return supported_isas().back(); }
 
+bool cpu_has_avx512vbmi() {
+#if PYCOMPRESS_X86
+  static const bool has = [] {
+    if (best_supported_isa() != Isa::Avx512Vnni) return false;  // zmm state and the base AVX-512 set
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (c & (1u << 1)) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
 
 void set_active_isa(Isa isa) {

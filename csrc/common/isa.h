@@ -24,6 +24,10 @@ std::vector<Isa> compiled_isas();
 std::vector<Isa> supported_isas();
 Isa best_supported_isa();
 
+// AVX-512 VBMI (vpermb) on top of the AVX-512 VNNI path: an optional extension
+// a few kernels use (Ice Lake, Zen 4 and later have it; Cascade Lake does not).
+bool cpu_has_avx512vbmi();
+
 Isa active_isa();
 // Throws std::invalid_argument naming the ISA when the CPU or build lacks it.
 void set_active_isa(Isa isa);

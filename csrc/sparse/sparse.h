@@ -48,6 +48,22 @@
 //           [nsteps][16][4]. Activations are read with a row stride of
 //           sliced_row_bytes(k) = max(kp, 64) (zero padded).
 //
+//   sliced bytes  int8, the same slices and steps at byte granularity, for
+//           unstructured sparsity (AVX-512 VBMI: vpermb). A step's window is
+//           64 activation bytes from byte step_base[j] (<= sliced_row_bytes(k)
+//           - 64) and every lane takes up to 4 single nonzeros anywhere in it:
+//           slot s of lane l (byte 4l + s of the step) reads window byte
+//           step_pos[j][4l + s] (low 6 bits; vpermb ignores the rest, and so
+//           does the scalar path) times weight values[j][4l + s] (0 for an empty
+//           slot). One vpermb gathers all 64 operands, so a step still costs one
+//           permute and one vpdpbusd per row, but at 90% unstructured sparsity
+//           it carries ~49 nonzeros instead of ~16 in 1x4 blocks (a block
+//           holds 1.2 nonzeros on average): 3x fewer steps and 1.8x fewer bytes
+//           (64 weight + 64 position bytes per step). Packed by the same greedy
+//           rule over single nonzeros (zero weights of a block are skipped).
+//           For 1x4-block pruning the group layout is smaller for the same
+//           steps. step_lane is then uint8 [nsteps][64] positions (step_pos).
+//
 //   csr panels  fp32, derived from a validated csr pack by build_csr_panels
 //           (never stored in a state_dict; SparseLinear rebuilds it, like the
 //           sliced layout). The cols kernel below streams every nonzero's 16-row
@@ -216,6 +232,7 @@ struct Q8Task {
 
 constexpr int64_t kSliceLanes = 16;
 constexpr int64_t kSliceWindowGroups = 16;
+constexpr int64_t kSliceWindowBytes = 4 * kSliceWindowGroups;
 
 inline int64_t sliced_row_bytes(int64_t k) {
   const int64_t kp = (k + 3) / 4 * 4;
@@ -225,8 +242,9 @@ inline int64_t sliced_row_bytes(int64_t k) {
 struct SlicedWeights {
   int64_t n, k;
   const int32_t* slice_ptr;   // [ceil(n/16) + 1]
-  const uint16_t* step_base;  // [nsteps]
-  const uint32_t* step_lane;  // [nsteps][2]
+  const uint16_t* step_base;  // [nsteps]: window start, a k/4 group (step_lane) or a byte (step_pos)
+  const uint32_t* step_lane;  // [nsteps][2] nibbles (group layout), or nullptr
+  const uint8_t* step_pos;    // [nsteps][64] window bytes (byte layout), or nullptr
   const int8_t* values;       // [nsteps][64]
   const int32_t* col_sum;
   const float* w_scale;
@@ -258,6 +276,7 @@ struct Kernels {
   // Cols kernel over bsr1x4 panels (xqt has a zero group row ceil(K/4)); nullptr: q8_cols.
   void (*q8_cols_panels)(const Q8Task&);
   void (*q8_sliced)(const SlicedTask&);
+  void (*q8_sliced_bytes)(const SlicedTask&);  // the byte layout (scalar where the ISA has no vpermb)
 };
 
 const Kernels& kernels_scalar();
@@ -266,6 +285,12 @@ const Kernels& kernels_avx2();
 const Kernels& kernels_avx512vnni();
 #endif
 const Kernels& kernels_for(Isa isa);
+#if PYCOMPRESS_X86
+// AVX-512 VBMI + VNNI (sparse_sliced_bytes__avx512vbmi.cpp): only where cpu_has_avx512vbmi().
+void q8_sliced_bytes_avx512vbmi(const SlicedTask& t);
+#endif
+// Whether the active ISA runs the byte layout with a vector kernel (else the scalar spec).
+bool sliced_bytes_vectorized();
 
 // 2-bit index of stored value j in a row of nm24 indices.
 inline int64_t nm24_k(const uint32_t* row_idx, int64_t j) {
@@ -277,7 +302,9 @@ inline int64_t nm24_k(const uint32_t* row_idx, int64_t j) {
 // Throw std::invalid_argument naming what is wrong.
 void validate_csr(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t nnz, int64_t k);
 void validate_bsr1x4(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t nblocks, int64_t k);
-void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k);
+// bytes: step_base are bytes of the byte layout, else k/4 groups.
+void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k,
+                     bool bytes);
 
 // Entries of the csr panel layout of a validated csr pack (first pass of build).
 int64_t csr_panel_entries(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t k);
@@ -296,11 +323,16 @@ void build_bsr1x4_panels(const int32_t* row_ptr, int64_t n, const uint16_t* blk_
 void validate_bsr1x4_panels(const int32_t* sub, int64_t nsub, const uint16_t* idx, int64_t entries, int64_t n,
                             int64_t k);
 
-// Steps of the sliced layout of a validated bsr1x4 pack (first pass of build).
-int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k);
-// Fills a sliced pack (arrays sized by sliced_steps) from a validated bsr1x4 pack.
+// Steps of the sliced layout (bytes: the byte layout) of a validated bsr1x4
+// pack (first pass of build).
+int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                     bool bytes);
+// Fills a sliced pack (arrays sized by sliced_steps) from a validated bsr1x4
+// pack: step_lane [nsteps][2] for the group layout, or (bytes) step_pos
+// [nsteps][64] for the byte layout (the other one is not touched).
 void build_sliced(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
-                  int32_t* slice_ptr, uint16_t* step_base, uint32_t* step_lane, int8_t* out_values, int64_t nsteps);
+                  bool bytes, int32_t* slice_ptr, uint16_t* step_base, uint32_t* step_lane, uint8_t* step_pos,
+                  int8_t* out_values, int64_t nsteps);
 
 struct F32LinearArgs {
   F32Weights w;

@@ -28,12 +28,14 @@ sparse::Q8Weights q8_weights(int64_t n, int64_t k, std::uintptr_t row_ptr, std::
                            ptr<const int8_t>(values), ptr<const int32_t>(col_sum), ptr<const float>(w_scale)};
 }
 
+// step_lane: uint32 [steps][2] nibbles of the group layout, or (bytes) uint8 [steps][64] positions.
 sparse::SlicedWeights sliced_weights(int64_t n, int64_t k, std::uintptr_t slice_ptr, std::uintptr_t step_base,
-                                     std::uintptr_t step_lane, std::uintptr_t values, std::uintptr_t col_sum,
-                                     std::uintptr_t w_scale) {
+                                     std::uintptr_t step_lane, bool bytes, std::uintptr_t values,
+                                     std::uintptr_t col_sum, std::uintptr_t w_scale) {
   return sparse::SlicedWeights{n, k, ptr<const int32_t>(slice_ptr), ptr<const uint16_t>(step_base),
-                               ptr<const uint32_t>(step_lane), ptr<const int8_t>(values), ptr<const int32_t>(col_sum),
-                               ptr<const float>(w_scale)};
+                               bytes ? nullptr : ptr<const uint32_t>(step_lane),
+                               bytes ? ptr<const uint8_t>(step_lane) : nullptr, ptr<const int8_t>(values),
+                               ptr<const int32_t>(col_sum), ptr<const float>(w_scale)};
 }
 
 // The activation side of an int8 sparse call, as both int8 linears' bindings receive it.
@@ -189,47 +191,54 @@ void register_sparse_bindings(py::module_& m) {
       py::arg("panel_values") = 0);
   m.def(
       "sparse_validate_sliced",
-      [](std::uintptr_t slice_ptr, int64_t n, std::uintptr_t step_base, int64_t nsteps, int64_t k) {
+      [](std::uintptr_t slice_ptr, int64_t n, std::uintptr_t step_base, int64_t nsteps, int64_t k, bool bytes) {
         py::gil_scoped_release release;
-        sparse::validate_sliced(ptr<const int32_t>(slice_ptr), n, ptr<const uint16_t>(step_base), nsteps, k);
+        sparse::validate_sliced(ptr<const int32_t>(slice_ptr), n, ptr<const uint16_t>(step_base), nsteps, k, bytes);
       },
-      "checks a sliced pack: slice_ptr[0] == 0, monotonic, slice_ptr[end] == nsteps, every window inside the row");
+      "checks a sliced pack (bytes: the byte layout): slice_ptr[0] == 0, monotonic, slice_ptr[end] == nsteps, every "
+      "window inside the row");
+  m.def("sparse_sliced_bytes_vectorized", &sparse::sliced_bytes_vectorized,
+        "whether the active ISA runs the sliced byte layout with a vector kernel (AVX-512 VBMI), not the scalar spec");
   m.def(
       "sparse_sliced_steps",
-      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, int64_t k) {
+      [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, std::uintptr_t values, int64_t k, bool bytes) {
         py::gil_scoped_release release;
-        return sparse::sliced_steps(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx), k);
+        return sparse::sliced_steps(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx),
+                                    ptr<const int8_t>(values), k, bytes);
       },
-      "number of steps of the sliced layout of a validated bsr1x4 pack");
+      "number of steps of the sliced layout (bytes: the byte layout) of a validated bsr1x4 pack");
   m.def(
       "sparse_build_sliced",
       [](std::uintptr_t row_ptr, int64_t n, std::uintptr_t blk_idx, std::uintptr_t values, int64_t k,
-         std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane, std::uintptr_t out_values,
-         int64_t nsteps) {
+         std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane, bool bytes,
+         std::uintptr_t out_values, int64_t nsteps) {
         py::gil_scoped_release release;
         sparse::build_sliced(ptr<const int32_t>(row_ptr), n, ptr<const uint16_t>(blk_idx), ptr<const int8_t>(values), k,
-                             ptr<int32_t>(slice_ptr), ptr<uint16_t>(step_base), ptr<uint32_t>(step_lane),
+                             bytes, ptr<int32_t>(slice_ptr), ptr<uint16_t>(step_base),
+                             bytes ? nullptr : ptr<uint32_t>(step_lane), bytes ? ptr<uint8_t>(step_lane) : nullptr,
                              ptr<int8_t>(out_values), nsteps);
       },
-      "fills a sliced pack (sized by sparse_sliced_steps) from a validated bsr1x4 pack");
+      "fills a sliced pack (sized by sparse_sliced_steps; bytes: the byte layout, step_lane then holds the "
+      "positions) from a validated bsr1x4 pack");
   m.def(
       "sparse_sliced_linear",
       [](int64_t n, int64_t k, std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane,
-         std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t x, int64_t m,
-         int64_t ldx, std::uintptr_t bias, int act, bool is_static, float static_scale, int32_t static_zp,
+         bool bytes, std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t x,
+         int64_t m, int64_t ldx, std::uintptr_t bias, int act, bool is_static, float static_scale, int32_t static_zp,
          std::uintptr_t y, int64_t ldy, int nthreads) {
         sparse::SlicedLinearArgs a{};
-        a.w = sliced_weights(n, k, slice_ptr, step_base, step_lane, values, col_sum, w_scale);
+        a.w = sliced_weights(n, k, slice_ptr, step_base, step_lane, bytes, values, col_sum, w_scale);
         set_q8_call(a, x, m, ldx, bias, act, is_static, static_scale, static_zp, y, ldy, nthreads);
         py::gil_scoped_release release;
         sparse::sliced_linear(a);
       },
-      "y = act(dequant(quant(x) @ W^T) + bias) with a validated sliced int8 pack, on the active ISA");
+      "y = act(dequant(quant(x) @ W^T) + bias) with a validated sliced int8 pack (bytes: the byte layout), on "
+      "the active ISA");
   m.def(
       "sparse_sliced_accumulate_raw",
       [](int64_t n, int64_t k, std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane,
-         std::uintptr_t values, std::uintptr_t q, int64_t m, std::uintptr_t out, int nthreads) {
-        const sparse::SlicedWeights w = sliced_weights(n, k, slice_ptr, step_base, step_lane, values, 0, 0);
+         bool bytes, std::uintptr_t values, std::uintptr_t q, int64_t m, std::uintptr_t out, int nthreads) {
+        const sparse::SlicedWeights w = sliced_weights(n, k, slice_ptr, step_base, step_lane, bytes, values, 0, 0);
         py::gil_scoped_release release;
         sparse::sliced_accumulate_raw(w, ptr<const uint8_t>(q), m, ptr<int32_t>(out), nthreads);
       },

@@ -26,6 +26,10 @@ const Kernels& kernels_for(Isa isa) {
   }
 }
 
+bool sliced_bytes_vectorized() {
+  return kernels_for(active_isa()).q8_sliced_bytes != kernels_scalar().q8_sliced_bytes;
+}
+
 namespace {
 
 // Below this many multiply-adds per thread a helper thread costs more than it
@@ -196,7 +200,8 @@ void validate_bsr1x4(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx,
   }
 }
 
-void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k) {
+void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_base, int64_t nsteps, int64_t k,
+                     bool bytes) {
   check_k(k, "sparse sliced");
   if (n < 1) throw std::invalid_argument("sparse sliced: N=" + std::to_string(n) + " must be >= 1");
   const int64_t slices = (n + kSliceLanes - 1) / kSliceLanes;
@@ -210,10 +215,11 @@ void validate_sliced(const int32_t* slice_ptr, int64_t n, const uint16_t* step_b
     throw std::invalid_argument("sparse sliced: slice_ptr[end] = " + std::to_string(slice_ptr[slices]) + " but " +
                                 std::to_string(nsteps) + " steps are stored");
   }
-  const int64_t last_base = sliced_row_bytes(k) / 4 - kSliceWindowGroups;
+  const int64_t last_base = bytes ? sliced_row_bytes(k) - kSliceWindowBytes : sliced_row_bytes(k) / 4 - kSliceWindowGroups;
   for (int64_t j = 0; j < nsteps; ++j) {
     if (step_base[j] > last_base) {
-      throw std::invalid_argument("sparse sliced: step " + std::to_string(j) + " window starts at group " +
+      throw std::invalid_argument("sparse sliced: step " + std::to_string(j) + " window starts at " +
+                                  (bytes ? "byte " : "group ") +
                                   std::to_string(step_base[j]) + ", beyond " + std::to_string(last_base) +
                                   " for K=" + std::to_string(k));
     }
@@ -259,35 +265,104 @@ void slice_greedy(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, in
 
 }  // namespace
 
-int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, int64_t k) {
+namespace {
+
+// The greedy slicing of the byte layout (sparse.h), over single nonzeros:
+// emit(slice, base, take) once per step, take[4l + s] = element (4 * block +
+// byte) of lane l's slot s, or -1 for an empty slot.
+template <typename Emit>
+void slice_bytes_greedy(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                        Emit emit) {
+  const int64_t last_base = sliced_row_bytes(k) - kSliceWindowBytes;
+  const int64_t slices = (n + kSliceLanes - 1) / kSliceLanes;
+  auto k_of = [&](int64_t e) { return 4 * static_cast<int64_t>(blk_idx[e >> 2]) + (e & 3); };
+  for (int64_t s = 0; s < slices; ++s) {
+    int64_t next[kSliceLanes], end[kSliceLanes], take[4 * kSliceLanes];
+    auto skip_zeros = [&](int64_t l) {
+      while (next[l] < end[l] && values[next[l]] == 0) ++next[l];
+    };
+    for (int64_t l = 0; l < kSliceLanes; ++l) {
+      const int64_t ch = s * kSliceLanes + l;
+      next[l] = ch < n ? 4 * static_cast<int64_t>(row_ptr[ch]) : 0;
+      end[l] = ch < n ? 4 * static_cast<int64_t>(row_ptr[ch + 1]) : 0;
+      skip_zeros(l);
+    }
+    for (;;) {
+      int64_t base = std::numeric_limits<int64_t>::max();
+      for (int64_t l = 0; l < kSliceLanes; ++l) {
+        if (next[l] < end[l]) base = std::min(base, k_of(next[l]));
+      }
+      if (base == std::numeric_limits<int64_t>::max()) break;
+      base = std::min(base, last_base);
+      for (int64_t l = 0; l < kSliceLanes; ++l) {
+        int64_t c = 0;
+        // As in slice_greedy, an unsorted lane only costs extra steps.
+        for (; c < 4 && next[l] < end[l]; ++c) {
+          const int64_t kk = k_of(next[l]);
+          if (kk < base || kk >= base + kSliceWindowBytes) break;
+          take[4 * l + c] = next[l]++;
+          skip_zeros(l);
+        }
+        for (; c < 4; ++c) take[4 * l + c] = -1;
+      }
+      emit(s, base, take);
+    }
+  }
+}
+
+// Calls the byte or the group greedy slicing with emit(slice, base, take).
+template <typename Emit>
+void slice_any(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k, bool bytes,
+               Emit emit) {
+  if (bytes) {
+    slice_bytes_greedy(row_ptr, n, blk_idx, values, k, emit);
+  } else {
+    slice_greedy(row_ptr, n, blk_idx, k, emit);
+  }
+}
+
+}  // namespace
+
+int64_t sliced_steps(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
+                     bool bytes) {
   int64_t steps = 0;
-  slice_greedy(row_ptr, n, blk_idx, k, [&](int64_t, int64_t, const int64_t*) { ++steps; });
+  slice_any(row_ptr, n, blk_idx, values, k, bytes, [&](int64_t, int64_t, const int64_t*) { ++steps; });
   if (steps > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("sparse sliced: too many steps for int32 slice pointers");
   return steps;
 }
 
 void build_sliced(const int32_t* row_ptr, int64_t n, const uint16_t* blk_idx, const int8_t* values, int64_t k,
-                  int32_t* slice_ptr, uint16_t* step_base, uint32_t* step_lane, int8_t* out_values, int64_t nsteps) {
+                  bool bytes, int32_t* slice_ptr, uint16_t* step_base, uint32_t* step_lane, uint8_t* step_pos,
+                  int8_t* out_values, int64_t nsteps) {
   int64_t j = 0;
   int64_t cur_slice = 0;
   slice_ptr[0] = 0;
-  slice_greedy(row_ptr, n, blk_idx, k, [&](int64_t s, int64_t base, const int64_t* take) {
+  slice_any(row_ptr, n, blk_idx, values, k, bytes, [&](int64_t s, int64_t base, const int64_t* take) {
     if (j >= nsteps) throw std::invalid_argument("sparse sliced: more steps than allocated");
     for (; cur_slice < s; ++cur_slice) slice_ptr[cur_slice + 1] = static_cast<int32_t>(j);
     step_base[j] = static_cast<uint16_t>(base);
-    uint32_t words[2] = {0, 0};
     int8_t* v = out_values + 64 * j;
-    for (int64_t l = 0; l < kSliceLanes; ++l) {
-      if (take[l] < 0) {
-        std::memset(v + 4 * l, 0, 4);
-        continue;
+    if (bytes) {
+      uint8_t* pos = step_pos + 64 * j;
+      for (int64_t i = 0; i < 4 * kSliceLanes; ++i) {
+        const bool empty = take[i] < 0;
+        pos[i] = empty ? 0 : static_cast<uint8_t>(4 * static_cast<int64_t>(blk_idx[take[i] >> 2]) + (take[i] & 3) - base);
+        v[i] = empty ? 0 : values[take[i]];
       }
-      const uint32_t offset = static_cast<uint32_t>(blk_idx[take[l]] - base);
-      words[l & 1] |= offset << (4 * (l >> 1));
-      std::memcpy(v + 4 * l, values + 4 * take[l], 4);
+    } else {
+      uint32_t words[2] = {0, 0};
+      for (int64_t l = 0; l < kSliceLanes; ++l) {
+        if (take[l] < 0) {
+          std::memset(v + 4 * l, 0, 4);
+          continue;
+        }
+        const uint32_t offset = static_cast<uint32_t>(blk_idx[take[l]] - base);
+        words[l & 1] |= offset << (4 * (l >> 1));
+        std::memcpy(v + 4 * l, values + 4 * take[l], 4);
+      }
+      step_lane[2 * j] = words[0];
+      step_lane[2 * j + 1] = words[1];
     }
-    step_lane[2 * j] = words[0];
-    step_lane[2 * j + 1] = words[1];
     ++j;
   });
   const int64_t slices = (n + kSliceLanes - 1) / kSliceLanes;
@@ -608,7 +683,7 @@ void sliced_run(const SlicedWeights& w, const uint8_t* q, int64_t m, const float
     SlicedTask task = base;
     task.s0 = sb[static_cast<size_t>(t)];
     task.s1 = sb[static_cast<size_t>(t) + 1];
-    kern.q8_sliced(task);
+    (w.step_pos != nullptr ? kern.q8_sliced_bytes : kern.q8_sliced)(task);
   });
 }
 

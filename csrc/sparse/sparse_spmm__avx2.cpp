@@ -341,7 +341,9 @@ void q8_sliced_avx2(const SlicedTask& t) {
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels k{f32_rows_avx2, f32_cols_avx2, nullptr, q8_rows_avx2, q8_cols_avx2, nullptr, q8_sliced_avx2};
+  // No vpermb below AVX-512 VBMI: the byte layout runs the scalar spec (SparseInt8Linear never picks it here).
+  static const Kernels k{f32_rows_avx2, f32_cols_avx2, nullptr, q8_rows_avx2, q8_cols_avx2, nullptr, q8_sliced_avx2,
+                         kernels_scalar().q8_sliced_bytes};
   return k;
 }
 

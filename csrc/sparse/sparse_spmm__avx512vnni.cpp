@@ -14,6 +14,7 @@
 #include "common/vec_math_avx512.h"
 #include "sparse/sparse.h"
 #include "sparse/sparse_epilogue.h"
+#include "sparse/sparse_sliced_avx512.h"
 
 namespace pycompress {
 namespace sparse {
@@ -446,77 +447,24 @@ void q8_cols_panels_avx512(const Q8Task& t) {
 // Sliced layout (sparse.h): per step one weight zmm (16 channels x one 1x4
 // block), the 16 window offsets unpacked by a qword broadcast + vpsrlvd, and
 // per row one unaligned 64-byte window load, one vpermd, one vpdpbusd.
-template <int MR>
-void q8_sliced_mr(const SlicedTask& t, int64_t s, int64_t r0) {
-  constexpr int S = MR == 1 ? 4 : (MR == 2 ? 2 : 1);  // cover the vpdpbusd latency
+void q8_sliced_avx512(const SlicedTask& t) {
   const SlicedWeights& w = *t.w;
   const __m512i shifts = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
-  __m512i acc[S][MR];
-#pragma GCC unroll 4
-  for (int a = 0; a < S; ++a)
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) acc[a][r] = _mm512_setzero_si512();
-  const int64_t j1 = w.slice_ptr[s + 1];
-  int64_t j = w.slice_ptr[s];
-  auto step = [&](int a, int64_t jj) {
-    const __m512i wv = _mm512_loadu_si512(w.values + 64 * jj);
-    int64_t lanes;
-    std::memcpy(&lanes, w.step_lane + 2 * jj, sizeof lanes);
-    const __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi64(lanes), shifts);
-    const uint8_t* xw = t.xq + 4 * static_cast<int64_t>(w.step_base[jj]);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m512i xv = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(xw + (r0 + r) * t.ldq));
-      acc[a][r] = _mm512_dpbusd_epi32(acc[a][r], xv, wv);
-    }
-  };
-  for (; j + S <= j1; j += S) {
-#pragma GCC unroll 4
-    for (int a = 0; a < S; ++a) step(a, j + a);
-  }
-  for (int a = 0; j < j1; ++j, ++a) step(a, j);
-
-  const int64_t n0 = s * kSliceLanes;
-  const __mmask16 lanes = tail_mask(w.n - n0);
-#pragma GCC unroll 4
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int a = 1; a < S; ++a) acc[0][r] = _mm512_add_epi32(acc[0][r], acc[a][r]);
-    const int64_t row = r0 + r;
-    if (t.raw != nullptr) {
-      _mm512_mask_storeu_epi32(t.raw + row * t.ldraw + n0, lanes, acc[0][r]);
-      continue;
-    }
-    const __m512i col_sum = _mm512_maskz_loadu_epi32(lanes, w.col_sum + n0);
-    const __m512 w_scale = _mm512_maskz_loadu_ps(lanes, w.w_scale + n0);
-    const __m512i corrected = _mm512_sub_epi32(acc[0][r], _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[row]), col_sum));
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(_mm512_set1_ps(t.row_scale[row]), w_scale));
-    if (t.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes, t.bias + n0));
-    y = apply_activation_avx512(y, t.act);
-    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes, y);
-  }
-}
-
-// Slices are taken a few at a time and every group of 4 rows runs over all of
-// them: the 4 rows' activations (4 x K bytes) stay in L1 while the block's
-// steps come from L2, instead of all M rows cycling through L1 per slice.
-constexpr int64_t kSlicesPerBlock = 8;
-
-void q8_sliced_avx512(const SlicedTask& t) {
-  for (int64_t sb = t.s0; sb < t.s1; sb += kSlicesPerBlock) {
-    const int64_t se = sb + kSlicesPerBlock < t.s1 ? sb + kSlicesPerBlock : t.s1;
-    int64_t r = 0;
-    for (; r + 4 <= t.m; r += 4)
-      for (int64_t s = sb; s < se; ++s) q8_sliced_mr<4>(t, s, r);
-    for (int64_t s = sb; s < se; ++s) {
-      switch (t.m - r) {
-        case 3: q8_sliced_mr<3>(t, s, r); break;
-        case 2: q8_sliced_mr<2>(t, s, r); break;
-        case 1: q8_sliced_mr<1>(t, s, r); break;
-        default: break;
+  sliced_blocks(t, [&](auto mr, int64_t s, int64_t r0) {
+    constexpr int MR = decltype(mr)::value;
+    sliced_rows<MR>(t, s, r0, [&](__m512i* acc, int64_t j) {
+      const __m512i wv = _mm512_loadu_si512(w.values + 64 * j);
+      int64_t lanes;
+      std::memcpy(&lanes, w.step_lane + 2 * j, sizeof lanes);
+      const __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi64(lanes), shifts);
+      const uint8_t* xw = t.xq + 4 * static_cast<int64_t>(w.step_base[j]) + r0 * t.ldq;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512i xv = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(xw + r * t.ldq));
+        acc[r] = _mm512_dpbusd_epi32(acc[r], xv, wv);
       }
-    }
-  }
+    });
+  });
 }
 
 }  // namespace
@@ -527,7 +475,8 @@ const Kernels& kernels_avx512vnni() {
   // thread, 341 vs 440 us on two). The 16-lane int8 gather wins (726 vs
   // 1001 us): each gathered dword carries a whole 1x4 block.
   static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512, q8_rows_avx512, q8_cols_avx512, q8_cols_panels_avx512,
-                         q8_sliced_avx512};
+                         q8_sliced_avx512,
+                         cpu_has_avx512vbmi() ? q8_sliced_bytes_avx512vbmi : kernels_scalar().q8_sliced_bytes};
   return k;
 }
 

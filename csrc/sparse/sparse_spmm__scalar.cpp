@@ -67,10 +67,30 @@ void q8_sliced_scalar(const SlicedTask& t) {
   }
 }
 
+void q8_sliced_bytes_scalar(const SlicedTask& t) {
+  const SlicedWeights& w = *t.w;
+  for (int64_t s = t.s0; s < t.s1; ++s) {
+    for (int64_t r = 0; r < t.m; ++r) {
+      const uint8_t* xq = t.xq + r * t.ldq;
+      int32_t acc[kSliceLanes] = {};
+      for (int64_t j = w.slice_ptr[s]; j < w.slice_ptr[s + 1]; ++j) {
+        const uint8_t* window = xq + w.step_base[j];
+        const uint8_t* pos = w.step_pos + 64 * j;
+        const int8_t* v = w.values + 64 * j;
+        for (int64_t i = 0; i < 4 * kSliceLanes; ++i) acc[i / 4] += static_cast<int32_t>(window[pos[i] & 63u]) * v[i];
+      }
+      for (int64_t l = 0; l < kSliceLanes && s * kSliceLanes + l < w.n; ++l) {
+        q8_store_scalar(t, r, s * kSliceLanes + l, acc[l]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& kernels_scalar() {
-  static const Kernels k{f32_rows_scalar, nullptr, nullptr, q8_rows_scalar, nullptr, nullptr, q8_sliced_scalar};
+  static const Kernels k{f32_rows_scalar, nullptr, nullptr, q8_rows_scalar, nullptr, nullptr, q8_sliced_scalar,
+                         q8_sliced_bytes_scalar};
   return k;
 }
 

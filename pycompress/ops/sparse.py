@@ -112,8 +112,9 @@ def _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, 
     if step_base.dtype != torch.uint16 or step_base.dim() != 1:
         raise ValueError(f"{op}: step_base must be 1-D uint16, got {step_base.dtype} {tuple(step_base.shape)}")
     steps = step_base.numel()
-    if step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (steps, 2):
-        raise ValueError(f"{op}: step_lane must be uint32 [{steps}, 2], got {step_lane.dtype} {tuple(step_lane.shape)}")
+    if not _is_byte_layout(step_lane, steps) and (step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (steps, 2)):
+        raise ValueError(f"{op}: step_lane must be uint32 [{steps}, 2] (group layout) or uint8 [{steps}, "
+                         f"{4 * SLICE_LANES}] (byte layout), got {step_lane.dtype} {tuple(step_lane.shape)}")
     if values.dtype != torch.int8 or tuple(values.shape) != (steps, 4 * SLICE_LANES):
         raise ValueError(f"{op}: values must be int8 [{steps}, {4 * SLICE_LANES}], got {values.dtype} "
                          f"{tuple(values.shape)}")
@@ -123,8 +124,24 @@ def _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, 
     return k, n
 
 
-def build_sliced(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int):
-    """The sliced layout (csrc/sparse/sparse.h) of a bsr1x4 pack: (slice_ptr, step_base, step_lane, values).
+def _is_byte_layout(step_lane: torch.Tensor, steps: int) -> bool:
+    """A sliced pack's kind is its step_lane: uint32 [steps, 2] nibbles (groups) or uint8 [steps, 64]
+    positions (bytes)."""
+    return step_lane.dtype == torch.uint8 and tuple(step_lane.shape) == (steps, 4 * SLICE_LANES)
+
+
+def sliced_steps(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int, byte_layout: bool) -> int:
+    """Steps the sliced layout (``byte_layout``: the byte layout) of a bsr1x4 pack would have, without building it."""
+    op = "sliced_steps"
+    n = _check_csr_like(op, row_ptr, blk_idx, values, 4, torch.int8)
+    ensure_valid_structure(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+    _require_contiguous(op, values)
+    return _C.sparse_sliced_steps(row_ptr.data_ptr(), n, blk_idx.data_ptr(), values.data_ptr(), k, byte_layout)
+
+
+def build_sliced(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int, byte_layout: bool = False):
+    """The sliced layout (csrc/sparse/sparse.h) of a bsr1x4 pack: (slice_ptr, step_base, step_lane, values);
+    ``byte_layout=True`` builds the byte layout, whose step_lane is uint8 [steps, 64] window positions.
 
     The bsr1x4 structure is validated first, so the builder only reads in bounds; its output is validated
     again by the op like any pack handed to it.
@@ -133,13 +150,14 @@ def build_sliced(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Ten
     n = _check_csr_like(op, row_ptr, blk_idx, values, 4, torch.int8)
     ensure_valid_structure(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
     _require_contiguous(op, values)
-    steps = _C.sparse_sliced_steps(row_ptr.data_ptr(), n, blk_idx.data_ptr(), k)
+    steps = _C.sparse_sliced_steps(row_ptr.data_ptr(), n, blk_idx.data_ptr(), values.data_ptr(), k, byte_layout)
     slice_ptr = torch.empty((n + SLICE_LANES - 1) // SLICE_LANES + 1, dtype=torch.int32)
     step_base = torch.empty(steps, dtype=torch.uint16)
-    step_lane = torch.empty((steps, 2), dtype=torch.uint32)
+    step_lane = (torch.empty((steps, 4 * SLICE_LANES), dtype=torch.uint8) if byte_layout
+                 else torch.empty((steps, 2), dtype=torch.uint32))
     sliced_values = torch.empty((steps, 4 * SLICE_LANES), dtype=torch.int8)
     _C.sparse_build_sliced(row_ptr.data_ptr(), n, blk_idx.data_ptr(), values.data_ptr(), k, slice_ptr.data_ptr(),
-                           step_base.data_ptr(), step_lane.data_ptr(), sliced_values.data_ptr(), steps)
+                           step_base.data_ptr(), step_lane.data_ptr(), byte_layout, sliced_values.data_ptr(), steps)
     return slice_ptr, step_base, step_lane, sliced_values
 
 
@@ -210,14 +228,15 @@ def _panels_validator(n: int):
                                                                                      entries, n, k)
 
 
-def _stamp(row_ptr: torch.Tensor, idx: torch.Tensor, k: int):
-    return (row_ptr.data_ptr(), row_ptr._version, idx.data_ptr(), idx._version, k)
+def _stamp(row_ptr: torch.Tensor, idx: torch.Tensor, k: int, kind: str):
+    return (row_ptr.data_ptr(), row_ptr._version, idx.data_ptr(), idx._version, k, kind)
 
 
-def ensure_valid_structure(op: str, row_ptr: torch.Tensor, idx: torch.Tensor, k: int, validate) -> None:
-    """Runs the C++ structural check unless it already passed for these exact tensors and versions."""
+def ensure_valid_structure(op: str, row_ptr: torch.Tensor, idx: torch.Tensor, k: int, validate, kind: str = "") -> None:
+    """Runs the C++ structural check unless it already passed for these exact tensors and versions (and
+    ``kind``: the sliced layouts bound step_base differently for groups and bytes)."""
     memo = not (row_ptr.is_inference() or idx.is_inference())  # inference tensors have no version counter
-    if memo and getattr(row_ptr, "_pycompress_valid", None) == _stamp(row_ptr, idx, k):
+    if memo and getattr(row_ptr, "_pycompress_valid", None) == _stamp(row_ptr, idx, k, kind):
         return
     if not (row_ptr.is_contiguous() and idx.is_contiguous()):
         raise ValueError(f"{op}: row_ptr and indices must be contiguous")
@@ -226,7 +245,7 @@ def ensure_valid_structure(op: str, row_ptr: torch.Tensor, idx: torch.Tensor, k:
     except ValueError as e:
         raise ValueError(f"{op}: corrupt sparse pack: {e}") from None
     if memo:
-        row_ptr._pycompress_valid = _stamp(row_ptr, idx, k)
+        row_ptr._pycompress_valid = _stamp(row_ptr, idx, k, kind)
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -304,10 +323,11 @@ def sparse_int8_linear_cpu(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=N
     return _out(x, y, n)
 
 
-def _sliced_validator(n: int):
+def _ensure_valid_sliced(op: str, slice_ptr, step_base, n: int, k: int, byte_layout: bool) -> None:
     # ensure_valid_structure passes len(slice_ptr) - 1 = number of slices; the C++ check wants N.
-    return lambda slice_ptr, _slices, step_base, nsteps, k: _C.sparse_validate_sliced(slice_ptr, n, step_base,
-                                                                                       nsteps, k)
+    ensure_valid_structure(op, slice_ptr, step_base, k,
+                           lambda sp, _slices, sb, nsteps, kk: _C.sparse_validate_sliced(sp, n, sb, nsteps, kk, byte_layout),
+                           kind="sliced bytes" if byte_layout else "sliced")
 
 
 def sparse_int8_linear_sliced_cpu(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None,
@@ -316,10 +336,12 @@ def sparse_int8_linear_sliced_cpu(x, slice_ptr, step_base, step_lane, values, co
     k, n = _check_sliced(x, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias, activation, act_scale,
                          act_zero_point)
     _require_contiguous(op, step_lane, values, col_sum, w_scale, bias)
-    ensure_valid_structure(op, slice_ptr, step_base, k, _sliced_validator(n))
+    byte_layout = _is_byte_layout(step_lane, step_base.numel())
+    _ensure_valid_sliced(op, slice_ptr, step_base, n, k, byte_layout)
     x2 = _rows(x, k)
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
-    _C.sparse_sliced_linear(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.data_ptr(), values.data_ptr(),
+    _C.sparse_sliced_linear(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.data_ptr(), byte_layout,
+                            values.data_ptr(),
                             col_sum.data_ptr(), w_scale.data_ptr(), x2.data_ptr(), x2.shape[0], _ldx(x2, k),
                             0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
                             1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads())
@@ -388,15 +410,16 @@ def sparse_sliced_accumulate_raw(q: torch.Tensor, slice_ptr, step_base, step_lan
         raise ValueError(f"{op}: q must be uint8 [M, {kp}], got {q.dtype} {tuple(q.shape)}")
     if values.dtype != torch.int8 or tuple(values.shape) != (step_base.numel(), 4 * SLICE_LANES):
         raise ValueError(f"{op}: values must be int8 [steps, {4 * SLICE_LANES}]")
-    if step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (step_base.numel(), 2):
-        raise ValueError(f"{op}: step_lane must be uint32 [steps, 2]")
-    ensure_valid_structure(op, slice_ptr, step_base, k, _sliced_validator(n))
+    byte_layout = _is_byte_layout(step_lane, step_base.numel())
+    if not byte_layout and (step_lane.dtype != torch.uint32 or tuple(step_lane.shape) != (step_base.numel(), 2)):
+        raise ValueError(f"{op}: step_lane must be uint32 [steps, 2] or uint8 [steps, {4 * SLICE_LANES}]")
+    _ensure_valid_sliced(op, slice_ptr, step_base, n, k, byte_layout)
     # Rows zero padded to the window reach (sparse.h: sliced_row_bytes).
     padded = torch.zeros((q.shape[0], max(kp, 4 * SLICE_LANES)), dtype=torch.uint8)
     padded[:, :kp] = q
     out = torch.empty((q.shape[0], n), dtype=torch.int32)
     _C.sparse_sliced_accumulate_raw(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.contiguous().data_ptr(),
-                                    values.contiguous().data_ptr(), padded.data_ptr(), q.shape[0], out.data_ptr(),
+                                    byte_layout, values.contiguous().data_ptr(), padded.data_ptr(), q.shape[0], out.data_ptr(),
                                     num_threads())
     return out
 
