@@ -169,12 +169,13 @@ def print_layout_bytes(k, n, sparsity, gen):
     with torch.inference_mode():
         x = torch.randn(16, k, generator=gen)
         f32(x)  # builds the csr panel layout (AVX-512, M >= 4)
-        i8(x)  # builds the bsr1x4 panel layout (AVX-512, M > 8)
+        i8(x)  # builds the byte sliced layout (AVX-512 VBMI), else the bsr1x4 panel layout (AVX-512, M > 8)
     mib = 1 << 20
     print(f"\n## Bytes at {sparsity:.0%} ({k}x{n}; dense fp32 {4 * k * n / mib:.1f} MiB): "
           f"f32 csr pack {f32.packed_bytes() / mib:.1f} MiB + panel copy {f32.panel_bytes() / mib:.1f} MiB; "
           f"int8 bsr1x4 pack {i8.packed_bytes() / mib:.1f} MiB + sliced copy {i8.sliced_bytes() / mib:.1f} MiB "
-          f"+ panel copy {i8.panel_bytes() / mib:.1f} MiB")
+          f"+ panel copy {i8.panel_bytes() / mib:.1f} MiB + byte sliced copy {i8.byte_sliced_bytes() / mib:.1f} MiB "
+          "(each derived copy exists once a call used it)")
 
 
 def break_even(points):
