@@ -192,11 +192,7 @@ LAYOUTS = ("groups", "bytes")
 
 
 def sliced_args(mod, layout="groups"):
-    if layout == "groups":
-        sliced = (mod.sliced_ptr, mod.sliced_base, mod.sliced_lane, mod.sliced_values)
-    else:
-        sliced = build_sliced(mod.row_ptr, mod.blk_idx, mod.values, mod.in_features, byte_layout=True)
-    return (*sliced, mod.col_sum, mod.w_scale, mod.bias)
+    return (*mod._sliced_layout(layout == "bytes"), mod.col_sum, mod.w_scale, mod.bias)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -294,18 +290,22 @@ def test_sliced_kernel_is_chosen_for_small_batches(gen):
     assert not mod._use_sliced(0)
 
 
-def test_sliced_copy_follows_in_place_changes_and_stays_out_of_state_dict(gen):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliced_copy_follows_in_place_changes_and_stays_out_of_state_dict(layout, gen):
     lin = sparse_linear(24, 64, 0.3, gen)
     mod = SparseInt8Linear.from_float(lin)
-    assert not any(key.startswith("sliced_") for key in mod.state_dict())
+    assert mod.sliced_bytes() == 0 and mod.byte_sliced_bytes() == 0  # built by the first call that needs one
     x = torch.randn(1, 64, generator=gen)
     before = mod(x)
+    assert mod.sliced_bytes() + mod.byte_sliced_bytes() > 0
+    assert not any(key.startswith(("sliced_", "byte_")) for key in mod.state_dict())
+    first = [t.clone() for t in mod._sliced_layout(layout == "bytes")]
     with torch.no_grad():
         mod.values.mul_(-1)  # same structure, negated weights (col_sum is stale on purpose: raw path below)
-    kp = 64
-    q = torch.randint(0, 256, (1, kp), generator=gen, dtype=torch.uint8)
-    mod(x)  # triggers the rebuild
-    raw = sparse_sliced_accumulate_raw(q, mod.sliced_ptr, mod.sliced_base, mod.sliced_lane, mod.sliced_values, 24, 64)
+    q = torch.randint(0, 256, (1, 64), generator=gen, dtype=torch.uint8)
+    layout_now = mod._sliced_layout(layout == "bytes")  # rebuilt from the changed pack
+    assert torch.equal(layout_now[3], -first[3])
+    raw = sparse_sliced_accumulate_raw(q, *layout_now, 24, 64)
     expected = q8_accumulate_ref(q, unpack_bsr1x4(mod.row_ptr, mod.blk_idx, mod.values, 64))
     assert torch.equal(raw.to(torch.int64), expected)
     assert not torch.equal(mod(x), before)
@@ -323,24 +323,25 @@ def test_corrupt_sliced_pack_is_refused(gen):
                 args[i] = t
         return sparse_int8_linear_sliced(x, *args)
 
-    far = mod.sliced_base.clone()
+    sliced_ptr, sliced_base, sliced_lane, sliced_values = mod._sliced_layout(False)
+    far = sliced_base.clone()
     far[0] = 132 // 4 - 16 + 1  # window would end past the row
     with pytest.raises(ValueError, match="window starts at group"):
         run(step_base=far)
-    bad_ptr = mod.sliced_ptr.clone()
+    bad_ptr = sliced_ptr.clone()
     bad_ptr[1], bad_ptr[2] = bad_ptr[2], bad_ptr[1] - 1
     with pytest.raises(ValueError, match="decreases"):
         run(slice_ptr=bad_ptr)
-    short_ptr = mod.sliced_ptr.clone()
+    short_ptr = sliced_ptr.clone()
     short_ptr[-1] -= 1
     with pytest.raises(ValueError, match="steps are stored"):
         run(slice_ptr=short_ptr)
     with pytest.raises(ValueError, match="slice_ptr must be int32"):
-        run(slice_ptr=mod.sliced_ptr[:-1])
+        run(slice_ptr=sliced_ptr[:-1])
     with pytest.raises(ValueError, match="values must be int8"):
-        run(values=mod.sliced_values[:-1])
+        run(values=sliced_values[:-1])
     with pytest.raises(ValueError, match="step_lane must be uint32"):
-        run(step_lane=mod.sliced_lane[:, :1])
+        run(step_lane=sliced_lane[:, :1])
 
 
 def test_corrupt_byte_sliced_pack_is_refused(gen):
@@ -604,8 +605,9 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear.default,
                           (x, i8.row_ptr, i8.blk_idx, i8.values, i8.col_sum, i8.w_scale, i8.bias, 0, None, 0))
     torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear_sliced.default,
-                          (x, i8.sliced_ptr, i8.sliced_base, i8.sliced_lane, i8.sliced_values, i8.col_sum,
-                           i8.w_scale, i8.bias, 1, None, 0))
+                          (x, *i8._sliced_layout(False), i8.col_sum, i8.w_scale, i8.bias, 1, None, 0))
+    torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear_sliced.default,
+                          (x, *i8._sliced_layout(True), i8.col_sum, i8.w_scale, i8.bias, 2, 0.05, 128))
 
 
 def test_torch_compile_traces_through(gen):

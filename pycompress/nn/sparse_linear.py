@@ -228,7 +228,8 @@ class SparseInt8Linear(_SparseBase):
     weights the two give bit-identical outputs. Unstructured sparsity and 1x4 block pruning both pack into
     bsr1x4; a block is stored when any of its 4 weights is nonzero. Buffers: ``row_ptr``, ``blk_idx``,
     ``values``, ``col_sum``, ``w_scale``, ``bias`` (the state_dict), plus the sliced layout derived from
-    them (non-persistent buffers ``sliced_*``, rebuilt after loading or any in-place change of the pack).
+    them when a call first needs one (non-persistent buffers ``sliced_*``, ``byte_*``, ``panel_*``, rebuilt
+    after loading or any in-place change of the pack; the kernel choice needs only their step counts).
 
     Kernel choice per call (csrc/sparse/sparse.h): the sliced kernel costs one vpermd + vpdpbusd per row
     and step (16 channel lanes, ``fill`` of them real blocks); the bsr1x4 kernels cost one gather per row
@@ -252,8 +253,7 @@ class SparseInt8Linear(_SparseBase):
     4096x4096 layer, one thread (µs, groups / bytes, bit-identical outputs): M=1 140/68, M=4 307/130,
     M=16 1172/457, M=128 9172/3601 (panels 6036). It is used when it needs at most
     ``_BYTE_STEP_RATIO`` of the group layout's steps (1x4-block pruned packs need about as many, in more
-    bytes, and keep the kernels above); built by the first eager call that uses it (non-persistent
-    buffers ``byte_*``, ``byte_sliced_bytes()``), rebuilt whenever the pack changes.
+    bytes, and keep the kernels above; ``byte_sliced_bytes()``).
     """
 
     # Sliced kernel when M <= max rows (per ISA) and M * steps <= _SLICED_STEP_RATIO * blocks (see above).
@@ -265,6 +265,7 @@ class SparseInt8Linear(_SparseBase):
     # The byte sliced layout runs (every M, where vectorized) when it needs at most this share of the
     # group layout's steps: a byte step is 130 bytes against 74, so below ~0.57 it also streams fewer bytes.
     _BYTE_STEP_RATIO = 0.6
+    _GROUP_BUFFERS = ("sliced_ptr", "sliced_base", "sliced_lane", "sliced_values")
     _BYTE_BUFFERS = ("byte_slice_ptr", "byte_step_base", "byte_step_pos", "byte_values")
 
     def __init__(self, in_features: int, out_features: int, nblocks: int = 0, bias: bool = True,
@@ -281,9 +282,10 @@ class SparseInt8Linear(_SparseBase):
         self.register_buffer("col_sum", torch.zeros(out_features, dtype=torch.int32))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
-        self._sliced_stamp = None
         self._panel_stamp = None
-        self._byte_stamp = None
+        self._steps_stamp = None
+        self._steps = (0, 0)
+        self._layout_stamps: dict[bool, tuple] = {}  # per sliced layout (byte or not): the pack it was built from
 
     @classmethod
     def from_float(cls, linear: nn.Module, activation: str = "none", act_scale: float | None = None,
@@ -309,7 +311,6 @@ class SparseInt8Linear(_SparseBase):
                                    _C.sparse_validate_bsr1x4)
         except ValueError as e:
             raise ValueError(f"{self._label()}: {e}") from None
-        self._refresh_sliced()
 
     def _pack_stamp(self):
         # Inference tensors have no version counter (and cannot be written outside inference mode).
@@ -320,18 +321,37 @@ class SparseInt8Linear(_SparseBase):
             return (r.data_ptr(), i.data_ptr(), v.data_ptr(), None)
         return (r.data_ptr(), r._version, i.data_ptr(), i._version, v.data_ptr(), v._version)
 
-    def _refresh_sliced(self, stamp=None) -> None:
-        """(Re)builds the sliced layout when the bsr1x4 pack changed since the last build."""
+    def _layout_steps(self, stamp=None) -> tuple[int, int]:
+        """Steps of the group and of the byte sliced layouts of the current pack (two counting passes,
+        once per pack version): what the kernel choice needs, without building either layout."""
         stamp = self._pack_stamp() if stamp is None else stamp
-        if stamp == self._sliced_stamp:
-            return
-        try:
-            sliced = build_sliced(self.row_ptr, self.blk_idx, self.values, self.in_features)
-        except ValueError as e:
-            raise ValueError(f"{self._label()}: {e}") from None
-        for name, t in zip(("sliced_ptr", "sliced_base", "sliced_lane", "sliced_values"), sliced):
-            self.register_buffer(name, t, persistent=False)
-        self._sliced_stamp = stamp
+        if stamp != self._steps_stamp:
+            try:
+                with torch.inference_mode(False):
+                    self._steps = tuple(sliced_steps(self.row_ptr, self.blk_idx, self.values, self.in_features, byte)
+                                        for byte in (False, True))
+            except ValueError as e:
+                raise ValueError(f"{self._label()}: {e}") from None
+            self._steps_stamp = stamp
+        return self._steps
+
+    def _sliced_layout(self, byte_layout: bool, stamp=None) -> tuple:
+        """The group (``sliced_*``) or byte (``byte_*``) sliced layout of the current pack, built on first
+        use and rebuilt whenever the pack changed (non-persistent buffers)."""
+        stamp = self._pack_stamp() if stamp is None else stamp
+        names = self._BYTE_BUFFERS if byte_layout else self._GROUP_BUFFERS
+        if stamp != self._layout_stamps.get(byte_layout):
+            try:
+                # Normal tensors even under inference_mode: their structural check is then memoized per version.
+                with torch.inference_mode(False):
+                    layout = build_sliced(self.row_ptr, self.blk_idx, self.values, self.in_features, byte_layout)
+            except ValueError as e:
+                raise ValueError(f"{self._label()}: {e}") from None
+            for name, t in zip(names, layout):
+                self.register_buffer(name, t, persistent=False)
+            self._layout_stamps[byte_layout] = stamp
+        b = self._buffers
+        return tuple(b[name] for name in names)
 
     def _panels_for(self, m: int, stamp=None):
         """The bsr1x4 panel layout when the kernels would use it for M rows (AVX-512, M >= 4)."""
@@ -351,34 +371,21 @@ class SparseInt8Linear(_SparseBase):
         b = self._buffers
         return b["panel_sub"], b["panel_idx"], b["panel_values"]
 
-    def _byte_layout_for(self, m: int, stamp=None):
-        """The byte sliced layout when the active ISA vectorizes it and it beats the group layout
-        (class docstring); else None. Counted (one pass over the pack) and built once per pack version."""
+    def _use_byte_layout(self, m: int, stamp=None) -> bool:
+        """The byte sliced layout runs when the active ISA vectorizes it and it needs at most
+        _BYTE_STEP_RATIO of the group layout's steps (class docstring)."""
         if m < 1 or not _C.sparse_sliced_bytes_vectorized():
-            return None
-        stamp = self._pack_stamp() if stamp is None else stamp
-        if stamp != self._byte_stamp:
-            layout = None
-            try:
-                with torch.inference_mode(False):
-                    steps = sliced_steps(self.row_ptr, self.blk_idx, self.values, self.in_features, True)
-                    if steps <= self._BYTE_STEP_RATIO * self.sliced_base.numel():
-                        layout = build_sliced(self.row_ptr, self.blk_idx, self.values, self.in_features,
-                                              byte_layout=True)
-            except ValueError as e:
-                raise ValueError(f"{self._label()}: {e}") from None
-            for name, t in zip(self._BYTE_BUFFERS, layout or (None,) * 4):
-                self.register_buffer(name, t, persistent=False)
-            self._byte_stamp = stamp
-        b = self._buffers
-        return None if b.get("byte_slice_ptr") is None else tuple(b[name] for name in self._BYTE_BUFFERS)
+            return False
+        group_steps, byte_steps = self._layout_steps(stamp)
+        return byte_steps <= self._BYTE_STEP_RATIO * group_steps
 
-    def _use_sliced(self, m: int) -> bool:
+    def _use_sliced(self, m: int, stamp=None) -> bool:
+        """The group sliced layout runs for small M when it needs few enough steps (class docstring)."""
         if not 0 < m <= self._SLICED_MAX_ROWS:
             return False
-        b = self._buffers
         max_rows = self._SLICED_MAX_ROWS if get_isa() == "avx512" else self._SLICED_MAX_ROWS_BELOW_AVX512
-        return m <= max_rows and m * b["sliced_base"].numel() <= self._SLICED_STEP_RATIO * b["blk_idx"].numel()
+        group_steps, _ = self._layout_steps(stamp)
+        return m <= max_rows and m * group_steps <= self._SLICED_STEP_RATIO * self._buffers["blk_idx"].numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -387,13 +394,10 @@ class SparseInt8Linear(_SparseBase):
         if _eager_cpu(x):
             m = x.numel() // self.in_features
             stamp = self._pack_stamp()
-            self._refresh_sliced(stamp)
-            byte_layout = self._byte_layout_for(m, stamp)
-            if byte_layout is not None:
-                return sparse_int8_linear_sliced_cpu(x, *byte_layout, *weights)
-            if self._use_sliced(m):
-                return sparse_int8_linear_sliced_cpu(x, b["sliced_ptr"], b["sliced_base"], b["sliced_lane"],
-                                                     b["sliced_values"], *weights)
+            if self._use_byte_layout(m, stamp):
+                return sparse_int8_linear_sliced_cpu(x, *self._sliced_layout(True, stamp), *weights)
+            if self._use_sliced(m, stamp):
+                return sparse_int8_linear_sliced_cpu(x, *self._sliced_layout(False, stamp), *weights)
             return sparse_int8_linear_cpu(x, b["row_ptr"], b["blk_idx"], b["values"], *weights,
                                           panels=self._panels_for(m, stamp))
         # Traced graphs take the bsr1x4 op for every M: the per-call kernel choice reads the run-time ISA,
