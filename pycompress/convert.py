@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from pycompress import _C
 import pycompress.nn as pcnn
 from pycompress._native import build_info, get_isa
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
@@ -79,9 +80,13 @@ HEURISTIC_MIN_WEIGHTS = 16384
 #   M = 16 breaks even at 70% sparsity with 1x4-block pruning (block density 0.30, 1.03x) and at
 #   ~90.5% unstructured sparsity (block density 1 - 0.905^4 = 0.33; 0.96x at 90%); M = 1 at
 #   <= 70% / ~80%. A weight whose 1x4-block density is at or below 0.30 is a candidate.
+#   On AVX-512 VBMI CPUs unstructured packs run the byte sliced layout instead, whose time follows
+#   the nonzeros: it breaks even with dense int8 at 56-64% sparsity for M = 1, 16 and 128 (1.29-1.45x
+#   at 70%), so there a weight of density <= 0.30 is a candidate too, whatever its block density.
 # - sparse-fp32 (csr): against dense int8, csr breaks even at ~94% sparsity for M = 1 (0.85x of
 #   dense int8's time at 95%, 1.7x at 90%) and ~92.5% for M = 16: density <= 0.06.
 SPARSE_INT8_MAX_BLOCK_DENSITY = 0.30
+SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY = 0.30
 SPARSE_FP32_MAX_DENSITY = 0.06
 # auto WITH example inputs times the sparse formats at the layer's real input instead of
 # trusting the M <= 16 break-even above (at M = 1 unstructured int8 wins from ~80% sparsity, block
@@ -89,6 +94,7 @@ SPARSE_FP32_MAX_DENSITY = 0.06
 # sparse benchmark: no sparse format beat dense int8 at 50% sparsity (block density 0.94 when
 # unstructured, 0.5 with 1x4 blocks), and csr needs density well below 0.5 to beat dense fp32.
 TIMED_SPARSE_INT8_MAX_BLOCK_DENSITY = 0.75
+TIMED_SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY = 0.50  # the byte layout lost to dense int8 at 50% sparsity
 TIMED_SPARSE_FP32_MAX_DENSITY = 0.30
 
 _CONVERTED_TYPES: tuple[type, ...] = (Int8Linear, Im2colConv2d)
@@ -260,13 +266,20 @@ def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
         reasons["sparse-fp32"] = ("the layer is quantized by pycompress.quantize: a policy keeps its int8 numbers "
                                   "(sparse-int8); an override can ask for sparse-fp32 to drop them")
     if density_limits == "timed":
-        int8_limit, fp32_limit = TIMED_SPARSE_INT8_MAX_BLOCK_DENSITY, TIMED_SPARSE_FP32_MAX_DENSITY
+        int8_limit, byte_limit, fp32_limit = (TIMED_SPARSE_INT8_MAX_BLOCK_DENSITY,
+                                              TIMED_SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY, TIMED_SPARSE_FP32_MAX_DENSITY)
         because = "no sparse kernel wins there at any batch size"
     else:
-        int8_limit, fp32_limit = SPARSE_INT8_MAX_BLOCK_DENSITY, SPARSE_FP32_MAX_DENSITY
+        int8_limit, byte_limit, fp32_limit = (SPARSE_INT8_MAX_BLOCK_DENSITY, SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY,
+                                              SPARSE_FP32_MAX_DENSITY)
         because = "dense int8 wins for M <= 16"
-    if reasons["sparse-int8"] is None and state.block_density > int8_limit:
-        reasons["sparse-int8"] = f"1x4 block density {state.block_density:.2f} > {int8_limit} ({because})"
+    # The byte sliced layout (AVX-512 VBMI) makes unstructured sparsity pay by its nonzeros.
+    byte_layout = _C.sparse_sliced_bytes_vectorized()
+    if reasons["sparse-int8"] is None and state.block_density > int8_limit and not (
+            byte_layout and state.density <= byte_limit):
+        reasons["sparse-int8"] = (f"1x4 block density {state.block_density:.2f} > {int8_limit}"
+                                  + (f" and density {state.density:.2f} > {byte_limit}" if byte_layout else "")
+                                  + f" ({because})")
     if reasons["sparse-fp32"] is None and state.density > fp32_limit:
         reasons["sparse-fp32"] = f"density {state.density:.2f} > {fp32_limit} ({because})"
     return reasons
