@@ -45,6 +45,9 @@ void q8_rows_scalar(const Q8Task& t) {
   }
 }
 
+// Both sliced layouts: slot i of a step (lane i / 4) multiplies values[i] by
+// one activation byte of the step's window, found by the lane's group offset
+// (group layout) or by the slot's own position (byte layout).
 void q8_sliced_scalar(const SlicedTask& t) {
   const SlicedWeights& w = *t.w;
   for (int64_t s = t.s0; s < t.s1; ++s) {
@@ -53,31 +56,13 @@ void q8_sliced_scalar(const SlicedTask& t) {
       int32_t acc[kSliceLanes] = {};
       for (int64_t j = w.slice_ptr[s]; j < w.slice_ptr[s + 1]; ++j) {
         const int8_t* v = w.values + 64 * j;
-        for (int64_t l = 0; l < kSliceLanes; ++l) {
-          const uint32_t offset = (w.step_lane[2 * j + (l & 1)] >> (4 * (l >> 1))) & 15u;
-          const uint8_t* a = xq + 4 * (static_cast<int64_t>(w.step_base[j]) + offset);
-          for (int b = 0; b < 4; ++b) acc[l] += static_cast<int32_t>(a[b]) * v[4 * l + b];
+        for (int64_t i = 0; i < 4 * kSliceLanes; ++i) {
+          const int64_t l = i / 4;
+          const int64_t byte = w.step_pos != nullptr
+                                   ? w.step_base[j] + (w.step_pos[64 * j + i] & 63u)
+                                   : 4 * (w.step_base[j] + ((w.step_lane[2 * j + (l & 1)] >> (4 * (l >> 1))) & 15u)) + i % 4;
+          acc[l] += static_cast<int32_t>(xq[byte]) * v[i];
         }
-      }
-      for (int64_t l = 0; l < kSliceLanes && s * kSliceLanes + l < w.n; ++l) {
-        const int64_t n = s * kSliceLanes + l;
-        q8_store_scalar(t, r, n, acc[l]);
-      }
-    }
-  }
-}
-
-void q8_sliced_bytes_scalar(const SlicedTask& t) {
-  const SlicedWeights& w = *t.w;
-  for (int64_t s = t.s0; s < t.s1; ++s) {
-    for (int64_t r = 0; r < t.m; ++r) {
-      const uint8_t* xq = t.xq + r * t.ldq;
-      int32_t acc[kSliceLanes] = {};
-      for (int64_t j = w.slice_ptr[s]; j < w.slice_ptr[s + 1]; ++j) {
-        const uint8_t* window = xq + w.step_base[j];
-        const uint8_t* pos = w.step_pos + 64 * j;
-        const int8_t* v = w.values + 64 * j;
-        for (int64_t i = 0; i < 4 * kSliceLanes; ++i) acc[i / 4] += static_cast<int32_t>(window[pos[i] & 63u]) * v[i];
       }
       for (int64_t l = 0; l < kSliceLanes && s * kSliceLanes + l < w.n; ++l) {
         q8_store_scalar(t, r, s * kSliceLanes + l, acc[l]);
@@ -90,7 +75,7 @@ void q8_sliced_bytes_scalar(const SlicedTask& t) {
 
 const Kernels& kernels_scalar() {
   static const Kernels k{f32_rows_scalar, nullptr, nullptr, q8_rows_scalar, nullptr, nullptr, q8_sliced_scalar,
-                         q8_sliced_bytes_scalar};
+                         q8_sliced_scalar};
   return k;
 }
 
