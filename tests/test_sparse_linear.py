@@ -3,6 +3,7 @@ int8 bsr1x4 bit-exact against the exact integer reference, on every ISA path."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -388,6 +389,33 @@ def test_byte_layout_is_chosen_for_unstructured_packs_where_vectorized(gen):
 def int8_weights(mod):
     """The int8 weights [N, K] and per-channel scales of an int8 sparse layer."""
     return unpack_bsr1x4(mod.row_ptr, mod.blk_idx, mod.values, mod.in_features), mod.w_scale
+
+
+@pytest.mark.parametrize("pattern", ("unstructured", "block1x4"))
+def test_int8_module_follows_every_change_to_its_operands(isa, pattern, gen):
+    # Small-M eager calls run a native plan bound to the sliced layout and the weight-side buffers;
+    # any later change must be seen by the next call, and a bad replacement refused.
+    mod = SparseInt8Linear.from_float(sparse_linear(40, 132, 0.1, gen, pattern=pattern))
+    x = torch.randn(1, 132, generator=gen)
+    w, scale = (t.clone() for t in int8_weights(mod))
+    bias = mod.bias.clone()
+    assert torch.equal(mod(x), int8_linear_ref(x, w, scale, bias))
+    mod.w_scale.mul_(2)  # in place
+    assert torch.equal(mod(x), int8_linear_ref(x, w, scale * 2, bias))
+    mod.w_scale = scale.clone()  # a replaced buffer
+    mod.bias = torch.zeros(40)
+    assert torch.equal(mod(x), int8_linear_ref(x, w, scale, torch.zeros(40)))
+    mod.bias = bias
+    mod.act_scale, mod.act_zero_point = 0.05, 128
+    assert torch.equal(mod(x), int8_linear_ref(x, w, scale, bias, "none", (0.05, 128)))
+    mod.act_scale, mod.act_zero_point = None, 0
+    # (plain pickle of uint16 tensors fails inside torch itself; pycompress.save uses safetensors)
+    assert torch.equal(copy.deepcopy(mod)(x), int8_linear_ref(x, w, scale, bias))
+    mod.share_memory()  # every storage moves
+    assert torch.equal(mod(x), int8_linear_ref(x, w, scale, bias))
+    mod.w_scale = torch.ones(39)
+    with pytest.raises(ValueError, match="w_scale must be 1-D float32 of 40"):
+        mod(x)
 
 
 def test_int8_nonfinite_rows_become_nan_and_spare_the_others(isa, gen):

@@ -54,9 +54,43 @@ void set_q8_call(sparse::Q8Call& c, std::uintptr_t x, int64_t m, int64_t ldx, st
   c.nthreads = nthreads;
 }
 
+// One sliced int8 linear (either layout) with its weight-side operands bound
+// once: SparseInt8Linear keeps one per layout and rebuilds it whenever the pack,
+// a derived layout or a weight-side buffer changes (pycompress/ops/sparse.py
+// sliced_linear_plan validates the layout first), so an eager call passes
+// only x, y and the thread count.
+class SlicedLinearPlan {
+ public:
+  SlicedLinearPlan(int64_t n, int64_t k, std::uintptr_t slice_ptr, std::uintptr_t step_base, std::uintptr_t step_lane,
+                   bool bytes, std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale,
+                   std::uintptr_t bias, int act, bool is_static, float static_scale, int32_t static_zp) {
+    args_.w = sliced_weights(n, k, slice_ptr, step_base, step_lane, bytes, values, col_sum, w_scale);
+    set_q8_call(args_, 0, 0, k, bias, act, is_static, static_scale, static_zp, 0, n, 1);
+  }
+
+  // y[m, n] (contiguous) for x's m rows (row stride ldx).
+  void run(std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t y, int nthreads) const {
+    sparse::SlicedLinearArgs a = args_;
+    a.x = ptr<const float>(x);
+    a.m = m;
+    a.ldx = ldx;
+    a.y = ptr<float>(y);
+    a.nthreads = nthreads;
+    py::gil_scoped_release release;
+    sparse::sliced_linear(a);
+  }
+
+ private:
+  sparse::SlicedLinearArgs args_{};
+};
+
 }  // namespace
 
 void register_sparse_bindings(py::module_& m) {
+  py::class_<SlicedLinearPlan>(m, "SlicedLinearPlan")
+      .def(py::init<int64_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, bool, std::uintptr_t,
+                    std::uintptr_t, std::uintptr_t, std::uintptr_t, int, bool, float, int32_t>())
+      .def("run", &SlicedLinearPlan::run, "y[m, n] = the bound sliced int8 linear of x (m rows, row stride ldx)");
   // The csr panel layout's geometry (sparse.h), for the Python builder and the tests.
   m.attr("SPARSE_PANEL_ROWS") = sparse::kPanelRows;
   m.attr("SPARSE_PANEL_COLS") = sparse::kPanelCols;

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pycompress import ops
-from pycompress.ops.q8 import int8_linear_plan, int8_linear_shared_input_cpu
+from pycompress.ops.q8 import eager_rows, int8_linear_plan, int8_linear_shared_input_cpu
 from pycompress._native import activation_code, num_threads
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
 
@@ -115,16 +115,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         if not shape or shape[-1] != k:
             raise ValueError(f"{self._label()}: input has shape {tuple(shape)}, expected (..., {k}) features")
-        if x.is_contiguous():
-            x2, ldx = x, k
-            m = x.numel() // k
-        else:
-            x2 = x if len(shape) == 2 else x.reshape(-1, k)
-            m = x2.shape[0]
-            # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
-            if m > 0 and (x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k)):
-                x2 = x2.contiguous()
-            ldx = x2.stride(0) if m > 1 else k
+        x2, m, ldx = eager_rows(x, k)
         plan = self._native_plan()
         n = self.out_features
         y = torch.empty(m, n, dtype=torch.float32)

@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from pycompress import _C, ops
-from pycompress._native import activation_code, get_isa
+from pycompress._native import activation_code, get_isa, num_threads
+from pycompress.ops.q8 import eager_rows
 from pycompress.ops.sparse import (
     build_bsr1x4_panels,
     build_csr_panels,
     build_sliced,
     csr_panels_supported,
     ensure_valid_structure,
-    sparse_int8_linear_sliced_cpu,
+    sliced_linear_plan,
     sparse_int8_linear_cpu,
     sparse_linear_csr_cpu,
     sparse_linear_nm24_cpu,
@@ -286,6 +287,7 @@ class SparseInt8Linear(_SparseBase):
         self._steps_stamp = None
         self._steps = (0, 0)
         self._layout_stamps: dict[bool, tuple] = {}  # per sliced layout (byte or not): the pack it was built from
+        self._plans: dict[bool, tuple] = {}  # per sliced layout: (operands, key, native plan); see _sliced_plan
 
     @classmethod
     def from_float(cls, linear: nn.Module, activation: str = "none", act_scale: float | None = None,
@@ -371,6 +373,28 @@ class SparseInt8Linear(_SparseBase):
         b = self._buffers
         return b["panel_sub"], b["panel_idx"], b["panel_values"]
 
+    def _sliced_plan(self, byte_layout: bool, stamp):
+        """The native plan of a sliced layout and the current weight-side buffers and activation settings,
+        rebuilt (and validated again) when any of them was replaced, moved or rebuilt. The record holds the
+        tensors it was built from, so their addresses cannot be reused while it lives."""
+        layout = self._sliced_layout(byte_layout, stamp)
+        b = self._buffers
+        operands = (*layout, b["col_sum"], b["w_scale"], b["bias"])
+        key = tuple(0 if t is None else t.data_ptr() for t in operands) + (
+            self._act_code, self.act_scale, self.act_zero_point)
+        r = self._plans.get(byte_layout)
+        if r is not None and r[1] == key and all(a is b_ for a, b_ in zip(r[0], operands)):
+            return r[2]
+        plan = sliced_linear_plan(self.in_features, *operands, self._act_code, self.act_scale, self.act_zero_point)
+        self._plans[byte_layout] = (operands, key, plan)
+        return plan
+
+    def __getstate__(self) -> dict:
+        # Native plans hold raw pointers: never copied or pickled, rebuilt on the next call.
+        state = dict(super().__getstate__())
+        state["_plans"] = {}
+        return state
+
     def _use_byte_layout(self, m: int, stamp=None) -> bool:
         """The byte sliced layout runs when the active ISA vectorizes it and it needs at most
         _BYTE_STEP_RATIO of the group layout's steps (class docstring)."""
@@ -394,10 +418,15 @@ class SparseInt8Linear(_SparseBase):
         if _eager_cpu(x):
             m = x.numel() // self.in_features
             stamp = self._pack_stamp()
-            if self._use_byte_layout(m, stamp):
-                return sparse_int8_linear_sliced_cpu(x, *self._sliced_layout(True, stamp), *weights)
-            if self._use_sliced(m, stamp):
-                return sparse_int8_linear_sliced_cpu(x, *self._sliced_layout(False, stamp), *weights)
+            byte_layout = self._use_byte_layout(m, stamp)
+            if byte_layout or self._use_sliced(m, stamp):
+                # The sliced kernels through the layer's native plan (checks and validation done once).
+                plan = self._sliced_plan(byte_layout, stamp)
+                x2, m, ldx = eager_rows(x, self.in_features)
+                n = self.out_features
+                y = torch.empty(m, n, dtype=torch.float32)
+                plan.run(x2.data_ptr(), m, ldx, y.data_ptr(), num_threads())
+                return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
             return sparse_int8_linear_cpu(x, b["row_ptr"], b["blk_idx"], b["values"], *weights,
                                           panels=self._panels_for(m, stamp))
         # Traced graphs take the bsr1x4 op for every M: the per-call kernel choice reads the run-time ISA,

@@ -88,6 +88,19 @@ def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale
 LIB.impl("int8_linear", int8_linear_cpu, "CPU")
 
 
+def eager_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """(x2, m, ldx): x [..., k] as m rows of a native call, row stride ldx; strided rows are kept,
+    a copy is made only when elements within a row are not contiguous. Cheap for the common
+    contiguous x (no reshape): the eager paths of the modules call it on every forward."""
+    if x.is_contiguous():
+        return x, x.numel() // k, k
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > 0 and (x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k)):
+        x2 = x2.contiguous()
+    return x2, m, x2.stride(0) if m > 1 else k
+
+
 def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
     """The weight-side operands of one int8 linear of K input features, checked once and bound
     into a native plan: ``plan.run(x_ptr, m, ldx, y_ptr, threads)`` then computes what

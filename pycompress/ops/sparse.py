@@ -348,6 +348,25 @@ def sparse_int8_linear_sliced_cpu(x, slice_ptr, step_base, step_lane, values, co
     return _out(x, y, n)
 
 
+def sliced_linear_plan(k, slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias=None, activation=0,
+                       act_scale=None, act_zero_point=0):
+    """A sliced pack (either layout) and its weight-side operands, checked and validated once and
+    bound into a native plan: ``plan.run(x_ptr, m, ldx, y_ptr, threads)`` computes what
+    ``sparse_int8_linear_sliced_cpu`` does for float32 rows x of K features into a contiguous y [m, N].
+    The caller keeps the operands alive and unchanged while it uses the plan (SparseInt8Linear rebuilds
+    it whenever one of them changes)."""
+    op = "sparse_int8_linear_sliced"
+    _, n = _check_sliced(torch.empty(0, k), slice_ptr, step_base, step_lane, values, col_sum, w_scale, bias,
+                         activation, act_scale, act_zero_point)
+    _require_contiguous(op, step_lane, values, col_sum, w_scale, bias)
+    byte_layout = _is_byte_layout(step_lane, step_base.numel())
+    _ensure_valid_sliced(op, slice_ptr, step_base, n, k, byte_layout)
+    return _C.SlicedLinearPlan(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.data_ptr(), byte_layout,
+                               values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
+                               0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
+                               1.0 if act_scale is None else act_scale, act_zero_point)
+
+
 @torch.library.register_fake("pycompress::sparse_linear_csr")
 def _sparse_linear_csr_fake(x, row_ptr, col_idx, values, bias=None, activation=0):
     _, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
