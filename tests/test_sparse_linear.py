@@ -505,6 +505,12 @@ def test_k_at_uint16_index_limit_works(gen):
     check_fp32(SparseLinear.from_float(lin)(x), x, w, None, "none")
     q, scale = quantize_weight_per_channel(w)
     assert torch.equal(SparseInt8Linear.from_float(lin)(x), int8_linear_ref(x, q, scale))
+    # Both sliced layouts at the limit: windows clamped to the row's last 64 bytes (uint16 step_base).
+    qx = torch.randint(0, 256, (2, k), generator=gen, dtype=torch.uint8)
+    for byte_layout in (False, True):
+        sliced = build_sliced(*pack_bsr1x4(q)[:3], k, byte_layout)
+        got = sparse_sliced_accumulate_raw(qx, *sliced, 3, k)
+        assert torch.equal(got.to(torch.int64), q8_accumulate_ref(qx, q)), byte_layout
 
 
 def test_nan_weights_are_refused(gen):
