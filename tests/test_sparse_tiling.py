@@ -1,6 +1,6 @@
 """The csr panel layout (K tiling of the fp32 cols kernel, csrc/sparse/sparse.h): the C++ builder against the
 plain-Python specification, the kernel against the float64 reference on every ISA path (the layout runs on
-AVX-512; other paths ignore it and must give the same answers), and corrupt layouts refused."""
+AVX-512 and AVX2; the scalar path ignores it and must give the same answers), and corrupt layouts refused."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_panel_kernel_matches_float64_reference(isa, m, k, gen):
     ref = sparse_linear_ref(x, weight, mod.bias, "relu")
     bound = fp32_error_bound(x, weight, mod.bias, "relu")
     assert ((y.to(torch.float64) - ref).abs() <= bound).all()
-    # Built lazily by the first call with M >= 4 (the kernels use it there, on AVX-512).
+    # Built lazily by the first call with M >= 4 (the kernels use it there, on AVX-512 and AVX2).
     assert (mod.panel_bytes() > 0) == (m >= SparseLinear._PANEL_MIN_ROWS)
 
 
@@ -119,8 +119,8 @@ def test_pads_never_read_activations_of_unused_columns(isa, gen):
 
 
 def test_panel_results_do_not_depend_on_thread_count(gen):
-    if pc.get_isa() != "avx512":
-        pytest.skip("the panel layout runs on the AVX-512 path only")
+    if pc.get_isa() == "scalar":
+        pytest.skip("the panel layout runs on the AVX-512 and AVX2 paths only")
     weight = weight_with_structure(3 * ROWS_PER_BLOCK + 1, 2 * P + 5, gen)
     mod = SparseLinear.from_float(linear_from(weight, gen), format="csr")
     x = torch.randn(40, weight.shape[1], generator=gen)
@@ -136,8 +136,8 @@ def test_panel_results_do_not_depend_on_thread_count(gen):
 
 
 def test_panel_copy_follows_in_place_changes_and_stays_out_of_state_dict(gen):
-    if pc.get_isa() != "avx512":
-        pytest.skip("the panel layout runs on the AVX-512 path only")
+    if pc.get_isa() == "scalar":
+        pytest.skip("the panel layout runs on the AVX-512 and AVX2 paths only")
     weight = weight_with_structure(12, P + 3, gen)
     mod = SparseLinear.from_float(linear_from(weight, gen), format="csr")
     x = torch.randn(8, P + 3, generator=gen)

@@ -111,8 +111,10 @@
 //         row piece per row (a store per channel and row into y, whose row
 //         stride is often a power of two, kept hitting one L1 set).
 //
-//   cols over csr / bsr1x4 panels (M >= kGatherMaxRows, AVX-512, when the
-//         module passes the panel layout): same math, per block of channels the
+//   cols over csr / bsr1x4 panels (M >= kGatherMaxRows, when the module
+//         passes the panel layout; csr on AVX-512 and AVX2, bsr1x4 on AVX-512
+//         only: the AVX2 int8 cols kernel is vpmaddwd-bound, not cache-bound):
+//         same math, per block of channels the
 //         panel loop is outermost; each channel's partial sums live in a
 //         per-thread scratch between panels. The driver hands it blocks of at
 //         most kPanelBlockRows = 32 rows, so whole panel segments run against

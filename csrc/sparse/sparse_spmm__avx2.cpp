@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <vector>
 
 #include "common/vec_math_avx2.h"
 #include "sparse/sparse.h"
@@ -181,6 +182,91 @@ void f32_cols_avx2(const F32Task& t) {
   }
 }
 
+// One run of csr panel entries [j, j1) (segments are padded to multiples of 4,
+// sparse.h) into out (MV ymm of 8 rows); x^T row stride the constant LD floats
+// (the driver's ld: 16 for up to 16 rows, 32 above). Weights are broadcast
+// straight from memory (a load, no shuffle on AVX2 CPUs).
+template <int MV, int LD>
+inline void f32_panel_run8(const float* xt, const float* vals, const uint16_t* idx, int64_t j, int64_t j1,
+                           __m256* out) {
+  constexpr int S = MV <= 2 ? 2 : 1;  // 4 entries per iteration: with S = 4 no faster on Zen 4 (noisy)
+  __m256 acc[S][MV];
+#pragma GCC unroll 4
+  for (int v = 0; v < MV; ++v) {
+    acc[0][v] = out[v];
+#pragma GCC unroll 4
+    for (int s = 1; s < S; ++s) acc[s][v] = _mm256_setzero_ps();
+  }
+  auto fma = [&](int s, const float* w, uint64_t k) {
+    const __m256 wb = _mm256_broadcast_ss(w);
+    const float* xr = xt + static_cast<int64_t>(k) * LD;
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) acc[s][v] = _mm256_fmadd_ps(wb, _mm256_load_ps(xr + 8 * v), acc[s][v]);
+  };
+  for (; j < j1; j += 4) {
+    uint64_t ks;
+    std::memcpy(&ks, idx + j, sizeof ks);
+    fma(0, vals + j, ks & 0xFFFFu);
+    fma(1 % S, vals + j + 1, (ks >> 16) & 0xFFFFu);
+    fma(2 % S, vals + j + 2, (ks >> 32) & 0xFFFFu);
+    fma(3 % S, vals + j + 3, ks >> 48);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < MV; ++v) {
+#pragma GCC unroll 4
+    for (int s = 1; s < S; ++s) acc[0][v] = _mm256_add_ps(acc[0][v], acc[s][v]);
+    out[v] = acc[0][v];
+  }
+}
+
+// Cols kernel over csr panels (sparse.h), the loop of the AVX-512 file with
+// 8-row vectors: per block of kPanelRows channels the panels are outermost and
+// each channel's partial sums (MV ymm) wait in a per-thread scratch between
+// panels; after the last panel the epilogue runs on 8 x 8 transposed tiles.
+template <int MV, int LD>
+void f32_cols_panels_mv(const F32Task& t) {
+  const CsrPanels& pn = *t.w->panels;
+  const int64_t panels = csr_panels_count(t.w->k);
+  thread_local std::vector<float> scratch;  // one per worker thread: never shared
+  const size_t lanes = static_cast<size_t>(kPanelRows * MV * 8);
+  if (scratch.size() < lanes + 8) scratch.resize(lanes + 8);
+  float* part = scratch.data() + (8 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 8) % 8;
+  for (int64_t b0 = t.n0 / kPanelRows * kPanelRows; b0 < t.n1; b0 += kPanelRows) {
+    const int64_t rows_b = t.w->n - b0 < kPanelRows ? t.w->n - b0 : kPanelRows;
+    const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
+    const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
+    for (int64_t o = 0; o < panels; ++o) {
+      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
+      for (int64_t c = r0; c < r1; ++c) {
+        float* pr = part + (c - r0) * MV * 8;
+        __m256 sums[MV];
+#pragma GCC unroll 4
+        for (int v = 0; v < MV; ++v) sums[v] = o == 0 ? _mm256_setzero_ps() : _mm256_load_ps(pr + 8 * v);
+        f32_panel_run8<MV, LD>(t.xt, pn.values, pn.idx, sub[c - b0], sub[c - b0 + 1], sums);
+#pragma GCC unroll 4
+        for (int v = 0; v < MV; ++v) _mm256_store_ps(pr + 8 * v, sums[v]);
+      }
+    }
+    for (int64_t c0 = r0; c0 < r1; c0 += 8) {
+      const int64_t channels = r1 - c0 < 8 ? r1 - c0 : 8;
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) {
+        f32_store_tile8(t, c0, channels, 8 * v, [&](int c) { return part + ((c0 - r0 + c) * MV + v) * 8; });
+      }
+    }
+  }
+}
+
+void f32_cols_panels_avx2(const F32Task& t) {
+  static_assert(kPanelBlockRows == 32, "the driver hands this kernel at most 32 rows, ld 16 or 32");
+  switch ((t.m + 7) / 8) {
+    case 1: return t.ldxt == 16 ? f32_cols_panels_mv<1, 16>(t) : f32_cols_panels_mv<1, 32>(t);
+    case 2: return t.ldxt == 16 ? f32_cols_panels_mv<2, 16>(t) : f32_cols_panels_mv<2, 32>(t);
+    case 3: return f32_cols_panels_mv<3, 32>(t);
+    default: return f32_cols_panels_mv<4, 32>(t);
+  }
+}
+
 void q8_rows_avx2(const Q8Task& t) {
   const Q8Weights& w = *t.w;
   for (int64_t r = 0; r < t.m; ++r) {
@@ -342,7 +428,7 @@ void q8_sliced_avx2(const SlicedTask& t) {
 
 const Kernels& kernels_avx2() {
   // No vpermb below AVX-512 VBMI: the byte layout runs the scalar spec (SparseInt8Linear never picks it here).
-  static const Kernels k{f32_rows_avx2, f32_cols_avx2, nullptr, q8_rows_avx2, q8_cols_avx2, nullptr, q8_sliced_avx2,
+  static const Kernels k{f32_rows_avx2, f32_cols_avx2, f32_cols_panels_avx2, q8_rows_avx2, q8_cols_avx2, nullptr, q8_sliced_avx2,
                          kernels_scalar().q8_sliced_bytes};
   return k;
 }

@@ -103,7 +103,9 @@ class SparseLinear(_SparseBase):
     so the transposed activations stay in L1/L2, about the size of the pack again) into non-persistent
     buffers ``panel_*``: built by the first eager call with M >= 4 (so decode-only users, M < 4, never pay
     its memory) and rebuilt whenever the pack changes; those calls pass it to the kernels, which use it on
-    AVX-512. ``packed_bytes()`` counts the pack, ``panel_bytes()`` the derived copy (0 until built).
+    AVX-512 and AVX2 (4096x4096 at 90%, AVX2 path on Zen 4, 1 thread, µs plain / panels: M=4 1315/919,
+    M=16 1333/1211, M=128 13751/9220). ``packed_bytes()`` counts the pack, ``panel_bytes()`` the derived
+    copy (0 until built).
     """
 
     # The kernels read the panel layout only for M >= 4 (below, the gather kernel runs).
