@@ -61,6 +61,18 @@ def test_int8_conv_bit_exact(each_isa, case):
     assert torch.equal(y, _ref_for(conv, x))
 
 
+def test_int8_conv_tall_im2col_runs_in_passes(each_isa):
+    # 2 x 62 x 62 output pixels of K = 576: 7688 im2col rows, 4.4 MB of uint8 rows: three passes of
+    # ~2 MiB, each quantized straight from NHWC x starting at its own first row.
+    gen = torch.Generator().manual_seed(7)
+    conv = nn.Conv2d(64, 24, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+    q = Int8Conv2d.from_float(conv, name="conv")
+    x = torch.randn(2, 64, 64, 64, generator=gen)
+    assert torch.equal(q(x), _ref_for(conv, x))
+
+
 def test_int8_conv_static_activations_bit_exact(each_isa):
     conv = nn.Conv2d(6, 10, 3, padding=1)
     q = Int8Conv2d.from_float(conv, act_scale=0.02, act_zero_point=128, name="conv")

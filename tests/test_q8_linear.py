@@ -370,6 +370,26 @@ def test_state_dict_round_trip(gen):
     assert plain.activation == "relu" and torch.equal(plain(x), src(x))
 
 
+def test_tall_inputs_run_in_passes_bit_exact(isa, gen):
+    # Rows are quantized and multiplied in passes of ~2 MiB of uint8 activations (csrc/q8/q8_linear.cpp):
+    # 3000 x 1000 is two passes; non-finite rows in both keep NaN outputs in their own rows only.
+    lin = make_linear(1000, 40, gen)
+    q, scale = quantize_weight_per_channel(lin.weight)
+    x = torch.randn(3000, 1000, generator=gen)
+    x[5, 7] = float("nan")
+    x[2900, 0] = float("inf")
+    bad = torch.zeros(3000, dtype=torch.bool)
+    bad[[5, 2900]] = True
+    for static in (None, (0.02, 131)):
+        mod = pc.nn.Int8Linear.from_float(lin, act_scale=static and static[0],
+                                          act_zero_point=static[1] if static else 0)
+        y = mod(x)
+        ref = int8_linear_ref(x[~bad], q, scale, lin.bias.detach(), "none", static)
+        assert torch.equal(y[~bad], ref), static
+        if static is None:
+            assert torch.isnan(y[bad]).all()
+
+
 def test_module_follows_every_change_to_its_buffers_and_settings(gen):
     # The eager call binds the layer's operands once (a native plan); any later change must be
     # seen on the next call, and a bad replacement refused, never read out of bounds.
