@@ -41,6 +41,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -424,17 +425,26 @@ def _time_candidates_us(modules: dict[str, nn.Module], args: tuple) -> dict[str,
 
 
 def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.Module]], inputs,
-                      keep_outputs: bool, input_sources: dict[int, tuple] | None = None,
+                      keep_outputs: bool, input_sources: dict[int, int] | None = None,
                       keep_args: bool = True, on_first_call: Callable | None = None
                       ) -> dict[int, tuple[tuple, torch.Tensor | None]]:
     """Each target layer's first call during model(inputs): (args, output); ``keep_args=False`` keeps
-    neither (only ``input_sources``). ``input_sources``, when given, receives id(layer) -> a key naming
-    the tensor object of that call's first argument (equal keys: the same tensor, or, rarely, a later
-    tensor that reused a dead one's id and address: grouping such layers costs a recomputation at run
-    time, never a wrong number, see SharedInputGroup). ``on_first_call(layer, args)`` runs inside that
-    first call (convert times the layer's candidates there, so no layer's input outlives its call).
-    With ``keep_args=False`` nothing is held beyond what the model holds."""
+    neither (only ``input_sources``). ``input_sources``, when given, receives id(layer) -> a token naming
+    the tensor object of that call's first argument: equal tokens only for the very same, still live,
+    tensor object (weak references: a later tensor that reuses a dead one's id and address gets a new
+    token; keying by id and address grouped unrelated layers of MiniLM, whose shared calls then
+    computed outputs nobody took). ``on_first_call(layer, args)`` runs inside that first call (convert
+    times the layer's candidates there, so no layer's input outlives its call). With ``keep_args=False``
+    nothing is held beyond what the model holds."""
     captured: dict[int, tuple[tuple, torch.Tensor | None]] = {}
+    live: list[tuple[weakref.ref, int]] = []  # (weak reference to a first argument, its token)
+
+    def token_of(t: torch.Tensor) -> int:
+        for ref, token in live:
+            if ref() is t:
+                return token
+        live.append((weakref.ref(t), len(live)))
+        return len(live) - 1
 
     def hook(mod, args, out):
         # A layer called with keyword or non-tensor arguments is not captured: it is decided by the heuristic.
@@ -442,7 +452,7 @@ def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.M
             captured[id(mod)] = ((tuple(a.detach() for a in args), out.detach() if keep_outputs else None)
                                  if keep_args else ((), None))
             if input_sources is not None:
-                input_sources[id(mod)] = (id(args[0]), args[0].data_ptr(), tuple(args[0].shape))
+                input_sources[id(mod)] = token_of(args[0])
             if on_first_call is not None:
                 on_first_call(mod, args)
 
@@ -464,7 +474,7 @@ def _use_counts(model: nn.Module) -> dict[int, int]:
     return uses
 
 
-def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: dict[int, tuple],
+def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: dict[int, int],
                   original_ids: dict[int, int]) -> list[dict]:
     """Groups the converted dense int8 layers that read one tensor (SHARED_INPUT_PARENTS, then the
     captured sources) into SharedInputGroups; returns them as ConversionRecord.shared_input entries."""
@@ -488,7 +498,7 @@ def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: d
         if all(eligible(m) for m in members) and compatible(members):
             SharedInputGroup(members, adjacent=True)
             groups.append({"layers": [names[id(m)] for m in members], "adjacent": True})
-    by_source: dict[tuple, list[Int8Linear]] = {}
+    by_source: dict[int, list[Int8Linear]] = {}
     for rec in records:
         m = model.get_submodule(rec.name)
         source = input_sources.get(original_ids.get(id(m), -1))
@@ -708,7 +718,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         timings[id(module)] = (tuple(tuple(a.shape) for a in args), _time_candidates_us(built, args))
 
     timing = policy == "auto" and example_inputs is not None
-    input_sources: dict[int, tuple] = {}
+    input_sources: dict[int, int] = {}
     capture = example_inputs is not None and (timing or share_inputs)
     captured = _capture_layer_io(model, targets, example_inputs, keep_outputs=False, input_sources=input_sources,
                                  keep_args=False, on_first_call=time_layer if timing else None) if capture else {}
