@@ -354,6 +354,8 @@ class SparseInt8Linear(_SparseBase):
             for name, t in zip(names, layout):
                 self.register_buffer(name, t, persistent=False)
             self._layout_stamps[byte_layout] = stamp
+            # This call's own tensors: a concurrent first call may be registering its equal copy.
+            return tuple(layout)
         b = self._buffers
         return tuple(b[name] for name in names)
 
@@ -372,13 +374,15 @@ class SparseInt8Linear(_SparseBase):
             for name, t in zip(("panel_sub", "panel_idx", "panel_values"), panels):
                 self.register_buffer(name, t, persistent=False)
             self._panel_stamp = stamp
+            return tuple(panels)  # this call's own tensors (see _sliced_layout)
         b = self._buffers
         return b["panel_sub"], b["panel_idx"], b["panel_values"]
 
-    def _sliced_plan(self, byte_layout: bool, stamp):
-        """The native plan of a sliced layout and the current weight-side buffers and activation settings,
-        rebuilt (and validated again) when any of them was replaced, moved or rebuilt. The record holds the
-        tensors it was built from, so their addresses cannot be reused while it lives."""
+    def _sliced_plan(self, byte_layout: bool, stamp) -> tuple:
+        """The record (operands, key, native plan) of a sliced layout and the current weight-side buffers
+        and activation settings, rebuilt (and validated again) when any of them was replaced, moved or
+        rebuilt. The record holds the tensors the plan points into: a caller keeps the record, not just the
+        plan, until its run returns (a concurrent first call may replace the module's record and buffers)."""
         layout = self._sliced_layout(byte_layout, stamp)
         b = self._buffers
         operands = (*layout, b["col_sum"], b["w_scale"], b["bias"])
@@ -386,10 +390,11 @@ class SparseInt8Linear(_SparseBase):
             self._act_code, self.act_scale, self.act_zero_point)
         r = self._plans.get(byte_layout)
         if r is not None and r[1] == key and all(a is b_ for a, b_ in zip(r[0], operands)):
-            return r[2]
+            return r
         plan = sliced_linear_plan(self.in_features, *operands, self._act_code, self.act_scale, self.act_zero_point)
-        self._plans[byte_layout] = (operands, key, plan)
-        return plan
+        record = (operands, key, plan)
+        self._plans[byte_layout] = record
+        return record
 
     def __getstate__(self) -> dict:
         # Native plans hold raw pointers: never copied or pickled, rebuilt on the next call.
@@ -423,11 +428,11 @@ class SparseInt8Linear(_SparseBase):
             byte_layout = self._use_byte_layout(m, stamp)
             if byte_layout or self._use_sliced(m, stamp):
                 # The sliced kernels through the layer's native plan (checks and validation done once).
-                plan = self._sliced_plan(byte_layout, stamp)
+                record = self._sliced_plan(byte_layout, stamp)  # held until the run returns
                 x2, m, ldx = eager_rows(x, self.in_features)
                 n = self.out_features
                 y = torch.empty(m, n, dtype=torch.float32)
-                plan.run(x2.data_ptr(), m, ldx, y.data_ptr(), num_threads())
+                record[2].run(x2.data_ptr(), m, ldx, y.data_ptr(), num_threads())
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
             return sparse_int8_linear_cpu(x, b["row_ptr"], b["blk_idx"], b["values"], *weights,
                                           panels=self._panels_for(m, stamp))
