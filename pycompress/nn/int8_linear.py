@@ -14,6 +14,12 @@ from pycompress._native import activation_code, num_threads
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
 
 
+# Bound once: the eager forward runs these on every call.
+_F32 = torch.float32
+_empty = torch.empty
+_is_compiling = torch.compiler.is_compiling
+
+
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
@@ -93,8 +99,8 @@ class Int8Linear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and self._shared_input is None
-                and not torch.compiler.is_compiling()):
+        if (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and self._shared_input is None
+                and not _is_compiling()):
             return self._eager(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
@@ -115,10 +121,10 @@ class Int8Linear(nn.Module):
         shape = x.shape
         if not shape or shape[-1] != k:
             raise ValueError(f"{self._label()}: input has shape {tuple(shape)}, expected (..., {k}) features")
-        x2, m, ldx = eager_rows(x, k)
+        x2, m, ldx = (x, x.numel() // k, k) if x.is_contiguous() else eager_rows(x, k)
         plan = self._native_plan()
         n = self.out_features
-        y = torch.empty(m, n, dtype=torch.float32)
+        y = _empty(m, n, dtype=_F32)
         plan.run(x2.data_ptr(), m, ldx, y.data_ptr(), num_threads())
         return y if len(shape) == 2 else y.view(*shape[:-1], n)
 
@@ -128,13 +134,15 @@ class Int8Linear(nn.Module):
         the buffers it was built from, so their addresses cannot be reused while it lives."""
         b = self._buffers
         w, c, s, bias = b["w_packed"], b["col_sum"], b["w_scale"], b["bias"]
+        r = self._plan
+        if r is not None:
+            held = r[0]
+            if (held[0] is w and held[1] is c and held[2] is s and held[3] is bias and r[1] == (
+                    w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                    self._act_code, self.act_scale, self.act_zero_point)):
+                return r[2]
         key = (w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if bias is None else bias.data_ptr(),
                self._act_code, self.act_scale, self.act_zero_point)
-        r = self._plan
-        if r is not None and r[1] == key:
-            held = r[0]
-            if held[0] is w and held[1] is c and held[2] is s and held[3] is bias:
-                return r[2]
         plan = int8_linear_plan(self.in_features, self.out_features, w, c, s, bias, self._act_code, self.act_scale,
                                 self.act_zero_point)
         self._plan = ((w, c, s, bias), key, plan)
