@@ -75,6 +75,7 @@ PYBIND11_MODULE(_C, m) {
     d["compiled_isas"] = isa_names(compiled_isas());
     d["supported_isas"] = isa_names(supported_isas());
     d["active_isa"] = std::string(isa_name(active_isa()));
+    d["avx512_vbmi"] = cpu_has_avx512vbmi();  // the sparse int8 byte sliced layout's vpermb
     d["pool_workers"] = thread_pool_workers();
     d["threading"] = std::string(threading_backend());
     return d;

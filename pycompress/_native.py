@@ -56,4 +56,6 @@ def build_info() -> dict:
     info["cuda"] = False  # no CUDA kernels yet: the ops are registered for CPU tensors only
     info["threads"] = num_threads()
     info["torch"] = torch.__version__
+    # Whether unstructured sparse int8 layers run the byte sliced layout now (AVX-512 VBMI, active ISA).
+    info["sparse_byte_layout"] = bool(_C.sparse_sliced_bytes_vectorized())
     return info

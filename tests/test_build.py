@@ -21,6 +21,14 @@ def test_build_info_fields():
     assert set(info["supported_isas"]) <= set(info["compiled_isas"])
     assert info["threads"] == torch.get_num_threads()
     assert isinstance(info["cuda"], bool)
+    # The byte sliced layout runs exactly when the active path is AVX-512 on a CPU with VBMI.
+    assert isinstance(info["avx512_vbmi"], bool)
+    assert info["sparse_byte_layout"] == (info["active_isa"] == "avx512" and info["avx512_vbmi"])
+
+
+def test_sparse_byte_layout_follows_the_active_isa(isa):
+    info = pc.build_info()
+    assert info["sparse_byte_layout"] == (isa == "avx512" and info["avx512_vbmi"])
 
 
 def test_set_isa_rejects_unknown_name():
