@@ -121,7 +121,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         if not shape or shape[-1] != k:
             raise ValueError(f"{self._label()}: input has shape {tuple(shape)}, expected (..., {k}) features")
-        x2, m, ldx = (x, x.numel() // k, k) if x.is_contiguous() else eager_rows(x, k)
+        x2, m, ldx = eager_rows(x, k)
         plan = self._native_plan()
         n = self.out_features
         y = _empty(m, n, dtype=_F32)

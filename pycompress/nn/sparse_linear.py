@@ -62,6 +62,39 @@ class _SparseBase(nn.Module):
         self.activation = activation
         self._act_code = activation_code(activation)
         self.name = name
+        # kind of derived layout -> the pack stamp it was built from (see _derived)
+        self._derived_stamps: dict[str, tuple] = {}
+
+    # The structural buffers the derived layouts are built from (their stamp, _pack_stamp).
+    _PACK_BUFFERS: tuple[str, ...] = ()
+
+    def _pack_stamp(self) -> tuple:
+        """Addresses and version counters of the pack's buffers: a derived layout is rebuilt when this
+        changes. Inference tensors have no version counter (and cannot be written outside inference mode).
+        Runs on every call: buffers from the dict, no generator."""
+        r, i, v = map(self._buffers.__getitem__, self._PACK_BUFFERS)
+        if r.is_inference() or i.is_inference() or v.is_inference():
+            return (r.data_ptr(), i.data_ptr(), v.data_ptr(), None)
+        return (r.data_ptr(), r._version, i.data_ptr(), i._version, v.data_ptr(), v._version)
+
+    def _derived(self, kind: str, names: tuple[str, ...], build, stamp=None) -> tuple:
+        """Non-persistent buffers ``names`` derived from the pack by ``build()``, built by the first call that
+        needs them and rebuilt whenever the pack changed (a corrupt pack raises ValueError naming the layer).
+        A build returns its own tensors: a concurrent first call may be registering its equal copy."""
+        stamp = self._pack_stamp() if stamp is None else stamp
+        if stamp != self._derived_stamps.get(kind):
+            try:
+                # Normal tensors even under inference_mode: their structural check is then memoized per
+                # version (inference tensors have no version counter and would be re-checked every call).
+                with torch.inference_mode(False):
+                    tensors = tuple(build())
+            except ValueError as e:
+                raise ValueError(f"{self._label()}: {e}") from None
+            for name, t in zip(names, tensors):
+                self.register_buffer(name, t, persistent=False)
+            self._derived_stamps[kind] = stamp
+            return tensors
+        return tuple(map(self._buffers.__getitem__, names))
 
     def _label(self) -> str:
         inner = self.name if self.name else f"{self.in_features}->{self.out_features}"
@@ -93,6 +126,9 @@ class _SparseBase(nn.Module):
         """Checks the pack's structure (raises ValueError naming the layer)."""
 
 
+_PANEL_BUFFERS = ("panel_sub", "panel_idx", "panel_values")
+
+
 class SparseLinear(_SparseBase):
     """y = act(x @ W^T + b) with fp32 sparse weights.
 
@@ -108,6 +144,7 @@ class SparseLinear(_SparseBase):
     copy (0 until built).
     """
 
+    _PACK_BUFFERS = ("row_ptr", "col_idx", "values")  # csr (nm24 has no derived layout)
     # The kernels read the panel layout only for M >= 4 (below, the gather kernel runs).
     _PANEL_MIN_ROWS = 4
 
@@ -121,7 +158,6 @@ class SparseLinear(_SparseBase):
             self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
             self.register_buffer("col_idx", torch.zeros(nnz, dtype=torch.uint16))
             self.register_buffer("values", torch.zeros(nnz, dtype=torch.float32))
-            self._panel_stamp = None
         else:
             if in_features % 4:
                 raise ValueError(f"{self._label()}: nm24 needs in_features % 4 == 0, got {in_features}")
@@ -175,25 +211,8 @@ class SparseLinear(_SparseBase):
         """The csr panel layout when the kernels would use it for M rows."""
         if m < self._PANEL_MIN_ROWS or not csr_panels_supported(self.in_features):
             return None
-        self._refresh_panels()
-        b = self._buffers
-        return b["panel_sub"], b["panel_idx"], b["panel_values"]
-
-    def _refresh_panels(self) -> None:
-        """(Re)builds the csr panel layout when the pack changed since the last build."""
-        stamp = tuple((t.data_ptr(), None if t.is_inference() else t._version)
-                      for t in (self.row_ptr, self.col_idx, self.values))
-        if stamp != self._panel_stamp:
-            try:
-                # Normal tensors even under inference_mode: their structural check is then memoized per
-                # version (inference tensors have no version counter and would be re-checked every call).
-                with torch.inference_mode(False):
-                    panels = build_csr_panels(self.row_ptr, self.col_idx, self.values, self.in_features)
-            except ValueError as e:
-                raise ValueError(f"{self._label()}: {e}") from None
-            for name, t in zip(("panel_sub", "panel_idx", "panel_values"), panels):
-                self.register_buffer(name, t, persistent=False)
-            self._panel_stamp = stamp
+        return self._derived("panels", _PANEL_BUFFERS, lambda: build_csr_panels(
+            self.row_ptr, self.col_idx, self.values, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -268,6 +287,7 @@ class SparseInt8Linear(_SparseBase):
     # The byte sliced layout runs (every M, where vectorized) when it needs at most this share of the
     # group layout's steps: a byte step is 130 bytes against 74, so below ~0.57 it also streams fewer bytes.
     _BYTE_STEP_RATIO = 0.6
+    _PACK_BUFFERS = ("row_ptr", "blk_idx", "values")
     _GROUP_BUFFERS = ("sliced_ptr", "sliced_base", "sliced_lane", "sliced_values")
     _BYTE_BUFFERS = ("byte_slice_ptr", "byte_step_base", "byte_step_pos", "byte_values")
 
@@ -285,10 +305,8 @@ class SparseInt8Linear(_SparseBase):
         self.register_buffer("col_sum", torch.zeros(out_features, dtype=torch.int32))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
-        self._panel_stamp = None
         self._steps_stamp = None
         self._steps = (0, 0)
-        self._layout_stamps: dict[bool, tuple] = {}  # per sliced layout (byte or not): the pack it was built from
         self._plans: dict[bool, tuple] = {}  # per sliced layout: (operands, key, native plan); see _sliced_plan
 
     @classmethod
@@ -316,15 +334,6 @@ class SparseInt8Linear(_SparseBase):
         except ValueError as e:
             raise ValueError(f"{self._label()}: {e}") from None
 
-    def _pack_stamp(self):
-        # Inference tensors have no version counter (and cannot be written outside inference mode).
-        # Runs on every call: buffers from the dict, no generator (~1 us instead of ~3).
-        b = self._buffers
-        r, i, v = b["row_ptr"], b["blk_idx"], b["values"]
-        if r.is_inference() or i.is_inference() or v.is_inference():
-            return (r.data_ptr(), i.data_ptr(), v.data_ptr(), None)
-        return (r.data_ptr(), r._version, i.data_ptr(), i._version, v.data_ptr(), v._version)
-
     def _layout_steps(self, stamp=None) -> tuple[int, int]:
         """Steps of the group and of the byte sliced layouts of the current pack (two counting passes,
         once per pack version): what the kernel choice needs, without building either layout."""
@@ -340,43 +349,18 @@ class SparseInt8Linear(_SparseBase):
         return self._steps
 
     def _sliced_layout(self, byte_layout: bool, stamp=None) -> tuple:
-        """The group (``sliced_*``) or byte (``byte_*``) sliced layout of the current pack, built on first
-        use and rebuilt whenever the pack changed (non-persistent buffers)."""
-        stamp = self._pack_stamp() if stamp is None else stamp
-        names = self._BYTE_BUFFERS if byte_layout else self._GROUP_BUFFERS
-        if stamp != self._layout_stamps.get(byte_layout):
-            try:
-                # Normal tensors even under inference_mode: their structural check is then memoized per version.
-                with torch.inference_mode(False):
-                    layout = build_sliced(self.row_ptr, self.blk_idx, self.values, self.in_features, byte_layout)
-            except ValueError as e:
-                raise ValueError(f"{self._label()}: {e}") from None
-            for name, t in zip(names, layout):
-                self.register_buffer(name, t, persistent=False)
-            self._layout_stamps[byte_layout] = stamp
-            # This call's own tensors: a concurrent first call may be registering its equal copy.
-            return tuple(layout)
-        b = self._buffers
-        return tuple(b[name] for name in names)
+        """The group (``sliced_*``) or byte (``byte_*``) sliced layout of the current pack."""
+        return self._derived("byte" if byte_layout else "sliced",
+                             self._BYTE_BUFFERS if byte_layout else self._GROUP_BUFFERS,
+                             lambda: build_sliced(self.row_ptr, self.blk_idx, self.values, self.in_features,
+                                                  byte_layout), stamp)
 
     def _panels_for(self, m: int, stamp=None):
         """The bsr1x4 panel layout when the kernels would use it for M rows (AVX-512, M >= 4)."""
         if m < self._PANEL_MIN_ROWS or get_isa() != "avx512":
             return None
-        stamp = self._pack_stamp() if stamp is None else stamp
-        if stamp != self._panel_stamp:
-            try:
-                # Normal tensors even under inference_mode: their structural check is then memoized per version.
-                with torch.inference_mode(False):
-                    panels = build_bsr1x4_panels(self.row_ptr, self.blk_idx, self.values, self.in_features)
-            except ValueError as e:
-                raise ValueError(f"{self._label()}: {e}") from None
-            for name, t in zip(("panel_sub", "panel_idx", "panel_values"), panels):
-                self.register_buffer(name, t, persistent=False)
-            self._panel_stamp = stamp
-            return tuple(panels)  # this call's own tensors (see _sliced_layout)
-        b = self._buffers
-        return b["panel_sub"], b["panel_idx"], b["panel_values"]
+        return self._derived("panels", _PANEL_BUFFERS, lambda: build_bsr1x4_panels(
+            self.row_ptr, self.blk_idx, self.values, self.in_features), stamp)
 
     def _sliced_plan(self, byte_layout: bool, stamp) -> tuple:
         """The record (operands, key, native plan) of a sliced layout and the current weight-side buffers
@@ -421,7 +405,6 @@ class SparseInt8Linear(_SparseBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         b = self._buffers  # not nn.Module.__getattr__ (~0.6 us a buffer on every call)
-        weights = (b["col_sum"], b["w_scale"], b["bias"], self._act_code, self.act_scale, self.act_zero_point)
         if _eager_cpu(x):
             m = x.numel() // self.in_features
             stamp = self._pack_stamp()
@@ -434,11 +417,13 @@ class SparseInt8Linear(_SparseBase):
                 y = torch.empty(m, n, dtype=torch.float32)
                 record[2].run(x2.data_ptr(), m, ldx, y.data_ptr(), num_threads())
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+            weights = (b["col_sum"], b["w_scale"], b["bias"], self._act_code, self.act_scale, self.act_zero_point)
             return sparse_int8_linear_cpu(x, b["row_ptr"], b["blk_idx"], b["values"], *weights,
                                           panels=self._panels_for(m, stamp))
         # Traced graphs take the bsr1x4 op for every M: the per-call kernel choice reads the run-time ISA,
         # which dynamo cannot trace (the sliced op itself is traceable: ops.sparse_int8_linear_sliced).
-        return ops.sparse_int8_linear(x, b["row_ptr"], b["blk_idx"], b["values"], *weights)
+        return ops.sparse_int8_linear(x, b["row_ptr"], b["blk_idx"], b["values"], b["col_sum"], b["w_scale"],
+                                      b["bias"], self._act_code, self.act_scale, self.act_zero_point)
 
     def packed_bytes(self) -> int:
         """Bytes of the bsr1x4 pack (the state_dict); the derived copies are ``sliced_bytes()``,

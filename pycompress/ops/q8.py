@@ -67,17 +67,13 @@ def _int8_linear_fake(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
 
 def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
     k, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    m = x2.shape[0]
-    # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
-    if m > 0 and (x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k)):
-        x2 = x2.contiguous()
+    x2, m, ldx = eager_rows(x, k)
     if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
             and (bias is None or bias.is_contiguous())):
         raise ValueError("int8_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
     y = torch.empty((m, n), dtype=torch.float32)
     _C.q8_linear(
-        x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k,
+        x2.data_ptr(), m, k, ldx,
         w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
         n, y.data_ptr(), n, activation,
         act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(),
@@ -133,13 +129,10 @@ def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0) -
                 and (bias is None or bias.is_contiguous())):
             raise ValueError("int8_linear_shared_input: weight operands must be contiguous")
     k = x.shape[-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    m = x2.shape[0]
-    if m > 0 and (x2.stride(1) != 1 or (m > 1 and x2.stride(0) < k)):
-        x2 = x2.contiguous()
+    x2, m, ldx = eager_rows(x, k)
     ys = [torch.empty((m, n), dtype=torch.float32) for n in sizes]
     _C.q8_linear_shared_input(
-        x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k,
+        x2.data_ptr(), m, k, ldx,
         [(w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), n, y.data_ptr(), n, act)
          for (w, c, s, b, act), n, y in zip(outputs, sizes, ys)],
         act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(),

@@ -21,6 +21,7 @@ import torch
 from pycompress import _C
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
+from pycompress.ops.q8 import eager_rows
 from pycompress.reference.sparse import MAX_K, NM_PER_WORD
 
 LIB.define("sparse_linear_csr(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
@@ -248,18 +249,6 @@ def ensure_valid_structure(op: str, row_ptr: torch.Tensor, idx: torch.Tensor, k:
         row_ptr._pycompress_valid = _stamp(row_ptr, idx, k, kind)
 
 
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    # Rows may be strided (a slice of a wider tensor); elements within a row must be contiguous.
-    if x2.shape[0] > 0 and (x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k)):
-        x2 = x2.contiguous()
-    return x2
-
-
-def _ldx(x2: torch.Tensor, k: int) -> int:
-    return x2.stride(0) if x2.shape[0] > 1 else k
-
-
 def _require_contiguous(op: str, *tensors) -> None:
     if not all(t is None or t.is_contiguous() for t in tensors):
         raise ValueError(f"{op}: weight operands must be contiguous (build them with pycompress.nn modules)")
@@ -286,10 +275,10 @@ def sparse_linear_csr_cpu(x, row_ptr, col_idx, values, bias=None, activation=0, 
         _require_contiguous(op, panel_values)
         ensure_valid_structure(op, sub, idx, k, _panels_validator(n))
         panel_ptrs = (sub.data_ptr(), idx.data_ptr(), panel_values.data_ptr())
-    x2 = _rows(x, k)
-    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=torch.float32)
     _C.sparse_f32_linear(_FORMAT_CSR, n, k, row_ptr.data_ptr(), col_idx.data_ptr(), 0, 0, values.data_ptr(),
-                         x2.data_ptr(), x2.shape[0], _ldx(x2, k), 0 if bias is None else bias.data_ptr(),
+                         x2.data_ptr(), m, ldx, 0 if bias is None else bias.data_ptr(),
                          activation, y.data_ptr(), n, num_threads(), *panel_ptrs)
     return _out(x, y, n)
 
@@ -297,10 +286,10 @@ def sparse_linear_csr_cpu(x, row_ptr, col_idx, values, bias=None, activation=0, 
 def sparse_linear_nm24_cpu(x, nm_idx, values, bias=None, activation=0):
     k, n = _check_nm24(x, nm_idx, values, bias, activation)
     _require_contiguous("sparse_linear_nm24", nm_idx, values, bias)
-    x2 = _rows(x, k)
-    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=torch.float32)
     _C.sparse_f32_linear(_FORMAT_NM24, n, k, 0, 0, nm_idx.data_ptr(), nm_idx.shape[1], values.data_ptr(),
-                         x2.data_ptr(), x2.shape[0], _ldx(x2, k), 0 if bias is None else bias.data_ptr(),
+                         x2.data_ptr(), m, ldx, 0 if bias is None else bias.data_ptr(),
                          activation, y.data_ptr(), n, num_threads())
     return _out(x, y, n)
 
@@ -313,10 +302,10 @@ def sparse_int8_linear_cpu(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=N
     _require_contiguous("sparse_int8_linear", values, col_sum, w_scale, bias)
     ensure_valid_structure("sparse_int8_linear", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
     panel_ptrs = _bsr1x4_panel_ptrs("sparse_int8_linear", panels, n, k)
-    x2 = _rows(x, k)
-    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=torch.float32)
     _C.sparse_q8_linear(n, k, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(), col_sum.data_ptr(),
-                        w_scale.data_ptr(), x2.data_ptr(), x2.shape[0], _ldx(x2, k),
+                        w_scale.data_ptr(), x2.data_ptr(), m, ldx,
                         0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
                         1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads(),
                         *panel_ptrs)
@@ -338,11 +327,11 @@ def sparse_int8_linear_sliced_cpu(x, slice_ptr, step_base, step_lane, values, co
     _require_contiguous(op, step_lane, values, col_sum, w_scale, bias)
     byte_layout = _is_byte_layout(step_lane, step_base.numel())
     _ensure_valid_sliced(op, slice_ptr, step_base, n, k, byte_layout)
-    x2 = _rows(x, k)
-    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=torch.float32)
     _C.sparse_sliced_linear(n, k, slice_ptr.data_ptr(), step_base.data_ptr(), step_lane.data_ptr(), byte_layout,
                             values.data_ptr(),
-                            col_sum.data_ptr(), w_scale.data_ptr(), x2.data_ptr(), x2.shape[0], _ldx(x2, k),
+                            col_sum.data_ptr(), w_scale.data_ptr(), x2.data_ptr(), m, ldx,
                             0 if bias is None else bias.data_ptr(), activation, act_scale is not None,
                             1.0 if act_scale is None else act_scale, act_zero_point, y.data_ptr(), n, num_threads())
     return _out(x, y, n)
