@@ -8,7 +8,7 @@
 #include <immintrin.h>
 
 #include "sparse/sparse.h"
-#include "sparse/sparse_sliced_avx512.h"
+#include "sparse/sparse_avx512.h"
 
 namespace pycompress {
 namespace sparse {

@@ -6,11 +6,11 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "common/vec_math_avx2.h"
 #include "sparse/sparse.h"
 #include "sparse/sparse_epilogue.h"
+#include "sparse/sparse_panels.h"
 
 namespace pycompress {
 namespace sparse {
@@ -219,42 +219,30 @@ inline void f32_panel_run8(const float* xt, const float* vals, const uint16_t* i
   }
 }
 
-// Cols kernel over csr panels (sparse.h), the loop of the AVX-512 file with
-// 8-row vectors: per block of kPanelRows channels the panels are outermost and
-// each channel's partial sums (MV ymm) wait in a per-thread scratch between
-// panels; after the last panel the epilogue runs on 8 x 8 transposed tiles.
+// Cols kernel over csr panels: panels_loop (sparse_panels.h) with each
+// channel's partial sums as MV ymm of 8 rows; after the last panel the
+// epilogue runs on 8 x 8 transposed tiles.
 template <int MV, int LD>
 void f32_cols_panels_mv(const F32Task& t) {
   const CsrPanels& pn = *t.w->panels;
-  const int64_t panels = csr_panels_count(t.w->k);
-  thread_local std::vector<float> scratch;  // one per worker thread: never shared
-  const size_t lanes = static_cast<size_t>(kPanelRows * MV * 8);
-  if (scratch.size() < lanes + 8) scratch.resize(lanes + 8);
-  float* part = scratch.data() + (8 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 8) % 8;
-  for (int64_t b0 = t.n0 / kPanelRows * kPanelRows; b0 < t.n1; b0 += kPanelRows) {
-    const int64_t rows_b = t.w->n - b0 < kPanelRows ? t.w->n - b0 : kPanelRows;
-    const int64_t r0 = t.n0 > b0 ? t.n0 : b0;
-    const int64_t r1 = t.n1 < b0 + rows_b ? t.n1 : b0 + rows_b;
-    for (int64_t o = 0; o < panels; ++o) {
-      const int32_t* sub = pn.sub + b0 * panels + o * rows_b;
-      for (int64_t c = r0; c < r1; ++c) {
-        float* pr = part + (c - r0) * MV * 8;
+  panels_loop<MV * 8, 8, 8>(
+      t.n0, t.n1, t.w->n, csr_panels_count(t.w->k), pn.sub,
+      [&](uint32_t* part, int32_t j0, int32_t j1, bool first) {
+        float* pr = reinterpret_cast<float*>(part);
         __m256 sums[MV];
 #pragma GCC unroll 4
-        for (int v = 0; v < MV; ++v) sums[v] = o == 0 ? _mm256_setzero_ps() : _mm256_load_ps(pr + 8 * v);
-        f32_panel_run8<MV, LD>(t.xt, pn.values, pn.idx, sub[c - b0], sub[c - b0 + 1], sums);
+        for (int v = 0; v < MV; ++v) sums[v] = first ? _mm256_setzero_ps() : _mm256_load_ps(pr + 8 * v);
+        f32_panel_run8<MV, LD>(t.xt, pn.values, pn.idx, j0, j1, sums);
 #pragma GCC unroll 4
         for (int v = 0; v < MV; ++v) _mm256_store_ps(pr + 8 * v, sums[v]);
-      }
-    }
-    for (int64_t c0 = r0; c0 < r1; c0 += 8) {
-      const int64_t channels = r1 - c0 < 8 ? r1 - c0 : 8;
+      },
+      [&](int64_t c0, int64_t channels, auto part_of) {
 #pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) {
-        f32_store_tile8(t, c0, channels, 8 * v, [&](int c) { return part + ((c0 - r0 + c) * MV + v) * 8; });
-      }
-    }
-  }
+        for (int v = 0; v < MV; ++v) {
+          f32_store_tile8(t, c0, channels, 8 * v,
+                          [&](int c) { return reinterpret_cast<const float*>(part_of(c)) + 8 * v; });
+        }
+      });
 }
 
 void f32_cols_panels_avx2(const F32Task& t) {

@@ -9,20 +9,16 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "common/vec_math_avx512.h"
 #include "sparse/sparse.h"
 #include "sparse/sparse_epilogue.h"
-#include "sparse/sparse_sliced_avx512.h"
+#include "sparse/sparse_avx512.h"
+#include "sparse/sparse_panels.h"
 
 namespace pycompress {
 namespace sparse {
 namespace {
-
-inline __mmask16 tail_mask(int64_t valid) {
-  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
-}
 
 // In-register 16 x 16 transpose: r[i] lane j becomes r[j] lane i.
 inline void transpose16x16(__m512 r[16]) {
@@ -101,12 +97,8 @@ inline void q8_store_tile(const Q8Task& t, int64_t n0, int64_t channels, int64_t
   const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, t.bias + n0) : _mm512_setzero_ps();
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = row0 + i;
-    const __m512i corrected =
-        _mm512_sub_epi32(_mm512_castps_si512(r[i]), _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[row]), col_sum));
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(_mm512_set1_ps(t.row_scale[row]), w_scale));
-    if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
-    y = apply_activation_avx512(y, t.act);
-    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes, y);
+    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes,
+                          q8_epilogue_avx512(t, row, _mm512_castps_si512(r[i]), col_sum, w_scale, bias));
   }
 }
 
@@ -230,45 +222,29 @@ inline void f32_panel_run(const float* xt, const float* vals, const uint16_t* id
   }
 }
 
-// The loop of both cols kernels over a panel layout (sparse.h), for up to
-// kPanelBlockRows rows (MV <= 2 zmm): per block of kPanelRows channels the
-// panels are outermost; the partial sums of the task's channels of the block
-// (raw 32-bit lanes: float or int32) live in a per-thread scratch between
-// panels. `run(j0, j1, sums)` adds segment [j0, j1) of a channel to its MV
-// vectors of sums; `store(c0, channels, v, lanes)` runs the epilogue of 16
-// channels' vector v after the last panel, lanes(c) pointing at channel c's.
+// Both AVX-512 cols kernels over a panel layout: panels_loop (sparse_panels.h)
+// with each channel's partial sums as MV zmm (up to kPanelBlockRows = 32 rows;
+// raw 32-bit lanes: float or int32). `run(j0, j1, sums)` adds segment [j0, j1)
+// of a channel to its MV vectors of sums; `store(c0, channels, v, lanes)` runs
+// the epilogue of 16 channels' vector v after the last panel, lanes(c)
+// pointing at channel c's.
 template <int MV, class Run, class Store>
 void cols_panels_loop(int64_t n0, int64_t n1, int64_t n, int64_t panels, const int32_t* sub_all, Run&& run,
                       Store&& store) {
-  thread_local std::vector<uint32_t> scratch;  // one per worker thread: never shared
-  const size_t lanes = static_cast<size_t>(kPanelRows * MV * 16);
-  if (scratch.size() < lanes + 16) scratch.resize(lanes + 16);
-  uint32_t* part = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(uint32_t) % 16) % 16;
-  for (int64_t b0 = n0 / kPanelRows * kPanelRows; b0 < n1; b0 += kPanelRows) {
-    const int64_t rows_b = n - b0 < kPanelRows ? n - b0 : kPanelRows;
-    const int64_t r0 = n0 > b0 ? n0 : b0;
-    const int64_t r1 = n1 < b0 + rows_b ? n1 : b0 + rows_b;
-    for (int64_t o = 0; o < panels; ++o) {
-      const int32_t* sub = sub_all + b0 * panels + o * rows_b;
-      for (int64_t c = r0; c < r1; ++c) {
-        const int32_t* sc = sub + (c - b0);
-        uint32_t* pr = part + (c - r0) * MV * 16;
+  panels_loop<MV * 16, 16, 16>(
+      n0, n1, n, panels, sub_all,
+      [&](uint32_t* pr, int32_t j0, int32_t j1, bool first) {
         __m512i sums[MV];
 #pragma GCC unroll 2
-        for (int v = 0; v < MV; ++v) sums[v] = o == 0 ? _mm512_setzero_si512() : _mm512_load_si512(pr + 16 * v);
-        run(sc[0], sc[1], sums);
+        for (int v = 0; v < MV; ++v) sums[v] = first ? _mm512_setzero_si512() : _mm512_load_si512(pr + 16 * v);
+        run(j0, j1, sums);
 #pragma GCC unroll 2
         for (int v = 0; v < MV; ++v) _mm512_store_si512(pr + 16 * v, sums[v]);
-      }
-    }
-    for (int64_t c0 = r0; c0 < r1; c0 += 16) {
-      const int64_t channels = r1 - c0 < 16 ? r1 - c0 : 16;
+      },
+      [&](int64_t c0, int64_t channels, auto part_of) {
 #pragma GCC unroll 2
-      for (int v = 0; v < MV; ++v) {
-        store(c0, channels, 16 * v, [&](int c) { return part + ((c0 - r0 + c) * MV + v) * 16; });
-      }
-    }
-  }
+        for (int v = 0; v < MV; ++v) store(c0, channels, 16 * v, [&](int c) { return part_of(c) + 16 * v; });
+      });
 }
 
 template <int MV>
