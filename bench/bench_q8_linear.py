@@ -275,8 +275,9 @@ def environment() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", choices=("issue", "minilm", "all"), default="issue",
-                        help="issue: the shapes of issue 2 (default); minilm: all-MiniLM-L6-v2 layers; all: both")
+    parser.add_argument("--shapes", choices=("issue", "gemv", "minilm", "all"), default="issue",
+                        help="issue: the shapes of issue 2 (default); gemv: its M = 1 shapes (focused reruns); "
+                             "minilm: all-MiniLM-L6-v2 layers; all: issue + minilm")
     parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
     parser.add_argument("--rounds", type=int, default=15, help="samples per implementation and case (median)")
     parser.add_argument("--batch-ms", type=float, default=30.0, help="duration of one sample")
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.batch_ms = 5, 10.0
-    shapes = {"issue": list(SHAPES), "minilm": list(MINILM_SHAPES), "all": list(ALL_SHAPES)}[args.shapes]
+    shapes = {"issue": list(SHAPES), "gemv": [s for s in SHAPES if s.m == 1], "minilm": list(MINILM_SHAPES),
+              "all": list(ALL_SHAPES)}[args.shapes]
     batch_s = args.batch_ms / 1000
     started = time.perf_counter()
     print(environment())

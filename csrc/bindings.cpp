@@ -11,6 +11,7 @@
 #include "bindings_util.h"
 #include "common/isa.h"
 #include "common/thread_pool.h"
+#include "common/thread_tuner.h"
 #include "q8/q8_gemm.h"
 
 namespace py = pybind11;
@@ -35,6 +36,14 @@ std::vector<std::string> isa_names(const std::vector<Isa>& isas) {
 // pycompress.ops.q8.int8_linear_plan, rebuilt whenever a buffer is replaced or
 // its storage moves), so an eager call passes only x, y and the thread count
 // (bench/README.md: per-call overhead).
+py::dict tuning_dict(const ThreadTuner& t) {
+  py::dict d;
+  d["team"] = t.team();
+  d["one_thread_ns"] = t.estimate_ns(0);
+  d["team_ns"] = t.estimate_ns(1);
+  return d;
+}
+
 class Q8LinearPlan {
  public:
   Q8LinearPlan(std::uintptr_t w_packed, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias,
@@ -47,9 +56,11 @@ class Q8LinearPlan {
              ptr<const float>(bias), n, nullptr, n, parse_activation(act)} {}
 
   // y[m, n] (contiguous) = the linear of x's m rows (row stride ldx).
+  const ThreadTuner& tuner() const { return tuner_; }
+
   void run(std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t y, int nthreads) const {
     const q8::SharedInput in{ptr<const float>(x), m, k_, ldx, is_static_, static_scale_, static_zp_, nthreads,
-                             nullptr};
+                             nullptr, &tuner_};
     q8::LinearOutput out = out_;
     out.y = ptr<float>(y);
     py::gil_scoped_release release;
@@ -62,6 +73,7 @@ class Q8LinearPlan {
   float static_scale_;
   int32_t static_zp_;
   q8::LinearOutput out_;
+  mutable ThreadTuner tuner_;  // this layer's small calls learn their thread count
 };
 
 }  // namespace
@@ -103,12 +115,35 @@ PYBIND11_MODULE(_C, m) {
                     float, int32_t>(),
            py::arg("w_packed"), py::arg("col_sum"), py::arg("w_scale"), py::arg("bias"), py::arg("k"),
            py::arg("n"), py::arg("act"), py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"))
-      .def("run", &Q8LinearPlan::run, "y[m, n] = the bound linear of x (m rows, row stride ldx)");
+      .def("run", &Q8LinearPlan::run, "y[m, n] = the bound linear of x (m rows, row stride ldx)")
+      .def("thread_tuning", [](const Q8LinearPlan& p) { return tuning_dict(p.tuner()); },
+           "what this layer's small calls learned: team size and ns per call on one thread and on the team");
+
+  // The tuner alone, driven by made-up timings (tests/test_threads.py).
+  py::class_<ThreadTuner>(m, "ThreadTuner")
+      .def(py::init<>())
+      .def_property_readonly_static("MIN_WORK_PER_THREAD", [](py::object) { return ThreadTuner::kMinWorkPerThread; })
+      .def_property_readonly_static("SURE_WORK_PER_THREAD", [](py::object) { return ThreadTuner::kSureWorkPerThread; })
+      .def_property_readonly_static("REPROBE", [](py::object) { return ThreadTuner::kReprobe; })
+      .def(
+          "choose",
+          [](ThreadTuner& t, int requested, int64_t work) {
+            const ThreadTuner::Choice c = ThreadTuner::choose(&t, requested, work, int64_t{1} << 20);
+            return py::make_tuple(c.threads, c.slot);
+          },
+          py::arg("requested"), py::arg("work"), "(threads, slot) for one call; slot -1: not timed")
+      .def(
+          "record",
+          [](ThreadTuner& t, int threads, int slot, int64_t ns) {
+            t.record(ThreadTuner::Choice{threads, slot}, std::chrono::nanoseconds(ns));
+          },
+          py::arg("threads"), py::arg("slot"), py::arg("ns"))
+      .def("tuning", [](const ThreadTuner& t) { return tuning_dict(t); });
 
   m.def(
       "q8_linear_shared_input",
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, const std::vector<py::tuple>& outputs,
-         bool is_static, float static_scale, int32_t static_zp, int nthreads) {
+         bool is_static, float static_scale, int32_t static_zp, int nthreads, ThreadTuner* tuner) {
         // outputs: (w_packed, col_sum, w_scale, bias or 0, n, y, ldy, act) per linear.
         std::vector<q8::LinearOutput> outs;
         outs.reserve(outputs.size());
@@ -122,11 +157,14 @@ PYBIND11_MODULE(_C, m) {
                                           parse_activation(o[7].cast<int>())});
         }
         const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads,
-                                 nullptr};
+                                 nullptr, tuner};
         py::gil_scoped_release release;
         q8::linear_shared_input(in, outs.data(), static_cast<int>(outs.size()));
       },
-      "several int8 linears of one x: x quantized once, every output's tiles in one parallel pass");
+      py::arg("x"), py::arg("m"), py::arg("k"), py::arg("ldx"), py::arg("outputs"), py::arg("is_static"),
+      py::arg("static_scale"), py::arg("static_zp"), py::arg("nthreads"), py::arg("tuner").none(true) = nullptr,
+      "several int8 linears of one x: x quantized once, every output's tiles in one parallel pass "
+      "(tuner: the ThreadTuner of a repeated call, or None)");
 
   m.def(
       "q8_conv2d_nhwc",

@@ -30,6 +30,9 @@
 #include "common/isa.h"
 
 namespace pycompress {
+
+class ThreadTuner;  // common/thread_tuner.h
+
 namespace q8 {
 
 constexpr int64_t kPanel = 16;
@@ -233,6 +236,7 @@ struct SharedInput {
   int32_t static_zp;
   int nthreads;
   const Im2col* im2col;    // nullable: a convolution's rows, read from its NHWC input
+  ThreadTuner* tuner = nullptr;  // nullable: learns the thread count of a small repeated call (a plan's)
 };
 
 struct LinearOutput {

@@ -2,12 +2,14 @@
 // splits the output into tiles and runs them on the thread pool with the
 // active ISA's kernels. Compiled without ISA flags.
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "common/thread_pool.h"
+#include "common/thread_tuner.h"
 #include "q8/q8_gemm.h"
 
 namespace pycompress {
@@ -25,10 +27,11 @@ const Kernels& kernels_for(Isa isa) {
 
 namespace {
 
-// Below this many multiply-adds per thread a call runs on the calling thread:
-// a (1, 768, 768) GEMV (590K MACs, ~6 us) gains ~1.5 us from a second thread
-// when that thread is already awake and loses ~8 us when it is not
-// (bench/bench_q8_linear.py, 2026-11-25), so work must be >= 1M MACs per thread.
+// Below this many multiply-adds per thread a call without a ThreadTuner runs
+// on the calling thread: a (1, 768, 768) GEMV (590K MACs, ~6.8 us) takes 5.0
+// or 8.5 us on two threads depending on where the host puts the two vCPUs
+// (thread_tuner.h), and much longer when the second thread is asleep. A
+// plan's calls learn the choice instead (ThreadTuner).
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 20;
 // Rows per tile: the quantized rows of one tile stay in L2 beside its weights.
 constexpr int64_t kMaxTileRows = 192;
@@ -196,6 +199,11 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   const int64_t pass_rows = std::max<int64_t>(kMaxTileRows, kPassBytes / kp);
   const int64_t pass = std::min(in.m, pass_rows);
   Scratch& s = thread_scratch(pass, kp);
+  // A call of one pass (every call small enough to tune) may let the tuner
+  // pick its GEMM threads; it then times the whole call.
+  const ThreadTuner::Choice choice =
+      ThreadTuner::choose(pass == in.m ? in.tuner : nullptr, in.nthreads, in.m * n_total * kp, kMinMacsPerThread);
+  const auto start = choice.slot >= 0 ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   for (int64_t r0 = 0; r0 < in.m; r0 += pass) {
     const int64_t pm = std::min(pass, in.m - r0);
     QuantizeRows qr{in.im2col != nullptr ? nullptr : in.x + r0 * in.ldx, in.ldx, pm, in.k, kp, s.q.data(),
@@ -203,7 +211,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
                     in.im2col, r0};
     quantize_rows_parallel(kern, qr, in.nthreads);
 
-    const int threads = effective_threads(in.nthreads, pm * n_total * kp);
+    const int threads = pass == in.m ? choice.threads : effective_threads(in.nthreads, pm * n_total * kp);
     const int64_t rows = rows_per_tile(pm, n_tiles, threads);
     const int64_t m_tiles = (pm + rows - 1) / rows;
     GemmTile base{};
@@ -232,6 +240,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
       fill_nonfinite_rows(s.nonfinite.data(), pm, outputs[i].y + r0 * outputs[i].ldy, outputs[i].ldy, outputs[i].n);
     }
   }
+  if (choice.slot >= 0) in.tuner->record(choice, std::chrono::steady_clock::now() - start);
 }
 
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale, int32_t* zp,

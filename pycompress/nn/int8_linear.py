@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import nn
 
-from pycompress import ops
+from pycompress import _C, ops
 from pycompress.ops.q8 import eager_rows, int8_linear_plan, int8_linear_shared_input_cpu
 from pycompress._native import activation_code, num_threads
 from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
@@ -240,6 +240,7 @@ class SharedInputGroup:
         self.members = list(members)
         self.adjacent = adjacent
         self._local = threading.local()
+        self._tuner = _C.ThreadTuner()  # learns the thread count of the group's small calls
         for m in self.members:
             m._shared_input = self
 
@@ -268,7 +269,7 @@ class SharedInputGroup:
             if m.act_scale != scale or m.act_zero_point != zero_point:
                 local.pending = None  # members no longer quantize x alike: each computes alone
                 return member._eager(x)
-        ys = int8_linear_shared_input_cpu(x, [m._operands() for m in self.members], scale, zero_point)
+        ys = int8_linear_shared_input_cpu(x, [m._operands() for m in self.members], scale, zero_point, self._tuner)
         mine = None
         waiting = {}
         for m, y in zip(self.members, ys):
@@ -280,11 +281,12 @@ class SharedInputGroup:
         return mine
 
     def __getstate__(self) -> dict:
-        # Pending outputs and the thread-local store are not state.
+        # Pending outputs, the thread-local store and the learned thread count are not state.
         return {"members": self.members, "adjacent": self.adjacent}
 
     def __setstate__(self, state: dict) -> None:
         self.members = state["members"]
         self.adjacent = state["adjacent"]
         self._local = threading.local()
+        self._tuner = _C.ThreadTuner()
 

@@ -117,10 +117,12 @@ def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_s
                            1.0 if act_scale is None else act_scale, act_zero_point)
 
 
-def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0) -> list[torch.Tensor]:
+def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0, tuner=None) -> list[torch.Tensor]:
     """Several int8 linears of one input, eager CPU only: ``outputs`` is a sequence of
     ``(w_packed, col_sum, w_scale, bias, activation)``. x is quantized once and every output's
-    tiles run in one parallel pass; each result equals ``int8_linear_cpu`` of that output alone."""
+    tiles run in one parallel pass; each result equals ``int8_linear_cpu`` of that output alone.
+    ``tuner``: a ``_C.ThreadTuner`` kept by the caller across calls of the same group, which
+    then learns the thread count of its small calls (csrc/common/thread_tuner.h)."""
     if not outputs:
         raise ValueError("int8_linear_shared_input: no outputs")
     sizes = [_check(x, *out, act_scale, act_zero_point)[1] for out in outputs]
@@ -135,7 +137,7 @@ def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0) -
         x2.data_ptr(), m, k, ldx,
         [(w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), n, y.data_ptr(), n, act)
          for (w, c, s, b, act), n, y in zip(outputs, sizes, ys)],
-        act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(),
+        act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(), tuner,
     )
     return ys if x.dim() == 2 else [y.view(*x.shape[:-1], n) for y, n in zip(ys, sizes)]
 
