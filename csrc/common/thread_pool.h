@@ -26,7 +26,9 @@ namespace pycompress {
 using TaskFn = void (*)(void* ctx, int64_t task);
 
 // Runs fn(ctx, t) for t in [0, ntasks), using at most nthreads threads
-// including the calling thread. Tasks are handed out dynamically.
+// including the calling thread. On the openmp backend each thread runs a
+// contiguous share of the tasks first (the same share on every call), then
+// takes tasks left in the others' shares; the pool hands tasks out in turn.
 void parallel_for_raw(int64_t ntasks, int nthreads, TaskFn fn, void* ctx);
 
 template <typename F>
