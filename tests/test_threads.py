@@ -21,12 +21,17 @@ def tuned_work(team: int = 2) -> int:
     return team * T.MIN_WORK_PER_THREAD * 2
 
 
-def warm(tuner, requested=2, work=None):
-    work = tuned_work(requested) if work is None else work
-    # The first call of each choice only warms it up: untimed.
-    assert tuner.choose(requested, work) == (1, -1)
-    assert tuner.choose(requested, work) == (requested, -1)
-    return work
+def tuned(one_ns=6500, team_ns=4000):
+    """A tuner that warmed up and timed each choice once on two threads: (tuner, work)."""
+    t = T()
+    work = tuned_work(2)
+    # The first call of each choice only warms it up: untimed. Then each is timed once.
+    assert t.choose(2, work) == (1, -1)
+    assert t.choose(2, work) == (2, -1)
+    for threads, slot, ns in ((1, ONE, one_ns), (2, TEAM, team_ns)):
+        assert t.choose(2, work) == (threads, slot)
+        t.record(threads, slot, ns)
+    return t, work
 
 
 def test_fixed_outside_the_band():
@@ -43,12 +48,7 @@ def test_fixed_outside_the_band():
 
 
 def test_times_both_then_keeps_the_faster_and_reprobes():
-    t = T()
-    work = warm(t)
-    assert t.choose(2, work) == (1, ONE)
-    t.record(1, ONE, 6500)
-    assert t.choose(2, work) == (2, TEAM)
-    t.record(2, TEAM, 4000)
+    t, work = tuned(one_ns=6500, team_ns=4000)
     picks = []
     for _ in range(3 * T.REPROBE):
         threads, slot = t.choose(2, work)
@@ -60,11 +60,7 @@ def test_times_both_then_keeps_the_faster_and_reprobes():
 
 
 def test_follows_a_change_of_the_machine():
-    t = T()
-    work = warm(t)
-    for threads, slot, ns in ((1, ONE, 6500), (2, TEAM, 4000)):
-        assert t.choose(2, work) == (threads, slot)
-        t.record(threads, slot, ns)
+    t, work = tuned(one_ns=6500, team_ns=4000)
 
     def run(calls, team_ns, one_ns=6500):
         picks = []
@@ -85,24 +81,14 @@ def test_follows_a_change_of_the_machine():
 
 
 def test_one_preempted_call_does_not_flip_the_choice():
-    t = T()
-    work = warm(t)
-    t.choose(2, work)
-    t.record(1, ONE, 6500)
-    t.choose(2, work)
-    t.record(2, TEAM, 4000)
+    t, work = tuned(one_ns=6500, team_ns=4000)
     t.record(2, TEAM, 10**9)  # a call that lost its core for a second
     assert t.tuning()["team_ns"] == (3 * 4000 + 2 * 4000) // 4
     assert t.choose(2, work)[0] == 2
 
 
 def test_a_new_thread_count_forgets_the_team_timing():
-    t = T()
-    work = warm(t)
-    t.choose(2, work)
-    t.record(1, ONE, 6500)
-    t.choose(2, work)
-    t.record(2, TEAM, 4000)
+    t, _ = tuned(one_ns=6500, team_ns=4000)
     work3 = tuned_work(3)
     assert t.choose(3, work3) == (1, -1)  # warm-up again: a new team
     assert t.choose(3, work3) == (3, -1)
