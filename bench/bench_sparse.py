@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from timing import SETTLE_S  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
-SWEEP_M = (1, 16, 128)
+SWEEP_M = (1, 4, 16, 128)
 THREADS = (1, 2)
 OUT_PNG = Path(__file__).with_name("sparse_time_vs_sparsity.png")
 

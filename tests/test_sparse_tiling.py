@@ -18,8 +18,9 @@ P = _C.SPARSE_PANEL_COLS
 ROWS_PER_BLOCK = _C.SPARSE_PANEL_ROWS
 # Around the panel width, a single short panel and an odd K.
 PANEL_KS = (1, 7, P // 4 + 1, P - 1, P, P + 1, 2 * P + 3, 3 * P - 5)
-# Around the 16-row vectors, the 2-vector limit of whole-panel runs, and the 128-row blocks of x^T.
-PANEL_MS = (0, 4, 15, 16, 17, 32, 33, 48, 129)
+# The gather kernel's M = 1, the 8-row narrow panels (from M = 2), around the 16-row vectors, the 2-vector
+# limit of whole-panel runs, and the 128-row blocks of x^T.
+PANEL_MS = (0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 32, 33, 48, 129)
 
 
 def weight_with_structure(n, k, gen):
@@ -80,7 +81,7 @@ def test_panel_kernel_matches_float64_reference(isa, m, k, gen):
     ref = sparse_linear_ref(x, weight, mod.bias, "relu")
     bound = fp32_error_bound(x, weight, mod.bias, "relu")
     assert ((y.to(torch.float64) - ref).abs() <= bound).all()
-    # Built lazily by the first call with M >= 4 (the kernels use it there, on AVX-512 and AVX2).
+    # Built lazily by the first call with M >= 2 (the kernels use it there, on AVX-512 and AVX2).
     assert (mod.panel_bytes() > 0) == (m >= SparseLinear._PANEL_MIN_ROWS)
 
 
@@ -96,9 +97,10 @@ def test_panel_kernel_noncontiguous_input_and_many_blocks(isa, gen):
     torch.testing.assert_close(mod(x.contiguous()), y, rtol=0, atol=0)
 
 
-def test_pads_never_read_activations_of_unused_columns(isa, gen):
+@pytest.mark.parametrize("m", (3, 16))  # narrow (8-float) and 16-float x^T rows
+def test_pads_never_read_activations_of_unused_columns(isa, m, gen):
     """A pad multiplies the zero row K, so Inf / NaN in a column no weight of a row uses stays out of it."""
-    n, k, m = 9, P + 40, 16
+    n, k = 9, P + 40
     weight = weight_with_structure(n, k, gen)
     weight[:, 3] = 0
     weight[:, k - 2] = 0
@@ -197,3 +199,17 @@ def test_k_beyond_the_pad_index_has_no_panels(gen):
     row_ptr, col_idx, values = pack_csr(weight)
     with pytest.raises(ValueError, match="pad index"):
         build_csr_panels(row_ptr, col_idx, values, k)
+
+
+@pytest.mark.parametrize("m", (2, 5, 8, 9, 16))
+def test_single_panel_rows_match_the_traced_op_bit_for_bit(isa, m, gen):
+    """Eager calls run the panel kernels (8-float x^T rows up to 8 rows), traced calls the op's plain cols
+    kernel: for K within one panel both sum each row's nonzeros in the same order on every path."""
+    k = P - 37
+    weight = weight_with_structure(21, k, gen)
+    mod = SparseLinear.from_float(linear_from(weight, gen), format="csr", activation="relu")
+    x = torch.randn(m, k, generator=gen)
+    eager = mod(x)
+    assert mod.panel_bytes() > 0
+    traced = pc.ops.sparse_linear_csr(x, mod.row_ptr, mod.col_idx, mod.values, mod.bias, 1)
+    assert torch.equal(eager, traced)

@@ -98,12 +98,13 @@
 //           K=4096) from L2 for every block.
 //
 // Kernels, two shapes of the same math, picked by the number of rows M:
-//   rows  (M < kGatherMaxRows): for each output channel, gather the
-//         activations a nonzero needs straight from row-major x (vpgatherdd /
+//   rows  (M < kGatherMaxRows; fp32: M < kF32GatherMaxRows): for each output
+//         channel, gather the activations a nonzero needs straight from
+//         row-major x (vpgatherdd /
 //         vpgatherdps, 16 nonzeros per gather) and reduce at the end. Decode
 //         (M = 1) streams the packed weights once with no per-nonzero scalar work.
-//   cols  (M >= kGatherMaxRows): the activations are transposed once per call so
-//         that 16 rows of one k are contiguous (x^T [K][Mp], int8: [K/4][Mp] of
+//   cols  (M >= kGatherMaxRows; fp32: M >= kF32GatherMaxRows): the activations
+//         are transposed once per call so that 16 rows of one k are contiguous (x^T [K][Mp], int8: [K/4][Mp] of
 //         4-byte groups); each nonzero (or 1x4 block) is broadcast and multiplied
 //         into up to 8 vectors = 128 rows: one weight load serves 128 rows.
 //         Results for one output channel are a vector over rows; 16 channels
@@ -111,9 +112,11 @@
 //         row piece per row (a store per channel and row into y, whose row
 //         stride is often a power of two, kept hitting one L1 set).
 //
-//   cols over csr / bsr1x4 panels (M >= kGatherMaxRows, when the module
+//   cols over csr / bsr1x4 panels (from the cols kernel's M, when the module
 //         passes the panel layout; csr on AVX-512 and AVX2, bsr1x4 on AVX-512
-//         only: the AVX2 int8 cols kernel is vpmaddwd-bound, not cache-bound):
+//         only: the AVX2 int8 cols kernel is vpmaddwd-bound, not cache-bound;
+//         csr from M = 2 to kNarrowPanelRows with x^T rows of 8 floats, on both
+//         paths by the AVX2 kernel):
 //         same math, per block of channels the
 //         panel loop is outermost; each channel's partial sums live in a
 //         per-thread scratch between panels. The driver hands it blocks of at
@@ -153,6 +156,10 @@ constexpr int64_t kMaxK = 65536;
 // nonzeros vs one FMA per nonzero per 16 rows); measured on Zen 4 with
 // bench/bench_sparse.py.
 constexpr int64_t kGatherMaxRows = 4;
+// fp32: the gather kernel for M = 1 only. From M = 2 the cols kernel wins even
+// without panels (4096x4096 at 90%, 1 thread, Zen 4, AVX-512 / AVX2: M=2 1185 /
+// 1169 us against 1253 / 1259 gathering, M=3 1180 / 1171 against 1861 / 1868).
+constexpr int64_t kF32GatherMaxRows = 2;
 // Rows per block of the transposed path: 8 zmm accumulators per output channel.
 constexpr int64_t kColsBlockRows = 128;
 // Rows per block of the cols kernels over panels (at most 2 zmm of rows):
@@ -160,6 +167,11 @@ constexpr int64_t kColsBlockRows = 128;
 // one 128-row block over 128-column panels (x^T panel reads from L1 / L2
 // against L2 for 128 rows); the weights are then read once per 32 rows (from L3).
 constexpr int64_t kPanelBlockRows = 32;
+// Up to this many rows (and from 2) the fp32 panels run with x^T rows of 8
+// floats (one ymm) instead of 16: half the activation bytes per nonzero. 4096x4096
+// at 90%, 1 thread, Zen 4: M=2 / 3 / 4 / 8 in 783 / 786 / 782 / 791 us, against
+// 1240 / 1846 (gather kernel) and 959 / 970 (16-float rows).
+constexpr int64_t kNarrowPanelRows = 8;
 
 enum class Format : int { Csr = 0, Nm24 = 1, Bsr1x4 = 2 };
 
@@ -273,6 +285,8 @@ struct Kernels {
   void (*f32_cols)(const F32Task&);   // nullptr: use f32_rows for every M
   // Cols kernel over csr panels (xt has a zero row K); nullptr: f32_cols.
   void (*f32_cols_panels)(const F32Task&);
+  // The same for 2 to kNarrowPanelRows rows with x^T rows of 8 floats (ldxt 8); nullptr: f32_cols_panels.
+  void (*f32_cols_panels_narrow)(const F32Task&);
   void (*q8_rows)(const Q8Task&);
   void (*q8_cols)(const Q8Task&);     // nullptr: use q8_rows for every M
   // Cols kernel over bsr1x4 panels (xqt has a zero group row ceil(K/4)); nullptr: q8_cols.
@@ -290,6 +304,9 @@ const Kernels& kernels_for(Isa isa);
 #if PYCOMPRESS_X86
 // AVX-512 VBMI + VNNI (sparse_sliced_bytes__avx512vbmi.cpp): only where cpu_has_avx512vbmi().
 void q8_sliced_bytes_avx512vbmi(const SlicedTask& t);
+// AVX2 code (sparse_spmm__avx2.cpp) with the AVX-512 kernels' summation order:
+// the AVX-512 path's f32_cols_panels_narrow.
+void f32_cols_panels_narrow_s4(const F32Task& t);
 #endif
 // Whether the active ISA runs the byte layout with a vector kernel (else the scalar spec).
 bool sliced_bytes_vectorized();

@@ -92,16 +92,16 @@ void transpose32(const uint32_t* src, int64_t rows, int64_t lds, uint32_t* dst, 
 }
 
 struct RowBlock {
-  int64_t r0, rows, ld;  // ld = rows rounded up to 16
+  int64_t r0, rows, ld;  // ld = rows rounded up to the kernel's lanes (16, or 8 for the narrow panels)
   size_t offset;         // of its transposed activations in the scratch buffer
 };
 
-std::vector<RowBlock> row_blocks(int64_t m, int64_t k_elems, int64_t block_rows) {
+std::vector<RowBlock> row_blocks(int64_t m, int64_t k_elems, int64_t block_rows, int64_t lanes = 16) {
   std::vector<RowBlock> blocks;
   size_t offset = 0;
   for (int64_t r0 = 0; r0 < m; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, m - r0);
-    const int64_t ld = (rows + 15) / 16 * 16;
+    const int64_t ld = (rows + lanes - 1) / lanes * lanes;
     blocks.push_back({r0, rows, ld, offset});
     offset += static_cast<size_t>(ld * k_elems);
   }
@@ -539,7 +539,10 @@ void f32_linear(const F32LinearArgs& a) {
   base.act = a.act;
   base.ldy = a.ldy;
 
-  if (a.m < kGatherMaxRows || kern.f32_cols == nullptr) {
+  // The panel layout, when passed, runs from 2 rows (sparse.h: kNarrowPanelRows).
+  const bool panels = w.format == Format::Csr && w.panels != nullptr && kern.f32_cols_panels != nullptr;
+  const bool narrow = panels && kern.f32_cols_panels_narrow != nullptr && a.m >= 2 && a.m <= kNarrowPanelRows;
+  if (!narrow && (a.m < kF32GatherMaxRows || kern.f32_cols == nullptr)) {
     // Rows kernel: blocks of rows so large M still spreads over the threads.
     const int64_t rows_per = kern.f32_cols == nullptr ? kColsBlockRows : a.m;
     const int64_t mblocks = (a.m + rows_per - 1) / rows_per;
@@ -558,16 +561,16 @@ void f32_linear(const F32LinearArgs& a) {
   }
 
   // The panel kernel reads a zero row K of x^T for its pads (sparse.h).
-  const bool panels = w.format == Format::Csr && w.panels != nullptr && kern.f32_cols_panels != nullptr;
   const int64_t xt_rows = panels ? w.k + 1 : w.k;
-  const std::vector<RowBlock> blocks = row_blocks(a.m, xt_rows, panels ? kPanelBlockRows : kColsBlockRows);
+  const std::vector<RowBlock> blocks =
+      row_blocks(a.m, xt_rows, panels ? kPanelBlockRows : kColsBlockRows, narrow ? kNarrowPanelRows : 16);
   Scratch& s = thread_scratch();
   uint32_t* xt = grow_aligned(s.xt, blocks.back().offset + static_cast<size_t>(blocks.back().ld * xt_rows));
   transpose_blocks(reinterpret_cast<const uint32_t*>(a.x), a.ldx, w.k, blocks, xt, threads);
   if (panels) {
     for (const RowBlock& b : blocks) std::fill(xt + b.offset + w.k * b.ld, xt + b.offset + (w.k + 1) * b.ld, 0u);
   }
-  const auto cols_kernel = panels ? kern.f32_cols_panels : kern.f32_cols;
+  const auto cols_kernel = narrow ? kern.f32_cols_panels_narrow : panels ? kern.f32_cols_panels : kern.f32_cols;
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
   parallel_for(nchunks * nblocks, threads, [&](int64_t t) {
     const RowBlock& b = blocks[static_cast<size_t>(t / nchunks)];

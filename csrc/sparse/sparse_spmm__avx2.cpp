@@ -186,10 +186,11 @@ void f32_cols_avx2(const F32Task& t) {
 // sparse.h) into out (MV ymm of 8 rows); x^T row stride the constant LD floats
 // (the driver's ld: 16 for up to 16 rows, 32 above). Weights are broadcast
 // straight from memory (a load, no shuffle on AVX2 CPUs).
-template <int MV, int LD>
+// S accumulator sets take the entries in turn (4 entries per iteration: with
+// S = 4 no faster than 2 on Zen 4, noisy).
+template <int MV, int LD, int S>
 inline void f32_panel_run8(const float* xt, const float* vals, const uint16_t* idx, int64_t j, int64_t j1,
                            __m256* out) {
-  constexpr int S = MV <= 2 ? 2 : 1;  // 4 entries per iteration: with S = 4 no faster on Zen 4 (noisy)
   __m256 acc[S][MV];
 #pragma GCC unroll 4
   for (int v = 0; v < MV; ++v) {
@@ -222,7 +223,7 @@ inline void f32_panel_run8(const float* xt, const float* vals, const uint16_t* i
 // Cols kernel over csr panels: panels_loop (sparse_panels.h) with each
 // channel's partial sums as MV ymm of 8 rows; after the last panel the
 // epilogue runs on 8 x 8 transposed tiles.
-template <int MV, int LD>
+template <int MV, int LD, int S = (MV <= 2 ? 2 : 1)>
 void f32_cols_panels_mv(const F32Task& t) {
   const CsrPanels& pn = *t.w->panels;
   panels_loop<MV * 8, 8, 8>(
@@ -232,7 +233,7 @@ void f32_cols_panels_mv(const F32Task& t) {
         __m256 sums[MV];
 #pragma GCC unroll 4
         for (int v = 0; v < MV; ++v) sums[v] = first ? _mm256_setzero_ps() : _mm256_load_ps(pr + 8 * v);
-        f32_panel_run8<MV, LD>(t.xt, pn.values, pn.idx, j0, j1, sums);
+        f32_panel_run8<MV, LD, S>(t.xt, pn.values, pn.idx, j0, j1, sums);
 #pragma GCC unroll 4
         for (int v = 0; v < MV; ++v) _mm256_store_ps(pr + 8 * v, sums[v]);
       },
@@ -244,6 +245,22 @@ void f32_cols_panels_mv(const F32Task& t) {
         }
       });
 }
+
+// 2 to kNarrowPanelRows rows, x^T rows of 8 floats (sparse.h, kNarrowPanelRows).
+void f32_cols_panels_narrow_avx2(const F32Task& t) {
+  static_assert(kNarrowPanelRows == 8, "one ymm of rows");
+  f32_cols_panels_mv<1, 8>(t);
+}
+
+}  // namespace
+
+// The AVX-512 path's narrow panels: ymm code, with the four accumulator sets
+// of the AVX-512 cols kernels (acc_sets<1>), so a layer's eager calls (panels)
+// and traced calls (the op, plain cols kernel) sum a single-panel row in the
+// same order.
+void f32_cols_panels_narrow_s4(const F32Task& t) { f32_cols_panels_mv<1, 8, 4>(t); }
+
+namespace {
 
 void f32_cols_panels_avx2(const F32Task& t) {
   static_assert(kPanelBlockRows == 32, "the driver hands this kernel at most 32 rows, ld 16 or 32");
@@ -416,8 +433,8 @@ void q8_sliced_avx2(const SlicedTask& t) {
 
 const Kernels& kernels_avx2() {
   // No vpermb below AVX-512 VBMI: the byte layout runs the scalar spec (SparseInt8Linear never picks it here).
-  static const Kernels k{f32_rows_avx2, f32_cols_avx2, f32_cols_panels_avx2, q8_rows_avx2, q8_cols_avx2, nullptr, q8_sliced_avx2,
-                         kernels_scalar().q8_sliced_bytes};
+  static const Kernels k{f32_rows_avx2, f32_cols_avx2, f32_cols_panels_avx2, f32_cols_panels_narrow_avx2,
+                         q8_rows_avx2, q8_cols_avx2, nullptr, q8_sliced_avx2, kernels_scalar().q8_sliced_bytes};
   return k;
 }
 

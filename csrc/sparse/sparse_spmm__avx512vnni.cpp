@@ -450,7 +450,8 @@ const Kernels& kernels_avx512vnni() {
   // beat one 16-lane gather (4096x4096 csr at 90%, M=1: 626 vs 815 us on one
   // thread, 341 vs 440 us on two). The 16-lane int8 gather wins (726 vs
   // 1001 us): each gathered dword carries a whole 1x4 block.
-  static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512, q8_rows_avx512, q8_cols_avx512, q8_cols_panels_avx512,
+  static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512,
+                         f32_cols_panels_narrow_s4, q8_rows_avx512, q8_cols_avx512, q8_cols_panels_avx512,
                          q8_sliced_avx512,
                          cpu_has_avx512vbmi() ? q8_sliced_bytes_avx512vbmi : kernels_scalar().q8_sliced_bytes};
   return k;

@@ -74,7 +74,7 @@ void q8_sliced_scalar(const SlicedTask& t) {
 }  // namespace
 
 const Kernels& kernels_scalar() {
-  static const Kernels k{f32_rows_scalar, nullptr, nullptr, q8_rows_scalar, nullptr, nullptr, q8_sliced_scalar,
+  static const Kernels k{f32_rows_scalar, nullptr, nullptr, nullptr, q8_rows_scalar, nullptr, nullptr, q8_sliced_scalar,
                          q8_sliced_scalar};
   return k;
 }

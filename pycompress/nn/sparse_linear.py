@@ -137,16 +137,17 @@ class SparseLinear(_SparseBase):
 
     A csr layer also derives the csr panel layout (csrc/sparse/sparse.h: the nonzeros reordered by K panels
     so the transposed activations stay in L1/L2, about the size of the pack again) into non-persistent
-    buffers ``panel_*``: built by the first eager call with M >= 4 (so decode-only users, M < 4, never pay
+    buffers ``panel_*``: built by the first eager call with M >= 2 (so decode-only users, M = 1, never pay
     its memory) and rebuilt whenever the pack changes; those calls pass it to the kernels, which use it on
     AVX-512 and AVX2 (4096x4096 at 90%, AVX2 path on Zen 4, 1 thread, µs plain / panels: M=4 1315/919,
-    M=16 1333/1211, M=128 13751/9220). ``packed_bytes()`` counts the pack, ``panel_bytes()`` the derived
-    copy (0 until built).
+    M=16 1333/1211, M=128 13751/9220; from M=2 to 8 with 8-float activation rows, both paths: AVX-512 M=2
+    1240 -> 783, M=3 1846 -> 786, M=8 970 -> 791). ``packed_bytes()`` counts the pack, ``panel_bytes()``
+    the derived copy (0 until built).
     """
 
     _PACK_BUFFERS = ("row_ptr", "col_idx", "values")  # csr (nm24 has no derived layout)
-    # The kernels read the panel layout only for M >= 4 (below, the gather kernel runs).
-    _PANEL_MIN_ROWS = 4
+    # The kernels read the panel layout from M = 2 (M = 1 runs the gather kernel).
+    _PANEL_MIN_ROWS = 2
 
     def __init__(self, in_features: int, out_features: int, nnz: int = 0, format: str = "csr", bias: bool = True,
                  activation: str = "none", name: str | None = None) -> None:
