@@ -259,8 +259,9 @@ def _out(x, y, n):
 
 
 def sparse_linear_csr_cpu(x, row_ptr, col_idx, values, bias=None, activation=0, panels=None):
-    """``panels``: the pack's csr panel layout (build_csr_panels) or None; the AVX-512 kernels use it for
-    M >= 4 (same results up to fp32 summation order)."""
+    """``panels``: the pack's csr panel layout (build_csr_panels) or None; the AVX-512 and AVX2 kernels use
+    it for M >= 2 (same results up to fp32 summation order; bit-identical when every row's nonzeros lie in
+    one panel of 512 columns)."""
     op = "sparse_linear_csr"
     k, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
     _require_contiguous(op, values, bias)
