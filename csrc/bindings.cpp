@@ -18,6 +18,7 @@ namespace py = pybind11;
 using namespace pycompress;
 using bindings::parse_activation;
 using bindings::ptr;
+using bindings::tuning_dict;
 
 void register_sparse_bindings(py::module_& m);   // csrc/sparse/sparse_bindings.cpp
 void register_entropy_bindings(py::module_& m);  // csrc/entropy/entropy_bindings.cpp
@@ -36,14 +37,6 @@ std::vector<std::string> isa_names(const std::vector<Isa>& isas) {
 // pycompress.ops.q8.int8_linear_plan, rebuilt whenever a buffer is replaced or
 // its storage moves), so an eager call passes only x, y and the thread count
 // (bench/README.md: per-call overhead).
-py::dict tuning_dict(const ThreadTuner& t) {
-  py::dict d;
-  d["team"] = t.team();
-  d["one_thread_ns"] = t.estimate_ns(0);
-  d["team_ns"] = t.estimate_ns(1);
-  return d;
-}
-
 class Q8LinearPlan {
  public:
   Q8LinearPlan(std::uintptr_t w_packed, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias,

@@ -175,3 +175,25 @@ def test_a_shared_input_group_learns_its_thread_count(isa):
         pc.set_num_threads(None)
     tuning = group._tuner.tuning()
     assert tuning["team"] == 2 and tuning["one_thread_ns"] > 0 and tuning["team_ns"] > 0
+
+
+def test_a_tuned_sparse_layer_gives_the_same_outputs_whatever_it_picks(isa):
+    # A 1024x1024 int8 layer at 30% density, one row: its sliced steps put the call inside the tuned band on
+    # two threads. Outputs equal dense Int8Linear's (the sparse int8 contract) on every call.
+    gen = torch.Generator().manual_seed(5)
+    lin = _layer(1024, 1024, gen)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(lin.weight.shape, generator=gen) < 0.3)
+    sparse = pc.nn.SparseInt8Linear.from_float(lin)
+    dense = pc.nn.Int8Linear.from_float(lin)
+    xs = [torch.randn(1, 1024, generator=gen) for _ in range(4)]
+    refs = [dense(x) for x in xs]
+    pc.set_num_threads(2)
+    try:
+        for i in range(3 * T.REPROBE):
+            assert torch.equal(sparse(xs[i % 4]), refs[i % 4]), i
+    finally:
+        pc.set_num_threads(None)
+    (record,) = sparse._plans.values()  # the sliced layout this ISA runs at M = 1
+    tuning = record[2].thread_tuning()
+    assert tuning["team"] == 2 and tuning["one_thread_ns"] > 0 and tuning["team_ns"] > 0

@@ -149,6 +149,9 @@
 #include "common/isa.h"
 
 namespace pycompress {
+
+class ThreadTuner;  // common/thread_tuner.h
+
 namespace sparse {
 
 constexpr int64_t kMaxK = 65536;
@@ -387,6 +390,7 @@ void q8_linear(const Q8LinearArgs& a);
 
 struct SlicedLinearArgs : Q8Call {
   SlicedWeights w;
+  ThreadTuner* tuner = nullptr;  // nullable: learns the thread count of a plan's small calls
 };
 void sliced_linear(const SlicedLinearArgs& a);
 // Test hook: raw accumulators of quantized rows q [m][sliced_row_bytes(k)].

@@ -12,6 +12,7 @@
 namespace py = pybind11;
 using namespace pycompress;
 using bindings::ptr;
+using bindings::tuning_dict;
 
 namespace {
 
@@ -76,12 +77,16 @@ class SlicedLinearPlan {
     a.ldx = ldx;
     a.y = ptr<float>(y);
     a.nthreads = nthreads;
+    a.tuner = &tuner_;
     py::gil_scoped_release release;
     sparse::sliced_linear(a);
   }
 
+  const ThreadTuner& tuner() const { return tuner_; }
+
  private:
   sparse::SlicedLinearArgs args_{};
+  mutable ThreadTuner tuner_;  // this layer's small calls learn their thread count
 };
 
 }  // namespace
@@ -90,7 +95,9 @@ void register_sparse_bindings(py::module_& m) {
   py::class_<SlicedLinearPlan>(m, "SlicedLinearPlan")
       .def(py::init<int64_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, bool, std::uintptr_t,
                     std::uintptr_t, std::uintptr_t, std::uintptr_t, int, bool, float, int32_t>())
-      .def("run", &SlicedLinearPlan::run, "y[m, n] = the bound sliced int8 linear of x (m rows, row stride ldx)");
+      .def("run", &SlicedLinearPlan::run, "y[m, n] = the bound sliced int8 linear of x (m rows, row stride ldx)")
+      .def("thread_tuning", [](const SlicedLinearPlan& p) { return tuning_dict(p.tuner()); },
+           "what this layer's small calls learned: team size and ns per call on one thread and on the team");
   // The csr panel layout's geometry (sparse.h), for the Python builder and the tests.
   m.attr("SPARSE_PANEL_ROWS") = sparse::kPanelRows;
   m.attr("SPARSE_PANEL_COLS") = sparse::kPanelCols;

@@ -3,6 +3,7 @@
 // channels across threads by nonzero count and runs the active ISA's kernels.
 // Compiled without ISA flags.
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "common/thread_pool.h"
+#include "common/thread_tuner.h"
 #include "q8/q8_gemm.h"
 #include "sparse/sparse.h"
 
@@ -661,12 +663,17 @@ void check_q8_call(const Q8Call& a, int64_t n, int64_t k, const char* what) {
   q8::check_static_activation(a.is_static, a.static_scale, a.static_zp, what);
 }
 
+// Multiply-add slots of a sliced call: 64 per step (16 lanes x 4) and row.
+int64_t sliced_work(const SlicedWeights& w, int64_t m) {
+  const int64_t nsteps = w.slice_ptr[(w.n + kSliceLanes - 1) / kSliceLanes];
+  return std::max<int64_t>(64 * nsteps, w.n) * m;
+}
+
 void sliced_run(const SlicedWeights& w, const uint8_t* q, int64_t m, const float* scale, const int32_t* zp,
                 const float* bias, Activation act, float* y, int64_t ldy, int32_t* raw, int nthreads) {
   const Kernels& kern = kernels_for(active_isa());
   const int64_t slices = (w.n + kSliceLanes - 1) / kSliceLanes;
-  const int64_t nsteps = w.slice_ptr[slices];
-  const int threads = effective_threads(nthreads, std::max<int64_t>(64 * nsteps, w.n) * m);
+  const int threads = effective_threads(nthreads, sliced_work(w, m));
   const std::vector<int64_t> sb = split_by_nnz(w.slice_ptr, slices, threads == 1 ? 1 : threads * kChunksPerThread);
   const int64_t nchunks = static_cast<int64_t>(sb.size()) - 1;
   SlicedTask base{};
@@ -736,9 +743,12 @@ void sliced_linear(const SlicedLinearArgs& a) {
   const SlicedWeights& w = a.w;
   check_q8_call(a, w.n, w.k, "sparse sliced int8 linear");
   if (a.m == 0) return;
+  const ThreadTuner::Choice choice = ThreadTuner::choose(a.tuner, a.nthreads, sliced_work(w, a.m), kMinMacsPerThread);
+  const auto start = choice.slot >= 0 ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   const QuantizedRows x = quantize_x(a, w.k, sliced_row_bytes(w.k));
-  sliced_run(w, x.q, a.m, x.scale, x.zp, a.bias, a.act, a.y, a.ldy, nullptr, a.nthreads);
+  sliced_run(w, x.q, a.m, x.scale, x.zp, a.bias, a.act, a.y, a.ldy, nullptr, choice.threads);
   q8::fill_nonfinite_rows(x.nonfinite, a.m, a.y, a.ldy, w.n);
+  if (choice.slot >= 0) a.tuner->record(choice, std::chrono::steady_clock::now() - start);
 }
 
 void sliced_accumulate_raw(const SlicedWeights& w, const uint8_t* q, int64_t m, int32_t* out, int nthreads) {
