@@ -122,6 +122,21 @@ def test_gemm_accumulators_bit_exact(isa, n, k, gen):
         assert torch.equal(native_gemm_raw(q, w), q8_accumulate_ref(q[:, :k], w).to(torch.int32))
 
 
+@pytest.mark.parametrize("m", [13, 20, 25, 27, 31, 128, 129])
+def test_gemm_row_groups_bit_exact(isa, m, gen):
+    # Enough columns (5 tiles of 64) that one tile holds all m rows: rows go to the microkernel 6 at a
+    # time, with a remainder of 1-3 rows taken as groups of 5 where m allows (20 = 4 x 5, 31 = 6 + 5 x 5,
+    # 128 = 18 x 6 + 4 x 5) and left as a short group where it does not (13 = 6 + 6 + 1).
+    k, n = 67, 5 * 64 - 3
+    kp = _round_up(k, KGROUP)
+    q = torch.zeros(m, kp, dtype=torch.uint8)
+    q[:, :k] = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    ref = q8_accumulate_ref(q[:, :k], w).to(torch.int32)
+    for threads in (1, 2):
+        assert torch.equal(native_gemm_raw(q, w, threads=threads), ref), threads
+
+
 def test_gemm_raw_refuses_unpadded_rows():
     with pytest.raises(ValueError, match="multiple of 4"):
         native_gemm_raw(torch.zeros(1, 6, dtype=torch.uint8), torch.zeros(16, 6, dtype=torch.int8))

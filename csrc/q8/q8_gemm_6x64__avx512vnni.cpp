@@ -170,8 +170,16 @@ void tile_rows_nv(const GemmTile& t, int64_t r0, int nv) {
 
 void gemm_tile_avx512(const GemmTile& t) {
   const int nv = static_cast<int>((t.ncols + kPanel - 1) / kPanel);
+  // Rows go 6 at a time; a remainder of 1 to 3 rows would reuse each weight
+  // load only that often, so the last rows go 5 at a time instead (m = 6a + 5b:
+  // 128 rows as 18 x 6 + 4 x 5, not 21 x 6 + 2). Each row's numbers do not
+  // depend on its group.
+  const int64_t rem = t.m % kMR;
+  const int64_t fives = rem >= 1 && rem <= 3 && 5 * (kMR - rem) <= t.m ? kMR - rem : 0;
+  const int64_t sixes_end = t.m - 5 * fives;
   int64_t r0 = 0;
-  for (; r0 + kMR <= t.m; r0 += kMR) tile_rows_nv<kMR>(t, r0, nv);
+  for (; r0 + kMR <= sixes_end; r0 += kMR) tile_rows_nv<kMR>(t, r0, nv);
+  for (; r0 + 5 <= t.m && fives > 0; r0 += 5) tile_rows_nv<5>(t, r0, nv);
   switch (t.m - r0) {
     case 5: return tile_rows_nv<5>(t, r0, nv);
     case 4: return tile_rows_nv<4>(t, r0, nv);
