@@ -34,7 +34,7 @@ import pycompress as pc
 from pycompress.nn import Int8Linear, SparseInt8Linear, SparseLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import SETTLE_S  # noqa: E402
+from timing import settle  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 SWEEP_M = (1, 4, 16, 128)
@@ -43,9 +43,8 @@ OUT_PNG = Path(__file__).with_name("sparse_time_vs_sparsity.png")
 
 
 def median_us(fn, inputs, budget_s=0.25, min_reps=5, max_reps=400):
-    time.sleep(SETTLE_S)  # let the previous peer's spinning worker threads go to sleep (bench/timing.py)
-    for x in inputs[:2]:
-        fn(x)
+    # The previous peer's spinning threads go to sleep, then the cores warm up again (bench/timing.py).
+    settle(lambda: fn(inputs[0]))
     times = []
     start = time.perf_counter()
     i = 0

@@ -9,7 +9,9 @@ How a number is made (PERF.md, "How to measure"):
   order rotated every round, so a drift in machine load (other jobs, frequency)
   hits all of them alike instead of whichever ran last;
 - inputs rotate over a pool larger than the L2 caches where one input would
-  otherwise sit in L1/L2 across calls, which no layer of a real model enjoys.
+  otherwise sit in L1/L2 across calls, which no layer of a real model enjoys;
+- each sample starts after a pause that lets the previous implementation's
+  spinning threads stop, followed by 20 ms of untimed calls (SETTLE_S, WARM_S).
 """
 
 from __future__ import annotations
@@ -94,11 +96,22 @@ def calls_for(step: Step, batch_s: float) -> int:
 # pycompress took 1379 us right after ORT had run, 724 us 200 ms later, and FBGEMM
 # 1507 us vs 808 us. A real server runs one runtime; so must each sample.
 SETTLE_S = 0.15
+# Untimed calls after the pause, before the sample. The pause leaves the second
+# vCPU idle, and for the first ~10-20 ms after it wakes a 2-thread call runs
+# near its 1-thread time: (1,4096,4096) int8 on 2 threads, batches of 100 calls
+# right after a 150 ms pause took a median 166-215 us per call, 107 us after
+# 20 ms of untimed calls (same process, 40 batches each; 1 ms pauses: 121-123).
+# A server under load never idles its cores between two calls; neither may a sample.
+WARM_S = 0.02
 
 
-def _settle(step: Step) -> None:
+def settle(step: Step) -> None:
+    """The pause before a sample, then WARM_S of untimed calls (at least one)."""
     time.sleep(SETTLE_S)
-    step()  # one untimed call: re-warm caches and threads
+    deadline = time.perf_counter() + WARM_S
+    step()
+    while time.perf_counter() < deadline:
+        step()
 
 
 def time_interleaved(steps: dict[str, Step], rounds: int, batch_s: float) -> dict[str, Timing]:
@@ -109,7 +122,7 @@ def time_interleaved(steps: dict[str, Step], rounds: int, batch_s: float) -> dic
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            _settle(steps[name])
+            settle(steps[name])
             samples[name].append(_time_batch(steps[name], calls[name]))
     return {name: summarize(samples[name], calls[name]) for name in names}
 
