@@ -48,9 +48,9 @@ class Q8LinearPlan {
         out_{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum), ptr<const float>(w_scale),
              ptr<const float>(bias), n, nullptr, n, parse_activation(act)} {}
 
-  // y[m, n] (contiguous) = the linear of x's m rows (row stride ldx).
   const ThreadTuner& tuner() const { return tuner_; }
 
+  // y[m, n] (contiguous) = the linear of x's m rows (row stride ldx).
   void run(std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t y, int nthreads) const {
     const q8::SharedInput in{ptr<const float>(x), m, k_, ldx, is_static_, static_scale_, static_zp_, nthreads,
                              nullptr, &tuner_};

@@ -100,12 +100,12 @@
 // Kernels, two shapes of the same math, picked by the number of rows M:
 //   rows  (M < kGatherMaxRows; fp32: M < kF32GatherMaxRows): for each output
 //         channel, gather the activations a nonzero needs straight from
-//         row-major x (vpgatherdd /
-//         vpgatherdps, 16 nonzeros per gather) and reduce at the end. Decode
-//         (M = 1) streams the packed weights once with no per-nonzero scalar work.
+//         row-major x (vpgatherdd / vpgatherdps, 16 nonzeros per gather) and
+//         reduce at the end. Decode (M = 1) streams the packed weights once
+//         with no per-nonzero scalar work.
 //   cols  (M >= kGatherMaxRows; fp32: M >= kF32GatherMaxRows): the activations
-//         are transposed once per call so that 16 rows of one k are contiguous (x^T [K][Mp], int8: [K/4][Mp] of
-//         4-byte groups); each nonzero (or 1x4 block) is broadcast and multiplied
+//         are transposed once per call so that 16 rows of one k are contiguous
+//         (x^T [K][Mp], int8: [K/4][Mp] of 4-byte groups); each nonzero (or 1x4 block) is broadcast and multiplied
 //         into up to 8 vectors = 128 rows: one weight load serves 128 rows.
 //         Results for one output channel are a vector over rows; 16 channels
 //         at a time are transposed in registers and stored as one contiguous
@@ -116,8 +116,7 @@
 //         passes the panel layout; csr on AVX-512 and AVX2, bsr1x4 on AVX-512
 //         only: the AVX2 int8 cols kernel is vpmaddwd-bound, not cache-bound;
 //         csr from M = 2 to kNarrowPanelRows with x^T rows of 8 floats, on both
-//         paths by the AVX2 kernel):
-//         same math, per block of channels the
+//         paths by the AVX2 kernel): same math, per block of channels the
 //         panel loop is outermost; each channel's partial sums live in a
 //         per-thread scratch between panels. The driver hands it blocks of at
 //         most kPanelBlockRows = 32 rows, so whole panel segments run against
