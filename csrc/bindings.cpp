@@ -79,8 +79,11 @@ PYBIND11_MODULE(_C, m) {
     d["version"] = PYCOMPRESS_VERSION;
     d["compiled_isas"] = isa_names(compiled_isas());
     d["supported_isas"] = isa_names(supported_isas());
+    std::vector<Isa> levels;
+    for (int i = 0; i < kIsaCount; ++i) levels.push_back(static_cast<Isa>(i));
+    d["isa_levels"] = isa_names(levels);  // every level's name, lowest first (csrc/common/isa.h)
     d["active_isa"] = std::string(isa_name(active_isa()));
-    d["avx512_vbmi"] = cpu_has_avx512vbmi();  // the sparse int8 byte sliced layout's vpermb
+    d["avx512_vbmi"] = cpu_has_avx512vbmi();  // the CPU's; the active level decides what runs
     d["pool_workers"] = thread_pool_workers();
     d["threading"] = std::string(threading_backend());
     return d;

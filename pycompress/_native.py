@@ -39,7 +39,9 @@ def supported_isas() -> list[str]:
 
 
 def set_isa(name: str) -> None:
-    """Switch every kernel to the named ISA path ('scalar', 'avx2', 'avx512').
+    """Switch every kernel to the named ISA level: 'scalar', 'avx2', 'avxvnni' (AVX2 with the ymm
+    vpdpbusd of AVX-VNNI), 'avx512vnni', 'avx512vbmi' (AVX-512 VNNI with vpermb), or 'avx512'
+    (the highest AVX-512 level of this CPU). ``supported_isas()`` lists this CPU's, lowest first.
 
     Raises ValueError when the CPU or the build lacks it. The environment
     variable PYCOMPRESS_ISA does the same at import time.
@@ -49,6 +51,14 @@ def set_isa(name: str) -> None:
 
 def get_isa() -> str:
     return _C.get_isa()
+
+
+_ISA_LEVELS = tuple(_C.build_info()["isa_levels"])
+
+
+def isa_at_least(name: str) -> bool:
+    """Whether the active ISA level is ``name`` or above it (csrc/common/isa.h orders them)."""
+    return _ISA_LEVELS.index(get_isa()) >= _ISA_LEVELS.index(name)
 
 
 def build_info() -> dict:

@@ -21,18 +21,61 @@ def test_build_info_fields():
     assert set(info["supported_isas"]) <= set(info["compiled_isas"])
     assert info["threads"] == torch.get_num_threads()
     assert isinstance(info["cuda"], bool)
-    # The byte sliced layout runs exactly when the active path is AVX-512 on a CPU with VBMI.
-    assert isinstance(info["avx512_vbmi"], bool)
-    assert info["sparse_byte_layout"] == (info["active_isa"] == "avx512" and info["avx512_vbmi"])
+    assert info["isa_levels"] == ["scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi"]
+    # Supported levels keep the levels' order.
+    levels = info["isa_levels"]
+    assert info["supported_isas"] == sorted(info["supported_isas"], key=levels.index)
+    assert info["avx512_vbmi"] == ("avx512vbmi" in info["supported_isas"])
 
 
 def test_sparse_byte_layout_follows_the_active_isa(isa):
-    info = pc.build_info()
-    assert info["sparse_byte_layout"] == (isa == "avx512" and info["avx512_vbmi"])
+    # The byte sliced layout's vector kernel (vpermb) runs exactly on the avx512vbmi level.
+    assert pc.build_info()["sparse_byte_layout"] == (isa == "avx512vbmi")
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def test_supported_levels_match_the_cpu_flags():
+    """Each level is supported exactly when the kernel's (Linux) CPU flags list that level's features."""
+    flags = _cpu_flags()
+    if flags is None or pc.build_info()["compiled_isas"] == ["scalar"]:
+        pytest.skip("no /proc/cpuinfo flags, or a build without x86 paths")
+    avx2 = {"avx2", "fma", "f16c", "bmi2"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+    expected = ["scalar"]
+    expected += ["avx2"] if avx2 else []
+    expected += ["avxvnni"] if avx2 and "avx_vnni" in flags else []
+    expected += ["avx512vnni"] if avx512 else []
+    expected += ["avx512vbmi"] if avx512 and "avx512vbmi" in flags else []
+    assert pc.supported_isas() == expected
+
+
+def test_avx512_names_the_highest_avx512_level():
+    supported = pc.supported_isas()
+    avx512 = [i for i in supported if i.startswith("avx512")]
+    if not avx512:
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            pc.set_isa("avx512")
+        return
+    previous = pc.get_isa()
+    try:
+        pc.set_isa("avx512")
+        assert pc.get_isa() == avx512[-1]
+    finally:
+        pc.set_isa(previous)
 
 
 def test_set_isa_rejects_unknown_name():
-    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+    with pytest.raises(ValueError, match="unknown ISA 'sse9': expected one of scalar, avx2, avxvnni, avx512vnni, avx512vbmi"):
         pc.set_isa("sse9")
 
 

@@ -11,14 +11,6 @@ from pycompress.nn import Int8Conv2d
 from pycompress.reference import int8_conv2d_ref, quantize_weight_per_channel
 
 
-@pytest.fixture(params=pc.supported_isas())
-def each_isa(request):
-    previous = pc.get_isa()
-    pc.set_isa(request.param)
-    yield request.param
-    pc.set_isa(previous)
-
-
 # (in, out, kernel, stride, padding, dilation, H, W): pointwise, strided pointwise, padded, dilated,
 # rectangular kernels, odd channel counts around the 16-wide panels, a ResNet stem.
 CONV_CASES = [
@@ -48,7 +40,7 @@ def _ref_for(conv: nn.Conv2d, x: torch.Tensor, static=None, padding=None) -> tor
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_int8_conv_bit_exact(each_isa, case):
+def test_int8_conv_bit_exact(isa, case):
     c, o, k, s, p, d, h, w = case
     gen = torch.Generator().manual_seed(hash(case) % 1000)
     conv = nn.Conv2d(c, o, k, s, p, d)
@@ -61,7 +53,7 @@ def test_int8_conv_bit_exact(each_isa, case):
     assert torch.equal(y, _ref_for(conv, x))
 
 
-def test_int8_conv_tall_im2col_runs_in_passes(each_isa):
+def test_int8_conv_tall_im2col_runs_in_passes(isa):
     # 2 x 62 x 62 output pixels of K = 576: 7688 im2col rows, 4.4 MB of uint8 rows: three passes of
     # ~2 MiB, each quantized straight from NHWC x starting at its own first row.
     gen = torch.Generator().manual_seed(7)
@@ -73,7 +65,7 @@ def test_int8_conv_tall_im2col_runs_in_passes(each_isa):
     assert torch.equal(q(x), _ref_for(conv, x))
 
 
-def test_int8_conv_static_activations_bit_exact(each_isa):
+def test_int8_conv_static_activations_bit_exact(isa):
     conv = nn.Conv2d(6, 10, 3, padding=1)
     q = Int8Conv2d.from_float(conv, act_scale=0.02, act_zero_point=128, name="conv")
     x = torch.randn(3, 6, 7, 7)
@@ -92,7 +84,7 @@ def test_int8_conv_noncontiguous_and_channels_last_inputs():
     assert torch.equal(pointwise(base.to(memory_format=torch.channels_last)), pointwise(base))
 
 
-def test_int8_conv_reads_channel_slices_and_keeps_nan_to_its_windows(each_isa):
+def test_int8_conv_reads_channel_slices_and_keeps_nan_to_its_windows(isa):
     conv = nn.Conv2d(5, 16, 3, padding=1)
     q = Int8Conv2d.from_float(conv, name="conv")
     wide = torch.randn(2, 9, 6, 7).to(memory_format=torch.channels_last)

@@ -115,7 +115,9 @@ def test_quantize_rows_flags_a_nonfinite_value_anywhere_in_the_row(isa, gen):
 @pytest.mark.parametrize("k", [1, 4, 5, 64, 67, 300])
 def test_gemm_accumulators_bit_exact(isa, n, k, gen):
     kp = _round_up(k, KGROUP)
-    for m in (1, 6, 13):
+    # Every row remainder of the 6-row microkernels (and the 5-row groups of the AVX-512 one), 1 and 2 rows
+    # taking several panels at once on AVX-VNNI.
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13):
         q = torch.zeros(m, kp, dtype=torch.uint8)
         q[:, :k] = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
         w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)

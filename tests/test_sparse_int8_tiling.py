@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pycompress as pc
 from pycompress import _C
+from pycompress._native import isa_at_least
 from pycompress.nn import Int8Linear, SparseInt8Linear
 from pycompress.ops.sparse import build_bsr1x4_panels, sparse_int8_linear_cpu, sparse_q8_accumulate_raw
 from pycompress.reference import (
@@ -109,7 +109,7 @@ def test_module_bit_exact_and_equal_to_dense_int8(isa, activation, static, gen):
         assert torch.equal(y, int8_linear_ref(x, q, scale, lin.bias, activation, static)), m
         assert torch.equal(y, dense(x)), m
     # Built lazily, on AVX-512 only, by a call that runs the panel kernel.
-    assert (mod.panel_bytes() > 0) == (pc.get_isa() == "avx512")
+    assert (mod.panel_bytes() > 0) == isa_at_least("avx512vnni")
 
 
 def test_panel_kernel_noncontiguous_input_and_nonfinite_rows(isa, gen):
@@ -129,7 +129,7 @@ def test_panel_kernel_noncontiguous_input_and_nonfinite_rows(isa, gen):
 
 
 def test_panel_results_do_not_depend_on_thread_count(gen):
-    if pc.get_isa() != "avx512":
+    if not isa_at_least("avx512vnni"):
         pytest.skip("the panel layout runs on the AVX-512 path only")
     lin = linear_from(int8_weight(3 * ROWS_PER_BLOCK + 1, 8 * P + 5, gen), gen)
     mod = SparseInt8Linear.from_float(lin)
@@ -146,7 +146,7 @@ def test_panel_results_do_not_depend_on_thread_count(gen):
 
 
 def test_panel_copy_is_lazy_follows_in_place_changes_and_stays_out_of_state_dict(gen):
-    if pc.get_isa() != "avx512":
+    if not isa_at_least("avx512vnni"):
         pytest.skip("the panel layout runs on the AVX-512 path only")
     k = 4 * P + 3
     lin = linear_from(int8_weight(24, k, gen), gen)

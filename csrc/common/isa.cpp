@@ -10,25 +10,28 @@
 
 namespace pycompress {
 
+namespace {
+constexpr const char* kIsaNames[kIsaCount] = {"scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi"};
+}  // namespace
+
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Scalar: return "scalar";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512Vnni: return "avx512";
-  }
-  return "unknown";
+  const int i = static_cast<int>(isa);
+  return i >= 0 && i < kIsaCount ? kIsaNames[i] : "unknown";
 }
 
 Isa parse_isa(const std::string& name) {
-  if (name == "scalar") return Isa::Scalar;
-  if (name == "avx2") return Isa::Avx2;
-  if (name == "avx512") return Isa::Avx512Vnni;
-  throw std::invalid_argument("unknown ISA '" + name + "': expected one of scalar, avx2, avx512");
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (name == kIsaNames[i]) return static_cast<Isa>(i);
+  }
+  if (name == "avx512") return cpu_has_avx512vbmi() ? Isa::Avx512Vbmi : Isa::Avx512Vnni;
+  std::string choices;
+  for (int i = 0; i < kIsaCount; ++i) choices += std::string(i ? ", " : "") + kIsaNames[i];
+  throw std::invalid_argument("unknown ISA '" + name + "': expected one of " + choices + " (or avx512)");
 }
 
 std::vector<Isa> compiled_isas() {
 #if PYCOMPRESS_X86
-  return {Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni};
+  return {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Avx512Vbmi};
 #else
   return {Isa::Scalar};
 #endif
@@ -64,10 +67,15 @@ std::vector<Isa> detect_supported() {
   const bool avx512bw = b & (1u << 30);
   const bool avx512vl = b & (1u << 31);
   const bool avx512vnni = c & (1u << 11);
+  const bool avx512vbmi = c & (1u << 1);
+  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  const bool avxvnni = a >= 1 && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 4));
   if (ymm_state && avx2 && fma && f16c && bmi2) {
     isas.push_back(Isa::Avx2);
+    if (avxvnni) isas.push_back(Isa::AvxVnni);
     if (zmm_state && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni) {
       isas.push_back(Isa::Avx512Vnni);
+      if (avx512vbmi) isas.push_back(Isa::Avx512Vbmi);
     }
   }
 #endif
@@ -81,14 +89,19 @@ bool is_supported(Isa isa) {
   return false;
 }
 
+std::string supported_list() {
+  std::string names;
+  for (Isa s : supported_isas()) names += std::string(names.empty() ? "" : ", ") + isa_name(s);
+  return names;
+}
+
 Isa initial_isa() {
   const char* forced = std::getenv("PYCOMPRESS_ISA");
   if (forced == nullptr || *forced == '\0') return best_supported_isa();
   const Isa isa = parse_isa(forced);
   if (!is_supported(isa)) {
     throw std::invalid_argument(std::string("PYCOMPRESS_ISA=") + forced +
-                                " is not supported by this CPU (supported: " +
-                                isa_name(best_supported_isa()) + " and below)");
+                                " is not supported by this CPU (supported: " + supported_list() + ")");
   }
   return isa;
 }
@@ -107,27 +120,14 @@ std::vector<Isa> supported_isas() {
 
 Isa best_supported_isa() { return supported_isas().back(); }
 
-bool cpu_has_avx512vbmi() {
-#if PYCOMPRESS_X86
-  static const bool has = [] {
-    if (best_supported_isa() != Isa::Avx512Vnni) return false;  // zmm state and the base AVX-512 set
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    return (c & (1u << 1)) != 0;
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx512vbmi() { return best_supported_isa() == Isa::Avx512Vbmi; }
 
 Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
 
 void set_active_isa(Isa isa) {
   if (!is_supported(isa)) {
-    throw std::invalid_argument(std::string("ISA '") + isa_name(isa) +
-                                "' is not supported by this CPU (best: " +
-                                isa_name(best_supported_isa()) + ")");
+    throw std::invalid_argument(std::string("ISA '") + isa_name(isa) + "' is not supported by this CPU (supported: " +
+                                supported_list() + ")");
   }
   active_slot().store(static_cast<int>(isa), std::memory_order_relaxed);
 }

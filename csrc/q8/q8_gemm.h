@@ -214,6 +214,7 @@ struct Kernels {
 const Kernels& kernels_scalar();
 #if PYCOMPRESS_X86
 const Kernels& kernels_avx2();
+const Kernels& kernels_avxvnni();  // the AVX2 quantizer, ymm vpdpbusd GEMM
 const Kernels& kernels_avx512vnni();
 #endif
 const Kernels& kernels_for(Isa isa);

@@ -16,19 +16,13 @@
 
 #include "common/vec_math_avx2.h"
 #include "q8/q8_gemm.h"
+#include "q8/q8_store_avx2.h"
 
 namespace pycompress {
 namespace q8 {
 namespace {
 
 constexpr int kMR = 2;
-
-alignas(32) constexpr int32_t kLaneIndex[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-
-inline __m256i tail_mask(int64_t valid) {
-  const int32_t v = valid >= 8 ? 8 : static_cast<int32_t>(valid < 0 ? 0 : valid);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(v), _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneIndex)));
-}
 
 inline float hmin(__m256 v) {
   __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -68,7 +62,7 @@ inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* pr
     }
   }
   for (; i < k; i += 8) {  // masked-off lanes load 0, which every range holds already
-    const __m256 v = _mm256_maskload_ps(x + i, tail_mask(k - i));
+    const __m256 v = _mm256_maskload_ps(x + i, tail_mask8(k - i));
     pr[0] = _mm256_add_ps(pr[0], _mm256_sub_ps(v, v));
     vlo[0] = _mm256_min_ps(vlo[0], v);
     vhi[0] = _mm256_max_ps(vhi[0], v);
@@ -102,7 +96,7 @@ inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scal
   }
   const __m256i q0 = _mm256_setzero_si256(), q255 = _mm256_set1_epi32(255);
   for (; k < len; k += 8) {
-    const __m256i in = tail_mask(len - k);
+    const __m256i in = tail_mask8(len - k);
     __m256i qi = quantize8(_mm256_maskload_ps(x + k, in));
     qi = _mm256_min_epi32(_mm256_max_epi32(qi, q0), q255);
     // 8 int32 in [0, 255] -> 8 bytes.
@@ -150,31 +144,11 @@ void tile_rows(const GemmTile& t, int64_t r0, int64_t n) {
     }
   }
 
-  const int64_t valid = t.n0 + t.ncols - n;
-  #pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
-    const int64_t nh = n + 8 * h;
-    const __m256i mask = tail_mask(valid - 8 * h);
-    if (t.raw != nullptr) {
-      #pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r)
-        _mm256_maskstore_epi32(t.raw + (r0 + r) * t.ldraw + nh, mask, fold_pairs(acc[r][2 * h], acc[r][2 * h + 1]));
-      continue;
-    }
-    const __m256i colsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.col_sum + nh));  // padded to Np
-    const __m256 wscale = _mm256_maskload_ps(t.w_scale + nh, mask);
-    const __m256 bias = t.bias != nullptr ? _mm256_maskload_ps(t.bias + nh, mask) : _mm256_setzero_ps();
-    #pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256i sum = fold_pairs(acc[r][2 * h], acc[r][2 * h + 1]);
-      const __m256i corrected =
-          _mm256_sub_epi32(sum, _mm256_mullo_epi32(_mm256_set1_epi32(t.row_zp[r0 + r]), colsum));
-      __m256 y = _mm256_cvtepi32_ps(corrected);
-      y = _mm256_mul_ps(y, _mm256_mul_ps(_mm256_set1_ps(t.row_scale[r0 + r]), wscale));
-      if (t.bias != nullptr) y = _mm256_add_ps(y, bias);
-      y = apply_activation_avx2(y, t.act);
-      _mm256_maskstore_ps(t.y + (r0 + r) * t.ldy + nh, mask, y);
-    }
+    const Columns8 cols = load_columns8(t, n + 8 * h);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) store_row8(t, cols, r0 + r, fold_pairs(acc[r][2 * h], acc[r][2 * h + 1]));
   }
 }
 

@@ -301,11 +301,11 @@ const Kernels& kernels_scalar();
 #if PYCOMPRESS_X86
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512vnni();
+// The AVX-512 VNNI table with the byte layout's vpermb kernel (sparse_sliced_bytes__avx512vbmi.cpp).
+const Kernels& kernels_avx512vbmi();
 #endif
 const Kernels& kernels_for(Isa isa);
 #if PYCOMPRESS_X86
-// AVX-512 VBMI + VNNI (sparse_sliced_bytes__avx512vbmi.cpp): only where cpu_has_avx512vbmi().
-void q8_sliced_bytes_avx512vbmi(const SlicedTask& t);
 // AVX2 code (sparse_spmm__avx2.cpp) with the AVX-512 kernels' summation order:
 // the AVX-512 path's f32_cols_panels_narrow.
 void f32_cols_panels_narrow_s4(const F32Task& t);

@@ -19,13 +19,10 @@ namespace pycompress {
 namespace sparse {
 
 const Kernels& kernels_for(Isa isa) {
-  switch (isa) {
-#if PYCOMPRESS_X86
-    case Isa::Avx512Vnni: return kernels_avx512vnni();
-    case Isa::Avx2: return kernels_avx2();
-#endif
-    default: return kernels_scalar();
-  }
+  static const Kernels& (*const tables[kIsaCount])() = {
+      &kernels_scalar, PYCOMPRESS_X86_TABLE(kernels_avx2), nullptr, PYCOMPRESS_X86_TABLE(kernels_avx512vnni),
+      PYCOMPRESS_X86_TABLE(kernels_avx512vbmi)};
+  return pick_kernels(isa, tables);
 }
 
 bool sliced_bytes_vectorized() {

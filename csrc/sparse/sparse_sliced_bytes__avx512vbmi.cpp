@@ -3,8 +3,8 @@
 // nonzeros), and per row one unaligned 64-byte window load, one vpermb that
 // puts every slot's activation byte in place, one vpdpbusd. Its own
 // translation unit: vpermb needs VBMI, which the AVX-512 VNNI path does not
-// assume (Cascade Lake has VNNI without VBMI); kernels_avx512vnni() installs
-// it only where cpu_has_avx512vbmi().
+// assume (Cascade Lake has VNNI without VBMI): the avx512vbmi level's table
+// is the AVX-512 VNNI one with this kernel for the byte layout.
 #include <immintrin.h>
 
 #include "sparse/sparse.h"
@@ -12,6 +12,7 @@
 
 namespace pycompress {
 namespace sparse {
+namespace {
 
 void q8_sliced_bytes_avx512vbmi(const SlicedTask& t) {
   const SlicedWeights& w = *t.w;
@@ -28,6 +29,17 @@ void q8_sliced_bytes_avx512vbmi(const SlicedTask& t) {
       }
     });
   });
+}
+
+}  // namespace
+
+const Kernels& kernels_avx512vbmi() {
+  static const Kernels k = [] {
+    Kernels table = kernels_avx512vnni();
+    table.q8_sliced_bytes = q8_sliced_bytes_avx512vbmi;
+    return table;
+  }();
+  return k;
 }
 
 }  // namespace sparse

@@ -452,8 +452,7 @@ const Kernels& kernels_avx512vnni() {
   // 1001 us): each gathered dword carries a whole 1x4 block.
   static const Kernels k{kernels_avx2().f32_rows, f32_cols_avx512, f32_cols_panels_avx512,
                          f32_cols_panels_narrow_s4, q8_rows_avx512, q8_cols_avx512, q8_cols_panels_avx512,
-                         q8_sliced_avx512,
-                         cpu_has_avx512vbmi() ? q8_sliced_bytes_avx512vbmi : kernels_scalar().q8_sliced_bytes};
+                         q8_sliced_avx512, kernels_scalar().q8_sliced_bytes};
   return k;
 }
 

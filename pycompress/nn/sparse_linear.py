@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pycompress import _C, ops
-from pycompress._native import activation_code, get_isa, num_threads
+from pycompress._native import activation_code, isa_at_least, num_threads
 from pycompress.ops.q8 import eager_rows
 from pycompress.ops.sparse import (
     build_bsr1x4_panels,
@@ -363,7 +363,7 @@ class SparseInt8Linear(_SparseBase):
 
     def _panels_for(self, m: int, stamp=None):
         """The bsr1x4 panel layout when the kernels would use it for M rows (AVX-512, M >= 4)."""
-        if m < self._PANEL_MIN_ROWS or get_isa() != "avx512":
+        if m < self._PANEL_MIN_ROWS or not isa_at_least("avx512vnni"):
             return None
         return self._derived("panels", _PANEL_BUFFERS, lambda: build_bsr1x4_panels(
             self.row_ptr, self.blk_idx, self.values, self.in_features), stamp)
@@ -406,7 +406,7 @@ class SparseInt8Linear(_SparseBase):
         """The group sliced layout runs for small M when it needs few enough steps (class docstring)."""
         if not 0 < m <= self._SLICED_MAX_ROWS:
             return False
-        max_rows = self._SLICED_MAX_ROWS if get_isa() == "avx512" else self._SLICED_MAX_ROWS_BELOW_AVX512
+        max_rows = self._SLICED_MAX_ROWS if isa_at_least("avx512vnni") else self._SLICED_MAX_ROWS_BELOW_AVX512
         group_steps, _ = self._layout_steps(stamp)
         return m <= max_rows and m * group_steps <= self._SLICED_STEP_RATIO * self._buffers["blk_idx"].numel()
 
