@@ -28,29 +28,31 @@ _spec.loader.exec_module(make_golden)
 
 # folder -> artifact -> every converted layer as _describe gives it. Spelled out here, not read from the
 # files: a loader that built another format (or a float layer) from a golden file fails the test.
-EXPECTED_LAYERS = {
-    "v1": {
-        "int8_dynamic": {"0": "Int8Linear int8 dynamic relu", "2": "Int8Linear int8 dynamic gelu",
-                         "4": "Int8Linear int8 dynamic none"},
-        "int8_static": {"0": "Int8Linear int8 static relu", "2": "Int8Linear int8 static none"},
-        "sparse_csr_fp32": {"0": "SparseLinear csr none", "2": "SparseLinear csr none"},
-        "sparse_nm24_fp32": {"0": "SparseLinear nm24 none", "2": "SparseLinear nm24 none"},
-        "sparse_int8_unstructured": {"0": "Im2colConv2d/SparseInt8Linear int8 dynamic none",
-                                     "3": "SparseInt8Linear int8 dynamic none",
-                                     "5": "SparseInt8Linear int8 dynamic none"},
-        "sparse_int8_block": {"0": "SparseInt8Linear int8 static none", "2": "SparseInt8Linear int8 static none",
-                              "4": "SparseInt8Linear int8 static none"},
-        "int8_conv": {"0": "Int8Conv2d int8 dynamic relu", "2": "Int8Conv2d int8 dynamic relu",
-                      "4": "Int8Conv2d int8 dynamic none", "6": "Int8Linear int8 dynamic none"},
-        "entropy_coded": {"0": "SparseLinear csr none", "2": "SparseInt8Linear int4 dynamic none",
-                          "4": "Int8Linear int4 dynamic none"},
-        "shared_input": {"query": "Int8Linear int8 dynamic none", "key": "Int8Linear int8 dynamic none",
-                         "value": "Int8Linear int8 dynamic none", "out": "Int8Linear int8 dynamic none"},
-    },
+# Each version's folder holds the same models (make_golden.py), saved by the pycompress of that version.
+GOLDEN_MODELS = {
+    "int8_dynamic": {"0": "Int8Linear int8 dynamic relu", "2": "Int8Linear int8 dynamic gelu",
+                     "4": "Int8Linear int8 dynamic none"},
+    "int8_static": {"0": "Int8Linear int8 static relu", "2": "Int8Linear int8 static none"},
+    "sparse_csr_fp32": {"0": "SparseLinear csr none", "2": "SparseLinear csr none"},
+    "sparse_nm24_fp32": {"0": "SparseLinear nm24 none", "2": "SparseLinear nm24 none"},
+    "sparse_int8_unstructured": {"0": "Im2colConv2d/SparseInt8Linear int8 dynamic none",
+                                 "3": "SparseInt8Linear int8 dynamic none",
+                                 "5": "SparseInt8Linear int8 dynamic none"},
+    "sparse_int8_block": {"0": "SparseInt8Linear int8 static none", "2": "SparseInt8Linear int8 static none",
+                          "4": "SparseInt8Linear int8 static none"},
+    "int8_conv": {"0": "Int8Conv2d int8 dynamic relu", "2": "Int8Conv2d int8 dynamic relu",
+                  "4": "Int8Conv2d int8 dynamic none", "6": "Int8Linear int8 dynamic none"},
+    "entropy_coded": {"0": "SparseLinear csr none", "2": "SparseInt8Linear int4 dynamic none",
+                      "4": "Int8Linear int4 dynamic none"},
+    "shared_input": {"query": "Int8Linear int8 dynamic none", "key": "Int8Linear int8 dynamic none",
+                     "value": "Int8Linear int8 dynamic none", "out": "Int8Linear int8 dynamic none"},
 }
-FORMAT_VERSIONS = {"v1": 1}
+EXPECTED_LAYERS = {"v1": GOLDEN_MODELS, "v2": GOLDEN_MODELS}
+FORMAT_VERSIONS = {"v1": 1, "v2": 2}
+CHECKSUMS_SINCE = 2  # the files of this version on carry sha256 checksums (pycompress.io)
 # The tensors each entropy-coded golden file stores Huffman-coded.
-ENTROPY_CODED = {("v1", "entropy_coded"): ["0.col_idx", "0.row_ptr", "2.blk_idx", "2.values", "4.w_packed"]}
+ENTROPY_CODED = {(folder, "entropy_coded"): ["0.col_idx", "0.row_ptr", "2.blk_idx", "2.values", "4.w_packed"]
+                 for folder in ("v1", "v2")}
 ARTIFACTS = [(folder, name) for folder, names in EXPECTED_LAYERS.items() for name in names]
 
 
@@ -101,6 +103,7 @@ def test_golden_model_loads_and_gives_its_outputs(isa, folder, name):
     path = GOLDEN / folder / f"{name}.safetensors"
     manifest = _manifest(path)
     assert manifest["version"] == FORMAT_VERSIONS[folder]
+    assert ("checksums" in manifest) == (FORMAT_VERSIONS[folder] >= CHECKSUMS_SINCE)
     assert sorted(manifest["entropy"]) == ENTROPY_CODED.get((folder, name), [])
     meta, inputs, outputs = _io(GOLDEN / folder / f"{name}.io.safetensors")
     assert meta["format_version"] == FORMAT_VERSIONS[folder]
@@ -115,8 +118,9 @@ def test_golden_model_loads_and_gives_its_outputs(isa, folder, name):
             assert torch.equal(got, want), (isa, i, (got - want).abs().max().item())
 
 
-def test_golden_shared_input_group_is_restored():
-    model = pc.load(GOLDEN / "v1" / "shared_input.safetensors", model=make_golden.AttentionLike()).eval()
+@pytest.mark.parametrize("folder", sorted(EXPECTED_LAYERS))
+def test_golden_shared_input_group_is_restored(folder):
+    model = pc.load(GOLDEN / folder / "shared_input.safetensors", model=make_golden.AttentionLike()).eval()
     group = model.query._shared_input
     assert group is not None and group.members == [model.query, model.key, model.value]
     assert model.out._shared_input is None
