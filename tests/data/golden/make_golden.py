@@ -1,7 +1,9 @@
 """Writes the golden artifacts that tests/test_golden.py loads: files saved by ``pycompress.save``
 that every later pycompress must load and run to exactly the same outputs.
 
-    python tests/data/golden/make_golden.py            # writes tests/data/golden/v<N>/
+    PYTHONPATH=. python tests/data/golden/make_golden.py     # from the repository root: writes tests/data/golden/v<N>/
+
+(without ``PYTHONPATH=.`` it runs whichever pycompress is installed.)
 
 ``N`` is the manifest format version of the pycompress that runs this script
 (``pycompress.io.MANIFEST_VERSION``). The script refuses to write into a folder that already
@@ -25,7 +27,8 @@ of powers of two, so every product and partial sum is exact in float32 and the o
 (checked against a float64 computation). Outside the pycompress layers the models use only ReLU,
 Flatten and elementwise products and sums, which torch computes exactly the same way everywhere.
 
-Everything is seeded: running it twice writes the same tensors.
+Everything is seeded: running it twice writes the same tensors and manifests (the file bytes may still
+differ: safetensors orders the header's metadata keys as its hash map does).
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ import json
 import pathlib
 import sys
 
+import safetensors.torch
 import torch
 from torch import nn
 
 import pycompress as pc
+from pycompress.io import MANIFEST_VERSION
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -218,10 +223,6 @@ def _on_every_isa(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Te
 
 
 def write(out_dir: pathlib.Path) -> None:
-    import safetensors.torch
-
-    from pycompress.io import MANIFEST_VERSION
-
     if out_dir.exists():
         raise SystemExit(f"make_golden: {out_dir} exists; golden files are never overwritten (see the docstring)")
     staged = {}
@@ -246,12 +247,11 @@ def write(out_dir: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pycompress.io import MANIFEST_VERSION
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=HERE / f"v{MANIFEST_VERSION}",
                         help="folder to create (default: tests/data/golden/v<format version>)")
     write(parser.parse_args(argv).out)
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])
