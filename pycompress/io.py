@@ -23,12 +23,25 @@ in range; for sparse packs, first the structure with the ops' own C++ validator 
 non-decreasing, ending at the stored count, every index < K), then the values, ``col_sum``, the
 last block's padding and nm24's index pairs.
 
+Format versions (``FORMAT_VERSIONS``, the one list): ``save`` writes the newest; ``load`` reads every
+version from 1 to the newest, and refuses a newer file with both versions named (upgrade pycompress).
+Files of every version stay loadable: ``tests/data/golden/`` holds files each version wrote, and
+``tests/test_golden.py`` loads them and checks their outputs bit for bit on every ISA path.
+
+Checksums (version 2): the manifest's ``checksums`` holds the sha256 (hex) of every stored tensor's
+bytes as they lie in the file (for an entropy-coded tensor, its payload and its code lengths), and the
+metadata key ``pycompress_sha256`` the sha256 of the manifest's JSON text. ``load`` checks both
+before anything reads a tensor (before the entropy decoder, the validators above and any kernel): a
+mismatch is refused naming the tensor and its layer. A version-1 file has no checksums; it is still
+loaded and validated as above.
+
 ``save`` never leaves a half-written file at ``path``: it writes a temporary file in the
 same directory, flushes it to disk and renames it over ``path`` (atomic on POSIX).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -60,7 +73,16 @@ from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
 from pycompress.reference.sparse import NM_PER_WORD
 
 MANIFEST_KEY = "pycompress"
-MANIFEST_VERSION = 1
+MANIFEST_DIGEST_KEY = "pycompress_sha256"  # metadata key: sha256 of the manifest's JSON text (version >= 2)
+# Every manifest format version this pycompress reads, and what it added. save writes the newest; load
+# reads them all (tests/data/golden/v<N>/ holds files of version N). Add a version when a file written
+# now would be misread by an older load, never change what an old version means.
+FORMAT_VERSIONS = {
+    1: "the manifest (layers, architecture, aliases, fused, record, entropy) and the tensors",
+    2: "checksums: the sha256 of every stored tensor's bytes in the manifest, and of the manifest itself",
+}
+MANIFEST_VERSION = max(FORMAT_VERSIONS)
+CHECKSUMS_SINCE = 2  # the first version whose files must carry checksums
 
 # Plain torch.nn modules load(path) may rebuild from their constructor arguments.
 REBUILDABLE: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
@@ -445,6 +467,82 @@ def _decode_entropy(manifest: dict, tensors: dict[str, torch.Tensor], path: str)
         tensors[key] = data.view(dtype).view(shape)
 
 
+# ---------------------------------------------------------------- format versions and checksums
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex) of a contiguous CPU tensor's bytes, as safetensors stores them on a little-endian
+    host (every CPU pycompress builds for). Hashed through a uint8 numpy view: no copy, so a 100 MB
+    model costs one pass of sha256 over its bytes."""
+    if not t.is_contiguous():
+        raise ValueError(f"tensor_sha256: expected a contiguous tensor, got strides {t.stride()}")
+    return hashlib.sha256(t.detach().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def file_metadata(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors metadata ``save`` writes for ``tensors`` (the file's tensors, as stored):
+    ``manifest`` with every tensor's checksum, and the manifest's own checksum."""
+    manifest = {**manifest, "checksums": {key: tensor_sha256(t) for key, t in sorted(tensors.items())}}
+    text = json.dumps(manifest)
+    return {MANIFEST_KEY: text, MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _check_version(manifest, path: str) -> None:
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    oldest, newest = min(FORMAT_VERSIONS), max(FORMAT_VERSIONS)
+    this = f"this pycompress ({build_info()['version']}) reads versions {oldest}-{newest}"
+    if _is_int(version, newest + 1, 1 << 62):
+        raise ValueError(f"load({path}): file format version {version}, {this}; upgrade pycompress")
+    if not _is_int(version, oldest, newest):
+        raise ValueError(f"load({path}): manifest version {version!r} is not a format version; {this}")
+
+
+def _owner(key: str, layer_names) -> str:
+    """Which layer (or other module) a state_dict key of the file belongs to, for error messages."""
+    layer = max((n for n in layer_names if isinstance(n, str) and key.startswith(n + ".")), key=len, default=None)
+    if layer is not None:
+        return f"layer {layer}"
+    module = key.rpartition(".")[0]
+    return f"module {module}" if module else "the model"
+
+
+def _verify_manifest_checksum(manifest: dict, metadata: dict, path: str) -> None:
+    """The manifest's JSON text against the checksum ``save`` wrote beside it (required from
+    ``CHECKSUMS_SINCE``), before any field of it is used."""
+    digest = metadata.get(MANIFEST_DIGEST_KEY)
+    if digest is None:
+        if manifest["version"] >= CHECKSUMS_SINCE:
+            raise ValueError(f"load({path}): format version {manifest['version']} needs the manifest checksum "
+                             f"(metadata {MANIFEST_DIGEST_KEY!r}); the file has none (corrupt file)")
+        return
+    got = hashlib.sha256(metadata[MANIFEST_KEY].encode()).hexdigest()
+    if got != digest:
+        raise ValueError(f"load({path}): the manifest fails its checksum: sha256 {got}, the file says {digest!r} "
+                         "(corrupt file)")
+
+
+def _verify_tensor_checksums(manifest: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Every stored tensor's bytes against the manifest's ``checksums`` (required from ``CHECKSUMS_SINCE``),
+    before anything reads them."""
+    checksums = manifest.get("checksums")
+    if checksums is None and manifest["version"] < CHECKSUMS_SINCE:
+        return
+    if not (isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())):
+        raise ValueError(f"load({path}): manifest field 'checksums' is missing or malformed (format version "
+                         f"{manifest['version']} stores one sha256 per tensor)")
+    unchecked, unknown = sorted(set(tensors) - set(checksums)), sorted(set(checksums) - set(tensors))
+    if unchecked or unknown:
+        raise ValueError(f"load({path}): the checksums do not list the file's tensors: tensors without a "
+                         f"checksum {unchecked[:5]}, checksums of no tensor {unknown[:5]} (corrupt file)")
+    bad = [key for key in sorted(tensors) if tensor_sha256(tensors[key]) != checksums[key]]
+    if bad:
+        more = f" (and {len(bad) - 1} more: {bad[1:6]})" if len(bad) > 1 else ""
+        t = tensors[bad[0]]
+        raise ValueError(f"load({path}): tensor {bad[0]} of {_owner(bad[0], manifest['layers'])} "
+                         f"({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}) fails its sha256 checksum: its "
+                         f"bytes are not the bytes save wrote (corrupt file){more}")
+
+
 # ---------------------------------------------------------------- save / load
 
 
@@ -501,12 +599,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = Fa
         "record": asdict(record) if record is not None else None,
         "entropy": entropy,
     }
+    metadata = file_metadata(manifest, tensors)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".pycompress-", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata={MANIFEST_KEY: json.dumps(manifest)})
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -531,12 +630,12 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         manifest = json.loads(metadata[MANIFEST_KEY])
     except json.JSONDecodeError as exc:
         raise ValueError(f"load({path}): the manifest is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"load({path}): manifest version {manifest.get('version') if isinstance(manifest, dict) else None!r}"
-                         f" is not {MANIFEST_VERSION}")
+    _check_version(manifest, path)
+    _verify_manifest_checksum(manifest, metadata, path)
     for field in ("layers", "aliases"):
         if not isinstance(manifest.get(field), dict):
             raise ValueError(f"load({path}): manifest field {field!r} is missing or malformed")
+    _verify_tensor_checksums(manifest, tensors, path)
     _decode_entropy(manifest, tensors, path)
     return manifest, tensors
 

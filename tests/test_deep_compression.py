@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import pycompress as pc
-from pycompress.io import HUFFMAN_LENGTHS_SUFFIX
+from pycompress.io import HUFFMAN_LENGTHS_SUFFIX, file_metadata
 
 
 def _pruned_quantized(gen_seed: int = 3) -> tuple[nn.Module, nn.Module]:
@@ -36,7 +36,7 @@ def _manifest_and_tensors(path):
 def _rewrite(path, edit):
     manifest, tensors = _manifest_and_tensors(path)
     edit(manifest, tensors)
-    safetensors.torch.save_file(tensors, str(path), metadata={"pycompress": json.dumps(manifest)})
+    safetensors.torch.save_file(tensors, str(path), metadata=file_metadata(manifest, tensors))  # fresh checksums
 
 
 @pytest.fixture(scope="module")

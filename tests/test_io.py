@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import pathlib
+import re
 
 import pytest
 import safetensors
@@ -15,6 +18,8 @@ from torch import nn
 import pycompress as pc
 from pycompress.examples import ResNet18
 from pycompress.convert import converted_layers
+import pycompress.io as pcio
+from pycompress.io import FORMAT_VERSIONS, MANIFEST_VERSION, file_metadata
 from pycompress.nn import Int8Conv2d, Int8Linear, SparseInt8Linear
 from pycompress.nn.int8_conv import Im2colConv2d
 
@@ -66,6 +71,8 @@ def test_shared_layers_stay_shared(tmp_path):
 
 
 def _rewrite(path, edit_tensors=None, edit_manifest=None):
+    """Edits a saved file and writes it with fresh checksums (file_metadata), so the check under test is
+    the validation behind them; test_a_flipped_bit_* below corrupt files without restamping."""
     with safetensors.safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -74,7 +81,7 @@ def _rewrite(path, edit_tensors=None, edit_manifest=None):
         edit_tensors(tensors)
     if edit_manifest:
         edit_manifest(manifest)
-    safetensors.torch.save_file(tensors, str(path), metadata={"pycompress": json.dumps(manifest)})
+    safetensors.torch.save_file(tensors, str(path), metadata=file_metadata(manifest, tensors))
 
 
 @pytest.fixture
@@ -136,9 +143,6 @@ def test_bad_manifest_configs_are_refused(saved, change, message):
 def test_bad_manifest_structure_is_refused(saved, tmp_path):
     _rewrite(saved, edit_manifest=lambda m: m["architecture"].update(type="os.system"))
     with pytest.raises(ValueError, match="has type 'os.system'"):
-        pc.load(saved)
-    _rewrite(saved, edit_manifest=lambda m: m.update(version=99))
-    with pytest.raises(ValueError, match="manifest version 99"):
         pc.load(saved)
     garbage = tmp_path / "g.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
@@ -334,3 +338,178 @@ def test_bad_sparse_manifests_are_refused(sparse_saved, tmp_path):
         _rewrite(path, edit_manifest=edit)
         with pytest.raises(ValueError, match=message):
             pc.load(path)
+
+
+# ---------------------------------------------------------------- format versions and checksums
+
+
+def _raw_tensors(path) -> tuple[dict, dict[str, bytes]]:
+    """(safetensors metadata, each tensor's bytes) read straight from the file, as a reader without
+    pycompress sees them."""
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    metadata = header.pop("__metadata__")
+    base = 8 + header_len
+    return metadata, {k: data[base + v["data_offsets"][0]: base + v["data_offsets"][1]] for k, v in header.items()}
+
+
+def _flip_bit(path, key: str, byte: int = 0, bit: int = 0) -> None:
+    """Flips one bit of one tensor's bytes in the file (the manifest and its checksums untouched)."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_len])[key]["data_offsets"]
+    assert byte < end - start
+    data[8 + header_len + start + byte] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_saved_file_holds_the_sha256_of_every_stored_tensor_and_of_the_manifest(saved):
+    metadata, raw = _raw_tensors(saved)
+    manifest = json.loads(metadata["pycompress"])
+    assert manifest["version"] == MANIFEST_VERSION == max(FORMAT_VERSIONS)
+    assert metadata["pycompress_sha256"] == hashlib.sha256(metadata["pycompress"].encode()).hexdigest()
+    assert sorted(manifest["checksums"]) == sorted(raw)
+    for key, data in raw.items():
+        assert manifest["checksums"][key] == hashlib.sha256(data).hexdigest(), key
+
+
+@pytest.fixture(scope="module")
+def coded_saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("coded") / "c.safetensors"
+    pc.save(_sparse_model(static=False), path, entropy_coding=True)
+    assert {"3.values", "3.blk_idx"} <= set(json.loads(_raw_tensors(path)[0]["pycompress"])["entropy"])
+    return path
+
+
+FLIPS = [  # (file, tensor, the owner the error names)
+    ("saved", "4.w_scale", "layer 4"),  # a scale: the flipped value is still finite and > 0
+    ("saved", "4.w_packed", "layer 4"),  # int8 weights
+    ("saved", "0.gemm.w_packed", "layer 0"),  # an Int8Conv2d's weights
+    ("saved", "2.weight", "module 2"),  # the float depthwise conv
+    ("sparse_saved", "8.col_idx", "layer 8"),  # csr column index: still < K
+    ("sparse_saved", "3.blk_idx", "layer 3"),  # bsr1x4 block index
+    ("sparse_saved", "0.gemm.row_ptr", "layer 0"),
+    ("sparse_saved", "6.values", "layer 6"),  # nm24 fp32 weight values
+    ("sparse_saved", "6.nm_idx", "layer 6"),
+    ("coded_saved", "3.values", "layer 3"),  # a Huffman payload, checked before the decoder reads it
+    ("coded_saved", "3.values/huffman_lengths", "layer 3"),
+]
+
+
+@pytest.mark.parametrize("file,key,owner", FLIPS)
+def test_a_flipped_bit_is_refused_naming_the_tensor_and_its_layer(request, tmp_path, monkeypatch, file, key, owner):
+    path = tmp_path / "flipped.safetensors"
+    path.write_bytes(request.getfixturevalue(file).read_bytes())
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        t = f.get_tensor(key)
+    _flip_bit(path, key)
+    # Nothing may read the tensors before their checksums are checked.
+    for reader in ("_decode_entropy", "_build_layer", "_check_int8_operands", "_check_sparse_operands"):
+        monkeypatch.setattr(pcio, reader, lambda *a, reader=reader: pytest.fail(f"{reader} ran before the checksums"))
+    described = f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+    message = re.escape(f"tensor {key} of {owner} ({described}) fails its sha256 checksum: its bytes are not the "
+                        "bytes save wrote (corrupt file)")
+    with pytest.raises(ValueError, match=message + "$"):
+        pc.load(path)
+
+
+def test_a_flipped_scale_bit_would_load_without_its_checksum(saved, tmp_path):
+    """Why the checksums: this flip passes every validator and changes the outputs."""
+    model = pc.load(saved)
+    path = tmp_path / "flipped.safetensors"
+    path.write_bytes(saved.read_bytes())
+    _flip_bit(path, "4.w_scale")
+    _rewrite(path)  # the same flipped bytes with fresh checksums
+    x = torch.randn(3, 1, 8, 8)
+    assert not torch.equal(pc.load(path)(x), model(x))
+
+
+def test_an_edited_manifest_is_refused(saved):
+    data = saved.read_bytes()
+    relu = b'\\"activation\\": \\"relu\\"'  # the conv's fused ReLU, as the manifest text sits in the header
+    assert data.count(relu) == 1
+    saved.write_bytes(data.replace(relu, relu.replace(b"relu", b"gelu")))  # a valid config, another model
+    with pytest.raises(ValueError, match=r"the manifest fails its checksum: sha256 [0-9a-f]{64}, the file says "
+                                         r"'[0-9a-f]{64}' \(corrupt file\)"):
+        pc.load(saved)
+
+
+def test_newer_format_version_is_refused(saved):
+    newer = MANIFEST_VERSION + 1
+    _rewrite(saved, edit_manifest=lambda m: m.update(version=newer))
+    message = f"file format version {newer}, this pycompress ({pc.__version__}) reads versions 1-{MANIFEST_VERSION}; " \
+              "upgrade pycompress"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        pc.load(saved)
+
+
+@pytest.mark.parametrize("version", [0, -1, "2", None, True, 2.0])
+def test_malformed_format_version_is_refused(saved, version):
+    _rewrite(saved, edit_manifest=lambda m: m.update(version=version))
+    message = f"manifest version {version!r} is not a format version; this pycompress ({pc.__version__}) reads " \
+              f"versions 1-{MANIFEST_VERSION}"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        pc.load(saved)
+
+
+def _write_with_metadata(path, edit):
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(metadata)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def _with_manifest(edit):
+    def apply(metadata):
+        manifest = json.loads(metadata["pycompress"])
+        edit(manifest)
+        metadata["pycompress"] = json.dumps(manifest)
+        metadata["pycompress_sha256"] = hashlib.sha256(metadata["pycompress"].encode()).hexdigest()
+    return apply
+
+
+_MALFORMED = (f"manifest field 'checksums' is missing or malformed (format version {MANIFEST_VERSION} stores one "
+              "sha256 per tensor)")
+CHECKSUMS_MISSING = [
+    (lambda md: md.pop("pycompress_sha256"), f"format version {MANIFEST_VERSION} needs the manifest checksum "
+                                              "(metadata 'pycompress_sha256'); the file has none (corrupt file)"),
+    (_with_manifest(lambda m: m.pop("checksums")), _MALFORMED),
+    (_with_manifest(lambda m: m["checksums"].update({"4.bias": 7})), _MALFORMED),
+    (_with_manifest(lambda m: m["checksums"].pop("4.bias")),
+     "the checksums do not list the file's tensors: tensors without a checksum ['4.bias'], checksums of no "
+     "tensor [] (corrupt file)"),
+    (_with_manifest(lambda m: m["checksums"].update({"9.weight": "00"})),
+     "the checksums do not list the file's tensors: tensors without a checksum [], checksums of no tensor "
+     "['9.weight'] (corrupt file)"),
+]
+
+
+@pytest.mark.parametrize("edit,message", CHECKSUMS_MISSING)
+def test_version_2_file_without_its_checksums_is_refused(saved, edit, message):
+    _write_with_metadata(saved, edit)
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        pc.load(saved)
+
+
+GOLDEN_V1 = pathlib.Path(__file__).resolve().parent / "data" / "golden" / "v1" / "int8_dynamic.safetensors"
+
+
+def test_version_1_file_loads_without_checksums_and_is_still_validated(tmp_path):
+    metadata, _ = _raw_tensors(GOLDEN_V1)
+    manifest = json.loads(metadata["pycompress"])
+    assert manifest["version"] == 1 and "checksums" not in manifest and set(metadata) == {"pycompress"}
+    io = safetensors.torch.load_file(str(GOLDEN_V1).replace(".safetensors", ".io.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(pc.load(GOLDEN_V1)(io["input.1"]), io["output.1"])
+    path = tmp_path / "v1.safetensors"
+    path.write_bytes(GOLDEN_V1.read_bytes())
+    _write_with_metadata(path, lambda md: None)  # rewritten as it was: version 1, no checksums
+    assert pc.load(path) is not None
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["0.w_scale"] = -tensors["0.w_scale"]
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=re.escape("load: 0: w_scale must be finite and > 0")):
+        pc.load(path)
