@@ -41,6 +41,7 @@ import pytest
 import torch
 from torch import nn
 
+import machine
 import pycompress
 from pycompress.examples import ResNet18
 from peers import relative_error
@@ -208,8 +209,9 @@ def markdown(results: list[dict], rss: list[dict]) -> str:
         "",
         f"`python bench/bench_models.py`, {datetime.date.today()}: pycompress {info['version']} "
         f"(ISA {info['active_isa']}, threading {info['threading'].split(' ')[0]}), torch {torch.__version__}, "
-        f"on this project's 2-core machine, load average {os.getloadavg()[0]:.2f} at the end "
+        f"load average {os.getloadavg()[0]:.2f} at the end "
         "(medians over blocks of calls alternating between peers; read the ratios).",
+        f"CPU (`lscpu`): {machine.cpu_model()}; {machine.describe_caches()}; flags {machine.simd_flags()}.",
         "Median ms per forward pass, and beside it (in parentheses) the output's relative max error against "
         "the float model's, max |y - y_fp32| / max |y_fp32|. Ratios: peer time / pycompress time "
         "(>1: pycompress faster). pycompress = `pycompress.convert(model, "
