@@ -14,6 +14,9 @@ as transformers' sdpa_attention_forward does. Peers:
   eager      softmax(q @ k^T * scale) @ v with torch ops (transformers' "eager")
 Timing: bench/timing.py (interleaved samples, medians, inputs rotated over a pool
 larger than twice the L2 of both cores, a pause before each sample).
+Every output is checked against float64 attention first (bench/peers.py, judge):
+times are printed with their relative error beside them; a peer over the fp32
+limit is timed and marked WRONG, ours over it aborts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import machine
+import peers
 import pycompress  # noqa: F401  (loads the ops)
 from pycompress.ops.attention import attention_cpu
 from timing import Step, calls_for, time_interleaved, torch_threads
@@ -103,12 +107,20 @@ def make_step(fn, pool) -> Step:
     return step
 
 
-def check_outputs(pool) -> None:
+def _reference(q, k, v) -> torch.Tensor:
+    q, k, v = q.double(), k.double(), v.double()
+    scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    return torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).contiguous()
+
+
+def check_outputs(pool) -> dict[str, peers.Accuracy]:
+    """Each implementation's error against float64 attention (peers.judge: ours
+    over the fp32 limit raises, a peer is marked WRONG)."""
     q, k, v = pool[0]
-    ours = _pycompress(q, k, v)
-    for name, fn in IMPLEMENTATIONS.items():
-        if not torch.allclose(fn(q, k, v), ours, atol=1e-5, rtol=1e-4):
-            raise AssertionError(f"{name} disagrees with pycompress on {tuple(q.shape)}")
+    ref = _reference(q, k, v)
+    return {name: peers.judge(name, peers.relative_error(fn(q, k, v), ref), "fp32", ours=name == "pycompress",
+                              where=str(tuple(q.shape)))
+            for name, fn in IMPLEMENTATIONS.items()}
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
@@ -117,10 +129,11 @@ def check_outputs(pool) -> None:
 def test_attention(benchmark, shape: AttentionShape, threads: int, impl: str) -> None:
     pool = make_qkv_pool(shape)
     with torch_threads(threads):
-        check_outputs(pool)
+        accuracy = check_outputs(pool)[impl]
         step = make_step(IMPLEMENTATIONS[impl], pool)
         benchmark.group = f"{shape.label} threads={threads}"
-        benchmark.extra_info.update(shape=shape.label, source=shape.source, threads=threads)
+        benchmark.extra_info.update(shape=shape.label, source=shape.source, threads=threads,
+                                    relative_error=accuracy.error, wrong_on_this_cpu=accuracy.wrong)
         benchmark.pedantic(step, rounds=25, iterations=calls_for(step, 0.01), warmup_rounds=2)
 
 
@@ -131,23 +144,26 @@ def main(argv=None) -> None:
     rounds, batch_s = (5, 0.01) if args.quick else (15, 0.03)
     print(f"{machine.cpu_model()}; pycompress ISA {pycompress.get_isa()}; torch {torch.__version__}; "
           f"load average at start: {machine.load_average()}")
-    peers = [n for n in IMPLEMENTATIONS if n != "pycompress"]
-    header = ["shape [B,H,S,D]", "thr", "pycompress us"] + [f"{n} us" for n in peers] + \
-             [f"{n} / ours" for n in peers] + ["ours GFLOPS", "spread"]
+    others = [n for n in IMPLEMENTATIONS if n != "pycompress"]
+    header = (["shape [B,H,S,D]", "thr", "pycompress us (err)"] + [f"{n} us (err)" for n in others]
+              + ["sdpa / ours", "best peer / ours", "best exact peer / ours", "ours GFLOPS", "spread"])
     print("| " + " | ".join(header) + " |")
     print("|---" + "|---:" * (len(header) - 1) + "|")
     for shape in SHAPES:
         pool = make_qkv_pool(shape)
         for threads in THREADS:
             with torch_threads(threads):
-                check_outputs(pool)
+                accuracy = check_outputs(pool)
                 steps = {n: make_step(fn, pool) for n, fn in IMPLEMENTATIONS.items()}
                 t = time_interleaved(steps, rounds, batch_s)
             ours = t["pycompress"].median_s
-            row = [shape.label, str(threads), f"{ours * 1e6:.0f}"] + [f"{t[n].median_s * 1e6:.0f}" for n in peers]
-            row += [f"{t[n].median_s / ours:.2f}" for n in peers]
+            vs_best, vs_exact = peers.ratio_cells(ours, {n: t[n].median_s for n in others}, accuracy)
+            row = [shape.label, str(threads)] + [peers.timed_cell(f"{t[n].median_s * 1e6:.0f}", accuracy[n])
+                                                 for n in IMPLEMENTATIONS]
+            row += [f"{t['sdpa'].median_s / ours:.2f}" + ("*" if accuracy["sdpa"].wrong else ""), vs_best, vs_exact]
             row += [f"{2 * shape.macs / ours * 1e-9:.0f}", f"{100 * max(x.spread for x in t.values()):.0f}%"]
             print("| " + " | ".join(row) + " |", flush=True)
+    print("\n" + peers.error_legend(limits="fp32 1e-4"))
     print(f"load average at the end: {machine.load_average()}")
 
 

@@ -14,8 +14,11 @@ Peers, built from the same float model:
   pycompress           pycompress.convert(model, example_inputs=inputs) (policy "auto": timed per layer)
 Timing: each implementation runs in blocks of consecutive calls after a pause, blocks of all
 implementations alternating over 3 passes (see time_in_blocks: why not call-by-call round-robin);
-the median over all calls is reported. `cos` is the cosine similarity of the
-output to the float model's on the same input (an accuracy check beside the speed).
+the median over all calls is reported. Beside each time: the output's relative max error
+against the float model's (torch fp32) on the same input, max |y - y_fp32| / max |y_fp32|
+(bench/peers.py). No limit is applied at model level (how far int8 drifts
+through a network depends on the model); the per-layer limit and the WRONG marking are
+bench_q8_linear.py's.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import pytest
 import torch
 from torch import nn
 
+import machine
 import pycompress
 from pycompress.examples import ResNet18
+from peers import relative_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -143,7 +148,8 @@ def build_peers(s: Scenario, threads: int, workdir: str) -> tuple[dict, dict[str
 
 
 def time_in_blocks(peers: dict, rounds: int, passes: int = 3) -> tuple[dict[str, float], dict[str, float]]:
-    """Median milliseconds per peer, and each peer's output cosine to torch fp32.
+    """Median milliseconds per peer, and each peer's output error against torch fp32
+    (relative max error, peers.relative_error).
 
     Each peer runs in consecutive blocks, after a pause, and the blocks of all peers alternate over
     several passes. Not call-by-call round-robin: ONNX Runtime's and OpenMP's worker threads keep
@@ -153,11 +159,8 @@ def time_in_blocks(peers: dict, rounds: int, passes: int = 3) -> tuple[dict[str,
     samples: dict[str, list[float]] = {name: [] for name in peers}
     per_block = max(1, rounds // passes)
     with torch.inference_mode():
-        reference = peers["torch fp32"]().double().flatten()
-        cos = {}
-        for name, fn in peers.items():
-            out = fn().double().flatten()
-            cos[name] = float(out @ reference / (out.norm() * reference.norm()))
+        reference = peers["torch fp32"]().double()
+        errors = {name: relative_error(fn(), reference) for name, fn in peers.items()}
         for _ in range(passes):
             for name, fn in peers.items():
                 time.sleep(0.05)
@@ -166,7 +169,15 @@ def time_in_blocks(peers: dict, rounds: int, passes: int = 3) -> tuple[dict[str,
                     t0 = time.perf_counter()
                     fn()
                     samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}, cos
+    return {name: statistics.median(v) for name, v in samples.items()}, errors
+
+
+def _cell(ms: float, error: float, digits: int = 1) -> str:
+    """'13.9 (14%)': the time with the output error against the float model beside it."""
+    text = f"{ms:.{digits}f}"
+    if error == 0:
+        return text + " (ref)"
+    return f"{text} ({100 * error:.2g}%)" if error >= 1e-4 else f"{text} (<0.01%)"
 
 
 def run_all(quick: bool) -> list[dict]:
@@ -176,8 +187,8 @@ def run_all(quick: bool) -> list[dict]:
             for threads in THREADS:
                 peers, extra, note = build_peers(s, threads, workdir)
                 rounds = max(3, s.rounds // 4) if quick else s.rounds
-                ms, cos = time_in_blocks(peers, rounds)
-                row = {"scenario": s.id, "threads": threads, "ms": ms, "cos": cos, "note": note, **extra}
+                ms, errors = time_in_blocks(peers, rounds)
+                row = {"scenario": s.id, "threads": threads, "ms": ms, "error": errors, "note": note, **extra}
                 results.append(row)
                 print(format_row(row), flush=True)
     return results
@@ -186,9 +197,8 @@ def run_all(quick: bool) -> list[dict]:
 def format_row(row: dict) -> str:
     ms, ours = row["ms"], row["ms"]["pycompress"]
     cells = [f"{row['scenario']:<16}", f"{row['threads']}"]
-    cells += [f"{ms[p]:8.1f}" for p in PEERS]
-    cells += [f"{ms['torch fp32'] / ours:5.2f}x", f"{ms['ORT dynamic int8'] / ours:5.2f}x",
-              f"{row['cos']['pycompress']:.4f}", row["note"]]
+    cells += [f"{_cell(ms[p], row['error'][p]):>14}" for p in PEERS]
+    cells += [f"{ms['torch fp32'] / ours:5.2f}x", f"{ms['ORT dynamic int8'] / ours:5.2f}x", row["note"]]
     return " | ".join(cells)
 
 
@@ -199,23 +209,25 @@ def markdown(results: list[dict], rss: list[dict]) -> str:
         "",
         f"`python bench/bench_models.py`, {datetime.date.today()}: pycompress {info['version']} "
         f"(ISA {info['active_isa']}, threading {info['threading'].split(' ')[0]}), torch {torch.__version__}, "
-        f"on this project's 2-core machine, load average {os.getloadavg()[0]:.2f} at the end "
+        f"load average {os.getloadavg()[0]:.2f} at the end "
         "(medians over blocks of calls alternating between peers; read the ratios).",
-        "Median ms per forward pass. Ratios: peer time / pycompress time (>1: pycompress faster). "
-        "`cos`: cosine of pycompress's output to the float model's. pycompress = `pycompress.convert(model, "
+        f"CPU (`lscpu`): {machine.cpu_model()}; {machine.describe_caches()}; flags {machine.simd_flags()}.",
+        "Median ms per forward pass, and beside it (in parentheses) the output's relative max error against "
+        "the float model's, max |y - y_fp32| / max |y_fp32|. Ratios: peer time / pycompress time "
+        "(>1: pycompress faster). pycompress = `pycompress.convert(model, "
         "example_inputs=...)`, policy auto (each layer timed, float kept where int8 is not faster); for "
         "MiniLM it also runs query/key/value as one kernel call per layer and routes attention to "
         "pycompress's fused fp32 attention kernel (bench/README.md, \"Fused attention\"); ORT runs its own "
         "graph optimizations, torch its SDPA.",
         "",
-        "| model / input | threads | torch fp32 | torch dynamic int8 | ORT dynamic int8 | pycompress | vs fp32 | vs ORT int8 | cos | layers |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model / input | threads | torch fp32 | torch dynamic int8 (err) | ORT dynamic int8 (err) | pycompress (err) "
+        "| vs fp32 | vs ORT int8 | layers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ms, ours = r["ms"], r["ms"]["pycompress"]
-        lines.append(f"| {r['scenario']} | {r['threads']} | " + " | ".join(f"{ms[p]:.1f}" for p in PEERS)
-                     + f" | {ms['torch fp32'] / ours:.2f}x | {ms['ORT dynamic int8'] / ours:.2f}x"
-                     f" | {r['cos']['pycompress']:.4f} | {r['note']} |")
+        lines.append(f"| {r['scenario']} | {r['threads']} | " + " | ".join(_cell(ms[p], r["error"][p]) for p in PEERS)
+                     + f" | {ms['torch fp32'] / ours:.2f}x | {ms['ORT dynamic int8'] / ours:.2f}x | {r['note']} |")
     if rss:
         lines += ["", "Peak RSS (MiB, `--rss`: each phase in a fresh process, 1 thread, policy int8; the float model is "
                   "loaded first in every phase). `resident after convert`: VmRSS after conversion and malloc_trim "
@@ -297,7 +309,7 @@ def main() -> None:
         for name in args.rss or ["minilm", "resnet18"]:
             print(measure_rss(name))
         return
-    print(" | ".join(["scenario", "threads", *PEERS, "vs fp32", "vs ORT", "cos", "layers"]))
+    print(" | ".join(["scenario", "threads", *[f"{p} ms (err)" for p in PEERS], "vs fp32", "vs ORT", "layers"]))
     results = run_all(args.quick)
     rss = [measure_rss(name) for name in ("minilm", "resnet18")]
     with open(args.out, "w") as f:

@@ -43,12 +43,15 @@ def available_implementations() -> list[str]:
     return [name for name in peers.IMPLEMENTATIONS if HAVE_ORT or not name.startswith("ort_")]
 
 
-def build_step(name: str, shape: LinearShape, threads: int, inputs: list[torch.Tensor]) -> Step:
-    """Builds every layer of `shape` for one implementation, checks its output, returns its step."""
+def build_step(name: str, shape: LinearShape, threads: int,
+               inputs: list[torch.Tensor]) -> tuple[Step, peers.Accuracy]:
+    """Builds every layer of `shape` for one implementation, checks its output
+    (peers.judge: ours over the limit aborts, a peer is marked WRONG), returns its
+    step and the worst layer's accuracy."""
     runners = [peers.build(name, shape, threads, layer) for layer in range(shape.layers)]
-    for layer, runner in enumerate(runners):
-        peers.check_output(name, shape, runner, inputs[0], layer)
-    return make_step(runners, inputs)
+    checks = [peers.check_output(name, shape, runner, inputs[0], layer) for layer, runner in enumerate(runners)]
+    worst = max(checks, key=lambda a: (a.wrong, a.error))
+    return make_step(runners, inputs), worst
 
 
 # ---- pytest-benchmark ----------------------------------------------------------
@@ -61,10 +64,11 @@ def test_q8_linear(benchmark, shape: LinearShape, threads: int, impl: str) -> No
         pytest.importorskip("onnxruntime")
     with torch_threads(threads):
         inputs = make_inputs(shape.m, shape.k)
-        step = build_step(impl, shape, threads, inputs)
+        step, accuracy = build_step(impl, shape, threads, inputs)
         benchmark.group = f"{shape.label} threads={threads}"
         benchmark.extra_info.update(shape=shape.label, source=shape.source, threads=threads,
-                                    implementation=peers.IMPLEMENTATIONS[impl], macs=shape.macs)
+                                    implementation=peers.IMPLEMENTATIONS[impl], macs=shape.macs,
+                                    relative_error=accuracy.error, wrong_on_this_cpu=accuracy.wrong)
         benchmark.pedantic(step, rounds=25, iterations=calls_for(step, 0.01), warmup_rounds=2)
 
 
@@ -90,36 +94,47 @@ def run_main_table(shapes: list[LinearShape], threads_list: list[int], rounds: i
         inputs = make_inputs(shape.m, shape.k)
         for threads in threads_list:
             with torch_threads(threads):
-                steps = {name: build_step(name, shape, threads, inputs) for name in names}
+                built = {name: build_step(name, shape, threads, inputs) for name in names}
+                steps = {name: step for name, (step, _) in built.items()}
                 timings = time_interleaved(steps, rounds, batch_s)
-            records.append({"shape": shape, "threads": threads, "timings": timings})
+            records.append({"shape": shape, "threads": threads, "timings": timings,
+                            "accuracy": {name: accuracy for name, (_, accuracy) in built.items()}})
+            del built
             del steps
             print(f"  measured {shape.label} threads={threads}", file=sys.stderr, flush=True)
     return records
 
 
 def format_main_table(records: list[dict], isa: str) -> str:
+    """One row per (shape, threads): each implementation's time with its output error
+    beside it, ours against the best peer and the best exact peer, and our fraction
+    of the ceiling that bounds the row (bench/peak: the int8 multiply ceiling of the
+    active ISA for compute-bound rows, the read loop's bandwidth from where the
+    weights live for GEMV rows)."""
     names = available_implementations()
-    header = (["shape (M,K,N)", "thr", "weights int8 / fp32"] + [peers.IMPLEMENTATIONS[n] + " us" for n in names]
-              + ["best peer / ours", "FBGEMM / ours", "ours GOPS", "ours: % of int8 peak, or weight GB/s", "spread"])
+    header = (["shape (M,K,N)", "thr", "weights int8 / fp32"]
+              + [peers.IMPLEMENTATIONS[n] + " us (err)" for n in names]
+              + ["best peer / ours", "best exact peer / ours", "FBGEMM / ours", "ours GOPS",
+                 "ours: % of int8 ceiling, or weight GB/s (% of read loop)", "spread"])
     rows = []
     for rec in records:
-        shape, threads, timings = rec["shape"], rec["threads"], rec["timings"]
+        shape, threads, timings, accuracy = rec["shape"], rec["threads"], rec["timings"], rec["accuracy"]
         per_layer_int8 = shape.weight_bytes(1) // shape.layers
-        fits = (f"{machine.format_bytes(shape.weight_bytes(1))} {machine.where_weights_fit(shape.weight_bytes(1), threads)}"
-                f" / {machine.where_weights_fit(shape.weight_bytes(4), threads)}")
+        where = machine.where_weights_fit(shape.weight_bytes(1), threads)
+        fits = f"{machine.format_bytes(shape.weight_bytes(1))} {where} / {machine.where_weights_fit(shape.weight_bytes(4), threads)}"
         ours = timings["ours"].median_s
-        best_peer = min(timings[n].median_s for n in names if n != "ours")
+        peer_s = {n: timings[n].median_s for n in names if n != "ours"}
+        vs_best, vs_exact = peers.ratio_cells(ours, peer_s, accuracy)
         gops = 2 * shape.macs / ours * 1e-9
         if shape.compute_bound:
-            peak = machine.int8_peak_gops(threads, isa)
-            bound = f"{100 * gops / peak:.0f}% of {peak:.0f}" if peak else "n/a"
+            bound = machine.int8_ceiling_cell(gops, threads, isa)
         else:
-            bound = f"{per_layer_int8 / ours * 1e-9:.0f} GB/s"
-        rows.append([shape.label, str(threads), fits] + [_us(timings[n].median_s) for n in names]
-                    + [f"{best_peer / ours:.2f}", f"{timings['torch_int8'].median_s / ours:.2f}", f"{gops:.0f}", bound,
+            bound = machine.bandwidth_cell(per_layer_int8 / ours * 1e-9, where, threads)
+        rows.append([shape.label, str(threads), fits]
+                    + [peers.timed_cell(_us(timings[n].median_s), accuracy[n]) for n in names]
+                    + [vs_best, vs_exact, f"{timings['torch_int8'].median_s / ours:.2f}", f"{gops:.0f}", bound,
                        f"{100 * max(t.spread for t in timings.values()):.0f}%"])
-    return _markdown(header, rows)
+    return _markdown(header, rows) + "\n\n" + peers.error_legend()
 
 
 def _q8_args(module: pycompress.nn.Int8Linear, x: torch.Tensor, y: torch.Tensor, nthreads: int) -> tuple:
@@ -178,7 +193,8 @@ def format_kernel_scaling(records: list[dict]) -> str:
     return _markdown(header, rows)
 
 
-def _overhead_steps(shape: LinearShape, threads: int, inputs: list[torch.Tensor]) -> dict[str, Step]:
+def _overhead_steps(shape: LinearShape, threads: int,
+                    inputs: list[torch.Tensor]) -> tuple[dict[str, Step], dict[str, peers.Accuracy]]:
     module = peers.build("ours", shape, threads)
     x = inputs[0]
     y = torch.empty(shape.m, shape.n)
@@ -195,10 +211,12 @@ def _overhead_steps(shape: LinearShape, threads: int, inputs: list[torch.Tensor]
         "torch.ops.pycompress.int8_linear (dispatcher)": functools.partial(torch.ops.pycompress.int8_linear, *args),
         "Int8Linear module call": functools.partial(module, x),
     }
+    accuracy: dict[str, peers.Accuracy] = {}
     for name in available_implementations():
         if name != "ours":
-            steps[f"peer: {peers.IMPLEMENTATIONS[name]}"] = build_step(name, shape, threads, inputs)
-    return steps
+            label = f"peer: {peers.IMPLEMENTATIONS[name]}"
+            steps[label], accuracy[label] = build_step(name, shape, threads, inputs)
+    return steps, accuracy
 
 
 def run_overhead(shape: LinearShape, threads_list: list[int], rounds: int, batch_s: float) -> list[dict]:
@@ -207,11 +225,11 @@ def run_overhead(shape: LinearShape, threads_list: list[int], rounds: int, batch
     inputs = make_inputs(shape.m, shape.k)
     for threads in threads_list:
         with torch_threads(threads):
-            steps = _overhead_steps(shape, threads, inputs)
+            steps, accuracy = _overhead_steps(shape, threads, inputs)
             timings = time_interleaved(steps, rounds, batch_s)
             timings[f"_C.q8_linear, one call after {IDLE_S * 1e6:.0f} us idle (pool asleep)"] = \
                 time_after_idle(steps["_C.q8_linear (kernel + pybind11, preallocated y)"], rounds * 20)
-            records.append({"threads": threads, "timings": timings})
+            records.append({"threads": threads, "timings": timings, "accuracy": accuracy})
     return records
 
 
@@ -235,25 +253,17 @@ def time_after_idle(step: Step, samples: int) -> Timing:
 
 
 def format_overhead(shape: LinearShape, records: list[dict]) -> str:
+    """Our stack layer by layer and each peer's whole call (peers: time (error))."""
     names = list(records[0]["timings"])
     header = [f"{shape.label}: what is called"] + [f"{r['threads']} thr us" for r in records]
-    rows = [[name] + [_us(r["timings"][name].median_s) for r in records] for name in names]
-    return _markdown(header, rows)
+    rows = [[name] + [peers.timed_cell(_us(r["timings"][name].median_s), r["accuracy"].get(name)) for r in records]
+            for name in names]
+    return _markdown(header, rows) + "\n\n(x%) beside a peer: its output error against float64, as in the main table."
 
 
 def format_peaks() -> str:
-    peaks = machine.measure_peaks()
-    if not peaks:
-        return "(no g++: peaks not measured)"
-    kernels = sorted({k for k, _ in peaks}, key=list(machine.PEAK_KERNELS).index)
-    header = ["microbenchmark (bench/peak/vnni_peak.cpp)"] + [f"{t} thr GOPS" for t in THREADS]
-    rows = [[k] + [f"{peaks[(k, t)]:.0f}" if (k, t) in peaks else "n/a" for t in THREADS] for k in kernels]
-    table = _markdown(header, rows)
-    one, two = peaks.get(("vpdpbusd_zmm", 1)), peaks.get(("vpdpbusd_zmm", 2))
-    if one and two and two < 1.6 * one:
-        table += (f"\n\nWARNING: the 2-thread vpdpbusd peak is only {two / one:.2f}x the 1-thread one: the second "
-                  "core was busy with another job, so every 2-thread figure of this run is unreliable.")
-    return table
+    """The ceilings of this CPU (bench/peak), as machine.py prints them."""
+    return machine.format_ceilings()
 
 
 def environment() -> str:
@@ -299,15 +309,17 @@ def main(argv: list[str] | None = None) -> int:
           "activations rotated over a pool > 2x L2; int8 timings include activation quantization\n")
     dump: dict[str, object] = {}
     if "peak" in args.only:
-        print("## int8 / fp32 multiply-add peaks\n")
+        print("## ceilings of this CPU: multiply-add peaks and read-loop bandwidth\n")
         print(format_peaks() + "\n", flush=True)
         dump["peaks"] = {f"{k} t{t}": v for (k, t), v in machine.measure_peaks().items()}
+        dump["read_loop_gbs"] = {f"{level} t{t}": v for (level, t), v in machine.measure_read_bandwidth().items()}
     if "main" in args.only:
         records = run_main_table(shapes, args.threads, args.rounds, batch_s)
         print("## int8 Linear vs peers: median us per call (per layer for stacks)\n")
         print(format_main_table(records, pycompress.get_isa()) + "\n", flush=True)
         dump["main"] = [{"shape": r["shape"].label, "threads": r["threads"],
-                         "timings": {n: asdict(t) for n, t in r["timings"].items()}} for r in records]
+                         "timings": {n: asdict(t) for n, t in r["timings"].items()},
+                         "accuracy": {n: asdict(a) for n, a in r["accuracy"].items()}} for r in records]
     if "kernel" in args.only:
         records = run_kernel_scaling(shapes, args.rounds, batch_s / 2)
         print("## the native kernel alone (pycompress._C): stages and thread scaling, median us\n")

@@ -1,7 +1,9 @@
-"""What the benchmark tables need to know about the machine: CPU, caches, peaks.
+"""What the benchmark tables need to know about the machine: CPU, caches, ceilings.
 
-The multiply-add peaks come from bench/peak/vnni_peak.cpp, compiled here with
-g++ at bench time (never part of the package build) into a temporary folder.
+The ceilings (multiply-add peaks and a plain read loop's bandwidth) come from
+bench/peak/vnni_peak.cpp, compiled here with g++ at bench time (never part of
+the package build) into a temporary folder. `python bench/machine.py` prints
+them; the bench tables give our fraction of the one that bounds each row.
 """
 
 from __future__ import annotations
@@ -17,12 +19,42 @@ from pathlib import Path
 from shapes import MIB, THREADS
 
 PEAK_SOURCE = Path(__file__).resolve().parent / "peak" / "vnni_peak.cpp"
-# Each kernel needs these /proc/cpuinfo flags; without them it would fault.
+# Each kernel needs these /proc/cpuinfo flags; without them it would fault (the
+# program checks CPUID itself too, and says "unsupported").
 PEAK_KERNELS = {
     "vpdpbusd_zmm": ("avx512f", "avx512_vnni"),
+    "vpdpbusd_ymm": ("avx2", "avx_vnni"),
     "vpmaddwd_ymm": ("avx2",),
+    "vpmaddubsw_ymm": ("avx2",),
     "fma_zmm": ("avx512f", "fma"),
+    "fma_ymm": ("avx2", "fma"),
 }
+PEAK_DESCRIPTIONS = {
+    "vpdpbusd_zmm": "int8: AVX-512 VNNI vpdpbusd zmm (exact u8 x s8)",
+    "vpdpbusd_ymm": "int8: AVX-VNNI vpdpbusd ymm (exact u8 x s8)",
+    "vpmaddwd_ymm": "int8: AVX2 vpmaddwd + vpaddd ymm (exact, operands widened to s16)",
+    "vpmaddubsw_ymm": "int8: AVX2 vpmaddubsw + vpmaddwd(1) + vpaddd ymm (exact for u7 only)",
+    "fma_zmm": "fp32: FMA zmm",
+    "fma_ymm": "fp32: FMA ymm",
+}
+
+# The int8 multiply ceiling of each ISA tier of pycompress (pycompress.get_isa()):
+# the instruction its GEMM's inner loop runs on. Both the names before AVX-512 was
+# split ("avx512") and after ("avx512vnni", "avx512vbmi", and "avxvnni": AVX2
+# kernels with a ymm vpdpbusd int8 GEMM). For avx2 the second entry is the u7
+# path's ceiling (vpmaddubsw, the peers' way), reported beside the exact one.
+ISA_INT8_CEILINGS: dict[str, tuple[str, ...]] = {
+    "avx512": ("vpdpbusd_zmm",),
+    "avx512vnni": ("vpdpbusd_zmm",),
+    "avx512vbmi": ("vpdpbusd_zmm",),
+    "avxvnni": ("vpdpbusd_ymm",),
+    "avx2": ("vpmaddwd_ymm", "vpmaddubsw_ymm"),
+}
+SHORT_KERNEL_NAMES = {"vpdpbusd_zmm": "vpdpbusd zmm", "vpdpbusd_ymm": "vpdpbusd ymm",
+                      "vpmaddwd_ymm": "vpmaddwd", "vpmaddubsw_ymm": "u7 vpmaddubsw"}
+
+# Read-loop buffers: where the weights of a GEMV row live (where_weights_fit).
+READ_LEVELS = ("L2", "L3", "DRAM")
 
 
 @functools.cache
@@ -129,34 +161,166 @@ def _compile_peak_binary() -> Path | None:
     return binary
 
 
+def _run_peak(args: list[str]) -> float | None:
+    """One run of the peak program: its figure, or None when the CPU lacks the kernel."""
+    binary = _compile_peak_binary()
+    if binary is None:
+        return None
+    out = subprocess.run([str(binary), *args], capture_output=True, text=True)
+    if out.returncode == 3:  # "<kernel> unsupported": CPUID says no
+        return None
+    if out.returncode != 0:
+        raise RuntimeError(f"vnni_peak {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+    return float(out.stdout.split()[2])
+
+
 @functools.cache
 def measure_peaks(seconds: float = 0.5) -> dict[tuple[str, int], float]:
     """{(kernel, threads): GOPS} for each kernel this CPU can run, at each thread
     count of shapes.THREADS (ops = 2 x MACs). Measured once per process."""
-    binary = _compile_peak_binary()
-    if binary is None:
-        return {}
     peaks: dict[tuple[str, int], float] = {}
     for kernel, needs in PEAK_KERNELS.items():
         if not all(flag in cpu_flags() for flag in needs):
             continue
         for t in THREADS:
-            out = subprocess.run([str(binary), kernel, str(t), str(seconds)], capture_output=True, text=True,
-                                 check=True).stdout.split()
-            peaks[(kernel, t)] = float(out[2])
+            gops = _run_peak([kernel, str(t), str(seconds)])
+            if gops is not None:
+                peaks[(kernel, t)] = gops
     return peaks
 
 
+def read_buffer_bytes(level: str, threads: int) -> int | None:
+    """The read loop's buffer for `level`: half of the L2 of each core in use, half
+    of the L3 (the size of the (1,4096,4096) int8 weights on a 32 MiB L3), or 4x
+    the L3 (at least 64 MiB) for DRAM. None when the cache size is unknown."""
+    caches = cache_sizes()
+    if level == "L2":
+        return caches["L2"] // 2 * threads if "L2" in caches else None
+    if level == "L3":
+        return caches["L3"] // 2 if "L3" in caches else None
+    return max(64 * MIB, 4 * caches.get("L3", 64 * MIB))
+
+
+@functools.cache
+def measure_read_bandwidth(seconds: float = 0.3) -> dict[tuple[str, int], float]:
+    """{(level, threads): GB/s} of a plain read loop (bench/peak, read_ymm) over a
+    buffer that lives in `level` ('L2', 'L3', 'DRAM'), split between the threads
+    as a GEMV's weights are. Measured once per process."""
+    result: dict[tuple[str, int], float] = {}
+    if "avx2" not in cpu_flags():
+        return result
+    for level in READ_LEVELS:
+        for t in THREADS:
+            size = read_buffer_bytes(level, t)
+            if size is None:
+                continue
+            gbs = _run_peak(["read_ymm", str(t), str(seconds), str(size)])
+            if gbs is not None:
+                result[(level, t)] = gbs
+    return result
+
+
+def int8_ceiling_kernels(isa: str) -> tuple[str, ...]:
+    """The peak kernels that bound pycompress's int8 GEMM on ISA tier `isa` (see
+    ISA_INT8_CEILINGS; an unknown avx512* name is taken as an AVX-512 VNNI tier)."""
+    if isa in ISA_INT8_CEILINGS:
+        return ISA_INT8_CEILINGS[isa]
+    return ISA_INT8_CEILINGS["avx512vnni"] if isa.startswith("avx512") else ()
+
+
 def int8_peak_gops(threads: int, isa: str) -> float | None:
-    """The int8 limit of pycompress's active ISA path (pycompress.get_isa()):
-    vpdpbusd for 'avx512', the exact widened vpmaddwd for 'avx2', none for 'scalar'."""
-    kernel = {"avx512": "vpdpbusd_zmm", "avx2": "vpmaddwd_ymm"}.get(isa)
-    return None if kernel is None else measure_peaks().get((kernel, threads))
+    """The int8 multiply ceiling of pycompress's ISA path `isa` (pycompress.get_isa()):
+    vpdpbusd zmm for the AVX-512 tiers, vpdpbusd ymm for 'avxvnni', the exact
+    widened vpmaddwd for 'avx2', none for 'scalar'."""
+    kernels = int8_ceiling_kernels(isa)
+    return measure_peaks().get((kernels[0], threads)) if kernels else None
+
+
+def int8_ceiling_cell(gops: float, threads: int, isa: str) -> str:
+    """'88% of 469 vpdpbusd zmm' for a compute-bound row (both ceilings on avx2)."""
+    parts = []
+    for kernel in int8_ceiling_kernels(isa):
+        peak = measure_peaks().get((kernel, threads))
+        if peak:
+            parts.append(f"{100 * gops / peak:.0f}% of {peak:.0f} {SHORT_KERNEL_NAMES.get(kernel, kernel)}")
+    return ", ".join(parts) or "n/a"
+
+
+def read_bandwidth_gbs(level: str, threads: int) -> float | None:
+    """The read loop's GB/s from `level` on `threads` threads (None: not measured)."""
+    return measure_read_bandwidth().get((level, threads))
+
+
+def bandwidth_cell(gbs: float, level: str, threads: int) -> str:
+    """'63 GB/s (95% of L3 66)' for a GEMV row whose weights live in `level`."""
+    loop = read_bandwidth_gbs(level, threads)
+    if not loop:
+        return f"{gbs:.0f} GB/s"
+    return f"{gbs:.0f} GB/s ({100 * gbs / loop:.0f}% of {level} {loop:.0f})"
+
+
+def second_core_warning() -> str | None:
+    """A warning when the 2-thread peak shows the second core was busy (another job)."""
+    peaks = measure_peaks()
+    for kernel in PEAK_KERNELS:
+        one, two = peaks.get((kernel, 1)), peaks.get((kernel, 2))
+        if one and two:
+            if two < 1.6 * one:
+                return (f"WARNING: the 2-thread {kernel} peak is only {two / one:.2f}x the 1-thread one: the second "
+                        "core was busy with another job, so every 2-thread figure of this run is unreliable.")
+            return None
+    return None
+
+
+def format_ceilings() -> str:
+    """The ceilings as markdown tables: multiply-add peaks, then read-loop bandwidth."""
+    peaks = measure_peaks()
+    if not peaks:
+        return "(no g++: ceilings not measured)"
+    lines = ["| multiply-add peak (bench/peak/vnni_peak.cpp) | kernel | "
+             + " | ".join(f"{t} thr GOPS" for t in THREADS) + " |",
+             "|---|---|" + "---:|" * len(THREADS)]
+    for kernel in PEAK_KERNELS:
+        if any((kernel, t) in peaks for t in THREADS):
+            lines.append(f"| {PEAK_DESCRIPTIONS[kernel]} | {kernel} | "
+                         + " | ".join(f"{peaks[(kernel, t)]:.0f}" if (kernel, t) in peaks else "n/a" for t in THREADS)
+                         + " |")
+    absent = [k for k in PEAK_KERNELS if not any((k, t) in peaks for t in THREADS)]
+    if absent:
+        lines.append(f"\nnot on this CPU: {', '.join(absent)}")
+    reads = measure_read_bandwidth()
+    if reads:
+        lines += ["", "| read loop (read_ymm: plain loads, buffer split between threads) | buffer | "
+                  + " | ".join(f"{t} thr GB/s" for t in THREADS) + " |",
+                  "|---|---|" + "---:|" * len(THREADS)]
+        for level in READ_LEVELS:
+            if any((level, t) in reads for t in THREADS):
+                sizes = list(dict.fromkeys(format_bytes(read_buffer_bytes(level, t)) for t in THREADS))
+                lines.append(f"| {level} | {' / '.join(sizes)} | "
+                             + " | ".join(f"{reads[(level, t)]:.0f}" if (level, t) in reads else "n/a"
+                                          for t in THREADS) + " |")
+    warning = second_core_warning()
+    if warning:
+        lines += ["", warning]
+    return "\n".join(lines)
+
+
+def describe_isa_ceilings() -> str:
+    """Which ceiling bounds each pycompress ISA tier, and the active tier if pycompress imports."""
+    try:
+        import pycompress
+
+        active = f"pycompress's active ISA: {pycompress.get_isa()}"
+    except Exception as error:  # noqa: BLE001  (machine.py runs without the package too)
+        active = f"pycompress not importable ({type(error).__name__})"
+    tiers = "; ".join(f"{isa} -> {' + '.join(kernels)}" for isa, kernels in ISA_INT8_CEILINGS.items())
+    return f"int8 ceiling per ISA tier: {tiers}. {active}"
 
 
 if __name__ == "__main__":
     print(cpu_model())
     print("caches:", describe_caches())
     print("SIMD flags:", simd_flags())
-    for (kernel, t), gops in measure_peaks().items():
-        print(f"{kernel:14s} threads={t}  {gops:8.1f} GOPS")
+    print(describe_isa_ceilings())
+    print()
+    print(format_ceilings())
