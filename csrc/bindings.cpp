@@ -40,11 +40,12 @@ std::vector<std::string> isa_names(const std::vector<Isa>& isas) {
 class Q8LinearPlan {
  public:
   Q8LinearPlan(std::uintptr_t w_packed, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias,
-               int64_t k, int64_t n, int act, bool is_static, float static_scale, int32_t static_zp)
+               int64_t k, int64_t n, int act, bool is_static, float static_scale, int32_t static_zp, int act_bits)
       : k_(k),
         is_static_(is_static),
         static_scale_(static_scale),
         static_zp_(static_zp),
+        act_bits_(act_bits),
         out_{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum), ptr<const float>(w_scale),
              ptr<const float>(bias), n, nullptr, n, parse_activation(act)} {}
 
@@ -53,7 +54,7 @@ class Q8LinearPlan {
   // y[m, n] (contiguous) = the linear of x's m rows (row stride ldx).
   void run(std::uintptr_t x, int64_t m, int64_t ldx, std::uintptr_t y, int nthreads) const {
     const q8::SharedInput in{ptr<const float>(x), m, k_, ldx, is_static_, static_scale_, static_zp_, nthreads,
-                             nullptr, &tuner_};
+                             nullptr, &tuner_, act_bits_};
     q8::LinearOutput out = out_;
     out.y = ptr<float>(y);
     py::gil_scoped_release release;
@@ -65,6 +66,7 @@ class Q8LinearPlan {
   bool is_static_;
   float static_scale_;
   int32_t static_zp_;
+  int act_bits_;
   q8::LinearOutput out_;
   mutable ThreadTuner tuner_;  // this layer's small calls learn their thread count
 };
@@ -95,22 +97,26 @@ PYBIND11_MODULE(_C, m) {
       "q8_linear",
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, std::uintptr_t w_packed, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act,
-         bool is_static, float static_scale, int32_t static_zp, int nthreads) {
+         bool is_static, float static_scale, int32_t static_zp, int nthreads, int act_bits) {
         const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads,
-                                 nullptr};
+                                 nullptr, nullptr, act_bits};
         const q8::LinearOutput out{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum),
                                    ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ldy,
                                    parse_activation(act)};
         py::gil_scoped_release release;
         q8::linear_shared_input(in, &out, 1);
       },
-      "y[m, n] = act(dequant(quant(x) @ W^T) + bias) on the active ISA");
+      py::arg("x"), py::arg("m"), py::arg("k"), py::arg("ldx"), py::arg("w_packed"), py::arg("col_sum"),
+      py::arg("w_scale"), py::arg("bias"), py::arg("n"), py::arg("y"), py::arg("ldy"), py::arg("act"),
+      py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"), py::arg("nthreads"),
+      py::arg("act_bits") = 8, "y[m, n] = act(dequant(quant(x) @ W^T) + bias) on the active ISA");
 
   py::class_<Q8LinearPlan>(m, "Q8LinearPlan")
       .def(py::init<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int, bool,
-                    float, int32_t>(),
+                    float, int32_t, int>(),
            py::arg("w_packed"), py::arg("col_sum"), py::arg("w_scale"), py::arg("bias"), py::arg("k"),
-           py::arg("n"), py::arg("act"), py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"))
+           py::arg("n"), py::arg("act"), py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"),
+           py::arg("act_bits") = 8)
       .def("run", &Q8LinearPlan::run, "y[m, n] = the bound linear of x (m rows, row stride ldx)")
       .def("thread_tuning", [](const Q8LinearPlan& p) { return tuning_dict(p.tuner()); },
            "what this layer's small calls learned: team size and ns per call on one thread and on the team");
@@ -139,7 +145,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "q8_linear_shared_input",
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, const std::vector<py::tuple>& outputs,
-         bool is_static, float static_scale, int32_t static_zp, int nthreads, ThreadTuner* tuner) {
+         bool is_static, float static_scale, int32_t static_zp, int nthreads, ThreadTuner* tuner, int act_bits) {
         // outputs: (w_packed, col_sum, w_scale, bias or 0, n, y, ldy, act) per linear.
         std::vector<q8::LinearOutput> outs;
         outs.reserve(outputs.size());
@@ -153,12 +159,13 @@ PYBIND11_MODULE(_C, m) {
                                           parse_activation(o[7].cast<int>())});
         }
         const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads,
-                                 nullptr, tuner};
+                                 nullptr, tuner, act_bits};
         py::gil_scoped_release release;
         q8::linear_shared_input(in, outs.data(), static_cast<int>(outs.size()));
       },
       py::arg("x"), py::arg("m"), py::arg("k"), py::arg("ldx"), py::arg("outputs"), py::arg("is_static"),
       py::arg("static_scale"), py::arg("static_zp"), py::arg("nthreads"), py::arg("tuner").none(true) = nullptr,
+      py::arg("act_bits") = 8,
       "several int8 linears of one x: x quantized once, every output's tiles in one parallel pass "
       "(tuner: the ThreadTuner of a repeated call, or None)");
 
@@ -167,7 +174,7 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t x, const std::vector<int64_t>& strides, const std::vector<int64_t>& shape,
          const std::vector<int64_t>& geometry, std::uintptr_t w_packed, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int act, bool is_static,
-         float static_scale, int32_t static_zp, int nthreads) {
+         float static_scale, int32_t static_zp, int nthreads, int act_bits) {
         // strides (n, h, w) in floats, shape (batch, h, w, c), geometry (ho, wo, kh, kw, sh, sw, ph, pw, dh, dw);
         // y is [batch * ho * wo, n] (NHWC).
         if (strides.size() != 3 || shape.size() != 4 || geometry.size() != 10) {
@@ -177,33 +184,42 @@ PYBIND11_MODULE(_C, m) {
                            shape[2], shape[3], geometry[0], geometry[1], geometry[2], geometry[3],
                            geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]};
         const int64_t m = g.batch * g.ho * g.wo, k = g.kh * g.kw * g.c;
-        const q8::SharedInput in{nullptr, m, k, k, is_static, static_scale, static_zp, nthreads, &g};
+        const q8::SharedInput in{nullptr, m, k, k, is_static, static_scale, static_zp, nthreads, &g, nullptr, act_bits};
         const q8::LinearOutput out{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum),
                                    ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), n,
                                    parse_activation(act)};
         py::gil_scoped_release release;
         q8::linear_shared_input(in, &out, 1);
       },
+      py::arg("x"), py::arg("strides"), py::arg("shape"), py::arg("geometry"), py::arg("w_packed"),
+      py::arg("col_sum"), py::arg("w_scale"), py::arg("bias"), py::arg("n"), py::arg("y"), py::arg("act"),
+      py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"), py::arg("nthreads"),
+      py::arg("act_bits") = 8,
       "int8 conv2d (groups=1) of an NHWC float input: im2col rows quantized straight from x, then the GEMM");
 
   m.def(
       "q8_quantize_rows",
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, std::uintptr_t q, std::uintptr_t scale,
-         std::uintptr_t zp, std::uintptr_t nonfinite, bool is_static, float static_scale, int32_t static_zp) {
+         std::uintptr_t zp, std::uintptr_t nonfinite, bool is_static, float static_scale, int32_t static_zp,
+         int act_bits) {
         py::gil_scoped_release release;
         q8::quantize_rows(ptr<const float>(x), m, k, ldx, ptr<uint8_t>(q), ptr<float>(scale), ptr<int32_t>(zp),
-                          ptr<uint8_t>(nonfinite), is_static, static_scale, static_zp);
+                          ptr<uint8_t>(nonfinite), is_static, static_scale, static_zp, act_bits);
       },
-      "test hook: the activation quantization stage alone");
+      py::arg("x"), py::arg("m"), py::arg("k"), py::arg("ldx"), py::arg("q"), py::arg("scale"), py::arg("zp"),
+      py::arg("nonfinite"), py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"),
+      py::arg("act_bits") = 8, "test hook: the activation quantization stage alone");
 
   m.def(
       "q8_gemm_raw",
       [](std::uintptr_t q, int64_t m, int64_t kp, std::uintptr_t w_packed, int64_t n, std::uintptr_t out,
-         int nthreads) {
+         int nthreads, bool u7) {
         py::gil_scoped_release release;
-        q8::gemm_raw(ptr<const uint8_t>(q), m, kp, ptr<const int8_t>(w_packed), n, ptr<int32_t>(out), nthreads);
+        q8::gemm_raw(ptr<const uint8_t>(q), m, kp, ptr<const int8_t>(w_packed), n, ptr<int32_t>(out), nthreads, u7);
       },
-      "test hook: raw int32 accumulators of quantized rows against packed weights");
+      py::arg("q"), py::arg("m"), py::arg("kp"), py::arg("w_packed"), py::arg("n"), py::arg("out"),
+      py::arg("nthreads"), py::arg("u7") = false,
+      "test hook: raw int32 accumulators of quantized rows against packed weights (u7: the u7 kernel, q <= 127)");
 
   register_sparse_bindings(m);
   register_entropy_bindings(m);

@@ -10,6 +10,7 @@ import torch
 
 import pycompress as pc
 from pycompress import _C
+from pycompress.ops.q8 import int8_conv2d_nhwc_cpu, int8_linear_shared_input_cpu
 from pycompress.reference.q8 import (
     KGROUP,
     MAX_K,
@@ -35,7 +36,7 @@ def _round_up(v, m):
     return (v + m - 1) // m * m
 
 
-def native_quantize(x: torch.Tensor, static=None):
+def native_quantize(x: torch.Tensor, static=None, act_bits=8):
     m, k = x.shape
     kp = _round_up(k, KGROUP)
     q = torch.empty(m, kp, dtype=torch.uint8)
@@ -44,16 +45,16 @@ def native_quantize(x: torch.Tensor, static=None):
     nonfinite = torch.empty(m, dtype=torch.uint8)
     _C.q8_quantize_rows(x.data_ptr(), m, k, x.stride(0), q.data_ptr(), scale.data_ptr(), zp.data_ptr(),
                         nonfinite.data_ptr(), static is not None, static[0] if static else 1.0,
-                        static[1] if static else 0)
+                        static[1] if static else 0, act_bits)
     return q, scale, zp, nonfinite.bool()
 
 
-def native_gemm_raw(q: torch.Tensor, w: torch.Tensor, threads: int = 2):
+def native_gemm_raw(q: torch.Tensor, w: torch.Tensor, threads: int = 2, u7: bool = False):
     m, kp = q.shape
     n = w.shape[0]
     packed, _ = pack_int8_weights(w)
     out = torch.empty(m, n, dtype=torch.int32)
-    _C.q8_gemm_raw(q.data_ptr(), m, kp, packed.data_ptr(), n, out.data_ptr(), threads)
+    _C.q8_gemm_raw(q.data_ptr(), m, kp, packed.data_ptr(), n, out.data_ptr(), threads, u7)
     return out
 
 
@@ -80,16 +81,19 @@ def test_pack_round_trip(gen):
 QUANTIZE_K_SIZES = sorted(set(K_SIZES + [31, 32, 33, 95, 96, 97, 127, 128, 191, 192, 193]))
 
 
+@pytest.mark.parametrize("act_bits", [8, 7])
 @pytest.mark.parametrize("k", QUANTIZE_K_SIZES)
-def test_quantize_rows_bit_exact(isa, k, gen):
+def test_quantize_rows_bit_exact(isa, k, act_bits, gen):
     x = torch.randn(7, k, generator=gen) * torch.logspace(-3, 3, 7)[:, None]
     x[1] = 0.0                      # all-zero row: scale clamps to FLT_MIN, zp 0
     x[2] = x[2].abs() + 1.0         # positive-only row: zp 0
-    x[3] = -x[3].abs() - 1.0        # negative-only row: zp 255
+    x[3] = -x[3].abs() - 1.0        # negative-only row: zp qmax
     x[4] = 3.25                     # constant row
-    for static in (None, (0.05, 128), (1e-3, 0), (7.0, 255)):
-        q, scale, zp, nonfinite = native_quantize(x, static)
-        rq, rscale, rzp, rnonfinite = quantize_rows_ref(x, static)
+    qmax = 2 ** act_bits - 1
+    for static in (None, (0.05, qmax // 2 + 1), (1e-3, 0), (7.0, qmax)):
+        q, scale, zp, nonfinite = native_quantize(x, static, act_bits)
+        rq, rscale, rzp, rnonfinite = quantize_rows_ref(x, static, act_bits)
+        assert int(rq.max()) <= qmax and int(rzp[3]) == (qmax if static is None else static[1])
         assert torch.equal(q[:, :k], rq), (isa, k, static)
         assert not q[:, k:].any()
         assert torch.equal(scale, rscale) and torch.equal(zp, rzp)
@@ -137,6 +141,79 @@ def test_gemm_row_groups_bit_exact(isa, m, gen):
     ref = q8_accumulate_ref(q[:, :k], w).to(torch.int32)
     for threads in (1, 2):
         assert torch.equal(native_gemm_raw(q, w, threads=threads), ref), threads
+
+
+@pytest.mark.parametrize("n", N_SIZES)
+@pytest.mark.parametrize("k", [1, 4, 5, 64, 67, 300])
+def test_u7_gemm_accumulators_bit_exact(isa, n, k, gen):
+    # The u7 kernel (AVX2's vpmaddubsw; every other path runs its u8 kernel) on u7 rows: every row
+    # remainder of its 4-row blocks, 1 and 2 rows taking several panels at once.
+    kp = _round_up(k, KGROUP)
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13):
+        q = torch.zeros(m, kp, dtype=torch.uint8)
+        q[:, :k] = torch.randint(0, 128, (m, k), dtype=torch.uint8, generator=gen)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        assert torch.equal(native_gemm_raw(q, w, u7=True), q8_accumulate_ref(q[:, :k], w).to(torch.int32)), m
+
+
+def test_u7_gemm_extremes_never_saturate(isa):
+    # The largest u7 pair sums vpmaddubsw forms: 127*(-128)*2 = -32512 and 127*127*2, up to the K limit.
+    for k in (2, 64, 4096, MAX_K):
+        n = 16
+        q = torch.zeros(3, _round_up(k, KGROUP), dtype=torch.uint8)
+        q[:, :k] = 127
+        w = torch.empty(n, k, dtype=torch.int8)
+        w[: n // 2] = 127
+        w[n // 2:] = -128
+        out = native_gemm_raw(q, w, threads=1, u7=True)
+        assert (out[:, : n // 2] == 127 * 127 * k).all()
+        assert (out[:, n // 2:] == -127 * 128 * k).all()
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("static", [None, (0.02, 65)])
+def test_u7_int8_linear_bit_exact(isa, activation, static, gen):
+    """act_bits=7 through the op, the shared-input entry and the conv entry, against the reference."""
+    act = {"none": 0, "gelu": 2}[activation]
+    for k, n, m in [(5, 7, 1), (17, 65, 13), (64, 16, 6), (129, 130, 7), (768, 63, 200)]:
+        lin = make_linear(k, n, gen)
+        q, scale = quantize_weight_per_channel(lin.weight)
+        packed, col_sum = pack_int8_weights(q)
+        bias = lin.bias.detach()
+        x = torch.randn(m, k, generator=gen)
+        ref = int8_linear_ref(x, q, scale, bias, activation, static, act_bits=7)
+        args = (packed, col_sum, scale, bias, act, static and static[0], static[1] if static else 0)
+        assert torch.equal(torch.ops.pycompress.int8_linear(x, *args, 7), ref), (isa, k, n, m)
+        # u7 differs from u8 (a coarser grid): the flag reaches the kernel.
+        assert not torch.equal(ref, int8_linear_ref(x, q, scale, bias, activation, static)), (k, n, m)
+        shared = int8_linear_shared_input_cpu(x, [(packed, col_sum, scale, bias, act)] * 2,
+                                              static and static[0], static[1] if static else 0, act_bits=7)
+        assert all(torch.equal(y, ref) for y in shared)
+    conv = torch.nn.Conv2d(6, 20, 3, padding=1)
+    xc = torch.randn(2, 6, 9, 9, generator=gen)
+    q, scale = quantize_weight_per_channel(conv.weight.detach().permute(0, 2, 3, 1).reshape(20, -1))
+    packed, col_sum = pack_int8_weights(q)
+    nhwc = xc.permute(0, 2, 3, 1).contiguous()
+    y = int8_conv2d_nhwc_cpu(nhwc, (3, 3, 1, 1, 1, 1, 1, 1), packed, col_sum, scale, conv.bias.detach(), act,
+                             static and static[0], static[1] if static else 0, act_bits=7)
+    cols = torch.nn.functional.unfold(xc, 3, padding=1)  # [B, C*9, L] in (c, i, j) order
+    cols = cols.view(2, 6, 9, -1).permute(0, 3, 2, 1).reshape(2 * 81, 54)  # (i, j, c) order
+    assert torch.equal(y, int8_linear_ref(cols, q, scale, conv.bias.detach(), activation, static, act_bits=7))
+
+
+def test_act_bits_are_validated(gen):
+    lin = make_linear(8, 4, gen)
+    q, scale = quantize_weight_per_channel(lin.weight)
+    packed, col_sum = pack_int8_weights(q)
+    x = torch.randn(2, 8, generator=gen)
+    with pytest.raises(ValueError, match=r"activation bits 6 not in \(7, 8\)"):
+        torch.ops.pycompress.int8_linear(x, packed, col_sum, scale, None, 0, None, 0, 6)
+    with pytest.raises(ValueError, match=r"zero point 128 in \[0, 127\]"):
+        torch.ops.pycompress.int8_linear(x, packed, col_sum, scale, None, 0, 0.1, 128, 7)
+    with pytest.raises(ValueError, match="activation bits must be 7 or 8, got 6"):
+        native_quantize(x, None, 6)
+    with pytest.raises(ValueError, match=r"zero point in \[0, 127\]"):
+        native_quantize(x, (0.1, 128), 7)
 
 
 def test_gemm_raw_refuses_unpadded_rows():
@@ -467,6 +544,7 @@ def test_extra_repr_is_informative(gen):
 def test_opcheck(gen):
     mod = pc.nn.Int8Linear.from_float(make_linear(24, 20, gen))
     for x, extra in [(torch.randn(5, 24), (0, None, 0)), (torch.randn(2, 3, 24), (2, 0.05, 7)),
-                     (torch.randn(0, 24), (1, None, 0))]:
+                     (torch.randn(0, 24), (1, None, 0)), (torch.randn(5, 24), (0, None, 0, 7)),
+                     (torch.randn(2, 3, 24), (1, 0.05, 100, 7))]:
         torch.library.opcheck(torch.ops.pycompress.int8_linear.default,
                               (x, mod.w_packed, mod.col_sum, mod.w_scale, mod.bias, *extra))

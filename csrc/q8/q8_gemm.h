@@ -1,11 +1,14 @@
 // int8 GEMM: y = dequant(quant_u8(x) @ W_s8^T) + b, with a fused epilogue.
 //
 // Numbers (the contract every ISA path implements bit for bit):
-//   activations  per row r (dynamic) or per tensor (static): uint8 with zero point,
-//                q = clamp(nearbyint(clamp(x * inv_scale, -256, 256)) + zp, 0, 255),
+//   activations  per row r (dynamic) or per tensor (static): unsigned with zero point,
+//                8 bits (qmax = 255) or 7 bits (qmax = 127, the u7 format),
+//                q = clamp(nearbyint(clamp(x * inv_scale, -256, 256)) + zp, 0, qmax),
 //                dynamic: lo = min(min(x), 0), hi = max(max(x), 0),
-//                scale = max((hi - lo) / 255, FLT_MIN), inv_scale = 1 / scale,
-//                zp = clamp(nearbyint(-lo * inv_scale), 0, 255).
+//                scale = max((hi - lo) / qmax, FLT_MIN), inv_scale = 1 / scale,
+//                zp = clamp(nearbyint(-lo * inv_scale), 0, qmax).
+//                u7 exists for AVX2: a u7 x s8 pair sum fits int16 (|127 * -128 * 2|
+//                < 2^15), so vpmaddubsw is exact for it (it saturates for u8).
 //   weights      int8, symmetric, one float scale per output channel.
 //   accumulate   acc[r][n] = sum_k q[r][k] * w[n][k] in int32. |q*w| <= 255*128, so
 //                K <= kMaxK = 65536 can never overflow: larger K is refused.
@@ -78,6 +81,9 @@ struct Im2col {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
+// The largest quantized activation of a format: 255 (u8) or 127 (u7).
+inline int32_t act_qmax(int act_bits) { return act_bits == 7 ? 127 : 255; }
+
 struct QuantizeRows {
   const float* x;          // rows x + r * ldx, or nullptr when im2col gives the rows
   int64_t ldx;
@@ -91,6 +97,7 @@ struct QuantizeRows {
   int32_t static_zp;
   const Im2col* im2col;    // nullable; then row r is GEMM row row0 + r of the convolution
   int64_t row0;
+  int32_t qmax = 255;      // act_qmax of the format
 };
 
 namespace {
@@ -150,7 +157,7 @@ struct RowParams {
 inline bool row_params(const QuantizeRows& p, float lo, float hi, float nan_probe, RowParams* out) {
   float scale = p.static_scale;
   if (!p.is_static) {
-    scale = (hi - lo) / 255.0f;
+    scale = (hi - lo) / static_cast<float>(p.qmax);
     scale = scale < kFltMin ? kFltMin : scale;
   }
   if (!(nan_probe == 0.0f) || !(scale <= kFltMax)) {
@@ -161,14 +168,14 @@ inline bool row_params(const QuantizeRows& p, float lo, float hi, float nan_prob
   int32_t zp = p.static_zp;
   if (!p.is_static) {
     zp = static_cast<int32_t>(std::nearbyint(-lo * inv_scale));
-    zp = zp < 0 ? 0 : (zp > 255 ? 255 : zp);
+    zp = zp < 0 ? 0 : (zp > p.qmax ? p.qmax : zp);
   }
   *out = RowParams{scale, inv_scale, zp};
   return true;
 }
 
 // The row loop of every ISA's quantize_rows: `range(x, len, &lo, &hi, &probe)`
-// and `quantize(x, len, q, inv_scale, zp)` are the ISA's loops over one run
+// and `quantize(x, len, q, inv_scale, zp, qmax)` are the ISA's loops over one run
 // (for_each_run). Runs of padding hold 0, which every range already holds, and
 // quantize to zp (the formula's value for 0.0f); columns [k, kp) are 0.
 template <class RangeFn, class QuantizeFn>
@@ -197,7 +204,7 @@ inline void quantize_rows_with(const QuantizeRows& p, RangeFn&& range, QuantizeF
       if (x == nullptr) {
         std::fill(q + col, q + col + len, static_cast<uint8_t>(rp.zp));
       } else {
-        quantize(x, len, q + col, rp.inv_scale, rp.zp);
+        quantize(x, len, q + col, rp.inv_scale, rp.zp, p.qmax);
       }
     });
     std::fill(q + p.k, q + p.kp, uint8_t{0});
@@ -209,6 +216,9 @@ inline void quantize_rows_with(const QuantizeRows& p, RangeFn&& range, QuantizeF
 struct Kernels {
   void (*quantize_rows)(const QuantizeRows&);
   void (*gemm_tile)(const GemmTile&);
+  // For u7 activations, where the ISA has a faster kernel that is exact only
+  // for them (AVX2's vpmaddubsw); nullptr: gemm_tile serves u7 too.
+  void (*gemm_tile_u7)(const GemmTile&) = nullptr;
 };
 
 const Kernels& kernels_scalar();
@@ -238,6 +248,7 @@ struct SharedInput {
   int nthreads;
   const Im2col* im2col;    // nullable: a convolution's rows, read from its NHWC input
   ThreadTuner* tuner = nullptr;  // nullable: learns the thread count of a small repeated call (a plan's)
+  int act_bits = 8;        // 8 (u8) or 7 (u7) activations
 };
 
 struct LinearOutput {
@@ -258,9 +269,10 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
 // numbers are identical.
 void quantize_rows_parallel(const Kernels& kern, const QuantizeRows& rows, int nthreads);
 
-// Throws std::invalid_argument, naming `what`, unless the static activation
-// parameters are usable (scale finite and > 0, zero point in [0, 255]).
-void check_static_activation(bool is_static, float scale, int32_t zp, const char* what);
+// Throws std::invalid_argument, naming `what`, unless act_bits is 7 or 8 and
+// the static activation parameters are usable (scale finite and > 0, zero
+// point in [0, act_qmax(act_bits)]).
+void check_activation_format(int act_bits, bool is_static, float scale, int32_t zp, const char* what);
 
 // The non-finite contract: rows of y whose input row held NaN/Inf become NaN.
 void fill_nonfinite_rows(const uint8_t* nonfinite, int64_t m, float* y, int64_t ldy, int64_t n);
@@ -268,9 +280,10 @@ void fill_nonfinite_rows(const uint8_t* nonfinite, int64_t m, float* y, int64_t 
 // Test hooks exposing each stage on its own, on the active ISA.
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale,
                    int32_t* zp, uint8_t* nonfinite, bool is_static, float static_scale,
-                   int32_t static_zp);
+                   int32_t static_zp, int act_bits);
+// u7: run the u7 kernel (every q must be <= 127).
 void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, int64_t n,
-              int32_t* out, int nthreads);
+              int32_t* out, int nthreads, bool u7);
 
 }  // namespace q8
 }  // namespace pycompress

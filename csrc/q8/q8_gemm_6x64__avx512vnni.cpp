@@ -51,7 +51,7 @@ inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* pr
 }
 
 // q[0, len) = the quantized x[0, len).
-inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp) {
+inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp, int32_t qmax) {
   const __m512 vinv = _mm512_set1_ps(inv_scale);
   const __m512 vmin = _mm512_set1_ps(-256.0f), vmax = _mm512_set1_ps(256.0f);
   const __m512i vzp = _mm512_set1_epi32(zp);
@@ -67,19 +67,21 @@ inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scal
   // integer clamp and four narrowing stores; they interleave 128-bit lanes,
   // which one vpermd puts back in order.
   const __m512i lane_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i vqmax8 = _mm512_set1_epi8(static_cast<char>(qmax));  // then a byte min clamps to qmax
   for (; k + 64 <= len; k += 64) {
     const __m512i a = quantize16(_mm512_loadu_ps(x + k));
     const __m512i b = quantize16(_mm512_loadu_ps(x + k + 16));
     const __m512i c = quantize16(_mm512_loadu_ps(x + k + 32));
     const __m512i d = quantize16(_mm512_loadu_ps(x + k + 48));
-    const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+    const __m512i bytes =
+        _mm512_min_epu8(_mm512_packus_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)), vqmax8);
     _mm512_storeu_si512(q + k, _mm512_permutexvar_epi32(lane_order, bytes));
   }
-  const __m512i q0 = _mm512_setzero_si512(), q255 = _mm512_set1_epi32(255);
+  const __m512i q0 = _mm512_setzero_si512(), vqmax = _mm512_set1_epi32(qmax);
   for (; k < len; k += 16) {
     const __mmask16 in = tail_mask(len - k);
     __m512i qi = quantize16(_mm512_maskz_loadu_ps(in, x + k));
-    qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), q255);
+    qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), vqmax);
     _mm_mask_storeu_epi8(q + k, in, _mm512_cvtepi32_epi8(qi));
   }
 }

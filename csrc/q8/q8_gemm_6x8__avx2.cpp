@@ -16,6 +16,7 @@
 
 #include "common/vec_math_avx2.h"
 #include "q8/q8_gemm.h"
+#include "q8/q8_gemm_dot4_ymm.h"
 #include "q8/q8_store_avx2.h"
 
 namespace pycompress {
@@ -71,7 +72,7 @@ inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* pr
 }
 
 // q[0, len) = the quantized x[0, len).
-inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp) {
+inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp, int32_t qmax) {
   const __m256 vinv = _mm256_set1_ps(inv_scale);
   const __m256 vmin = _mm256_set1_ps(-256.0f), vmax = _mm256_set1_ps(256.0f);
   const __m256i vzp = _mm256_set1_epi32(zp);
@@ -82,21 +83,24 @@ inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scal
   };
   int64_t k = 0;
   // 32 values per step: the saturating packs are exact (int16) and then the
-  // [0, 255] clamp (uint8); one vpermd undoes their 128-bit lane interleave.
+  // [0, 255] clamp (uint8), and a byte min clamps to qmax; one vpermd undoes
+  // their 128-bit lane interleave.
   const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i vqmax8 = _mm256_set1_epi8(static_cast<char>(qmax));
   for (; k + 32 <= len; k += 32) {
     const __m256i a = quantize8(_mm256_loadu_ps(x + k));
     const __m256i b = quantize8(_mm256_loadu_ps(x + k + 8));
     const __m256i c = quantize8(_mm256_loadu_ps(x + k + 16));
     const __m256i d = quantize8(_mm256_loadu_ps(x + k + 24));
-    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    const __m256i bytes =
+        _mm256_min_epu8(_mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)), vqmax8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(bytes, lane_order));
   }
-  const __m256i q0 = _mm256_setzero_si256(), q255 = _mm256_set1_epi32(255);
+  const __m256i q0 = _mm256_setzero_si256(), vqmax = _mm256_set1_epi32(qmax);
   for (; k < len; k += 8) {
     const __m256i in = tail_mask8(len - k);
     __m256i qi = quantize8(_mm256_maskload_ps(x + k, in));
-    qi = _mm256_min_epi32(_mm256_max_epi32(qi, q0), q255);
+    qi = _mm256_min_epi32(_mm256_max_epi32(qi, q0), vqmax);
     // 8 int32 in [0, 255] -> 8 bytes.
     const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
     const __m128i b8 = _mm_packus_epi16(w16, w16);
@@ -169,7 +173,8 @@ void row_block(const GemmTile& t, const int16_t* a16, int64_t r0) {
 // Microkernel: 6 rows x 8 channels (12 accumulators, 2 weights, 1 broadcast,
 // 1 product of 16 ymm registers); 1 or 2 rows take 16 channels at once.
 // (16, 4096, 4096) / (128, 768, 3072) on one Zen 5 core: 129 / 176 GOPS, from
-// 77 / 82 with 2 x 16 tiles that widened the activations per group.
+// 77 / 82 with 2 x 16 tiles that widened the activations per group; the exact
+// vpmaddwd ceiling there is ~200 GOPS (bench/peak).
 void gemm_tile_avx2(const GemmTile& t) {
   // The tile's activation rows widened to int16 once (a tile's rows are reread
   // for each of its 8 channel groups): the vpmaddwd operands.
@@ -198,10 +203,22 @@ void gemm_tile_avx2(const GemmTile& t) {
   }
 }
 
+// u7 activations (q8_gemm_dot4_ymm.h): vpmaddubsw + vpmaddwd(ones) + vpaddd,
+// 4 rows x 16 columns (8 accumulators, 2 weights, 1 broadcast, the ones and
+// the products).
+struct U7Dot {
+  static constexpr int kRows = 4;
+  static __m256i step(__m256i acc, __m256i a4, __m256i w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a4, w), _mm256_set1_epi16(1)));
+  }
+};
+
+void gemm_tile_u7_avx2(const GemmTile& t) { dot4_gemm_tile<U7Dot>(t); }
+
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels k{quantize_rows_avx2, gemm_tile_avx2};
+  static const Kernels k{quantize_rows_avx2, gemm_tile_avx2, gemm_tile_u7_avx2};
   return k;
 }
 

@@ -9,11 +9,11 @@ namespace pycompress {
 namespace q8 {
 namespace {
 
-inline int32_t quantize_value(float x, float inv_scale, int32_t zp) {
+inline int32_t quantize_value(float x, float inv_scale, int32_t zp, int32_t qmax) {
   float v = x * inv_scale;
   v = v < -256.0f ? -256.0f : (v > 256.0f ? 256.0f : v);
   const int32_t q = static_cast<int32_t>(std::nearbyint(v)) + zp;
-  return q < 0 ? 0 : (q > 255 ? 255 : q);
+  return q < 0 ? 0 : (q > qmax ? qmax : q);
 }
 
 void quantize_rows_scalar(const QuantizeRows& p) {
@@ -31,8 +31,8 @@ void quantize_rows_scalar(const QuantizeRows& p) {
         *hi = h;
         *probe = nan_probe;
       },
-      [](const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp) {
-        for (int64_t k = 0; k < len; ++k) q[k] = static_cast<uint8_t>(quantize_value(x[k], inv_scale, zp));
+      [](const float* x, int64_t len, uint8_t* q, float inv_scale, int32_t zp, int32_t qmax) {
+        for (int64_t k = 0; k < len; ++k) q[k] = static_cast<uint8_t>(quantize_value(x[k], inv_scale, zp, qmax));
       });
 }
 

@@ -89,7 +89,7 @@ GemmTile sub_tile(const GemmTile& base, int64_t r0, int64_t rows, int64_t n0, in
   return tile;
 }
 
-void run_tiles(const Kernels& kern, const GemmTile& base, int64_t n, int nthreads) {
+void run_tiles(void (*gemm_tile)(const GemmTile&), const GemmTile& base, int64_t n, int nthreads) {
   const int64_t m = base.m;
   const int64_t n_tiles = (n + kTileCols - 1) / kTileCols;
   const int threads = effective_threads(nthreads, m * n * base.kp);
@@ -97,7 +97,7 @@ void run_tiles(const Kernels& kern, const GemmTile& base, int64_t n, int nthread
   const int64_t m_tiles = (m + rows - 1) / rows;
   parallel_for(n_tiles * m_tiles, threads, [&](int64_t t) {
     const int64_t mt = t / n_tiles, nt = t % n_tiles;
-    kern.gemm_tile(sub_tile(base, mt * rows, rows, nt * kTileCols, n));
+    gemm_tile(sub_tile(base, mt * rows, rows, nt * kTileCols, n));
   });
 }
 
@@ -127,10 +127,15 @@ void check_output(int64_t n, int64_t ldy) {
 
 }  // namespace
 
-void check_static_activation(bool is_static, float scale, int32_t zp, const char* what) {
-  if (is_static && (!(scale > 0.0f) || !(scale <= std::numeric_limits<float>::max()) || zp < 0 || zp > 255)) {
-    throw std::invalid_argument(std::string(what) +
-                                ": static activation scale must be finite and > 0, zero point in [0, 255]");
+void check_activation_format(int act_bits, bool is_static, float scale, int32_t zp, const char* what) {
+  if (act_bits != 7 && act_bits != 8) {
+    throw std::invalid_argument(std::string(what) + ": activation bits must be 7 or 8, got " +
+                                std::to_string(act_bits));
+  }
+  const int32_t qmax = act_qmax(act_bits);
+  if (is_static && (!(scale > 0.0f) || !(scale <= std::numeric_limits<float>::max()) || zp < 0 || zp > qmax)) {
+    throw std::invalid_argument(std::string(what) + ": static activation scale must be finite and > 0, zero point in [0, " +
+                                std::to_string(qmax) + "]");
   }
 }
 
@@ -174,9 +179,10 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
     throw std::invalid_argument("int8 linear: row stride smaller than row");
   }
   for (int i = 0; i < count; ++i) check_output(outputs[i].n, outputs[i].ldy);
-  check_static_activation(in.is_static, in.static_scale, in.static_zp, "int8 linear");
+  check_activation_format(in.act_bits, in.is_static, in.static_scale, in.static_zp, "int8 linear");
   if (in.m == 0) return;
   const Kernels& kern = kernels_for(active_isa());
+  const auto gemm_tile = in.act_bits == 7 && kern.gemm_tile_u7 != nullptr ? kern.gemm_tile_u7 : kern.gemm_tile;
   const int64_t kp = round_up(in.k, kKGroup);
 
   // Column tiles of every output, numbered consecutively: output i owns
@@ -205,7 +211,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
     const int64_t pm = std::min(pass, in.m - r0);
     QuantizeRows qr{in.im2col != nullptr ? nullptr : in.x + r0 * in.ldx, in.ldx, pm, in.k, kp, s.q.data(),
                     s.scale.data(), s.zp.data(), s.nonfinite.data(), in.is_static, in.static_scale, in.static_zp,
-                    in.im2col, r0};
+                    in.im2col, r0, act_qmax(in.act_bits)};
     quantize_rows_parallel(kern, qr, in.nthreads);
 
     const int threads = pass == in.m ? choice.threads : effective_threads(in.nthreads, pm * n_total * kp);
@@ -231,7 +237,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
       tile.act = out.act;
       tile.y = out.y + r0 * out.ldy;
       tile.ldy = out.ldy;
-      kern.gemm_tile(sub_tile(tile, mt * rows, rows, (nt - first_tile[i]) * kTileCols, out.n));
+      gemm_tile(sub_tile(tile, mt * rows, rows, (nt - first_tile[i]) * kTileCols, out.n));
     });
     for (int i = 0; i < count; ++i) {
       fill_nonfinite_rows(s.nonfinite.data(), pm, outputs[i].y + r0 * outputs[i].ldy, outputs[i].ldy, outputs[i].n);
@@ -241,15 +247,17 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
 }
 
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q, float* scale, int32_t* zp,
-                   uint8_t* nonfinite, bool is_static, float static_scale, int32_t static_zp) {
+                   uint8_t* nonfinite, bool is_static, float static_scale, int32_t static_zp, int act_bits) {
   check_k(k);
+  check_activation_format(act_bits, is_static, static_scale, static_zp, "q8_quantize_rows");
   const int64_t kp = round_up(k, kKGroup);
-  QuantizeRows p{x, ldx, m, k, kp, q, scale, zp, nonfinite, is_static, static_scale, static_zp, nullptr, 0};
+  QuantizeRows p{x,       ldx,     m,       k, kp, q, scale, zp, nonfinite, is_static, static_scale, static_zp,
+                 nullptr, 0,       act_qmax(act_bits)};
   kernels_for(active_isa()).quantize_rows(p);
 }
 
 void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, int64_t n, int32_t* out,
-              int nthreads) {
+              int nthreads, bool u7) {
   check_k(kp);
   if (kp % kKGroup != 0) {
     throw std::invalid_argument("q8_gemm_raw: row length " + std::to_string(kp) + " must be a multiple of 4");
@@ -263,7 +271,8 @@ void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, i
   tile.kp = kp;
   tile.raw = out;
   tile.ldraw = n;
-  run_tiles(kernels_for(active_isa()), tile, n, nthreads);
+  const Kernels& kern = kernels_for(active_isa());
+  run_tiles(u7 && kern.gemm_tile_u7 != nullptr ? kern.gemm_tile_u7 : kern.gemm_tile, tile, n, nthreads);
 }
 
 }  // namespace q8

@@ -657,7 +657,7 @@ void check_q8_call(const Q8Call& a, int64_t n, int64_t k, const char* what) {
   if (a.m < 0 || n < 1) throw std::invalid_argument(std::string(what) + ": bad sizes " + sizes(a.m, k, n));
   check_k(k, what);
   if (a.ldx < k || a.ldy < n) throw std::invalid_argument(std::string(what) + ": row stride smaller than row");
-  q8::check_static_activation(a.is_static, a.static_scale, a.static_zp, what);
+  q8::check_activation_format(8, a.is_static, a.static_scale, a.static_zp, what);
 }
 
 // Multiply-add slots of a sliced call: 64 per step (16 lanes x 4) and row.

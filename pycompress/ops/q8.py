@@ -7,11 +7,11 @@ import torch
 from pycompress import _C
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
-from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
+from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL
 
 LIB.define(
     "int8_linear(Tensor x, Tensor w_packed, Tensor col_sum, Tensor w_scale, Tensor? bias, "
-    "int activation=0, float? act_scale=None, int act_zero_point=0) -> Tensor"
+    "int activation=0, float? act_scale=None, int act_zero_point=0, int act_bits=8) -> Tensor"
 )
 
 
@@ -19,7 +19,7 @@ def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
-def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point) -> tuple[int, int]:
+def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits=8) -> tuple[int, int]:
     """Validates every operand the kernel will read; returns (K, N).
 
     Plain comparisons, not torch._check: this runs on every eager call and must
@@ -31,10 +31,10 @@ def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_
     if x.dim() < 1:
         raise ValueError("int8_linear: x must have at least one dimension")
     return x.shape[-1], _check_weights(x.shape[-1], w_packed, col_sum, w_scale, bias, activation, act_scale,
-                                       act_zero_point)
+                                       act_zero_point, act_bits)
 
 
-def _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point) -> int:
+def _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits=8) -> int:
     """Validates the weight-side operands for K input features; returns N."""
     if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
         raise ValueError(f"int8_linear: w_scale must be 1-D float32, got {w_scale.dtype} {tuple(w_scale.shape)}")
@@ -53,20 +53,25 @@ def _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, a
         raise ValueError(f"int8_linear: bias must be 1-D float32 of {n}, got {bias.dtype} {tuple(bias.shape)}")
     if activation not in (0, 1, 2):
         raise ValueError(f"int8_linear: activation code {activation} not in (0, 1, 2)")
-    if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= 255):
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"int8_linear: activation bits {act_bits!r} not in {ACT_BITS}")
+    qmax = 2 ** act_bits - 1
+    if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= qmax):
         raise ValueError(f"int8_linear: static scale {act_scale} must be finite > 0, "
-                         f"zero point {act_zero_point} in [0, 255]")
+                         f"zero point {act_zero_point} in [0, {qmax}]")
     return n
 
 
 @torch.library.register_fake("pycompress::int8_linear")
-def _int8_linear_fake(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
-    _, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+def _int8_linear_fake(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
+                      act_bits=8):
+    _, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     return x.new_empty((*x.shape[:-1], n))
 
 
-def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
-    k, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
+                    act_bits=8):
+    k, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     x2, m, ldx = eager_rows(x, k)
     if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
             and (bias is None or bias.is_contiguous())):
@@ -76,7 +81,7 @@ def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale
         x2.data_ptr(), m, k, ldx,
         w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
         n, y.data_ptr(), n, activation,
-        act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(),
+        act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(), act_bits,
     )
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
@@ -97,7 +102,8 @@ def eager_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
     return x2, m, x2.stride(0) if m > 1 else k
 
 
-def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0):
+def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
+                     act_bits=8):
     """The weight-side operands of one int8 linear of K input features, checked once and bound
     into a native plan: ``plan.run(x_ptr, m, ldx, y_ptr, threads)`` then computes what
     ``int8_linear_cpu`` does for float32 rows x (contiguous within a row) into a contiguous y [m, N]
@@ -106,7 +112,7 @@ def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_s
     storage moves (``Int8Linear`` does)."""
     if w_scale.dim() != 1 or w_scale.shape[0] != n:
         raise ValueError(f"int8_linear: w_scale must be 1-D float32 of {n}, got {w_scale.dtype} {tuple(w_scale.shape)}")
-    _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
             and (bias is None or bias.is_contiguous())
             and all(t.device.type == "cpu" for t in (w_packed, col_sum, w_scale) + (() if bias is None else (bias,)))):
@@ -114,10 +120,11 @@ def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_s
                          "(build them with pycompress.nn modules)")
     return _C.Q8LinearPlan(w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
                            0 if bias is None else bias.data_ptr(), k, n, activation, act_scale is not None,
-                           1.0 if act_scale is None else act_scale, act_zero_point)
+                           1.0 if act_scale is None else act_scale, act_zero_point, act_bits)
 
 
-def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0, tuner=None) -> list[torch.Tensor]:
+def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0, tuner=None,
+                                 act_bits=8) -> list[torch.Tensor]:
     """Several int8 linears of one input, eager CPU only: ``outputs`` is a sequence of
     ``(w_packed, col_sum, w_scale, bias, activation)``. x is quantized once and every output's
     tiles run in one parallel pass; each result equals ``int8_linear_cpu`` of that output alone.
@@ -125,7 +132,7 @@ def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0, t
     then learns the thread count of its small calls (csrc/common/thread_tuner.h)."""
     if not outputs:
         raise ValueError("int8_linear_shared_input: no outputs")
-    sizes = [_check(x, *out, act_scale, act_zero_point)[1] for out in outputs]
+    sizes = [_check(x, *out, act_scale, act_zero_point, act_bits)[1] for out in outputs]
     for w_packed, col_sum, w_scale, bias, _ in outputs:
         if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
                 and (bias is None or bias.is_contiguous())):
@@ -138,16 +145,19 @@ def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0, t
         [(w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), n, y.data_ptr(), n, act)
          for (w, c, s, b, act), n, y in zip(outputs, sizes, ys)],
         act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(), tuner,
+        act_bits,
     )
     return ys if x.dim() == 2 else [y.view(*x.shape[:-1], n) for y, n in zip(ys, sizes)]
 
 
-def int8_linear(x, w_packed, col_sum, w_scale, bias=None, activation=0, act_scale=None, act_zero_point=0):
-    return torch.ops.pycompress.int8_linear(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+def int8_linear(x, w_packed, col_sum, w_scale, bias=None, activation=0, act_scale=None, act_zero_point=0,
+                act_bits=8):
+    return torch.ops.pycompress.int8_linear(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point,
+                                            act_bits)
 
 
 def int8_conv2d_nhwc_cpu(x_nhwc, geometry, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None,
-                         act_zero_point=0) -> torch.Tensor:
+                         act_zero_point=0, act_bits=8) -> torch.Tensor:
     """int8 conv2d (groups=1), eager CPU: ``x_nhwc`` [B, H, W, C] float32 with contiguous channels
     (any other strides), ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw). The im2col rows are quantized
     straight from x (no float im2col copy) and are exactly the rows of the float im2col, so the result
@@ -158,12 +168,12 @@ def int8_conv2d_nhwc_cpu(x_nhwc, geometry, w_packed, col_sum, w_scale, bias, act
     b, h, w, c = x_nhwc.shape
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    n = _check_weights(kh * kw * c, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    n = _check_weights(kh * kw * c, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     y = torch.empty((b * ho * wo, n), dtype=torch.float32)
     _C.q8_conv2d_nhwc(
         x_nhwc.data_ptr(), list(x_nhwc.stride()[:3]), [b, h, w, c], [ho, wo, kh, kw, sh, sw, ph, pw, dh, dw],
         w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
         n, y.data_ptr(), activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
-        act_zero_point, num_threads(),
+        act_zero_point, num_threads(), act_bits,
     )
     return y

@@ -58,14 +58,26 @@ def unpack_int8_weights(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return full[:n, :k].contiguous()
 
 
+ACT_BITS = (7, 8)  # activation formats: u8, and u7 (exact on AVX2's vpmaddubsw; q8_gemm.h)
+
+
+def act_qmax(act_bits: int) -> int:
+    """The largest quantized activation of a format (csrc/q8/q8_gemm.h act_qmax)."""
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be one of {ACT_BITS}, got {act_bits!r}")
+    return 2 ** act_bits - 1
+
+
 def quantize_rows_ref(
-    x: torch.Tensor, static: tuple[float, int] | None = None
+    x: torch.Tensor, static: tuple[float, int] | None = None, act_bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activation quantization to uint8 with a zero point, per row (dynamic) or fixed (static).
+    """Activation quantization to act_bits unsigned values with a zero point, per row (dynamic) or
+    fixed (static).
 
     Returns (q uint8 [M, K], scale float32 [M], zp int32 [M], nonfinite bool [M]).
     Non-finite rows get q = 0, scale = 1, zp = 0.
     """
+    qmax = act_qmax(act_bits)
     x = x.to(_F32)
     m = x.shape[0]
     finite = torch.isfinite(x).all(dim=1) if x.shape[1] else torch.ones(m, dtype=torch.bool)
@@ -73,7 +85,7 @@ def quantize_rows_ref(
         zero = torch.zeros(m, dtype=_F32)
         lo = torch.minimum(x.amin(dim=1), zero) if x.shape[1] else zero
         hi = torch.maximum(x.amax(dim=1), zero) if x.shape[1] else zero
-        scale = (hi - lo) / torch.tensor(255.0, dtype=_F32)
+        scale = (hi - lo) / torch.tensor(float(qmax), dtype=_F32)
         scale = torch.where(scale < _FLT_MIN, torch.tensor(_FLT_MIN, dtype=_F32), scale)
     else:
         scale = torch.full((m,), static[0], dtype=_F32)
@@ -81,13 +93,13 @@ def quantize_rows_ref(
     scale = torch.where(finite, scale, torch.ones_like(scale))
     inv = torch.tensor(1.0, dtype=_F32) / scale
     if static is None:
-        zp = torch.clamp(torch.round(-lo * inv), 0, 255).to(torch.int32)
+        zp = torch.clamp(torch.round(-lo * inv), 0, qmax).to(torch.int32)
     else:
         zp = torch.full((m,), static[1], dtype=torch.int32)
     zp = torch.where(finite, zp, torch.zeros_like(zp))
     v = torch.clamp(x * inv[:, None], -256.0, 256.0)
     v = torch.where(finite[:, None], v, torch.zeros_like(v))
-    q = torch.clamp(torch.round(v).to(torch.int32) + zp[:, None], 0, 255)
+    q = torch.clamp(torch.round(v).to(torch.int32) + zp[:, None], 0, qmax)
     q = torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.uint8)
     return q, scale, zp, ~finite
 
@@ -147,11 +159,12 @@ def int8_linear_ref(
     bias: torch.Tensor | None = None,
     activation: str = "none",
     static: tuple[float, int] | None = None,
+    act_bits: int = 8,
 ) -> torch.Tensor:
     """The int8 linear, bit-exact: x float32 [..., K], w_q int8 [N, K], w_scale float32 [N]."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    q, scale, zp, nonfinite = quantize_rows_ref(x2, static)
+    q, scale, zp, nonfinite = quantize_rows_ref(x2, static, act_bits)
     acc = q8_accumulate_ref(q, w_q)
     col_sum = w_q.to(torch.int64).sum(dim=1)
     corrected = (acc - zp.to(torch.int64)[:, None] * col_sum[None, :]).to(_F32)
