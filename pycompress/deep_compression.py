@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pycompress.convert import _target_kind, layer_format
+from pycompress.conversion import _target_kind, layer_format
 from pycompress.io import entropy_coded_keys, huffman_code_if_smaller, layer_gemm, save
 from pycompress.nn.int8_conv import Im2colConv2d
 from pycompress.nn.sparse_linear import SparseInt8Linear, SparseLinear

@@ -54,7 +54,7 @@ from torch import nn
 
 from pycompress import _C
 from pycompress._native import ACTIVATIONS, build_info
-from pycompress.convert import (
+from pycompress.conversion import (
     ConversionRecord,
     LayerRecord,
     _target_kind,
@@ -69,7 +69,7 @@ from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.nn.sparse_linear import SparseInt8Linear, SparseLinear
 from pycompress.ops.sparse import ensure_valid_structure
-from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
+from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, round_up
 from pycompress.reference.sparse import NM_PER_WORD
 
 MANIFEST_KEY = "pycompress"
@@ -143,7 +143,7 @@ def _pair_ok(v, lo: int) -> bool:
 def _check_packed_size(cfg: dict, k: int, n: int, packed: torch.Tensor | None, where: str) -> None:
     """Before a layer is allocated: its config must describe the packed weights the file really holds
     (so a manifest cannot ask for more memory than the file's own tensors)."""
-    kp, np_ = (k + KGROUP - 1) // KGROUP * KGROUP, (n + PANEL - 1) // PANEL * PANEL
+    kp, np_ = round_up(k, KGROUP), round_up(n, PANEL)
     if packed is None or packed.numel() != kp * np_:
         got = "none" if packed is None else f"{packed.numel()} bytes"
         raise ValueError(f"load: layer {where}: config K={k}, N={n} needs {kp * np_} packed weight bytes, the file has {got}")
@@ -265,7 +265,7 @@ def _build_layer(entry, where: str, tensors: dict[str, torch.Tensor]) -> nn.Modu
 def _check_int8_operands(gemm: Int8Linear, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
     """The packed operands' invariants; the kernel reads them without further checks."""
     k, n = gemm.in_features, gemm.out_features
-    kp, np_ = (k + KGROUP - 1) // KGROUP * KGROUP, (n + PANEL - 1) // PANEL * PANEL
+    kp, np_ = round_up(k, KGROUP), round_up(n, PANEL)
     packed, col_sum, w_scale = tensors[prefix + "w_packed"], tensors[prefix + "col_sum"], tensors[prefix + "w_scale"]
     qmax = 2 ** (gemm.weight_bits - 1) - 1
     full = packed.view(np_ // PANEL, kp // KGROUP, PANEL, KGROUP).permute(0, 2, 1, 3).reshape(np_, kp)

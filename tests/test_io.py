@@ -17,7 +17,7 @@ from torch import nn
 
 import pycompress as pc
 from pycompress.examples import ResNet18
-from pycompress.convert import converted_layers
+from pycompress.conversion import converted_layers
 import pycompress.io as pcio
 from pycompress.io import FORMAT_VERSIONS, MANIFEST_VERSION, file_metadata
 from pycompress.nn import Int8Conv2d, Int8Linear, SparseInt8Linear

@@ -11,17 +11,13 @@ from torch import nn
 from pycompress import _C, ops
 from pycompress.ops.q8 import eager_rows, int8_linear_plan, int8_linear_shared_input_cpu
 from pycompress._native import activation_code, num_threads
-from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
+from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel, round_up
 
 
 # Bound once: the eager forward runs these on every call.
 _F32 = torch.float32
 _empty = torch.empty
 _is_compiling = torch.compiler.is_compiling
-
-
-def _round_up(v: int, m: int) -> int:
-    return (v + m - 1) // m * m
 
 
 class Int8Linear(nn.Module):
@@ -58,7 +54,7 @@ class Int8Linear(nn.Module):
         self.act_zero_point = act_zero_point
         self.weight_bits = weight_bits
         self.name = name
-        kp, np_ = _round_up(in_features, KGROUP), _round_up(out_features, PANEL)
+        kp, np_ = round_up(in_features, KGROUP), round_up(out_features, PANEL)
         self.register_buffer("w_packed", torch.zeros(np_ * kp, dtype=torch.int8))
         self.register_buffer("col_sum", torch.zeros(np_, dtype=torch.int32))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))

@@ -28,7 +28,7 @@ from pycompress.ops.sparse import (
     sparse_linear_nm24_cpu,
     sliced_steps,
 )
-from pycompress.reference.q8 import quantize_weight_per_channel
+from pycompress.reference.q8 import quantize_weight_per_channel, round_up
 from pycompress.reference.sparse import (
     FORMATS_FP32,
     FORMATS_INT8,
@@ -451,7 +451,7 @@ class SparseInt8Linear(_SparseBase):
 
     def extra_repr(self) -> str:
         nblocks = self.blk_idx.numel()
-        kp = (self.in_features + 3) // 4 * 4
+        kp = round_up(self.in_features, 4)
         block_density = nblocks / (self.out_features * kp // 4)
         density = int((self.values != 0).sum()) / (self.in_features * self.out_features)
         acts = "dynamic per-row" if self.act_scale is None else f"static scale={self.act_scale:.4g} zp={self.act_zero_point}"

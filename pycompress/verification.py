@@ -1,4 +1,4 @@
-"""pycompress.verify: how far a converted model is from its float reference, layer by layer.
+"""pycompress.verification (``pycompress.verify``): how far a converted model is from its float reference, layer by layer.
 
 Every converted layer is hooked. Two errors are measured for each:
 - *local*: the converted layer's output against its float twin run on the **same input** the
@@ -223,7 +223,7 @@ def call_model(model: nn.Module, inputs):
 
 
 def _activation_fn(module: nn.Module):
-    from pycompress.convert import epilogue_gemm
+    from pycompress.conversion import epilogue_gemm
 
     gemm = epilogue_gemm(module)
     kind = "none" if gemm is None else gemm.activation
@@ -241,7 +241,7 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
     Overrides: ``layer_min_sqnr_db`` replaces every layer's format-derived budget;
     ``output_min_sqnr_db`` / ``output_min_cosine`` replace the end-to-end budgets.
     """
-    from pycompress.convert import converted_layers, layer_format
+    from pycompress.conversion import converted_layers, layer_format
 
     layers = converted_layers(model)
     if model is reference:

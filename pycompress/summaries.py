@@ -1,4 +1,4 @@
-"""pycompress.summary: per-layer format, density, bits, bytes before/after, kernel and reason."""
+"""pycompress.summaries (``pycompress.summary``): per-layer format, density, bits, bytes before/after, kernel and reason."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pycompress.convert import _target_kind, conversion_record, converted_layers, layer_format, module_bytes
+from pycompress.conversion import _target_kind, conversion_record, converted_layers, layer_format, module_bytes
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""pycompress.convert: swap a trained model's nn.Linear / nn.Conv2d layers for pycompress modules.
+"""pycompress.conversion (``pycompress.convert``): swap a trained model's nn.Linear / nn.Conv2d layers for pycompress modules.
 
 Each layer gets one format from a small registry (``FORMATS``):
 
@@ -11,8 +11,6 @@ Each layer gets one format from a small registry (``FORMATS``):
 The layer's state says which formats are candidates: zeros (a pruning mask or plain zeros)
 make the sparse formats candidates, quantization state from ``pycompress.quantize`` makes
 int8 use its calibrated scales (static activations -> int8-static), neither -> int8-dynamic.
-A format whose kernels or helper module are not in this build is not considered, and the
-summary says so (never a silent fallback).
 
 Choosing among the candidates (``policy``):
 - ``"auto"`` with ``example_inputs``: each candidate is timed at the layer's real input shape
@@ -39,7 +37,6 @@ Converting an already converted model raises RuntimeError.
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -51,13 +48,14 @@ from torch.nn.utils import parametrize
 
 from pycompress import _C
 import pycompress.nn as pcnn
-from pycompress._native import build_info, get_isa
+from pycompress._native import get_isa
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
 from pycompress.attention import use_fused_attention
 from pycompress.nn.int8_linear import Int8Linear, SharedInputGroup
+import pycompress.quant as quant_state  # looked up per call: tests substitute get_quant_state
 from pycompress.reference.q8 import MAX_K
 from pycompress.reference.sparse import pack_bsr1x4
-from pycompress.verify import ErrorStats, call_model, layer_budget_db
+from pycompress.verification import ErrorStats, call_model, layer_budget_db
 
 FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-fp32", "sparse-int8")
 POLICIES = ("auto", "state", "int8") + FORMATS
@@ -187,24 +185,6 @@ def _target_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _quant_state_lookup() -> tuple[Callable | None, str | None]:
-    """pycompress.quant.get_quant_state if this build has it, else the reason it is not used."""
-    if importlib.util.find_spec("pycompress.quant") is None:
-        return None, "pycompress.quant is not in this build: no calibrated quantization state is read"
-    import pycompress.quant as quant
-
-    if not hasattr(quant, "get_quant_state"):
-        return None, "pycompress.quant has no get_quant_state: no calibrated quantization state is read"
-    return quant.get_quant_state, None
-
-
-def _sparse_unavailable(fmt: str) -> str | None:
-    cls = {"sparse-fp32": "SparseLinear", "sparse-int8": "SparseInt8Linear"}[fmt]
-    if not hasattr(pcnn, cls):
-        return f"pycompress.nn.{cls} is not in this build (sparse kernels not built)"
-    return None
-
-
 def _block_density(gemm_weight: torch.Tensor) -> float:
     """Fraction of the 1x4 blocks along K (K padded to a multiple of 4) holding a nonzero."""
     n, k = gemm_weight.shape
@@ -212,7 +192,7 @@ def _block_density(gemm_weight: torch.Tensor) -> float:
     return float(nonzero.view(n, -1, 4).any(dim=2).sum()) / max(1, nonzero.numel() // 4)
 
 
-def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) -> LayerState:
+def _layer_state(module: nn.Module, kind: str) -> LayerState:
     weight = module.weight  # parametrized: the masked / fake-quantized weight
     density = float((weight != 0).sum()) / max(1, weight.numel())
     gemm_weight = weight.detach()
@@ -220,7 +200,7 @@ def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) ->
         gemm_weight = gemm_weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
     block_density = _block_density(gemm_weight)
     masked = parametrize.is_parametrized(module, "weight")
-    quant = quant_lookup(module) if quant_lookup is not None else None
+    quant = quant_state.get_quant_state(module)
     unsupported = None
     if weight.dtype != torch.float32:
         unsupported = f"weight dtype {weight.dtype}: the kernels take float32 layers"
@@ -241,26 +221,17 @@ def _int8_variant(state: LayerState) -> str:
     return "int8-static" if _quant_attr(state.quant, "activations") == "static" else "int8-dynamic"
 
 
-def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
-                       density_limits: str | None = "heuristic") -> dict[str, str | None]:
+def _candidate_reasons(state: LayerState, density_limits: str | None = "heuristic") -> dict[str, str | None]:
     """For each format: None when it is a candidate for this layer, else why not. ``density_limits``:
     which sparse density thresholds apply: "heuristic" (untimed choice, M <= 16 break-even), "timed"
     (the looser limits of a timed choice), None (an explicit request skips them)."""
     reasons: dict[str, str | None] = {"float": None}
     for fmt in FORMATS[1:]:
-        if fmt in global_unavailable:
-            reasons[fmt] = global_unavailable[fmt]
-        elif state.unsupported is not None:
-            reasons[fmt] = state.unsupported
-        else:
-            reasons[fmt] = None
+        reasons[fmt] = state.unsupported
     if reasons["int8-static"] is None and _quant_attr(state.quant, "activations") != "static":
         reasons["int8-static"] = "no calibrated static activation scale (run pycompress.quantize(activations='static'))"
     if reasons["int8-dynamic"] is None and _quant_attr(state.quant, "activations") == "static":
         reasons["int8-dynamic"] = "the layer is calibrated for static activations; int8-static is used"
-    for fmt in ("sparse-fp32", "sparse-int8"):
-        if reasons[fmt] is None and state.kind == "Conv2d" and not hasattr(pcnn, "SparseLinear"):
-            reasons[fmt] = "sparse conv needs pycompress.nn.SparseLinear"
     if density_limits is None:
         return reasons
     if reasons["sparse-fp32"] is None and state.quant is not None:
@@ -375,10 +346,7 @@ def _bake_float(module: nn.Module) -> nn.Module:
     """A float layer keeps no training-time state at inference: pycompress.quant's fake quantization
     (weight parametrization, ``activation_fake_quant`` submodule and its forward pre-hook) is dropped,
     so the layer computes in float, and its masked weight becomes a plain parameter."""
-    if importlib.util.find_spec("pycompress.quant") is not None:
-        from pycompress.quant import remove_fake_quant
-
-        remove_fake_quant(module)
+    quant_state.remove_fake_quant(module)
     if parametrize.is_parametrized(module):
         for tensor_name in list(module.parametrizations.keys()):
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
@@ -591,8 +559,7 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def _converted_types() -> tuple[type, ...]:
-    sparse = tuple(getattr(pcnn, c) for c in ("SparseLinear", "SparseInt8Linear") if hasattr(pcnn, c))
-    return _CONVERTED_TYPES + sparse
+    return _CONVERTED_TYPES + (pcnn.SparseLinear, pcnn.SparseInt8Linear)
 
 
 def converted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -612,9 +579,9 @@ def layer_format(module: nn.Module) -> tuple[str, int]:
     gemm = module.gemm if isinstance(module, Im2colConv2d) else module
     if isinstance(gemm, Int8Linear):
         return ("int8-dynamic" if gemm.act_scale is None else "int8-static"), gemm.weight_bits
-    if hasattr(pcnn, "SparseInt8Linear") and isinstance(gemm, pcnn.SparseInt8Linear):
+    if isinstance(gemm, pcnn.SparseInt8Linear):
         return "sparse-int8", int(getattr(gemm, "weight_bits", 8))
-    if hasattr(pcnn, "SparseLinear") and isinstance(gemm, pcnn.SparseLinear):
+    if isinstance(gemm, pcnn.SparseLinear):
         return "sparse-fp32", 32
     return "float", 32
 
@@ -657,16 +624,6 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
                            "float model once. To change formats, start again from the float model.")
 
     notes: list[str] = []
-    global_unavailable: dict[str, str] = {}
-    quant_lookup, quant_reason = _quant_state_lookup()
-    if quant_reason is not None:
-        global_unavailable["int8-static"] = quant_reason
-        notes.append(quant_reason)
-    for fmt in ("sparse-fp32", "sparse-int8"):
-        reason = _sparse_unavailable(fmt)
-        if reason is not None:
-            global_unavailable[fmt] = reason
-            notes.append(f"{fmt} not considered: {reason}")
 
     # Every target layer once (shared modules appear under several names).
     targets: dict[int, tuple[list[str], nn.Module]] = {}
@@ -678,22 +635,16 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             targets[id(module)][0].append(name)
         else:
             targets[id(module)] = ([name], module)
-    cuda_ok = build_info()["cuda"]
     for names, module in targets.values():
         device = module.weight.device
-        if device.type == "cuda" and not cuda_ok:
+        if device.type != "cpu":
             raise RuntimeError(f"convert: layer {names[0]} is on {device}, but this pycompress build has no CUDA "
-                               "kernels (build with PYCOMPRESS_CUDA=ON) ; move the model to CPU with model.cpu()")
-        if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"convert: layer {names[0]} is on {device}; pycompress kernels run on CPU")
-        if device.type == "cuda":
-            raise NotImplementedError(f"convert: layer {names[0]} is on CUDA; the CUDA modules are not wired into "
-                                      "convert yet. Convert on CPU.")
+                               "kernels: its kernels run on CPU; move the model there with model.cpu()")
     if not targets:
         notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
 
     def state_of(key: int, module: nn.Module) -> LayerState:
-        state = _layer_state(module, _target_kind(module), quant_lookup)
+        state = _layer_state(module, _target_kind(module))
         if key in mha_children:
             state.unsupported = "nn.MultiheadAttention reads its projections' weights directly, not through forward"
         elif _base_type(module) not in (nn.Linear, nn.Conv2d):
@@ -713,7 +664,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         if decided_without_timing(names):
             return
         state = state_of(id(module), module)
-        candidates = _candidate_reasons(state, global_unavailable, "timed")
+        candidates = _candidate_reasons(state, "timed")
         built = {cand: build_module(module, cand, names[0], state) for cand in FORMATS if candidates[cand] is None}
         timings[id(module)] = (tuple(tuple(a.shape) for a in args), _time_candidates_us(built, args))
 
@@ -735,7 +686,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         kind = _target_kind(module)
         state = state_of(key, module)
         timed = policy == "auto" and key in timings
-        candidates = _candidate_reasons(state, global_unavailable, "timed" if timed else "heuristic")
+        candidates = _candidate_reasons(state, "timed" if timed else "heuristic")
         record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module),
                              not_considered={f: r for f, r in candidates.items() if r is not None})
         excluded = _matches(names, exclude)
@@ -746,7 +697,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             requested = override[1] if override is not None else policy
             source = f"override {override[0]!r}" if override is not None else f"policy {policy!r}"
             fmt = _int8_variant(state) if requested == "int8" else requested
-            applicable = _candidate_reasons(state, global_unavailable, density_limits=None)
+            applicable = _candidate_reasons(state, density_limits=None)
             if applicable[fmt] is None:
                 why = f"{source}"
             else:
