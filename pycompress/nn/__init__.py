@@ -1,6 +1,6 @@
 """Inference modules that run pycompress kernels. Each holds only packed buffers
 and what its kernel needs; build them with ``from_float``. Each class owns its
-format and registers it in ``pycompress.nn.registry`` (see README.md here)."""
+format and registers it in ``pycompress.nn.registry`` (pycompress/nn/README.md: adding a format)."""
 
 from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear, SharedInputGroup

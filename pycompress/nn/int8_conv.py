@@ -227,6 +227,21 @@ class Im2colConv2d(CompressedLayer):
     def pruned_bytes(self) -> int | None:
         return self.gemm.pruned_bytes()
 
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        # The GEMM's K order is (kh, kw, C) (gemm_weight).
+        return self.gemm.dequantized_weight().view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.gemm.bias
+
+    groups = 1
+    padding_mode = "zeros"
+
     def matches_float(self, layer: nn.Module) -> bool:
         return ((layer.in_channels, layer.out_channels, tuple(layer.kernel_size))
                 == (self.in_channels, self.out_channels, self.kernel_size))

@@ -21,7 +21,15 @@ from pycompress.nn.checks import (
 )
 from pycompress.nn.registry import CompressedLayer, register_layer
 from pycompress.ops.q8 import eager_rows, int8_linear_plan, int8_linear_shared_input_cpu
-from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel, round_up
+from pycompress.reference.q8 import (
+    KGROUP,
+    MAX_K,
+    PANEL,
+    pack_int8_weights,
+    quantize_weight_per_channel,
+    round_up,
+    unpack_int8_weights,
+)
 
 
 # Bound once: the eager forward runs these on every call.
@@ -181,6 +189,10 @@ class Int8Linear(CompressedLayer):
             raise ValueError(f"load: {where}: col_sum does not match the packed weights (corrupt file)")
         check_scales(tensors[prefix + "w_scale"], where)
         check_finite_bias(tensors, prefix, where)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpack_int8_weights(self.w_packed, self.out_features, self.in_features)
+        return q.to(torch.float32) * self.w_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and self._shared_input is None

@@ -131,9 +131,71 @@ class CompressedLayer(nn.Module):
         arrays and bias; None when the format stores every weight (pruning alone saves nothing)."""
         return None
 
+    # ---------------------------------------------------------------- what model code reads from a layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight this layer computes with (for a Linear [out, in]), built from the packed buffers."""
+        raise NotImplementedError
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> "FloatWeight":
+        """What model code reads from the float layer's ``weight`` (dtype, device, shape); its value on demand."""
+        return FloatWeight(self)
+
     def matches_float(self, layer: nn.Module) -> bool:
         """Whether ``layer`` (a float layer of a model skeleton) has this layer's shape."""
         return (layer.in_features, layer.out_features) == (self.in_features, self.out_features)
+
+
+class FloatWeight:
+    """A compressed layer's ``weight``: the dtype, device and shape of the float weight it replaced, so model
+    code that reads them (a Hugging Face ViT casts its pixels to ``projection.weight.dtype``) keeps working.
+    The float value is computed from the packed buffers when asked for (``dequantize()``, or passing this to
+    any torch function), never kept resident beside them."""
+
+    __slots__ = ("_layer",)
+    requires_grad = False
+    dtype = torch.float32
+    is_sparse = False
+
+    def __init__(self, layer: CompressedLayer) -> None:
+        self._layer = layer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._layer.buffers()).device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._layer.weight_shape())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        return self._layer.dequantized_weight()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def value(a):
+            return a.dequantize() if isinstance(a, FloatWeight) else a
+        return func(*map(value, args), **{k: value(v) for k, v in (kwargs or {}).items()})
+
+    def __repr__(self) -> str:
+        return f"FloatWeight(shape={tuple(self.shape)}, dtype={self.dtype}, of {type(self._layer).__name__})"
 
 
 # ------------------------------------------------------------------------------------------------ inspection

@@ -51,6 +51,9 @@ from pycompress.reference.sparse import (
     pack_bsr1x4,
     pack_csr,
     pack_nm24,
+    unpack_bsr1x4,
+    unpack_csr,
+    unpack_nm24,
 )
 
 # Buffers whose length is the number of stored nonzeros / blocks (resized on load).
@@ -249,6 +252,11 @@ class SparseLinear(_SparseBase):
 
     format_name = "sparse-fp32"
 
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.format == "csr":
+            return unpack_csr(self.row_ptr, self.col_idx, self.values, self.in_features)
+        return unpack_nm24(self.values, self.nm_idx, self.in_features)
+
     def config(self) -> dict:
         # The number of stored nonzeros comes from the file's tensors.
         return {"bias": self.bias is not None, "activation": self.activation, "name": self.name,
@@ -446,6 +454,10 @@ class SparseInt8Linear(_SparseBase):
     # ---------------------------------------------------------------- the format (pycompress.nn.registry)
 
     format_name = "sparse-int8"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpack_bsr1x4(self.row_ptr, self.blk_idx, self.values, self.in_features)
+        return q.to(torch.float32) * self.w_scale[:, None]
 
     def config(self) -> dict:
         return {"bias": self.bias is not None, "activation": self.activation, "name": self.name,
