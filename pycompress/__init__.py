@@ -8,12 +8,12 @@ inference modules that use them.
 from pycompress import distill, nn, ops, prune, quant, reference
 from pycompress.attention import use_fused_attention
 from pycompress._native import build_info, get_isa, set_isa, set_num_threads, supported_isas
-from pycompress.convert import conversion_record, convert
+from pycompress.conversion import conversion_record, convert
 from pycompress.deep_compression import compression_report
 from pycompress.io import load, save
 from pycompress.quant import prepare_qat, quantize
-from pycompress.summary import summary
-from pycompress.verify import verify
+from pycompress.summaries import summary
+from pycompress.verification import verify
 
 __version__ = build_info()["version"]
 

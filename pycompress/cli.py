@@ -127,7 +127,7 @@ def _load_model(spec: str, args) -> tuple[nn.Module, object]:
 
 def model_layer_shapes(model: nn.Module, inputs) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """(name, layer, input shape) of each distinct Linear / Conv2d call shape while the model runs once."""
-    from pycompress.verify import call_model
+    from pycompress.verification import call_model
 
     found: dict[tuple, tuple[str, nn.Module, tuple[int, ...]]] = {}
 

@@ -10,7 +10,7 @@ Per layer (a row for every nn.Linear / nn.Conv2d of the float model, shared laye
 - ``quantized``: the compressed layer's tensors as they are in memory and in ``pycompress.save``'s
   file (int8 weights with their padding, per-channel scales, ``col_sum``, indices, bias);
 - ``huffman``: the same with the tensors ``save(..., entropy_coding=True)`` codes replaced by their
-  payload and code lengths (``pycompress.io.ENTROPY_CODED_BUFFERS``).
+  payload and code lengths (each layer class's ``ENTROPY_CODED``).
 
 Everything else in the model (embeddings, norms, ...) is outside the table; with ``path`` the
 report also writes the entropy-coded file there and gives its size on disk (the whole model,
@@ -25,13 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pycompress.convert import _target_kind, layer_format
-from pycompress.io import entropy_coded_keys, huffman_code_if_smaller, layer_gemm, save
-from pycompress.nn.int8_conv import Im2colConv2d
-from pycompress.nn.sparse_linear import SparseInt8Linear, SparseLinear
+from pycompress.io import entropy_coded_keys, huffman_code_if_smaller, save
+from pycompress.nn.registry import float_kind
 
 STAGES = ("float32", "pruned", "quantized", "huffman")
-_INDEX_BUFFERS = ("row_ptr", "col_idx", "blk_idx", "nm_idx")
 
 
 @dataclass
@@ -79,15 +76,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _pruned_bytes(compressed: nn.Module, float_bytes: int) -> int:
-    gemm = compressed.gemm if isinstance(compressed, Im2colConv2d) else compressed
-    if not isinstance(gemm, (SparseLinear, SparseInt8Linear)):
-        return float_bytes  # stored dense: pruning alone saves nothing
-    index = sum(_nbytes(b) for name, b in gemm.named_buffers() if name in _INDEX_BUFFERS)
-    bias = _nbytes(gemm.bias) if gemm.bias is not None else 0
-    return gemm.values.numel() * 4 + index + bias
-
-
 def compression_report(model_float: nn.Module, model_compressed: nn.Module,
                        path: str | os.PathLike | None = None) -> CompressionReport:
     """Sizes of every Linear / Conv2d layer per Deep Compression stage (see the module docstring).
@@ -102,7 +90,7 @@ def compression_report(model_float: nn.Module, model_compressed: nn.Module,
     coded_keys = entropy_coded_keys(model_compressed)
     rows, seen = [], set()
     for name, float_layer in model_float.named_modules():  # shared layers once
-        if _target_kind(float_layer) is None:
+        if float_kind(float_layer) is None:
             continue
         try:
             compressed = model_compressed.get_submodule(name)
@@ -114,16 +102,16 @@ def compression_report(model_float: nn.Module, model_compressed: nn.Module,
         seen.add(id(compressed))
         weight = float_layer.weight.detach()
         float_bytes = weight.numel() * 4 + (float_layer.bias.numel() * 4 if float_layer.bias is not None else 0)
-        is_float = _target_kind(compressed) is not None
-        fmt = "float" if is_float else layer_format(compressed)[0]
-        prefix = layer_gemm(compressed, name)[1] if not is_float else f"{name}."
-        tensors = {k: v for k, v in compressed_state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+        is_float = float_kind(compressed) is not None
+        fmt = "float" if is_float else compressed.format_name
+        tensors = {k: v for k, v in compressed_state.items() if k.startswith(f"{name}.") and isinstance(v, torch.Tensor)}
         quantized = sum(_nbytes(t) for t in tensors.values())
         huffman = 0
         for key, t in tensors.items():
             coded = huffman_code_if_smaller(t) if key in coded_keys else None
             huffman += coded.nbytes if coded is not None else _nbytes(t)
-        pruned = float_bytes if is_float else _pruned_bytes(compressed, float_bytes)
+        # A format that stores every weight saves nothing by pruning alone.
+        pruned = float_bytes if is_float or compressed.pruned_bytes() is None else compressed.pruned_bytes()
         density = float((weight != 0).sum()) / max(1, weight.numel())
         rows.append(LayerSizes(name, fmt, density, float_bytes, pruned, quantized, huffman))
     report = CompressionReport(rows)

@@ -73,7 +73,7 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
     say = print if progress else (lambda *a, **k: None)
     say(f"pycompress {pc.__version__} on {pc.get_isa()}, {torch.get_num_threads()} threads; "
         f"digits: 8x8 images, seed {seed}{' (quick run)' if quick else ''}")
-    # Bars only on a terminal (tqdm through pycompress.quant._progress); messages unless quiet.
+    # Bars only on a terminal (tqdm through pycompress.progress); messages unless quiet.
     stages = digits.run_pipeline(seed=seed, quick=quick, progress=None if progress else False)
     data = digits.load_data(seed)
     x, y = data.x_test, data.y_test

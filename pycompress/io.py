@@ -52,25 +52,12 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from pycompress import _C
-from pycompress._native import ACTIVATIONS, build_info
-from pycompress.convert import (
-    ConversionRecord,
-    LayerRecord,
-    _target_kind,
-    conversion_record,
-    converted_layers,
-    fusible_activation,
-    restore_shared_inputs,
-)
+from pycompress._native import build_info
 from pycompress.attention import use_fused_attention
+from pycompress.conversion import ConversionRecord, LayerRecord, conversion_record, restore_shared_inputs
 from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
-from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d
-from pycompress.nn.int8_linear import Int8Linear
-from pycompress.nn.sparse_linear import SparseInt8Linear, SparseLinear
-from pycompress.ops.sparse import ensure_valid_structure
-from pycompress.reference.q8 import KGROUP, MAX_K, PANEL
-from pycompress.reference.sparse import NM_PER_WORD
+from pycompress.nn.checks import is_int
+from pycompress.nn.registry import LAYER_TYPES, compressed_layers, float_kind, fusible_activation
 
 MANIFEST_KEY = "pycompress"
 MANIFEST_DIGEST_KEY = "pycompress_sha256"  # metadata key: sha256 of the manifest's JSON text (version >= 2)
@@ -92,14 +79,9 @@ REBUILDABLE: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
 )}
 _JSON_SCALARS = (bool, int, float, str, type(None))
 
-# What entropy_coding stores Huffman-coded: the integer weights and the sparse index arrays (as bytes),
-# whose byte histograms are far from uniform after pruning and quantization. fp32 values, scales and
-# biases are left as they are (their bytes are close to uniform).
-ENTROPY_CODED_BUFFERS: dict[type[nn.Module], tuple[str, ...]] = {
-    Int8Linear: ("w_packed",),
-    SparseInt8Linear: ("values", "row_ptr", "blk_idx"),
-    SparseLinear: ("row_ptr", "col_idx", "nm_idx"),
-}
+# What entropy_coding stores Huffman-coded is each layer class's ENTROPY_CODED (pycompress.nn.registry):
+# the integer weights and the sparse index arrays (as bytes), whose byte histograms are far from uniform
+# after pruning and quantization. fp32 values, scales and biases are left as they are (close to uniform).
 HUFFMAN_LENGTHS_SUFFIX = "/huffman_lengths"
 _CODED_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.int8, torch.uint8, torch.uint16, torch.int32,
                                                             torch.uint32)}
@@ -108,232 +90,14 @@ _CODED_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.int8, torch.ui
 # ---------------------------------------------------------------- manifest: pycompress layers
 
 
-def _conv_geometry(module: Im2colConv2d) -> dict:
-    return {"in_channels": module.in_channels, "out_channels": module.out_channels,
-            "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": list(module.padding),
-            "dilation": list(module.dilation)}
-
-
-def _layer_config(module: nn.Module) -> dict:
-    if isinstance(module, Im2colConv2d) and not isinstance(module, Int8Conv2d):
-        # A conv lowered onto a sparse GEMM module: the geometry here, the GEMM's own entry inside.
-        return {**_conv_geometry(module), "name": module.name,
-                "gemm": {"type": type(module.gemm).__name__, "config": _layer_config(module.gemm)}}
-    gemm = module.gemm if isinstance(module, Int8Conv2d) else module
-    cfg = {"bias": gemm.bias is not None, "activation": gemm.activation, "name": gemm.name}
-    if isinstance(gemm, SparseLinear):
-        cfg["format"] = gemm.format  # the number of stored nonzeros comes from the file's tensors
-    else:
-        cfg.update(act_scale=gemm.act_scale, act_zero_point=gemm.act_zero_point, weight_bits=gemm.weight_bits)
-    if isinstance(module, Int8Conv2d):
-        cfg.update(_conv_geometry(module))
-    else:
-        cfg.update(in_features=module.in_features, out_features=module.out_features)
-    return cfg
-
-
-def _is_int(v, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
-def _pair_ok(v, lo: int) -> bool:
-    return isinstance(v, list) and len(v) == 2 and all(_is_int(x, lo, 1 << 20) for x in v)
-
-
-def _check_packed_size(cfg: dict, k: int, n: int, packed: torch.Tensor | None, where: str) -> None:
-    """Before a layer is allocated: its config must describe the packed weights the file really holds
-    (so a manifest cannot ask for more memory than the file's own tensors)."""
-    kp, np_ = (k + KGROUP - 1) // KGROUP * KGROUP, (n + PANEL - 1) // PANEL * PANEL
-    if packed is None or packed.numel() != kp * np_:
-        got = "none" if packed is None else f"{packed.numel()} bytes"
-        raise ValueError(f"load: layer {where}: config K={k}, N={n} needs {kp * np_} packed weight bytes, the file has {got}")
-
-
-LOADABLE = ("Int8Linear", "Int8Conv2d", "SparseLinear", "SparseInt8Linear", "Im2colConv2d")
-_SPARSE_GEMMS = ("SparseLinear", "SparseInt8Linear")
-
-
-def _gemm_problems(cfg: dict, quantized: bool) -> list[str]:
-    problems = []
-    if not isinstance(cfg.get("bias"), bool):
-        problems.append("bias must be a bool")
-    if cfg.get("activation") not in ACTIVATIONS:
-        problems.append(f"activation {cfg.get('activation')!r} not in {sorted(ACTIVATIONS)}")
-    if not isinstance(cfg.get("name"), (str, type(None))):
-        problems.append("name must be a string or null")
-    if quantized:
-        scale = cfg.get("act_scale")
-        if scale is not None and not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
-            problems.append(f"act_scale {scale!r} must be null or a finite float > 0")
-        if not _is_int(cfg.get("act_zero_point"), 0, 255):
-            problems.append(f"act_zero_point {cfg.get('act_zero_point')!r} must be an int in [0, 255]")
-        if not _is_int(cfg.get("weight_bits"), 2, 8):
-            problems.append(f"weight_bits {cfg.get('weight_bits')!r} must be an int in [2, 8]")
-    return problems
-
-
-def _geometry_problems(cfg: dict) -> list[str]:
-    problems = []
-    for f in ("kernel_size", "stride", "dilation"):
-        if not _pair_ok(cfg.get(f), 1):
-            problems.append(f"{f} must be two ints >= 1")
-    if not _pair_ok(cfg.get("padding"), 0):
-        problems.append("padding must be two ints >= 0")
-    if not (_is_int(cfg.get("in_channels"), 1, MAX_K) and _is_int(cfg.get("out_channels"), 1, 1 << 24)):
-        problems.append("in_channels / out_channels out of range")
-    elif _pair_ok(cfg.get("kernel_size"), 1) and cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1] > MAX_K:
-        problems.append(f"kernel_size x in_channels exceeds K={MAX_K}")
-    return problems
-
-
-def _file_tensor(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int | None,
-                 where: str) -> torch.Tensor:
-    """A 1-D tensor of the file, checked before a layer sized from it is allocated."""
-    t = tensors.get(key)
-    if t is None or t.dtype != dtype or t.dim() != 1 or (numel is not None and t.numel() != numel):
-        got = "none" if t is None else f"{t.dtype} {tuple(t.shape)}"
-        want = f"1-D {dtype}" + ("" if numel is None else f" of {numel}")
-        raise ValueError(f"load: layer {where}: {key} must be {want}, the file has {got}")
-    return t
-
-
-def _build_sparse(kind: str, cfg: dict, k: int, n: int, prefix: str, tensors: dict[str, torch.Tensor],
-                  where: str) -> nn.Module:
-    """A sparse GEMM module sized from the file's own tensors (never from the manifest alone)."""
-    common = {key: cfg[key] for key in ("bias", "activation", "name")}
-    if kind == "SparseLinear":
-        if cfg.get("format") == "csr":
-            _file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
-            nnz = _file_tensor(tensors, prefix + "col_idx", torch.uint16, None, where).numel()
-            return SparseLinear(k, n, nnz=nnz, format="csr", **common)
-        if cfg.get("format") == "nm24":
-            if k % 4:
-                raise ValueError(f"load: layer {where}: nm24 needs in_features % 4 == 0, got {k}")
-            values = tensors.get(prefix + "values")
-            if values is None or values.numel() != n * (k // 2):
-                raise ValueError(f"load: layer {where}: nm24 with K={k}, N={n} needs {n * (k // 2)} values, the "
-                                 f"file has {'none' if values is None else values.numel()}")
-            return SparseLinear(k, n, format="nm24", **common)
-        raise ValueError(f"load: layer {where}: format {cfg.get('format')!r} not in ('csr', 'nm24')")
-    _file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
-    nblocks = _file_tensor(tensors, prefix + "blk_idx", torch.uint16, None, where).numel()
-    return SparseInt8Linear(k, n, nblocks=nblocks, act_scale=cfg["act_scale"], act_zero_point=cfg["act_zero_point"],
-                            weight_bits=cfg["weight_bits"], **common)
-
-
 def _build_layer(entry, where: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """An empty pycompress layer from a manifest entry, after checking every field."""
+    """An empty pycompress layer from a manifest entry, after its class checked every field."""
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
         raise ValueError(f"load: manifest entry for {where} is malformed")
-    kind, cfg = entry.get("type"), entry["config"]
-    if kind not in LOADABLE:
-        raise ValueError(f"load: layer {where} has type {kind!r}; this build loads {', '.join(LOADABLE)}")
-    if kind == "Im2colConv2d":
-        gemm_entry = cfg.get("gemm")
-        if not (isinstance(gemm_entry, dict) and gemm_entry.get("type") in _SPARSE_GEMMS
-                and isinstance(gemm_entry.get("config"), dict)):
-            raise ValueError(f"load: layer {where}: a lowered conv needs a 'gemm' entry of type {_SPARSE_GEMMS}")
-        gemm_kind, gemm_cfg = gemm_entry["type"], gemm_entry["config"]
-        problems = _geometry_problems(cfg) + _gemm_problems(gemm_cfg, gemm_kind == "SparseInt8Linear")
-        if not isinstance(cfg.get("name"), (str, type(None))):
-            problems.append("name must be a string or null")
-        if problems:
-            raise ValueError(f"load: layer {where}: " + "; ".join(problems))
-        k = cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1]
-        gemm = _build_sparse(gemm_kind, gemm_cfg, k, cfg["out_channels"], f"{where}.gemm.", tensors, where)
-        return Im2colConv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
-                            tuple(cfg["padding"]), tuple(cfg["dilation"]), gemm=gemm, name=cfg["name"])
-    problems = _gemm_problems(cfg, kind != "SparseLinear")
-    if kind == "Int8Conv2d":
-        problems += _geometry_problems(cfg)
-    elif not (_is_int(cfg.get("in_features"), 1, MAX_K) and _is_int(cfg.get("out_features"), 1, 1 << 24)):
-        problems.append("in_features / out_features out of range")
-    if problems:
-        raise ValueError(f"load: layer {where}: " + "; ".join(problems))
-    if kind in _SPARSE_GEMMS:
-        return _build_sparse(kind, cfg, cfg["in_features"], cfg["out_features"], f"{where}.", tensors, where)
-    common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
-    if kind == "Int8Linear":
-        _check_packed_size(cfg, cfg["in_features"], cfg["out_features"], tensors.get(f"{where}.w_packed"), where)
-        return Int8Linear(cfg["in_features"], cfg["out_features"], **common)
-    k = cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1]
-    _check_packed_size(cfg, k, cfg["out_channels"], tensors.get(f"{where}.gemm.w_packed"), where)
-    return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
-                      tuple(cfg["padding"]), tuple(cfg["dilation"]), **common)
-
-
-def _check_int8_operands(gemm: Int8Linear, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
-    """The packed operands' invariants; the kernel reads them without further checks."""
-    k, n = gemm.in_features, gemm.out_features
-    kp, np_ = (k + KGROUP - 1) // KGROUP * KGROUP, (n + PANEL - 1) // PANEL * PANEL
-    packed, col_sum, w_scale = tensors[prefix + "w_packed"], tensors[prefix + "col_sum"], tensors[prefix + "w_scale"]
-    qmax = 2 ** (gemm.weight_bits - 1) - 1
-    full = packed.view(np_ // PANEL, kp // KGROUP, PANEL, KGROUP).permute(0, 2, 1, 3).reshape(np_, kp)
-    if full.numel() and (full.min() < -qmax or full.max() > qmax):
-        raise ValueError(f"load: {where}: packed weights leave the symmetric int{gemm.weight_bits} range [-{qmax}, {qmax}]")
-    if full[n:].any() or full[:, k:].any():
-        raise ValueError(f"load: {where}: packed weights have nonzero padding (corrupt or not from pycompress)")
-    if not torch.equal(full.sum(dim=1, dtype=torch.int32), col_sum):
-        raise ValueError(f"load: {where}: col_sum does not match the packed weights (corrupt file)")
-    if not (torch.isfinite(w_scale).all() and (w_scale > 0).all()):
-        raise ValueError(f"load: {where}: w_scale must be finite and > 0")
-    _check_finite_bias(tensors, prefix, where)
-
-
-def _check_finite_bias(tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
-    bias = tensors.get(prefix + "bias")
-    if bias is not None and not torch.isfinite(bias).all():
-        raise ValueError(f"load: {where}: bias has NaN or Inf")
-
-
-def _check_sparse_operands(gemm: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
-    """A sparse pack's invariants. The structure (row_ptr from 0, non-decreasing, ending at the stored
-    count, every index < K) is checked by the same C++ validator the ops run, on the file's tensors,
-    before anything else reads them; then the values the kernels trust."""
-    k, n = gemm.in_features, gemm.out_features
-    if isinstance(gemm, SparseLinear):
-        values = tensors[prefix + "values"]
-        if gemm.format == "csr":
-            _validate_structure("sparse_linear_csr", tensors[prefix + "row_ptr"], tensors[prefix + "col_idx"], k,
-                                _C.sparse_validate_csr, where)
-        else:
-            # 2-bit indices cannot leave their group of 4; a pycompress pack holds two distinct ascending
-            # positions per group (pack_nm24) and zero bits past the K/2 stored values.
-            words = tensors[prefix + "nm_idx"].view(torch.int32)  # uint32 has few torch ops; the bits are the same
-            fields = torch.stack([(words >> (2 * j)) & 3 for j in range(NM_PER_WORD)], dim=-1)
-            fields = fields.reshape(n, -1)
-            pairs = fields[:, : k // 2].reshape(n, -1, 2)
-            if fields[:, k // 2:].any() or (pairs[..., 0] >= pairs[..., 1]).any():
-                raise ValueError(f"load: {where}: nm24 indices are not two ascending positions per group of 4 "
-                                 "with zero padding (corrupt file)")
-        if not torch.isfinite(values).all():
-            raise ValueError(f"load: {where}: sparse values have NaN or Inf")
-        _check_finite_bias(tensors, prefix, where)
-        return
-    row_ptr, blk_idx, values = tensors[prefix + "row_ptr"], tensors[prefix + "blk_idx"], tensors[prefix + "values"]
-    _validate_structure("sparse_int8_linear", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4, where)
-    qmax = 2 ** (gemm.weight_bits - 1) - 1
-    blocks = values.view(-1, 4)
-    if blocks.numel() and (blocks.min() < -qmax or blocks.max() > qmax):
-        raise ValueError(f"load: {where}: sparse int8 values leave the symmetric int{gemm.weight_bits} range "
-                         f"[-{qmax}, {qmax}]")
-    if k % 4 and blocks[blk_idx.to(torch.int64) == k // 4, k % 4:].any():
-        raise ValueError(f"load: {where}: the last 1x4 block of a row holds nonzeros past K={k} (corrupt file)")
-    rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff().to(torch.int64))
-    row_sums = torch.zeros(n, dtype=torch.int32).index_add_(0, rows, blocks.sum(dim=1, dtype=torch.int32))
-    if not torch.equal(row_sums, tensors[prefix + "col_sum"]):
-        raise ValueError(f"load: {where}: col_sum does not match the sparse int8 values (corrupt file)")
-    w_scale = tensors[prefix + "w_scale"]
-    if not (torch.isfinite(w_scale).all() and (w_scale > 0).all()):
-        raise ValueError(f"load: {where}: w_scale must be finite and > 0")
-    _check_finite_bias(tensors, prefix, where)
-
-
-def _validate_structure(op: str, row_ptr: torch.Tensor, idx: torch.Tensor, k: int, validate, where: str) -> None:
-    try:
-        ensure_valid_structure(op, row_ptr.contiguous(), idx.contiguous(), k, validate)
-    except ValueError as exc:
-        raise ValueError(f"load: {where}: {exc}") from None
+    kind = entry.get("type")
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"load: layer {where} has type {kind!r}; this build loads {', '.join(LAYER_TYPES)}")
+    return LAYER_TYPES[kind].from_config(entry["config"], tensors, f"{where}.", where)
 
 
 # ---------------------------------------------------------------- manifest: architecture
@@ -412,20 +176,9 @@ def _rebuild(spec, layers: dict[str, nn.Module], where: str = "model") -> nn.Mod
 # ---------------------------------------------------------------- entropy coding
 
 
-def layer_gemm(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """(the GEMM module, its state_dict prefix) of a converted layer."""
-    return (module.gemm, f"{name}.gemm.") if isinstance(module, Im2colConv2d) else (module, f"{name}.")
-
-
 def entropy_coded_keys(model: nn.Module) -> set[str]:
-    """The state_dict keys ``save(..., entropy_coding=True)`` Huffman-codes (``ENTROPY_CODED_BUFFERS``)."""
-    keys = set()
-    for name, module in converted_layers(model):
-        gemm, prefix = layer_gemm(module, name)
-        for buffer in ENTROPY_CODED_BUFFERS.get(type(gemm), ()):
-            if gemm._buffers.get(buffer) is not None:
-                keys.add(prefix + buffer)
-    return keys
+    """The state_dict keys ``save(..., entropy_coding=True)`` Huffman-codes (each layer's ``ENTROPY_CODED``)."""
+    return {f"{name}.{key}" for name, module in compressed_layers(model) for key in module.entropy_coded_keys()}
 
 
 def huffman_code_if_smaller(t: torch.Tensor) -> HuffmanCoded | None:
@@ -450,7 +203,7 @@ def _decode_entropy(manifest: dict, tensors: dict[str, torch.Tensor], path: str)
         dtype, shape, count = _CODED_DTYPES.get(entry.get("dtype")), entry.get("shape"), entry.get("count")
         if dtype is None:
             raise ValueError(f"{where}: dtype {entry.get('dtype')!r} not in {sorted(_CODED_DTYPES)}")
-        if not (isinstance(shape, list) and all(_is_int(d, 0, 1 << 40) for d in shape) and _is_int(count, 0, 1 << 50)
+        if not (isinstance(shape, list) and all(is_int(d, 0, 1 << 40) for d in shape) and is_int(count, 0, 1 << 50)
                 and math.prod(shape) * dtype.itemsize == count):
             raise ValueError(f"{where}: shape {shape!r} of {entry.get('dtype')} does not hold count={count!r} bytes")
         payload, lengths = tensors.get(key), tensors.pop(key + HUFFMAN_LENGTHS_SUFFIX, None)
@@ -491,9 +244,9 @@ def _check_version(manifest, path: str) -> None:
     version = manifest.get("version") if isinstance(manifest, dict) else None
     oldest, newest = min(FORMAT_VERSIONS), max(FORMAT_VERSIONS)
     this = f"this pycompress ({build_info()['version']}) reads versions {oldest}-{newest}"
-    if _is_int(version, newest + 1, 1 << 62):
+    if is_int(version, newest + 1, 1 << 62):
         raise ValueError(f"load({path}): file format version {version}, {this}; upgrade pycompress")
-    if not _is_int(version, oldest, newest):
+    if not is_int(version, oldest, newest):
         raise ValueError(f"load({path}): manifest version {version!r} is not a format version; {this}")
 
 
@@ -556,13 +309,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = Fa
     import safetensors.torch
 
     model = getattr(model, "_orig_mod", model)
-    layers = converted_layers(model)
+    layers = compressed_layers(model)
     layer_names: dict[int, str] = {}
     manifest_layers = {}
     for name, module in layers:
         if id(module) not in layer_names:
             layer_names[id(module)] = name
-            manifest_layers[name] = {"type": type(module).__name__, "config": _layer_config(module)}
+            manifest_layers[name] = {"type": type(module).__name__, "config": module.config()}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_storage: dict[tuple, str] = {}
@@ -687,16 +440,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                 float_layer = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"load({path}): the model has no layer {name} (is it the same architecture?)") from None
-            kind = _target_kind(float_layer)
-            expected = "Conv2d" if isinstance(layer, Im2colConv2d) else "Linear"
-            if kind != expected:
+            if float_kind(float_layer) != layer.FLOAT_KIND:
                 raise ValueError(f"load({path}): layer {name} is a {type(float_layer).__name__}, the file has a "
-                                 f"converted {expected}")
-            shape_ok = ((float_layer.in_features, float_layer.out_features) == (layer.in_features, layer.out_features)
-                        if kind == "Linear" else
-                        (float_layer.in_channels, float_layer.out_channels, tuple(float_layer.kernel_size))
-                        == (layer.in_channels, layer.out_channels, layer.kernel_size))
-            if not shape_ok:
+                                 f"converted {layer.FLOAT_KIND}")
+            if not layer.matches_float(float_layer):
                 raise ValueError(f"load({path}): layer {name}: the model's {float_layer} does not match the file's {layer}")
         fused = manifest.get("fused", [])
         if not isinstance(fused, list):
@@ -734,12 +481,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         if got.dtype != want.dtype or got.shape != want.shape:
             raise ValueError(f"load({path}): {key} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} "
                              f"{tuple(want.shape)}")
-    for name, module in converted_layers(model):
-        gemm, prefix = layer_gemm(module, name)
-        if isinstance(gemm, Int8Linear):
-            _check_int8_operands(gemm, tensors, prefix, name)
-        else:
-            _check_sparse_operands(gemm, tensors, prefix, name)
+    for name, module in compressed_layers(model):
+        module.validate_tensors(tensors, f"{name}.", name)
     model.load_state_dict(tensors, strict=True, assign=rebuilt)
     record = _record_from(manifest)
     if record is not None:

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 import pycompress as pc
 from pycompress import _C
-convert_mod = importlib.import_module("pycompress.convert")
+convert_mod = importlib.import_module("pycompress.conversion")
 from pycompress.nn import Int8Conv2d, Int8Linear
 from pycompress.reference import unpack_int8_weights
 
@@ -193,16 +193,6 @@ def test_parametrized_masks_are_read_and_baked():
     assert (q[mask == 0] == 0).all()
     assert type(model[1]) is nn.Linear and not parametrize.is_parametrized(model[1])
     assert torch.equal(model[1].weight, kept.weight)
-
-
-def test_sparse_formats_are_reported_unavailable_when_not_built(monkeypatch):
-    monkeypatch.delattr(pc.nn, "SparseLinear", raising=False)  # a build without the sparse modules
-    monkeypatch.delattr(pc.nn, "SparseInt8Linear", raising=False)
-    model = nn.Sequential(nn.Linear(32, 32))
-    pc.convert(model, policy="state")
-    rec = convert_mod.conversion_record(model).layers[0]
-    assert "SparseLinear is not in this build" in rec.not_considered["sparse-fp32"]
-    assert any("sparse-fp32 not considered" in n for n in convert_mod.conversion_record(model).notes)
 
 
 def test_sparse_formats_are_chosen_from_zeros():

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 import pycompress as pc
-from pycompress.convert import converted_layers
+from pycompress.nn.registry import compressed_layers as converted_layers
 from pycompress.nn import Int8Conv2d, Int8Linear, SparseInt8Linear, SparseLinear
 from pycompress.nn.int8_conv import Im2colConv2d
 

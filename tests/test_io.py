@@ -17,7 +17,7 @@ from torch import nn
 
 import pycompress as pc
 from pycompress.examples import ResNet18
-from pycompress.convert import converted_layers
+from pycompress.nn.registry import compressed_layers as converted_layers
 import pycompress.io as pcio
 from pycompress.io import FORMAT_VERSIONS, MANIFEST_VERSION, file_metadata
 from pycompress.nn import Int8Conv2d, Int8Linear, SparseInt8Linear
@@ -405,8 +405,12 @@ def test_a_flipped_bit_is_refused_naming_the_tensor_and_its_layer(request, tmp_p
         t = f.get_tensor(key)
     _flip_bit(path, key)
     # Nothing may read the tensors before their checksums are checked.
-    for reader in ("_decode_entropy", "_build_layer", "_check_int8_operands", "_check_sparse_operands"):
+    for reader in ("_decode_entropy", "_build_layer"):
         monkeypatch.setattr(pcio, reader, lambda *a, reader=reader: pytest.fail(f"{reader} ran before the checksums"))
+    for cls in pc.nn.LAYER_TYPES.values():  # every format's readers of a file's tensors
+        for reader in ("from_config", "validate_tensors"):
+            monkeypatch.setattr(cls, reader, lambda *a, reader=f"{cls.__name__}.{reader}": pytest.fail(
+                f"{reader} ran before the checksums"))
     described = f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
     message = re.escape(f"tensor {key} of {owner} ({described}) fails its sha256 checksum: its bytes are not the "
                         "bytes save wrote (corrupt file)")

@@ -22,7 +22,7 @@ from pycompress.nn import Int8Linear, SharedInputGroup
 from pycompress.ops.q8 import int8_linear_cpu, int8_linear_shared_input_cpu
 
 int8_linear_mod = importlib.import_module("pycompress.nn.int8_linear")
-convert_mod = importlib.import_module("pycompress.convert")
+convert_mod = importlib.import_module("pycompress.conversion")
 
 
 def _layers(k: int, sizes, gen, activations=None, bias=True):

@@ -12,7 +12,7 @@ from torch import nn
 
 import pycompress as pc
 
-verify_mod = importlib.import_module("pycompress.verify")
+verify_mod = importlib.import_module("pycompress.verification")
 
 
 def _mlp():

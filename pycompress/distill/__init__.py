@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pycompress.quant._progress import progress_bar
+from pycompress.progress import progress_bar
 
 __all__ = ["FeatureDistiller", "KDLoss", "distill_epoch", "soft_targets"]
 

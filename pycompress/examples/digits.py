@@ -24,7 +24,7 @@ import pycompress.prune as pc_prune
 from pycompress.distill import KDLoss, distill_epoch
 from pycompress.examples.models import StudentCNN, TeacherCNN
 from pycompress.quant import freeze_ranges, prepare_qat, quantize
-from pycompress.quant._progress import progress_bar
+from pycompress.progress import progress_bar
 
 BATCH_SIZE = 64
 

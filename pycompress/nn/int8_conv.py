@@ -17,37 +17,24 @@ memory, so the next convolution's im2col reads it without a layout change.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pycompress.nn.checks import check_packed_size, geometry_problems, raise_problems
 from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.registry import (
+    LAYER_TYPES,
+    CompressedLayer,
+    Format,
+    QuantParams,
+    float_kind,
+    register_format,
+    register_layer,
+)
 from pycompress.ops.q8 import int8_conv2d_nhwc_cpu
-from pycompress.reference.q8 import pack_int8_weights
-
-
-def int8_linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, *, weight_scale: torch.Tensor | None = None,
-                            name: str | None = None, **kwargs) -> Int8Linear:
-    """Int8Linear for a 2-D float weight; ``weight_scale`` [out] uses a calibrated per-channel scale
-    (from ``pycompress.quantize``) instead of the max-abs one ``Int8Linear.from_float`` computes."""
-    gemm = Int8Linear.from_float(SimpleNamespace(weight=weight, bias=bias), name=name, **kwargs)
-    if weight_scale is None:
-        return gemm
-    label = name or "Int8Linear"
-    scale = torch.as_tensor(weight_scale, dtype=torch.float32).detach().cpu().reshape(-1)
-    if scale.numel() != weight.shape[0]:
-        raise ValueError(f"{label}: weight_scale has {scale.numel()} entries, weight has {weight.shape[0]} output channels")
-    if not (torch.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError(f"{label}: weight_scale must be finite and > 0")
-    qmax = 2 ** (gemm.weight_bits - 1) - 1
-    q = torch.clamp(torch.round(weight.detach().float().cpu() / scale[:, None]), -qmax, qmax).to(torch.int8)
-    packed, col_sum = pack_int8_weights(q)
-    gemm.w_packed.copy_(packed)
-    gemm.col_sum.copy_(col_sum)
-    gemm.w_scale.copy_(scale)
-    return gemm
 
 
 def _pair(v) -> tuple[int, int]:
@@ -80,10 +67,13 @@ def _resolve_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return _pair(conv.padding)
 
 
-class Im2colConv2d(nn.Module):
+@register_layer
+class Im2colConv2d(CompressedLayer):
     """A groups=1 Conv2d lowered to one GEMM module ``gemm`` that maps [M, K] -> [M, O] with
     K = kh*kw*C in (kh, kw, C) order. ``Int8Conv2d`` is this with an ``Int8Linear``; a sparse
-    Linear module plugs in the same way (``from_gemm``)."""
+    Linear module plugs in the same way (``from_gemm``; its class sets ``LOWERS_CONV``)."""
+
+    FLOAT_KIND = "Conv2d"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  gemm: nn.Module | None = None, name: str | None = None) -> None:
@@ -177,12 +167,92 @@ class Im2colConv2d(nn.Module):
     def packed_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.gemm.buffers())
 
+    # ---------------------------------------------------------------- the format: the GEMM's, lowered
+
+    @property
+    def format_name(self) -> str:
+        return self.gemm.format_name
+
+    @property
+    def weight_bits(self) -> int:
+        return self.gemm.weight_bits
+
+    @property
+    def activation(self) -> str:
+        return self.gemm.activation
+
+    def fuses_activation(self) -> bool:
+        return self.gemm.fuses_activation()
+
+    def set_activation(self, activation: str) -> None:
+        self.gemm.set_activation(activation)
+
+    def kernel_name(self) -> str:
+        return self.gemm.kernel_name()
+
+    def geometry(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation)}
+
+    def config(self) -> dict:
+        # The geometry here, the GEMM module's own entry inside.
+        return {**self.geometry(), "name": self.name,
+                "gemm": {"type": type(self.gemm).__name__, "config": self.gemm.config()}}
+
+    @classmethod
+    def from_config(cls, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> "Im2colConv2d":
+        lowering = tuple(name for name, c in LAYER_TYPES.items() if c.LOWERS_CONV)
+        gemm_entry = cfg.get("gemm")
+        if not (isinstance(gemm_entry, dict) and gemm_entry.get("type") in lowering
+                and isinstance(gemm_entry.get("config"), dict)):
+            raise ValueError(f"load: layer {where}: a lowered conv needs a 'gemm' entry of type {lowering}")
+        gemm_cls = LAYER_TYPES[gemm_entry["type"]]
+        problems = geometry_problems(cfg) + gemm_cls.config_problems(gemm_entry["config"])
+        if not isinstance(cfg.get("name"), (str, type(None))):
+            problems.append("name must be a string or null")
+        raise_problems(problems, where)
+        k = cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1]
+        gemm = gemm_cls.from_config(gemm_entry["config"], tensors, prefix + "gemm.", where,
+                                    shape=(k, cfg["out_channels"]))
+        return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
+                   tuple(cfg["padding"]), tuple(cfg["dilation"]), gemm=gemm, name=cfg["name"])
+
+    def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+        self.gemm.validate_tensors(tensors, prefix + "gemm.", where)
+
+    def entropy_coded_keys(self) -> list[str]:
+        return ["gemm." + key for key in self.gemm.entropy_coded_keys()]
+
+    def pruned_bytes(self) -> int | None:
+        return self.gemm.pruned_bytes()
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        # The GEMM's K order is (kh, kw, C) (gemm_weight).
+        return self.gemm.dequantized_weight().view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.gemm.bias
+
+    groups = 1
+    padding_mode = "zeros"
+
+    def matches_float(self, layer: nn.Module) -> bool:
+        return ((layer.in_channels, layer.out_channels, tuple(layer.kernel_size))
+                == (self.in_channels, self.out_channels, self.kernel_size))
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, "
                 f"lowering={'gemm' if self._pointwise else 'im2col+gemm'}")
 
 
+@register_layer
 class Int8Conv2d(Im2colConv2d):
     """Conv2d with int8 weights (symmetric, per output channel) and uint8 activations
     (dynamic per output pixel, or a calibrated static scale / zero point), groups=1.
@@ -208,13 +278,55 @@ class Int8Conv2d(Im2colConv2d):
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _resolve_padding(conv),
                   conv.dilation, bias=conv.bias is not None, activation=activation, act_scale=act_scale,
                   act_zero_point=act_zero_point, weight_bits=weight_bits, name=name)
-        mod.gemm = int8_linear_from_weight(cls.gemm_weight(conv), conv.bias, weight_scale=weight_scale, name=name,
-                                           activation=activation, act_scale=act_scale,
-                                           act_zero_point=act_zero_point, weight_bits=weight_bits)
+        mod.gemm = Int8Linear.from_weight(cls.gemm_weight(conv), conv.bias, weight_scale=weight_scale, name=name,
+                                          activation=activation, act_scale=act_scale,
+                                          act_zero_point=act_zero_point, weight_bits=weight_bits)
         return mod
+
+    def kernel_name(self) -> str:
+        return ("1x1 as GEMM + " if self._pointwise else "im2col + ") + self.gemm.kernel_name()
+
+    def config(self) -> dict:
+        cfg = {k: v for k, v in self.gemm.config().items() if k not in ("in_features", "out_features")}
+        return {**cfg, **self.geometry()}
+
+    @classmethod
+    def from_config(cls, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> "Int8Conv2d":
+        raise_problems(Int8Linear.config_problems(cfg) + geometry_problems(cfg), where)
+        k = cfg["in_channels"] * cfg["kernel_size"][0] * cfg["kernel_size"][1]
+        check_packed_size(k, cfg["out_channels"], tensors.get(prefix + "gemm.w_packed"), where)
+        common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
+        return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
+                   tuple(cfg["padding"]), tuple(cfg["dilation"]), **common)
 
     def extra_repr(self) -> str:
         g = self.gemm
         acts = "dynamic per-pixel" if g.act_scale is None else f"static scale={g.act_scale:.4g} zp={g.act_zero_point}"
         return (f"{super().extra_repr()}, bias={g.bias is not None}, weights=int{g.weight_bits} per-channel, "
                 f"activations=uint8 {acts}, bytes={self.packed_bytes()}")
+
+
+def build_lowered(layer: nn.Module, name: str | None,
+                  build_gemm: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> CompressedLayer:
+    """A format's layer for a float Linear or Conv2d from ``build_gemm(weight [N, K], bias)``: a conv is
+    lowered onto that GEMM module (``Im2colConv2d``)."""
+    bias = layer.bias.detach() if layer.bias is not None else None
+    if float_kind(layer) == "Conv2d":
+        return Im2colConv2d.from_gemm(layer, build_gemm(Im2colConv2d.gemm_weight(layer), bias), name=name)
+    return build_gemm(layer.weight.detach(), bias)
+
+
+def _build_int8(layer: nn.Module, name: str | None, quant: QuantParams) -> CompressedLayer:
+    kwargs = {"weight_bits": quant.weight_bits, "weight_scale": quant.weight_scale}
+    if quant.act_scale is not None:
+        kwargs.update(act_scale=quant.act_scale, act_zero_point=quant.act_zero_point)
+    if float_kind(layer) == "Conv2d":
+        return Int8Conv2d.from_float(layer, name=name, **kwargs)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    return Int8Linear.from_weight(layer.weight.detach(), bias, name=name, **kwargs)
+
+
+register_format(Format("int8-dynamic", True, _build_int8, "Int8Linear / Int8Conv2d, activations quantized per row "
+                                                           "at run time"))
+register_format(Format("int8-static", True, _build_int8, "the same with pycompress.quantize's calibrated activation "
+                                                          "scale / zero point"))

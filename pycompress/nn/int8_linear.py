@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import threading
 import weakref
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from pycompress import _C, ops
+from pycompress._native import activation_code, get_isa, num_threads
+from pycompress.nn.checks import (
+    check_finite_bias,
+    check_packed_size,
+    check_scales,
+    features_problems,
+    gemm_config_problems,
+    raise_problems,
+)
+from pycompress.nn.registry import CompressedLayer, register_layer
 from pycompress.ops.q8 import eager_rows, int8_linear_plan, int8_linear_shared_input_cpu
-from pycompress._native import activation_code, num_threads
-from pycompress.reference.q8 import KGROUP, MAX_K, PANEL, pack_int8_weights, quantize_weight_per_channel
+from pycompress.reference.q8 import (
+    KGROUP,
+    MAX_K,
+    PANEL,
+    pack_int8_weights,
+    quantize_weight_per_channel,
+    round_up,
+    unpack_int8_weights,
+)
 
 
 # Bound once: the eager forward runs these on every call.
@@ -20,11 +38,21 @@ _empty = torch.empty
 _is_compiling = torch.compiler.is_compiling
 
 
-def _round_up(v: int, m: int) -> int:
-    return (v + m - 1) // m * m
+def quantize_with_scale(weight: torch.Tensor, weight_scale, bits: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8, scale) of a 2-D float weight with a calibrated per-channel ``weight_scale`` (from
+    ``pycompress.quantize``) instead of the max-abs one: what both int8 formats store."""
+    scale = torch.as_tensor(weight_scale, dtype=torch.float32).detach().cpu().reshape(-1)
+    if scale.numel() != weight.shape[0]:
+        raise ValueError(f"{label}: weight_scale has {scale.numel()} entries, weight has {weight.shape[0]} output channels")
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"{label}: weight_scale must be finite and > 0")
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.clamp(torch.round(weight.detach().float().cpu() / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return q, scale
 
 
-class Int8Linear(nn.Module):
+@register_layer
+class Int8Linear(CompressedLayer):
     """y = act(x @ W^T + b) with int8 weights (symmetric, per output channel) and
     uint8 activations quantized per row at run time (``act_scale=None``) or with a
     calibrated static scale / zero point.
@@ -32,6 +60,10 @@ class Int8Linear(nn.Module):
     Buffers: ``w_packed`` (kernel layout, see csrc/q8/q8_gemm.h), ``col_sum``,
     ``w_scale``, ``bias``; all in ``state_dict``.
     """
+
+    FLOAT_KIND = "Linear"
+    ENTROPY_CODED = ("w_packed",)
+    FUSES_ACTIVATION = True
 
     def __init__(
         self,
@@ -58,7 +90,7 @@ class Int8Linear(nn.Module):
         self.act_zero_point = act_zero_point
         self.weight_bits = weight_bits
         self.name = name
-        kp, np_ = _round_up(in_features, KGROUP), _round_up(out_features, PANEL)
+        kp, np_ = round_up(in_features, KGROUP), round_up(out_features, PANEL)
         self.register_buffer("w_packed", torch.zeros(np_ * kp, dtype=torch.int8))
         self.register_buffer("col_sum", torch.zeros(np_, dtype=torch.int32))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
@@ -97,6 +129,70 @@ class Int8Linear(nn.Module):
         if b is not None:
             mod.bias.copy_(b.detach().to(torch.float32))
         return mod
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, weight_scale: torch.Tensor | None = None,
+                    name: str | None = None, **kwargs) -> "Int8Linear":
+        """Int8Linear for a 2-D float weight; ``weight_scale`` [out] uses a calibrated per-channel scale
+        (from ``pycompress.quantize``) instead of the max-abs one ``from_float`` computes."""
+        gemm = cls.from_float(SimpleNamespace(weight=weight, bias=bias), name=name, **kwargs)
+        if weight_scale is None:
+            return gemm
+        q, scale = quantize_with_scale(weight, weight_scale, gemm.weight_bits, name or "Int8Linear")
+        packed, col_sum = pack_int8_weights(q)
+        gemm.w_packed.copy_(packed)
+        gemm.col_sum.copy_(col_sum)
+        gemm.w_scale.copy_(scale)
+        return gemm
+
+    # ---------------------------------------------------------------- the format (pycompress.nn.registry)
+
+    @property
+    def format_name(self) -> str:
+        return "int8-dynamic" if self.act_scale is None else "int8-static"
+
+    def kernel_name(self) -> str:
+        return f"q8 GEMM ({get_isa()})"
+
+    def config(self) -> dict:
+        return {"bias": self.bias is not None, "activation": self.activation, "name": self.name,
+                "act_scale": self.act_scale, "act_zero_point": self.act_zero_point, "weight_bits": self.weight_bits,
+                "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def config_problems(cls, cfg: dict) -> list[str]:
+        return gemm_config_problems(cfg, quantized=True)
+
+    @classmethod
+    def from_config(cls, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str, where: str,
+                    shape: tuple[int, int] | None = None) -> "Int8Linear":
+        if shape is None:
+            raise_problems(cls.config_problems(cfg) + features_problems(cfg), where)
+            shape = (cfg["in_features"], cfg["out_features"])
+        check_packed_size(*shape, tensors.get(prefix + "w_packed"), where)
+        common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
+        return cls(*shape, **common)
+
+    def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+        """The packed operands' invariants; the kernel reads them without further checks."""
+        k, n = self.in_features, self.out_features
+        kp, np_ = round_up(k, KGROUP), round_up(n, PANEL)
+        packed, col_sum = tensors[prefix + "w_packed"], tensors[prefix + "col_sum"]
+        qmax = 2 ** (self.weight_bits - 1) - 1
+        full = packed.view(np_ // PANEL, kp // KGROUP, PANEL, KGROUP).permute(0, 2, 1, 3).reshape(np_, kp)
+        if full.numel() and (full.min() < -qmax or full.max() > qmax):
+            raise ValueError(f"load: {where}: packed weights leave the symmetric int{self.weight_bits} range "
+                             f"[-{qmax}, {qmax}]")
+        if full[n:].any() or full[:, k:].any():
+            raise ValueError(f"load: {where}: packed weights have nonzero padding (corrupt or not from pycompress)")
+        if not torch.equal(full.sum(dim=1, dtype=torch.int32), col_sum):
+            raise ValueError(f"load: {where}: col_sum does not match the packed weights (corrupt file)")
+        check_scales(tensors[prefix + "w_scale"], where)
+        check_finite_bias(tensors, prefix, where)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpack_int8_weights(self.w_packed, self.out_features, self.in_features)
+        return q.to(torch.float32) * self.w_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and self._shared_input is None
@@ -162,9 +258,9 @@ class Int8Linear(nn.Module):
     def get_extra_state(self) -> dict:
         # The packed buffers alone do not pin down K (it is padded to a multiple
         # of 4): the configuration travels with the state_dict and is checked on load.
-        return {"format": "int8_linear/v1", "in_features": self.in_features, "out_features": self.out_features,
-                "activation": self.activation, "act_scale": self.act_scale, "act_zero_point": self.act_zero_point,
-                "weight_bits": self.weight_bits}
+        cfg = self.config()
+        return {"format": "int8_linear/v1", **{k: cfg[k] for k in ("in_features", "out_features", "activation",
+                                                                    "act_scale", "act_zero_point", "weight_bits")}}
 
     def set_extra_state(self, state: dict) -> None:
         mine = self.get_extra_state()
@@ -223,6 +319,18 @@ class SharedInputGroup:
     Eager CPU calls only; traced / compiled / exported calls take each member's own op. Outputs
     waiting for their member are held per thread until taken or replaced by the next shared call.
     """
+
+    @staticmethod
+    def can_join(layer: nn.Module) -> bool:
+        """Whether ``layer`` can be a member: a dense int8 layer not in a group yet."""
+        return type(layer) is Int8Linear and layer._shared_input is None
+
+    @staticmethod
+    def compatible(members: list[Int8Linear]) -> bool:
+        """Whether the members quantize one input alike (same K, activation scale and zero point)."""
+        first = members[0]
+        return all(m.in_features == first.in_features and m.act_scale == first.act_scale
+                   and m.act_zero_point == first.act_zero_point for m in members)
 
     def __init__(self, members: list[Int8Linear], adjacent: bool = False) -> None:
         if len(members) < 2:

@@ -9,12 +9,25 @@ pycompress/ops/sparse.py).
 from __future__ import annotations
 
 import operator
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from pycompress import _C, ops
 from pycompress._native import activation_code, isa_at_least, num_threads
+from pycompress.nn.checks import (
+    check_finite_bias,
+    check_scales,
+    check_structure,
+    features_problems,
+    file_tensor,
+    gemm_config_problems,
+    raise_problems,
+)
+from pycompress.nn.int8_conv import build_lowered
+from pycompress.nn.int8_linear import quantize_with_scale
+from pycompress.nn.registry import CompressedLayer, Format, QuantParams, register_format, register_layer
 from pycompress.ops.q8 import eager_rows
 from pycompress.ops.sparse import (
     build_bsr1x4_panels,
@@ -28,7 +41,7 @@ from pycompress.ops.sparse import (
     sparse_linear_nm24_cpu,
     sliced_steps,
 )
-from pycompress.reference.q8 import quantize_weight_per_channel
+from pycompress.reference.q8 import quantize_weight_per_channel, round_up
 from pycompress.reference.sparse import (
     FORMATS_FP32,
     FORMATS_INT8,
@@ -38,6 +51,9 @@ from pycompress.reference.sparse import (
     pack_bsr1x4,
     pack_csr,
     pack_nm24,
+    unpack_bsr1x4,
+    unpack_csr,
+    unpack_nm24,
 )
 
 # Buffers whose length is the number of stored nonzeros / blocks (resized on load).
@@ -52,8 +68,8 @@ def _eager_cpu(x: torch.Tensor) -> bool:
     return type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-class _SparseBase(nn.Module):
-    kind = "Sparse"
+class _SparseBase(CompressedLayer):
+    LOWERS_CONV = True
 
     def __init__(self, in_features: int, out_features: int, activation: str, name: str | None) -> None:
         super().__init__()
@@ -130,10 +146,27 @@ class _SparseBase(nn.Module):
     def validate(self) -> None:
         """Checks the pack's structure (raises ValueError naming the layer)."""
 
+    # Index arrays of the pack (Deep Compression's "pruned" stage counts them beside the values).
+    _INDEX_BUFFERS = ("row_ptr", "col_idx", "blk_idx", "nm_idx")
+
+    def pruned_bytes(self) -> int:
+        index = sum(b.numel() * b.element_size() for name, b in self._buffers.items()
+                    if name in self._INDEX_BUFFERS and b is not None)
+        bias = self.bias.numel() * 4 if self.bias is not None else 0
+        return self.values.numel() * 4 + index + bias
+
+    @classmethod
+    def _shape(cls, cfg: dict, where: str, shape: tuple[int, int] | None) -> tuple[int, int]:
+        if shape is None:
+            raise_problems(cls.config_problems(cfg) + features_problems(cfg), where)
+            shape = (cfg["in_features"], cfg["out_features"])
+        return shape
+
 
 _PANEL_BUFFERS = ("panel_sub", "panel_idx", "panel_values")
 
 
+@register_layer
 class SparseLinear(_SparseBase):
     """y = act(x @ W^T + b) with fp32 sparse weights.
 
@@ -151,6 +184,8 @@ class SparseLinear(_SparseBase):
     """
 
     _PACK_BUFFERS = ("row_ptr", "col_idx", "values")  # csr (nm24 has no derived layout)
+    ENTROPY_CODED = ("row_ptr", "col_idx", "nm_idx")
+    weight_bits = 32
     # The kernels read the panel layout from M = 2 (M = 1 runs the gather kernel).
     _PANEL_MIN_ROWS = 2
 
@@ -213,6 +248,66 @@ class SparseLinear(_SparseBase):
         except ValueError as e:
             raise ValueError(f"{self._label()}: {e}") from None
 
+    # ---------------------------------------------------------------- the format (pycompress.nn.registry)
+
+    format_name = "sparse-fp32"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.format == "csr":
+            return unpack_csr(self.row_ptr, self.col_idx, self.values, self.in_features)
+        return unpack_nm24(self.values, self.nm_idx, self.in_features)
+
+    def config(self) -> dict:
+        # The number of stored nonzeros comes from the file's tensors.
+        return {"bias": self.bias is not None, "activation": self.activation, "name": self.name,
+                "format": self.format, "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def config_problems(cls, cfg: dict) -> list[str]:
+        return gemm_config_problems(cfg, quantized=False)
+
+    @classmethod
+    def from_config(cls, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str, where: str,
+                    shape: tuple[int, int] | None = None) -> "SparseLinear":
+        """Sized from the file's own index arrays, never from the manifest alone."""
+        k, n = cls._shape(cfg, where, shape)
+        common = {key: cfg[key] for key in ("bias", "activation", "name")}
+        if cfg.get("format") == "csr":
+            file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
+            nnz = file_tensor(tensors, prefix + "col_idx", torch.uint16, None, where).numel()
+            return cls(k, n, nnz=nnz, format="csr", **common)
+        if cfg.get("format") == "nm24":
+            if k % 4:
+                raise ValueError(f"load: layer {where}: nm24 needs in_features % 4 == 0, got {k}")
+            values = tensors.get(prefix + "values")
+            if values is None or values.numel() != n * (k // 2):
+                raise ValueError(f"load: layer {where}: nm24 with K={k}, N={n} needs {n * (k // 2)} values, the "
+                                 f"file has {'none' if values is None else values.numel()}")
+            return cls(k, n, format="nm24", **common)
+        raise ValueError(f"load: layer {where}: format {cfg.get('format')!r} not in ('csr', 'nm24')")
+
+    def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+        """The structure (row_ptr from 0, non-decreasing, ending at the stored count, every index < K) with
+        the same C++ validator the ops run, before anything else reads it; then the values the kernels trust."""
+        k, n = self.in_features, self.out_features
+        values = tensors[prefix + "values"]
+        if self.format == "csr":
+            check_structure("sparse_linear_csr", tensors[prefix + "row_ptr"], tensors[prefix + "col_idx"], k,
+                            _C.sparse_validate_csr, where)
+        else:
+            # 2-bit indices cannot leave their group of 4; a pycompress pack holds two distinct ascending
+            # positions per group (pack_nm24) and zero bits past the K/2 stored values.
+            words = tensors[prefix + "nm_idx"].view(torch.int32)  # uint32 has few torch ops; the bits are the same
+            fields = torch.stack([(words >> (2 * j)) & 3 for j in range(NM_PER_WORD)], dim=-1)
+            fields = fields.reshape(n, -1)
+            pairs = fields[:, : k // 2].reshape(n, -1, 2)
+            if fields[:, k // 2:].any() or (pairs[..., 0] >= pairs[..., 1]).any():
+                raise ValueError(f"load: {where}: nm24 indices are not two ascending positions per group of 4 "
+                                 "with zero padding (corrupt file)")
+        if not torch.isfinite(values).all():
+            raise ValueError(f"load: {where}: sparse values have NaN or Inf")
+        check_finite_bias(tensors, prefix, where)
+
     def _panels_for(self, m: int):
         """The csr panel layout when the kernels would use it for M rows."""
         if m < self._PANEL_MIN_ROWS or not csr_panels_supported(self.in_features):
@@ -248,6 +343,7 @@ class SparseLinear(_SparseBase):
                 f"format={self.format}, weights=fp32, density={density:.2%}, bytes={self.packed_bytes()}{act}")
 
 
+@register_layer
 class SparseInt8Linear(_SparseBase):
     """y = act(dequant(quant(x) @ W_q^T) + b) with int8 weights in 1x4 blocks along K (bsr1x4).
 
@@ -294,6 +390,7 @@ class SparseInt8Linear(_SparseBase):
     # group layout's steps: a byte step is 130 bytes against 74, so below ~0.57 it also streams fewer bytes.
     _BYTE_STEP_RATIO = 0.6
     _PACK_BUFFERS = ("row_ptr", "blk_idx", "values")
+    ENTROPY_CODED = ("values", "row_ptr", "blk_idx")
     _GROUP_BUFFERS = ("sliced_ptr", "sliced_base", "sliced_lane", "sliced_values")
     _BYTE_BUFFERS = ("byte_slice_ptr", "byte_step_base", "byte_step_pos", "byte_values")
 
@@ -332,6 +429,74 @@ class SparseInt8Linear(_SparseBase):
             mod.bias.copy_(b)
         mod.validate()
         return mod
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, weight_scale: torch.Tensor | None = None,
+                    name: str | None = None, **kwargs) -> "SparseInt8Linear":
+        """SparseInt8Linear for a 2-D float weight; ``weight_scale`` [out] uses a calibrated per-channel
+        scale (from ``pycompress.quantize``) as ``Int8Linear.from_weight`` does, so both int8 formats
+        quantize a layer to the same integers."""
+        if weight_scale is None:
+            return cls.from_float(SimpleNamespace(weight=weight, bias=bias), name=name, **kwargs)
+        n, k = weight.shape
+        q, scale = quantize_with_scale(weight, weight_scale, kwargs.get("weight_bits", 8),
+                                       f"SparseInt8Linear({name or ''})")
+        row_ptr, blk_idx, values, col_sum = pack_bsr1x4(q)
+        mod = cls(k, n, nblocks=blk_idx.numel(), bias=bias is not None, name=name, **kwargs)
+        for buf, src in ((mod.row_ptr, row_ptr), (mod.blk_idx, blk_idx), (mod.values, values),
+                         (mod.col_sum, col_sum), (mod.w_scale, scale)):
+            buf.copy_(src)
+        if bias is not None:
+            mod.bias.copy_(bias.detach().to(torch.float32))
+        mod.validate()
+        return mod
+
+    # ---------------------------------------------------------------- the format (pycompress.nn.registry)
+
+    format_name = "sparse-int8"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpack_bsr1x4(self.row_ptr, self.blk_idx, self.values, self.in_features)
+        return q.to(torch.float32) * self.w_scale[:, None]
+
+    def config(self) -> dict:
+        return {"bias": self.bias is not None, "activation": self.activation, "name": self.name,
+                "act_scale": self.act_scale, "act_zero_point": self.act_zero_point, "weight_bits": self.weight_bits,
+                "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def config_problems(cls, cfg: dict) -> list[str]:
+        return gemm_config_problems(cfg, quantized=True)
+
+    @classmethod
+    def from_config(cls, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str, where: str,
+                    shape: tuple[int, int] | None = None) -> "SparseInt8Linear":
+        """Sized from the file's own index arrays, never from the manifest alone."""
+        k, n = cls._shape(cfg, where, shape)
+        file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
+        nblocks = file_tensor(tensors, prefix + "blk_idx", torch.uint16, None, where).numel()
+        return cls(k, n, nblocks=nblocks, act_scale=cfg["act_scale"], act_zero_point=cfg["act_zero_point"],
+                   weight_bits=cfg["weight_bits"], **{key: cfg[key] for key in ("bias", "activation", "name")})
+
+    def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+        """The structure with the ops' own C++ validator first, then the values, col_sum, the last block's
+        padding, the scales and the bias."""
+        k, n = self.in_features, self.out_features
+        row_ptr, blk_idx, values = tensors[prefix + "row_ptr"], tensors[prefix + "blk_idx"], tensors[prefix + "values"]
+        check_structure("sparse_int8_linear", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4, where)
+        qmax = 2 ** (self.weight_bits - 1) - 1
+        blocks = values.view(-1, 4)
+        if blocks.numel() and (blocks.min() < -qmax or blocks.max() > qmax):
+            raise ValueError(f"load: {where}: sparse int8 values leave the symmetric int{self.weight_bits} range "
+                             f"[-{qmax}, {qmax}]")
+        if k % 4 and blocks[blk_idx.to(torch.int64) == k // 4, k % 4:].any():
+            raise ValueError(f"load: {where}: the last 1x4 block of a row holds nonzeros past K={k} (corrupt file)")
+        rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff().to(torch.int64))
+        row_sums = torch.zeros(n, dtype=torch.int32).index_add_(0, rows, blocks.sum(dim=1, dtype=torch.int32))
+        if not torch.equal(row_sums, tensors[prefix + "col_sum"]):
+            raise ValueError(f"load: {where}: col_sum does not match the sparse int8 values (corrupt file)")
+        check_scales(tensors[prefix + "w_scale"], where)
+        check_finite_bias(tensors, prefix, where)
 
     def validate(self) -> None:
         try:
@@ -451,7 +616,7 @@ class SparseInt8Linear(_SparseBase):
 
     def extra_repr(self) -> str:
         nblocks = self.blk_idx.numel()
-        kp = (self.in_features + 3) // 4 * 4
+        kp = round_up(self.in_features, 4)
         block_density = nblocks / (self.out_features * kp // 4)
         density = int((self.values != 0).sum()) / (self.in_features * self.out_features)
         acts = "dynamic per-row" if self.act_scale is None else f"static scale={self.act_scale:.4g} zp={self.act_zero_point}"
@@ -481,3 +646,21 @@ def _float_weight(cls, linear: nn.Module, name: str | None):
         if not torch.isfinite(b).all():
             raise ValueError(f"{label}: bias has NaN or Inf")
     return weight, b, label
+
+
+def _build_sparse_fp32(layer: nn.Module, name: str | None, quant: QuantParams) -> CompressedLayer:
+    # fp32 values: a quantized layer asked for sparse-fp32 drops its int8 numbers.
+    return build_lowered(layer, name, lambda w, b: SparseLinear.from_float(SimpleNamespace(weight=w, bias=b),
+                                                                           name=name))
+
+
+def _build_sparse_int8(layer: nn.Module, name: str | None, quant: QuantParams) -> CompressedLayer:
+    # One format for both activation modes: a calibrated layer gets its static scale.
+    kwargs = {"weight_bits": quant.weight_bits, "weight_scale": quant.weight_scale}
+    if quant.act_scale is not None:
+        kwargs.update(act_scale=quant.act_scale, act_zero_point=quant.act_zero_point)
+    return build_lowered(layer, name, lambda w, b: SparseInt8Linear.from_weight(w, b, name=name, **kwargs))
+
+
+register_format(Format("sparse-fp32", False, _build_sparse_fp32, "SparseLinear: fp32 csr, or nm24 for 2:4 weights"))
+register_format(Format("sparse-int8", True, _build_sparse_int8, "SparseInt8Linear: int8 1x4 blocks (bsr1x4)"))

@@ -7,16 +7,12 @@ import torch
 from pycompress import _C
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
-from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL
+from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL, round_up
 
 LIB.define(
     "int8_linear(Tensor x, Tensor w_packed, Tensor col_sum, Tensor w_scale, Tensor? bias, "
     "int activation=0, float? act_scale=None, int act_zero_point=0, int act_bits=8) -> Tensor"
 )
-
-
-def _round_up(v: int, m: int) -> int:
-    return (v + m - 1) // m * m
 
 
 def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits=8) -> tuple[int, int]:
@@ -42,8 +38,7 @@ def _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, a
     if not 1 <= k <= MAX_K:
         raise ValueError(f"int8_linear: K={k} features is outside [1, {MAX_K}]; beyond {MAX_K} an int32 "
                          "accumulator of uint8*int8 products can overflow")
-    kp = (k + KGROUP - 1) // KGROUP * KGROUP
-    np_ = (n + PANEL - 1) // PANEL * PANEL
+    kp, np_ = round_up(k, KGROUP), round_up(n, PANEL)
     if w_packed.dtype != torch.int8 or w_packed.dim() != 1 or w_packed.numel() != np_ * kp:
         raise ValueError(f"int8_linear: packed weight must be 1-D int8 of {np_ * kp} bytes for K={k}, N={n}; got "
                          f"{w_packed.dtype} {tuple(w_packed.shape)} (does x have the layer's in_features?)")

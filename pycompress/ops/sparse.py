@@ -22,6 +22,7 @@ from pycompress import _C
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
 from pycompress.ops.q8 import eager_rows
+from pycompress.reference.q8 import round_up
 from pycompress.reference.sparse import MAX_K, NM_PER_WORD
 
 LIB.define("sparse_linear_csr(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
@@ -414,7 +415,7 @@ def sparse_sliced_accumulate_raw(q: torch.Tensor, slice_ptr, step_base, step_lan
                                  k: int) -> torch.Tensor:
     """Test hook: raw int32 accumulators of quantized rows q uint8 [M, round_up(K, 4)] against a sliced pack."""
     op = "sparse_sliced_accumulate_raw"
-    kp = (k + 3) // 4 * 4
+    kp = round_up(k, 4)
     if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] != kp:
         raise ValueError(f"{op}: q must be uint8 [M, {kp}], got {q.dtype} {tuple(q.shape)}")
     if values.dtype != torch.int8 or tuple(values.shape) != (step_base.numel(), 4 * SLICE_LANES):
@@ -439,7 +440,7 @@ def sparse_q8_accumulate_raw(q: torch.Tensor, row_ptr, blk_idx, values, k: int, 
     n = row_ptr.numel() - 1
     ensure_valid_structure("sparse_q8_accumulate_raw", row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
     panel_ptrs = _bsr1x4_panel_ptrs("sparse_q8_accumulate_raw", panels, n, k)
-    kp = (k + 3) // 4 * 4
+    kp = round_up(k, 4)
     if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] != kp or not q.is_contiguous():
         raise ValueError(f"sparse_q8_accumulate_raw: q must be contiguous uint8 [M, {kp}], got {q.dtype} "
                          f"{tuple(q.shape)}")

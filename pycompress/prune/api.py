@@ -8,8 +8,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from pycompress.prune import masks as _masks
-from pycompress.prune import unstructured as _u
+import pycompress.prune.masks as _masks
+import pycompress.prune.unstructured as _u
+from pycompress.prune.structured import prune_channels
 
 METHODS = ("magnitude", "block", "nm", "channel")
 SCOPES = ("layer", "global")
@@ -18,7 +19,7 @@ SCOPES = ("layer", "global")
 def _check_patterns_used(model: nn.Module, patterns: Iterable[str], what: str) -> None:
     names = [n for n, mod in model.named_modules() if isinstance(mod, _masks.PRUNABLE_TYPES)]
     for p in patterns:
-        if not any(_masks._matches(n, [p]) for n in names):
+        if not any(_masks.matches_any(n, [p]) for n in names):
             raise ValueError(f"prune: {what} pattern {p!r} matches no Linear/Conv layer; layers are {names}")
 
 
@@ -38,7 +39,7 @@ def resolve_layer_sparsities(
     per_layer = {}
     for name, _ in layers:
         for pattern, s in overrides.items():
-            if _masks._matches(name, [pattern]):
+            if _masks.matches_any(name, [pattern]):
                 per_layer[name] = float(s)
                 break
     return layers, per_layer
@@ -132,8 +133,6 @@ def prune(
     else:
         sparsity = _u.check_sparsity(0.9 if sparsity is None else sparsity, "prune")
     if method == "channel":
-        from pycompress.prune.structured import prune_channels
-
         if scope != "layer":
             raise ValueError("prune: method='channel' supports scope='layer' only (each channel group keeps "
                              "1 - sparsity of its channels)")
@@ -143,8 +142,8 @@ def prune(
         block = _check_block(block)
     layers, per_layer = resolve_layer_sparsities(model, sparsity if sparsity is not None else 0.0, exclude, overrides)
     for name, module in layers:
-        if _masks._parametrizations(module):
-            kinds = [type(p).__name__ for p in _masks._parametrizations(module)]
+        if _masks.weight_parametrizations(module):
+            kinds = [type(p).__name__ for p in _masks.weight_parametrizations(module)]
             if _masks.get_pruning_mask_module(module) is not None:
                 raise ValueError(f"prune({name}): layer is already pruned; call pycompress.prune.remove(model) "
                                  "first, or use GradualPruner to raise sparsity step by step")
@@ -213,9 +212,9 @@ class GradualPruner:
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.layers, self.final_per_layer = resolve_layer_sparsities(model, self.target, exclude, overrides)
         for name, module in self.layers:
-            if _masks._parametrizations(module):
+            if _masks.weight_parametrizations(module):
                 raise ValueError(f"GradualPruner({name}): layer already has parametrizations on weight "
-                                 f"({[type(p).__name__ for p in _masks._parametrizations(module)]}); "
+                                 f"({[type(p).__name__ for p in _masks.weight_parametrizations(module)]}); "
                                  "start from an unpruned, unquantized model")
         for name, module in self.layers:
             _masks.attach_mask(module, torch.ones_like(module.weight, dtype=torch.bool), name)

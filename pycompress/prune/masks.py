@@ -32,14 +32,14 @@ class PruningMask(nn.Module):
         return weight * self.mask.to(weight.dtype)
 
 
-def _parametrizations(module: nn.Module) -> list[nn.Module]:
+def weight_parametrizations(module: nn.Module) -> list[nn.Module]:
     if not parametrize.is_parametrized(module, "weight"):
         return []
     return list(module.parametrizations.weight)
 
 
 def get_pruning_mask_module(module: nn.Module) -> PruningMask | None:
-    for p in _parametrizations(module):
+    for p in weight_parametrizations(module):
         if isinstance(p, PruningMask):
             return p
     return None
@@ -71,9 +71,9 @@ def attach_mask(module: nn.Module, mask: torch.Tensor, name: str) -> None:
     if get_pruning_mask_module(module) is not None:
         raise ValueError(f"prune({name}): layer is already pruned; call pycompress.prune.remove(model) "
                          "first, or use GradualPruner to raise sparsity step by step")
-    if any(True for _ in _parametrizations(module)):
+    if any(True for _ in weight_parametrizations(module)):
         raise ValueError(f"prune({name}): layer already has parametrizations on weight "
-                         f"({[type(p).__name__ for p in _parametrizations(module)]}); prune before "
+                         f"({[type(p).__name__ for p in weight_parametrizations(module)]}); prune before "
                          "quantize/prepare_qat")
     if mask.shape != module.weight.shape:
         raise ValueError(f"prune({name}): mask shape {tuple(mask.shape)} != weight shape {tuple(module.weight.shape)}")
@@ -95,7 +95,7 @@ def remove(model: nn.Module) -> nn.Module:
     """Make every pruning mask in ``model`` permanent: plain ``weight`` Parameters with
     exact zeros. Other parametrizations (e.g. fake-quant) are kept, above the baked weight."""
     for _, module in list(model.named_modules()):
-        plist = _parametrizations(module)
+        plist = weight_parametrizations(module)
         if not any(isinstance(p, PruningMask) for p in plist):
             continue
         with torch.no_grad():
@@ -109,7 +109,7 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -117,7 +117,7 @@ def prunable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[t
     """(qualified name, module) for every Linear/Conv layer not excluded by name or fnmatch pattern."""
     exclude = list(exclude)
     for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES) and not _matches(name, exclude):
+        if isinstance(module, PRUNABLE_TYPES) and not matches_any(name, exclude):
             yield name, module
 
 

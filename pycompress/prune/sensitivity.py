@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from pycompress.prune import masks as _masks
-from pycompress.prune import unstructured as _u
+import pycompress.prune.masks as _masks
+import pycompress.prune.unstructured as _u
 
 
 def sensitivity_analysis(
@@ -24,13 +24,13 @@ def sensitivity_analysis(
 
     Returns ``{layer: {sparsity: metric}}``, with sparsity 0.0 holding the unpruned metric.
     """
-    from pycompress.quant._progress import progress_bar
+    from pycompress.progress import progress_bar
 
     for s in sparsities:
         _u.check_sparsity(s, "sensitivity_analysis")
     layers = list(_masks.prunable_layers(model, exclude))
     for name, module in layers:
-        if _masks._parametrizations(module):
+        if _masks.weight_parametrizations(module):
             raise ValueError(f"sensitivity_analysis({name}): layer has parametrizations on weight; "
                              "analyse the plain float model")
     baseline = float(evaluate(model))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from pycompress.prune import masks as _masks
+import pycompress.prune.masks as _masks
 
 _PASSTHROUGH_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid,
@@ -325,7 +325,7 @@ def prune_channels(
     exclude = list(exclude)
     overrides = dict(overrides or {})
     for name, mod in model.named_modules():
-        if isinstance(mod, _masks.PRUNABLE_TYPES) and _masks._parametrizations(mod):
+        if isinstance(mod, _masks.PRUNABLE_TYPES) and _masks.weight_parametrizations(mod):
             raise ValueError(f"prune(method='channel'): layer {name} has parametrizations on weight; channel "
                              "pruning needs plain weights (call pycompress.prune.remove(model) first, and prune "
                              "channels before quantize/prepare_qat)")
@@ -335,13 +335,13 @@ def prune_channels(
         if not group.producers or group.fixed:
             continue
         names = [n for n, _ in group.producers]
-        if any(_masks._matches(n, exclude) for n in names):
+        if any(_masks.matches_any(n, exclude) for n in names):
             continue
         if group.unsupported:
             raise ValueError(f"prune(method='channel'): cannot prune the output channels of {', '.join(names)}: "
                              f"they flow into {'; '.join(group.unsupported)}, which pycompress cannot follow. "
                              f"Exclude the layer (exclude={names!r}) to leave it dense. The model was not modified.")
-        s = next((overrides[p] for n in names for p in overrides if _masks._matches(n, [p])), sparsity)
+        s = next((overrides[p] for n in names for p in overrides if _masks.matches_any(n, [p])), sparsity)
         imp = _channel_importance(group, norm)
         num_channels = imp.numel()
         num_removed = min(round(s * num_channels), num_channels - 1)

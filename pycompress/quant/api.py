@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pycompress.prune.masks import _matches, masked_float_weight
-from pycompress.quant._progress import progress_bar
+from pycompress.prune.masks import masked_float_weight, matches_any
+from pycompress.progress import progress_bar
 from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
 from pycompress.quant.fold import fold_conv_bn
 from pycompress.quant.observers import OBSERVERS, make_observer
@@ -93,7 +93,7 @@ def _check_float_model(model: nn.Module, what: str) -> None:
 
 def _layers(model: nn.Module, exclude: Iterable[str], what: str) -> list[tuple[str, nn.Module]]:
     exclude = list(exclude)
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and not _matches(n, exclude)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and not matches_any(n, exclude)]
     if not layers:
         raise ValueError(f"{what}: the model has no nn.Linear / nn.Conv2d layer to quantize")
     for name, mod in layers:

@@ -18,7 +18,8 @@ _F32 = torch.float32
 _FLT_MIN = torch.finfo(torch.float32).tiny
 
 
-def _round_up(v: int, m: int) -> int:
+def round_up(v: int, m: int) -> int:
+    """v rounded up to a multiple of m (K to KGROUP, N to PANEL, K to a 1x4 block)."""
     return (v + m - 1) // m * m
 
 
@@ -42,7 +43,7 @@ def pack_int8_weights(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if q.dtype != torch.int8 or q.dim() != 2:
         raise ValueError(f"pack_int8_weights: expected a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
     n, k = q.shape
-    np_, kp = _round_up(n, PANEL), _round_up(k, KGROUP)
+    np_, kp = round_up(n, PANEL), round_up(k, KGROUP)
     padded = torch.zeros(np_, kp, dtype=torch.int8)
     padded[:n, :k] = q
     packed = padded.view(np_ // PANEL, PANEL, kp // KGROUP, KGROUP).permute(0, 2, 1, 3).contiguous().view(-1)
@@ -51,7 +52,7 @@ def pack_int8_weights(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_int8_weights(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    np_, kp = _round_up(n, PANEL), _round_up(k, KGROUP)
+    np_, kp = round_up(n, PANEL), round_up(k, KGROUP)
     if packed.numel() != np_ * kp:
         raise ValueError(f"packed weights hold {packed.numel()} bytes, expected {np_ * kp} for N={n}, K={k}")
     full = packed.view(np_ // PANEL, kp // KGROUP, PANEL, KGROUP).permute(0, 2, 1, 3).reshape(np_, kp)

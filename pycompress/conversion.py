@@ -1,6 +1,7 @@
-"""pycompress.convert: swap a trained model's nn.Linear / nn.Conv2d layers for pycompress modules.
+"""pycompress.conversion (``pycompress.convert``): swap a trained model's nn.Linear / nn.Conv2d layers for pycompress modules.
 
-Each layer gets one format from a small registry (``FORMATS``):
+Each layer gets one format: ``float`` or one that a ``pycompress.nn`` class registered
+(``pycompress.nn.registry.FORMATS``; ``FORMATS`` here lists them after ``float``):
 
   float         the layer as it was (masks baked into the weight)
   int8-dynamic  Int8Linear / Int8Conv2d, activations quantized per row at run time
@@ -11,8 +12,6 @@ Each layer gets one format from a small registry (``FORMATS``):
 The layer's state says which formats are candidates: zeros (a pruning mask or plain zeros)
 make the sparse formats candidates, quantization state from ``pycompress.quantize`` makes
 int8 use its calibrated scales (static activations -> int8-static), neither -> int8-dynamic.
-A format whose kernels or helper module are not in this build is not considered, and the
-summary says so (never a silent fallback).
 
 Choosing among the candidates (``policy``):
 - ``"auto"`` with ``example_inputs``: each candidate is timed at the layer's real input shape
@@ -39,7 +38,6 @@ Converting an already converted model raises RuntimeError.
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -49,17 +47,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+import pycompress.quant as quant_state  # looked up per call: tests substitute get_quant_state
 from pycompress import _C
-import pycompress.nn as pcnn
-from pycompress._native import build_info, get_isa
-from pycompress.nn.int8_conv import Im2colConv2d, Int8Conv2d, conv2d_unsupported_reason, int8_linear_from_weight
 from pycompress.attention import use_fused_attention
-from pycompress.nn.int8_linear import Int8Linear, SharedInputGroup
+from pycompress.nn.int8_conv import conv2d_unsupported_reason
+from pycompress.nn.int8_linear import SharedInputGroup
+from pycompress.nn.registry import FORMATS as REGISTERED_FORMATS
+from pycompress.nn.registry import QuantParams, float_kind, fusible_activation, is_compressed, module_bytes
 from pycompress.reference.q8 import MAX_K
-from pycompress.reference.sparse import pack_bsr1x4
-from pycompress.verify import ErrorStats, call_model, layer_budget_db
+from pycompress.verification import ErrorStats, call_model, layer_budget_db
 
-FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-fp32", "sparse-int8")
+# "float" keeps the layer; the others are pycompress.nn's registered formats.
+FORMATS = ("float",) + tuple(REGISTERED_FORMATS)
 POLICIES = ("auto", "state", "int8") + FORMATS
 
 # auto: a candidate must beat float by this factor (timings on a shared CPU are noisy).
@@ -97,8 +96,6 @@ SPARSE_FP32_MAX_DENSITY = 0.06
 TIMED_SPARSE_INT8_MAX_BLOCK_DENSITY = 0.75
 TIMED_SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY = 0.50  # the byte layout lost to dense int8 at 50% sparsity
 TIMED_SPARSE_FP32_MAX_DENSITY = 0.30
-
-_CONVERTED_TYPES: tuple[type, ...] = (Int8Linear, Im2colConv2d)
 
 # Activation fusion: the int8 kernel applies ReLU or exact (erf) GELU in its epilogue, saving a
 # pass over the output. Fused where the code is known to compute act(layer(x)) and nothing else
@@ -174,37 +171,6 @@ class ConversionRecord:
 # ---------------------------------------------------------------- layer state
 
 
-def _base_type(module: nn.Module) -> type:
-    return parametrize.type_before_parametrizations(module)
-
-
-def _target_kind(module: nn.Module) -> str | None:
-    t = _base_type(module)
-    if issubclass(t, nn.Linear):
-        return "Linear"
-    if issubclass(t, nn.Conv2d):
-        return "Conv2d"
-    return None
-
-
-def _quant_state_lookup() -> tuple[Callable | None, str | None]:
-    """pycompress.quant.get_quant_state if this build has it, else the reason it is not used."""
-    if importlib.util.find_spec("pycompress.quant") is None:
-        return None, "pycompress.quant is not in this build: no calibrated quantization state is read"
-    import pycompress.quant as quant
-
-    if not hasattr(quant, "get_quant_state"):
-        return None, "pycompress.quant has no get_quant_state: no calibrated quantization state is read"
-    return quant.get_quant_state, None
-
-
-def _sparse_unavailable(fmt: str) -> str | None:
-    cls = {"sparse-fp32": "SparseLinear", "sparse-int8": "SparseInt8Linear"}[fmt]
-    if not hasattr(pcnn, cls):
-        return f"pycompress.nn.{cls} is not in this build (sparse kernels not built)"
-    return None
-
-
 def _block_density(gemm_weight: torch.Tensor) -> float:
     """Fraction of the 1x4 blocks along K (K padded to a multiple of 4) holding a nonzero."""
     n, k = gemm_weight.shape
@@ -212,7 +178,11 @@ def _block_density(gemm_weight: torch.Tensor) -> float:
     return float(nonzero.view(n, -1, 4).any(dim=2).sum()) / max(1, nonzero.numel() // 4)
 
 
-def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) -> LayerState:
+def _base_type(module: nn.Module) -> type:
+    return parametrize.type_before_parametrizations(module)
+
+
+def _layer_state(module: nn.Module, kind: str) -> LayerState:
     weight = module.weight  # parametrized: the masked / fake-quantized weight
     density = float((weight != 0).sum()) / max(1, weight.numel())
     gemm_weight = weight.detach()
@@ -220,7 +190,7 @@ def _layer_state(module: nn.Module, kind: str, quant_lookup: Callable | None) ->
         gemm_weight = gemm_weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
     block_density = _block_density(gemm_weight)
     masked = parametrize.is_parametrized(module, "weight")
-    quant = quant_lookup(module) if quant_lookup is not None else None
+    quant = quant_state.get_quant_state(module)
     unsupported = None
     if weight.dtype != torch.float32:
         unsupported = f"weight dtype {weight.dtype}: the kernels take float32 layers"
@@ -241,26 +211,17 @@ def _int8_variant(state: LayerState) -> str:
     return "int8-static" if _quant_attr(state.quant, "activations") == "static" else "int8-dynamic"
 
 
-def _candidate_reasons(state: LayerState, global_unavailable: dict[str, str],
-                       density_limits: str | None = "heuristic") -> dict[str, str | None]:
+def _candidate_reasons(state: LayerState, density_limits: str | None = "heuristic") -> dict[str, str | None]:
     """For each format: None when it is a candidate for this layer, else why not. ``density_limits``:
     which sparse density thresholds apply: "heuristic" (untimed choice, M <= 16 break-even), "timed"
     (the looser limits of a timed choice), None (an explicit request skips them)."""
     reasons: dict[str, str | None] = {"float": None}
     for fmt in FORMATS[1:]:
-        if fmt in global_unavailable:
-            reasons[fmt] = global_unavailable[fmt]
-        elif state.unsupported is not None:
-            reasons[fmt] = state.unsupported
-        else:
-            reasons[fmt] = None
+        reasons[fmt] = state.unsupported
     if reasons["int8-static"] is None and _quant_attr(state.quant, "activations") != "static":
         reasons["int8-static"] = "no calibrated static activation scale (run pycompress.quantize(activations='static'))"
     if reasons["int8-dynamic"] is None and _quant_attr(state.quant, "activations") == "static":
         reasons["int8-dynamic"] = "the layer is calibrated for static activations; int8-static is used"
-    for fmt in ("sparse-fp32", "sparse-int8"):
-        if reasons[fmt] is None and state.kind == "Conv2d" and not hasattr(pcnn, "SparseLinear"):
-            reasons[fmt] = "sparse conv needs pycompress.nn.SparseLinear"
     if density_limits is None:
         return reasons
     if reasons["sparse-fp32"] is None and state.quant is not None:
@@ -310,99 +271,32 @@ def heuristic_format(state: LayerState, candidates: dict[str, str | None], weigh
 # ---------------------------------------------------------------- building modules
 
 
-def _linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return lin
-
-
-def sparse_int8_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, *,
-                            weight_scale: torch.Tensor | None = None, name: str | None = None,
-                            **kwargs) -> nn.Module:
-    """SparseInt8Linear for a 2-D float weight; ``weight_scale`` [out] uses a calibrated per-channel
-    scale (from ``pycompress.quantize``) as ``int8_linear_from_weight`` does, so both int8 formats
-    quantize a layer to the same integers."""
-    if weight_scale is None:
-        return pcnn.SparseInt8Linear.from_float(_linear_like(weight, bias), name=name, **kwargs)
-    label = f"SparseInt8Linear({name or ''})"
-    n, k = weight.shape
-    scale = torch.as_tensor(weight_scale, dtype=torch.float32).detach().cpu().reshape(-1)
-    if scale.numel() != n:
-        raise ValueError(f"{label}: weight_scale has {scale.numel()} entries, weight has {n} output channels")
-    if not (torch.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError(f"{label}: weight_scale must be finite and > 0")
-    qmax = 2 ** (kwargs.get("weight_bits", 8) - 1) - 1
-    q = torch.clamp(torch.round(weight.detach().float().cpu() / scale[:, None]), -qmax, qmax).to(torch.int8)
-    row_ptr, blk_idx, values, col_sum = pack_bsr1x4(q)
-    mod = pcnn.SparseInt8Linear(k, n, nblocks=blk_idx.numel(), bias=bias is not None, name=name, **kwargs)
-    for buf, src in ((mod.row_ptr, row_ptr), (mod.blk_idx, blk_idx), (mod.values, values), (mod.col_sum, col_sum),
-                     (mod.w_scale, scale)):
-        buf.copy_(src)
-    if bias is not None:
-        mod.bias.copy_(bias.detach().to(torch.float32))
-    mod.validate()
-    return mod
+def _quant_params(state: LayerState, fmt: str) -> QuantParams:
+    """What ``pycompress.quantize`` decided for the layer, as format ``fmt`` uses it: a calibrated static
+    activation scale for int8-static and for sparse-int8 (one format for both activation modes)."""
+    bits = int(_quant_attr(state.quant, "weight_bits", 8))
+    scale = _quant_attr(state.quant, "weight_scale")
+    if fmt != "int8-dynamic" and _int8_variant(state) == "int8-static":
+        return QuantParams(bits, scale, float(state.quant.act_scale), int(state.quant.act_zero_point))
+    return QuantParams(bits, scale)
 
 
 def build_module(module: nn.Module, fmt: str, name: str, state: LayerState) -> nn.Module:
     """The pycompress module for ``module`` in format ``fmt`` (``module`` itself for float)."""
     if fmt == "float":
         return module
-    weight = module.weight.detach()
-    bias = module.bias.detach() if module.bias is not None else None
-    if fmt in ("int8-dynamic", "int8-static", "sparse-int8"):
-        kwargs = {"weight_bits": int(_quant_attr(state.quant, "weight_bits", 8)),
-                  "weight_scale": _quant_attr(state.quant, "weight_scale")}
-        # sparse-int8 has one format for both activation modes: a calibrated layer gets its static scale.
-        if fmt == "int8-static" or (fmt == "sparse-int8" and _int8_variant(state) == "int8-static"):
-            kwargs["act_scale"] = float(state.quant.act_scale)
-            kwargs["act_zero_point"] = int(state.quant.act_zero_point)
-    if fmt.startswith("int8"):
-        if state.kind == "Linear":
-            return int8_linear_from_weight(weight, bias, name=name, **kwargs)
-        return Int8Conv2d.from_float(module, name=name, **kwargs)
-    gemm_weight = weight if state.kind == "Linear" else Im2colConv2d.gemm_weight(module)
-    if fmt == "sparse-int8":
-        gemm = sparse_int8_from_weight(gemm_weight, bias, name=name, **kwargs)
-    else:
-        gemm = pcnn.SparseLinear.from_float(_linear_like(gemm_weight, bias), name=name)
-    return gemm if state.kind == "Linear" else Im2colConv2d.from_gemm(module, gemm, name=name)
+    return REGISTERED_FORMATS[fmt].build(module, name, _quant_params(state, fmt))
 
 
 def _bake_float(module: nn.Module) -> nn.Module:
     """A float layer keeps no training-time state at inference: pycompress.quant's fake quantization
     (weight parametrization, ``activation_fake_quant`` submodule and its forward pre-hook) is dropped,
     so the layer computes in float, and its masked weight becomes a plain parameter."""
-    if importlib.util.find_spec("pycompress.quant") is not None:
-        from pycompress.quant import remove_fake_quant
-
-        remove_fake_quant(module)
+    quant_state.remove_fake_quant(module)
     if parametrize.is_parametrized(module):
         for tensor_name in list(module.parametrizations.keys()):
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return module
-
-
-def _kernel_name(fmt: str, kind: str, module: nn.Module) -> str:
-    if fmt == "float":
-        return "torch (float32)"
-    if fmt.startswith("int8"):
-        lowering = "" if kind == "Linear" else ("1x1 as GEMM + " if module._pointwise else "im2col + ")
-        return f"{lowering}q8 GEMM ({get_isa()})"
-    gemm = module.gemm if isinstance(module, Im2colConv2d) else module
-    return getattr(gemm, "kernel_name", type(gemm).__name__)
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct tensors (parameters and buffers) a module holds."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
 
 
 # ---------------------------------------------------------------- timing and checks
@@ -482,12 +376,9 @@ def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: d
     uses = _use_counts(model)
 
     def eligible(m) -> bool:
-        return type(m) is Int8Linear and m._shared_input is None and uses[id(m)] == 1
+        return SharedInputGroup.can_join(m) and uses[id(m)] == 1
 
-    def compatible(members: list[Int8Linear]) -> bool:
-        first = members[0]
-        return all(m.in_features == first.in_features and m.act_scale == first.act_scale
-                   and m.act_zero_point == first.act_zero_point for m in members)
+    compatible = SharedInputGroup.compatible
 
     groups: list[dict] = []
     for parent in model.modules():
@@ -498,7 +389,7 @@ def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: d
         if all(eligible(m) for m in members) and compatible(members):
             SharedInputGroup(members, adjacent=True)
             groups.append({"layers": [names[id(m)] for m in members], "adjacent": True})
-    by_source: dict[int, list[Int8Linear]] = {}
+    by_source: dict[int, list[nn.Module]] = {}
     for rec in records:
         m = model.get_submodule(rec.name)
         source = input_sources.get(original_ids.get(id(m), -1))
@@ -521,28 +412,6 @@ def _local_error(new: nn.Module, args: tuple, float_out: torch.Tensor) -> ErrorS
 # ---------------------------------------------------------------- activation fusion
 
 
-def fusible_activation(module: nn.Module) -> str | None:
-    """The kernel epilogue that computes ``module`` exactly ("relu" / "gelu"), or None."""
-    if type(module) is nn.ReLU:
-        return "relu"
-    if type(module) is nn.GELU and module.approximate == "none":
-        return "gelu"
-    # transformers.activations.GELUActivation with the exact erf GELU
-    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:
-        return "gelu"
-    return None
-
-
-def epilogue_gemm(module: nn.Module) -> Int8Linear | None:
-    """The Int8Linear whose epilogue a converted layer runs (None for other formats)."""
-    gemm = module.gemm if isinstance(module, Im2colConv2d) else module
-    return gemm if isinstance(gemm, Int8Linear) else None
-
-
-def set_epilogue_activation(gemm: Int8Linear, activation: str) -> None:
-    gemm.set_activation(activation)
-
-
 def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]:
     uses = _use_counts(model)
     by_module = {}
@@ -562,11 +431,11 @@ def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]
                 pairs.append((parent, act_attr, layer, act))
     fused = []
     for parent, act_attr, layer, act in pairs:
-        gemm = epilogue_gemm(layer) if id(layer) in by_module else None
+        fuses = id(layer) in by_module and is_compressed(layer) and layer.fuses_activation()
         kind = fusible_activation(act)
-        if gemm is None or kind is None or gemm.activation != "none" or uses[id(layer)] > 1 or uses[id(act)] > 1:
+        if not fuses or kind is None or layer.activation != "none" or uses[id(layer)] > 1 or uses[id(act)] > 1:
             continue
-        set_epilogue_activation(gemm, kind)
+        layer.set_activation(kind)
         parent_name = names[id(parent)]
         qualified = f"{parent_name}.{act_attr}" if parent_name else act_attr
         setattr(parent, act_attr, nn.Identity())
@@ -587,36 +456,7 @@ def restore_shared_inputs(model: nn.Module, groups: list[dict]) -> None:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return hasattr(model, "_pycompress_conversion") or any(isinstance(m, _converted_types()) for m in model.modules())
-
-
-def _converted_types() -> tuple[type, ...]:
-    sparse = tuple(getattr(pcnn, c) for c in ("SparseLinear", "SparseInt8Linear") if hasattr(pcnn, c))
-    return _CONVERTED_TYPES + sparse
-
-
-def converted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every pycompress layer (a conv's inner GEMM is part of its conv)."""
-    types = _converted_types()
-    out, inside = [], set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, types) and id(module) not in inside:
-            out.append((name, module))
-            if isinstance(module, Im2colConv2d):
-                inside.update(id(m) for m in module.modules() if m is not module)
-    return out
-
-
-def layer_format(module: nn.Module) -> tuple[str, int]:
-    """(format name, weight bits) of a pycompress layer."""
-    gemm = module.gemm if isinstance(module, Im2colConv2d) else module
-    if isinstance(gemm, Int8Linear):
-        return ("int8-dynamic" if gemm.act_scale is None else "int8-static"), gemm.weight_bits
-    if hasattr(pcnn, "SparseInt8Linear") and isinstance(gemm, pcnn.SparseInt8Linear):
-        return "sparse-int8", int(getattr(gemm, "weight_bits", 8))
-    if hasattr(pcnn, "SparseLinear") and isinstance(gemm, pcnn.SparseLinear):
-        return "sparse-fp32", 32
-    return "float", 32
+    return hasattr(model, "_pycompress_conversion") or any(is_compressed(m) for m in model.modules())
 
 
 def _matches(name_list: list[str], patterns) -> str | None:
@@ -657,43 +497,27 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
                            "float model once. To change formats, start again from the float model.")
 
     notes: list[str] = []
-    global_unavailable: dict[str, str] = {}
-    quant_lookup, quant_reason = _quant_state_lookup()
-    if quant_reason is not None:
-        global_unavailable["int8-static"] = quant_reason
-        notes.append(quant_reason)
-    for fmt in ("sparse-fp32", "sparse-int8"):
-        reason = _sparse_unavailable(fmt)
-        if reason is not None:
-            global_unavailable[fmt] = reason
-            notes.append(f"{fmt} not considered: {reason}")
 
     # Every target layer once (shared modules appear under several names).
     targets: dict[int, tuple[list[str], nn.Module]] = {}
     mha_children = {id(m) for mha in model.modules() if isinstance(mha, nn.MultiheadAttention) for m in mha.modules()}
     for name, module in model.named_modules(remove_duplicate=False):
-        if _target_kind(module) is None:
+        if float_kind(module) is None:
             continue
         if id(module) in targets:
             targets[id(module)][0].append(name)
         else:
             targets[id(module)] = ([name], module)
-    cuda_ok = build_info()["cuda"]
     for names, module in targets.values():
         device = module.weight.device
-        if device.type == "cuda" and not cuda_ok:
+        if device.type != "cpu":
             raise RuntimeError(f"convert: layer {names[0]} is on {device}, but this pycompress build has no CUDA "
-                               "kernels (build with PYCOMPRESS_CUDA=ON) ; move the model to CPU with model.cpu()")
-        if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"convert: layer {names[0]} is on {device}; pycompress kernels run on CPU")
-        if device.type == "cuda":
-            raise NotImplementedError(f"convert: layer {names[0]} is on CUDA; the CUDA modules are not wired into "
-                                      "convert yet. Convert on CPU.")
+                               "kernels: its kernels run on CPU; move the model there with model.cpu()")
     if not targets:
         notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
 
     def state_of(key: int, module: nn.Module) -> LayerState:
-        state = _layer_state(module, _target_kind(module), quant_lookup)
+        state = _layer_state(module, float_kind(module))
         if key in mha_children:
             state.unsupported = "nn.MultiheadAttention reads its projections' weights directly, not through forward"
         elif _base_type(module) not in (nn.Linear, nn.Conv2d):
@@ -713,7 +537,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         if decided_without_timing(names):
             return
         state = state_of(id(module), module)
-        candidates = _candidate_reasons(state, global_unavailable, "timed")
+        candidates = _candidate_reasons(state, "timed")
         built = {cand: build_module(module, cand, names[0], state) for cand in FORMATS if candidates[cand] is None}
         timings[id(module)] = (tuple(tuple(a.shape) for a in args), _time_candidates_us(built, args))
 
@@ -732,10 +556,10 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         names, module = targets.pop(key)
         checked_io = checked.pop(key, None)
         name = names[0]
-        kind = _target_kind(module)
+        kind = float_kind(module)
         state = state_of(key, module)
         timed = policy == "auto" and key in timings
-        candidates = _candidate_reasons(state, global_unavailable, "timed" if timed else "heuristic")
+        candidates = _candidate_reasons(state, "timed" if timed else "heuristic")
         record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module),
                              not_considered={f: r for f, r in candidates.items() if r is not None})
         excluded = _matches(names, exclude)
@@ -746,7 +570,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             requested = override[1] if override is not None else policy
             source = f"override {override[0]!r}" if override is not None else f"policy {policy!r}"
             fmt = _int8_variant(state) if requested == "int8" else requested
-            applicable = _candidate_reasons(state, global_unavailable, density_limits=None)
+            applicable = _candidate_reasons(state, density_limits=None)
             if applicable[fmt] is None:
                 why = f"{source}"
             else:
@@ -769,8 +593,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
 
         new = module if fmt == "float" else build_module(module, fmt, name, state)
         if fmt != "float" and checked_io is not None:
-            fmt_name, bits = layer_format(new)
-            budget = layer_budget_db(fmt_name, bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
+            budget = layer_budget_db(new.format_name, new.weight_bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
             args, float_out = checked_io
             err = _local_error(new, args, float_out)
             if not err.sqnr_db >= budget:
@@ -781,8 +604,8 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         if fmt == "float":
             new = _bake_float(module)
         record.format, record.reason = fmt, why
-        record.weight_bits = layer_format(new)[1] if fmt != "float" else 32
-        record.kernel = _kernel_name(fmt, kind, new)
+        record.weight_bits = new.weight_bits if fmt != "float" else 32
+        record.kernel = new.kernel_name() if fmt != "float" else "torch (float32)"
         records.append(record)
         if new is not module:
             original_ids[id(new)] = key
@@ -810,5 +633,4 @@ def conversion_record(model: nn.Module) -> ConversionRecord | None:
     return getattr(model, "_pycompress_conversion", None)
 
 
-__all__ = ["FORMATS", "POLICIES", "ConversionRecord", "LayerRecord", "convert", "converted_layers", "conversion_record",
-           "is_converted", "layer_format", "module_bytes"]
+__all__ = ["FORMATS", "POLICIES", "ConversionRecord", "LayerRecord", "convert", "conversion_record", "is_converted"]

@@ -1,4 +1,4 @@
-"""pycompress.summary: per-layer format, density, bits, bytes before/after, kernel and reason."""
+"""pycompress.summaries (``pycompress.summary``): per-layer format, density, bits, bytes before/after, kernel and reason."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pycompress.convert import _target_kind, conversion_record, converted_layers, layer_format, module_bytes
+from pycompress.conversion import conversion_record
+from pycompress.nn.registry import compressed_layers, float_kind, module_bytes
 
 
 @dataclass
@@ -59,19 +60,19 @@ def summary(model: nn.Module) -> Summary:
     by_name = {alias: r for r in (record.layers if record else []) for alias in r.aliases}
     rows: list[SummaryRow] = []
     seen: set[int] = set()
-    converted = {id(m) for _, m in converted_layers(model)}
-    inside_converted = {id(sub) for _, m in converted_layers(model) for sub in m.modules() if sub is not m}
+    converted = {id(m) for _, m in compressed_layers(model)}
+    inside_converted = {id(sub) for _, m in compressed_layers(model) for sub in m.modules() if sub is not m}
     for name, module in model.named_modules():
         if id(module) in seen or id(module) in inside_converted:
             continue
-        kind = _target_kind(module)
+        kind = float_kind(module)
         if id(module) not in converted and kind is None:
             continue
         seen.add(id(module))
         rec = by_name.get(name)
         after = module_bytes(module)
         if id(module) in converted:
-            fmt, bits = layer_format(module)
+            fmt, bits = module.format_name, module.weight_bits
             density = rec.density if rec else float("nan")
             kind = rec.kind if rec else type(module).__name__
         else:

@@ -1,4 +1,4 @@
-"""pycompress.verify: how far a converted model is from its float reference, layer by layer.
+"""pycompress.verification (``pycompress.verify``): how far a converted model is from its float reference, layer by layer.
 
 Every converted layer is hooked. Two errors are measured for each:
 - *local*: the converted layer's output against its float twin run on the **same input** the
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pycompress.nn.registry import FORMATS, compressed_layers
+
 CREST_FACTOR = 16.0
 FLOAT_FORMAT_SQNR_DB = 80.0
 
@@ -39,7 +41,7 @@ def quantizer_sqnr_db(bits: int, crest_factor: float = CREST_FACTOR) -> float:
 
 def layer_budget_db(fmt: str, weight_bits: int = 8, act_bits: int = 8) -> float:
     """The default minimum local SQNR (dB) of one layer in format ``fmt``."""
-    if fmt in ("float", "sparse-fp32"):
+    if fmt == "float" or not FORMATS[fmt].int8_numbers:
         return FLOAT_FORMAT_SQNR_DB
     noise = 10 ** (-quantizer_sqnr_db(weight_bits) / 10) + 10 ** (-quantizer_sqnr_db(act_bits) / 10)
     return -10.0 * math.log10(noise)
@@ -223,10 +225,7 @@ def call_model(model: nn.Module, inputs):
 
 
 def _activation_fn(module: nn.Module):
-    from pycompress.convert import epilogue_gemm
-
-    gemm = epilogue_gemm(module)
-    kind = "none" if gemm is None else gemm.activation
+    kind = module.activation  # what the layer's kernel applies after its GEMM
     if kind == "relu":
         return torch.relu
     if kind == "gelu":
@@ -241,9 +240,7 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
     Overrides: ``layer_min_sqnr_db`` replaces every layer's format-derived budget;
     ``output_min_sqnr_db`` / ``output_min_cosine`` replace the end-to-end budgets.
     """
-    from pycompress.convert import converted_layers, layer_format
-
-    layers = converted_layers(model)
+    layers = compressed_layers(model)
     if model is reference:
         raise ValueError("verify: model and reference are the same object; keep a float copy "
                          "(copy.deepcopy(model)) before pycompress.convert, which converts in place")
@@ -254,9 +251,8 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
             twin = reference.get_submodule(name)
         except AttributeError:
             raise ValueError(f"verify: converted layer {name} has no twin of that name in the reference model") from None
-        fmt, weight_bits = layer_format(module)
-        budget = layer_budget_db(fmt, weight_bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
-        reports[id(module)] = LayerReport(name, fmt, ErrorStats(), ErrorStats(), budget)
+        budget = layer_budget_db(module.format_name, module.weight_bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
+        reports[id(module)] = LayerReport(name, module.format_name, ErrorStats(), ErrorStats(), budget)
         twins[id(module)] = twin
 
     reference_outputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}

@@ -1,0 +1,248 @@
+"""The format registry: the one place that says which compressed layers and formats exist.
+
+Two tables, filled by the module files of ``pycompress.nn`` when they are imported:
+
+- ``LAYER_TYPES``: class name -> a ``CompressedLayer`` subclass (``@register_layer``). The name is what a
+  saved file's manifest calls the layer; ``pycompress.load`` asks this table, never a list of its own.
+- ``FORMATS``: conversion format name -> ``Format`` (``register_format``): how a float ``nn.Linear`` /
+  ``nn.Conv2d`` plus its prune / quant state becomes a compressed layer. ``pycompress.convert`` offers
+  exactly these (and ``"float"``, which keeps the layer).
+
+A ``CompressedLayer`` answers everything convert, verify, summary, save / load and the size reports ask
+of a format (see the class). Code outside ``pycompress.nn`` asks the layer, never its class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+# ------------------------------------------------------------------------------------------------ tables
+
+LAYER_TYPES: dict[str, type["CompressedLayer"]] = {}
+FORMATS: dict[str, "Format"] = {}
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """What ``pycompress.quantize`` decided for a layer (the defaults: dynamic activations, max-abs
+    per-channel weight scales)."""
+
+    weight_bits: int = 8
+    weight_scale: torch.Tensor | None = None  # [out_channels] calibrated scale, or None for max-abs
+    act_scale: float | None = None  # static activations when set
+    act_zero_point: int = 0
+
+
+@dataclass(frozen=True)
+class Format:
+    """A conversion format. ``build(layer, name, quant)`` turns a float32 ``nn.Linear`` / ``nn.Conv2d`` (its
+    pruning mask applied to ``layer.weight``) into the compressed layer; ``int8_numbers``: it quantizes
+    (its error budget follows its weight bits) rather than only reordering float32 sums."""
+
+    name: str
+    int8_numbers: bool
+    build: Callable[[nn.Module, str | None, QuantParams], "CompressedLayer"]
+    description: str = ""
+
+
+def register_format(fmt: Format) -> Format:
+    if fmt.name in FORMATS or fmt.name == "float":
+        raise ValueError(f"register_format: format {fmt.name!r} is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def register_layer(cls: type["CompressedLayer"]) -> type["CompressedLayer"]:
+    """Class decorator: ``cls`` can be found by its name in a saved file."""
+    if LAYER_TYPES.get(cls.__name__, cls) is not cls:
+        raise ValueError(f"register_layer: another class is registered as {cls.__name__}")
+    LAYER_TYPES[cls.__name__] = cls
+    return cls
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+class CompressedLayer(nn.Module):
+    """The contract of a compressed layer (every class in ``LAYER_TYPES``).
+
+    Class attributes: ``FLOAT_KIND`` ("Linear" or "Conv2d": the float layer it replaces),
+    ``ENTROPY_CODED`` (buffers ``save(..., entropy_coding=True)`` may Huffman-code: integer weights and
+    index arrays), ``FUSES_ACTIVATION`` (its kernel can apply a following ReLU / GELU in its epilogue).
+
+    Methods a format implements: ``format_name``, ``weight_bits``, ``kernel_name()``, ``config()`` and
+    ``from_config(cfg, tensors, prefix, where)``, ``validate_tensors(tensors, prefix, where)``,
+    ``packed_bytes()``, ``pruned_bytes()``, ``matches_float(layer)``; a fusing format also
+    ``set_activation(kind)``. ``activation`` is the activation its kernel applies ("none" by default).
+    """
+
+    FLOAT_KIND: ClassVar[str] = "Linear"
+    ENTROPY_CODED: ClassVar[tuple[str, ...]] = ()
+    FUSES_ACTIVATION: ClassVar[bool] = False
+    LOWERS_CONV: ClassVar[bool] = False  # a GEMM module Im2colConv2d may run a conv on
+    activation: str = "none"
+
+    @property
+    def format_name(self) -> str:
+        raise NotImplementedError
+
+    def fuses_activation(self) -> bool:
+        return self.FUSES_ACTIVATION
+
+    def kernel_name(self) -> str:
+        return type(self).__name__
+
+    def config(self) -> dict:
+        """The JSON constructor config a saved file stores for this layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_problems(cls, cfg: dict) -> list[str]:
+        """What is wrong with the fields of ``cfg`` other than its shape (empty when nothing)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str, where: str,
+                    shape: tuple[int, int] | None = None) -> "CompressedLayer":
+        """An empty layer for a manifest entry, after checking every field of ``cfg`` and sizing it from the
+        file's own ``tensors`` (``prefix`` + buffer name), never from the manifest alone. Raises ValueError
+        naming ``where``. ``shape``: (K, N) of a GEMM module inside a lowered conv, whose ``config_problems``
+        the conv has checked."""
+        raise NotImplementedError
+
+    def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+        """Every invariant the kernels rely on, checked on the file's tensors before they are loaded."""
+        raise NotImplementedError
+
+    def entropy_coded_keys(self) -> list[str]:
+        """state_dict keys (relative to this layer) that entropy coding may store Huffman-coded."""
+        return [b for b in self.ENTROPY_CODED if self._buffers.get(b) is not None]
+
+    def packed_bytes(self) -> int:
+        raise NotImplementedError
+
+    def pruned_bytes(self) -> int | None:
+        """Deep Compression's "pruned" stage: bytes of the stored weights at 4 bytes each plus the index
+        arrays and bias; None when the format stores every weight (pruning alone saves nothing)."""
+        return None
+
+    # ---------------------------------------------------------------- what model code reads from a layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight this layer computes with (for a Linear [out, in]), built from the packed buffers."""
+        raise NotImplementedError
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> "FloatWeight":
+        """What model code reads from the float layer's ``weight`` (dtype, device, shape); its value on demand."""
+        return FloatWeight(self)
+
+    def matches_float(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` (a float layer of a model skeleton) has this layer's shape."""
+        return (layer.in_features, layer.out_features) == (self.in_features, self.out_features)
+
+
+class FloatWeight:
+    """A compressed layer's ``weight``: the dtype, device and shape of the float weight it replaced, so model
+    code that reads them (a Hugging Face ViT casts its pixels to ``projection.weight.dtype``) keeps working.
+    The float value is computed from the packed buffers when asked for (``dequantize()``, or passing this to
+    any torch function), never kept resident beside them."""
+
+    __slots__ = ("_layer",)
+    requires_grad = False
+    dtype = torch.float32
+    is_sparse = False
+
+    def __init__(self, layer: CompressedLayer) -> None:
+        self._layer = layer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._layer.buffers()).device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._layer.weight_shape())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        return self._layer.dequantized_weight()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def value(a):
+            return a.dequantize() if isinstance(a, FloatWeight) else a
+        return func(*map(value, args), **{k: value(v) for k, v in (kwargs or {}).items()})
+
+    def __repr__(self) -> str:
+        return f"FloatWeight(shape={tuple(self.shape)}, dtype={self.dtype}, of {type(self._layer).__name__})"
+
+
+# ------------------------------------------------------------------------------------------------ inspection
+
+
+def float_kind(module: nn.Module) -> str | None:
+    """"Linear" / "Conv2d" for a float layer convert can replace (a parametrized one included), else None."""
+    t = parametrize.type_before_parametrizations(module)
+    if issubclass(t, nn.Linear):
+        return "Linear"
+    if issubclass(t, nn.Conv2d):
+        return "Conv2d"
+    return None
+
+
+def is_compressed(module: nn.Module) -> bool:
+    return isinstance(module, CompressedLayer)
+
+
+def compressed_layers(model: nn.Module) -> list[tuple[str, CompressedLayer]]:
+    """(qualified name, layer) of every compressed layer, outermost only (a conv's inner GEMM is part of
+    its conv); a shared layer once per name."""
+    out, inside = [], set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, CompressedLayer) and id(module) not in inside:
+            out.append((name, module))
+            inside.update(id(m) for m in module.modules() if m is not module)
+    return out
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) a module holds."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def fusible_activation(module: nn.Module) -> str | None:
+    """The kernel epilogue that computes ``module`` exactly ("relu" / "gelu"), or None."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    # transformers.activations.GELUActivation with the exact erf GELU
+    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:
+        return "gelu"
+    return None
