@@ -54,7 +54,7 @@ from pycompress.nn.int8_conv import conv2d_unsupported_reason
 from pycompress.nn.int8_linear import SharedInputGroup
 from pycompress.nn.registry import FORMATS as REGISTERED_FORMATS
 from pycompress.nn.registry import QuantParams, float_kind, fusible_activation, is_compressed, module_bytes
-from pycompress.reference.q8 import MAX_K
+from pycompress.reference.q8 import ACT_BITS, MAX_K
 from pycompress.verification import ErrorStats, call_model, layer_budget_db
 
 # "float" keeps the layer; the others are pycompress.nn's registered formats.
@@ -271,21 +271,35 @@ def heuristic_format(state: LayerState, candidates: dict[str, str | None], weigh
 # ---------------------------------------------------------------- building modules
 
 
-def _quant_params(state: LayerState, fmt: str) -> QuantParams:
+def _act_bits(state: LayerState, act_bits: int | None) -> int:
+    """The layer's activation width: convert's ``act_bits``, else 7 for a layer pycompress.quantize'd
+    with ``act_bits=7`` (the u7 format), else 8 (the kernels have no narrower activations: a layer
+    simulated with fewer bits runs, more precisely, on 8)."""
+    if act_bits is not None:
+        return act_bits
+    return 7 if _quant_attr(state.quant, "act_bits", 8) == 7 else 8
+
+
+def _quant_params(state: LayerState, fmt: str, act_bits: int | None = None) -> QuantParams:
     """What ``pycompress.quantize`` decided for the layer, as format ``fmt`` uses it: a calibrated static
     activation scale for int8-static and for sparse-int8 (one format for both activation modes)."""
     bits = int(_quant_attr(state.quant, "weight_bits", 8))
     scale = _quant_attr(state.quant, "weight_scale")
+    abits = _act_bits(state, act_bits)
     if fmt != "int8-dynamic" and _int8_variant(state) == "int8-static":
-        return QuantParams(bits, scale, float(state.quant.act_scale), int(state.quant.act_zero_point))
-    return QuantParams(bits, scale)
+        zp = int(state.quant.act_zero_point)
+        if zp > 2 ** abits - 1:
+            raise ValueError(f"convert: layer calibrated with zero point {zp} cannot run {abits}-bit activations; "
+                             f"calibrate with pycompress.quantize(act_bits={abits})")
+        return QuantParams(bits, scale, float(state.quant.act_scale), zp, abits)
+    return QuantParams(bits, scale, act_bits=abits)
 
 
-def build_module(module: nn.Module, fmt: str, name: str, state: LayerState) -> nn.Module:
+def build_module(module: nn.Module, fmt: str, name: str, state: LayerState, act_bits: int | None = None) -> nn.Module:
     """The pycompress module for ``module`` in format ``fmt`` (``module`` itself for float)."""
     if fmt == "float":
         return module
-    return REGISTERED_FORMATS[fmt].build(module, name, _quant_params(state, fmt))
+    return REGISTERED_FORMATS[fmt].build(module, name, _quant_params(state, fmt, act_bits))
 
 
 def _bake_float(module: nn.Module) -> nn.Module:
@@ -469,7 +483,7 @@ def _matches(name_list: list[str], patterns) -> str | None:
 def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, overrides: dict[str, str] | None = None,
             exclude: list[str] | tuple[str, ...] = (), verify_inputs=None,
             layer_min_sqnr_db: float | None = None, fuse_activations: bool = True,
-            share_inputs: bool = True, fused_attention: bool = True) -> nn.Module:
+            share_inputs: bool = True, fused_attention: bool = True, act_bits: int | None = None) -> nn.Module:
     """Swap ``model``'s Linear / Conv2d layers for pycompress modules, in place (see the module docstring).
 
     example_inputs / verify_inputs: a tensor, a tuple of positional args, or a dict of keyword args.
@@ -481,6 +495,9 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
       pycompress's fused fp32 attention kernel (``pycompress.use_fused_attention``; what the kernel
       cannot serve still goes to sdpa). It is fp32 math as before, not a compression format: the
       summary notes it, and ``verify`` compares the whole model against the float reference.
+    act_bits: the dense int8 layers' activation width, 8 or 7 (the u7 format: a coarser grid, and on AVX2
+      CPUs ~1.3-1.8x faster, since vpmaddubsw is exact for it; csrc/q8/q8_gemm.h). None: 7 for layers
+      pycompress.quantize'd with act_bits=7, else 8. sparse-int8 layers always run 8-bit activations.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
@@ -488,6 +505,8 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         raise TypeError("convert: got a torch.compile'd module; convert the original model, then compile it")
     if policy not in POLICIES:
         raise ValueError(f"convert: policy {policy!r} is not one of {POLICIES}")
+    if act_bits is not None and act_bits not in ACT_BITS:
+        raise ValueError(f"convert: act_bits must be None or one of {ACT_BITS}, got {act_bits!r}")
     overrides = dict(overrides or {})
     for pattern, fmt in overrides.items():
         if fmt not in ("int8",) + FORMATS:
@@ -538,7 +557,8 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             return
         state = state_of(id(module), module)
         candidates = _candidate_reasons(state, "timed")
-        built = {cand: build_module(module, cand, names[0], state) for cand in FORMATS if candidates[cand] is None}
+        built = {cand: build_module(module, cand, names[0], state, act_bits) for cand in FORMATS
+                 if candidates[cand] is None}
         timings[id(module)] = (tuple(tuple(a.shape) for a in args), _time_candidates_us(built, args))
 
     timing = policy == "auto" and example_inputs is not None
@@ -591,7 +611,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         else:
             fmt, why = heuristic_format(state, candidates, module.weight.numel())
 
-        new = module if fmt == "float" else build_module(module, fmt, name, state)
+        new = module if fmt == "float" else build_module(module, fmt, name, state, act_bits)
         if fmt != "float" and checked_io is not None:
             budget = layer_budget_db(new.format_name, new.weight_bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
             args, float_out = checked_io

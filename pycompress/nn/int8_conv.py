@@ -152,7 +152,8 @@ class Im2colConv2d(CompressedLayer):
                 nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
             b = gemm._buffers
             y = int8_conv2d_nhwc_cpu(nhwc, (kh, kw, sh, sw, ph, pw, dh, dw), b["w_packed"], b["col_sum"],
-                                     b["w_scale"], b["bias"], gemm._act_code, gemm.act_scale, gemm.act_zero_point)
+                                     b["w_scale"], b["bias"], gemm._act_code, gemm.act_scale, gemm.act_zero_point,
+                                     gemm.act_bits)
             return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         if self._pointwise:
             cols = nhwc.reshape(n * h * w, self.in_channels)
@@ -263,24 +264,25 @@ class Int8Conv2d(Im2colConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, activation: str = "none", act_scale: float | None = None,
-                 act_zero_point: int = 0, weight_bits: int = 8, name: str | None = None) -> None:
+                 act_zero_point: int = 0, weight_bits: int = 8, name: str | None = None, act_bits: int = 8) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, name=name)
         self.gemm = Int8Linear(self.gemm_in_features, out_channels, bias=bias, activation=activation,
-                               act_scale=act_scale, act_zero_point=act_zero_point, weight_bits=weight_bits, name=name)
+                               act_scale=act_scale, act_zero_point=act_zero_point, weight_bits=weight_bits, name=name,
+                               act_bits=act_bits)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, activation: str = "none", act_scale: float | None = None,
                    act_zero_point: int = 0, weight_bits: int = 8, name: str | None = None,
-                   weight_scale: torch.Tensor | None = None) -> "Int8Conv2d":
+                   weight_scale: torch.Tensor | None = None, act_bits: int = 8) -> "Int8Conv2d":
         reason = conv2d_unsupported_reason(conv)
         if reason is not None:
             raise ValueError(f"Int8Conv2d.from_float({name or 'Conv2d'}): {reason}")
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _resolve_padding(conv),
                   conv.dilation, bias=conv.bias is not None, activation=activation, act_scale=act_scale,
-                  act_zero_point=act_zero_point, weight_bits=weight_bits, name=name)
+                  act_zero_point=act_zero_point, weight_bits=weight_bits, name=name, act_bits=act_bits)
         mod.gemm = Int8Linear.from_weight(cls.gemm_weight(conv), conv.bias, weight_scale=weight_scale, name=name,
                                           activation=activation, act_scale=act_scale,
-                                          act_zero_point=act_zero_point, weight_bits=weight_bits)
+                                          act_zero_point=act_zero_point, weight_bits=weight_bits, act_bits=act_bits)
         return mod
 
     def kernel_name(self) -> str:
@@ -297,13 +299,14 @@ class Int8Conv2d(Im2colConv2d):
         check_packed_size(k, cfg["out_channels"], tensors.get(prefix + "gemm.w_packed"), where)
         common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
         return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
-                   tuple(cfg["padding"]), tuple(cfg["dilation"]), **common)
+                   tuple(cfg["padding"]), tuple(cfg["dilation"]), **common,
+                   act_bits=cfg.get("act_bits", 8))  # files before u7 hold no act_bits
 
     def extra_repr(self) -> str:
         g = self.gemm
         acts = "dynamic per-pixel" if g.act_scale is None else f"static scale={g.act_scale:.4g} zp={g.act_zero_point}"
         return (f"{super().extra_repr()}, bias={g.bias is not None}, weights=int{g.weight_bits} per-channel, "
-                f"activations=uint8 {acts}, bytes={self.packed_bytes()}")
+                f"activations=uint{g.act_bits} {acts}, bytes={self.packed_bytes()}")
 
 
 def build_lowered(layer: nn.Module, name: str | None,
@@ -317,7 +320,7 @@ def build_lowered(layer: nn.Module, name: str | None,
 
 
 def _build_int8(layer: nn.Module, name: str | None, quant: QuantParams) -> CompressedLayer:
-    kwargs = {"weight_bits": quant.weight_bits, "weight_scale": quant.weight_scale}
+    kwargs = {"weight_bits": quant.weight_bits, "weight_scale": quant.weight_scale, "act_bits": quant.act_bits}
     if quant.act_scale is not None:
         kwargs.update(act_scale=quant.act_scale, act_zero_point=quant.act_zero_point)
     if float_kind(layer) == "Conv2d":

@@ -23,6 +23,7 @@ from pycompress.nn.registry import CompressedLayer, register_layer
 from pycompress.ops.q8 import eager_rows, int8_linear_plan, int8_linear_shared_input_cpu
 from pycompress.reference.q8 import (
     KGROUP,
+    act_qmax,
     MAX_K,
     PANEL,
     pack_int8_weights,
@@ -54,8 +55,9 @@ def quantize_with_scale(weight: torch.Tensor, weight_scale, bits: int, label: st
 @register_layer
 class Int8Linear(CompressedLayer):
     """y = act(x @ W^T + b) with int8 weights (symmetric, per output channel) and
-    uint8 activations quantized per row at run time (``act_scale=None``) or with a
-    calibrated static scale / zero point.
+    unsigned activations quantized per row at run time (``act_scale=None``) or with a
+    calibrated static scale / zero point: 8 bits, or 7 (``act_bits=7``, the u7 format:
+    exact on AVX2's vpmaddubsw, ~1.3-1.8x the u8 speed there; csrc/q8/q8_gemm.h).
 
     Buffers: ``w_packed`` (kernel layout, see csrc/q8/q8_gemm.h), ``col_sum``,
     ``w_scale``, ``bias``; all in ``state_dict``.
@@ -75,8 +77,10 @@ class Int8Linear(CompressedLayer):
         act_zero_point: int = 0,
         weight_bits: int = 8,
         name: str | None = None,
+        act_bits: int = 8,
     ) -> None:
         super().__init__()
+        act_qmax(act_bits)  # refuses other widths
         if not 1 <= in_features <= MAX_K:
             raise ValueError(f"Int8Linear: in_features={in_features} must be in [1, {MAX_K}] "
                              "(larger K can overflow the int32 accumulator)")
@@ -88,6 +92,7 @@ class Int8Linear(CompressedLayer):
         self._act_code = activation_code(activation)
         self.act_scale = act_scale
         self.act_zero_point = act_zero_point
+        self.act_bits = act_bits
         self.weight_bits = weight_bits
         self.name = name
         kp, np_ = round_up(in_features, KGROUP), round_up(out_features, PANEL)
@@ -107,6 +112,7 @@ class Int8Linear(CompressedLayer):
         act_zero_point: int = 0,
         weight_bits: int = 8,
         name: str | None = None,
+        act_bits: int = 8,
     ) -> "Int8Linear":
         """Quantize and pack an ``nn.Linear`` (or anything with a 2-D ``weight`` and optional ``bias``)."""
         weight = linear.weight.detach()
@@ -120,7 +126,7 @@ class Int8Linear(CompressedLayer):
             raise ValueError(f"Int8Linear.from_float({label}): bias has NaN or Inf")
         out_features, in_features = weight.shape
         mod = cls(in_features, out_features, bias=b is not None, activation=activation, act_scale=act_scale,
-                  act_zero_point=act_zero_point, weight_bits=weight_bits, name=name)
+                  act_zero_point=act_zero_point, weight_bits=weight_bits, name=name, act_bits=act_bits)
         q, scale = quantize_weight_per_channel(weight.cpu(), bits=weight_bits)
         packed, col_sum = pack_int8_weights(q)
         mod.w_packed.copy_(packed)
@@ -157,7 +163,7 @@ class Int8Linear(CompressedLayer):
     def config(self) -> dict:
         return {"bias": self.bias is not None, "activation": self.activation, "name": self.name,
                 "act_scale": self.act_scale, "act_zero_point": self.act_zero_point, "weight_bits": self.weight_bits,
-                "in_features": self.in_features, "out_features": self.out_features}
+                "act_bits": self.act_bits, "in_features": self.in_features, "out_features": self.out_features}
 
     @classmethod
     def config_problems(cls, cfg: dict) -> list[str]:
@@ -171,7 +177,7 @@ class Int8Linear(CompressedLayer):
             shape = (cfg["in_features"], cfg["out_features"])
         check_packed_size(*shape, tensors.get(prefix + "w_packed"), where)
         common = {k: cfg.get(k) for k in ("bias", "activation", "act_scale", "act_zero_point", "weight_bits", "name")}
-        return cls(*shape, **common)
+        return cls(*shape, **common, act_bits=cfg.get("act_bits", 8))  # files before u7 hold no act_bits
 
     def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
         """The packed operands' invariants; the kernel reads them without further checks."""
@@ -207,7 +213,7 @@ class Int8Linear(CompressedLayer):
             # Eager CPU in a shared-input group: its output may already be computed.
             return self._shared_input.output(self, x)
         return ops.int8_linear(x, self.w_packed, self.col_sum, self.w_scale, self.bias,
-                               self._act_code, self.act_scale, self.act_zero_point)
+                               self._act_code, self.act_scale, self.act_zero_point, self.act_bits)
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         # Eager CPU call: the native plan of this layer's operands, without the dispatcher
@@ -235,12 +241,12 @@ class Int8Linear(CompressedLayer):
             held = r[0]
             if (held[0] is w and held[1] is c and held[2] is s and held[3] is bias and r[1] == (
                     w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                    self._act_code, self.act_scale, self.act_zero_point)):
+                    self._act_code, self.act_scale, self.act_zero_point, self.act_bits)):
                 return r[2]
         key = (w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if bias is None else bias.data_ptr(),
-               self._act_code, self.act_scale, self.act_zero_point)
+               self._act_code, self.act_scale, self.act_zero_point, self.act_bits)
         plan = int8_linear_plan(self.in_features, self.out_features, w, c, s, bias, self._act_code, self.act_scale,
-                                self.act_zero_point)
+                                self.act_zero_point, self.act_bits)
         self._plan = ((w, c, s, bias), key, plan)
         return plan
 
@@ -260,7 +266,8 @@ class Int8Linear(CompressedLayer):
         # of 4): the configuration travels with the state_dict and is checked on load.
         cfg = self.config()
         return {"format": "int8_linear/v1", **{k: cfg[k] for k in ("in_features", "out_features", "activation",
-                                                                    "act_scale", "act_zero_point", "weight_bits")}}
+                                                                    "act_scale", "act_zero_point", "weight_bits",
+                                                                    "act_bits")}}
 
     def set_extra_state(self, state: dict) -> None:
         mine = self.get_extra_state()
@@ -273,6 +280,7 @@ class Int8Linear(CompressedLayer):
         self.act_scale = state["act_scale"]
         self.act_zero_point = state["act_zero_point"]
         self.weight_bits = state["weight_bits"]
+        self.act_bits = state.get("act_bits", 8)  # state_dicts before u7 hold none
 
     def _label(self) -> str:
         return f"Int8Linear({self.name})" if self.name else f"Int8Linear({self.in_features}->{self.out_features})"
@@ -291,13 +299,15 @@ class Int8Linear(CompressedLayer):
         b = self._buffers
         w, c, s, bias = b["w_packed"], b["col_sum"], b["w_scale"], b["bias"]
         return (id(w), w._version, id(c), c._version, id(s), s._version, id(bias),
-                0 if bias is None else bias._version, self._act_code, self.act_scale, self.act_zero_point)
+                0 if bias is None else bias._version, self._act_code, self.act_scale, self.act_zero_point,
+                self.act_bits)
 
     def extra_repr(self) -> str:
         acts = "dynamic per-row" if self.act_scale is None else f"static scale={self.act_scale:.4g} zp={self.act_zero_point}"
         act = "" if self.activation == "none" else f", activation={self.activation}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weights=int{self.weight_bits} per-channel, activations=uint8 {acts}{act}, bytes={self.packed_bytes()}"
+                f"weights=int{self.weight_bits} per-channel, activations=uint{self.act_bits} {acts}{act}, "
+                f"bytes={self.packed_bytes()}"
                 + ("" if self._shared_input is None else f", input shared with {self._shared_input.size - 1} other(s)"))
 
 
@@ -330,7 +340,7 @@ class SharedInputGroup:
         """Whether the members quantize one input alike (same K, activation scale and zero point)."""
         first = members[0]
         return all(m.in_features == first.in_features and m.act_scale == first.act_scale
-                   and m.act_zero_point == first.act_zero_point for m in members)
+                   and m.act_zero_point == first.act_zero_point and m.act_bits == first.act_bits for m in members)
 
     def __init__(self, members: list[Int8Linear], adjacent: bool = False) -> None:
         if len(members) < 2:
@@ -372,12 +382,14 @@ class SharedInputGroup:
             waiting = pending[2].pop(id(member), None)
             if waiting is not None and waiting[1] == member._stamp():
                 return waiting[0]
-        scale, zero_point = self.members[0].act_scale, self.members[0].act_zero_point
+        first = self.members[0]
+        scale, zero_point, bits = first.act_scale, first.act_zero_point, first.act_bits
         for m in self.members:
-            if m.act_scale != scale or m.act_zero_point != zero_point:
+            if m.act_scale != scale or m.act_zero_point != zero_point or m.act_bits != bits:
                 local.pending = None  # members no longer quantize x alike: each computes alone
                 return member._eager(x)
-        ys = int8_linear_shared_input_cpu(x, [m._operands() for m in self.members], scale, zero_point, self._tuner)
+        ys = int8_linear_shared_input_cpu(x, [m._operands() for m in self.members], scale, zero_point, self._tuner,
+                                          bits)
         mine = None
         waiting = {}
         for m, y in zip(self.members, ys):

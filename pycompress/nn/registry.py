@@ -36,6 +36,7 @@ class QuantParams:
     weight_scale: torch.Tensor | None = None  # [out_channels] calibrated scale, or None for max-abs
     act_scale: float | None = None  # static activations when set
     act_zero_point: int = 0
+    act_bits: int = 8  # 8 (u8) or 7 (u7: the int8 formats' AVX2 fast path; sparse-int8 runs u8 only)
 
 
 @dataclass(frozen=True)

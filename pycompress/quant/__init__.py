@@ -17,7 +17,7 @@ Contract with ``pycompress.convert`` (implemented here, tested in tests/test_qua
   - ``act_scale: float | None``, ``act_zero_point: int``: uint8 asymmetric,
     ``q = clamp(round(x / scale) + zp, 0, 255)`` as in csrc/q8/q8_gemm.h (static only;
     dynamic has ``None`` / 0 and quantizes per row at run time).
-  - ``act_bits: int`` (8 for the kernels).
+  - ``act_bits: int`` (8, or 7 for the u7 format that AVX2 runs faster; convert runs other widths on 8).
 
 - The model's float forward simulates exactly that arithmetic (fake quant), so its
   accuracy before convert is what the kernels should give (up to float summation order).

@@ -34,7 +34,7 @@ class QuantState:
     act_scale / act_zero_point: the static uint8 parameters,
       ``q = clamp(round(x / act_scale) + act_zero_point, 0, 2^act_bits - 1)``;
       ``None`` / 0 for dynamic.
-    act_bits: 8 for the int8 kernels.
+    act_bits: 8, or 7 (the u7 format: pycompress.convert then runs the layer on u7 kernels; other widths run on 8).
     """
 
     weight_bits: int
