@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("main", "kernel", "overhead", "peak"), nargs="+",
                         default=["peak", "main", "kernel", "overhead"], help="which tables to print")
     parser.add_argument("--json", help="also write the raw medians to this file")
+    parser.add_argument("--act-bits", type=int, choices=(8, 7), default=8,
+                        help="activation width of pycompress's layers: 8, or 7 (the u7 format, AVX2's fast path)")
     args = parser.parse_args(argv)
+    peers.OURS_ACT_BITS = args.act_bits
     if args.quick:
         args.rounds, args.batch_ms = 5, 10.0
     shapes = {"issue": list(SHAPES), "gemv": [s for s in SHAPES if s.m == 1], "minilm": list(MINILM_SHAPES),
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_s = args.batch_ms / 1000
     started = time.perf_counter()
     print(environment())
+    print(f"pycompress activations: {args.act_bits}-bit" + (" (u7 format)" if args.act_bits == 7 else ""))
     if not HAVE_ORT:
         print("onnxruntime is not installed (pip install .[bench]): ORT columns left out")
     print(f"method: median of {args.rounds} samples of ~{args.batch_ms:g} ms each, implementations interleaved; "

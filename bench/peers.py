@@ -104,8 +104,12 @@ def build_torch_int8(linear: nn.Linear, threads: int) -> Runner:
     return run
 
 
+# The activation width of "ours" (bench_q8_linear.py --act-bits): 8, or 7 for the u7 format.
+OURS_ACT_BITS = 8
+
+
 def build_ours(linear: nn.Linear, threads: int) -> Runner:
-    return pycompress.nn.Int8Linear.from_float(linear).eval()
+    return pycompress.nn.Int8Linear.from_float(linear, act_bits=OURS_ACT_BITS).eval()
 
 
 @functools.lru_cache(maxsize=4)
