@@ -91,6 +91,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("set_isa", [](const std::string& name) { set_active_isa(parse_isa(name)); }, py::arg("name"));
+  m.def("q8_u7_kernel", [] { return q8::kernels_for(active_isa()).gemm_tile_u7 != nullptr; },
+        "whether the active ISA runs u7 activations on a kernel of their own (faster than its u8 one)");
   m.def("get_isa", [] { return std::string(isa_name(active_isa())); });
 
   m.def(

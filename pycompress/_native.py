@@ -68,4 +68,6 @@ def build_info() -> dict:
     info["torch"] = torch.__version__
     # Whether unstructured sparse int8 layers run the byte sliced layout now (AVX-512 VBMI, active ISA).
     info["sparse_byte_layout"] = bool(_C.sparse_sliced_bytes_vectorized())
+    # Whether u7 activations have a faster kernel than u8 on the active ISA (AVX2's vpmaddubsw).
+    info["u7_kernel"] = bool(_C.q8_u7_kernel())
     return info

@@ -272,12 +272,16 @@ def heuristic_format(state: LayerState, candidates: dict[str, str | None], weigh
 
 
 def _act_bits(state: LayerState, act_bits: int | None) -> int:
-    """The layer's activation width: convert's ``act_bits``, else 7 for a layer pycompress.quantize'd
-    with ``act_bits=7`` (the u7 format), else 8 (the kernels have no narrower activations: a layer
-    simulated with fewer bits runs, more precisely, on 8)."""
+    """The layer's activation width: convert's ``act_bits``; else, for a layer pycompress.quantize'd, 7 when
+    it was simulated with ``act_bits=7`` (the u7 format) and 8 otherwise (the kernels have no narrower
+    activations: fewer simulated bits run, more precisely, on 8); else (no quantization state) 7 where the
+    active ISA runs u7 on a faster kernel than u8 (AVX2: vpmaddubsw, exact for u7; 1.35-1.9x; it is also
+    FBGEMM's choice on x86, reduce_range), 8 elsewhere."""
     if act_bits is not None:
         return act_bits
-    return 7 if _quant_attr(state.quant, "act_bits", 8) == 7 else 8
+    if state.quant is not None:
+        return 7 if _quant_attr(state.quant, "act_bits", 8) == 7 else 8
+    return 7 if _C.q8_u7_kernel() else 8
 
 
 def _quant_params(state: LayerState, fmt: str, act_bits: int | None = None) -> QuantParams:
@@ -496,8 +500,9 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
       cannot serve still goes to sdpa). It is fp32 math as before, not a compression format: the
       summary notes it, and ``verify`` compares the whole model against the float reference.
     act_bits: the dense int8 layers' activation width, 8 or 7 (the u7 format: a coarser grid, and on AVX2
-      CPUs ~1.3-1.8x faster, since vpmaddubsw is exact for it; csrc/q8/q8_gemm.h). None: 7 for layers
-      pycompress.quantize'd with act_bits=7, else 8. sparse-int8 layers always run 8-bit activations.
+      CPUs 1.35-1.9x faster, since vpmaddubsw is exact for it; csrc/q8/q8_gemm.h). None: what
+      pycompress.quantize simulated (7 or 8); for layers it did not quantize, 7 where the active ISA has the
+      faster u7 kernel (AVX2 without VNNI), else 8. sparse-int8 layers always run 8-bit activations.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
@@ -613,7 +618,8 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
 
         new = module if fmt == "float" else build_module(module, fmt, name, state, act_bits)
         if fmt != "float" and checked_io is not None:
-            budget = layer_budget_db(new.format_name, new.weight_bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
+            budget = (layer_budget_db(new.format_name, new.weight_bits, new.act_bits) if layer_min_sqnr_db is None
+                      else layer_min_sqnr_db)
             args, float_out = checked_io
             err = _local_error(new, args, float_out)
             if not err.sqnr_db >= budget:

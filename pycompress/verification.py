@@ -251,7 +251,8 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
             twin = reference.get_submodule(name)
         except AttributeError:
             raise ValueError(f"verify: converted layer {name} has no twin of that name in the reference model") from None
-        budget = layer_budget_db(module.format_name, module.weight_bits) if layer_min_sqnr_db is None else layer_min_sqnr_db
+        budget = (layer_budget_db(module.format_name, module.weight_bits, module.act_bits) if layer_min_sqnr_db is None
+                  else layer_min_sqnr_db)
         reports[id(module)] = LayerReport(name, module.format_name, ErrorStats(), ErrorStats(), budget)
         twins[id(module)] = twin
 

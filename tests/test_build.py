@@ -28,6 +28,11 @@ def test_build_info_fields():
     assert info["avx512_vbmi"] == ("avx512vbmi" in info["supported_isas"])
 
 
+def test_u7_kernel_exactly_on_avx2(isa):
+    # AVX-VNNI and AVX-512 VNNI multiply u8 exactly at the u7 rate: only AVX2 has a faster u7 kernel.
+    assert pc.build_info()["u7_kernel"] == (isa == "avx2")
+
+
 def test_sparse_byte_layout_follows_the_active_isa(isa):
     # The byte sliced layout's vector kernel (vpermb) runs exactly on the avx512vbmi level.
     assert pc.build_info()["sparse_byte_layout"] == (isa == "avx512vbmi")

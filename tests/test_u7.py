@@ -76,10 +76,20 @@ def test_convert_act_bits_option(gen):
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
     converted = pc.convert(copy.deepcopy(model), policy="int8", act_bits=7)
     assert [converted[0].act_bits, converted[2].act_bits] == [7, 7]
-    default = pc.convert(copy.deepcopy(model), policy="int8")
-    assert [default[0].act_bits, default[2].act_bits] == [8, 8]
+    exact = pc.convert(copy.deepcopy(model), policy="int8", act_bits=8)
+    assert [exact[0].act_bits, exact[2].act_bits] == [8, 8]
     x = torch.randn(4, 64, generator=gen)
-    assert not torch.equal(converted(x), default(x))  # a coarser activation grid
+    assert not torch.equal(converted(x), exact(x))  # a coarser activation grid
+    # Unquantized layers default to u7 exactly where it has the faster kernel (AVX2 without VNNI).
+    default = pc.convert(copy.deepcopy(model), policy="int8")
+    expected = 7 if pc.get_isa() == "avx2" else 8
+    assert pc.build_info()["u7_kernel"] == (expected == 7)
+    assert [default[0].act_bits, default[2].act_bits] == [expected, expected]
+    # A layer pycompress.quantize simulated at 8 bits stays at 8 on every tier.
+    quantized = copy.deepcopy(model)
+    pc.quantize(quantized, [torch.randn(8, 64, generator=gen)])
+    pc.convert(quantized, policy="int8")
+    assert [quantized[0].act_bits, quantized[2].act_bits] == [8, 8]
     with pytest.raises(ValueError, match=r"act_bits must be None or one of \(7, 8\), got 4"):
         pc.convert(copy.deepcopy(model), act_bits=4)
 

@@ -179,6 +179,10 @@ class Im2colConv2d(CompressedLayer):
         return self.gemm.weight_bits
 
     @property
+    def act_bits(self) -> int:
+        return getattr(self.gemm, "act_bits", 8)
+
+    @property
     def activation(self) -> str:
         return self.gemm.activation
 

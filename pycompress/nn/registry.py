@@ -79,7 +79,8 @@ class CompressedLayer(nn.Module):
     Methods a format implements: ``format_name``, ``weight_bits``, ``kernel_name()``, ``config()`` and
     ``from_config(cfg, tensors, prefix, where)``, ``validate_tensors(tensors, prefix, where)``,
     ``packed_bytes()``, ``pruned_bytes()``, ``matches_float(layer)``; a fusing format also
-    ``set_activation(kind)``. ``activation`` is the activation its kernel applies ("none" by default).
+    ``set_activation(kind)``. ``activation`` is the activation its kernel applies ("none" by default);
+    ``act_bits`` the width of its quantized activations (8 by default; the verify budget follows it).
     """
 
     FLOAT_KIND: ClassVar[str] = "Linear"
@@ -87,6 +88,7 @@ class CompressedLayer(nn.Module):
     FUSES_ACTIVATION: ClassVar[bool] = False
     LOWERS_CONV: ClassVar[bool] = False  # a GEMM module Im2colConv2d may run a conv on
     activation: str = "none"
+    act_bits: int = 8
 
     @property
     def format_name(self) -> str:
