@@ -90,12 +90,12 @@ _CODED_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.int8, torch.ui
 # ---------------------------------------------------------------- manifest: pycompress layers
 
 
-def _build_layer(entry, where: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _build_layer(entry, where: str, tensors: dict[str, torch.Tensor], path: str = "") -> nn.Module:
     """An empty pycompress layer from a manifest entry, after its class checked every field."""
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-        raise ValueError(f"load: manifest entry for {where} is malformed")
+        raise ValueError(f"load({path}): manifest entry for layer {where} is malformed")
     kind = entry.get("type")
-    if kind not in LAYER_TYPES:
+    if not isinstance(kind, str) or kind not in LAYER_TYPES:
         raise ValueError(f"load: layer {where} has type {kind!r}; this build loads {', '.join(LAYER_TYPES)}")
     return LAYER_TYPES[kind].from_config(entry["config"], tensors, f"{where}.", where)
 
@@ -144,18 +144,57 @@ def _architecture(module: nn.Module, layer_names: dict[int, str]) -> dict | None
     return spec
 
 
-def _rebuild(spec, layers: dict[str, nn.Module], where: str = "model") -> nn.Module:
+def _json_kind(v) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number" if isinstance(v, float) else "int"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    return type(v).__name__
+
+
+def _args_problem(cls: type[nn.Module], args: dict) -> str | None:
+    """What is wrong with a rebuildable module's constructor arguments from a manifest, judged against the
+    constructor's defaults (``_constructor_args`` writes the attributes, which have the defaults' types):
+    a bool where a bool is, an int where an int is (a float where a float is may be an int), ints (or a list of
+    ints) for the arguments without a default, which are all sizes. None when nothing."""
+    params = {p.name: p for p in list(inspect.signature(cls.__init__).parameters.values())[1:]}
+    for name, value in args.items():
+        p = params.get(name)
+        if p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name in ("device", "dtype"):
+            return f"unexpected argument {name!r}"
+        default = p.default
+        got = _json_kind(value)
+        if default is inspect.Parameter.empty:
+            ints = value if isinstance(value, list) else [value]
+            if not ints or not all(_json_kind(v) == "int" and 0 <= v <= 1 << 40 for v in ints):
+                return f"{name}={value!r} must be an int in [0, 2**40] or a list of them"
+        elif default is not None:
+            want = _json_kind(default)
+            if not (got == want or (want == "number" and got == "int") or (want == "int" and got == "list"
+                                                                            and all(_json_kind(v) == "int" for v in value))):
+                return f"{name}={value!r} is a {got}, the constructor's default {default!r} a {want}"
+    return None
+
+
+def _rebuild(spec, layers: dict[str, nn.Module], path: str, where: str = "model") -> nn.Module:
     if not isinstance(spec, dict):
-        raise ValueError(f"load: architecture entry {where} is malformed")
+        raise ValueError(f"load({path}): architecture entry {where} is malformed")
     if "layer" in spec:
-        if spec["layer"] not in layers:
-            raise ValueError(f"load: architecture refers to unknown layer {spec['layer']!r}")
+        if not isinstance(spec["layer"], str) or spec["layer"] not in layers:
+            raise ValueError(f"load({path}): architecture entry {where} refers to unknown layer {spec['layer']!r}")
         return layers[spec["layer"]]
-    cls = REBUILDABLE.get(spec.get("type"))
+    kind = spec.get("type")
+    cls = REBUILDABLE.get(kind) if isinstance(kind, str) else None
     children = spec.get("children")
     if cls is None or not isinstance(children, dict):
-        raise ValueError(f"load: architecture entry {where} has type {spec.get('type')!r}, not one of {sorted(REBUILDABLE)}")
-    built = {name: _rebuild(child, layers, f"{where}.{name}") for name, child in children.items()}
+        raise ValueError(f"load({path}): architecture entry {where} has type {kind!r} and children "
+                         f"{type(children).__name__}: needs a dict of children and a type in {sorted(REBUILDABLE)}")
+    for name in children:
+        if not name or "." in name:  # what add_module refuses (with a KeyError)
+            raise ValueError(f"load({path}): architecture entry {where} has a child named {name!r}")
+    built = {name: _rebuild(child, layers, path, f"{where}.{name}") for name, child in children.items()}
     if cls in (nn.Sequential, nn.ModuleList):
         module = cls()
         for name, child in built.items():
@@ -163,11 +202,14 @@ def _rebuild(spec, layers: dict[str, nn.Module], where: str = "model") -> nn.Mod
         return module
     args = spec.get("args")
     if not isinstance(args, dict):
-        raise ValueError(f"load: architecture entry {where} has no constructor arguments")
+        raise ValueError(f"load({path}): architecture entry {where} has no constructor arguments")
+    problem = _args_problem(cls, args)
+    if problem:
+        raise ValueError(f"load({path}): cannot build {where} as {cls.__name__}({args}): {problem}")
     try:
         module = cls(**args)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"load: cannot build {where} as {cls.__name__}({args}): {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"load({path}): cannot build {where} as {cls.__name__}({args}): {exc}") from None
     for name, child in built.items():
         module.add_module(name, child)
     return module
@@ -200,7 +242,9 @@ def _decode_entropy(manifest: dict, tensors: dict[str, torch.Tensor], path: str)
         where = f"load({path}): entropy-coded tensor {key}"
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: malformed manifest entry")
-        dtype, shape, count = _CODED_DTYPES.get(entry.get("dtype")), entry.get("shape"), entry.get("count")
+        name = entry.get("dtype")
+        dtype = _CODED_DTYPES.get(name) if isinstance(name, str) else None
+        shape, count = entry.get("shape"), entry.get("count")
         if dtype is None:
             raise ValueError(f"{where}: dtype {entry.get('dtype')!r} not in {sorted(_CODED_DTYPES)}")
         if not (isinstance(shape, list) and all(is_int(d, 0, 1 << 40) for d in shape) and is_int(count, 0, 1 << 50)
@@ -401,7 +445,7 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     return True
 
 
-def _record_from(manifest: dict) -> ConversionRecord | None:
+def _record_from(manifest: dict, path: str) -> ConversionRecord | None:
     rec = manifest.get("record")
     if not isinstance(rec, dict):
         return None
@@ -413,7 +457,7 @@ def _record_from(manifest: dict) -> ConversionRecord | None:
                                 [str(n) for n in rec.get("fused", [])], shared,
                                 [str(n) for n in rec.get("attention", [])])
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"load: the manifest's conversion record is malformed: {exc}") from None
+        raise ValueError(f"load({path}): the manifest's conversion record is malformed: {exc}") from None
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -425,7 +469,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """
     path = os.fspath(path)
     manifest, tensors = _read(path)
-    layers = {name: _build_layer(entry, name, tensors) for name, entry in manifest["layers"].items()}
+    layers = {name: _build_layer(entry, name, tensors, path) for name, entry in manifest["layers"].items()}
     rebuilt = model is None
     if rebuilt:
         if manifest.get("architecture") is None:
@@ -433,7 +477,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                              "cannot be rebuilt without code; pass model=<a float instance of the same architecture>")
         # Built on the meta device: sizes in the manifest allocate nothing until they match the file's tensors.
         with torch.device("meta"):
-            model = _rebuild(manifest["architecture"], layers)
+            model = _rebuild(manifest["architecture"], layers, path)
     else:
         for name, layer in layers.items():
             try:
@@ -484,7 +528,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     for name, module in compressed_layers(model):
         module.validate_tensors(tensors, f"{name}.", name)
     model.load_state_dict(tensors, strict=True, assign=rebuilt)
-    record = _record_from(manifest)
+    record = _record_from(manifest, path)
     if record is not None:
         model._pycompress_conversion = record
         try:

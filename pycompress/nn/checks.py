@@ -29,7 +29,7 @@ def gemm_config_problems(cfg: dict, quantized: bool) -> list[str]:
     problems = []
     if not isinstance(cfg.get("bias"), bool):
         problems.append("bias must be a bool")
-    if cfg.get("activation") not in ACTIVATIONS:
+    if not isinstance(cfg.get("activation"), str) or cfg["activation"] not in ACTIVATIONS:
         problems.append(f"activation {cfg.get('activation')!r} not in {sorted(ACTIVATIONS)}")
     if not isinstance(cfg.get("name"), (str, type(None))):
         problems.append("name must be a string or null")

@@ -221,7 +221,7 @@ class Im2colConv2d(CompressedLayer):
         gemm = gemm_cls.from_config(gemm_entry["config"], tensors, prefix + "gemm.", where,
                                     shape=(k, cfg["out_channels"]))
         return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
-                   tuple(cfg["padding"]), tuple(cfg["dilation"]), gemm=gemm, name=cfg["name"])
+                   tuple(cfg["padding"]), tuple(cfg["dilation"]), gemm=gemm, name=cfg.get("name"))
 
     def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
         self.gemm.validate_tensors(tensors, prefix + "gemm.", where)

@@ -271,7 +271,7 @@ class SparseLinear(_SparseBase):
                     shape: tuple[int, int] | None = None) -> "SparseLinear":
         """Sized from the file's own index arrays, never from the manifest alone."""
         k, n = cls._shape(cfg, where, shape)
-        common = {key: cfg[key] for key in ("bias", "activation", "name")}
+        common = {key: cfg.get(key) for key in ("bias", "activation", "name")}
         if cfg.get("format") == "csr":
             file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
             nnz = file_tensor(tensors, prefix + "col_idx", torch.uint16, None, where).numel()
@@ -475,8 +475,8 @@ class SparseInt8Linear(_SparseBase):
         k, n = cls._shape(cfg, where, shape)
         file_tensor(tensors, prefix + "row_ptr", torch.int32, n + 1, where)
         nblocks = file_tensor(tensors, prefix + "blk_idx", torch.uint16, None, where).numel()
-        return cls(k, n, nblocks=nblocks, act_scale=cfg["act_scale"], act_zero_point=cfg["act_zero_point"],
-                   weight_bits=cfg["weight_bits"], **{key: cfg[key] for key in ("bias", "activation", "name")})
+        return cls(k, n, nblocks=nblocks, act_scale=cfg.get("act_scale"), act_zero_point=cfg["act_zero_point"],
+                   weight_bits=cfg["weight_bits"], **{key: cfg.get(key) for key in ("bias", "activation", "name")})
 
     def validate_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
         """The structure with the ops' own C++ validator first, then the values, col_sum, the last block's
