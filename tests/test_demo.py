@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pycompress.demo import run_demo
 
 
+@pytest.mark.once_per_ci
 def test_quick_demo_end_to_end(capsys):
     result = run_demo(quick=True, seed=0, progress=False)
     rows = {r.stage: r for r in result["rows"]}

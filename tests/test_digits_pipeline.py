@@ -1,11 +1,13 @@
 """The demo's pipeline end to end (quick mode), and its determinism."""
 
+import pytest
 import torch
 
 import pycompress as pc
 from pycompress.examples import digits
 
 
+@pytest.mark.once_per_ci
 def test_quick_pipeline_runs_end_to_end_and_is_deterministic():
     threads = torch.get_num_threads()
     results = digits.run_pipeline(seed=0, quick=True, progress=False)

@@ -661,6 +661,7 @@ def test_fuzzer_regressions_load_with_the_golden_outputs(tmp_path, artifact, edi
 # ---------------------------------------------------------------- the test (parent process)
 
 
+@pytest.mark.once_per_ci
 def test_fuzzed_artifacts_are_refused_with_an_error_or_load_unchanged(tmp_path):
     import pycompress as pc
 

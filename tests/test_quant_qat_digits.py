@@ -1,11 +1,13 @@
 """QAT beats PTQ at 4-bit weights on the digits CNN (real data)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pycompress.examples import digits
 
 
+@pytest.mark.once_per_ci
 def test_qat_beats_ptq_at_4_bit_weights():
     # Seeds 0..3 were measured (test NLL, PTQ -> QAT): 0.069->0.060, 0.062->0.053,
     # 0.059->0.051, 0.058->0.052; accuracy never lower. Two seeds are checked here.

@@ -64,6 +64,7 @@ def train(model, batch, labels, steps, seed):
     return losses
 
 
+@pytest.mark.once_per_ci
 def test_sparse_transfer_keeps_the_pruning_pattern(minilm_task):
     encoder, batch, labels = minilm_task
     threads = torch.get_num_threads()
