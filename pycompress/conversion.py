@@ -48,7 +48,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import pycompress.quant as quant_state  # looked up per call: tests substitute get_quant_state
-from pycompress import _C
+from pycompress import _C, thresholds
+from pycompress._native import get_isa
 from pycompress.attention import use_fused_attention
 from pycompress.nn.int8_conv import conv2d_unsupported_reason
 from pycompress.nn.int8_linear import SharedInputGroup
@@ -66,28 +67,9 @@ POLICIES = ("auto", "state", "int8") + FORMATS
 AUTO_MIN_SPEEDUP = 1.05
 AUTO_WARMUP, AUTO_REPEATS = 2, 7
 
-# auto without example inputs. int8-dynamic pays for itself when the GEMM is large enough to
-# hide the per-call cost of quantizing the activations and of the Python call (measured with
-# `pycompress bench`: a few microseconds of kernel per 768x768 GEMV beside ~10-25 us of call
-# overhead; below ~16K weights fp32 MKL wins at batch 1).
-HEURISTIC_MIN_WEIGHTS = 16384
-# Sparse candidates, from the break-even points of the sparse benchmark against the best dense
-# int8 kernel (bench/README.md "## Sparse kernels", 4096x4096, 1 thread, Zen 4). The heuristic
-# has no batch size, so it assumes decode-size inputs, M <= 16, and takes the break-even of the
-# worst M in that range (M = 16; at M = 1 sparsity pays earlier, at M = 128 it never beat dense
-# int8 up to 95% sparsity).
-# - sparse-int8 (bsr1x4): its time follows the stored 1x4 blocks (along K), not the nonzeros.
-#   M = 16 breaks even at 70% sparsity with 1x4-block pruning (block density 0.30, 1.03x) and at
-#   ~90.5% unstructured sparsity (block density 1 - 0.905^4 = 0.33; 0.96x at 90%); M = 1 at
-#   <= 70% / ~80%. A weight whose 1x4-block density is at or below 0.30 is a candidate.
-#   On AVX-512 VBMI CPUs unstructured packs run the byte sliced layout instead, whose time follows
-#   the nonzeros: it breaks even with dense int8 at 56-64% sparsity for M = 1, 16 and 128 (1.29-1.45x
-#   at 70%), so there a weight of density <= 0.30 is a candidate too, whatever its block density.
-# - sparse-fp32 (csr): against dense int8, csr breaks even at ~94% sparsity for M = 1 (0.85x of
-#   dense int8's time at 95%, 1.7x at 90%) and ~92.5% for M = 16: density <= 0.06.
-SPARSE_INT8_MAX_BLOCK_DENSITY = 0.30
-SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY = 0.30
-SPARSE_FP32_MAX_DENSITY = 0.06
+# auto without example inputs: the thresholds of the active ISA level (pycompress/thresholds.py,
+# measured per tier by bench/bench_sparse.py): a minimum GEMM size for int8, and the densities at or
+# below which the sparse formats are candidates.
 # auto WITH example inputs times the sparse formats at the layer's real input instead of
 # trusting the M <= 16 break-even above (at M = 1 unstructured int8 wins from ~80% sparsity, block
 # density ~0.59). These looser limits only skip building packs that cannot win at any M in the
@@ -232,9 +214,10 @@ def _candidate_reasons(state: LayerState, density_limits: str | None = "heuristi
                                               TIMED_SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY, TIMED_SPARSE_FP32_MAX_DENSITY)
         because = "no sparse kernel wins there at any batch size"
     else:
-        int8_limit, byte_limit, fp32_limit = (SPARSE_INT8_MAX_BLOCK_DENSITY, SPARSE_INT8_BYTE_LAYOUT_MAX_DENSITY,
-                                              SPARSE_FP32_MAX_DENSITY)
-        because = "dense int8 wins for M <= 16"
+        tier = thresholds.current()
+        int8_limit, byte_limit, fp32_limit = (tier.sparse_int8_max_block_density,
+                                              tier.sparse_int8_byte_layout_max_density, tier.sparse_fp32_max_density)
+        because = f"dense int8 wins for M <= 16 on {get_isa()}"
     # The byte sliced layout (AVX-512 VBMI) makes unstructured sparsity pay by its nonzeros.
     byte_layout = _C.sparse_sliced_bytes_vectorized()
     if reasons["sparse-int8"] is None and state.block_density > int8_limit and not (
@@ -262,8 +245,9 @@ def state_format(state: LayerState, candidates: dict[str, str | None]) -> tuple[
 def heuristic_format(state: LayerState, candidates: dict[str, str | None], weight_numel: int) -> tuple[str, str]:
     """auto without example inputs: the state's format, unless the GEMM is too small to gain."""
     fmt, why = state_format(state, candidates)
-    if fmt.startswith("int8") and weight_numel < HEURISTIC_MIN_WEIGHTS:
-        return "float", (f"{weight_numel} weights < {HEURISTIC_MIN_WEIGHTS}: per-call overhead beats the int8 gain "
+    min_weights = thresholds.current().int8_min_weights
+    if fmt.startswith("int8") and weight_numel < min_weights:
+        return "float", (f"{weight_numel} weights < {min_weights}: per-call overhead beats the int8 gain "
                          "(pass example_inputs to time it)")
     return fmt, why + " (heuristic: no example inputs)"
 

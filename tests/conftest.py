@@ -9,6 +9,7 @@ import os
 import pytest
 
 import pycompress as pc
+from pycompress import thresholds
 
 FORCED_ISA = bool(os.environ.get("PYCOMPRESS_ISA"))
 ISA_PATHS = [pc.get_isa()] if FORCED_ISA else pc.supported_isas()
@@ -23,6 +24,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "once_per_ci" in item.keywords:
             item.add_marker(skip)
+
+
+# The untimed convert thresholds the tests assume, whatever the CPU's row in pycompress/thresholds.py
+# (test_thresholds.py checks the rows themselves and that convert reads the active one).
+PINNED_THRESHOLDS = thresholds.Thresholds(16384, 0.30, 0.30, 0.06, "pinned by tests/conftest.py")
+
+
+@pytest.fixture(autouse=True)
+def pinned_thresholds(monkeypatch):
+    monkeypatch.setattr(thresholds, "current", lambda: PINNED_THRESHOLDS)
+    return PINNED_THRESHOLDS
 
 
 @pytest.fixture(params=ISA_PATHS)
