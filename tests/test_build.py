@@ -84,8 +84,16 @@ def test_set_isa_rejects_unknown_name():
         pc.set_isa("sse9")
 
 
-def test_set_isa_round_trip(isa):
-    assert pc.get_isa() == isa
+def test_set_isa_round_trip():
+    previous = pc.get_isa()
+    try:
+        for name in pc.supported_isas():
+            pc.set_isa(name)
+            assert pc.get_isa() == name
+            assert pc.build_info()["active_isa"] == name
+    finally:
+        pc.set_isa(previous)
+    assert pc.get_isa() == previous
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
