@@ -372,13 +372,14 @@ def _use_counts(model: nn.Module) -> dict[int, int]:
 
 def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: dict[int, int],
                   original_ids: dict[int, int]) -> list[dict]:
-    """Groups the converted dense int8 layers that read one tensor (SHARED_INPUT_PARENTS, then the
-    captured sources) into SharedInputGroups; returns them as ConversionRecord.shared_input entries."""
+    """The groups of converted dense int8 layers that read one tensor (SHARED_INPUT_PARENTS, then the
+    captured sources), as ConversionRecord.shared_input entries (apply_plan forms them)."""
     names = {id(m): n for n, m in model.named_modules()}
     uses = _use_counts(model)
+    grouped: set[int] = set()
 
     def eligible(m) -> bool:
-        return SharedInputGroup.can_join(m) and uses[id(m)] == 1
+        return SharedInputGroup.can_join(m) and uses[id(m)] == 1 and id(m) not in grouped
 
     compatible = SharedInputGroup.compatible
 
@@ -389,7 +390,7 @@ def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: d
             continue
         members = [getattr(parent, a, None) for a in attrs]
         if all(eligible(m) for m in members) and compatible(members):
-            SharedInputGroup(members, adjacent=True)
+            grouped.update(id(m) for m in members)
             groups.append({"layers": [names[id(m)] for m in members], "adjacent": True})
     by_source: dict[int, list[nn.Module]] = {}
     for rec in records:
@@ -399,7 +400,6 @@ def _share_inputs(model: nn.Module, records: list[LayerRecord], input_sources: d
             by_source.setdefault(source, []).append(m)
     for members in by_source.values():
         if len(members) >= 2 and compatible(members):
-            SharedInputGroup(members)
             groups.append({"layers": [names[id(m)] for m in members], "adjacent": False})
     return groups
 
@@ -415,6 +415,8 @@ def _local_error(new: nn.Module, args: tuple, float_out: torch.Tensor) -> ErrorS
 
 
 def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]:
+    """Sets the fused activation of each layer whose ReLU / GELU its kernel applies, and returns the
+    activations' paths (apply_plan replaces them by Identity)."""
     uses = _use_counts(model)
     by_module = {}
     for rec in records:
@@ -440,7 +442,6 @@ def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]
         layer.set_activation(kind)
         parent_name = names[id(parent)]
         qualified = f"{parent_name}.{act_attr}" if parent_name else act_attr
-        setattr(parent, act_attr, nn.Identity())
         by_module[id(layer)].fused_activation = kind
         by_module[id(layer)].kernel += f" + fused {kind}"
         fused.append(qualified)
@@ -450,11 +451,29 @@ def _fuse_activations(model: nn.Module, records: list[LayerRecord]) -> list[str]
 # ---------------------------------------------------------------- public API
 
 
-def restore_shared_inputs(model: nn.Module, groups: list[dict]) -> None:
-    """Re-forms the SharedInputGroups of a conversion record on a model rebuilt from it (load)."""
-    for group in groups:
-        members = [model.get_submodule(n) for n in group["layers"]]
-        SharedInputGroup(members, adjacent=bool(group["adjacent"]))
+def apply_plan(model: nn.Module, fused: list[str], shared_input: list[dict], attention: bool) -> list[str]:
+    """The model edits of a conversion beyond its layers, in one place: convert applies them once it has
+    chosen the layers (and set the fused activations in their kernels), load applies the recorded ones to
+    a model rebuilt from a file. ``fused``: paths of the ReLU / GELU modules the layers before them now
+    apply (replaced by Identity); ``shared_input``: ConversionRecord.shared_input groups (formed as
+    SharedInputGroups); ``attention``: route Hugging Face sdpa attention to the fused kernel. Returns the
+    attention modules switched. Raises ValueError when the model does not fit the plan."""
+    for act_path in fused:
+        try:
+            act = model.get_submodule(act_path) if isinstance(act_path, str) else None
+        except AttributeError:
+            act = None
+        if act is None or fusible_activation(act) is None:
+            raise ValueError(f"the conversion fused the activation {act_path!r} into its layer, but the model has "
+                             "no such ReLU / GELU there (is it the same architecture?)")
+        _set_submodule(model, act_path, nn.Identity())
+    for group in shared_input:
+        try:
+            members = [model.get_submodule(n) for n in group["layers"]]
+            SharedInputGroup(members, adjacent=bool(group["adjacent"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"a shared-input group of the conversion record does not fit the model: {exc}") from None
+    return use_fused_attention(model) if attention else []
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -623,7 +642,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
                 _set_submodule(model, qualified, new)
     fused = _fuse_activations(model, records) if fuse_activations else []
     shared = _share_inputs(model, records, input_sources, original_ids) if share_inputs else []
-    attention = use_fused_attention(model) if fused_attention else []
+    attention = apply_plan(model, fused, shared, fused_attention)
     if attention:
         notes.append(f"attention: {len(attention)} modules run pycompress's fused fp32 attention kernel "
                      "(fused_attention=False keeps sdpa)")

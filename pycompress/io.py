@@ -53,11 +53,10 @@ import torch
 from torch import nn
 
 from pycompress._native import build_info
-from pycompress.attention import use_fused_attention
-from pycompress.conversion import ConversionRecord, LayerRecord, conversion_record, restore_shared_inputs
+from pycompress.conversion import ConversionRecord, LayerRecord, apply_plan, conversion_record
 from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
 from pycompress.nn.checks import is_int
-from pycompress.nn.registry import LAYER_TYPES, compressed_layers, float_kind, fusible_activation
+from pycompress.nn.registry import LAYER_TYPES, compressed_layers, float_kind
 
 MANIFEST_KEY = "pycompress"
 MANIFEST_DIGEST_KEY = "pycompress_sha256"  # metadata key: sha256 of the manifest's JSON text (version >= 2)
@@ -437,14 +436,6 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, tensors
 
 
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
 def _record_from(manifest: dict, path: str) -> ConversionRecord | None:
     rec = manifest.get("record")
     if not isinstance(rec, dict):
@@ -489,16 +480,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                                  f"converted {layer.FLOAT_KIND}")
             if not layer.matches_float(float_layer):
                 raise ValueError(f"load({path}): layer {name}: the model's {float_layer} does not match the file's {layer}")
-        fused = manifest.get("fused", [])
-        if not isinstance(fused, list):
-            raise ValueError(f"load({path}): manifest field 'fused' is malformed")
-        for act_path in fused:
-            act = model.get_submodule(act_path) if isinstance(act_path, str) and _has_submodule(model, act_path) else None
-            if act is None or fusible_activation(act) is None:
-                raise ValueError(f"load({path}): the file fused the activation {act_path!r} into its layer, but the "
-                                 "model has no such ReLU / GELU there (is it the same architecture?)")
-            parent_name, _, child = act_path.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
         # Shared layers: every path that holds the same float layer gets the one converted layer.
         by_float = {id(model.get_submodule(name)): layer for name, layer in layers.items()}
         paths = [(q, by_float[id(m)]) for q, m in model.named_modules(remove_duplicate=False) if q and id(m) in by_float]
@@ -528,16 +509,20 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     for name, module in compressed_layers(model):
         module.validate_tensors(tensors, f"{name}.", name)
     model.load_state_dict(tensors, strict=True, assign=rebuilt)
+    # The conversion's edits beyond the layers, as convert applied them (a rebuilt architecture holds the
+    # Identity of every fused activation already).
+    fused = [] if rebuilt else manifest.get("fused", [])
+    if not isinstance(fused, list):
+        raise ValueError(f"load({path}): manifest field 'fused' is malformed")
     record = _record_from(manifest, path)
+    try:
+        switched = apply_plan(model, fused, record.shared_input if record is not None else [],
+                              bool(record is not None and record.attention))
+    except ValueError as exc:
+        raise ValueError(f"load({path}): {exc}") from None
     if record is not None:
         model._pycompress_conversion = record
-        try:
-            restore_shared_inputs(model, record.shared_input)
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"load({path}): a shared-input group of the conversion record does not fit the "
-                             f"model: {exc}") from None
         if record.attention:
-            switched = use_fused_attention(model)
             if sorted(switched) != sorted(record.attention):
                 record.notes.append(f"load: the file's model ran fused attention in {len(record.attention)} "
                                     f"modules; this one in {len(switched)}")
