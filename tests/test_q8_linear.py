@@ -539,12 +539,3 @@ def test_extra_repr_is_informative(gen):
     text = repr(pc.nn.Int8Linear.from_float(make_linear(64, 32, gen), activation="gelu"))
     for part in ("in_features=64", "out_features=32", "int8 per-channel", "dynamic per-row", "gelu", "bytes="):
         assert part in text
-
-
-def test_opcheck(gen):
-    mod = pc.nn.Int8Linear.from_float(make_linear(24, 20, gen))
-    for x, extra in [(torch.randn(5, 24), (0, None, 0)), (torch.randn(2, 3, 24), (2, 0.05, 7)),
-                     (torch.randn(0, 24), (1, None, 0)), (torch.randn(5, 24), (0, None, 0, 7)),
-                     (torch.randn(2, 3, 24), (1, 0.05, 100, 7))]:
-        torch.library.opcheck(torch.ops.pycompress.int8_linear.default,
-                              (x, mod.w_packed, mod.col_sum, mod.w_scale, mod.bias, *extra))

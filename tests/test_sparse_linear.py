@@ -629,23 +629,6 @@ def test_many_python_threads_match_serial(isa, gen):
     assert not failures
 
 
-def test_opcheck(gen):
-    lin = sparse_linear(8, 32, 0.5, gen, pattern="nm24")
-    x = torch.randn(3, 32, generator=gen)
-    csr = SparseLinear.from_float(lin, format="csr")
-    nm = SparseLinear.from_float(lin, format="nm24")
-    i8 = SparseInt8Linear.from_float(lin)
-    torch.library.opcheck(torch.ops.pycompress.sparse_linear_csr.default,
-                          (x, csr.row_ptr, csr.col_idx, csr.values, csr.bias, 1))
-    torch.library.opcheck(torch.ops.pycompress.sparse_linear_nm24.default, (x, nm.nm_idx, nm.values, nm.bias, 2))
-    torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear.default,
-                          (x, i8.row_ptr, i8.blk_idx, i8.values, i8.col_sum, i8.w_scale, i8.bias, 0, None, 0))
-    torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear_sliced.default,
-                          (x, *i8._sliced_layout(False), i8.col_sum, i8.w_scale, i8.bias, 1, None, 0))
-    torch.library.opcheck(torch.ops.pycompress.sparse_int8_linear_sliced.default,
-                          (x, *i8._sliced_layout(True), i8.col_sum, i8.w_scale, i8.bias, 2, 0.05, 128))
-
-
 def test_torch_compile_traces_through(gen):
     lin = sparse_linear(8, 32, 0.5, gen)
     model = torch.nn.Sequential(SparseLinear.from_float(lin, activation="relu"),

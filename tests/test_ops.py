@@ -1,0 +1,86 @@
+"""Every op of pycompress.ops.OPS through torch.library.opcheck (schema, fake implementation, autograd
+registration, AOT dispatch) on every ISA path: a new op joins OPS and gives its cases here, or this
+file fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pycompress.nn import Int8Linear, SparseInt8Linear, SparseLinear
+from pycompress.ops import OPS
+
+
+def _linear(n: int, k: int, gen: torch.Generator, two_of_four: bool = False) -> torch.nn.Linear:
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen))
+        if two_of_four:
+            lin.weight.view(n, k // 4, 4)[..., 2:] = 0.0  # 2 nonzeros in every 4 along K
+        else:
+            lin.weight[torch.rand(n, k, generator=gen) < 0.5] = 0.0
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    return lin
+
+
+def _int8_linear(gen):
+    mod = Int8Linear.from_float(_linear(20, 24, gen))
+    w = (mod.w_packed, mod.col_sum, mod.w_scale, mod.bias)
+    x, x3 = torch.randn(5, 24, generator=gen), torch.randn(2, 3, 24, generator=gen)
+    return [(x, *w, 0, None, 0), (x3, *w, 2, 0.05, 7), (x[:0], *w, 1, None, 0), (x, *w, 0, None, 0, 7),
+            (x3, *w, 1, 0.05, 100, 7)]
+
+
+def _sparse_linear_csr(gen):
+    csr = SparseLinear.from_float(_linear(8, 32, gen), format="csr")
+    return [(torch.randn(3, 32, generator=gen), csr.row_ptr, csr.col_idx, csr.values, csr.bias, 1)]
+
+
+def _sparse_linear_nm24(gen):
+    nm = SparseLinear.from_float(_linear(8, 32, gen, two_of_four=True), format="nm24")
+    return [(torch.randn(3, 32, generator=gen), nm.nm_idx, nm.values, nm.bias, 2)]
+
+
+def _sparse_int8_linear(gen):
+    i8 = SparseInt8Linear.from_float(_linear(8, 32, gen))
+    return [(torch.randn(3, 32, generator=gen), i8.row_ptr, i8.blk_idx, i8.values, i8.col_sum, i8.w_scale, i8.bias,
+             0, None, 0)]
+
+
+def _sparse_int8_linear_sliced(gen):
+    i8 = SparseInt8Linear.from_float(_linear(8, 32, gen))
+    x = torch.randn(3, 32, generator=gen)
+    return [(x, *i8._sliced_layout(False), i8.col_sum, i8.w_scale, i8.bias, 1, None, 0),
+            (x, *i8._sliced_layout(True), i8.col_sum, i8.w_scale, i8.bias, 2, 0.05, 128)]
+
+
+def _attention(gen):
+    def heads(s, d):  # the transposed [B, S, H*D] view transformers passes
+        return torch.randn(2, s, 3, d, generator=gen).transpose(1, 2)
+
+    q, k, v = heads(9, 16), heads(11, 16), heads(11, 8)
+    mask = torch.rand(2, 1, 9, 11, generator=gen) > 0.3
+    return [(q, k, v, None, False, None), (q, k, v, mask, False, 0.5), (q, k, v, mask.float(), True, None),
+            (q[:0], k[:0], v[:0], None, False, None)]
+
+
+CASES = {
+    "int8_linear": _int8_linear,
+    "sparse_linear_csr": _sparse_linear_csr,
+    "sparse_linear_nm24": _sparse_linear_nm24,
+    "sparse_int8_linear": _sparse_int8_linear,
+    "sparse_int8_linear_sliced": _sparse_int8_linear_sliced,
+    "attention": _attention,
+}
+
+
+def test_ops_is_the_namespace():
+    registered = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("pycompress::")}
+    assert set(OPS) == registered
+    assert set(CASES) == set(OPS)  # every op has its cases here
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(isa, op, gen):
+    for args in CASES[op](gen):
+        torch.library.opcheck(getattr(torch.ops.pycompress, op).default, args)
