@@ -246,6 +246,9 @@ def heuristic_format(state: LayerState, candidates: dict[str, str | None], weigh
     """auto without example inputs: the state's format, unless the GEMM is too small to gain."""
     fmt, why = state_format(state, candidates)
     min_weights = thresholds.current().int8_min_weights
+    if fmt != "float" and min_weights is None:
+        return "float", (f"the {get_isa()} kernels are slower than float torch (pycompress/thresholds.py; "
+                         "pass example_inputs to time it)")
     if fmt.startswith("int8") and weight_numel < min_weights:
         return "float", (f"{weight_numel} weights < {min_weights}: per-call overhead beats the int8 gain "
                          "(pass example_inputs to time it)")

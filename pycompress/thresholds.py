@@ -22,7 +22,7 @@ from pycompress._native import get_isa
 
 @dataclass(frozen=True)
 class Thresholds:
-    int8_min_weights: int  # a dense int8 layer of fewer weights stays float (per-call overhead)
+    int8_min_weights: int | None  # a dense int8 layer of fewer weights stays float; None: every layer does
     sparse_int8_max_block_density: float  # sparse-int8 candidate at or below this 1x4-block density
     sparse_int8_byte_layout_max_density: float  # ... or this density, where the byte sliced layout runs
     sparse_fp32_max_density: float  # sparse-fp32 (csr) candidate at or below this density
@@ -54,8 +54,9 @@ TIERS: dict[str, Thresholds] = {
         "against ~1650 us; 70%: 1742, a loss), unstructured 90% (block density 0.34) does not; csr breaks "
         "even at ~95% (M = 1). " + _MIN_WEIGHTS_SOURCE),
     "scalar": Thresholds(
-        16384, 0.20, 0.0, 0.05,
-        "not measured: the avx2 row (the scalar kernels are the specification, not a speed tier)"),
+        None, 0.0, 0.0, 0.0,
+        "bench_untimed.py on Zen 5 (2026-12-02): the scalar kernels (the specification, not a speed tier) run "
+        "the bench shapes 3-11x slower than float torch, so the untimed convert keeps every layer float there"),
 }
 
 
