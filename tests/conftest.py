@@ -31,10 +31,14 @@ def pytest_collection_modifyitems(config, items):
 PINNED_THRESHOLDS = thresholds.Thresholds(16384, 0.30, 0.30, 0.06, "pinned by tests/conftest.py")
 
 
-@pytest.fixture(autouse=True)
-def pinned_thresholds(monkeypatch):
-    monkeypatch.setattr(thresholds, "current", lambda: PINNED_THRESHOLDS)
-    return PINNED_THRESHOLDS
+@pytest.fixture(scope="session", autouse=True)
+def pinned_thresholds():
+    """Pins thresholds.current for the whole session (before any module-scoped fixture converts a model);
+    yields the real function for the tests of the rows themselves."""
+    real = thresholds.current
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(thresholds, "current", lambda: PINNED_THRESHOLDS)
+        yield real
 
 
 @pytest.fixture(params=ISA_PATHS)

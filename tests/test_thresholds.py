@@ -23,8 +23,8 @@ def test_every_level_has_a_row_with_its_source():
     assert [lv for lv, row in thresholds.TIERS.items() if row.sparse_int8_byte_layout_max_density > 0] == ["avx512vbmi"]
 
 
-def test_current_follows_the_active_isa(monkeypatch, isa):
-    monkeypatch.undo()  # drop the suite's pinned row (conftest.py)
+def test_current_follows_the_active_isa(monkeypatch, isa, pinned_thresholds):
+    monkeypatch.setattr(thresholds, "current", pinned_thresholds)  # the real function, not the suite's pin
     assert thresholds.current() is thresholds.TIERS[isa]
 
 
