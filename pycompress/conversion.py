@@ -55,7 +55,7 @@ from pycompress.nn.int8_conv import conv2d_unsupported_reason
 from pycompress.nn.int8_linear import SharedInputGroup
 from pycompress.nn.registry import FORMATS as REGISTERED_FORMATS
 from pycompress.nn.registry import QuantParams, float_kind, fusible_activation, is_compressed, module_bytes
-from pycompress.reference.q8 import ACT_BITS, MAX_K
+from pycompress.reference.q8 import ACT_BITS, MAX_K, act_qmax
 from pycompress.verification import ErrorStats, call_model, layer_budget_db
 
 # "float" keeps the layer; the others are pycompress.nn's registered formats.
@@ -279,7 +279,7 @@ def _quant_params(state: LayerState, fmt: str, act_bits: int | None = None) -> Q
     abits = _act_bits(state, act_bits)
     if fmt != "int8-dynamic" and _int8_variant(state) == "int8-static":
         zp = int(state.quant.act_zero_point)
-        if zp > 2 ** abits - 1:
+        if zp > act_qmax(abits):
             raise ValueError(f"convert: layer calibrated with zero point {zp} cannot run {abits}-bit activations; "
                              f"calibrate with pycompress.quantize(act_bits={abits})")
         return QuantParams(bits, scale, float(state.quant.act_scale), zp, abits)

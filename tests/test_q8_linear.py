@@ -156,20 +156,6 @@ def test_u7_gemm_accumulators_bit_exact(isa, n, k, gen):
         assert torch.equal(native_gemm_raw(q, w, u7=True), q8_accumulate_ref(q[:, :k], w).to(torch.int32)), m
 
 
-def test_u7_gemm_extremes_never_saturate(isa):
-    # The largest u7 pair sums vpmaddubsw forms: 127*(-128)*2 = -32512 and 127*127*2, up to the K limit.
-    for k in (2, 64, 4096, MAX_K):
-        n = 16
-        q = torch.zeros(3, _round_up(k, KGROUP), dtype=torch.uint8)
-        q[:, :k] = 127
-        w = torch.empty(n, k, dtype=torch.int8)
-        w[: n // 2] = 127
-        w[n // 2:] = -128
-        out = native_gemm_raw(q, w, threads=1, u7=True)
-        assert (out[:, : n // 2] == 127 * 127 * k).all()
-        assert (out[:, n // 2:] == -127 * 128 * k).all()
-
-
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 @pytest.mark.parametrize("static", [None, (0.02, 65)])
 def test_u7_int8_linear_bit_exact(isa, activation, static, gen):
@@ -221,19 +207,22 @@ def test_gemm_raw_refuses_unpadded_rows():
         native_gemm_raw(torch.zeros(1, 6, dtype=torch.uint8), torch.zeros(16, 6, dtype=torch.int8))
 
 
-def test_gemm_extremes_never_saturate(isa):
-    # The pairs AVX2's vpmaddubsw would saturate: 255*127 + 255*127 > 32767, and
-    # the most negative sum: 255*(-128) in every term, up to the K limit.
+@pytest.mark.parametrize("u7", [False, True])
+def test_gemm_extremes_never_saturate(isa, u7):
+    # u8 rows (u7=False): the pairs AVX2's vpmaddubsw would saturate, 255*127 + 255*127 > 32767, and the most
+    # negative sum, 255*(-128) in every term. u7 rows on the u7 kernel: the largest pair sums vpmaddubsw forms
+    # there, 127*127*2 and 127*(-128)*2 = -32512. Up to the K limit.
+    a = 127 if u7 else 255
     for k in (2, 64, 4096, MAX_K):
         n = 16
-        q = torch.zeros(2, _round_up(k, KGROUP), dtype=torch.uint8)
-        q[:, :k] = 255
+        q = torch.zeros(3, _round_up(k, KGROUP), dtype=torch.uint8)
+        q[:, :k] = a
         w = torch.empty(n, k, dtype=torch.int8)
         w[: n // 2] = 127
         w[n // 2:] = -128
-        out = native_gemm_raw(q, w, threads=1)
-        assert (out[:, : n // 2] == 255 * 127 * k).all()
-        assert (out[:, n // 2:] == -255 * 128 * k).all()
+        out = native_gemm_raw(q, w, threads=1, u7=u7)
+        assert (out[:, : n // 2] == a * 127 * k).all()
+        assert (out[:, n // 2:] == -a * 128 * k).all()
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])

@@ -251,8 +251,8 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t ldx, uint8_t* q
   check_k(k);
   check_activation_format(act_bits, is_static, static_scale, static_zp, "q8_quantize_rows");
   const int64_t kp = round_up(k, kKGroup);
-  QuantizeRows p{x,       ldx,     m,       k, kp, q, scale, zp, nonfinite, is_static, static_scale, static_zp,
-                 nullptr, 0,       act_qmax(act_bits)};
+  QuantizeRows p{x, ldx, m, k, kp, q, scale, zp, nonfinite, is_static, static_scale, static_zp, nullptr, 0,
+                 act_qmax(act_bits)};
   kernels_for(active_isa()).quantize_rows(p);
 }
 

@@ -9,7 +9,7 @@ import torch
 
 from pycompress._native import ACTIVATIONS
 from pycompress.ops.sparse import ensure_valid_structure
-from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL, round_up
+from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL, act_qmax, round_up
 
 
 def is_int(v, lo: int, hi: int) -> bool:
@@ -41,7 +41,7 @@ def gemm_config_problems(cfg: dict, quantized: bool) -> list[str]:
         if act_bits not in ACT_BITS or isinstance(act_bits, bool):
             problems.append(f"act_bits {act_bits!r} must be one of {ACT_BITS}")
             act_bits = 8
-        qmax = 2 ** act_bits - 1
+        qmax = act_qmax(act_bits)
         if not is_int(cfg.get("act_zero_point"), 0, qmax):
             problems.append(f"act_zero_point {cfg.get('act_zero_point')!r} must be an int in [0, {qmax}]")
         if not is_int(cfg.get("weight_bits"), 2, 8):

@@ -7,7 +7,7 @@ import torch
 from pycompress import _C
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
-from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL, round_up
+from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL, act_qmax, round_up
 
 LIB.define(
     "int8_linear(Tensor x, Tensor w_packed, Tensor col_sum, Tensor w_scale, Tensor? bias, "
@@ -50,7 +50,7 @@ def _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, a
         raise ValueError(f"int8_linear: activation code {activation} not in (0, 1, 2)")
     if act_bits not in ACT_BITS:
         raise ValueError(f"int8_linear: activation bits {act_bits!r} not in {ACT_BITS}")
-    qmax = 2 ** act_bits - 1
+    qmax = act_qmax(act_bits)
     if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= qmax):
         raise ValueError(f"int8_linear: static scale {act_scale} must be finite > 0, "
                          f"zero point {act_zero_point} in [0, {qmax}]")
