@@ -32,7 +32,15 @@ std::vector<std::string> isa_names(const std::vector<Isa>& isas) {
   return names;
 }
 
-// One dense int8 linear with its weight-side operands bound once:
+// The 4-bit operands of a q8::LinearOutput (all 0: int8 weights).
+void set_w4(q8::LinearOutput& out, std::uintptr_t w4, std::uintptr_t g_scale, std::uintptr_t corr, int64_t groups) {
+  out.w4 = ptr<const uint8_t>(w4);
+  out.g_scale = ptr<const float>(g_scale);
+  out.corr = ptr<const float>(corr);
+  out.groups = groups;
+}
+
+// One dense int8 or 4-bit linear with its weight-side operands bound once:
 // pycompress.nn.Int8Linear keeps one per layer (validated by
 // pycompress.ops.q8.int8_linear_plan, rebuilt whenever a buffer is replaced or
 // its storage moves), so an eager call passes only x, y and the thread count
@@ -40,14 +48,17 @@ std::vector<std::string> isa_names(const std::vector<Isa>& isas) {
 class Q8LinearPlan {
  public:
   Q8LinearPlan(std::uintptr_t w_packed, std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias,
-               int64_t k, int64_t n, int act, bool is_static, float static_scale, int32_t static_zp, int act_bits)
+               int64_t k, int64_t n, int act, bool is_static, float static_scale, int32_t static_zp, int act_bits,
+               std::uintptr_t w4, std::uintptr_t g_scale, std::uintptr_t corr, int64_t groups)
       : k_(k),
         is_static_(is_static),
         static_scale_(static_scale),
         static_zp_(static_zp),
         act_bits_(act_bits),
         out_{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum), ptr<const float>(w_scale),
-             ptr<const float>(bias), n, nullptr, n, parse_activation(act)} {}
+             ptr<const float>(bias), n, nullptr, n, parse_activation(act)} {
+    set_w4(out_, w4, g_scale, corr, groups);
+  }
 
   const ThreadTuner& tuner() const { return tuner_; }
 
@@ -99,26 +110,31 @@ PYBIND11_MODULE(_C, m) {
       "q8_linear",
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, std::uintptr_t w_packed, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act,
-         bool is_static, float static_scale, int32_t static_zp, int nthreads, int act_bits) {
+         bool is_static, float static_scale, int32_t static_zp, int nthreads, int act_bits, std::uintptr_t w4,
+         std::uintptr_t g_scale, std::uintptr_t corr, int64_t groups) {
         const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads,
                                  nullptr, nullptr, act_bits};
-        const q8::LinearOutput out{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum),
-                                   ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ldy,
-                                   parse_activation(act)};
+        q8::LinearOutput out{ptr<const int8_t>(w_packed), ptr<const int32_t>(col_sum),
+                             ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ldy,
+                             parse_activation(act)};
+        set_w4(out, w4, g_scale, corr, groups);
         py::gil_scoped_release release;
         q8::linear_shared_input(in, &out, 1);
       },
       py::arg("x"), py::arg("m"), py::arg("k"), py::arg("ldx"), py::arg("w_packed"), py::arg("col_sum"),
       py::arg("w_scale"), py::arg("bias"), py::arg("n"), py::arg("y"), py::arg("ldy"), py::arg("act"),
       py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"), py::arg("nthreads"),
-      py::arg("act_bits") = 8, "y[m, n] = act(dequant(quant(x) @ W^T) + bias) on the active ISA");
+      py::arg("act_bits") = 8, py::arg("w4") = 0, py::arg("g_scale") = 0, py::arg("corr") = 0, py::arg("groups") = 0,
+      "y[m, n] = act(dequant(quant(x) @ W^T) + bias) on the active ISA; int8 weights, or 4-bit ones when w4 "
+      "is set (w4, g_scale, corr, groups: csrc/q4/q4_gemm.h; w_packed, col_sum, w_scale are then unused)");
 
   py::class_<Q8LinearPlan>(m, "Q8LinearPlan")
       .def(py::init<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int, bool,
-                    float, int32_t, int>(),
+                    float, int32_t, int, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t>(),
            py::arg("w_packed"), py::arg("col_sum"), py::arg("w_scale"), py::arg("bias"), py::arg("k"),
            py::arg("n"), py::arg("act"), py::arg("is_static"), py::arg("static_scale"), py::arg("static_zp"),
-           py::arg("act_bits") = 8)
+           py::arg("act_bits") = 8, py::arg("w4") = 0, py::arg("g_scale") = 0, py::arg("corr") = 0,
+           py::arg("groups") = 0)
       .def("run", &Q8LinearPlan::run, "y[m, n] = the bound linear of x (m rows, row stride ldx)")
       .def("thread_tuning", [](const Q8LinearPlan& p) { return tuning_dict(p.tuner()); },
            "what this layer's small calls learned: team size and ns per call on one thread and on the team");
@@ -148,17 +164,24 @@ PYBIND11_MODULE(_C, m) {
       "q8_linear_shared_input",
       [](std::uintptr_t x, int64_t m, int64_t k, int64_t ldx, const std::vector<py::tuple>& outputs,
          bool is_static, float static_scale, int32_t static_zp, int nthreads, ThreadTuner* tuner, int act_bits) {
-        // outputs: (w_packed, col_sum, w_scale, bias or 0, n, y, ldy, act) per linear.
+        // outputs: (w_packed, col_sum, w_scale, bias or 0, n, y, ldy, act) per int8 linear, the same
+        // followed by (w4, g_scale, corr, groups) per 4-bit one.
         std::vector<q8::LinearOutput> outs;
         outs.reserve(outputs.size());
         for (const py::tuple& o : outputs) {
-          if (o.size() != 8) throw py::value_error("q8_linear_shared_input: each output is an 8-tuple");
+          if (o.size() != 8 && o.size() != 12) {
+            throw py::value_error("q8_linear_shared_input: each output is an 8-tuple (int8) or a 12-tuple (4-bit)");
+          }
           outs.push_back(q8::LinearOutput{ptr<const int8_t>(o[0].cast<std::uintptr_t>()),
                                           ptr<const int32_t>(o[1].cast<std::uintptr_t>()),
                                           ptr<const float>(o[2].cast<std::uintptr_t>()),
                                           ptr<const float>(o[3].cast<std::uintptr_t>()), o[4].cast<int64_t>(),
                                           ptr<float>(o[5].cast<std::uintptr_t>()), o[6].cast<int64_t>(),
                                           parse_activation(o[7].cast<int>())});
+          if (o.size() == 12) {
+            set_w4(outs.back(), o[8].cast<std::uintptr_t>(), o[9].cast<std::uintptr_t>(),
+                   o[10].cast<std::uintptr_t>(), o[11].cast<int64_t>());
+          }
         }
         const q8::SharedInput in{ptr<const float>(x), m, k, ldx, is_static, static_scale, static_zp, nthreads,
                                  nullptr, tuner, act_bits};

@@ -6,6 +6,7 @@ Each layer gets one format: ``float`` or one that a ``pycompress.nn`` class regi
   float         the layer as it was (masks baked into the weight)
   int8-dynamic  Int8Linear / Int8Conv2d, activations quantized per row at run time
   int8-static   the same with the calibrated activation scale / zero point of ``pycompress.quantize``
+  int4          Int4Linear (a conv lowered onto it): 2-4-bit weights in groups along K, int8 activations
   sparse-fp32   pycompress.nn.SparseLinear (masked / mostly-zero weights)
   sparse-int8   pycompress.nn.SparseInt8Linear
 
@@ -55,6 +56,7 @@ from pycompress.nn.int8_conv import conv2d_unsupported_reason
 from pycompress.nn.int8_linear import SharedInputGroup
 from pycompress.nn.registry import FORMATS as REGISTERED_FORMATS
 from pycompress.nn.registry import QuantParams, float_kind, fusible_activation, is_compressed, module_bytes
+from pycompress.reference.q4 import W4_BITS
 from pycompress.reference.q8 import ACT_BITS, MAX_K, act_qmax
 from pycompress.verification import ErrorStats, call_model, layer_budget_db
 
@@ -204,8 +206,17 @@ def _candidate_reasons(state: LayerState, density_limits: str | None = "heuristi
         reasons["int8-static"] = "no calibrated static activation scale (run pycompress.quantize(activations='static'))"
     if reasons["int8-dynamic"] is None and _quant_attr(state.quant, "activations") == "static":
         reasons["int8-dynamic"] = "the layer is calibrated for static activations; int8-static is used"
+    low_bits = _quant_attr(state.quant, "weight_bits", 8) in W4_BITS
     if density_limits is None:
         return reasons
+    # A policy runs a layer pycompress.quantize'd to 2-4 bits on int4 (its packed size), others on int8.
+    for fmt in ("int8-dynamic", "int8-static"):
+        if reasons[fmt] is None and low_bits:
+            reasons[fmt] = (f"the layer is quantized to {state.quant.weight_bits} bits: int4 stores them packed "
+                            "(an override can ask for int8)")
+    if reasons["int4"] is None and not low_bits:
+        reasons["int4"] = ("not quantized to 2-4 bits (pycompress.quantize(weight_bits=4)); an override or "
+                           "policy='int4' asks for it")
     if reasons["sparse-fp32"] is None and state.quant is not None:
         reasons["sparse-fp32"] = ("the layer is quantized by pycompress.quantize: a policy keeps its int8 numbers "
                                   "(sparse-int8); an override can ask for sparse-fp32 to drop them")
@@ -235,6 +246,8 @@ def state_format(state: LayerState, candidates: dict[str, str | None]) -> tuple[
     for fmt, why in (("sparse-int8", "sparse weights"), ("sparse-fp32", "sparse weights")):
         if candidates[fmt] is None:
             return fmt, f"{why} (density {state.density:.2f})"
+    if candidates["int4"] is None:
+        return "int4", f"quantized to {state.quant.weight_bits} bits by pycompress.quantize"
     int8 = _int8_variant(state)
     if candidates[int8] is None:
         why = "calibrated by pycompress.quantize" if state.quant is not None else "no quantization state: dynamic"
@@ -249,7 +262,7 @@ def heuristic_format(state: LayerState, candidates: dict[str, str | None], weigh
     if fmt != "float" and min_weights is None:
         return "float", (f"the {get_isa()} kernels are slower than float torch (pycompress/thresholds.py; "
                          "pass example_inputs to time it)")
-    if fmt.startswith("int8") and weight_numel < min_weights:
+    if fmt in ("int8-dynamic", "int8-static", "int4") and weight_numel < min_weights:
         return "float", (f"{weight_numel} weights < {min_weights}: per-call overhead beats the int8 gain "
                          "(pass example_inputs to time it)")
     return fmt, why + " (heuristic: no example inputs)"
@@ -258,7 +271,7 @@ def heuristic_format(state: LayerState, candidates: dict[str, str | None], weigh
 # ---------------------------------------------------------------- building modules
 
 
-def _act_bits(state: LayerState, act_bits: int | None) -> int:
+def _act_bits(state: LayerState, act_bits: int | None, fmt: str = "int8-dynamic") -> int:
     """The layer's activation width: convert's ``act_bits``; else, for a layer pycompress.quantize'd, 7 when
     it was simulated with ``act_bits=7`` (the u7 format) and 8 otherwise (the kernels have no narrower
     activations: fewer simulated bits run, more precisely, on 8); else (no quantization state) 7 where the
@@ -268,7 +281,8 @@ def _act_bits(state: LayerState, act_bits: int | None) -> int:
         return act_bits
     if state.quant is not None:
         return 7 if _quant_attr(state.quant, "act_bits", 8) == 7 else 8
-    return 7 if _C.q8_u7_kernel() else 8
+    # int4's AVX2 kernel is exact on vpmaddubsw for u8 already (its products are 4-bit): u7 gains it nothing.
+    return 7 if _C.q8_u7_kernel() and fmt != "int4" else 8
 
 
 def _quant_params(state: LayerState, fmt: str, act_bits: int | None = None) -> QuantParams:
@@ -276,14 +290,16 @@ def _quant_params(state: LayerState, fmt: str, act_bits: int | None = None) -> Q
     activation scale for int8-static and for sparse-int8 (one format for both activation modes)."""
     bits = int(_quant_attr(state.quant, "weight_bits", 8))
     scale = _quant_attr(state.quant, "weight_scale")
-    abits = _act_bits(state, act_bits)
+    group_size = _quant_attr(state.quant, "group_size")
+    abits = _act_bits(state, act_bits, fmt)
     if fmt != "int8-dynamic" and _int8_variant(state) == "int8-static":
         zp = int(state.quant.act_zero_point)
         if zp > act_qmax(abits):
             raise ValueError(f"convert: layer calibrated with zero point {zp} cannot run {abits}-bit activations; "
                              f"calibrate with pycompress.quantize(act_bits={abits})")
-        return QuantParams(bits, scale, float(state.quant.act_scale), zp, abits)
-    return QuantParams(bits, scale, act_bits=abits)
+        return QuantParams(bits, scale, act_scale=float(state.quant.act_scale), act_zero_point=zp, act_bits=abits,
+                           group_size=group_size)
+    return QuantParams(bits, scale, act_bits=abits, group_size=group_size)
 
 
 def build_module(module: nn.Module, fmt: str, name: str, state: LayerState, act_bits: int | None = None) -> nn.Module:

@@ -50,7 +50,7 @@ def case(request):
 
 
 def test_every_format_is_registered_by_its_layer_class():
-    assert set(pc.nn.FORMATS) == {"int8-dynamic", "int8-static", "sparse-fp32", "sparse-int8"}
+    assert set(pc.nn.FORMATS) == {"int8-dynamic", "int8-static", "int4", "sparse-fp32", "sparse-int8"}
     assert set(conversion.FORMATS) == {"float", *pc.nn.FORMATS}
     for name, cls in pc.nn.LAYER_TYPES.items():
         assert cls.__name__ == name and issubclass(cls, pc.nn.CompressedLayer)
@@ -160,7 +160,9 @@ def test_layers_answer_what_model_code_reads(case):
         value = layer.weight.dequantize()
         assert value.shape == w.shape
         if pc.nn.FORMATS[layer.format_name].int8_numbers:
-            step = layer.dequantized_weight().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127
+            # half a quantization step of the channel's largest weight bounds every group's error too
+            qmax = 2 ** (layer.weight_bits - 1) - 1
+            step = layer.dequantized_weight().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / qmax
             assert ((value - w).abs() <= step / 2 * (1 + 1e-5)).all()
         else:
             assert torch.equal(value, w)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pycompress.nn import Int8Linear, SparseInt8Linear, SparseLinear
+from pycompress.nn import Int4Linear, Int8Linear, SparseInt8Linear, SparseLinear
 from pycompress.ops import OPS
 
 
@@ -29,6 +29,18 @@ def _int8_linear(gen):
     x, x3 = torch.randn(5, 24, generator=gen), torch.randn(2, 3, 24, generator=gen)
     return [(x, *w, 0, None, 0), (x3, *w, 2, 0.05, 7), (x[:0], *w, 1, None, 0), (x, *w, 0, None, 0, 7),
             (x3, *w, 1, 0.05, 100, 7)]
+
+
+def _int4_linear(gen):
+    grouped = Int4Linear.from_float(_linear(20, 64, gen), group_size=32)
+    per_channel = Int4Linear.from_float(_linear(20, 13, gen), group_size=None, weight_bits=3)
+    x, x3 = torch.randn(5, 64, generator=gen), torch.randn(2, 3, 13, generator=gen)
+
+    def w(m):
+        return (m.w4, m.g_scale, m.corr, m.bias, m.out_features, m.groups)
+
+    return [(x, *w(grouped), 0, None, 0), (x3, *w(per_channel), 2, 0.05, 7), (x[:0], *w(grouped), 1, None, 0),
+            (x, *w(grouped), 0, None, 0, 7)]
 
 
 def _sparse_linear_csr(gen):
@@ -66,6 +78,7 @@ def _attention(gen):
 
 CASES = {
     "int8_linear": _int8_linear,
+    "int4_linear": _int4_linear,
     "sparse_linear_csr": _sparse_linear_csr,
     "sparse_linear_nm24": _sparse_linear_nm24,
     "sparse_int8_linear": _sparse_int8_linear,

@@ -10,7 +10,8 @@ import torch
 
 import pycompress as pc
 from pycompress import _C
-from pycompress.ops.q8 import int8_conv2d_nhwc_cpu, int8_linear_shared_input_cpu
+from pycompress.ops.q8 import int8_conv2d_nhwc_cpu
+from pycompress.ops.shared_input import int8_linear_shared_input_cpu
 from pycompress.reference.q8 import (
     KGROUP,
     MAX_K,

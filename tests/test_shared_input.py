@@ -19,7 +19,8 @@ from torch import nn
 
 import pycompress as pc
 from pycompress.nn import Int8Linear, SharedInputGroup
-from pycompress.ops.q8 import int8_linear_cpu, int8_linear_shared_input_cpu
+from pycompress.ops.q8 import int8_linear_cpu
+from pycompress.ops.shared_input import int8_linear_shared_input_cpu
 
 int8_linear_mod = importlib.import_module("pycompress.nn.int8_linear")
 convert_mod = importlib.import_module("pycompress.conversion")

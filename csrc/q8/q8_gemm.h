@@ -251,6 +251,8 @@ struct SharedInput {
   int act_bits = 8;        // 8 (u8) or 7 (u7) activations
 };
 
+// One linear's weights: int8 (w_packed, col_sum, w_scale; q8_gemm.h), or 4-bit
+// when w4 is set (w4, g_scale, corr, groups; q4/q4_gemm.h).
 struct LinearOutput {
   const int8_t* w_packed;
   const int32_t* col_sum;
@@ -260,6 +262,10 @@ struct LinearOutput {
   float* y;
   int64_t ldy;
   Activation act;
+  const uint8_t* w4 = nullptr;
+  const float* g_scale = nullptr;
+  const float* corr = nullptr;
+  int64_t groups = 0;
 };
 
 void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int count);

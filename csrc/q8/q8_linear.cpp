@@ -10,9 +10,21 @@
 
 #include "common/thread_pool.h"
 #include "common/thread_tuner.h"
+#include "q4/q4_gemm.h"
 #include "q8/q8_gemm.h"
 
 namespace pycompress {
+namespace q4 {
+
+const Kernels& kernels_for(Isa isa) {
+  static const Kernels& (*const tables[kIsaCount])() = {
+      &kernels_scalar, PYCOMPRESS_X86_TABLE(kernels_avx2), PYCOMPRESS_X86_TABLE(kernels_avxvnni),
+      PYCOMPRESS_X86_TABLE(kernels_avx512vnni), nullptr};
+  return pick_kernels(isa, tables);
+}
+
+}  // namespace q4
+
 namespace q8 {
 
 const Kernels& kernels_for(Isa isa) {
@@ -120,9 +132,17 @@ void check_im2col(const Im2col& g, int64_t m, int64_t k) {
   }
 }
 
-void check_output(int64_t n, int64_t ldy) {
-  if (n <= 0) throw std::invalid_argument("int8 linear: bad output size N=" + std::to_string(n));
-  if (ldy < n) throw std::invalid_argument("int8 linear: row stride smaller than row");
+void check_output(const LinearOutput& out, int64_t k) {
+  if (out.n <= 0) throw std::invalid_argument("int8 linear: bad output size N=" + std::to_string(out.n));
+  if (out.ldy < out.n) throw std::invalid_argument("int8 linear: row stride smaller than row");
+  if (out.w4 != nullptr) {
+    const int64_t kp = round_up(k, q4::kKBlock);
+    if (out.groups <= 0 || kp % out.groups != 0 || (kp / out.groups) % q4::kKBlock != 0 ||
+        (out.groups > 1 && k % out.groups != 0)) {
+      throw std::invalid_argument("int4 linear: " + std::to_string(out.groups) + " weight groups do not split K=" +
+                                  std::to_string(k) + " into groups of a multiple of 8");
+    }
+  }
 }
 
 }  // namespace
@@ -178,12 +198,19 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   } else if (in.ldx < in.k) {
     throw std::invalid_argument("int8 linear: row stride smaller than row");
   }
-  for (int i = 0; i < count; ++i) check_output(outputs[i].n, outputs[i].ldy);
+  bool any_w4 = false;
+  for (int i = 0; i < count; ++i) {
+    check_output(outputs[i], in.k);
+    any_w4 = any_w4 || outputs[i].w4 != nullptr;
+  }
   check_activation_format(in.act_bits, in.is_static, in.static_scale, in.static_zp, "int8 linear");
   if (in.m == 0) return;
   const Kernels& kern = kernels_for(active_isa());
   const auto gemm_tile = in.act_bits == 7 && kern.gemm_tile_u7 != nullptr ? kern.gemm_tile_u7 : kern.gemm_tile;
+  const q4::Kernels& kern4 = q4::kernels_for(active_isa());
   const int64_t kp = round_up(in.k, kKGroup);
+  // Quantized rows are padded with zeros to the longest packed K of the outputs.
+  const int64_t lda = any_w4 ? round_up(in.k, q4::kKBlock) : kp;
 
   // Column tiles of every output, numbered consecutively: output i owns
   // [first_tile[i], first_tile[i + 1]).
@@ -199,9 +226,9 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   // quantized, then multiplied, so the scratch stays small for a tall input
   // (a convolution's im2col rows: ResNet-18's 3x3 convs at batch 16 are 50K
   // rows of 576) and a pass is read back from cache.
-  const int64_t pass_rows = std::max<int64_t>(kMaxTileRows, kPassBytes / kp);
+  const int64_t pass_rows = std::max<int64_t>(kMaxTileRows, kPassBytes / lda);
   const int64_t pass = std::min(in.m, pass_rows);
-  Scratch& s = thread_scratch(pass, kp);
+  Scratch& s = thread_scratch(pass, lda);
   // A call of one pass (every call small enough to tune) may let the tuner
   // pick its GEMM threads; it then times the whole call.
   const ThreadTuner::Choice choice =
@@ -209,7 +236,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   const auto start = choice.slot >= 0 ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   for (int64_t r0 = 0; r0 < in.m; r0 += pass) {
     const int64_t pm = std::min(pass, in.m - r0);
-    QuantizeRows qr{in.im2col != nullptr ? nullptr : in.x + r0 * in.ldx, in.ldx, pm, in.k, kp, s.q.data(),
+    QuantizeRows qr{in.im2col != nullptr ? nullptr : in.x + r0 * in.ldx, in.ldx, pm, in.k, lda, s.q.data(),
                     s.scale.data(), s.zp.data(), s.nonfinite.data(), in.is_static, in.static_scale, in.static_zp,
                     in.im2col, r0, act_qmax(in.act_bits)};
     quantize_rows_parallel(kern, qr, in.nthreads);
@@ -219,7 +246,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
     const int64_t m_tiles = (pm + rows - 1) / rows;
     GemmTile base{};
     base.a = s.q.data();
-    base.lda = kp;
+    base.lda = lda;
     base.m = pm;
     base.kp = kp;
     base.row_scale = s.scale.data();
@@ -229,6 +256,29 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
       int i = 0;
       while (nt >= first_tile[i + 1]) ++i;
       const LinearOutput& out = outputs[i];
+      const int64_t n0 = (nt - first_tile[i]) * kTileCols;
+      const int64_t tr0 = mt * rows;
+      if (out.w4 != nullptr) {
+        q4::Tile tile{};
+        tile.m = std::min(rows, pm - tr0);
+        tile.a = base.a + tr0 * lda;
+        tile.lda = lda;
+        tile.w = out.w4;
+        tile.kp = lda;
+        tile.groups = out.groups;
+        tile.n0 = n0;
+        tile.ncols = std::min(q4::kTileCols, out.n - n0);
+        tile.row_scale = base.row_scale + tr0;
+        tile.row_zp = base.row_zp + tr0;
+        tile.g_scale = out.g_scale;
+        tile.corr = out.corr;
+        tile.bias = out.bias;
+        tile.act = out.act;
+        tile.y = out.y + (r0 + tr0) * out.ldy;
+        tile.ldy = out.ldy;
+        kern4.gemm_tile(tile);
+        return;
+      }
       GemmTile tile = base;
       tile.w = out.w_packed;
       tile.col_sum = out.col_sum;
@@ -237,7 +287,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
       tile.act = out.act;
       tile.y = out.y + r0 * out.ldy;
       tile.ldy = out.ldy;
-      gemm_tile(sub_tile(tile, mt * rows, rows, (nt - first_tile[i]) * kTileCols, out.n));
+      gemm_tile(sub_tile(tile, tr0, rows, n0, out.n));
     });
     for (int i = 0; i < count; ++i) {
       fill_nonfinite_rows(s.nonfinite.data(), pm, outputs[i].y + r0 * outputs[i].ldy, outputs[i].ldy, outputs[i].n);

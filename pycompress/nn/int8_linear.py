@@ -20,7 +20,8 @@ from pycompress.nn.checks import (
     raise_problems,
 )
 from pycompress.nn.registry import CompressedLayer, register_layer
-from pycompress.ops.q8 import eager_rows, int8_linear_plan, int8_linear_shared_input_cpu
+from pycompress.ops.q8 import eager_rows, int8_linear_plan
+from pycompress.ops.shared_input import int8_linear_shared_input_cpu
 from pycompress.reference.q8 import (
     KGROUP,
     act_qmax,
@@ -66,6 +67,7 @@ class Int8Linear(CompressedLayer):
     FLOAT_KIND = "Linear"
     ENTROPY_CODED = ("w_packed",)
     FUSES_ACTIVATION = True
+    SHARES_INPUT = True  # may join a SharedInputGroup (as Int4Linear may)
 
     def __init__(
         self,
@@ -332,8 +334,9 @@ class SharedInputGroup:
 
     @staticmethod
     def can_join(layer: nn.Module) -> bool:
-        """Whether ``layer`` can be a member: a dense int8 layer not in a group yet."""
-        return type(layer) is Int8Linear and layer._shared_input is None
+        """Whether ``layer`` can be a member: a dense layer on the int8-activation GEMM (Int8Linear,
+        Int4Linear: class attribute SHARES_INPUT) not in a group yet."""
+        return getattr(type(layer), "SHARES_INPUT", False) and layer._shared_input is None
 
     @staticmethod
     def compatible(members: list[Int8Linear]) -> bool:
@@ -346,8 +349,8 @@ class SharedInputGroup:
         if len(members) < 2:
             raise ValueError("SharedInputGroup: needs at least two Int8Linear layers")
         for m in members:
-            if type(m) is not Int8Linear:
-                raise TypeError(f"SharedInputGroup: {type(m).__name__} is not an Int8Linear")
+            if not getattr(type(m), "SHARES_INPUT", False):
+                raise TypeError(f"SharedInputGroup: {type(m).__name__} is not an Int8Linear / Int4Linear")
             if m._shared_input is not None:
                 raise ValueError(f"SharedInputGroup: {m._label()} already shares its input with another group")
         k = members[0].in_features

@@ -33,7 +33,8 @@ class QuantParams:
     per-channel weight scales)."""
 
     weight_bits: int = 8
-    weight_scale: torch.Tensor | None = None  # [out_channels] calibrated scale, or None for max-abs
+    weight_scale: torch.Tensor | None = None  # [out_channels] (or [out, groups]) calibrated scale, or None: max-abs
+    group_size: int | None = None  # the weight groups along K of a 2-4-bit quantization (None: per channel)
     act_scale: float | None = None  # static activations when set
     act_zero_point: int = 0
     act_bits: int = 8  # 8 (u8) or 7 (u7: the int8 formats' AVX2 fast path; sparse-int8 runs u8 only)

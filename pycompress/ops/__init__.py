@@ -8,11 +8,12 @@ converted models without running the kernels.
 from pycompress.ops._library import LIB
 from pycompress.ops import attention  # the module: registers torch.ops.pycompress.attention
 from pycompress.ops.q8 import int8_linear
+from pycompress.ops.q4 import int4_linear
 from pycompress.ops.sparse import sparse_int8_linear, sparse_int8_linear_sliced, sparse_linear_csr, sparse_linear_nm24
 
 # Every op of the namespace: the one list the op tests (tests/test_ops.py: opcheck on every ISA path) iterate;
 # a test checks it against the schemas torch has registered under pycompress::.
-OPS = ("int8_linear", "sparse_linear_csr", "sparse_linear_nm24", "sparse_int8_linear", "sparse_int8_linear_sliced",
+OPS = ("int8_linear", "int4_linear", "sparse_linear_csr", "sparse_linear_nm24", "sparse_int8_linear", "sparse_int8_linear_sliced",
        "attention")
 
-__all__ = ["LIB", "OPS", "attention", "int8_linear", "sparse_int8_linear", "sparse_int8_linear_sliced", "sparse_linear_csr", "sparse_linear_nm24"]
+__all__ = ["LIB", "OPS", "attention", "int4_linear", "int8_linear", "sparse_int8_linear", "sparse_int8_linear_sliced", "sparse_linear_csr", "sparse_linear_nm24"]

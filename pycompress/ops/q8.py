@@ -15,7 +15,7 @@ LIB.define(
 )
 
 
-def _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits=8) -> tuple[int, int]:
+def check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits=8) -> tuple[int, int]:
     """Validates every operand the kernel will read; returns (K, N).
 
     Plain comparisons, not torch._check: this runs on every eager call and must
@@ -46,27 +46,33 @@ def _check_weights(k, w_packed, col_sum, w_scale, bias, activation, act_scale, a
         raise ValueError(f"int8_linear: col_sum must be 1-D int32 of {np_}, got {col_sum.dtype} {tuple(col_sum.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1 or bias.numel() != n):
         raise ValueError(f"int8_linear: bias must be 1-D float32 of {n}, got {bias.dtype} {tuple(bias.shape)}")
+    check_activation_args("int8_linear", activation, act_scale, act_zero_point, act_bits)
+    return n
+
+
+def check_activation_args(op: str, activation, act_scale, act_zero_point, act_bits) -> None:
+    """The epilogue activation code and the activation format (bits, static scale / zero point) of an
+    int8-activation op."""
     if activation not in (0, 1, 2):
-        raise ValueError(f"int8_linear: activation code {activation} not in (0, 1, 2)")
+        raise ValueError(f"{op}: activation code {activation} not in (0, 1, 2)")
     if act_bits not in ACT_BITS:
-        raise ValueError(f"int8_linear: activation bits {act_bits!r} not in {ACT_BITS}")
+        raise ValueError(f"{op}: activation bits {act_bits!r} not in {ACT_BITS}")
     qmax = act_qmax(act_bits)
     if act_scale is not None and not (0 < act_scale < float("inf") and 0 <= act_zero_point <= qmax):
-        raise ValueError(f"int8_linear: static scale {act_scale} must be finite > 0, "
+        raise ValueError(f"{op}: static scale {act_scale} must be finite > 0, "
                          f"zero point {act_zero_point} in [0, {qmax}]")
-    return n
 
 
 @torch.library.register_fake("pycompress::int8_linear")
 def _int8_linear_fake(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
                       act_bits=8):
-    _, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
+    _, n = check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     return x.new_empty((*x.shape[:-1], n))
 
 
 def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
                     act_bits=8):
-    k, n = _check(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
+    k, n = check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     x2, m, ldx = eager_rows(x, k)
     if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
             and (bias is None or bias.is_contiguous())):
@@ -116,33 +122,6 @@ def int8_linear_plan(k, n, w_packed, col_sum, w_scale, bias, activation=0, act_s
     return _C.Q8LinearPlan(w_packed.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
                            0 if bias is None else bias.data_ptr(), k, n, activation, act_scale is not None,
                            1.0 if act_scale is None else act_scale, act_zero_point, act_bits)
-
-
-def int8_linear_shared_input_cpu(x, outputs, act_scale=None, act_zero_point=0, tuner=None,
-                                 act_bits=8) -> list[torch.Tensor]:
-    """Several int8 linears of one input, eager CPU only: ``outputs`` is a sequence of
-    ``(w_packed, col_sum, w_scale, bias, activation)``. x is quantized once and every output's
-    tiles run in one parallel pass; each result equals ``int8_linear_cpu`` of that output alone.
-    ``tuner``: a ``_C.ThreadTuner`` kept by the caller across calls of the same group, which
-    then learns the thread count of its small calls (csrc/common/thread_tuner.h)."""
-    if not outputs:
-        raise ValueError("int8_linear_shared_input: no outputs")
-    sizes = [_check(x, *out, act_scale, act_zero_point, act_bits)[1] for out in outputs]
-    for w_packed, col_sum, w_scale, bias, _ in outputs:
-        if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
-                and (bias is None or bias.is_contiguous())):
-            raise ValueError("int8_linear_shared_input: weight operands must be contiguous")
-    k = x.shape[-1]
-    x2, m, ldx = eager_rows(x, k)
-    ys = [torch.empty((m, n), dtype=torch.float32) for n in sizes]
-    _C.q8_linear_shared_input(
-        x2.data_ptr(), m, k, ldx,
-        [(w.data_ptr(), c.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), n, y.data_ptr(), n, act)
-         for (w, c, s, b, act), n, y in zip(outputs, sizes, ys)],
-        act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, num_threads(), tuner,
-        act_bits,
-    )
-    return ys if x.dim() == 2 else [y.view(*x.shape[:-1], n) for y, n in zip(ys, sizes)]
 
 
 def int8_linear(x, w_packed, col_sum, w_scale, bias=None, activation=0, act_scale=None, act_zero_point=0,

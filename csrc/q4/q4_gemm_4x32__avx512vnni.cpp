@@ -1,0 +1,122 @@
+// AVX-512 VNNI path of the W4A8 GEMM (q4_gemm.h): a block of one panel (16
+// channels x 8 k, 64 bytes) is one zmm load that unpacks to two vpdpbusd
+// operands (nibbles masked or shifted out, sign-extended by one vpshufb).
+// Microkernel: up to 4 rows x 32 columns (8 int32 + 8 float accumulators,
+// 4 weight operands); one row takes 64 columns, as decode's GEMV reads each
+// weight once and wants more independent chains.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common/vec_math_avx512.h"
+#include "q4/q4_gemm.h"
+
+namespace pycompress {
+namespace q4 {
+namespace {
+
+constexpr int kMR = 4;
+
+inline __mmask16 tail_mask(int64_t valid) {
+  return valid >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>(valid <= 0 ? 0u : (1u << valid) - 1u);
+}
+
+template <int MR, int NV>
+void tile_rows(const Tile& t, int64_t r0, int64_t n) {
+  const int64_t panel_bytes = (t.kp / kKBlock) * kBlockBytes;
+  const int64_t blocks_per_group = t.kp / t.groups / kKBlock;
+  const uint8_t* w = t.w + (n / kPanel) * panel_bytes;
+  const float* gs = t.g_scale + (n / kPanel) * t.groups * kPanel;
+  const uint8_t* a = t.a + r0 * t.lda;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i lut = _mm512_load_si512(kNibbleToInt8);
+
+  __m512 facc[MR][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) facc[r][v] = _mm512_setzero_ps();
+
+  for (int64_t g = 0, kb = 0; g < t.groups; ++g) {
+    __m512i acc[MR][NV];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+    for (const int64_t end = kb + blocks_per_group; kb < end; ++kb) {
+      __m512i wlo[NV], whi[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __m512i p = _mm512_loadu_si512(w + v * panel_bytes + kb * kBlockBytes);
+        wlo[v] = _mm512_shuffle_epi8(lut, _mm512_and_si512(p, low4));
+        whi[v] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4));
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        int32_t a8[2];
+        std::memcpy(a8, a + r * t.lda + kb * kKBlock, sizeof a8);
+        const __m512i alo = _mm512_set1_epi32(a8[0]), ahi = _mm512_set1_epi32(a8[1]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], alo, wlo[v]);
+          acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], ahi, whi[v]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 s = _mm512_loadu_ps(gs + v * t.groups * kPanel + g * kPanel);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) facc[r][v] = _mm512_add_ps(facc[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][v]), s));
+    }
+  }
+
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t c = n + v * kPanel;
+    const __mmask16 mask = tail_mask(t.n0 + t.ncols - c);
+    const __m512 corr = _mm512_loadu_ps(t.corr + c);  // padded to Np
+    const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(mask, t.bias + c) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      __m512 y = _mm512_sub_ps(facc[r][v], _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(t.row_zp[r0 + r])), corr));
+      y = _mm512_mul_ps(y, _mm512_set1_ps(t.row_scale[r0 + r]));
+      if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+      y = apply_activation_avx512(y, t.act);
+      _mm512_mask_storeu_ps(t.y + (r0 + r) * t.ldy + c, mask, y);
+    }
+  }
+}
+
+// Rows [r0, r0 + MR) against the tile's panels, NV at a time (then fewer).
+template <int MR, int NV>
+void row_block(const Tile& t, int64_t r0) {
+  const int64_t end = t.n0 + t.ncols;
+  int64_t n = t.n0;
+  for (; n + (NV - 1) * kPanel < end; n += NV * kPanel) tile_rows<MR, NV>(t, r0, n);
+  if constexpr (NV > 1) {
+    for (; n < end; n += kPanel) tile_rows<MR, 1>(t, r0, n);
+  }
+}
+
+void gemm_tile_avx512(const Tile& t) {
+  int64_t r0 = 0;
+  for (; r0 + kMR <= t.m; r0 += kMR) row_block<kMR, 2>(t, r0);
+  switch (t.m - r0) {
+    case 3: return row_block<3, 2>(t, r0);
+    case 2: return row_block<2, 2>(t, r0);
+    case 1: return row_block<1, 4>(t, r0);
+    default: return;
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_avx512vnni() {
+  static const Kernels k{gemm_tile_avx512};
+  return k;
+}
+
+}  // namespace q4
+}  // namespace pycompress
