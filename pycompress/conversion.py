@@ -55,7 +55,14 @@ from pycompress.attention import use_fused_attention
 from pycompress.nn.int8_conv import conv2d_unsupported_reason
 from pycompress.nn.int8_linear import SharedInputGroup
 from pycompress.nn.registry import FORMATS as REGISTERED_FORMATS
-from pycompress.nn.registry import QuantParams, float_kind, fusible_activation, is_compressed, module_bytes
+from pycompress.nn.registry import (
+    QuantParams,
+    float_kind,
+    fusible_activation,
+    is_compressed,
+    linearize_transposed,
+    module_bytes,
+)
 from pycompress.reference.q4 import W4_BITS
 from pycompress.reference.q8 import ACT_BITS, MAX_K, act_qmax
 from pycompress.verification import ErrorStats, call_model, layer_budget_db
@@ -543,6 +550,10 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
                            "float model once. To change formats, start again from the float model.")
 
     notes: list[str] = []
+    transposed = linearize_transposed(model)
+    if transposed:
+        notes.append(f"{len(transposed)} transformers Conv1D layers (a Linear with its weight transposed) became "
+                     "nn.Linear views of the same weights, so they convert like any Linear")
 
     # Every target layer once (shared modules appear under several names).
     targets: dict[int, tuple[list[str], nn.Module]] = {}

@@ -56,7 +56,7 @@ from pycompress._native import build_info
 from pycompress.conversion import ConversionRecord, LayerRecord, apply_plan, conversion_record
 from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
 from pycompress.nn.checks import is_int
-from pycompress.nn.registry import LAYER_TYPES, compressed_layers, float_kind
+from pycompress.nn.registry import LAYER_TYPES, compressed_layers, float_kind, linearize_transposed
 
 MANIFEST_KEY = "pycompress"
 MANIFEST_DIGEST_KEY = "pycompress_sha256"  # metadata key: sha256 of the manifest's JSON text (version >= 2)
@@ -470,6 +470,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         with torch.device("meta"):
             model = _rebuild(manifest["architecture"], layers, path)
     else:
+        linearize_transposed(model)  # as convert did: a Conv1D's saved weight is a Linear's [out, in]
         for name, layer in layers.items():
             try:
                 float_layer = model.get_submodule(name)

@@ -215,6 +215,38 @@ def float_kind(module: nn.Module) -> str | None:
     return None
 
 
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its kin): y = x @ W + b with W [in, out], a Linear with its weight
+    transposed. Recognised by its class name and shape, so transformers need not be imported."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(module, "nf", None) == w.shape[1])
+
+
+def linearize_transposed(model: nn.Module) -> list[str]:
+    """Replaces every transformers ``Conv1D`` in ``model`` with an ``nn.Linear`` whose weight is the transposed
+    *view* of the same storage (no copy; the same bias Parameter), so prune / quantize / convert / load treat
+    it as any Linear. ``F.linear`` of that view is ``addmm(b, x, W)``, the Conv1D's own call: the float model
+    computes the same values. Returns the replaced modules' names. The state_dict keys stay; the weight's
+    shape becomes [out, in], as for a Linear."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or not _is_transposed_linear(module):
+            continue
+        weight = module.weight
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device="meta",
+                           dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
+        if module.bias is not None:
+            linear.bias = module.bias
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for alias in [n for n, m in parent.named_children() if m is module]:
+            setattr(parent, alias, linear)
+        replaced.append(name)
+    return replaced
+
+
 def is_compressed(module: nn.Module) -> bool:
     return isinstance(module, CompressedLayer)
 
