@@ -83,3 +83,23 @@ THREADS: tuple[int, ...] = (1, 2)
 # The shape of the per-call overhead breakdown: small enough that the Python
 # layer, the dispatcher and the thread pool's wake-up are visible next to the kernel.
 OVERHEAD_SHAPE = SHAPES[0]
+
+# Decode (issue 14): a 7B-class decoder (hidden 4096, MLP 11008) one token at a time (M = 1), a few tokens
+# (M = 4, 16: batched requests or speculative decoding), and weight stacks that leave the L3: 4 layers of
+# 4096^2 (64 MiB int8, 32 MiB int4) and 8 layers (64 MiB int4).
+DECODE_SHAPES: tuple[LinearShape, ...] = (
+    LinearShape(1, 4096, 4096, "7B-class decode, attention projection, one token"),
+    LinearShape(4, 4096, 4096, "7B-class decode, attention projection, 4 tokens"),
+    LinearShape(16, 4096, 4096, "7B-class decode, attention projection, 16 tokens"),
+    LinearShape(1, 4096, 11008, "7B-class decode, MLP gate / up projection, one token"),
+    LinearShape(1, 11008, 4096, "7B-class decode, MLP down projection, one token"),
+    LinearShape(1, 4096, 4096, "7B-class decode GEMV over a 4-layer stack (int8 64 MiB: DRAM)", layers=4),
+    LinearShape(1, 4096, 4096, "7B-class decode GEMV over an 8-layer stack (int4 64 MiB: DRAM)", layers=8),
+)
+
+# The Linears of one LLaMA-7B-class decoder layer at one token, in the order a forward calls them.
+DECODER_LAYER: tuple[LinearShape, ...] = tuple(
+    LinearShape(1, k, n, f"7B-class decoder layer {name}")
+    for name, k, n in (("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096),
+                       ("o_proj", 4096, 4096), ("gate_proj", 4096, 11008), ("up_proj", 4096, 11008),
+                       ("down_proj", 11008, 4096)))

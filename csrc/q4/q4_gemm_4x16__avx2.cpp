@@ -9,6 +9,7 @@ namespace {
 
 struct MaddDot {
   static constexpr int kRows = 4;
+  static constexpr bool kSplitRow = false;
   static __m256i step2(__m256i acc, __m256i alo, __m256i wlo, __m256i ahi, __m256i whi) {
     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(alo, wlo), _mm256_maddubs_epi16(ahi, whi));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));

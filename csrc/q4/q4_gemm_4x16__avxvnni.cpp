@@ -8,6 +8,8 @@ namespace {
 
 struct VnniDot {
   static constexpr int kRows = 4;
+  static constexpr bool kSplitRow = true;
+  static __m256i step(__m256i acc, __m256i a, __m256i w) { return _mm256_dpbusd_avx_epi32(acc, a, w); }
   static __m256i step2(__m256i acc, __m256i alo, __m256i wlo, __m256i ahi, __m256i whi) {
     return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, alo, wlo), ahi, whi);
   }

@@ -44,6 +44,12 @@ void tile_rows(const Tile& t, int64_t r0, int64_t n) {
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+    // One row (decode): the high nibbles' products go to a second set of
+    // accumulators, so no accumulator waits on two vpdpbusd a block.
+    constexpr int kHi = MR == 1 ? NV : 1;
+    __m512i hi_acc[kHi];
+#pragma GCC unroll 4
+    for (int v = 0; v < kHi; ++v) hi_acc[v] = _mm512_setzero_si512();
     for (const int64_t end = kb + blocks_per_group; kb < end; ++kb) {
       __m512i wlo[NV], whi[NV];
 #pragma GCC unroll 4
@@ -60,9 +66,17 @@ void tile_rows(const Tile& t, int64_t r0, int64_t n) {
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
           acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], alo, wlo[v]);
-          acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], ahi, whi[v]);
+          if constexpr (MR == 1) {
+            hi_acc[v] = _mm512_dpbusd_epi32(hi_acc[v], ahi, whi[v]);
+          } else {
+            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], ahi, whi[v]);
+          }
         }
       }
+    }
+    if constexpr (MR == 1) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_add_epi32(acc[0][v], hi_acc[v]);
     }
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {

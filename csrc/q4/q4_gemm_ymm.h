@@ -6,7 +6,10 @@
 //             vpmaddubsw pair is at most |255 * -8 * 2| = 4080 and the sum of
 //             two 8160, far from int16's limit; 8-bit weights would saturate.
 // Policy: `static __m256i step2(__m256i acc, __m256i alo, __m256i wlo,
-// __m256i ahi, __m256i whi)` and `static constexpr int kRows`.
+// __m256i ahi, __m256i whi)` (both halves of a block into one accumulator),
+// `static constexpr int kRows`, and `kSplitRow`: one row instead takes
+// `step(acc, a, w)` per half into two accumulator sets (for VNNI, whose two
+// vpdpbusd a block would otherwise form one dependent chain).
 //
 // A block's 32 bytes of one half panel (8 channels x 8 k) unpack to two
 // operands: nibbles masked (and shifted) out, then sign-extended by one
@@ -50,6 +53,12 @@ void ymm_tile_rows(const Tile& t, int64_t r0, int64_t n) {
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+    // With Dot::kSplitRow (two dependent vpdpbusd a block), one row sums the
+    // high nibbles' products apart, so no accumulator waits on both.
+    constexpr bool kSplit = Dot::kSplitRow && MR == 1;
+    __m256i hi_acc[kSplit ? NV : 1];
+#pragma GCC unroll 8
+    for (int v = 0; v < (kSplit ? NV : 1); ++v) hi_acc[v] = _mm256_setzero_si256();
     for (const int64_t end = kb + blocks_per_group; kb < end; ++kb) {
       __m256i wlo[NV], whi[NV];
 #pragma GCC unroll 8
@@ -66,10 +75,19 @@ void ymm_tile_rows(const Tile& t, int64_t r0, int64_t n) {
         const __m256i alo = _mm256_set1_epi32(a8[0]), ahi = _mm256_set1_epi32(a8[1]);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) {
-          acc[r][v] = Dot::step2(acc[r][v], alo, wlo[v], ahi, whi[v]);
+          if constexpr (kSplit) {
+            acc[r][v] = Dot::step(acc[r][v], alo, wlo[v]);
+            hi_acc[v] = Dot::step(hi_acc[v], ahi, whi[v]);
+          } else {
+            acc[r][v] = Dot::step2(acc[r][v], alo, wlo[v], ahi, whi[v]);
+          }
           __asm__("" : "+x"(acc[r][v]));  // keeps GCC from issuing every product first and spilling
         }
       }
+    }
+    if constexpr (kSplit) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[0][v] = _mm256_add_epi32(acc[0][v], hi_acc[v]);
     }
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
@@ -113,7 +131,8 @@ void ymm_rows_from(const Tile& t, int64_t r0) {
     if (t.m - r0 == MR) return ymm_row_block<Dot, MR, 1>(t, r0, t.n0);
     return ymm_rows_from<Dot, MR - 1>(t, r0);
   } else {
-    if (t.m - r0 == 1) ymm_row_block<Dot, 1, 2>(t, r0, t.n0);
+    // One row: two panels a pass, one when the row splits its accumulators (register budget).
+    if (t.m - r0 == 1) ymm_row_block<Dot, 1, Dot::kSplitRow ? 1 : 2>(t, r0, t.n0);
   }
 }
 
