@@ -145,6 +145,7 @@ def prune(
             raise ValueError(f"prune: method='nm' with n={n}, m={m} prunes {1 - n / m:g}, not sparsity={sparsity}")
     else:
         sparsity = _u.check_sparsity(0.9 if sparsity is None else sparsity, "prune")
+    check_criterion(criterion, method, scope, calibration_batches, percdamp)
     if method == "channel":
         if scope != "layer":
             raise ValueError("prune: method='channel' supports scope='layer' only (each channel group keeps "
@@ -153,7 +154,6 @@ def prune(
                               overrides=overrides, norm=norm)
     if method == "block":
         block = _check_block(block)
-    check_criterion(criterion, method, scope, calibration_batches)
     batches = materialize_batches(calibration_batches, "prune") if criterion != "magnitude" else None
     layers, per_layer = resolve_layer_sparsities(model, sparsity if sparsity is not None else 0.0, exclude, overrides)
     for name, module in layers:

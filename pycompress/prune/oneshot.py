@@ -10,9 +10,10 @@ state as after magnitude pruning.
 
 Wanda (Sun et al., 2023): score ``S_ij = |W_ij| * ||X_:,j||_2`` (the input column's norm over every
 calibration row); no weight update. Unstructured: each output row drops its
-``round(sparsity * K)`` lowest scores (Wanda's per-output comparison); N:M: the m - n lowest of
-each group of m; blocks: a block's score is the sum of its scores, and each row of blocks (``bn``
-output channels) drops ``round(sparsity * K / bk)`` blocks.
+``sparsity * K`` lowest scores (Wanda's per-output comparison; the counts are rounded so that the
+rows differ by at most one and the layer drops exactly ``round(sparsity * N * K)``); N:M: the m - n
+lowest of each group of m; blocks: a block's score is the sum of its scores, and each row of blocks
+(``bn`` output channels) drops ``sparsity`` of its blocks, counted the same way.
 
 SparseGPT (Frantar & Alistarh, 2023): with ``H = 2 X^T X / n`` (dampened, dead inputs as in GPTQ) and
 ``U`` the upper Cholesky factor of ``H^-1`` (pycompress.calibration.inverse_hessian_factor), the
@@ -43,13 +44,23 @@ BLOCK_SIZE = 128  # SparseGPT's columns per adaptive mask / lazy update block
 _F64 = torch.float64
 
 
-def _per_row_keep(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
-    """Keep-mask with the ``num_pruned`` lowest of every row False (stable: ties go by position)."""
+def _per_row_keep(scores: torch.Tensor, num_pruned: int | list[int]) -> torch.Tensor:
+    """Keep-mask with the ``num_pruned`` lowest of every row (or ``num_pruned[r]`` of row r) False
+    (stable: ties go by position)."""
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if num_pruned > 0:
-        order = torch.sort(scores, dim=1, stable=True).indices
+    order = torch.sort(scores, dim=1, stable=True).indices
+    if isinstance(num_pruned, int):
         keep.scatter_(1, order[:, :num_pruned], False)
-    return keep
+        return keep
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+    return rank >= torch.tensor(num_pruned).reshape(-1, 1)
+
+
+def _row_counts(sparsity: float, rows: int, units: int) -> list[int]:
+    """Units to drop per row so that the layer drops exactly round(sparsity * rows * units): row r drops
+    round(s * units * (r + 1)) - round(s * units * r) (the rows differ by at most one)."""
+    return [round(sparsity * units * (r + 1)) - round(sparsity * units * r) for r in range(rows)]
 
 
 def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, sparsity: float, pattern: str, name: str,
@@ -62,9 +73,9 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, sparsity: float, patte
     if pattern == "nm":
         return _u.nm_mask(scores.reshape(weight.shape), n, m, name)
     if pattern == "magnitude":
-        return _per_row_keep(scores, round(sparsity * scores.shape[1])).reshape(weight.shape)
+        return _per_row_keep(scores, _row_counts(sparsity, *scores.shape)).reshape(weight.shape)
     bscores = _u.block_scores(scores.reshape(weight.shape), block, name)
-    keep = _per_row_keep(bscores, round(sparsity * bscores.shape[1]))
+    keep = _per_row_keep(bscores, _row_counts(sparsity, *bscores.shape))
     return _u.expand_block_mask(keep, block, weight.shape)
 
 
@@ -132,7 +143,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return w.to(weight.dtype).reshape(weight.shape), keep.reshape(weight.shape)
 
 
-def check_criterion(criterion: str, pattern: str, scope: str, calibration_batches: object) -> None:
+def check_criterion(criterion: str, pattern: str, scope: str, calibration_batches: object,
+                    percdamp: float = 0.01) -> None:
     if criterion not in CRITERIA:
         raise ValueError(f"prune: unknown criterion {criterion!r}; expected one of {CRITERIA}")
     if criterion == "magnitude":
@@ -146,6 +158,8 @@ def check_criterion(criterion: str, pattern: str, scope: str, calibration_batche
     if calibration_batches is None:
         raise ValueError(f"prune: criterion={criterion!r} needs calibration_batches (a few batches of sample "
                          "inputs: its scores come from each layer's inputs)")
+    if not (isinstance(percdamp, (int, float)) and 0 < percdamp <= 1):
+        raise ValueError(f"prune: percdamp must be in (0, 1], got {percdamp!r}")
 
 
 def prune_oneshot(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list, criterion: str,
