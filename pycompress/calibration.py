@@ -15,8 +15,8 @@ One home for what ``pycompress.quantize(method="gptq")`` and ``pycompress.prune(
   pre-hooks while the calibration batches run through the model as it is *now*, so earlier layers are
   already quantized or pruned when a later layer is calibrated (the sequential scheme of GPTQ and
   SparseGPT). The captured input is the layer's float input, before its own activation fake
-  quantization (the kernels' per-row rounding of X is not part of the layer-wise objective). A pass stops early, once the group's last layer has its input, when every layer runs once
-  per forward.
+  quantization (the kernels' per-row rounding of X is not part of the layer-wise objective). A pass
+  stops early, once the group's last layer has its input, when every layer runs once per forward.
 - ``inverse_hessian_factor``: the dead-input handling, dampening and Cholesky factor of ``H^-1`` that
   the OBS updates of GPTQ and SparseGPT use.
 """

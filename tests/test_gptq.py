@@ -165,7 +165,8 @@ def test_layers_are_calibrated_sequentially_on_the_quantized_earlier_layers(monk
     x = correlated_inputs(256, 32, seed=8)
     seen = []
     real = gptq_mod.gptq_quantize
-    monkeypatch.setattr(gptq_mod, "gptq_quantize", lambda w, h, *a, **k: (seen.append(h.clone()), real(w, h, *a, **k))[1])
+    monkeypatch.setattr(gptq_mod, "gptq_quantize",
+                        lambda w, h, *a, **k: (seen.append(h.clone()), real(w, h, *a, **k))[1])
     with torch.no_grad():
         float_hidden = torch.relu(model[0](x)).double()
     pc.quantize(model, [x], weight_bits=4, group_size=16, method="gptq")
