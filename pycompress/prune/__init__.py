@@ -7,6 +7,8 @@ holds the rest of the pruning toolkit:
 - masks: ``get_mask(module)``, ``remove(model)``, ``sparsity_report(model)``;
   masks are ``torch.nn.utils.parametrize`` parametrizations on ``weight``;
 - ``GradualPruner``: cubic AGP schedule stepped from the user's training loop;
+- one-shot criteria from calibration data, ``prune(..., criterion="wanda" | "sparsegpt",
+  calibration_batches=...)`` (pycompress.prune.oneshot);
 - structured channel pruning (``method="channel"``) that physically shrinks the model;
 - ``sensitivity_analysis`` and ``allocate_sparsity`` for per-layer sparsities under a
   global budget.

@@ -10,6 +10,9 @@ from torch import nn
 
 import pycompress.prune.masks as _masks
 import pycompress.prune.unstructured as _u
+from pycompress.calibration import materialize_batches
+from pycompress.progress import progress_bar
+from pycompress.prune.oneshot import check_criterion, prune_oneshot
 from pycompress.prune.structured import prune_channels
 
 METHODS = ("magnitude", "block", "nm", "channel")
@@ -102,6 +105,10 @@ def prune(
     overrides: Mapping[str, float] | None = None,
     norm: str = "l1",
     example_inputs: object = None,
+    criterion: str = "magnitude",
+    calibration_batches: Iterable | None = None,
+    percdamp: float = 0.01,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Prune every Linear/Conv layer of ``model`` (in place) and return it.
 
@@ -116,7 +123,13 @@ def prune(
     exclude: layer names or fnmatch patterns left dense (e.g. the first and last layer).
     overrides: ``{pattern: sparsity}`` for layers that get their own sparsity.
     norm: ``"l1"`` or ``"l2"`` importance of a block or channel.
-
+    criterion: which weights go, for the "magnitude" / "block" / "nm" patterns:
+      ``"magnitude"`` (smallest |w|, no data), or one-shot from ``calibration_batches`` (each a
+      tensor, a tuple of positional inputs or a dict of keyword inputs), layer by layer in
+      forward order (pycompress.prune.oneshot): ``"wanda"`` (smallest |w| * ||x_j||, compared
+      per output row) or ``"sparsegpt"`` (OBS saliency with the layer's Hessian, masks chosen
+      per block of 128 columns, the kept weights updated to compensate; ``percdamp`` its
+      dampening). Both need ``scope="layer"`` and Linear / dense Conv2d layers.
     Masks are parametrizations on ``weight`` (pycompress.prune.masks): fine-tuning keeps
     pruned weights at exactly zero; ``pycompress.prune.remove(model)`` bakes them in.
     Nothing is modified if any layer fails validation.
@@ -132,6 +145,7 @@ def prune(
             raise ValueError(f"prune: method='nm' with n={n}, m={m} prunes {1 - n / m:g}, not sparsity={sparsity}")
     else:
         sparsity = _u.check_sparsity(0.9 if sparsity is None else sparsity, "prune")
+    check_criterion(criterion, method, scope, calibration_batches, percdamp)
     if method == "channel":
         if scope != "layer":
             raise ValueError("prune: method='channel' supports scope='layer' only (each channel group keeps "
@@ -140,6 +154,7 @@ def prune(
                               overrides=overrides, norm=norm)
     if method == "block":
         block = _check_block(block)
+    batches = materialize_batches(calibration_batches, "prune") if criterion != "magnitude" else None
     layers, per_layer = resolve_layer_sparsities(model, sparsity if sparsity is not None else 0.0, exclude, overrides)
     for name, module in layers:
         if _masks.weight_parametrizations(module):
@@ -149,6 +164,17 @@ def prune(
                                  "first, or use GradualPruner to raise sparsity step by step")
             raise ValueError(f"prune({name}): layer already has parametrizations {kinds} on weight; "
                              "prune before quantize/prepare_qat")
+    if criterion != "magnitude":
+        if method == "nm":
+            for name, module in layers:
+                _u.nm_mask(module.weight, n, m, name)  # validate every layer before anything changes
+        elif method == "block":
+            for name, module in layers:
+                _u.block_scores(module.weight, block, name)
+        prune_oneshot(model, layers, batches, criterion, sparsity if sparsity is not None else 1 - n / m,
+                      per_layer, method, n, m, block, percdamp,
+                      progress=lambda it: progress_bar(it, desc=f"prune: {criterion}", enabled=progress))
+        return model
     if method == "nm":
         new_masks = {name: _u.nm_mask(module.weight, n, m, name) for name, module in layers}
     else:

@@ -7,12 +7,17 @@ Contract with ``pycompress.convert`` (implemented here, tested in tests/test_qua
   ``get_quant_state(module)`` returns a ``QuantState`` (None for layers that were not
   quantized):
 
-  - ``weight_bits: int``
-  - ``weight_scale: float32 [out_channels]``: symmetric per channel,
-    ``q in [-(2^(b-1)-1), 2^(b-1)-1]``, exactly
+  - ``weight_bits: int``, ``group_size: int | None`` (None: per channel)
+  - ``weight_scale``: symmetric, ``q in [-(2^(b-1)-1), 2^(b-1)-1]``; per channel float32
+    ``[out_channels]``, exactly
     ``pycompress.reference.q8.quantize_weight_per_channel(W, weight_bits)`` for ``W`` the
     layer's float weight with its pruning mask applied (``pycompress.prune.masked_float_weight``)
-    viewed as ``[out, in * kh * kw]``. ``quantized_weight(module)`` returns ``(q, scale)``.
+    viewed as ``[out, in * kh * kw]``; grouped float32 ``[out_channels, K / group_size]``, exactly
+    ``pycompress.reference.q4.quantize_weight_grouped(W, weight_bits, group_size, scale)`` with W
+    viewed as ``[out, K]`` (a Conv2d in the im2col order ``[out, kh * kw * in]``). The scales are
+    max|w| / qmax (round to nearest) or fixed by GPTQ (``method="gptq"``, pycompress.quant.gptq,
+    which also sets the float weight to exactly ``q * scale``). ``quantized_weight(module)``
+    returns ``(q, scale)``.
   - ``activations: "dynamic" | "static"``
   - ``act_scale: float | None``, ``act_zero_point: int``: uint8 asymmetric,
     ``q = clamp(round(x / scale) + zp, 0, 255)`` as in csrc/q8/q8_gemm.h (static only;
@@ -28,8 +33,8 @@ Contract with ``pycompress.convert`` (implemented here, tested in tests/test_qua
 - Quantization state lives in parametrizations (``WeightFakeQuant`` on ``weight``) and
   in a ``activation_fake_quant`` submodule applied by a forward pre-hook; convert must
   drop both (it reads only ``get_quant_state`` and ``quantized_weight``).
-- Weight bits below 8 are simulated; the int8 kernels run them as int8 values in the
-  reduced range (no int4 packing).
+- Weight bits below 8 are simulated; the int8 kernels run per-channel ones as int8 values in
+  the reduced range. Grouped scales need a grouped (4-bit) format.
 - QAT on a converted model (one holding ``pycompress.nn`` modules) is a ValueError.
 """
 
@@ -44,6 +49,7 @@ from pycompress.quant.api import (
 )
 from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from pycompress.quant.fold import fold_conv_bn
+from pycompress.quant.gptq import gptq_quantize
 from pycompress.quant.observers import (
     MinMaxObserver,
     MSEObserver,
@@ -64,6 +70,7 @@ __all__ = [
     "fold_conv_bn",
     "freeze_ranges",
     "get_quant_state",
+    "gptq_quantize",
     "prepare_qat",
     "quantize",
     "quantized_weight",

@@ -9,27 +9,35 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pycompress.prune.masks import masked_float_weight, matches_any
+from pycompress.calibration import materialize_batches, run_batch
+from pycompress.prune.masks import masked_float_weight, matches_any, original_weight
 from pycompress.progress import progress_bar
 from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
 from pycompress.quant.fold import fold_conv_bn
+from pycompress.quant.gptq import check_gptq_layer, gptq_layer
 from pycompress.quant.observers import OBSERVERS, make_observer
-from pycompress.reference.q8 import quantize_weight_per_channel
+from pycompress.reference.q4 import check_group_size
 
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv2d)
 ACTIVATION_MODES = ("dynamic", "static")
+METHODS = ("rtn", "gptq")
+DEFAULT_GROUP_SIZE = 128  # the default group for 2-4-bit weights (where it divides K)
 
 
 @dataclass
 class QuantState:
     """What convert needs to build a kernel layer from a quantized nn.Linear / nn.Conv2d.
 
-    weight_bits: bits of the symmetric per-channel weight integers (8 for the int8
-      kernels; fewer bits are simulated and still stored as int8 by convert).
-    weight_scale: float32 [out_channels]; ``q = clamp(round(W / scale), -(2^(b-1)-1),
-      2^(b-1)-1)`` for W the (masked) float weight viewed as [out, in * kh * kw], exactly
-      ``quantize_weight_per_channel(W, weight_bits)``; ``quantized_weight(module)``
-      returns (q, scale).
+    weight_bits: bits of the symmetric weight integers (8 for the int8 kernels; fewer bits
+      are simulated).
+    weight_scale: float32 [out_channels] per channel (``group_size`` None), else
+      [out_channels, K / group_size]; ``q = clamp(round(W / scale), -(2^(b-1)-1), 2^(b-1)-1)``
+      for W the (masked) float weight viewed as [out, K] (a Linear's weight; a Conv2d's
+      [out, in * kh * kw] per channel, [out, kh * kw * in] (the im2col order) when grouped),
+      each scale applying to its channel's group of ``group_size`` consecutive k: exactly
+      ``quantize_weight_grouped(W, weight_bits, group_size, scale)`` (pycompress.reference.q4);
+      the scale is max|w| / qmax over the group, or GPTQ's. ``quantized_weight(module)`` returns
+      (q, scale).
     activations: ``"dynamic"`` (per row at run time) or ``"static"``.
     act_scale / act_zero_point: the static uint8 parameters,
       ``q = clamp(round(x / act_scale) + act_zero_point, 0, 2^act_bits - 1)``;
@@ -43,6 +51,7 @@ class QuantState:
     act_scale: float | None
     act_zero_point: int
     act_bits: int
+    group_size: int | None = None
 
 
 def _weight_fake_quant(module: nn.Module) -> WeightFakeQuant | None:
@@ -52,13 +61,13 @@ def _weight_fake_quant(module: nn.Module) -> WeightFakeQuant | None:
 
 
 def quantized_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [out, in * kh * kw], scale float32 [out]) of a quantized layer: the integer
-    weights its fake-quant forward simulates (pruned entries are 0)."""
+    """(q int8 [out, K], scale float32 [out] per channel or [out, K / group_size] grouped) of a
+    quantized layer, in the kernels' format (see ``QuantState``): the integer weights its fake-quant
+    forward simulates (pruned entries are 0)."""
     wfq = _weight_fake_quant(module)
     if wfq is None:
         raise ValueError(f"quantized_weight: {type(module).__name__} is not quantized")
-    w = masked_float_weight(module).detach()
-    return quantize_weight_per_channel(w.reshape(w.shape[0], -1), wfq.bits)
+    return wfq.quantize(masked_float_weight(module).detach())
 
 
 def get_quant_state(module: nn.Module) -> QuantState | None:
@@ -81,6 +90,7 @@ def get_quant_state(module: nn.Module) -> QuantState | None:
         act_scale=float(afq.scale) if static else None,
         act_zero_point=int(afq.zero_point) if static else 0,
         act_bits=afq.bits,
+        group_size=wfq.group_size,
     )
 
 
@@ -117,31 +127,20 @@ def _check_bits(weight_bits: int, act_bits: int, activations: str, what: str) ->
         raise ValueError(f"{what}: activations must be one of {ACTIVATION_MODES}, got {activations!r}")
 
 
-def _attach(mod: nn.Module, weight_bits: int, afq: ActivationFakeQuant) -> None:
+def _attach(mod: nn.Module, weight_bits: int, group_size: int | None, afq: ActivationFakeQuant) -> None:
     mod.activation_fake_quant = afq
     mod.register_forward_pre_hook(quantize_input_hook)
-    parametrize.register_parametrization(mod, "weight", WeightFakeQuant(weight_bits))
+    parametrize.register_parametrization(mod, "weight", WeightFakeQuant(weight_bits, group_size))
 
 
-def _run_batch(model: nn.Module, batch: object) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
-def _materialize(batches: Iterable | None, what: str) -> list | None:
-    if batches is None:
-        return None
-    if isinstance(batches, torch.Tensor):
-        raise TypeError(f"{what}: calibration_batches must be an iterable of batches (e.g. a list of "
-                        "tensors or a DataLoader), not one tensor; wrap it: [x]")
-    out = list(batches)
-    if not out:
-        raise ValueError(f"{what}: calibration_batches is empty; pass at least one batch of sample inputs")
-    return out
+def _layer_group_size(name: str, mod: nn.Module, weight_bits: int, group_size, what: str) -> int | None:
+    """The layer's group: ``"auto"`` is 128 for 2-4-bit weights where 128 divides K (else per channel)
+    and per channel for 5-8 bits; an explicit size must divide K (an error naming the layer otherwise)."""
+    k = mod.weight[0].numel()
+    if group_size == "auto":
+        return DEFAULT_GROUP_SIZE if weight_bits <= 4 and k % DEFAULT_GROUP_SIZE == 0 else None
+    check_group_size(k, group_size, f"{what}({name}): weight {tuple(mod.weight.shape)}, K={k}")
+    return group_size
 
 
 def _calibrate(model: nn.Module, modules: list[tuple[str, ActivationFakeQuant]], batches: list,
@@ -154,7 +153,7 @@ def _calibrate(model: nn.Module, modules: list[tuple[str, ActivationFakeQuant]],
     try:
         with torch.no_grad():
             for batch in progress_bar(batches, desc=f"{what}: calibration", enabled=progress):
-                _run_batch(model, batch)
+                run_batch(model, batch)
     finally:
         model.train(was_training)
         for _, afq in modules:
@@ -168,34 +167,53 @@ def _calibrate(model: nn.Module, modules: list[tuple[str, ActivationFakeQuant]],
 
 
 def _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, percentile, fold_bn,
-             exclude, progress, learn_range, range_momentum, what):
+             exclude, progress, learn_range, range_momentum, what, group_size="auto", method="rtn",
+             percdamp=0.01, act_order=False):
     _check_bits(weight_bits, act_bits, activations, what)
     if observer not in OBSERVERS:
         raise ValueError(f"{what}: unknown observer {observer!r}; expected one of {sorted(OBSERVERS)}")
+    if method not in METHODS:
+        raise ValueError(f"{what}: unknown method {method!r}; expected one of {METHODS}")
+    if not (isinstance(percdamp, (int, float)) and 0 < percdamp <= 1):
+        raise ValueError(f"{what}: percdamp must be in (0, 1], got {percdamp!r}")
     _check_float_model(model, what)
-    batches = _materialize(calibration_batches, what)
+    batches = materialize_batches(calibration_batches, what)
     if what == "quantize" and activations == "static" and batches is None:
         raise ValueError("quantize: static activations need calibration_batches (a few batches of sample inputs)")
-    _layers(model, exclude, what)  # validate before folding changes anything
+    if method == "gptq" and batches is None:
+        raise ValueError(f"{what}: method='gptq' needs calibration_batches (its Hessians come from each layer's "
+                         "calibration inputs)")
+    groups = {name: _layer_group_size(name, mod, weight_bits, group_size, what)
+              for name, mod in _layers(model, exclude, what)}  # validate before folding changes anything
+    if method == "gptq":
+        for name, mod in _layers(model, exclude, what):
+            check_gptq_layer(mod, name, what)
     if fold_bn:
         fold_conv_bn(model)
     layers = _layers(model, exclude, what)
     static_modules = []
+    saved = {name: original_weight(mod).detach().clone() for name, mod in layers} if method == "gptq" else {}
     for name, mod in layers:
         rows = "last_dim" if isinstance(mod, nn.Linear) else "sample"
         afq = ActivationFakeQuant(activations, act_bits, rows, learn_range=learn_range,
                                   range_momentum=range_momentum)
-        _attach(mod, weight_bits, afq)
+        _attach(mod, weight_bits, groups[name], afq)
         if activations == "static":
             static_modules.append((name, afq))
-    if static_modules and batches is not None:
-        try:
+    try:
+        if static_modules and batches is not None:
             _calibrate(model, static_modules, batches, observer, act_bits, percentile, progress, what)
-        except Exception:
-            # Leave no half-quantized model behind: detach everything we attached.
-            for _, mod in layers:
-                _detach(mod)
-            raise
+        if method == "gptq":
+            gptq_layer(model, layers, batches, percdamp=percdamp, act_order=act_order, what=what,
+                       progress=lambda it: progress_bar(it, desc=f"{what}: GPTQ", enabled=progress))
+    except Exception:
+        # Leave no half-quantized model behind: detach everything we attached, restore GPTQ's weights.
+        for name, mod in layers:
+            _detach(mod)
+            if name in saved:
+                with torch.no_grad():
+                    original_weight(mod).copy_(saved[name])
+        raise
     return model
 
 
@@ -231,6 +249,10 @@ def quantize(
     fold_bn: bool = True,
     exclude: Iterable[str] = (),
     progress: bool | None = None,
+    group_size: int | None | str = "auto",
+    method: str = "rtn",
+    percdamp: float = 0.01,
+    act_order: bool = False,
 ) -> nn.Module:
     """Post-training quantization of every nn.Linear / nn.Conv2d (in place; returns the model).
 
@@ -239,13 +261,21 @@ def quantize(
     positional inputs, or a dict of keyword inputs) with the ``observer``
     (``"minmax"``, ``"percentile"`` at ``percentile``, or ``"mse"``), then attaches
     fake quantization so the model's float forward simulates the quantized one.
-    Weights: symmetric per channel at ``weight_bits`` (8 runs on the int8 kernels;
-    2..7 are simulated and convert stores them as int8 values in the reduced range).
+    Weights: symmetric at ``weight_bits`` (8 runs on the int8 kernels; 2..7 are simulated),
+    one scale per output channel (``group_size=None``) or per group of ``group_size``
+    consecutive k (a positive multiple of 8 dividing K, e.g. 32, 64, 128). ``"auto"``: 128 for
+    2-4-bit weights on layers whose K it divides, per channel otherwise.
+    ``method``: ``"rtn"`` rounds each weight to nearest; ``"gptq"`` runs GPTQ
+    (pycompress.quant.gptq: layer by layer in forward order, error compensation with the
+    Hessian of each layer's calibration inputs, dampening ``percdamp`` of its mean diagonal,
+    ``act_order`` to quantize the columns by decreasing Hessian diagonal); it needs
+    ``calibration_batches`` and replaces each float weight by its dequantized GPTQ weight.
     ``pycompress.convert`` reads each layer's ``get_quant_state``. ``progress=None``
     shows a bar only on a terminal.
     """
     return _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, percentile, fold_bn,
-                    exclude, progress, learn_range=False, range_momentum=0.0, what="quantize")
+                    exclude, progress, learn_range=False, range_momentum=0.0, what="quantize",
+                    group_size=group_size, method=method, percdamp=percdamp, act_order=act_order)
 
 
 def prepare_qat(
@@ -259,6 +289,7 @@ def prepare_qat(
     exclude: Iterable[str] = (),
     range_momentum: float = 0.01,
     progress: bool | None = None,
+    group_size: int | None | str = "auto",
 ) -> nn.Module:
     """Quantization-aware training: attach fake quantization (straight-through
     estimators) to every nn.Linear / nn.Conv2d, in place, and return the model; then
@@ -267,10 +298,12 @@ def prepare_qat(
     exponential moving average (``range_momentum``) of batch min/max in training mode;
     eval mode and ``freeze_ranges(model)`` fix them. BatchNorm is folded first
     (``fold_bn``), so its statistics are frozen during QAT. Pruning masks already on the
-    weights stay in force (sparse QAT). The result converts like a PTQ model.
+    weights stay in force (sparse QAT). The result converts like a PTQ model. ``group_size`` as
+    in ``quantize``.
     """
     return _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, 99.99, fold_bn,
-                    exclude, progress, learn_range=True, range_momentum=range_momentum, what="prepare_qat")
+                    exclude, progress, learn_range=True, range_momentum=range_momentum, what="prepare_qat",
+                    group_size=group_size)
 
 
 def freeze_ranges(model: nn.Module) -> nn.Module:

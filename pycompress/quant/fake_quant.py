@@ -1,9 +1,12 @@
 """Fake quantization with straight-through estimators, in the kernels' number formats.
 
 Weights: a ``torch.nn.utils.parametrize`` parametrization (``WeightFakeQuant``) on
-``weight``, registered after any pruning mask, that rounds each output channel to
-``bits``-bit symmetric integers with ``pycompress.reference.q8.quantize_weight_per_channel``
-(the same call convert makes) and passes gradients straight through.
+``weight``, registered after any pruning mask, that rounds each output channel (or each group of
+``group_size`` consecutive k of it) to ``bits``-bit symmetric integers,
+``q = clamp(round(w / scale), -qmax, qmax)`` with ``pycompress.reference.q8.quantize_weight_per_channel``
+or ``pycompress.reference.q4.quantize_weight_grouped`` (the calls convert makes), and passes gradients
+straight through. ``scale`` is max|w| / qmax of the channel or group, or a fixed ``scale`` buffer
+(GPTQ's). A grouped Conv2d's groups run along the kernels' im2col K order ``(kh, kw, in)``.
 
 Activations: ``ActivationFakeQuant``, a submodule ``activation_fake_quant`` of the
 quantized layer applied to its input by a forward pre-hook: uint8 with a zero point,
@@ -19,29 +22,65 @@ import torch
 from torch import nn
 
 from pycompress.quant.observers import affine_qparams, fake_quantize_affine
+from pycompress.reference.q4 import quantize_weight_grouped
 from pycompress.reference.q8 import quantize_weight_per_channel
 
 _F32 = torch.float32
 _FLT_MIN = torch.finfo(torch.float32).tiny
 
 
-class WeightFakeQuant(nn.Module):
-    """weight -> dequantize(quantize_per_channel(weight, bits)), straight-through gradient."""
+def weight_matrix(weight: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """A layer weight as the 2-D ``[N, K]`` matrix its integers are defined on: ``weight.reshape(N, -1)``,
+    except a grouped Conv2d, whose K runs in the kernels' im2col order ``(kh, kw, in)`` so that each
+    group is contiguous there."""
+    if grouped and weight.dim() == 4:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], -1)
 
-    def __init__(self, bits: int) -> None:
+
+def weight_from_matrix(w2: torch.Tensor, shape: torch.Size, grouped: bool) -> torch.Tensor:
+    """Inverse of ``weight_matrix``."""
+    if grouped and len(shape) == 4:
+        n, c, kh, kw = shape
+        return w2.reshape(n, kh, kw, c).permute(0, 3, 1, 2)
+    return w2.reshape(shape)
+
+
+class WeightFakeQuant(nn.Module):
+    """weight -> q * scale, q = clamp(round(w / scale), -qmax, qmax), qmax = 2^(bits-1) - 1, per output
+    channel (``group_size=None``) or per group of ``group_size`` consecutive k; straight-through gradient.
+
+    ``scale`` (a buffer, None until set): fixed scales float32 [N, groups] (GPTQ's, with the weight
+    already q * scale); None computes max|w| / qmax from the current weight on every forward."""
+
+    def __init__(self, bits: int, group_size: int | None = None) -> None:
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"weight_bits must be in [2, 8], got {bits}")
         self.bits = bits
+        self.group_size = group_size
+        self.register_buffer("scale", None)
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [N, K], scale float32: [N] per channel, [N, groups] grouped) of a weight, K in
+        ``weight_matrix`` order."""
+        w2 = weight_matrix(weight.detach(), self.group_size is not None)
+        if self.scale is None and self.group_size is None:
+            return quantize_weight_per_channel(w2, self.bits)
+        q, scale = quantize_weight_grouped(w2, self.bits, self.group_size, scale=self.scale)
+        return q, (scale.reshape(-1) if self.group_size is None else scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        w2 = weight.reshape(weight.shape[0], -1)
-        q, scale = quantize_weight_per_channel(w2, self.bits)
-        dequant = (q.to(_F32) * scale[:, None]).to(weight.dtype).reshape(weight.shape)
+        q, scale = self.quantize(weight)
+        s = scale.reshape(q.shape[0], -1)
+        per_k = s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+        dequant = weight_from_matrix((q.to(_F32) * per_k).to(weight.dtype), weight.shape, self.group_size is not None)
         return weight + (dequant - weight).detach()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per-channel symmetric"
+        where = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        fixed = ", fixed scales" if self.scale is not None else ""
+        return f"bits={self.bits}, {where} symmetric{fixed}"
 
 
 def dynamic_fake_quantize_rows(rows: torch.Tensor, bits: int = 8) -> torch.Tensor:
