@@ -214,6 +214,12 @@ def _candidate_reasons(state: LayerState, density_limits: str | None = "heuristi
     if reasons["int8-dynamic"] is None and _quant_attr(state.quant, "activations") == "static":
         reasons["int8-dynamic"] = "the layer is calibrated for static activations; int8-static is used"
     low_bits = _quant_attr(state.quant, "weight_bits", 8) in W4_BITS
+    scale = _quant_attr(state.quant, "weight_scale")
+    if scale is not None and scale.dim() == 2 and scale.shape[1] > 1:  # grouped scales: only int4 holds them
+        for fmt in ("int8-dynamic", "int8-static", "sparse-int8"):
+            if reasons[fmt] is None:
+                reasons[fmt] = (f"its weights are quantized in groups of {state.quant.group_size} along K, which "
+                                "only int4 stores; quantize per channel (group_size=None) for int8")
     if density_limits is None:
         return reasons
     # A policy runs a layer pycompress.quantize'd to 2-4 bits on int4 (its packed size), others on int8.

@@ -77,8 +77,8 @@ def test_fnmatch_override_wins_over_policy():
 def test_unknown_policy_and_format_are_rejected():
     with pytest.raises(ValueError, match="policy 'fast'"):
         pc.convert(nn.Linear(4, 4), policy="fast")
-    with pytest.raises(ValueError, match="override '0' -> 'int4'"):
-        pc.convert(nn.Sequential(nn.Linear(4, 4)), overrides={"0": "int4"})
+    with pytest.raises(ValueError, match="override '0' -> 'int3'"):
+        pc.convert(nn.Sequential(nn.Linear(4, 4)), overrides={"0": "int3"})
 
 
 def _timed_choice(rec) -> str:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from pycompress.nn.registry import linearize_transposed
+
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
@@ -114,8 +116,10 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
 
 
 def prunable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) for every Linear/Conv layer not excluded by name or fnmatch pattern."""
+    """(qualified name, module) for every Linear/Conv layer not excluded by name or fnmatch pattern (GPT-2's
+    transformers Conv1D layers first become Linear views of their weights, as convert makes them)."""
     exclude = list(exclude)
+    linearize_transposed(model)
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES) and not matches_any(name, exclude):
             yield name, module

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pycompress.calibration import materialize_batches, run_batch
+from pycompress.nn.registry import linearize_transposed
 from pycompress.prune.masks import masked_float_weight, matches_any, original_weight
 from pycompress.progress import progress_bar
 from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
@@ -103,6 +104,7 @@ def _check_float_model(model: nn.Module, what: str) -> None:
 
 def _layers(model: nn.Module, exclude: Iterable[str], what: str) -> list[tuple[str, nn.Module]]:
     exclude = list(exclude)
+    linearize_transposed(model)  # GPT-2's Conv1D layers become Linear views of their weights (as convert does)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and not matches_any(n, exclude)]
     if not layers:
         raise ValueError(f"{what}: the model has no nn.Linear / nn.Conv2d layer to quantize")
