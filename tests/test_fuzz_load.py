@@ -89,7 +89,7 @@ INTERESTING_INTS = [0, 1, -1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 127, 128, 255, 256,
                     (1 << 31) - 1, 1 << 31, -(1 << 31), (1 << 32) + 1, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 64]
 INTERESTING_JSON = INTERESTING_INTS + [0.0, -0.0, 1.5, -1.0, 1e-45, 1e308, float("inf"), float("nan"), "", "x",
                                        "relu", "gelu", "none", "csr", "nm24", "Int8Linear", "SparseLinear",
-                                       "Int8Conv2d", "Im2colConv2d", "SparseInt8Linear", "Sequential", "Linear",
+                                       "Int8Conv2d", "Im2colConv2d", "SparseInt8Linear", "Int4Linear", "Sequential", "Linear",
                                        "../etc/passwd", "0", None, True, False, [], [0], [1, 1], [-1, 3],
                                        [1 << 40], {}, {"layer": "0"}, {"type": "Linear"}]
 

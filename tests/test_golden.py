@@ -17,7 +17,7 @@ import torch
 
 import pycompress as pc
 from pycompress.nn.registry import compressed_layers as converted_layers
-from pycompress.nn import Int8Conv2d, Int8Linear, SparseInt8Linear, SparseLinear
+from pycompress.nn import Int4Linear, Int8Conv2d, Int8Linear, SparseInt8Linear, SparseLinear
 from pycompress.nn.int8_conv import Im2colConv2d
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "golden"
@@ -47,12 +47,19 @@ GOLDEN_MODELS = {
     "shared_input": {"query": "Int8Linear int8 dynamic none", "key": "Int8Linear int8 dynamic none",
                      "value": "Int8Linear int8 dynamic none", "out": "Int8Linear int8 dynamic none"},
 }
-EXPECTED_LAYERS = {"v1": GOLDEN_MODELS, "v2": GOLDEN_MODELS}
+# Added to v2 after its other files (make_golden.py --add): the int4 format is newer than v1.
+INT4_MODELS = {
+    "int4_grouped": {"0": "Im2colConv2d/Int4Linear int4 g16 dynamic none", "2": "Int4Linear int4 g16 dynamic relu",
+                     "4": "Int4Linear int3 per-channel dynamic none", "5": "Int4Linear int4 g16 dynamic none"},
+}
+EXPECTED_LAYERS = {"v1": GOLDEN_MODELS, "v2": {**GOLDEN_MODELS, **INT4_MODELS}}
 FORMAT_VERSIONS = {"v1": 1, "v2": 2}
 CHECKSUMS_SINCE = 2  # the files of this version on carry sha256 checksums (pycompress.io)
 # The tensors each entropy-coded golden file stores Huffman-coded.
 ENTROPY_CODED = {(folder, "entropy_coded"): ["0.col_idx", "0.row_ptr", "2.blk_idx", "2.values", "4.w_packed"]
                  for folder in ("v1", "v2")}
+# Only the 3-bit layer's nibble pairs code smaller (save keeps a tensor raw where Huffman does not pay).
+ENTROPY_CODED[("v2", "int4_grouped")] = ["4.w4"]
 ARTIFACTS = [(folder, name) for folder, names in EXPECTED_LAYERS.items() for name in names]
 
 
@@ -62,6 +69,10 @@ def _describe(module: torch.nn.Module) -> str:
     kind = outer if gemm is module or isinstance(module, Int8Conv2d) else f"{outer}/{type(gemm).__name__}"
     if isinstance(gemm, SparseLinear):
         return f"{kind} {gemm.format} {gemm.activation}"
+    if isinstance(gemm, Int4Linear):
+        group = "per-channel" if gemm.group_size is None else f"g{gemm.group_size}"
+        acts = "dynamic" if gemm.act_scale is None else "static"
+        return f"{kind} int{gemm.weight_bits} {group} {acts} {gemm.activation}"
     assert isinstance(gemm, (Int8Linear, SparseInt8Linear)), type(gemm)
     acts = "dynamic" if gemm.act_scale is None else "static"
     return f"{kind} int{gemm.weight_bits} {acts} {gemm.activation}"

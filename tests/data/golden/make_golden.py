@@ -192,9 +192,26 @@ def shared_input():
     return model, [torch.randn(1, 1, 32, generator=gen), torch.randn(2, 5, 32, generator=gen)], "AttentionLike"
 
 
+def int4_grouped():
+    """Int4Linear (W4A8): GPTQ 4-bit weights in groups of 16 with a fused ReLU, 3-bit per channel, 4-bit groups
+    of 16 on a conv lowered onto it (K = 32); saved with entropy coding (the packed nibbles Huffman-coded). Added to v2
+    after its other files (``--add``): the format is newer than v1."""
+    torch.manual_seed(110)
+    gen = torch.Generator().manual_seed(110)
+    model = nn.Sequential(nn.Conv2d(8, 16, 2), nn.Flatten(), nn.Linear(144, 128), nn.ReLU(), nn.Linear(128, 96),
+                          nn.Linear(96, 10)).eval()
+    batches = [torch.randn(64, 8, 4, 4, generator=gen) for _ in range(4)]  # 256 rows: GPTQ needs >= K = 144
+    pc.quantize(model, batches, weight_bits=4, group_size=16, method="gptq", exclude=["0", "4"], progress=False)
+    pc.quantize(model, batches, weight_bits=3, group_size=None, exclude=["0", "2", "5"], progress=False)
+    pc.quantize(model, batches, weight_bits=4, group_size=16, exclude=["2", "4", "5"], progress=False)
+    pc.convert(model, policy="int4")
+    return model, [torch.randn(1, 8, 4, 4, generator=gen), torch.randn(7, 8, 4, 4, generator=gen)], None
+
+
 MODELS = {f.__name__: f for f in (int8_dynamic, int8_static, sparse_csr_fp32, sparse_nm24_fp32,
-                                  sparse_int8_unstructured, sparse_int8_block, int8_conv, entropy_coded, shared_input)}
-ENTROPY_CODED = {"entropy_coded"}
+                                  sparse_int8_unstructured, sparse_int8_block, int8_conv, entropy_coded, shared_input,
+                                  int4_grouped)}
+ENTROPY_CODED = {"entropy_coded", "int4_grouped"}
 
 
 # ---------------------------------------------------------------- checks and writing
@@ -222,15 +239,21 @@ def _on_every_isa(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Te
     return first
 
 
-def write(out_dir: pathlib.Path) -> None:
-    if out_dir.exists():
+def write(out_dir: pathlib.Path, add: bool = False) -> None:
+    """Writes every model into a new folder; with ``add``, only the models an existing folder lacks (a format
+    newer than the folder's other files), never touching a file already there."""
+    if out_dir.exists() and not add:
         raise SystemExit(f"make_golden: {out_dir} exists; golden files are never overwritten (see the docstring)")
+    if add and not out_dir.exists():
+        raise SystemExit(f"make_golden: --add needs the existing folder {out_dir}")
     staged = {}
     for name, build in MODELS.items():
+        if add and (out_dir / f"{name}.safetensors").exists():
+            continue
         model, inputs, skeleton = build()
         outputs = _on_every_isa(model, inputs)
         staged[name] = (model, inputs, outputs, skeleton)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=add)
     for name, (model, inputs, outputs, skeleton) in staged.items():
         path = out_dir / f"{name}.safetensors"
         pc.save(model, path, entropy_coding=name in ENTROPY_CODED)
@@ -242,15 +265,20 @@ def write(out_dir: pathlib.Path) -> None:
         meta = {"skeleton": skeleton, "format_version": MANIFEST_VERSION, "pycompress": pc.build_info()["version"]}
         safetensors.torch.save_file(io, str(out_dir / f"{name}.io.safetensors"), metadata={"golden": json.dumps(meta)})
         print(f"{name}: {path.stat().st_size} bytes")
-    sums = [f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in sorted(out_dir.glob("*.safetensors"))]
-    (out_dir / "SHA256SUMS").write_text("".join(sums))
+    new_files = [out_dir / f"{name}{suffix}" for name in staged for suffix in (".safetensors", ".io.safetensors")]
+    sums = [f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in sorted(new_files)]
+    old_sums = (out_dir / "SHA256SUMS").read_text() if add else ""
+    (out_dir / "SHA256SUMS").write_text(old_sums + "".join(sums))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=HERE / f"v{MANIFEST_VERSION}",
                         help="folder to create (default: tests/data/golden/v<format version>)")
-    write(parser.parse_args(argv).out)
+    parser.add_argument("--add", action="store_true",
+                        help="write only the models the existing folder lacks (a newer layer format)")
+    args = parser.parse_args(argv)
+    write(args.out, add=args.add)
 
 
 if __name__ == "__main__":
