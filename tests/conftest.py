@@ -50,6 +50,16 @@ def isa(request):
 
 
 @pytest.fixture
+def isa_paths():
+    """The ISA paths of this run (as ``isa``), for a test whose setup is the expensive part and does not depend on
+    the path (a compile, an export): it sets up once and runs each path itself with ``pc.set_isa``. The path
+    active before is restored."""
+    previous = pc.get_isa()
+    yield ISA_PATHS
+    pc.set_isa(previous)
+
+
+@pytest.fixture
 def gen():
     import torch
 

@@ -117,16 +117,42 @@ def test_torch_compile_and_export_see_the_kernels(case):
         expected = model(x)
         explanation = torch._dynamo.explain(model)(x)
         assert explanation.graph_break_count == 0, explanation.break_reasons
+        # AOTAutograd over the fake implementations, then the ops (inductor: the next test, one model per format)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
         program = torch.export.export(model, (x,))
+        exported = program.module()(x)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert any(t.startswith("pycompress.") for t in targets), targets
-    exported = program.module()(x)
-    if all(pc.nn.FORMATS[m.format_name].int8_numbers for _, m in compressed_layers(model)):
-        assert torch.equal(exported, expected)  # int8: exact int32 sums, the same bits on every path
-    else:
-        # fp32 sparse: the traced op runs the plain csr kernel, eager calls may run its panel layout,
-        # which sums in another order (float32 rounding only).
-        torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-6)
+    # The same bits as eager for every format: int8 sums are exact, and a traced fp32 sparse call reads the
+    # panel layout an eager call reads (pycompress.ops.sparse.csr_panels_for).
+    assert torch.equal(compiled, expected)
+    assert torch.equal(exported, expected)
+
+
+@pytest.mark.parametrize("fmt", list(pc.nn.FORMATS))
+def test_traced_calls_give_the_eager_bits_on_every_isa(isa_paths, fmt):
+    # K = 1100: three K panels of the csr panel layout, whose kernels sum per panel; batches of 1 (gather),
+    # 2 and 6 (narrow panels), 40 (panels; the int8 cols kernels); one dynamic inductor compile and one export
+    # for all.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1100, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    x = torch.randn(40, 1100)
+    pc.prune(model, sparsity=0.75)
+    if fmt == "int8-static":
+        pc.quantize(model, [x], activations="static")
+    pc.convert(model, policy=fmt)
+    assert [m.format_name for _, m in compressed_layers(model)] == [fmt] * 2
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+        for isa in isa_paths:
+            pc.set_isa(isa)
+            for m in (1, 2, 6, 40):
+                expected = model(x[:m])
+                assert torch.equal(compiled(x[:m]), expected), (isa, m)
+                assert torch.equal(exported(x[:m]), expected), (isa, m)
 
 
 def test_many_threads_compute_the_same(case):
