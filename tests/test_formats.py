@@ -1,6 +1,6 @@
 """What every registered format inherits: these tests iterate ``pycompress.nn.FORMATS``, so a new format
 (pycompress/nn/README.md) is checked by them without a line here. Each format, on a Linear and on a
-Conv2d model: save/load bit-exact, a corrupt file refused, verify, summary, deepcopy / pickle,
+Conv2d model: save/load bit-exact, a corrupt file refused, verify, summary, deepcopy / pickle / torch.save,
 torch.compile, torch.export, many threads, and what model code reads from a layer (``weight``, ``bias``,
 the shape attributes)."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import io
+import pickle
 import struct
 import threading
 
@@ -101,14 +102,18 @@ def test_verify_and_summary_report_the_format(case):
 
 def test_deepcopy_and_pickle_compute_the_same(case):
     model, _, x = case
-    expected = model(x)
-    assert torch.equal(copy.deepcopy(model)(x), expected)
-    # torch.save pickles the module; plain pickle.dumps cannot carry uint16 / uint32 tensors (the sparse
-    # index arrays) in torch 2.13: UntypedStorage has no dtype on unpickling, a torch limitation.
+    expected = model(x)  # builds the derived layouts too (their uint16 / uint32 buffers travel as well)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+    copies = {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model)),
+              "torch.save": torch.load(buffer, weights_only=False)}
+    for how, restored in copies.items():
+        before, after = dict(model.named_buffers()), dict(restored.named_buffers())
+        assert after.keys() == before.keys(), how
+        for name, b in before.items():
+            assert after[name].dtype == b.dtype and torch.equal(after[name], b), (how, name)
+        assert torch.equal(restored(x), expected), how
 
 
 def test_torch_compile_and_export_see_the_kernels(case):
