@@ -394,6 +394,8 @@ def test_use_fused_attention_leaves_other_models_alone():
     assert use_fused_attention(torch.nn.Linear(3, 3)) == []
 
 
+# once_per_ci: an import check in a child process; the op's numbers per path are test_ops.py's
+@pytest.mark.once_per_ci
 def test_pycompress_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import pycompress, pycompress.attention, torch\n"

@@ -119,18 +119,24 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=120, cwd=tempfile.gettempdir())
 
 
+# once_per_ci: a child process with its own PYCOMPRESS_ISA: the same check whichever path the parent runs
+@pytest.mark.once_per_ci
 def test_env_var_forces_lower_path():
     out = _run("import pycompress as pc; print(pc.get_isa())", PYCOMPRESS_ISA="scalar")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "scalar"
 
 
+# once_per_ci: a child process with its own PYCOMPRESS_ISA: the same check whichever path the parent runs
+@pytest.mark.once_per_ci
 def test_env_var_unknown_isa_is_a_clear_error():
     out = _run("import pycompress", PYCOMPRESS_ISA="neon")
     assert out.returncode != 0
     assert "unknown ISA 'neon'" in out.stderr
 
 
+# once_per_ci: a child process with its own PYCOMPRESS_ISA: the same check whichever path the parent runs
+@pytest.mark.once_per_ci
 def test_env_var_unsupported_isa_is_a_clear_error():
     compiled = pc.build_info()["compiled_isas"]
     missing = [i for i in compiled if i not in pc.supported_isas()]

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 
+import pytest
 import torch
 
 import pycompress as pc
@@ -29,6 +30,8 @@ def test_no_grad_and_inference_mode():
     assert torch.equal(a, b)
 
 
+# once_per_ci: the exported program's file loads in a fresh process; exported == eager on every path is test_ops.py's
+@pytest.mark.once_per_ci
 def test_torch_export_runs_after_save_and_load_in_a_fresh_process(tmp_path):
     model = _converted_cnn()
     x = torch.randn(3, 1, 8, 8)
