@@ -35,8 +35,9 @@ import machine
 import peers
 import pycompress  # noqa: F401  (loads the ops)
 from pycompress.ops.attention import attention_cpu
-from timing import Step, calls_for, time_interleaved, torch_threads
+from timing import Step, calls_for, ops_measured, time_interleaved, torch_threads
 
+OPS_MEASURED = ops_measured("attention")
 THREADS = (1, 2)
 
 

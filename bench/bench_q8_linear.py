@@ -29,7 +29,8 @@ from pycompress import _C
 from pycompress.ops.q8 import int8_linear_cpu
 from pycompress.reference.q8 import KGROUP
 from shapes import ALL_SHAPES, MINILM_SHAPES, OVERHEAD_SHAPE, SHAPES, THREADS, LinearShape
-from timing import Step, Timing, calls_for, make_inputs, make_step, summarize, time_interleaved, torch_threads
+from timing import (Step, Timing, calls_for, make_inputs, make_step, ops_measured, summarize, time_interleaved,
+                    torch_threads)
 
 try:
     import onnxruntime  # noqa: F401  (a benchmark-only dependency: the bench extra)
@@ -37,6 +38,8 @@ try:
     HAVE_ORT = True
 except ImportError:
     HAVE_ORT = False
+
+OPS_MEASURED = ops_measured("int8_linear")
 
 
 def available_implementations() -> list[str]:

@@ -42,8 +42,10 @@ from pycompress.nn import Int8Linear, SparseInt8Linear, SparseLinear
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 from peers import Accuracy  # noqa: E402
-from timing import settle  # noqa: E402
+from timing import ops_measured, settle  # noqa: E402
 
+# SparseLinear csr and SparseInt8Linear (bsr1x4, its panels and sliced layouts); nm24 has no bench yet.
+OPS_MEASURED = ops_measured("sparse_linear_csr", "sparse_int8_linear", "sparse_int8_linear_sliced")
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 SWEEP_M = (1, 4, 16, 128)
 THREADS = (1, 2)

@@ -15,11 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pycompress.ops import OPS
+
+import bench_attention
 import bench_q8_linear
+import bench_sparse
 import machine
 import peers
 from shapes import LinearShape
-from timing import Timing
+from timing import Timing, ops_measured
 
 SHAPE = LinearShape(16, 64, 32, "test shape")
 
@@ -123,3 +127,15 @@ def test_isa_ceiling_names_old_and_new(monkeypatch, isa, kernel):
     monkeypatch.setattr(machine, "measure_peaks", lambda: {(kernel, 2): 123.0})
     assert machine.int8_peak_gops(2, isa) == 123.0
     assert machine.int8_ceiling_kernels("scalar") == ()
+
+
+# Ops of pycompress.ops.OPS no bench times yet, and why.
+NOT_BENCHED = {"sparse_linear_nm24": "2:4 fp32 (SparseLinear nm24) has no bench"}
+
+
+def test_every_op_of_the_one_list_has_a_bench():
+    measured = [*bench_q8_linear.OPS_MEASURED, *bench_sparse.OPS_MEASURED, *bench_attention.OPS_MEASURED]
+    assert len(measured) == len(set(measured))
+    assert set(measured) | set(NOT_BENCHED) == set(OPS) and not set(measured) & set(NOT_BENCHED)
+    with pytest.raises(ValueError, match="not in pycompress.ops.OPS"):
+        ops_measured("int8_linear", "no_such_op")

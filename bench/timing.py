@@ -31,6 +31,17 @@ from machine import cache_sizes
 Step = Callable[[], object]
 
 
+def ops_measured(*names: str) -> tuple[str, ...]:
+    """The ops of pycompress.ops.OPS (the one list of ops) whose kernels a bench times, through the op or the
+    layer over it: a name not in OPS is an error, and bench/test_peers.py checks that every op has a bench."""
+    from pycompress.ops import OPS
+
+    unknown = [name for name in names if name not in OPS]
+    if unknown:
+        raise ValueError(f"ops_measured: {unknown} not in pycompress.ops.OPS {OPS}")
+    return names
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch.set_num_threads(n) for the block (pycompress follows torch's setting)."""

@@ -15,7 +15,16 @@ FORCED_ISA = bool(os.environ.get("PYCOMPRESS_ISA"))
 ISA_PATHS = [pc.get_isa()] if FORCED_ISA else pc.supported_isas()
 
 
+ISA_FIXTURES = ("isa", "isa_paths")
+
+
 def pytest_collection_modifyitems(config, items):
+    # A test that runs each ISA path through the isa / isa_paths fixtures is marked every_isa: the unforced
+    # run already ran it on every path (pc.set_isa), so .ci/run's reruns per forced path deselect it
+    # (-m "not every_isa") and run the rest of the suite, which takes the forced path.
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in ISA_FIXTURES):
+            item.add_marker(pytest.mark.every_isa)
     # Checks marked once_per_ci run in the unforced run only: .ci/run repeats the suite per forced path for
     # the kernels, and these (training, the loader fuzz, which compares the paths itself) would only repeat.
     if not FORCED_ISA:
@@ -46,6 +55,16 @@ def isa(request):
     previous = pc.get_isa()
     pc.set_isa(request.param)
     yield request.param
+    pc.set_isa(previous)
+
+
+@pytest.fixture
+def isa_paths():
+    """The ISA paths of this run (as ``isa``), for a test whose setup is the expensive part and does not depend on
+    the path (a compile, an export): it sets up once and runs each path itself with ``pc.set_isa``. The path
+    active before is restored."""
+    previous = pc.get_isa()
+    yield ISA_PATHS
     pc.set_isa(previous)
 
 

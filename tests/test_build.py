@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,21 @@ def test_build_info_fields():
     levels = info["isa_levels"]
     assert info["supported_isas"] == sorted(info["supported_isas"], key=levels.index)
     assert info["avx512_vbmi"] == ("avx512vbmi" in info["supported_isas"])
+
+
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+# csrc/README.md: <op>_<tile>__<isa>.cpp, the tile rows x columns; a scalar specification may leave it out.
+KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?(?:_(?P<tile>[0-9]+x[0-9]+))?__(?P<isa>scalar|avx2|avxvnni|avx512vnni|avx512vbmi)\.cpp")
+
+
+@pytest.mark.skipif(not CSRC.is_dir(), reason="needs the source tree's csrc/")
+def test_kernel_files_follow_the_name_grammar():
+    kernels = sorted(p for p in CSRC.glob("*/*.cpp") if "__" in p.name)
+    assert kernels, CSRC
+    for path in kernels:
+        match = KERNEL_FILE.fullmatch(path.name)
+        assert match, f"{path.relative_to(CSRC)}: not <op>_<tile>__<isa>.cpp"
+        assert match["tile"] or match["isa"] == "scalar", f"{path.relative_to(CSRC)}: a vector kernel names its tile"
 
 
 def test_u7_kernel_exactly_on_avx2(isa):
@@ -102,18 +119,24 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=120, cwd=tempfile.gettempdir())
 
 
+# once_per_ci: a child process with its own PYCOMPRESS_ISA: the same check whichever path the parent runs
+@pytest.mark.once_per_ci
 def test_env_var_forces_lower_path():
     out = _run("import pycompress as pc; print(pc.get_isa())", PYCOMPRESS_ISA="scalar")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "scalar"
 
 
+# once_per_ci: a child process with its own PYCOMPRESS_ISA: the same check whichever path the parent runs
+@pytest.mark.once_per_ci
 def test_env_var_unknown_isa_is_a_clear_error():
     out = _run("import pycompress", PYCOMPRESS_ISA="neon")
     assert out.returncode != 0
     assert "unknown ISA 'neon'" in out.stderr
 
 
+# once_per_ci: a child process with its own PYCOMPRESS_ISA: the same check whichever path the parent runs
+@pytest.mark.once_per_ci
 def test_env_var_unsupported_isa_is_a_clear_error():
     compiled = pc.build_info()["compiled_isas"]
     missing = [i for i in compiled if i not in pc.supported_isas()]

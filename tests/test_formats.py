@@ -1,6 +1,6 @@
 """What every registered format inherits: these tests iterate ``pycompress.nn.FORMATS``, so a new format
 (pycompress/nn/README.md) is checked by them without a line here. Each format, on a Linear and on a
-Conv2d model: save/load bit-exact, a corrupt file refused, verify, summary, deepcopy / pickle,
+Conv2d model: save/load bit-exact, a corrupt file refused, verify, summary, deepcopy / pickle / torch.save,
 torch.compile, torch.export, many threads, and what model code reads from a layer (``weight``, ``bias``,
 the shape attributes)."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import io
+import pickle
 import struct
 import threading
 
@@ -101,14 +102,18 @@ def test_verify_and_summary_report_the_format(case):
 
 def test_deepcopy_and_pickle_compute_the_same(case):
     model, _, x = case
-    expected = model(x)
-    assert torch.equal(copy.deepcopy(model)(x), expected)
-    # torch.save pickles the module; plain pickle.dumps cannot carry uint16 / uint32 tensors (the sparse
-    # index arrays) in torch 2.13: UntypedStorage has no dtype on unpickling, a torch limitation.
+    expected = model(x)  # builds the derived layouts too (their uint16 / uint32 buffers travel as well)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+    copies = {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model)),
+              "torch.save": torch.load(buffer, weights_only=False)}
+    for how, restored in copies.items():
+        before, after = dict(model.named_buffers()), dict(restored.named_buffers())
+        assert after.keys() == before.keys(), how
+        for name, b in before.items():
+            assert after[name].dtype == b.dtype and torch.equal(after[name], b), (how, name)
+        assert torch.equal(restored(x), expected), how
 
 
 def test_torch_compile_and_export_see_the_kernels(case):
@@ -117,16 +122,42 @@ def test_torch_compile_and_export_see_the_kernels(case):
         expected = model(x)
         explanation = torch._dynamo.explain(model)(x)
         assert explanation.graph_break_count == 0, explanation.break_reasons
+        # AOTAutograd over the fake implementations, then the ops (inductor: the next test, one model per format)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
         program = torch.export.export(model, (x,))
+        exported = program.module()(x)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert any(t.startswith("pycompress.") for t in targets), targets
-    exported = program.module()(x)
-    if all(pc.nn.FORMATS[m.format_name].int8_numbers for _, m in compressed_layers(model)):
-        assert torch.equal(exported, expected)  # int8: exact int32 sums, the same bits on every path
-    else:
-        # fp32 sparse: the traced op runs the plain csr kernel, eager calls may run its panel layout,
-        # which sums in another order (float32 rounding only).
-        torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-6)
+    # The same bits as eager for every format: int8 sums are exact, and a traced fp32 sparse call reads the
+    # panel layout an eager call reads (pycompress.ops.sparse.csr_panels_for).
+    assert torch.equal(compiled, expected)
+    assert torch.equal(exported, expected)
+
+
+@pytest.mark.parametrize("fmt", list(pc.nn.FORMATS))
+def test_traced_calls_give_the_eager_bits_on_every_isa(isa_paths, fmt):
+    # K = 1100: three K panels of the csr panel layout, whose kernels sum per panel; batches of 1 (gather),
+    # 2 and 6 (narrow panels), 40 (panels; the int8 cols kernels); one dynamic inductor compile and one export
+    # for all.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1100, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    x = torch.randn(40, 1100)
+    pc.prune(model, sparsity=0.75)
+    if fmt == "int8-static":
+        pc.quantize(model, [x], activations="static")
+    pc.convert(model, policy=fmt)
+    assert [m.format_name for _, m in compressed_layers(model)] == [fmt] * 2
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+        for isa in isa_paths:
+            pc.set_isa(isa)
+            for m in (1, 2, 6, 40):
+                expected = model(x[:m])
+                assert torch.equal(compiled(x[:m]), expected), (isa, m)
+                assert torch.equal(exported(x[:m]), expected), (isa, m)
 
 
 def test_many_threads_compute_the_same(case):

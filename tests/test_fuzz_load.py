@@ -29,10 +29,11 @@ What each outcome must be:
   an unchecked index out of bounds shows here or crashes.
 
 Never: a crash (segfault, abort), a hang, an allocation past a few GB, another exception type. The cases
-run in a child process (a crash must not kill pytest) under an address-space limit and a per-case
-watchdog; the parent reports the case that was running when the child died, and writes its input to
-the test's tmp_path. A failing case reruns alone with ``python tests/test_fuzz_load.py --case N``
-(``PYCOMPRESS_FUZZ_CASES`` / ``PYCOMPRESS_FUZZ_SEED`` widen or move the run).
+run in child processes (a crash must not kill pytest; one per core, up to 4, case i in child i % n) under
+an address-space limit and a per-case watchdog; the parent reports the case that was running when a
+child died, and the child writes its input to the test's tmp_path (shard-k/). A failing case reruns
+alone with ``python tests/test_fuzz_load.py --case N`` (``PYCOMPRESS_FUZZ_CASES`` / ``PYCOMPRESS_FUZZ_SEED``
+widen or move the run).
 """
 
 from __future__ import annotations
@@ -502,7 +503,8 @@ def case_plan(seed: int, count: int, corpus: list[pathlib.Path]):
         yield i, rng, corpus[i % len(corpus)], rng.choice(Mutator.KINDS)
 
 
-def run(seed: int, count: int, out: pathlib.Path, only: int | None = None) -> dict:
+def run(seed: int, count: int, out: pathlib.Path, only: int | None = None, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Cases [0, count) of ``seed`` (``only``: that case; ``shard`` (k, n): the cases i with i % n == k)."""
     import safetensors.torch
     import torch
 
@@ -532,7 +534,7 @@ def run(seed: int, count: int, out: pathlib.Path, only: int | None = None) -> di
     start = time.monotonic()
     slowest = (0.0, None)
     for i, rng, artifact, kind in case_plan(seed, count, corpus):
-        if only is not None and i != only:
+        if (only is not None and i != only) or i % shard[1] != shard[0]:
             continue
         m = mutators[artifact]
         data, desc = getattr(m, kind)(rng)
@@ -556,7 +558,7 @@ def run(seed: int, count: int, out: pathlib.Path, only: int | None = None) -> di
             bad = out / f"failing-case-{i}.safetensors"
             bad.write_bytes(data)
             failures.append(f"{label}\n    {problem}\n    input: {bad}")
-    summary = {"cases": count if only is None else 1, "seconds": round(time.monotonic() - start, 2),
+    summary = {"cases": len(range(shard[0], count, shard[1])) if only is None else 1, "seconds": round(time.monotonic() - start, 2),
                "slowest": [round(slowest[0], 3), slowest[1]], "stats": stats, "failures": failures}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     current.unlink(missing_ok=True)
@@ -661,32 +663,49 @@ def test_fuzzer_regressions_load_with_the_golden_outputs(tmp_path, artifact, edi
 # ---------------------------------------------------------------- the test (parent process)
 
 
+# Children run the cases in parallel, case i in child i % SHARDS (every case seeded on its own, case_plan).
+SHARDS = max(1, min(4, os.cpu_count() or 1))
+
+
 @pytest.mark.once_per_ci
 def test_fuzzed_artifacts_are_refused_with_an_error_or_load_unchanged(tmp_path):
     import pycompress as pc
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(pathlib.Path(pc.__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--out", str(tmp_path), "--seed", str(SEED),
-           "--cases", str(CASES)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT_S + CASES * 0.2)
-    except subprocess.TimeoutExpired:
-        proc = None
-    current = tmp_path / "current.json"
-    if proc is None or proc.returncode != 0:
-        running = json.loads(current.read_text()) if current.exists() else None
-        how = "timed out" if proc is None else f"exited with status {proc.returncode}"
-        where = "before the first case" if running is None else running["label"]
-        tail = "" if proc is None else (proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise AssertionError(f"the fuzz child {how} during {where} (input: {tmp_path / 'case.safetensors'}; rerun "
-                             f"it alone: python {pathlib.Path(__file__).name} --seed {SEED} --cases {CASES} --case "
-                             f"{running and running['case']})\n{tail}")
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert not summary["failures"], f"{len(summary['failures'])} of {summary['cases']} cases failed:\n" + \
-        "\n".join(summary["failures"][:20])
-    assert summary["cases"] == CASES
-    covered = {kind for kind in summary["stats"]}
+    outs = [tmp_path / f"shard-{k}" for k in range(SHARDS)]
+    children = []
+    for k, out in enumerate(outs):
+        out.mkdir()
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--out", str(out), "--seed", str(SEED),
+               "--cases", str(CASES), "--shard", f"{k}/{SHARDS}"]
+        children.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + CASE_TIMEOUT_S + CASES * 0.2 / SHARDS
+    summaries = []
+    for proc, out in zip(children, outs):
+        try:
+            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            proc.returncode = None
+        current = out / "current.json"
+        if proc.returncode != 0:
+            for other in children:
+                other.kill()
+            running = json.loads(current.read_text()) if current.exists() else None
+            how = "timed out" if proc.returncode is None else f"exited with status {proc.returncode}"
+            where = "before the first case" if running is None else running["label"]
+            tail = stdout[-3000:] + stderr[-6000:]
+            raise AssertionError(f"the fuzz child {how} during {where} (input: {out / 'case.safetensors'}; rerun "
+                                 f"it alone: python {pathlib.Path(__file__).name} --seed {SEED} --cases {CASES} --case "
+                                 f"{running and running['case']})\n{tail}")
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    failures = [f for s in summaries for f in s["failures"]]
+    cases = sum(s["cases"] for s in summaries)
+    assert not failures, f"{len(failures)} of {cases} cases failed:\n" + "\n".join(failures[:20])
+    assert cases == CASES
+    covered = {kind for s in summaries for kind in s["stats"]}
     assert covered == set(Mutator.KINDS), sorted(set(Mutator.KINDS) - covered)
 
 
@@ -696,10 +715,12 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--cases", type=int, default=CASES)
     parser.add_argument("--case", type=int, default=None, help="run this case only")
+    parser.add_argument("--shard", default="0/1", help="k/n: run the cases i with i %% n == k")
     args = parser.parse_args()
+    shard = tuple(int(v) for v in args.shard.split("/"))
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="pycompress-fuzz-"))
     out.mkdir(parents=True, exist_ok=True)
-    summary = run(args.seed, args.cases, out, args.case)
+    summary = run(args.seed, args.cases, out, args.case, shard)
     print(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=1))
     for f in summary["failures"]:
         print(f)

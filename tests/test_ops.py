@@ -1,12 +1,14 @@
 """Every op of pycompress.ops.OPS through torch.library.opcheck (schema, fake implementation, autograd
-registration, AOT dispatch) on every ISA path: a new op joins OPS and gives its cases here, or this
-file fails."""
+registration, AOT dispatch), torch.compile (fullgraph: no graph break) and torch.export, on every ISA
+path, the compiled and exported calls bit-exact against the eager one: a new op joins OPS and gives its
+cases here, or this file fails. (Layers and models under compile / export: tests/test_formats.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import pycompress as pc
 from pycompress.nn import Int4Linear, Int8Linear, SparseInt8Linear, SparseLinear
 from pycompress.ops import OPS
 
@@ -45,7 +47,10 @@ def _int4_linear(gen):
 
 def _sparse_linear_csr(gen):
     csr = SparseLinear.from_float(_linear(8, 32, gen), format="csr")
-    return [(torch.randn(3, 32, generator=gen), csr.row_ptr, csr.col_idx, csr.values, csr.bias, 1)]
+    wide = SparseLinear.from_float(_linear(8, 1100, gen), format="csr")  # 3 K panels: the panel kernels' own order
+    return [(torch.randn(3, 32, generator=gen), csr.row_ptr, csr.col_idx, csr.values, csr.bias, 1),
+            (torch.randn(6, 1100, generator=gen), wide.row_ptr, wide.col_idx, wide.values, None, 0),
+            (torch.randn(20, 1100, generator=gen), wide.row_ptr, wide.col_idx, wide.values, wide.bias, 2)]
 
 
 def _sparse_linear_nm24(gen):
@@ -97,3 +102,37 @@ def test_ops_is_the_namespace():
 def test_opcheck(isa, op, gen):
     for args in CASES[op](gen):
         torch.library.opcheck(getattr(torch.ops.pycompress, op).default, args)
+
+
+class _OpCall(torch.nn.Module):
+    """One call of an op with a case's arguments: its tensors are the inputs, the rest are constants."""
+
+    def __init__(self, op: str, args: tuple) -> None:
+        super().__init__()
+        self.op = getattr(torch.ops.pycompress, op)
+        self.args = args
+        self.slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def forward(self, *tensors):
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        return self.op(*args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compile_and_export_give_the_eager_bits(isa_paths, op, gen):
+    for args in CASES[op](gen):
+        call = _OpCall(op, args)
+        tensors = tuple(args[i] for i in call.slots)
+        torch._dynamo.reset()  # every case compiles afresh (one code object: no recompile limit)
+        compiled = torch.compile(call, fullgraph=True)  # a graph break raises
+        program = torch.export.export(call, tensors)
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert targets == {f"pycompress.{op}.default"}, targets
+        exported = program.module()
+        for isa in isa_paths:
+            pc.set_isa(isa)
+            expected = call(*tensors)
+            assert torch.equal(compiled(*tensors), expected), (isa, args)
+            assert torch.equal(exported(*tensors), expected), (isa, args)

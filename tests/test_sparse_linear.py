@@ -627,12 +627,3 @@ def test_many_python_threads_match_serial(isa, gen):
     for t in threads:
         t.join()
     assert not failures
-
-
-def test_torch_compile_traces_through(gen):
-    lin = sparse_linear(8, 32, 0.5, gen)
-    model = torch.nn.Sequential(SparseLinear.from_float(lin, activation="relu"),
-                                SparseInt8Linear.from_float(sparse_linear(4, 8, 0.5, gen)))
-    x = torch.randn(5, 32, generator=gen)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    assert torch.equal(compiled(x), model(x))

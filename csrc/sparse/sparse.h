@@ -297,19 +297,9 @@ struct Kernels {
   void (*q8_sliced_bytes)(const SlicedTask&);  // the byte layout (scalar where the ISA has no vpermb)
 };
 
-const Kernels& kernels_scalar();
-#if PYCOMPRESS_X86
-const Kernels& kernels_avx2();
-const Kernels& kernels_avx512vnni();
-// The AVX-512 VNNI table with the byte layout's vpermb kernel (sparse_sliced_bytes__avx512vbmi.cpp).
-const Kernels& kernels_avx512vbmi();
-#endif
+// The active level's table (sparse_dispatch.cpp, from the kernels of
+// sparse_kernels.h: one file per op, tile and ISA).
 const Kernels& kernels_for(Isa isa);
-#if PYCOMPRESS_X86
-// AVX2 code (sparse_spmm__avx2.cpp) with the AVX-512 kernels' summation order:
-// the AVX-512 path's f32_cols_panels_narrow.
-void f32_cols_panels_narrow_s4(const F32Task& t);
-#endif
 // Whether the active ISA runs the byte layout with a vector kernel (else the scalar spec).
 bool sliced_bytes_vectorized();
 
@@ -318,7 +308,8 @@ inline int64_t nm24_k(const uint32_t* row_idx, int64_t j) {
   return 4 * (j >> 1) + ((row_idx[j >> 4] >> (2 * (j & 15))) & 3u);
 }
 
-// ---- driver (sparse_linear.cpp) --------------------------------------------
+// ---- validation, layouts and drivers (sparse_validate.cpp, sparse_layouts.cpp,
+//      sparse_f32_linear.cpp, sparse_q8_linear.cpp) ----------------------------
 
 // Throw std::invalid_argument naming what is wrong.
 void validate_csr(const int32_t* row_ptr, int64_t n, const uint16_t* col_idx, int64_t nnz, int64_t k);

@@ -1,8 +1,10 @@
-// AVX-512 pieces shared by the sparse kernels of sparse_spmm__avx512vnni.cpp
-// and sparse_sliced_bytes__avx512vbmi.cpp: the tail mask, the int8 epilogue of
-// one row of 16 channels, and the skeleton of the sliced kernels (the
-// slice/row blocking and the accumulator sets; each layout supplies only its
-// step: vpermd for the group layout, vpermb for the byte layout).
+// AVX-512 pieces shared by the sparse kernels of the avx512vnni and avx512vbmi
+// files (sparse_<op>_<tile>__avx512*.cpp): the tail mask, the int8 epilogue of
+// one row of 16 channels, the 16 x 16 register transpose and the fp32 / int8
+// store tiles of the cols kernels, their accumulator sets, and the skeleton of
+// the sliced kernels (the slice/row blocking and the accumulator sets; each
+// layout supplies only its step: vpermd for the group layout, vpermb for the
+// byte layout).
 // Internal linkage: included from translation units with different ISA flags
 // (csrc/README.md), and only from AVX-512 ones.
 #pragma once
@@ -32,6 +34,94 @@ inline __m512 q8_epilogue_avx512(const Task& t, int64_t row, __m512i acc, __m512
   __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(_mm512_set1_ps(t.row_scale[row]), w_scale));
   if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
   return apply_activation_avx512(y, t.act);
+}
+
+// In-register 16 x 16 transpose: r[i] lane j becomes r[j] lane i.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: a0 b0 a1 b1 | a2 b2 a3 b3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane L: element 4L + j of rows 4i..4i+3 in r[4i + j]
+    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  __m512 o[16];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {  // gather lane L of r[j], r[4+j], r[8+j], r[12+j] into row 4L + j
+    const __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), u3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    o[j] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    o[8 + j] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+    o[4 + j] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    o[12 + j] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = o[i];
+}
+
+// Epilogue of `channels` (<= 16) consecutive output channels from n0 for the
+// 16 rows from row0: col(c) points at channel c's 16 row sums. The tile is
+// transposed in registers so y gets one contiguous (masked) row store per
+// row, and bias is one vector load: a store per channel and row into a y
+// whose row stride is a power of two hits one L1 set and missed on nearly
+// every store (K=N=4096, M=16: ~40% of the call).
+template <typename Col>
+inline void f32_store_tile(const F32Task& t, int64_t n0, int64_t channels, int64_t row0, Col col) {
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) r[c] = c < channels ? _mm512_load_ps(col(c)) : _mm512_setzero_ps();
+  transpose16x16(r);
+  const __mmask16 lanes = tail_mask(channels);
+  const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, t.bias + n0) : _mm512_setzero_ps();
+  const int64_t rows = t.m - row0 < 16 ? t.m - row0 : 16;
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 y = r[i];
+    if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+    y = apply_activation_avx512(y, t.act);
+    _mm512_mask_storeu_ps(t.y + (row0 + i) * t.ldy + n0, lanes, y);
+  }
+}
+
+// Epilogue of `channels` (<= 16) consecutive channels from n0 for the 16 rows
+// from row0 (col(c): channel c's 16 int32 row sums), transposed in registers
+// so y (or raw) gets one contiguous masked store per row; per lane the same
+// IEEE operations as q8_epilogue.
+template <typename Col>
+inline void q8_store_tile(const Q8Task& t, int64_t n0, int64_t channels, int64_t row0, Col col) {
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) r[c] = c < channels ? _mm512_load_ps(col(c)) : _mm512_setzero_ps();
+  transpose16x16(r);
+  const __mmask16 lanes = tail_mask(channels);
+  const int64_t rows = t.m - row0 < 16 ? t.m - row0 : 16;
+  if (t.raw != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      _mm512_mask_storeu_epi32(t.raw + (row0 + i) * t.ldraw + n0, lanes, _mm512_castps_si512(r[i]));
+    }
+    return;
+  }
+  const __m512i col_sum = _mm512_maskz_loadu_epi32(lanes, t.w->col_sum + n0);
+  const __m512 w_scale = _mm512_maskz_loadu_ps(lanes, t.w->w_scale + n0);
+  const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, t.bias + n0) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = row0 + i;
+    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes,
+                          q8_epilogue_avx512(t, row, _mm512_castps_si512(r[i]), col_sum, w_scale, bias));
+  }
+}
+
+// Independent accumulator sets so the FMA latency (4 cycles) is covered.
+template <int MV>
+constexpr int acc_sets() {
+  return MV == 1 ? 4 : (MV == 2 ? 2 : 1);
 }
 
 // Slice s, rows [r0, r0 + MR): step(acc, j) adds step j to the MR row

@@ -69,6 +69,9 @@ def register_layer(cls: type["CompressedLayer"]) -> type["CompressedLayer"]:
 
 # ------------------------------------------------------------------------------------------------ layers
 
+# Buffer dtypes plain pickle cannot carry (torch 2.13) -> the signed dtype of the same width they travel as.
+_PICKLED_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
 
 class CompressedLayer(nn.Module):
     """The contract of a compressed layer (every class in ``LAYER_TYPES``).
@@ -152,6 +155,27 @@ class CompressedLayer(nn.Module):
     def matches_float(self, layer: nn.Module) -> bool:
         """Whether ``layer`` (a float layer of a model skeleton) has this layer's shape."""
         return (layer.in_features, layer.out_features) == (self.in_features, self.out_features)
+
+    # ---------------------------------------------------------------- pickle and copy.deepcopy
+
+    def __getstate__(self) -> dict:
+        """Buffers of a dtype plain ``pickle`` cannot carry in torch 2.13 (uint16 / uint32 / uint64: the
+        unpickled UntypedStorage has no dtype) travel as a view of the signed type of their width, and
+        ``__setstate__`` views them back: the same bytes, the same dtype, for pickle and copy.deepcopy alike."""
+        state = dict(super().__getstate__())
+        buffers = state.get("_buffers", {})
+        dtypes = {name: b.dtype for name, b in buffers.items() if b is not None and b.dtype in _PICKLED_AS}
+        if dtypes:
+            state["_buffers"] = {name: b.view(_PICKLED_AS[dtypes[name]]) if name in dtypes else b
+                                 for name, b in buffers.items()}
+            state["_pickled_dtypes"] = dtypes
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        dtypes = state.pop("_pickled_dtypes", {})
+        super().__setstate__(state)
+        for name, dtype in dtypes.items():
+            self._buffers[name] = self._buffers[name].view(dtype)
 
 
 class FloatWeight:

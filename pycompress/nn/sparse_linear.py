@@ -31,8 +31,9 @@ from pycompress.nn.registry import CompressedLayer, Format, QuantParams, registe
 from pycompress.ops.q8 import eager_rows
 from pycompress.ops.sparse import (
     build_bsr1x4_panels,
-    build_csr_panels,
+    CSR_PANEL_MIN_ROWS,
     build_sliced,
+    csr_panels_for,
     csr_panels_supported,
     ensure_valid_structure,
     sliced_linear_plan,
@@ -180,14 +181,16 @@ class SparseLinear(_SparseBase):
     AVX-512 and AVX2 (4096x4096 at 90%, AVX2 path on Zen 4, 1 thread, µs plain / panels: M=4 1315/919,
     M=16 1333/1211, M=128 13751/9220; from M=2 to 8 with 8-float activation rows, both paths: AVX-512 M=2
     1240 -> 783, M=3 1846 -> 786, M=8 970 -> 791). ``packed_bytes()`` counts the pack, ``panel_bytes()``
-    the derived copy (0 until built).
+    the derived copy (0 until built). The layout is the op's own of the pack
+    (``pycompress.ops.sparse.csr_panels_for``), which traced calls (torch.compile, torch.export) read too: eager
+    and traced calls run the same kernel and give the same bits.
     """
 
     _PACK_BUFFERS = ("row_ptr", "col_idx", "values")  # csr (nm24 has no derived layout)
     ENTROPY_CODED = ("row_ptr", "col_idx", "nm_idx")
     weight_bits = 32
     # The kernels read the panel layout from M = 2 (M = 1 runs the gather kernel).
-    _PANEL_MIN_ROWS = 2
+    _PANEL_MIN_ROWS = CSR_PANEL_MIN_ROWS
 
     def __init__(self, in_features: int, out_features: int, nnz: int = 0, format: str = "csr", bias: bool = True,
                  activation: str = "none", name: str | None = None) -> None:
@@ -312,7 +315,9 @@ class SparseLinear(_SparseBase):
         """The csr panel layout when the kernels would use it for M rows."""
         if m < self._PANEL_MIN_ROWS or not csr_panels_supported(self.in_features):
             return None
-        return self._derived("panels", _PANEL_BUFFERS, lambda: build_csr_panels(
+        # The op's own layout of this pack (csr_panels_for): the traced op reads the same one, so eager and
+        # traced calls give the same bits, and a module run both ways holds one copy.
+        return self._derived("panels", _PANEL_BUFFERS, lambda: csr_panels_for(
             self.row_ptr, self.col_idx, self.values, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,10 @@ no structural check: any 2-bit index of a K % 4 == 0 row is in range.
 
 from __future__ import annotations
 
+import threading
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pycompress import _C
 from pycompress._native import num_threads
@@ -190,6 +193,40 @@ def build_csr_panels(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch
     return sub, idx, panel_values
 
 
+# values tensor of a csr pack -> (stamp of the pack, its panel layout): one layout per pack, whoever asks.
+_CSR_PANELS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_CSR_PANELS_LOCK = threading.Lock()
+# The kernels read the csr panel layout from M = 2 (M = 1 runs the gather kernel): sparse.h kF32GatherMaxRows.
+CSR_PANEL_MIN_ROWS = 2
+
+
+def _csr_pack_stamp(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, k: int) -> tuple:
+    """Addresses and version counters of a csr pack (addresses only for inference tensors, which have no version
+    counter; SparseLinear stamps its pack the same way)."""
+    tensors = (row_ptr, col_idx, values)
+    if any(t.is_inference() for t in tensors):
+        return (*(t.data_ptr() for t in tensors), k)
+    return (*(x for t in tensors for x in (t.data_ptr(), t._version)), k)
+
+
+def csr_panels_for(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, k: int):
+    """The csr panel layout of a csr pack (build_csr_panels), built once per pack and version and shared: the op
+    (eager, or called from a torch.compile / torch.export graph) and SparseLinear's eager calls read the same
+    layout, so they run the same kernel and sum in the same order (the panel kernels sum per K panel, the plain
+    cols kernel per row: fp32 results differ in their last bits). Kept while ``values`` lives."""
+    stamp = _csr_pack_stamp(row_ptr, col_idx, values, k)
+    with _CSR_PANELS_LOCK:
+        hit = _CSR_PANELS.get(values)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    # Normal tensors even under inference_mode: their structural check is then memoized per version.
+    with torch.inference_mode(False):
+        panels = build_csr_panels(row_ptr, col_idx, values, k)
+    with _CSR_PANELS_LOCK:
+        _CSR_PANELS[values] = (stamp, panels)
+    return panels
+
+
 def build_bsr1x4_panels(row_ptr: torch.Tensor, blk_idx: torch.Tensor, values: torch.Tensor, k: int):
     """The bsr1x4 panel layout (csrc/sparse/sparse.h: the csr panel layout over k/4 groups, one 1x4 block per
     entry) of a bsr1x4 pack: (sub, idx, values int8 [entries * 4]). Validated input, like build_csr_panels."""
@@ -260,14 +297,17 @@ def _out(x, y, n):
 
 
 def sparse_linear_csr_cpu(x, row_ptr, col_idx, values, bias=None, activation=0, panels=None):
-    """``panels``: the pack's csr panel layout (build_csr_panels) or None; the AVX-512 and AVX2 kernels use
-    it for M >= 2 (same results up to fp32 summation order; bit-identical when every row's nonzeros lie in
-    one panel of 512 columns)."""
+    """``panels``: the pack's csr panel layout (build_csr_panels); the AVX-512 and AVX2 kernels use it for
+    M >= 2. None (the op's own calls): the layout of csr_panels_for, built on the first call with M >= 2, so
+    a traced or compiled call runs the kernel an eager SparseLinear call runs and gives the same bits (the
+    panel kernels sum per K panel of 512 columns, the plain cols kernel per row)."""
     op = "sparse_linear_csr"
     k, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
     _require_contiguous(op, values, bias)
     ensure_valid_structure(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
     panel_ptrs = (0, 0, 0)
+    if panels is None and x.numel() >= CSR_PANEL_MIN_ROWS * k and csr_panels_supported(k):
+        panels = csr_panels_for(row_ptr, col_idx, values, k)
     if panels is not None:
         sub, idx, panel_values = panels
         if (sub.dtype != torch.int32 or sub.dim() != 1 or idx.dtype != torch.uint16 or idx.dim() != 1

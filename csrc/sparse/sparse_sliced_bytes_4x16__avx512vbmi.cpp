@@ -1,18 +1,19 @@
-// AVX-512 VBMI + VNNI kernel of the sliced byte layout (sparse.h): per step
-// one weight zmm and one position zmm (64 slots: 16 channel lanes x 4
-// nonzeros), and per row one unaligned 64-byte window load, one vpermb that
-// puts every slot's activation byte in place, one vpdpbusd. Its own
-// translation unit: vpermb needs VBMI, which the AVX-512 VNNI path does not
-// assume (Cascade Lake has VNNI without VBMI): the avx512vbmi level's table
-// is the AVX-512 VNNI one with this kernel for the byte layout.
+// AVX-512 VBMI + VNNI kernel of the sliced byte layout (sparse.h), tile up to
+// 4 rows x 16 output channels (one slice; sparse_avx512.h sliced_blocks /
+// sliced_rows): per step one weight zmm and one position zmm (64 slots: 16
+// channel lanes x 4 nonzeros), and per row one unaligned 64-byte window load,
+// one vpermb that puts every slot's activation byte in place, one vpdpbusd.
+// Its own translation unit: vpermb needs VBMI, which the AVX-512 VNNI level
+// does not assume (Cascade Lake has VNNI without VBMI): the avx512vbmi level's
+// table is the AVX-512 VNNI one with this kernel for the byte layout
+// (sparse_dispatch.cpp).
 #include <immintrin.h>
 
-#include "sparse/sparse.h"
 #include "sparse/sparse_avx512.h"
+#include "sparse/sparse_kernels.h"
 
 namespace pycompress {
 namespace sparse {
-namespace {
 
 void q8_sliced_bytes_avx512vbmi(const SlicedTask& t) {
   const SlicedWeights& w = *t.w;
@@ -29,17 +30,6 @@ void q8_sliced_bytes_avx512vbmi(const SlicedTask& t) {
       }
     });
   });
-}
-
-}  // namespace
-
-const Kernels& kernels_avx512vbmi() {
-  static const Kernels k = [] {
-    Kernels table = kernels_avx512vnni();
-    table.q8_sliced_bytes = q8_sliced_bytes_avx512vbmi;
-    return table;
-  }();
-  return k;
 }
 
 }  // namespace sparse
