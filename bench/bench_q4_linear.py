@@ -36,9 +36,10 @@ import machine
 import peers
 import pycompress
 from shapes import DECODE_SHAPES, DECODER_LAYER, LinearShape, THREADS
-from timing import calls_for, make_inputs, make_step, time_interleaved, torch_threads
+from timing import calls_for, make_inputs, make_step, ops_measured, time_interleaved, torch_threads
 
 GROUP = 128
+OPS_MEASURED = ops_measured("int4_linear")
 
 try:
     import onnxruntime  # noqa: F401

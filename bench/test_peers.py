@@ -18,6 +18,7 @@ import torch
 from pycompress.ops import OPS
 
 import bench_attention
+import bench_q4_linear
 import bench_q8_linear
 import bench_sparse
 import machine
@@ -134,7 +135,8 @@ NOT_BENCHED = {"sparse_linear_nm24": "2:4 fp32 (SparseLinear nm24) has no bench"
 
 
 def test_every_op_of_the_one_list_has_a_bench():
-    measured = [*bench_q8_linear.OPS_MEASURED, *bench_sparse.OPS_MEASURED, *bench_attention.OPS_MEASURED]
+    measured = [*bench_q8_linear.OPS_MEASURED, *bench_q4_linear.OPS_MEASURED, *bench_sparse.OPS_MEASURED,
+                *bench_attention.OPS_MEASURED]
     assert len(measured) == len(set(measured))
     assert set(measured) | set(NOT_BENCHED) == set(OPS) and not set(measured) & set(NOT_BENCHED)
     with pytest.raises(ValueError, match="not in pycompress.ops.OPS"):
