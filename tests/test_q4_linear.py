@@ -107,11 +107,14 @@ def test_pack_round_trip_and_layout(gen):
         w4, g_scale, corr = pack_int4_weights(q, scale, gs)
         assert torch.equal(unpack_int4_weights(w4, n, k), q)
         assert torch.equal(unpack_group_scales(g_scale, n, group_count(k, gs)), scale)
-    # one panel, K = 8: byte (channel c, j) holds k = j in its low nibble and k = 4 + j in its high one
+    # one panel, K = 8: byte (channel c, j) holds k = j in its low nibble and k = 4 + j in its high one, each
+    # as the weight + 8
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(16, 1)[:, :8]
     w4, _, _ = pack_int4_weights(q, torch.ones(16, 1), None)
-    assert w4[:4].tolist() == [(-8 & 15) | ((-4 & 15) << 4), (-7 & 15) | ((-3 & 15) << 4),
-                               (-6 & 15) | ((-2 & 15) << 4), (-5 & 15) | ((-1 & 15) << 4)]
+    assert w4[:4].tolist() == [0 | (4 << 4), 1 | (5 << 4), 2 | (6 << 4), 3 | (7 << 4)]
+    # padding weights are 0: nibble 8 (N = 5 of a 16-channel panel, K = 5 of 8)
+    w4, _, _ = pack_int4_weights(torch.zeros(5, 5, dtype=torch.int8), torch.ones(5, 1), None)
+    assert w4.tolist() == [0x88] * 64
 
 
 def test_bad_operands_are_refused_naming_what_was_expected(gen):

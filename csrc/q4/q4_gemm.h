@@ -5,12 +5,14 @@
 //   activations  the int8 linear's (q8_gemm.h): unsigned per row (dynamic) or
 //                per tensor (static), u8 or u7, with a zero point zp[r] and a
 //                scale rs[r].
-//   weights      4-bit two's-complement integers in [-8, 7] (2..4-bit formats
-//                are stored alike), one float scale s[n][g] per output channel
+//   weights      integers w in [-8, 7] (2..4-bit formats alike), stored as the
+//                unsigned nibble w + 8, one float scale s[n][g] per output channel
 //                and group g of gk consecutive k: gk = Kp / groups, where
 //                Kp = round_up(K, 8); groups = 1 is per channel.
 //   accumulate   acc[r][n][g] = sum over the group of q[r][k] * w[n][k], exact
-//                in int32 (|q * w| <= 255 * 8, K <= 65536).
+//                in int32 (|q * w| <= 255 * 8, K <= 65536). The vector paths sum
+//                q * (w + 8), the stored nibble as is, and subtract 8 * the group's
+//                sum of q[r][k] (from the driver's per-row block prefix sums).
 //   epilogue     facc = 0; for g in order: facc = facc + float(acc[g]) * s[n][g];
 //                v = facc - float(zp[r]) * corr[n]; v = v * rs[r];
 //                v = v + bias[n]; v = act(v); each step one IEEE float32
@@ -19,10 +21,11 @@
 //
 // Packed operands (ISA independent, so a state_dict moves between CPUs):
 //   w4      uint8 [Np/16][Kp/8][16][4], Np = round_up(N, 16): in block kb of
-//           panel p, byte (c, j) holds w[16p + c][8kb + j] in its low nibble
-//           and w[16p + c][8kb + 4 + j] in its high nibble. The low nibbles of
-//           a block are one vpdpbusd operand (4 k x 16 channels), the high
-//           nibbles the next one. Padding is 0.
+//           panel p, byte (c, j) holds w[16p + c][8kb + j] + 8 in its low
+//           nibble and w[16p + c][8kb + 4 + j] + 8 in its high nibble. The low
+//           nibbles of a block, masked out, are one vpdpbusd operand (4 k x 16
+//           channels, unsigned x signed 0..15), the high nibbles the next one.
+//           Padding weights are 0 (nibble 8).
 //   g_scale float [Np/16][groups][16]: a panel's 16 scales, group by group
 //           (padding channels 0).
 //   corr    float [Np]: for g in order from 0: corr = corr + float(sum of the
@@ -54,6 +57,10 @@ struct Tile {
   int64_t n0, ncols;
   const float* row_scale;
   const int32_t* row_zp;
+  // Per row, prefix sums of the quantized activations over 8-k blocks:
+  // row_ksum[r * ldsum + kb] = sum of q[r][0, 8kb); a group's sum is a difference.
+  const int32_t* row_ksum;
+  int64_t ldsum;
   const float* g_scale;
   const float* corr;
   const float* bias;       // nullable
@@ -74,14 +81,20 @@ const Kernels& kernels_avx512vnni();
 #endif
 const Kernels& kernels_for(Isa isa);
 
-namespace {
+constexpr int32_t kNibbleBias = 8;  // stored nibble = weight + 8
 
-// The sign-extending map of a nibble (vpshufb table): 0..7 -> 0..7, 8..15 -> -8..-1.
-alignas(64) constexpr int8_t kNibbleToInt8[64] = {
-    0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1,
-    0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+namespace {  // internal linkage: included by translation units with different ISA flags
+
+// 8 x the activation sum of row r over blocks [kb0, kb1): what the nibbles' bias added to a group's sum.
+inline int32_t bias_sum(const Tile& t, int64_t r, int64_t kb0, int64_t kb1) {
+  const int32_t* p = t.row_ksum + r * t.ldsum;
+  return kNibbleBias * (p[kb1] - p[kb0]);
+}
 
 }  // namespace
+
+// Fills t.row_ksum-style prefix sums for m rows of kp (a multiple of 8) quantized activations.
+void block_prefix_sums(const uint8_t* q, int64_t m, int64_t kp, int64_t lda, int32_t* out, int64_t ldsum);
 
 }  // namespace q4
 }  // namespace pycompress

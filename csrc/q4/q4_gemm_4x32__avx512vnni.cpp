@@ -1,6 +1,7 @@
 // AVX-512 VNNI path of the W4A8 GEMM (q4_gemm.h): a block of one panel (16
 // channels x 8 k, 64 bytes) is one zmm load that unpacks to two vpdpbusd
-// operands (nibbles masked or shifted out, sign-extended by one vpshufb).
+// operands (the stored nibbles w + 8, masked or shifted out; a group's sum
+// then subtracts 8 x its activation sum).
 // Microkernel: up to 4 rows x 32 columns (8 int32 + 8 float accumulators,
 // 4 weight operands); one row takes 64 columns, as decode's GEMV reads each
 // weight once and wants more independent chains.
@@ -32,7 +33,6 @@ void tile_rows(const Tile& t, int64_t r0, int64_t n) {
   const float* gs = t.g_scale + (n / kPanel) * t.groups * kPanel;
   const uint8_t* a = t.a + r0 * t.lda;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i lut = _mm512_load_si512(kNibbleToInt8);
 
   __m512 facc[MR][NV];
 #pragma GCC unroll 4
@@ -57,8 +57,8 @@ void tile_rows(const Tile& t, int64_t r0, int64_t n) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         const __m512i p = _mm512_loadu_si512(w + v * panel_bytes + kb * kBlockBytes);
-        wlo[v] = _mm512_shuffle_epi8(lut, _mm512_and_si512(p, low4));
-        whi[v] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4));
+        wlo[v] = _mm512_and_si512(p, low4);
+        whi[v] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
       }
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
@@ -80,11 +80,17 @@ void tile_rows(const Tile& t, int64_t r0, int64_t n) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_add_epi32(acc[0][v], hi_acc[v]);
     }
+    __m512i bias[MR];  // the nibbles' +8, times each row's activation sum over the group
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) bias[r] = _mm512_set1_epi32(bias_sum(t, r0 + r, kb - blocks_per_group, kb));
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const __m512 s = _mm512_loadu_ps(gs + v * t.groups * kPanel + g * kPanel);
 #pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) facc[r][v] = _mm512_add_ps(facc[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][v]), s));
+      for (int r = 0; r < MR; ++r) {
+        const __m512i exact = _mm512_sub_epi32(acc[r][v], bias[r]);
+        facc[r][v] = _mm512_add_ps(facc[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s));
+      }
     }
   }
 
@@ -134,8 +140,8 @@ struct TallScratch {
 };
 
 template <int MR, int NV>
-void tall_rows(const Tile& t, TallScratch& s, int64_t r0, int64_t kb0, int64_t nb, bool first, bool last,
-               const float* scales) {
+void tall_rows(const Tile& t, TallScratch& s, int64_t r0, int64_t group_kb0, int64_t kb0, int64_t nb, bool first,
+               bool last, const float* scales) {
   const uint8_t* a = t.a + r0 * t.lda;
   __m512i acc[MR][NV];
 #pragma GCC unroll 4
@@ -170,7 +176,8 @@ void tall_rows(const Tile& t, TallScratch& s, int64_t r0, int64_t kb0, int64_t n
         continue;
       }
       float* f = &s.facc[((r0 + r) * 4 + v) * 16];
-      const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][v]), _mm512_loadu_ps(scales + v * t.groups * kPanel));
+      const __m512i exact = _mm512_sub_epi32(acc[r][v], _mm512_set1_epi32(bias_sum(t, r0 + r, group_kb0, kb0 + nb)));
+      const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_loadu_ps(scales + v * t.groups * kPanel));
       _mm512_storeu_ps(f, _mm512_add_ps(_mm512_loadu_ps(f), sum));
     }
   }
@@ -183,7 +190,6 @@ void tall_tile(const Tile& t, TallScratch& s, int64_t n) {
   const uint8_t* w = t.w + (n / kPanel) * panel_bytes;
   const float* gs = t.g_scale + (n / kPanel) * t.groups * kPanel;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i lut = _mm512_load_si512(kNibbleToInt8);
   std::fill(s.facc.begin(), s.facc.begin() + t.m * 4 * 16, 0.0f);
   for (int64_t g = 0; g < t.groups; ++g) {
     for (int64_t c0 = 0; c0 < blocks_per_group; c0 += kChunkBlocks) {
@@ -193,17 +199,17 @@ void tall_tile(const Tile& t, TallScratch& s, int64_t n) {
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
           const __m512i p = _mm512_loadu_si512(w + v * panel_bytes + (kb0 + b) * kBlockBytes);
-          _mm512_store_si512(s.w[b][v][0], _mm512_shuffle_epi8(lut, _mm512_and_si512(p, low4)));
-          _mm512_store_si512(s.w[b][v][1], _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4)));
+          _mm512_store_si512(s.w[b][v][0], _mm512_and_si512(p, low4));
+          _mm512_store_si512(s.w[b][v][1], _mm512_and_si512(_mm512_srli_epi16(p, 4), low4));
         }
       }
       const bool first = c0 == 0, last = c0 + nb >= blocks_per_group;
       int64_t r0 = 0;
-      for (; r0 + kTallRows <= t.m; r0 += kTallRows) tall_rows<kTallRows, NV>(t, s, r0, kb0, nb, first, last, gs + g * kPanel);
+      for (; r0 + kTallRows <= t.m; r0 += kTallRows) tall_rows<kTallRows, NV>(t, s, r0, g * blocks_per_group, kb0, nb, first, last, gs + g * kPanel);
       switch (t.m - r0) {
-        case 3: tall_rows<3, NV>(t, s, r0, kb0, nb, first, last, gs + g * kPanel); break;
-        case 2: tall_rows<2, NV>(t, s, r0, kb0, nb, first, last, gs + g * kPanel); break;
-        case 1: tall_rows<1, NV>(t, s, r0, kb0, nb, first, last, gs + g * kPanel); break;
+        case 3: tall_rows<3, NV>(t, s, r0, g * blocks_per_group, kb0, nb, first, last, gs + g * kPanel); break;
+        case 2: tall_rows<2, NV>(t, s, r0, g * blocks_per_group, kb0, nb, first, last, gs + g * kPanel); break;
+        case 1: tall_rows<1, NV>(t, s, r0, g * blocks_per_group, kb0, nb, first, last, gs + g * kPanel); break;
         default: break;
       }
     }

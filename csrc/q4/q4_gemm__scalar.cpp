@@ -5,10 +5,7 @@ namespace pycompress {
 namespace q4 {
 namespace {
 
-inline int32_t nibble(uint8_t byte, bool high) {
-  const int32_t v = high ? byte >> 4 : byte & 0xF;
-  return v >= 8 ? v - 16 : v;
-}
+inline int32_t nibble(uint8_t byte, bool high) { return (high ? byte >> 4 : byte & 0xF) - kNibbleBias; }
 
 void gemm_tile_scalar(const Tile& t) {
   const int64_t gk = t.kp / t.groups;

@@ -2,9 +2,10 @@
 // ISAs with a ymm u8 x s8 dot product:
 //   AVX-VNNI  two vpdpbusd per block (exact for u8);
 //   AVX2      vpmaddubsw of the low and of the high nibbles' k, summed in
-//             int16, then vpmaddwd by ones into int32. Exact for u8: a
-//             vpmaddubsw pair is at most |255 * -8 * 2| = 4080 and the sum of
-//             two 8160, far from int16's limit; 8-bit weights would saturate.
+//             int16, then vpmaddwd by ones into int32. Exact for u8: the
+//             nibbles are w + 8 in [0, 15], so a vpmaddubsw pair is at most
+//             255 * 15 * 2 = 7650 and the sum of two 15300, below int16's
+//             limit; 8-bit weights would saturate.
 // Policy: `static __m256i step2(__m256i acc, __m256i alo, __m256i wlo,
 // __m256i ahi, __m256i whi)` (both halves of a block into one accumulator),
 // `static constexpr int kRows`, and `kSplitRow`: one row instead takes
@@ -12,8 +13,8 @@
 // vpdpbusd a block would otherwise form one dependent chain).
 //
 // A block's 32 bytes of one half panel (8 channels x 8 k) unpack to two
-// operands: nibbles masked (and shifted) out, then sign-extended by one
-// vpshufb each. Each lane's int32 sum is one channel's, so no fold is needed;
+// operands: the stored nibbles (w + 8) masked (and shifted) out; a group's sum
+// then subtracts 8 x the row's activation sum over it (bias_sum). Each lane's int32 sum is one channel's, so no fold is needed;
 // a group ends in the float epilogue's convert, scale multiply and add.
 // Internal linkage: included by translation units with different ISA flags.
 #pragma once
@@ -39,7 +40,6 @@ void ymm_tile_rows(const Tile& t, int64_t r0, int64_t n) {
   const float* gs = t.g_scale + (n / kPanel) * t.groups * kPanel;
   const uint8_t* a = t.a + r0 * t.lda;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i lut = _mm256_load_si256(reinterpret_cast<const __m256i*>(kNibbleToInt8));
 
   __m256 facc[MR][NV];
 #pragma GCC unroll 8
@@ -65,8 +65,8 @@ void ymm_tile_rows(const Tile& t, int64_t r0, int64_t n) {
       for (int v = 0; v < NV; ++v) {
         const __m256i p = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(w + (v / 2) * panel_bytes + kb * kBlockBytes + (v % 2) * 32));
-        wlo[v] = _mm256_shuffle_epi8(lut, _mm256_and_si256(p, low4));
-        whi[v] = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(p, 4), low4));
+        wlo[v] = _mm256_and_si256(p, low4);
+        whi[v] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
@@ -89,11 +89,17 @@ void ymm_tile_rows(const Tile& t, int64_t r0, int64_t n) {
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[0][v] = _mm256_add_epi32(acc[0][v], hi_acc[v]);
     }
+    __m256i bias[MR];  // the nibbles' +8, times each row's activation sum over the group
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) bias[r] = _mm256_set1_epi32(bias_sum(t, r0 + r, kb - blocks_per_group, kb));
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const __m256 s = _mm256_loadu_ps(gs + (v / 2) * t.groups * kPanel + g * kPanel + (v % 2) * 8);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) facc[r][v] = _mm256_add_ps(facc[r][v], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), s));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i exact = _mm256_sub_epi32(acc[r][v], bias[r]);
+        facc[r][v] = _mm256_add_ps(facc[r][v], _mm256_mul_ps(_mm256_cvtepi32_ps(exact), s));
+      }
     }
   }
 

@@ -9,12 +9,40 @@
 #include <vector>
 
 #include "common/thread_pool.h"
+#if PYCOMPRESS_X86
+#include <emmintrin.h>
+#endif
 #include "common/thread_tuner.h"
 #include "q4/q4_gemm.h"
 #include "q8/q8_gemm.h"
 
 namespace pycompress {
 namespace q4 {
+
+void block_prefix_sums(const uint8_t* q, int64_t m, int64_t kp, int64_t lda, int32_t* out, int64_t ldsum) {
+  for (int64_t r = 0; r < m; ++r) {
+    const uint8_t* row = q + r * lda;
+    int32_t* p = out + r * ldsum;
+    int32_t sum = 0;
+    p[0] = 0;
+    int64_t kb = 0;
+#if PYCOMPRESS_X86
+    // psadbw against zero: the sums of each 8 bytes of 16 (SSE2, every x86-64 CPU).
+    for (; 8 * kb + 16 <= kp; kb += 2) {
+      const __m128i sad = _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8 * kb)),
+                                       _mm_setzero_si128());
+      sum += _mm_cvtsi128_si32(sad);
+      p[kb + 1] = sum;
+      sum += _mm_extract_epi16(sad, 4);
+      p[kb + 2] = sum;
+    }
+#endif
+    for (; kb < kp / kKBlock; ++kb) {
+      for (int j = 0; j < kKBlock; ++j) sum += row[kKBlock * kb + j];
+      p[kb + 1] = sum;
+    }
+  }
+}
 
 const Kernels& kernels_for(Isa isa) {
   static const Kernels& (*const tables[kIsaCount])() = {
@@ -50,6 +78,7 @@ constexpr int64_t kPassBytes = int64_t{2} << 20;
 
 struct Scratch {
   std::vector<uint8_t> q;
+  std::vector<int32_t> ksum;  // per-row block prefix sums for 4-bit outputs (q4::Tile::row_ksum)
   std::vector<float> scale;
   std::vector<int32_t> zp;
   std::vector<uint8_t> nonfinite;
@@ -240,6 +269,11 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
                     s.scale.data(), s.zp.data(), s.nonfinite.data(), in.is_static, in.static_scale, in.static_zp,
                     in.im2col, r0, act_qmax(in.act_bits)};
     quantize_rows_parallel(kern, qr, in.nthreads);
+    const int64_t ldsum = lda / q4::kKBlock + 1;
+    if (any_w4) {
+      if (s.ksum.size() < static_cast<size_t>(pm * ldsum)) s.ksum.resize(pm * ldsum);
+      q4::block_prefix_sums(s.q.data(), pm, lda, lda, s.ksum.data(), ldsum);
+    }
 
     const int threads = pass == in.m ? choice.threads : effective_threads(in.nthreads, pm * n_total * kp);
     const int64_t rows = rows_per_tile(pm, n_tiles, threads);
@@ -270,6 +304,8 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
         tile.ncols = std::min(q4::kTileCols, out.n - n0);
         tile.row_scale = base.row_scale + tr0;
         tile.row_zp = base.row_zp + tr0;
+        tile.row_ksum = s.ksum.data() + tr0 * ldsum;
+        tile.ldsum = ldsum;
         tile.g_scale = out.g_scale;
         tile.corr = out.corr;
         tile.bias = out.bias;

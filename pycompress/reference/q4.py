@@ -1,8 +1,8 @@
 """Reference for the 4-bit-weight linear, W4A8 (csrc/q4/q4_gemm.h states the contract).
 
-Weights: 2..4-bit symmetric integers, one float32 scale per output channel and group of
-``group_size`` consecutive k (``group_size=None``: one group, per channel), stored as 4-bit
-two's-complement nibbles, two a byte. Activations: the int8 linear's unsigned per-row (dynamic)
+Weights: 2..4-bit symmetric integers q in [-8, 7], one float32 scale per output channel and group of
+``group_size`` consecutive k (``group_size=None``: one group, per channel), stored as the unsigned nibble
+q + 8, two a byte (a nibble is then directly an unsigned-times-signed dot product operand). Activations: the int8 linear's unsigned per-row (dynamic)
 or static quantization (``quantize_rows_ref``). Each group's products are summed exactly in
 integers; the float32 epilogue below is the contract's operation order, one IEEE operation a
 step, so the reference reproduces the kernels bit for bit.
@@ -73,9 +73,9 @@ def pack_int4_weights(q: torch.Tensor, scale: torch.Tensor, group_size: int | No
     """int8 [N, K] in [-8, 7] and scale [N, groups] -> the kernel's operands:
 
     - w_packed uint8 [Np/16][Kp/8][16][4] (Np = round_up(N, 16), Kp = round_up(K, 8)): in block kb of
-      panel p, byte (n, j) holds q[16p + n][8kb + j] in its low nibble and q[16p + n][8kb + 4 + j] in
-      its high nibble, so the low (high) nibbles of the 64 bytes are one vpdpbusd operand of 4 k by 16
-      channels. Padding is 0.
+      panel p, byte (n, j) holds q[16p + n][8kb + j] + 8 in its low nibble and q[16p + n][8kb + 4 + j] + 8
+      in its high nibble, so the low (high) nibbles of the 64 bytes are one vpdpbusd operand of 4 k by 16
+      channels. Padding weights are 0 (nibble 8).
     - g_scale float32 [Np/16][groups][16]: the scales of a panel's 16 channels, group by group
       (padding channels 0).
     - corr float32 [Np]: sum over groups, in order from 0.0, of float(sum of the group's q) * scale
@@ -93,7 +93,7 @@ def pack_int4_weights(q: torch.Tensor, scale: torch.Tensor, group_size: int | No
     np_, kp = round_up(n, PANEL), _padded_k(k)
     padded = torch.zeros(np_, kp, dtype=torch.int16)
     padded[:n, :k] = q.to(torch.int16)
-    nib = (padded & 0xF).view(np_ // PANEL, PANEL, kp // KBLOCK, 2, 4)  # [p, n, kb, half, j]
+    nib = (padded + 8).view(np_ // PANEL, PANEL, kp // KBLOCK, 2, 4)  # [p, n, kb, half, j]
     byte = nib[:, :, :, 0, :] | (nib[:, :, :, 1, :] << 4)  # [p, n, kb, j]
     w_packed = byte.permute(0, 2, 1, 3).contiguous().to(torch.uint8).view(-1)
     s = torch.zeros(np_, g, dtype=_F32)
@@ -116,7 +116,7 @@ def unpack_int4_weights(w_packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     b = w_packed.view(torch.uint8).to(torch.int16).view(np_ // PANEL, kp // KBLOCK, PANEL, 4).permute(0, 2, 1, 3)
     lo, hi = b & 0xF, b >> 4
     nib = torch.stack((lo, hi), dim=3)  # [p, n, kb, half, j]
-    full = torch.where(nib >= 8, nib - 16, nib).reshape(np_, kp)
+    full = (nib - 8).reshape(np_, kp)
     return full[:n, :k].to(torch.int8).contiguous()
 
 
