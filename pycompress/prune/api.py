@@ -10,7 +10,8 @@ from torch import nn
 
 import pycompress.prune.masks as _masks
 import pycompress.prune.unstructured as _u
-from pycompress.calibration import materialize_batches
+from pycompress.calibration import start_calibration
+from pycompress.distributed import AUTO
 from pycompress.progress import progress_bar
 from pycompress.prune.oneshot import check_criterion, prune_oneshot
 from pycompress.prune.structured import prune_channels
@@ -109,6 +110,8 @@ def prune(
     calibration_batches: Iterable | None = None,
     percdamp: float = 0.01,
     progress: bool | None = None,
+    process_group: object = AUTO,
+    dist_timeout: float | None = None,
 ) -> nn.Module:
     """Prune every Linear/Conv layer of ``model`` (in place) and return it.
 
@@ -130,10 +133,20 @@ def prune(
       per output row) or ``"sparsegpt"`` (OBS saliency with the layer's Hessian, masks chosen
       per block of 128 columns, the kept weights updated to compensate; ``percdamp`` its
       dampening). Both need ``scope="layer"`` and Linear / dense Conv2d layers.
+    process_group / dist_timeout: one-shot pruning across processes, as in ``pycompress.quantize``
+      (pycompress.distributed): with several ranks, a Wanda / SparseGPT call is collective, each rank
+      passes its shard of ``calibration_batches`` and every rank ends with the same masks and weights,
+      those of one process on all the batches.
     Masks are parametrizations on ``weight`` (pycompress.prune.masks): fine-tuning keeps
     pruned weights at exactly zero; ``pycompress.prune.remove(model)`` bakes them in.
     Nothing is modified if any layer fails validation.
     """
+    exclude = list(exclude)
+    arguments = dict(sparsity=sparsity, method=method, scope=scope, n=n, m=m, block=block, exclude=exclude,
+                     overrides=overrides, norm=norm, criterion=criterion, percdamp=percdamp)
+    calibrates = calibration_batches is not None and criterion in ("wanda", "sparsegpt")
+    batches, comm = start_calibration(model, calibration_batches if calibrates else None, calibrates,
+                                      process_group, dist_timeout, arguments, "prune")
     if method not in METHODS:
         raise ValueError(f"prune: unknown method {method!r}; expected one of {METHODS}")
     if scope not in SCOPES:
@@ -154,7 +167,6 @@ def prune(
                               overrides=overrides, norm=norm)
     if method == "block":
         block = _check_block(block)
-    batches = materialize_batches(calibration_batches, "prune") if criterion != "magnitude" else None
     layers, per_layer = resolve_layer_sparsities(model, sparsity if sparsity is not None else 0.0, exclude, overrides)
     for name, module in layers:
         if _masks.weight_parametrizations(module):
@@ -173,7 +185,7 @@ def prune(
                 _u.block_scores(module.weight, block, name)
         prune_oneshot(model, layers, batches, criterion, sparsity if sparsity is not None else 1 - n / m,
                       per_layer, method, n, m, block, percdamp,
-                      progress=lambda it: progress_bar(it, desc=f"prune: {criterion}", enabled=progress))
+                      progress=lambda it: progress_bar(it, desc=f"prune: {criterion}", enabled=progress), comm=comm)
         return model
     if method == "nm":
         new_masks = {name: _u.nm_mask(module.weight, n, m, name) for name, module in layers}

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 
 import pycompress.prune.masks as _masks
 import pycompress.prune.unstructured as _u
-from pycompress.calibration import InputStats, check_oneshot_layer, inverse_hessian_factor, sequential_walk
+from pycompress.calibration import Comm, InputStats, check_oneshot_layer, inverse_hessian_factor, sequential_walk
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 BLOCK_SIZE = 128  # SparseGPT's columns per adaptive mask / lazy update block
@@ -165,7 +165,7 @@ def check_criterion(criterion: str, pattern: str, scope: str, calibration_batche
 def prune_oneshot(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list, criterion: str,
                   sparsity: float, per_layer: Mapping[str, float], pattern: str, n: int, m: int,
                   block: tuple[int, int], percdamp: float = 0.01,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> None:
+                  progress: Callable[[Iterable], Iterable] | None = None, comm: Comm | None = None) -> None:
     """Wanda or SparseGPT on ``layers`` (in place: masks attached, SparseGPT's weights updated). On an
     error every layer is restored as it was."""
     for name, module in layers:
@@ -173,21 +173,27 @@ def prune_oneshot(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     saved = {name: module.weight.detach().clone() for name, module in layers}
     done: list[nn.Module] = []
 
-    def process(name: str, module: nn.Module, stats: InputStats) -> None:
+    def solve(name: str, module: nn.Module, stats: InputStats) -> tuple[torch.Tensor | None, torch.Tensor]:
         s = per_layer.get(name, sparsity)
         if criterion == "wanda":
-            keep = wanda_mask(module.weight, stats.column_norms(), s, pattern, name, n, m, block)
-        else:
-            stats.check_rank(name, "prune")
-            new_w, keep = sparsegpt_prune(module.weight, stats.hessian(), s, pattern, n, m, block, percdamp, name)
+            return None, wanda_mask(module.weight, stats.column_norms(), s, pattern, name, n, m, block)
+        return sparsegpt_prune(module.weight, stats.hessian(), s, pattern, n, m, block, percdamp, name)
+
+    def apply(name: str, module: nn.Module, result: tuple[torch.Tensor | None, torch.Tensor]) -> None:
+        new_w, keep = result
+        if new_w is not None:
             with torch.no_grad():
                 module.weight.copy_(new_w)
         _masks.attach_mask(module, keep, name)
         done.append(module)
 
+    def check(name: str, module: nn.Module, stats: InputStats) -> None:
+        if criterion == "sparsegpt":
+            stats.check_rank(name, "prune")
+
     try:
-        sequential_walk(model, layers, batches, full=criterion == "sparsegpt", order="torch", process=process,
-                        what="prune", progress=progress)
+        sequential_walk(model, layers, batches, full=criterion == "sparsegpt", order="torch", solve=solve,
+                        apply=apply, what="prune", progress=progress, comm=comm, check=check)
     except Exception:
         pruned = {id(mod) for mod in done}
         for name, module in layers:

@@ -9,14 +9,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pycompress.calibration import materialize_batches, run_batch
+from pycompress.calibration import run_batch, start_calibration
+from pycompress.distributed import AUTO, Comm
 from pycompress.nn.registry import linearize_transposed
 from pycompress.prune.masks import masked_float_weight, matches_any, original_weight
 from pycompress.progress import progress_bar
 from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
 from pycompress.quant.fold import fold_conv_bn
 from pycompress.quant.gptq import check_gptq_layer, gptq_layer
-from pycompress.quant.observers import OBSERVERS, make_observer
+from pycompress.quant.observers import OBSERVERS, make_observer, reduce_observers
 from pycompress.reference.q4 import check_group_size
 
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv2d)
@@ -146,20 +147,27 @@ def _layer_group_size(name: str, mod: nn.Module, weight_bits: int, group_size, w
 
 
 def _calibrate(model: nn.Module, modules: list[tuple[str, ActivationFakeQuant]], batches: list,
-               observer: str, act_bits: int, percentile: float, progress: bool | None, what: str) -> None:
+               observer: str, act_bits: int, percentile: float, progress: bool | None, what: str,
+               comm: Comm | None = None) -> None:
+    comm = comm if comm is not None else Comm(None, what=what)
     for _, afq in modules:
         afq.observer = make_observer(observer, act_bits, percentile)
         afq.mode = "observe"
     was_training = model.training
     model.eval()
+    error = None
     try:
         with torch.no_grad():
             for batch in progress_bar(batches, desc=f"{what}: calibration", enabled=progress):
                 run_batch(model, batch)
+    except Exception as err:
+        error = err
     finally:
         model.train(was_training)
         for _, afq in modules:
             afq.mode = "quantize"
+    comm.raise_if_any_failed(error, "observing the activation ranges")
+    reduce_observers([afq.observer for _, afq in modules], comm)
     for name, afq in modules:
         if afq.observer.lo is None:
             raise ValueError(f"{what}({name}): the calibration batches never reached this layer (or held "
@@ -170,7 +178,15 @@ def _calibrate(model: nn.Module, modules: list[tuple[str, ActivationFakeQuant]],
 
 def _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, percentile, fold_bn,
              exclude, progress, learn_range, range_momentum, what, group_size="auto", method="rtn",
-             percdamp=0.01, act_order=False):
+             percdamp=0.01, act_order=False, process_group=AUTO, dist_timeout=None):
+    exclude = list(exclude)
+    arguments = dict(weight_bits=weight_bits, activations=activations, observer=observer, act_bits=act_bits,
+                     percentile=percentile, fold_bn=fold_bn, exclude=list(exclude), learn_range=learn_range,
+                     range_momentum=range_momentum, group_size=group_size, method=method, percdamp=percdamp,
+                     act_order=act_order)
+    calibrates = calibration_batches is not None and (activations == "static" or method == "gptq")
+    batches, comm = start_calibration(model, calibration_batches, calibrates, process_group, dist_timeout,
+                                      arguments, what)
     _check_bits(weight_bits, act_bits, activations, what)
     if observer not in OBSERVERS:
         raise ValueError(f"{what}: unknown observer {observer!r}; expected one of {sorted(OBSERVERS)}")
@@ -179,7 +195,6 @@ def _prepare(model, calibration_batches, weight_bits, activations, observer, act
     if not (isinstance(percdamp, (int, float)) and 0 < percdamp <= 1):
         raise ValueError(f"{what}: percdamp must be in (0, 1], got {percdamp!r}")
     _check_float_model(model, what)
-    batches = materialize_batches(calibration_batches, what)
     if what == "quantize" and activations == "static" and batches is None:
         raise ValueError("quantize: static activations need calibration_batches (a few batches of sample inputs)")
     if method == "gptq" and batches is None:
@@ -204,10 +219,10 @@ def _prepare(model, calibration_batches, weight_bits, activations, observer, act
             static_modules.append((name, afq))
     try:
         if static_modules and batches is not None:
-            _calibrate(model, static_modules, batches, observer, act_bits, percentile, progress, what)
+            _calibrate(model, static_modules, batches, observer, act_bits, percentile, progress, what, comm)
         if method == "gptq":
             gptq_layer(model, layers, batches, percdamp=percdamp, act_order=act_order, what=what,
-                       progress=lambda it: progress_bar(it, desc=f"{what}: GPTQ", enabled=progress))
+                       progress=lambda it: progress_bar(it, desc=f"{what}: GPTQ", enabled=progress), comm=comm)
     except Exception:
         # Leave no half-quantized model behind: detach everything we attached, restore GPTQ's weights.
         for name, mod in layers:
@@ -255,6 +270,8 @@ def quantize(
     method: str = "rtn",
     percdamp: float = 0.01,
     act_order: bool = False,
+    process_group: object = AUTO,
+    dist_timeout: float | None = None,
 ) -> nn.Module:
     """Post-training quantization of every nn.Linear / nn.Conv2d (in place; returns the model).
 
@@ -274,10 +291,16 @@ def quantize(
     ``calibration_batches`` and replaces each float weight by its dequantized GPTQ weight.
     ``pycompress.convert`` reads each layer's ``get_quant_state``. ``progress=None``
     shows a bar only on a terminal.
+    ``process_group`` / ``dist_timeout``: calibration across processes (pycompress.distributed): under
+    ``torch.distributed`` with several ranks (``"auto"``: the default group if initialized; or a
+    ProcessGroup; ``None``: this process alone), a call that calibrates (static activations or GPTQ) is
+    collective: each rank passes its own shard of the batches, and every rank ends with the model one
+    process gets on all of them; ``dist_timeout`` (seconds) bounds each wait on another rank.
     """
     return _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, percentile, fold_bn,
                     exclude, progress, learn_range=False, range_momentum=0.0, what="quantize",
-                    group_size=group_size, method=method, percdamp=percdamp, act_order=act_order)
+                    group_size=group_size, method=method, percdamp=percdamp, act_order=act_order,
+                    process_group=process_group, dist_timeout=dist_timeout)
 
 
 def prepare_qat(
@@ -292,6 +315,8 @@ def prepare_qat(
     range_momentum: float = 0.01,
     progress: bool | None = None,
     group_size: int | None | str = "auto",
+    process_group: object = AUTO,
+    dist_timeout: float | None = None,
 ) -> nn.Module:
     """Quantization-aware training: attach fake quantization (straight-through
     estimators) to every nn.Linear / nn.Conv2d, in place, and return the model; then
@@ -301,11 +326,12 @@ def prepare_qat(
     eval mode and ``freeze_ranges(model)`` fix them. BatchNorm is folded first
     (``fold_bn``), so its statistics are frozen during QAT. Pruning masks already on the
     weights stay in force (sparse QAT). The result converts like a PTQ model. ``group_size`` as
-    in ``quantize``.
+    in ``quantize``; ``process_group`` / ``dist_timeout`` as in ``quantize`` (the initial ranges from
+    every rank's calibration batches).
     """
     return _prepare(model, calibration_batches, weight_bits, activations, observer, act_bits, 99.99, fold_bn,
                     exclude, progress, learn_range=True, range_momentum=range_momentum, what="prepare_qat",
-                    group_size=group_size)
+                    group_size=group_size, process_group=process_group, dist_timeout=dist_timeout)
 
 
 def freeze_ranges(model: nn.Module) -> nn.Module:

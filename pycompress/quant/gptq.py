@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from pycompress.calibration import (
+    Comm,
     InputStats,
     check_oneshot_layer,
     inverse_hessian_factor,
@@ -135,25 +136,28 @@ def _fake_quant(module: nn.Module) -> WeightFakeQuant:
 
 def gptq_layer(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list, percdamp: float = 0.01,
                act_order: bool = False, what: str = "quantize",
-               progress: Callable[[Iterable], Iterable] | None = None) -> None:
+               progress: Callable[[Iterable], Iterable] | None = None, comm: Comm | None = None) -> None:
     """GPTQ on ``layers`` of ``model`` (each already holding a ``WeightFakeQuant``), sequentially in
     forward order on ``batches``: each layer's Hessian comes from its float inputs with the layers before
-    it already quantized. In place."""
+    it already quantized. In place. With ``comm`` (pycompress.distributed) the Hessians are summed over
+    the ranks and each layer's integers are solved on one rank and broadcast."""
 
-    def process(name: str, module: nn.Module, stats: InputStats) -> None:
-        stats.check_rank(name, what)
+    def solve(name: str, module: nn.Module, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
         wfq = _fake_quant(module)
-        grouped = wfq.group_size is not None
-        stored = original_weight(module)
         mask = get_mask(module)
-        w2 = weight_matrix(stored.detach(), True)  # a Conv2d in the im2col order (the Hessian's order)
+        w2 = weight_matrix(original_weight(module).detach(), True)  # a Conv2d in the im2col order (the Hessian's)
         m2 = None if mask is None else weight_matrix(mask, True)
-        q, scale = gptq_quantize(w2, stats.hessian(), wfq.bits, wfq.group_size, percdamp, act_order, m2,
-                                 name, what)
+        return gptq_quantize(w2, stats.hessian(), wfq.bits, wfq.group_size, percdamp, act_order, m2, name, what)
+
+    def apply(name: str, module: nn.Module, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+        q, scale = result
+        wfq = _fake_quant(module)
+        stored = original_weight(module)
         per_k = scale.repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
         deq = weight_from_matrix(q.to(_F32) * per_k, stored.shape, True)
         with torch.no_grad():
             stored.copy_(deq.to(stored.dtype))
-        wfq.scale = scale if grouped else scale.reshape(-1, 1)
+        wfq.scale = scale if wfq.group_size is not None else scale.reshape(-1, 1)
 
-    sequential_walk(model, layers, batches, full=True, order="gemm", process=process, what=what, progress=progress)
+    sequential_walk(model, layers, batches, full=True, order="gemm", solve=solve, apply=apply, what=what,
+                    progress=progress, comm=comm, check=lambda name, module, stats: stats.check_rank(name, what))

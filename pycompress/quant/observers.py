@@ -149,6 +149,37 @@ class MSEObserver(_SamplingObserver):
         return lo, hi
 
 
+def reduce_observers(observers: list[Observer], comm) -> None:
+    """Make each rank's observers hold what one observer gets on every rank's values (in place;
+    ``comm``: a pycompress.distributed.Comm). Min and max: ``all_reduce`` MIN / MAX in float64 (exact: the
+    ranges are float32 values); counts: int64 sums; the percentile / MSE samples: every rank's, in rank
+    order, kept under the same cap as one observer keeps them (with contiguous shards, rank r holding
+    the batches after rank r - 1's, exactly the values one observer keeps)."""
+    if not comm.active or not observers:
+        return
+    inf = float("inf")
+    ends = torch.tensor([inf if o.lo is None else o.lo for o in observers]
+                        + [inf if o.hi is None else -o.hi for o in observers], dtype=torch.float64)
+    comm.all_reduce_(ends, "min", "reducing the observed activation ranges")
+    counts = comm.all_reduce_(torch.tensor([o.batches for o in observers], dtype=torch.int64), "sum",
+                              "reducing the observed activation ranges")
+    k = len(observers)
+    for i, o in enumerate(observers):
+        lo, neg_hi = float(ends[i]), float(ends[k + i])
+        o.lo, o.hi = (None, None) if lo == inf else (lo, -neg_hi)
+        o.batches = int(counts[i])
+    sampling = [o for o in observers if isinstance(o, _SamplingObserver)]
+    if sampling:
+        gathered = comm.all_gather_object([o.samples for o in sampling], "gathering the observers' samples")
+        for i, o in enumerate(sampling):
+            o.samples, o.kept = [], 0
+            for rank_lists in gathered:
+                for chunk in rank_lists[i]:
+                    if o.kept + chunk.numel() <= _MAX_SAMPLES:
+                        o.samples.append(chunk)
+                        o.kept += chunk.numel()
+
+
 OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MSEObserver)}
 
 
