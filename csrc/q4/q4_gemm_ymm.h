@@ -70,9 +70,10 @@ void ymm_tile_rows(const Tile& t, int64_t r0, int64_t n) {
       }
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        int32_t a8[2];
-        std::memcpy(a8, a + r * t.lda + kb * kKBlock, sizeof a8);
-        const __m256i alo = _mm256_set1_epi32(a8[0]), ahi = _mm256_set1_epi32(a8[1]);
+        int32_t lo4, hi4;  // each broadcast straight from memory (a load, not an ALU op)
+        std::memcpy(&lo4, a + r * t.lda + kb * kKBlock, 4);
+        std::memcpy(&hi4, a + r * t.lda + kb * kKBlock + 4, 4);
+        const __m256i alo = _mm256_set1_epi32(lo4), ahi = _mm256_set1_epi32(hi4);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) {
           if constexpr (kSplit) {

@@ -109,9 +109,10 @@ void tile_rows(const GemmTile& t, int64_t r0) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) odd[v] = _mm512_setzero_si512();
     for (; g + 2 <= groups; g += 2) {
-      int32_t a8[2];
-      std::memcpy(a8, a + g * kKGroup, sizeof a8);
-      const __m512i ab0 = _mm512_set1_epi32(a8[0]), ab1 = _mm512_set1_epi32(a8[1]);
+      int32_t a0, a1;  // each broadcast straight from memory (a load, not an ALU op)
+      std::memcpy(&a0, a + g * kKGroup, 4);
+      std::memcpy(&a1, a + g * kKGroup + 4, 4);
+      const __m512i ab0 = _mm512_set1_epi32(a0), ab1 = _mm512_set1_epi32(a1);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         acc[0][v] = _mm512_dpbusd_epi32(acc[0][v], ab0, _mm512_loadu_si512(w + v * panel_bytes + g * 64));
