@@ -1,7 +1,7 @@
 """``pycompress demo``: the whole pipeline on real data, end to end.
 
 On scikit-learn's 8x8 digits images: train a teacher CNN, distill a smaller
-student, prune it gradually with fine-tuning, quantize it (PTQ and QAT),
+student, prune it gradually with fine-tuning, quantize it (PTQ and QAT, 8-bit and 4-bit weights),
 convert it to pycompress's kernels, verify it against its float twin, save it,
 load it back, and print one table: accuracy, parameters, bytes and latency of
 every stage beside the float teacher. Deterministic for a seed; every number is
@@ -97,6 +97,24 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
         with torch.inference_mode():
             same = torch.equal(reloaded(x), converted(x))
 
+    # Deep Compression's whole recipe: the pruned student with 4-bit weights (QAT), on the int4 kernels, saved
+    # Huffman-coded; its size against its own float32 weights.
+    simulated4 = stages["qat_w4"].model.eval()
+    say("converting the 4-bit QAT model to the int4 kernels, then verifying it")
+    converted4 = pc.convert(copy.deepcopy(simulated4), policy="state")
+    report4 = pc.verify(converted4, simulated4, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        path4 = os.path.join(tmp, "digits_student_w4.safetensors")
+        pc.save(converted4, path4, entropy_coding=True)
+        file4_bytes = os.path.getsize(path4)
+        sizes4 = pc.compression_report(stages["pruned"].model, converted4)
+        skeleton = StudentCNN().eval()
+        pc.quant.fold_conv_bn(skeleton)
+        reloaded4 = pc.load(path4, model=skeleton)
+        with torch.inference_mode():
+            same4 = torch.equal(reloaded4(x), converted4(x))
+    student_fp32 = float_bytes(stages["student_distilled"].model)
+
     repeats = 30 if quick else 200
     labels = {
         "teacher": ("teacher (float)", "trained on labels"),
@@ -104,6 +122,7 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
         "pruned": ("student, pruned", "gradual AGP; masks kept while fine-tuning"),
         "ptq_w8": ("student, int8 PTQ (sim)", "static activations, fake-quant in float"),
         "qat_w8": ("student, int8 QAT (sim)", "quantization-aware fine-tuning, fake-quant"),
+        "qat_w4": ("student, 4-bit QAT (sim)", "4-bit weights (per channel / groups of 128), fake-quant"),
     }
     rows = []
     for key, (stage, note) in labels.items():
@@ -118,6 +137,12 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
                     latency_us(reloaded, x[:1], repeats), latency_us(reloaded, x, repeats),
                     "Huffman-coded safetensors; outputs " + ("identical" if same else "DIFFER")))
 
+    rows.append(Row("4-bit kernels, saved", digits.evaluate(reloaded4, x, y), rows[-1].params, file4_bytes,
+                    latency_us(reloaded4, x[:1], repeats), latency_us(reloaded4, x, repeats),
+                    f"int4 + Huffman: weights {sizes4.total('float32') / sizes4.total('huffman'):.1f}x smaller than "
+                    f"float32 (file {student_fp32 / file4_bytes:.1f}x, with its manifest); "
+                    f"verify {'ok' if report4.ok else 'FAILED'}, reload " + ("identical" if same4 else "DIFFERS")))
+
     print()
     print(summary)
     print()
@@ -125,10 +150,14 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
     print()
     print(sizes)
     print()
+    print("4-bit:")
+    print(sizes4)
+    print()
     _print_table(rows, len(x))
     print(f"\n{len(x)} held-out test images; params = nonzero weights; bytes = float32 weights stored densely for "
           f"the float stages, the kernels' packed buffers for pycompress, the file size for the saved model.")
     print(f"total {time.perf_counter() - start:.1f} s")
-    if not (report.ok and same):
-        raise RuntimeError("demo: the converted model failed verification or did not survive save/load")
-    return {"rows": rows, "report": report, "sizes": sizes}
+    if not (report.ok and same and report4.ok and same4):
+        raise RuntimeError("demo: a converted model failed verification or did not survive save/load")
+    return {"rows": rows, "report": report, "sizes": sizes, "report4": report4, "file4_bytes": file4_bytes,
+            "student_fp32_bytes": student_fp32, "accuracy_w4_sim": stages["qat_w4"].accuracy, "sizes4": sizes4}

@@ -24,5 +24,11 @@ def test_quick_demo_end_to_end(capsys):
     assert kernels.stored_bytes < rows["student, distilled"].stored_bytes < rows["teacher (float)"].stored_bytes
     sizes = result["sizes"]
     assert sizes.total("huffman") < sizes.total("quantized") < sizes.total("float32")
+    # The 4-bit student on the int4 kernels computes what its simulation computed, survives save/load, and its
+    # Huffman-coded file is smaller than the int8 one.
+    w4 = rows["4-bit kernels, saved"]
+    assert result["report4"].ok and "identical" in w4.note
+    assert w4.accuracy == result["accuracy_w4_sim"] == rows["student, 4-bit QAT (sim)"].accuracy
+    assert w4.stored_bytes == result["file4_bytes"] < reloaded.stored_bytes
     out = capsys.readouterr().out
     assert "verify: ok" in out and "saved file, reloaded" in out

@@ -12,7 +12,7 @@ def test_quick_pipeline_runs_end_to_end_and_is_deterministic():
     threads = torch.get_num_threads()
     results = digits.run_pipeline(seed=0, quick=True, progress=False)
     assert torch.get_num_threads() == threads
-    assert list(results) == ["teacher", "student_distilled", "pruned", "ptq_w8", "qat_w8"]
+    assert list(results) == ["teacher", "student_distilled", "pruned", "ptq_w8", "qat_w8", "qat_w4"]
     for r in results.values():
         assert 0.5 < r.accuracy <= 1.0, (r.name, r.accuracy)  # quick mode: few epochs, well above chance (0.1)
     teacher, student = results["teacher"].model, results["student_distilled"].model

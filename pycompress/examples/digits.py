@@ -235,7 +235,8 @@ def quantize_qat(model: nn.Module, data: DigitsData, weight_bits: int = 8, seed:
 def run_pipeline(seed: int = 0, quick: bool = False, progress: bool | None = None,
                  prune_target: float = 0.8) -> dict[str, StageResult]:
     """All stages in order; ``quick`` cuts the epochs for a seconds-long smoke run.
-    Returns ``{stage name: StageResult}`` (teacher, student_distilled, pruned, ptq_w8, qat_w8)."""
+    Returns ``{stage name: StageResult}`` (teacher, student_distilled, pruned, ptq_w8, qat_w8, qat_w4: 4-bit
+    weights, in groups of K where 128 divides it, else per channel)."""
     epochs = dict(teacher=2, student=2, prune=2, qat=1) if quick else dict(teacher=12, student=15, prune=8, qat=3)
     data = load_data(seed)
     results = {}
@@ -250,6 +251,8 @@ def run_pipeline(seed: int = 0, quick: bool = False, progress: bool | None = Non
     results[ptq.name] = ptq
     qat = quantize_qat(pruned.model, data, 8, seed, epochs["qat"], progress=progress)
     results[qat.name] = qat
+    qat4 = quantize_qat(pruned.model, data, 4, seed, epochs["qat"], progress=progress)
+    results[qat4.name] = qat4
     return results
 
 
