@@ -165,7 +165,9 @@ class InputStats:
             raise ValueError(f"{what}({name}): the calibration batches gave {self.rows} input rows for {live} live "
                              f"input features, so the Hessian X^T X has rank <= {self.rows}, a rank deficit of at "
                              f"least {live - self.rows}; pass more calibration data (at least {live} rows, i.e. "
-                             "tokens or conv positions, must reach this layer)")
+                             "tokens or conv positions, must reach this layer), or use a method that needs no "
+                             "Hessian (pycompress.quantize(method='rtn'), pycompress.prune(criterion='magnitude' "
+                             "or 'wanda'))")
 
 
 class _StopForward(Exception):

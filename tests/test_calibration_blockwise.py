@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -168,9 +169,11 @@ def test_block_by_block_peak_memory_is_one_blocks_inputs():
     that plus block 0's outputs for all 32 batches, 32 MiB (measured 38.9 MiB); keeping every layer's
     inputs would be 128 MiB. Expectation: block-wise = whole-model walk + the 32 MiB of one block's inputs,
     within 3 batches (3 MiB); the whole-model walk's working set under 10 batches (10 MiB)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.path.dirname(os.path.dirname(pc.__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    # Outside the source tree, so the installed package is imported and not ./pycompress (no _C there).
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=120, check=True)
+                          timeout=120, cwd=tempfile.gettempdir())
+    assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0 < m["whole"] <= 10 * m["batch"], m
     assert abs(m["block"] - m["whole"] - m["block_inputs"]) <= 3 * m["batch"], m

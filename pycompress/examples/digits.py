@@ -201,11 +201,12 @@ def prune_gradually(model: nn.Module, data: DigitsData, target: float = 0.8, see
 
 @_one_thread
 def quantize_ptq(model: nn.Module, data: DigitsData, weight_bits: int = 8, activations: str = "static",
-                 observer: str = "minmax", progress: bool | None = None) -> StageResult:
+                 observer: str = "minmax", progress: bool | None = None, method: str = "auto") -> StageResult:
     model = quantize(copy.deepcopy(model).eval(), data.calibration_batches(), weight_bits=weight_bits,
-                     activations=activations, observer=observer, progress=progress)
+                     activations=activations, observer=observer, progress=progress, method=method)
     return StageResult(f"ptq_w{weight_bits}", model, evaluate(model, data.x_test, data.y_test),
-                       {"weight_bits": weight_bits, "activations": activations, "observer": observer})
+                       {"weight_bits": weight_bits, "activations": activations, "observer": observer,
+                        "method": method})
 
 
 @_one_thread

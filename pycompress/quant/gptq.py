@@ -136,20 +136,36 @@ def _fake_quant(module: nn.Module) -> WeightFakeQuant:
 
 def gptq_layer(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list, percdamp: float = 0.01,
                act_order: bool = False, what: str = "quantize",
-               progress: Callable[[Iterable], Iterable] | None = None, comm: Comm | None = None) -> None:
+               progress: Callable[[Iterable], Iterable] | None = None, comm: Comm | None = None,
+               round_short: bool = False) -> list[str]:
     """GPTQ on ``layers`` of ``model`` (each already holding a ``WeightFakeQuant``), sequentially in
     forward order on ``batches``: each layer's Hessian comes from its float inputs with the layers before
     it already quantized. In place. With ``comm`` (pycompress.distributed) the Hessians are summed over
-    the ranks and each layer's integers are solved on one rank and broadcast."""
+    the ranks and each layer's integers are solved on one rank and broadcast. A layer whose calibration
+    rows are fewer than its live inputs (a rank-deficient Hessian) raises, or with ``round_short`` keeps
+    round-to-nearest; returns the names of those layers."""
+    short: list[str] = []
 
-    def solve(name: str, module: nn.Module, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def check(name: str, module: nn.Module, stats: InputStats) -> None:
+        try:
+            stats.check_rank(name, what)
+        except ValueError:
+            if not round_short:
+                raise
+            short.append(name)  # the same on every rank: the check sees the summed stats
+
+    def solve(name: str, module: nn.Module, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if name in short:
+            return None
         wfq = _fake_quant(module)
         mask = get_mask(module)
         w2 = weight_matrix(original_weight(module).detach(), True)  # a Conv2d in the im2col order (the Hessian's)
         m2 = None if mask is None else weight_matrix(mask, True)
         return gptq_quantize(w2, stats.hessian(), wfq.bits, wfq.group_size, percdamp, act_order, m2, name, what)
 
-    def apply(name: str, module: nn.Module, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def apply(name: str, module: nn.Module, result: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        if result is None:  # rounded to nearest (round_short)
+            return
         q, scale = result
         wfq = _fake_quant(module)
         stored = original_weight(module)
@@ -160,4 +176,5 @@ def gptq_layer(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: l
         wfq.scale = scale if wfq.group_size is not None else scale.reshape(-1, 1)
 
     sequential_walk(model, layers, batches, full=True, order="gemm", solve=solve, apply=apply, what=what,
-                    progress=progress, comm=comm, check=lambda name, module, stats: stats.check_rank(name, what))
+                    progress=progress, comm=comm, check=check)
+    return short
