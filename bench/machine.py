@@ -22,6 +22,7 @@ PEAK_SOURCE = Path(__file__).resolve().parent / "peak" / "vnni_peak.cpp"
 # Each kernel needs these /proc/cpuinfo flags; without them it would fault (the
 # program checks CPUID itself too, and says "unsupported").
 PEAK_KERNELS = {
+    "tdpbusd": ("amx_tile", "amx_int8"),
     "vpdpbusd_zmm": ("avx512f", "avx512_vnni"),
     "vpdpbusd_ymm": ("avx2", "avx_vnni"),
     "vpmaddwd_ymm": ("avx2",),
@@ -30,6 +31,7 @@ PEAK_KERNELS = {
     "fma_ymm": ("avx2", "fma"),
 }
 PEAK_DESCRIPTIONS = {
+    "tdpbusd": "int8: AMX tdpbusd (exact u8 x s8, 16x16x64 a tile)",
     "vpdpbusd_zmm": "int8: AVX-512 VNNI vpdpbusd zmm (exact u8 x s8)",
     "vpdpbusd_ymm": "int8: AVX-VNNI vpdpbusd ymm (exact u8 x s8)",
     "vpmaddwd_ymm": "int8: AVX2 vpmaddwd + vpaddd ymm (exact, operands widened to s16)",
@@ -47,10 +49,11 @@ ISA_INT8_CEILINGS: dict[str, tuple[str, ...]] = {
     "avx512": ("vpdpbusd_zmm",),
     "avx512vnni": ("vpdpbusd_zmm",),
     "avx512vbmi": ("vpdpbusd_zmm",),
+    "amx": ("tdpbusd",),
     "avxvnni": ("vpdpbusd_ymm",),
     "avx2": ("vpmaddwd_ymm", "vpmaddubsw_ymm"),
 }
-SHORT_KERNEL_NAMES = {"vpdpbusd_zmm": "vpdpbusd zmm", "vpdpbusd_ymm": "vpdpbusd ymm",
+SHORT_KERNEL_NAMES = {"tdpbusd": "AMX tdpbusd", "vpdpbusd_zmm": "vpdpbusd zmm", "vpdpbusd_ymm": "vpdpbusd ymm",
                       "vpmaddwd_ymm": "vpmaddwd", "vpmaddubsw_ymm": "u7 vpmaddubsw"}
 
 # Read-loop buffers: where the weights of a GEMV row live (where_weights_fit).

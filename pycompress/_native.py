@@ -40,8 +40,8 @@ def supported_isas() -> list[str]:
 
 def set_isa(name: str) -> None:
     """Switch every kernel to the named ISA level: 'scalar', 'avx2', 'avxvnni' (AVX2 with the ymm
-    vpdpbusd of AVX-VNNI), 'avx512vnni', 'avx512vbmi' (AVX-512 VNNI with vpermb), or 'avx512'
-    (the highest AVX-512 level of this CPU). ``supported_isas()`` lists this CPU's, lowest first.
+    vpdpbusd of AVX-VNNI), 'avx512vnni', 'avx512vbmi' (AVX-512 VNNI with vpermb), 'amx'
+    (avx512vbmi with the AMX int8 tile GEMM), or 'avx512' (the highest AVX-512 level of this CPU). ``supported_isas()`` lists this CPU's, lowest first.
 
     Raises ValueError when the CPU or the build lacks it. The environment
     variable PYCOMPRESS_ISA does the same at import time.

@@ -33,6 +33,9 @@ _MIN_WEIGHTS_SOURCE = ("int8_min_weights: Zen 4, 2026-11-25 (`pycompress bench`:
                        "kernel beside ~10-25 us of call overhead; fp32 MKL wins at batch 1 below ~16K weights)")
 
 TIERS: dict[str, Thresholds] = {
+    "amx": Thresholds(
+        16384, 0.26, 0.29, 0.0,
+        "the avx512vbmi row (its sparse kernels run here); not yet measured against the AMX dense kernel"),
     "avx512vbmi": Thresholds(
         16384, 0.26, 0.29, 0.0,
         "bench_sparse, Zen 4 (2026-11-25) and Zen 5 (2026-12-02 16:15), the lower of the two: 1x4 blocks "

@@ -23,16 +23,16 @@ def test_build_info_fields():
     assert set(info["supported_isas"]) <= set(info["compiled_isas"])
     assert info["threads"] == torch.get_num_threads()
     assert isinstance(info["cuda"], bool)
-    assert info["isa_levels"] == ["scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi"]
+    assert info["isa_levels"] == ["scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi", "amx"]
     # Supported levels keep the levels' order.
     levels = info["isa_levels"]
     assert info["supported_isas"] == sorted(info["supported_isas"], key=levels.index)
-    assert info["avx512_vbmi"] == ("avx512vbmi" in info["supported_isas"])
+    assert info["avx512_vbmi"] == ("avx512vbmi" in info["supported_isas"])  # every AMX level CPU has VBMI
 
 
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 # csrc/README.md: <op>_<tile>__<isa>.cpp, the tile rows x columns; a scalar specification may leave it out.
-KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?(?:_(?P<tile>[0-9]+x[0-9]+))?__(?P<isa>scalar|avx2|avxvnni|avx512vnni|avx512vbmi)\.cpp")
+KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?(?:_(?P<tile>[0-9]+x[0-9]+))?__(?P<isa>scalar|avx2|avxvnni|avx512vnni|avx512vbmi|amx)\.cpp")
 
 
 @pytest.mark.skipif(not CSRC.is_dir(), reason="needs the source tree's csrc/")
@@ -51,8 +51,8 @@ def test_u7_kernel_exactly_on_avx2(isa):
 
 
 def test_sparse_byte_layout_follows_the_active_isa(isa):
-    # The byte sliced layout's vector kernel (vpermb) runs exactly on the avx512vbmi level.
-    assert pc.build_info()["sparse_byte_layout"] == (isa == "avx512vbmi")
+    # The byte sliced layout's vector kernel (vpermb) runs on the avx512vbmi level and the amx level above it.
+    assert pc.build_info()["sparse_byte_layout"] == (isa in ("avx512vbmi", "amx"))
 
 
 def _cpu_flags() -> set[str] | None:
@@ -78,6 +78,8 @@ def test_supported_levels_match_the_cpu_flags():
     expected += ["avxvnni"] if avx2 and "avx_vnni" in flags else []
     expected += ["avx512vnni"] if avx512 else []
     expected += ["avx512vbmi"] if avx512 and "avx512vbmi" in flags else []
+    # Linux lists amx_tile / amx_int8 only where it manages the tile state (the level's arch_prctl request).
+    expected += ["amx"] if "avx512vbmi" in expected and {"amx_tile", "amx_int8"} <= flags else []
     assert pc.supported_isas() == expected
 
 
@@ -97,7 +99,7 @@ def test_avx512_names_the_highest_avx512_level():
 
 
 def test_set_isa_rejects_unknown_name():
-    with pytest.raises(ValueError, match="unknown ISA 'sse9': expected one of scalar, avx2, avxvnni, avx512vnni, avx512vbmi"):
+    with pytest.raises(ValueError, match="unknown ISA 'sse9': expected one of scalar, avx2, avxvnni, avx512vnni, avx512vbmi, amx"):
         pc.set_isa("sse9")
 
 

@@ -144,6 +144,22 @@ def test_gemm_row_groups_bit_exact(isa, m, gen):
         assert torch.equal(native_gemm_raw(q, w, threads=threads), ref), threads
 
 
+@pytest.mark.parametrize("m", [8, 15, 16, 17, 31, 32, 33, 47, 48, 65, 200, 400])
+def test_gemm_amx_tile_edges_bit_exact(isa, m, gen):
+    # The AMX kernel's tiles: 16 rows x 64 k, in blocks of 2 x 2 tiles (32 rows x 2 panels); rows, k and
+    # columns at, below and above each, a k tail (zero-padded weight copy), an odd panel, rows past m in
+    # the packed 16-row blocks, tiles starting at multiples of 16 rows, 1 and 2 threads. The other levels
+    # run the same shapes through their own row groups.
+    for k, n in ((4, 16), (60, 17), (64, 32), (68, 33), (128, 48), (132, 65), (1000, 130)):
+        kp = _round_up(k, KGROUP)
+        q = torch.zeros(m, kp, dtype=torch.uint8)
+        q[:, :k] = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        ref = q8_accumulate_ref(q[:, :k], w).to(torch.int32)
+        for threads in (1, 2):
+            assert torch.equal(native_gemm_raw(q, w, threads=threads), ref), (m, k, n, threads)
+
+
 @pytest.mark.parametrize("n", N_SIZES)
 @pytest.mark.parametrize("k", [1, 4, 5, 64, 67, 300])
 def test_u7_gemm_accumulators_bit_exact(isa, n, k, gen):
@@ -214,9 +230,9 @@ def test_gemm_extremes_never_saturate(isa, u7):
     # negative sum, 255*(-128) in every term. u7 rows on the u7 kernel: the largest pair sums vpmaddubsw forms
     # there, 127*127*2 and 127*(-128)*2 = -32512. Up to the K limit.
     a = 127 if u7 else 255
-    for k in (2, 64, 4096, MAX_K):
+    for k, m in ((2, 3), (64, 3), (4096, 3), (MAX_K, 3), (MAX_K, 17)):  # 17 rows: the AMX tiles too
         n = 16
-        q = torch.zeros(3, _round_up(k, KGROUP), dtype=torch.uint8)
+        q = torch.zeros(m, _round_up(k, KGROUP), dtype=torch.uint8)
         q[:, :k] = a
         w = torch.empty(n, k, dtype=torch.int8)
         w[: n // 2] = 127

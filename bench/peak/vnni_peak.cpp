@@ -24,6 +24,9 @@
 //                    MACs (the AVX2 way FBGEMM and ONNX Runtime use: pairs summed in
 //                    int16, which saturates unless activations are <= 127, "u7")
 //   fma_zmm, fma_ymm : 16 / 8 fp32 FMAs = 16 / 8 MACs
+//   tdpbusd        : AMX, 16 x 16 int32 sums of 64 u8*s8 products = 16384 MACs, four
+//                    independent accumulator tiles (tmm0-3) from two A and two B
+//                    tiles (Linux grants the tile state on request: arch_prctl)
 //
 // Read loop: read_ymm streams a buffer of <bytes> with plain 32-byte loads
 // summed into 4 accumulators (no multiplies), the bandwidth a GEMV that only
@@ -34,11 +37,13 @@
 //
 // Usage: vnni_peak <kernel> <threads> <seconds> [bytes]
 //   kernel: vpdpbusd_zmm | vpdpbusd_ymm | vpmaddwd_ymm | vpmaddubsw_ymm | fma_zmm |
-//           fma_ymm | read_ymm (needs bytes)
+//           fma_ymm | tdpbusd | read_ymm (needs bytes)
 // Prints one line: <kernel> <threads> <GOPS or GB/s> (best of 5 timed repeats), or
 // "<kernel> unsupported" with exit status 3 when this CPU lacks the instructions.
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -266,6 +271,54 @@ __attribute__((target("avx2"))) double read_ymm(const uint8_t* p, size_t bytes, 
   return static_cast<double>(bytes) * static_cast<double>(passes);
 }
 
+__attribute__((target("amx-tile,amx-int8"))) double run_tdpbusd(int64_t iters) {
+  alignas(64) uint8_t config[64] = {};
+  config[0] = 1;  // palette 1; tiles 0-7: 16 rows x 64 bytes
+  for (int t = 0; t < 8; ++t) {
+    config[16 + 2 * t] = 64;
+    config[48 + t] = 16;
+  }
+  alignas(64) int8_t operand[1024];
+  std::fill(operand, operand + 1024, int8_t{3});
+  alignas(64) int32_t sums[4][256];
+  _tile_loadconfig(config);
+  _tile_loadd(4, operand, 64);
+  _tile_loadd(5, operand, 64);
+  _tile_loadd(6, operand, 64);
+  _tile_loadd(7, operand, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  if (int64_t n = iters; n > 0) {
+    asm volatile(ASM_LOOP("tdpbusd %%tmm6, %%tmm4, %%tmm0\n\ttdpbusd %%tmm7, %%tmm4, %%tmm1\n\t"
+                          "tdpbusd %%tmm6, %%tmm5, %%tmm2\n\ttdpbusd %%tmm7, %%tmm5, %%tmm3\n\t")
+                 : [n] "+r"(n)
+                 :
+                 : "memory", "cc");
+  }
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+  _tile_stored(3, sums[3], 64);
+  _tile_release();
+  int64_t s = 0;
+  for (auto& tile : sums) {
+    for (int32_t v : tile) s += v;
+  }
+  g_sink += s;
+  return static_cast<double>(iters) * 4 * 16384 * 2;
+}
+
+// AMX needs CPUID's AMX-TILE and AMX-INT8 and the OS's grant of the tile state.
+bool has_amx_int8() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (((edx >> 24) & 1u) == 0 || ((edx >> 25) & 1u) == 0) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
 bool has_avx_vnni() {
   // CPUID.(EAX=7, ECX=1):EAX bit 4 = AVX-VNNI.
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -319,7 +372,7 @@ double best_rate(const Kernel& kernel, int threads, double seconds, int64_t firs
 int main(int argc, char** argv) {
   if (argc != 4 && argc != 5) {
     std::fprintf(stderr,
-                 "usage: %s vpdpbusd_zmm|vpdpbusd_ymm|vpmaddwd_ymm|vpmaddubsw_ymm|fma_zmm|fma_ymm <threads> <seconds>\n"
+                 "usage: %s vpdpbusd_zmm|vpdpbusd_ymm|vpmaddwd_ymm|vpmaddubsw_ymm|fma_zmm|fma_ymm|tdpbusd <threads> <seconds>\n"
                  "       %s read_ymm <threads> <seconds> <bytes>\n",
                  argv[0], argv[0]);
     return 2;
@@ -392,6 +445,9 @@ int main(int argc, char** argv) {
   } else if (name == "fma_ymm") {
     compute = run_fma_ymm;
     supported = avx2 && __builtin_cpu_supports("fma");
+  } else if (name == "tdpbusd") {
+    compute = run_tdpbusd;
+    supported = has_amx_int8();
   }
   if (compute == nullptr) {
     std::fprintf(stderr, "vnni_peak: unknown kernel %s\n", name.c_str());

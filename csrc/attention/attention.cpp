@@ -15,7 +15,7 @@ namespace attention {
 const Kernels& kernels_for(Isa isa) {
   static const Kernels& (*const tables[kIsaCount])() = {
       &kernels_scalar, PYCOMPRESS_X86_TABLE(kernels_avx2), nullptr, PYCOMPRESS_X86_TABLE(kernels_avx512vnni),
-      nullptr};
+      nullptr, nullptr};
   return pick_kernels(isa, tables);
 }
 

@@ -6,12 +6,16 @@
 
 #if PYCOMPRESS_X86
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace pycompress {
 
 namespace {
-constexpr const char* kIsaNames[kIsaCount] = {"scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi"};
+constexpr const char* kIsaNames[kIsaCount] = {"scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi", "amx"};
 }  // namespace
 
 const char* isa_name(Isa isa) {
@@ -31,7 +35,7 @@ Isa parse_isa(const std::string& name) {
 
 std::vector<Isa> compiled_isas() {
 #if PYCOMPRESS_X86
-  return {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Avx512Vbmi};
+  return {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Avx512Vbmi, Isa::Amx};
 #else
   return {Isa::Scalar};
 #endif
@@ -44,6 +48,19 @@ uint64_t read_xcr0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+
+// Linux hands out the AMX tile data state (8 KiB of registers a thread) only on
+// request, once per process; a tile instruction without it raises SIGILL. The
+// request succeeds where the kernel (5.16+) and the hypervisor support it.
+bool request_amx_state() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 #endif
 
@@ -75,7 +92,11 @@ std::vector<Isa> detect_supported() {
     if (avxvnni) isas.push_back(Isa::AvxVnni);
     if (zmm_state && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni) {
       isas.push_back(Isa::Avx512Vnni);
-      if (avx512vbmi) isas.push_back(Isa::Avx512Vbmi);
+      if (avx512vbmi) {
+        isas.push_back(Isa::Avx512Vbmi);
+        const bool amx_tile = d & (1u << 24), amx_int8 = d & (1u << 25);
+        if (amx_tile && amx_int8 && request_amx_state()) isas.push_back(Isa::Amx);
+      }
     }
   }
 #endif
@@ -120,7 +141,7 @@ std::vector<Isa> supported_isas() {
 
 Isa best_supported_isa() { return supported_isas().back(); }
 
-bool cpu_has_avx512vbmi() { return best_supported_isa() == Isa::Avx512Vbmi; }
+bool cpu_has_avx512vbmi() { return best_supported_isa() >= Isa::Avx512Vbmi; }
 
 Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
 

@@ -11,6 +11,9 @@
 //   avxvnni     avx2 + AVX-VNNI: ymm vpdpbusd (Alder Lake, Sapphire Rapids, Zen 5)
 //   avx512vnni  AVX-512 F/BW/DQ/VL + VNNI (Cascade Lake, Ice Lake, Zen 4)
 //   avx512vbmi  avx512vnni + VBMI: vpermb (Ice Lake, Sapphire Rapids, Zen 4)
+//   amx         avx512vbmi + AMX-TILE + AMX-INT8: tdpbusd on 16x64-byte tiles
+//               (Sapphire Rapids, Emerald Rapids, Granite Rapids); the OS must
+//               grant the tile state (Linux 5.16+: arch_prctl ARCH_REQ_XCOMP_PERM)
 // A CPU supports a level when it has that level's own features (Zen 4 and Ice
 // Lake support avx512vnni without avxvnni); an op without kernels of its own at
 // a level runs those of the highest level below it (pick_kernels).
@@ -22,8 +25,8 @@
 
 namespace pycompress {
 
-enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512Vnni = 3, Avx512Vbmi = 4 };
-constexpr int kIsaCount = 5;
+enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512Vnni = 3, Avx512Vbmi = 4, Amx = 5 };
+constexpr int kIsaCount = 6;
 
 const char* isa_name(Isa isa);
 // Parses a level's name, or "avx512" (the highest AVX-512 level this CPU

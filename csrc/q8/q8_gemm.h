@@ -42,6 +42,14 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kKGroup = 4;
 constexpr int64_t kMaxK = 65536;
 constexpr int64_t kTileCols = 64;  // columns per driver tile (4 panels)
+// Activations packed for the AMX kernel (Kernels::pack_rows): row block b (rows
+// 16b..16b+15) and k step s (k 64s..64s+63) are one 1 KiB tile at
+// (b * amx_steps(kp) + s) * 1024, 16 rows of 64 bytes, zeros past m and kp.
+constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxK = 64;
+constexpr int64_t kAmxTileBytes = kAmxRows * kAmxK;
+inline int64_t amx_steps(int64_t kp) { return (kp + kAmxK - 1) / kAmxK; }
+inline int64_t amx_block_bytes(int64_t kp) { return amx_steps(kp) * kAmxTileBytes; }
 constexpr float kFltMin = FLT_MIN;
 constexpr float kFltMax = FLT_MAX;
 
@@ -50,8 +58,8 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // One tile: rows [0, m) of the quantized activations against columns
 // [n0, n0 + ncols) (n0 a multiple of kPanel, ncols <= kTileCols).
 struct GemmTile {
-  const uint8_t* a;        // quantized activations, row stride lda, Kp columns
-  int64_t lda;
+  const uint8_t* a;        // quantized activations, row stride lda, Kp columns; packed
+  int64_t lda;             // (Kernels::pack_rows): a's first row block, lda = amx_block_bytes
   int64_t m;
   const int8_t* w;         // packed weights (whole matrix)
   int64_t kp;
@@ -219,6 +227,13 @@ struct Kernels {
   // For u7 activations, where the ISA has a faster kernel that is exact only
   // for them (AVX2's vpmaddubsw); nullptr: gemm_tile serves u7 too.
   void (*gemm_tile_u7)(const GemmTile&) = nullptr;
+  // AMX: gemm_tile reads activations packed by pack_rows(q, m, lda, kp, out)
+  // into amx_block_bytes(kp) per 16 rows, and tiles start at multiples of 16
+  // rows. A pass of fewer than min_rows rows (mostly padding in a 16-row tile)
+  // runs `fallback`'s kernels on the row-major rows instead.
+  void (*pack_rows)(const uint8_t* q, int64_t m, int64_t lda, int64_t kp, uint8_t* out) = nullptr;
+  int64_t min_rows = 0;
+  const Kernels* fallback = nullptr;
 };
 
 const Kernels& kernels_scalar();
@@ -226,6 +241,7 @@ const Kernels& kernels_scalar();
 const Kernels& kernels_avx2();
 const Kernels& kernels_avxvnni();  // the AVX2 quantizer, ymm vpdpbusd GEMM
 const Kernels& kernels_avx512vnni();
+const Kernels& kernels_amx();  // the AVX-512 quantizer, AMX tdpbusd GEMM on packed rows
 #endif
 const Kernels& kernels_for(Isa isa);
 

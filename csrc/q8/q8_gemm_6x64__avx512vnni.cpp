@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "common/vec_math_avx512.h"
+#include "q8/q8_epilogue_avx512.h"
 #include "q8/q8_gemm.h"
 
 namespace pycompress {
@@ -17,9 +18,6 @@ namespace {
 constexpr int kMR = 6;
 constexpr int kMaxNV = 4;
 
-inline __mmask16 tail_mask(int64_t valid) {
-  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
-}
 
 // One row's range (and the NaN/Inf probe: v - v is 0 unless v is NaN or Inf)
 // in four independent chains of 16 floats: a single chain would wait on the
@@ -40,7 +38,7 @@ inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* pr
     }
   }
   for (; i < k; i += 16) {  // masked-off lanes load 0, which every range holds already
-    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k - i), x + i);
+    const __m512 v = _mm512_maskz_loadu_ps(panel_mask(k - i), x + i);
     pr[0] = _mm512_add_ps(pr[0], _mm512_sub_ps(v, v));
     vlo[0] = _mm512_min_ps(vlo[0], v);
     vhi[0] = _mm512_max_ps(vhi[0], v);
@@ -79,7 +77,7 @@ inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scal
   }
   const __m512i q0 = _mm512_setzero_si512(), vqmax = _mm512_set1_epi32(qmax);
   for (; k < len; k += 16) {
-    const __mmask16 in = tail_mask(len - k);
+    const __mmask16 in = panel_mask(len - k);
     __m512i qi = quantize16(_mm512_maskz_loadu_ps(in, x + k));
     qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), vqmax);
     _mm_mask_storeu_epi8(q + k, in, _mm512_cvtepi32_epi8(qi));
@@ -138,26 +136,9 @@ void tile_rows(const GemmTile& t, int64_t r0) {
 
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const int64_t n = t.n0 + v * kPanel;
-    const __mmask16 mask = tail_mask(t.n0 + t.ncols - n);
-    if (t.raw != nullptr) {
+    const PanelEpilogue epilogue(t, t.n0 + v * kPanel);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) _mm512_mask_storeu_epi32(t.raw + (r0 + r) * t.ldraw + n, mask, acc[r][v]);
-      continue;
-    }
-    const __m512i colsum = _mm512_loadu_si512(t.col_sum + n);  // padded to Np
-    const __m512 wscale = _mm512_maskz_loadu_ps(mask, t.w_scale + n);
-    const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(mask, t.bias + n) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512i corrected =
-          _mm512_sub_epi32(acc[r][v], _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[r0 + r]), colsum));
-      __m512 y = _mm512_cvtepi32_ps(corrected);
-      y = _mm512_mul_ps(y, _mm512_mul_ps(_mm512_set1_ps(t.row_scale[r0 + r]), wscale));
-      if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
-      y = apply_activation_avx512(y, t.act);
-      _mm512_mask_storeu_ps(t.y + (r0 + r) * t.ldy + n, mask, y);
-    }
+    for (int r = 0; r < MR; ++r) epilogue.store(r0 + r, acc[r][v]);
   }
 }
 

@@ -6,6 +6,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/thread_pool.h"
@@ -47,7 +48,7 @@ void block_prefix_sums(const uint8_t* q, int64_t m, int64_t kp, int64_t lda, int
 const Kernels& kernels_for(Isa isa) {
   static const Kernels& (*const tables[kIsaCount])() = {
       &kernels_scalar, PYCOMPRESS_X86_TABLE(kernels_avx2), PYCOMPRESS_X86_TABLE(kernels_avxvnni),
-      PYCOMPRESS_X86_TABLE(kernels_avx512vnni), nullptr};
+      PYCOMPRESS_X86_TABLE(kernels_avx512vnni), nullptr, nullptr};
   return pick_kernels(isa, tables);
 }
 
@@ -58,7 +59,7 @@ namespace q8 {
 const Kernels& kernels_for(Isa isa) {
   static const Kernels& (*const tables[kIsaCount])() = {
       &kernels_scalar, PYCOMPRESS_X86_TABLE(kernels_avx2), PYCOMPRESS_X86_TABLE(kernels_avxvnni),
-      PYCOMPRESS_X86_TABLE(kernels_avx512vnni), nullptr};
+      PYCOMPRESS_X86_TABLE(kernels_avx512vnni), nullptr, PYCOMPRESS_X86_TABLE(kernels_amx)};
   return pick_kernels(isa, tables);
 }
 
@@ -78,6 +79,7 @@ constexpr int64_t kPassBytes = int64_t{2} << 20;
 
 struct Scratch {
   std::vector<uint8_t> q;
+  std::vector<uint8_t> packed;  // q packed for the AMX kernel (Kernels::pack_rows)
   std::vector<int32_t> ksum;  // per-row block prefix sums for 4-bit outputs (q4::Tile::row_ksum)
   std::vector<float> scale;
   std::vector<int32_t> zp;
@@ -115,11 +117,33 @@ int64_t rows_per_tile(int64_t m, int64_t n_tiles, int threads) {
   return (m + m_tiles - 1) / m_tiles;
 }
 
-// The tile of rows [r0, r0 + rows) and columns [n0, n0 + kTileCols) of `base`.
-GemmTile sub_tile(const GemmTile& base, int64_t r0, int64_t rows, int64_t n0, int64_t n) {
+// The kernels of a pass of m rows: an AMX table's fallback below its min_rows.
+const Kernels& kernels_for_rows(const Kernels& kern, int64_t m) {
+  return kern.pack_rows != nullptr && m < kern.min_rows ? *kern.fallback : kern;
+}
+
+// Rows [0, m) of q (stride lda) as gemm_tile reads them: q itself, or packed
+// into `packed` for a table with pack_rows. Returns the base tile's a and lda.
+std::pair<const uint8_t*, int64_t> tile_rows_operand(const Kernels& kern, const uint8_t* q, int64_t m, int64_t lda,
+                                                     int64_t kp, std::vector<uint8_t>& packed) {
+  if (kern.pack_rows == nullptr) return {q, lda};
+  const size_t bytes = static_cast<size_t>((m + kAmxRows - 1) / kAmxRows * amx_block_bytes(kp));
+  if (packed.size() < bytes) packed.resize(bytes);
+  kern.pack_rows(q, m, lda, kp, packed.data());
+  return {packed.data(), amx_block_bytes(kp)};
+}
+
+// Rows per tile as the kernels need them: packed rows go in whole 16-row blocks.
+int64_t kernel_rows(const Kernels& kern, int64_t rows) {
+  return kern.pack_rows != nullptr ? round_up(rows, kAmxRows) : rows;
+}
+
+// The tile of rows [r0, r0 + rows) and columns [n0, n0 + kTileCols) of `base`
+// (packed rows: r0 a multiple of 16, base.lda the bytes of a 16-row block).
+GemmTile sub_tile(const Kernels& kern, const GemmTile& base, int64_t r0, int64_t rows, int64_t n0, int64_t n) {
   GemmTile tile = base;
   tile.m = std::min(rows, base.m - r0);
-  tile.a = base.a + r0 * base.lda;
+  tile.a = base.a + (kern.pack_rows != nullptr ? r0 / kAmxRows : r0) * base.lda;
   tile.n0 = n0;
   tile.ncols = std::min(kTileCols, n - n0);
   // Row-indexed epilogue operands and outputs are shifted so tiles see row 0.
@@ -130,15 +154,16 @@ GemmTile sub_tile(const GemmTile& base, int64_t r0, int64_t rows, int64_t n0, in
   return tile;
 }
 
-void run_tiles(void (*gemm_tile)(const GemmTile&), const GemmTile& base, int64_t n, int nthreads) {
+void run_tiles(const Kernels& kern, void (*gemm_tile)(const GemmTile&), const GemmTile& base, int64_t n,
+               int nthreads) {
   const int64_t m = base.m;
   const int64_t n_tiles = (n + kTileCols - 1) / kTileCols;
   const int threads = effective_threads(nthreads, m * n * base.kp);
-  const int64_t rows = rows_per_tile(m, n_tiles, threads);
+  const int64_t rows = kernel_rows(kern, rows_per_tile(m, n_tiles, threads));
   const int64_t m_tiles = (m + rows - 1) / rows;
   parallel_for(n_tiles * m_tiles, threads, [&](int64_t t) {
     const int64_t mt = t / n_tiles, nt = t % n_tiles;
-    gemm_tile(sub_tile(base, mt * rows, rows, nt * kTileCols, n));
+    gemm_tile(sub_tile(kern, base, mt * rows, rows, nt * kTileCols, n));
   });
 }
 
@@ -227,15 +252,15 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   } else if (in.ldx < in.k) {
     throw std::invalid_argument("int8 linear: row stride smaller than row");
   }
-  bool any_w4 = false;
+  bool any_w4 = false, any_w8 = false;
   for (int i = 0; i < count; ++i) {
     check_output(outputs[i], in.k);
     any_w4 = any_w4 || outputs[i].w4 != nullptr;
+    any_w8 = any_w8 || outputs[i].w4 == nullptr;
   }
   check_activation_format(in.act_bits, in.is_static, in.static_scale, in.static_zp, "int8 linear");
   if (in.m == 0) return;
   const Kernels& kern = kernels_for(active_isa());
-  const auto gemm_tile = in.act_bits == 7 && kern.gemm_tile_u7 != nullptr ? kern.gemm_tile_u7 : kern.gemm_tile;
   const q4::Kernels& kern4 = q4::kernels_for(active_isa());
   const int64_t kp = round_up(in.k, kKGroup);
   // Quantized rows are padded with zeros to the longest packed K of the outputs.
@@ -275,12 +300,18 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
       q4::block_prefix_sums(s.q.data(), pm, lda, lda, s.ksum.data(), ldsum);
     }
 
+    // int8 outputs: the kernels for this many rows, reading the rows as they need them.
+    const Kernels& pk = kernels_for_rows(kern, pm);
+    const auto gemm_tile = in.act_bits == 7 && pk.gemm_tile_u7 != nullptr ? pk.gemm_tile_u7 : pk.gemm_tile;
+    const auto operand = any_w8 ? tile_rows_operand(pk, s.q.data(), pm, lda, kp, s.packed)
+                                : std::pair<const uint8_t*, int64_t>{s.q.data(), lda};
+
     const int threads = pass == in.m ? choice.threads : effective_threads(in.nthreads, pm * n_total * kp);
-    const int64_t rows = rows_per_tile(pm, n_tiles, threads);
+    const int64_t rows = kernel_rows(pk, rows_per_tile(pm, n_tiles, threads));
     const int64_t m_tiles = (pm + rows - 1) / rows;
     GemmTile base{};
-    base.a = s.q.data();
-    base.lda = lda;
+    base.a = operand.first;
+    base.lda = operand.second;
     base.m = pm;
     base.kp = kp;
     base.row_scale = s.scale.data();
@@ -295,7 +326,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
       if (out.w4 != nullptr) {
         q4::Tile tile{};
         tile.m = std::min(rows, pm - tr0);
-        tile.a = base.a + tr0 * lda;
+        tile.a = s.q.data() + tr0 * lda;
         tile.lda = lda;
         tile.w = out.w4;
         tile.kp = lda;
@@ -323,7 +354,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
       tile.act = out.act;
       tile.y = out.y + r0 * out.ldy;
       tile.ldy = out.ldy;
-      gemm_tile(sub_tile(tile, tr0, rows, n0, out.n));
+      gemm_tile(sub_tile(pk, tile, tr0, rows, n0, out.n));
     });
     for (int i = 0; i < count; ++i) {
       fill_nonfinite_rows(s.nonfinite.data(), pm, outputs[i].y + r0 * outputs[i].ldy, outputs[i].ldy, outputs[i].n);
@@ -349,16 +380,18 @@ void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, i
     throw std::invalid_argument("q8_gemm_raw: row length " + std::to_string(kp) + " must be a multiple of 4");
   }
   if (m == 0) return;
+  const Kernels& kern = kernels_for_rows(kernels_for(active_isa()), m);
+  std::vector<uint8_t> packed;
+  const auto operand = tile_rows_operand(kern, q, m, kp, kp, packed);
   GemmTile tile{};
-  tile.a = q;
-  tile.lda = kp;
+  tile.a = operand.first;
+  tile.lda = operand.second;
   tile.m = m;
   tile.w = w_packed;
   tile.kp = kp;
   tile.raw = out;
   tile.ldraw = n;
-  const Kernels& kern = kernels_for(active_isa());
-  run_tiles(u7 && kern.gemm_tile_u7 != nullptr ? kern.gemm_tile_u7 : kern.gemm_tile, tile, n, nthreads);
+  run_tiles(kern, u7 && kern.gemm_tile_u7 != nullptr ? kern.gemm_tile_u7 : kern.gemm_tile, tile, n, nthreads);
 }
 
 }  // namespace q8

@@ -49,7 +49,7 @@ const Kernels& kernels_avx512vbmi() {
 const Kernels& kernels_for(Isa isa) {
   static const Kernels& (*const tables[kIsaCount])() = {
       &kernels_scalar, PYCOMPRESS_X86_TABLE(kernels_avx2), nullptr, PYCOMPRESS_X86_TABLE(kernels_avx512vnni),
-      PYCOMPRESS_X86_TABLE(kernels_avx512vbmi)};
+      PYCOMPRESS_X86_TABLE(kernels_avx512vbmi), nullptr};
   return pick_kernels(isa, tables);
 }
 
