@@ -10,8 +10,9 @@ mean-pooled, L2-normalized sentence embeddings, the sentence-transformers recipe
 
 - Dynamic batching: requests wait in one queue; a batcher task takes up to ``max_batch_texts`` texts, waiting at
   most ``max_wait_ms`` after the first for more, and runs them as one model call in a worker thread (pycompress's
-  kernels release the GIL, so the event loop keeps accepting meanwhile). A converted model's rows are computed
-  independently, so a text's embedding is bit-identical whatever it was batched with.
+  kernels release the GIL, so the event loop keeps accepting meanwhile). pycompress's kernels compute each row
+  alone, so where every layer is converted a text's embedding is bit-identical whatever it was batched with; a
+  layer that convert keeps float (faster at the timed shape) sums in an order that depends on the batch size.
 - Back-pressure: at most ``max_queue_texts`` texts wait; a request that does not fit gets 503 with Retry-After,
   never unbounded memory.
 - Deadlines: each request has one (``timeout_ms``, at most ``max_timeout_s``; ``default_timeout_s`` otherwise);
