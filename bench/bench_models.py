@@ -44,7 +44,7 @@ from torch import nn
 import machine
 import pycompress
 from pycompress.examples import ResNet18
-from peers import relative_error
+from peers import ort_int8_model, ort_int8_session, relative_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -101,20 +101,8 @@ def load_float_model(s: Scenario) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def build_ort(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, workdir: str):
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     names = ["input_ids", "attention_mask"] if len(inputs) == 2 else ["pixels"]
-    float_path, int8_path = os.path.join(workdir, "float.onnx"), os.path.join(workdir, "int8.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(model, inputs, float_path, input_names=names, output_names=["out"],
-                          dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17, dynamo=False)
-    quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
+    session = ort_int8_session(ort_int8_model(model, inputs, names, workdir), threads)
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     return lambda: torch.from_numpy(session.run(None, feeds)[0])
 

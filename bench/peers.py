@@ -161,6 +161,30 @@ def _ort_session(model: bytes, threads: int, expect_int8: bool):
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def ort_int8_model(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], workdir: str,
+                   dynamic_axes: dict[int, str] | None = None) -> str:
+    """A whole model as ONNX Runtime dynamic int8, the way an ORT user quantizes one (torch.onnx.export,
+    quantize_dynamic with QInt8 weights): the path of the int8 .onnx in ``workdir``, with ``names`` as its
+    inputs and "out" as its output, the ``dynamic_axes`` of each ({0: "batch"} by default). ``ort_int8_session``
+    runs it."""
+    axes = dynamic_axes or {0: "batch"}
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_path, int8_path = os.path.join(workdir, "float.onnx"), os.path.join(workdir, "int8.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(model, inputs, float_path, input_names=names, output_names=["out"],
+                          dynamic_axes={n: axes for n in [*names, "out"]}, opset_version=17, dynamo=False)
+    quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
+    return int8_path
+
+
+def ort_int8_session(path: str, threads: int):
+    """The InferenceSession of an ``ort_int8_model`` file (refused if quantize_dynamic left no MatMulInteger)."""
+    with open(path, "rb") as f:
+        return _ort_session(f.read(), threads, expect_int8=True)
+
+
 def _build_ort(shape: LinearShape, layer: int, threads: int, int8: bool) -> Runner:
     fp32_model, int8_model = _onnx_models(shape.k, shape.n, layer)
     session = _ort_session(int8_model if int8 else fp32_model, threads, expect_int8=int8)

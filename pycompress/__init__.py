@@ -11,6 +11,7 @@ from pycompress._native import build_info, get_isa, set_isa, set_num_threads, su
 from pycompress.conversion import conversion_record, convert
 from pycompress.deep_compression import compression_report
 from pycompress.io import load, save
+from pycompress.programs import compile_program, export_program, load_compiled_program, load_program, program_info
 from pycompress.quant import prepare_qat, quantize
 from pycompress.summaries import summary
 from pycompress.verification import verify
@@ -19,15 +20,20 @@ __version__ = build_info()["version"]
 
 __all__ = [
     "build_info",
+    "compile_program",
     "compression_report",
     "conversion_record",
     "convert",
     "distill",
+    "export_program",
     "get_isa",
     "load",
+    "load_compiled_program",
+    "load_program",
     "nn",
     "ops",
     "prepare_qat",
+    "program_info",
     "prune",
     "quant",
     "quantize",

@@ -35,6 +35,15 @@ before anything reads a tensor (before the entropy decoder, the validators above
 mismatch is refused naming the tensor and its layer. A version-1 file has no checksums; it is still
 loaded and validated as above.
 
+Memory-mapped loads (``load(path, mmap=True)``): the model's tensors stay views of the file, mapped
+copy-on-write (``MAP_PRIVATE``), so the pages are the page cache's and several processes that load one
+file share one copy of the weights (a server's worker processes). The checks above run on the mapped
+bytes, so the file must not be changed in place while it is mapped: ``save`` replaces a file by renaming
+a new one over it, which leaves a mapping on the old file intact, but a write into the file (or its
+truncation, which makes reading a page a SIGBUS) would reach the loaded model unchecked. Writes to the
+loaded tensors copy the page and never reach the file. Entropy-coded tensors are decoded into memory.
+Without ``mmap`` every tensor is copied out of the file before anything reads it.
+
 ``save`` never leaves a half-written file at ``path``: it writes a temporary file in the
 same directory, flushes it to disk and renames it over ``path`` (atomic on POSIX).
 """
@@ -410,16 +419,21 @@ def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = Fa
         raise
 
 
-def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(path: str, mmap: bool) -> tuple[dict, dict[str, torch.Tensor]]:
     import safetensors
     from safetensors import SafetensorError
 
     try:
+        # safe_open's tensors are views of a copy-on-write mapping of the file (safetensors >= 0.4).
         with safetensors.safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as exc:
         raise ValueError(f"load({path}): not a valid safetensors file: {exc}") from None
+    if not mmap:
+        # Own copies before the checksums read them: what is checked is what the kernels read, whatever
+        # happens to the file afterwards.
+        tensors = {k: t.clone() for k, t in tensors.items()}
     if MANIFEST_KEY not in metadata:
         raise ValueError(f"load({path}): no pycompress manifest (was it written by pycompress.save?)")
     try:
@@ -451,15 +465,20 @@ def _record_from(manifest: dict, path: str) -> ConversionRecord | None:
         raise ValueError(f"load({path}): the manifest's conversion record is malformed: {exc}") from None
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, mmap: bool = False) -> nn.Module:
     """Load a model written by ``save``.
 
     ``model=None`` rebuilds Sequential-style models from the manifest. For any other architecture,
     pass a freshly built float model of the same architecture (random weights are fine): its layers
     are replaced following the manifest and every tensor comes from the file.
+
+    ``mmap=True``: the model's tensors stay views of the memory-mapped file instead of copies (processes
+    that load the same file share its pages); the same checks run first. ``model``'s own tensors are
+    then replaced, not written into. The file must not be modified in place while the model is in use
+    (the module docstring says why; ``save`` never does).
     """
     path = os.fspath(path)
-    manifest, tensors = _read(path)
+    manifest, tensors = _read(path, mmap)
     layers = {name: _build_layer(entry, name, tensors, path) for name, entry in manifest["layers"].items()}
     rebuilt = model is None
     if rebuilt:
@@ -509,7 +528,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                              f"{tuple(want.shape)}")
     for name, module in compressed_layers(model):
         module.validate_tensors(tensors, f"{name}.", name)
-    model.load_state_dict(tensors, strict=True, assign=rebuilt)
+    model.load_state_dict(tensors, strict=True, assign=rebuilt or mmap)
     # The conversion's edits beyond the layers, as convert applied them (a rebuilt architecture holds the
     # Identity of every fused activation already).
     fused = [] if rebuilt else manifest.get("fused", [])

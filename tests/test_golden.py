@@ -109,8 +109,9 @@ def test_golden_files_are_the_committed_bytes(folder):
         assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest, name
 
 
+@pytest.mark.parametrize("mmap", [False, True], ids=["copied", "mmap"])
 @pytest.mark.parametrize("folder,name", ARTIFACTS)
-def test_golden_model_loads_and_gives_its_outputs(isa, folder, name):
+def test_golden_model_loads_and_gives_its_outputs(isa, folder, name, mmap):
     path = GOLDEN / folder / f"{name}.safetensors"
     manifest = _manifest(path)
     assert manifest["version"] == FORMAT_VERSIONS[folder]
@@ -119,7 +120,7 @@ def test_golden_model_loads_and_gives_its_outputs(isa, folder, name):
     meta, inputs, outputs = _io(GOLDEN / folder / f"{name}.io.safetensors")
     assert meta["format_version"] == FORMAT_VERSIONS[folder]
     skeleton = None if meta["skeleton"] is None else make_golden.SKELETONS[meta["skeleton"]]()
-    model = pc.load(path, model=skeleton).eval()
+    model = pc.load(path, model=skeleton, mmap=mmap).eval()
     assert {n: _describe(m) for n, m in converted_layers(model)} == EXPECTED_LAYERS[folder][name]
     assert len(inputs) >= 2
     with torch.no_grad():

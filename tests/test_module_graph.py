@@ -104,7 +104,9 @@ def test_no_private_imports_across_modules():
 
 
 @pytest.mark.parametrize("function, module", [("convert", "conversion"), ("verify", "verification"),
-                                              ("summary", "summaries")])
+                                              ("summary", "summaries"), ("export_program", "programs"),
+                                              ("load_program", "programs"), ("compile_program", "programs"),
+                                              ("load_compiled_program", "programs"), ("program_info", "programs")])
 def test_public_functions_do_not_shadow_their_modules(function, module):
     assert callable(getattr(pc, function)) and not isinstance(getattr(pc, function), type(pc))
     assert importlib.import_module(f"pycompress.{module}").__dict__[function] is getattr(pc, function)
