@@ -54,6 +54,22 @@ def test_int4_linear_bit_exact_around_tiles(isa, group_size, gen):
                 assert torch.equal(_bits(y), _bits(int4_linear_ref(x, q, scale, group_size, bias))), (isa, k, n, m)
 
 
+@pytest.mark.parametrize("m", [8, 16, 17, 32, 33, 200])
+def test_int4_linear_bit_exact_around_amx_tiles(isa, m, gen):
+    # The AMX kernel: 16-row x 64-k tiles in 2 x 2 blocks, groups of whole 64-k steps (64, 128) or the whole K
+    # (per channel, with a k tail: 136, 200), other groups (32) on the AVX-512 kernel; odd panels, rows past m
+    # in the packed blocks. The other levels run the same shapes through their own row blocks.
+    for k, group_size in ((128, 64), (256, 128), (384, 128), (128, 32), (136, None), (200, None)):
+        for n in (16, 17, 48, 65):
+            w = torch.randn(n, k, generator=gen)
+            q, scale = quantize_weight_grouped(w, 4, group_size)
+            x = torch.randn(m, k, generator=gen) * 2
+            bias = torch.randn(n, generator=gen)
+            y = _run(x, q, scale, group_size, bias, "gelu")
+            ref = int4_linear_ref(x, q, scale, group_size, bias, "gelu")
+            assert torch.equal(_bits(y), _bits(ref)), (isa, m, k, n, group_size)
+
+
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 @pytest.mark.parametrize("static", [None, (0.03, 117)])
 @pytest.mark.parametrize("act_bits", [8, 7])
@@ -70,13 +86,14 @@ def test_int4_linear_epilogue_and_activation_formats(isa, activation, static, ac
 
 def test_int4_linear_extremes_are_exact(isa):
     # Every product at its largest magnitude, 255 * -8, through K = 65536 in one group (per channel): the
-    # int32 group sum -133,693,440 is exact on every path, and so are AVX2's int16 pair sums (8160).
+    # int32 group sum -133,693,440 is exact on every path, and so are AVX2's int16 pair sums (8160). 17 rows:
+    # the AMX tiles too.
     for k in (8, 4096, 65536):
         n = 32
         q = torch.full((n, k), -8, dtype=torch.int8)
         q[n // 2:] = 7
         scale = torch.ones(n, 1)
-        x = torch.full((2, k), 1.0)  # dynamic rows of 1.0: every activation quantizes to 255, zero point 0
+        x = torch.full((17, k), 1.0)  # dynamic rows of 1.0: every activation quantizes to 255, zero point 0
         y = _run(x, q, scale, None)
         assert torch.equal(_bits(y), _bits(int4_linear_ref(x, q, scale, None)))
         # 255 * -8 * k rounds to float once; times the row scale 1/255 (itself rounded)

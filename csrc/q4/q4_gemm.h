@@ -67,6 +67,11 @@ struct Tile {
   Activation act;
   float* y;                // y + r * ldy + n
   int64_t ldy;
+  // The same rows packed into 16-row blocks of 1 KiB tiles for the AMX kernel
+  // (q8_gemm.h, pack_rows), from the tile's first row (a multiple of 16), with
+  // packed_ld bytes a block; nullptr where the driver did not pack them.
+  const uint8_t* packed = nullptr;
+  int64_t packed_ld = 0;
 };
 
 struct Kernels {
@@ -78,6 +83,7 @@ const Kernels& kernels_scalar();
 const Kernels& kernels_avx2();
 const Kernels& kernels_avxvnni();
 const Kernels& kernels_avx512vnni();
+const Kernels& kernels_amx();  // tdpbusd on packed rows; the AVX-512 kernel without them
 #endif
 const Kernels& kernels_for(Isa isa);
 

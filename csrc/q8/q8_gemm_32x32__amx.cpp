@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/amx.h"
 #include "q8/q8_epilogue_avx512.h"
 #include "q8/q8_gemm.h"
 
@@ -35,31 +36,6 @@ constexpr int64_t kTileK = kAmxK;  // k per tdpbusd: bytes of an activation tile
 constexpr int64_t kTileBytes = kAmxTileBytes;
 constexpr int64_t kPrefetchK = 2 * kTileK;  // weights prefetched this far ahead
 constexpr int kMaxPanels = static_cast<int>(kTileCols / kPanel);
-
-struct alignas(64) TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-const TileConfig& tile_config() {
-  static const TileConfig config = [] {
-    TileConfig c{};
-    c.palette = 1;
-    for (int i = 0; i < 8; ++i) {
-      c.colsb[i] = 64;
-      c.rows[i] = 16;
-    }
-    return c;
-  }();
-  return config;
-}
-
-// The compiler does not see the tile instructions' memory reads: writes to a
-// buffer a tile then loads must not move past this.
-inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
 
 // Rows [r0, r0 + 16 * MB) (r0 a multiple of 16) x panels [p, p + NB) of the
 // tile. `b[j]` is panel p + j's weights, `tail[j]` its last kp % 64 k
@@ -143,13 +119,10 @@ void gemm_tile_amx(const GemmTile& t) {
     }
   }
   alignas(64) int32_t sums[32 * 32];
-  _tile_loadconfig(&tile_config());
-  compiler_barrier();
+  amx_begin();
   int p = 0;
   for (; p + 2 <= panels; p += 2) panel_block<2>(t, p, b, tail, sums);
   if (p < panels) panel_block<1>(t, p, b, tail, sums);
-  // No tilerelease: the next tile on this thread loads the configuration again
-  // (so does any other AMX code), and releasing after each tile cost ~5%.
 }
 
 // Rows [0, m) of q (stride lda) into 16-row blocks of 1 KiB tiles (q8_gemm.h).

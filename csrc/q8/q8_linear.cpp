@@ -48,7 +48,7 @@ void block_prefix_sums(const uint8_t* q, int64_t m, int64_t kp, int64_t lda, int
 const Kernels& kernels_for(Isa isa) {
   static const Kernels& (*const tables[kIsaCount])() = {
       &kernels_scalar, PYCOMPRESS_X86_TABLE(kernels_avx2), PYCOMPRESS_X86_TABLE(kernels_avxvnni),
-      PYCOMPRESS_X86_TABLE(kernels_avx512vnni), nullptr, nullptr};
+      PYCOMPRESS_X86_TABLE(kernels_avx512vnni), nullptr, PYCOMPRESS_X86_TABLE(kernels_amx)};
   return pick_kernels(isa, tables);
 }
 
@@ -252,11 +252,10 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
   } else if (in.ldx < in.k) {
     throw std::invalid_argument("int8 linear: row stride smaller than row");
   }
-  bool any_w4 = false, any_w8 = false;
+  bool any_w4 = false;
   for (int i = 0; i < count; ++i) {
     check_output(outputs[i], in.k);
     any_w4 = any_w4 || outputs[i].w4 != nullptr;
-    any_w8 = any_w8 || outputs[i].w4 == nullptr;
   }
   check_activation_format(in.act_bits, in.is_static, in.static_scale, in.static_zp, "int8 linear");
   if (in.m == 0) return;
@@ -303,8 +302,8 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
     // int8 outputs: the kernels for this many rows, reading the rows as they need them.
     const Kernels& pk = kernels_for_rows(kern, pm);
     const auto gemm_tile = in.act_bits == 7 && pk.gemm_tile_u7 != nullptr ? pk.gemm_tile_u7 : pk.gemm_tile;
-    const auto operand = any_w8 ? tile_rows_operand(pk, s.q.data(), pm, lda, kp, s.packed)
-                                : std::pair<const uint8_t*, int64_t>{s.q.data(), lda};
+    // Packed with lda (>= every output's K): the same k steps for int8 and int4 outputs.
+    const auto operand = tile_rows_operand(pk, s.q.data(), pm, lda, lda, s.packed);
 
     const int threads = pass == in.m ? choice.threads : effective_threads(in.nthreads, pm * n_total * kp);
     const int64_t rows = kernel_rows(pk, rows_per_tile(pm, n_tiles, threads));
@@ -343,6 +342,10 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
         tile.act = out.act;
         tile.y = out.y + (r0 + tr0) * out.ldy;
         tile.ldy = out.ldy;
+        if (pk.pack_rows != nullptr) {
+          tile.packed = base.a + tr0 / kAmxRows * base.lda;
+          tile.packed_ld = base.lda;
+        }
         kern4.gemm_tile(tile);
         return;
       }

@@ -1,0 +1,173 @@
+// AMX path of the W4A8 GEMM (q4_gemm.h) on the activations packed into 1 KiB
+// tiles (q8_gemm.h, pack_rows). A panel's nibbles unpack to the int8 B operand
+// of tdpbusd: packed block kb (8 k x 16 channels, 64 bytes) gives k-quad 2kb
+// (its low nibbles) and 2kb + 1 (its high nibbles), two 64-byte tile rows, so
+// 8 blocks are one 16-row B tile. The tile's panel pair is unpacked once into a
+// per-thread buffer and every row block of the tile passes it.
+//
+// Microkernel: 32 rows x 32 columns (C in tmm0-3, A in tmm4-5, B in tmm6-7).
+// Each group's int32 sums (the stored nibbles w + 8 against the activations)
+// are stored after its k steps, less 8 x the rows' activation sums over the
+// group, and added to float accumulators in a 4 KiB buffer in the contract's
+// order; the epilogue then finishes them as the AVX-512 path does.
+//
+// A group must be whole k steps (64 k), or the whole K: other group sizes (32,
+// 96, ...), tiles without packed rows and tiles of fewer than kMinRows rows run
+// the AVX-512 kernel.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/amx.h"
+#include "common/vec_math_avx512.h"
+#include "q4/q4_gemm.h"
+
+namespace pycompress {
+namespace q4 {
+namespace {
+
+constexpr int64_t kStepK = 64;        // k per tdpbusd
+constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
+// Intel Xeon with AMX, 1 thread, 4096 x 4096, groups of 128: 8 rows 0.84x, 16
+// rows 1.33x, 32 rows 1.78x the AVX-512 kernel.
+constexpr int64_t kMinRows = 12;
+
+inline __mmask16 tail_mask(int64_t valid) {
+  return valid >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>(valid <= 0 ? 0u : (1u << valid) - 1u);
+}
+
+inline int64_t steps_of(int64_t kp) { return (kp + kStepK - 1) / kStepK; }
+
+// Panel `w` (kp / 8 blocks of 64 bytes) as int8 B tiles: steps_of(kp) x 1 KiB,
+// zeros past kp (the packed activations hold zeros there too).
+void unpack_panel(const uint8_t* w, int64_t kp, uint8_t* out) {
+  const int64_t blocks = kp / kKBlock;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const __m512i p = _mm512_loadu_si512(w + kb * kBlockBytes);
+    _mm512_storeu_si512(out + kb * 128, _mm512_and_si512(p, low4));
+    _mm512_storeu_si512(out + kb * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4));
+  }
+  std::memset(out + blocks * 128, 0, static_cast<size_t>(steps_of(kp) * kTileBytes - blocks * 128));
+}
+
+struct Block {
+  const Tile& t;
+  int64_t step_count;        // k steps of the whole K
+  int64_t group_steps;       // k steps of a group
+  int64_t blocks_per_group;  // 8-k blocks of a group
+};
+
+// Rows [r0, r0 + 16 * MB) x panels [p, p + NB) (column n = n0 + 16p) against
+// the unpacked panels b[0..NB).
+template <int MB, int NB>
+void block(const Block& k, int64_t r0, int64_t n, const uint8_t* const* b, int32_t* sums, float* facc) {
+  static_assert(MB >= 1 && MB <= 2 && NB >= 1 && NB <= 2, "C tiles are tmm0-3");
+  const Tile& t = k.t;
+  const uint8_t* a0 = t.packed + r0 / 16 * t.packed_ld;
+  const uint8_t* a1 = a0 + t.packed_ld;
+  const int64_t rows = std::min<int64_t>(16 * MB, t.m - r0);
+  const float* gs = t.g_scale + (n / kPanel) * t.groups * kPanel;
+  for (int64_t i = 0; i < rows * 32; i += 16) _mm512_store_ps(facc + i, _mm512_setzero_ps());
+
+  for (int64_t g = 0; g < t.groups; ++g) {
+    _tile_zero(0);
+    if constexpr (NB == 2) _tile_zero(1);
+    if constexpr (MB == 2) _tile_zero(2);
+    if constexpr (MB == 2 && NB == 2) _tile_zero(3);
+    const int64_t s0 = g * k.group_steps, s1 = std::min(s0 + k.group_steps, k.step_count);
+    for (int64_t s = s0; s < s1; ++s) {
+      _tile_loadd(6, b[0] + s * kTileBytes, 64);
+      if constexpr (NB == 2) _tile_loadd(7, b[1] + s * kTileBytes, 64);
+      _tile_loadd(4, a0 + s * kTileBytes, 64);
+      _tile_dpbusd(0, 4, 6);
+      if constexpr (NB == 2) _tile_dpbusd(1, 4, 7);
+      if constexpr (MB == 2) {
+        _tile_loadd(5, a1 + s * kTileBytes, 64);
+        _tile_dpbusd(2, 5, 6);
+        if constexpr (NB == 2) _tile_dpbusd(3, 5, 7);
+      }
+    }
+    _tile_stored(0, sums, 128);
+    if constexpr (NB == 2) _tile_stored(1, sums + 16, 128);
+    if constexpr (MB == 2) _tile_stored(2, sums + 16 * 32, 128);
+    if constexpr (MB == 2 && NB == 2) _tile_stored(3, sums + 16 * 32 + 16, 128);
+    const int64_t kb0 = g * k.blocks_per_group, kb1 = kb0 + k.blocks_per_group;
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) {
+      const __m512 s = _mm512_loadu_ps(gs + j * t.groups * kPanel + g * kPanel);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512i exact = _mm512_sub_epi32(_mm512_load_si512(sums + r * 32 + j * 16),
+                                               _mm512_set1_epi32(bias_sum(t, r0 + r, kb0, kb1)));
+        float* f = facc + r * 32 + j * 16;
+        _mm512_store_ps(f, _mm512_add_ps(_mm512_load_ps(f), _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s)));
+      }
+    }
+  }
+
+#pragma GCC unroll 2
+  for (int j = 0; j < NB; ++j) {
+    const int64_t c = n + j * kPanel;
+    const __mmask16 mask = tail_mask(t.n0 + t.ncols - c);
+    const __m512 corr = _mm512_loadu_ps(t.corr + c);  // padded to Np
+    const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(mask, t.bias + c) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = r0 + r;
+      __m512 y = _mm512_sub_ps(_mm512_load_ps(facc + r * 32 + j * 16),
+                               _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(t.row_zp[row])), corr));
+      y = _mm512_mul_ps(y, _mm512_set1_ps(t.row_scale[row]));
+      if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+      y = apply_activation_avx512(y, t.act);
+      _mm512_mask_storeu_ps(t.y + row * t.ldy + c, mask, y);
+    }
+  }
+}
+
+template <int NB>
+void panel_block(const Block& k, int64_t n, const uint8_t* const* b, int32_t* sums, float* facc) {
+  int64_t r0 = 0;
+  for (; r0 + 16 < k.t.m; r0 += 32) block<2, NB>(k, r0, n, b, sums, facc);
+  if (r0 < k.t.m) block<1, NB>(k, r0, n, b, sums, facc);
+}
+
+void gemm_tile_amx(const Tile& t) {
+  const int64_t gk = t.kp / t.groups;
+  if (t.packed == nullptr || t.m < kMinRows || (t.groups > 1 && gk % kStepK != 0)) {
+    return kernels_avx512vnni().gemm_tile(t);
+  }
+  const Block k{t, steps_of(t.kp), t.groups > 1 ? gk / kStepK : steps_of(t.kp), gk / kKBlock};
+  const int64_t panel_bytes = (t.kp / kKBlock) * kBlockBytes;
+  const int64_t unpacked_bytes = k.step_count * kTileBytes;
+  thread_local std::vector<uint8_t> unpacked;
+  if (unpacked.size() < static_cast<size_t>(2 * unpacked_bytes)) unpacked.resize(2 * unpacked_bytes);
+  alignas(64) int32_t sums[32 * 32];
+  alignas(64) float facc[32 * 32];
+  const int panels = static_cast<int>((t.ncols + kPanel - 1) / kPanel);
+  for (int p = 0; p < panels; p += 2) {
+    const int nb = std::min(2, panels - p);
+    const uint8_t* b[2] = {unpacked.data(), unpacked.data() + unpacked_bytes};
+    for (int j = 0; j < nb; ++j) {
+      unpack_panel(t.w + (t.n0 / kPanel + p + j) * panel_bytes, t.kp, unpacked.data() + j * unpacked_bytes);
+    }
+    amx_begin();  // after the unpacking's stores (a barrier), before the tiles read them
+    const int64_t n = t.n0 + p * kPanel;
+    if (nb == 2) {
+      panel_block<2>(k, n, b, sums, facc);
+    } else {
+      panel_block<1>(k, n, b, sums, facc);
+    }
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_amx() {
+  static const Kernels k{gemm_tile_amx};
+  return k;
+}
+
+}  // namespace q4
+}  // namespace pycompress
