@@ -34,8 +34,11 @@ _MIN_WEIGHTS_SOURCE = ("int8_min_weights: Zen 4, 2026-11-25 (`pycompress bench`:
 
 TIERS: dict[str, Thresholds] = {
     "amx": Thresholds(
-        16384, 0.26, 0.29, 0.0,
-        "the avx512vbmi row (its sparse kernels run here); not yet measured against the AMX dense kernel"),
+        16384, 0.26, 0.17, 0.0,
+        "bench_sparse on an Intel Xeon with AMX (2026-12-03 08:10), against the AMX dense kernel at M = 16, "
+        "1 thread (at M <= 4 the AVX-512 one runs: break-even ~50%, as on avx512vbmi): 1x4 blocks break even "
+        "at 73% sparsity, the byte sliced layout at 83% (density 0.17); csr never beats dense int8. "
+        + _MIN_WEIGHTS_SOURCE),
     "avx512vbmi": Thresholds(
         16384, 0.26, 0.29, 0.0,
         "bench_sparse, Zen 4 (2026-11-25) and Zen 5 (2026-12-02 16:15), the lower of the two: 1x4 blocks "
