@@ -154,3 +154,24 @@ def _named(name):
     m = nn.Module()
     m.add_module(name, nn.Linear(2, 2))
     return m
+
+
+def test_4_bit_90_percent_sparse_model_file_is_20x_smaller_than_its_float32_weights(tmp_path):
+    """Issue 14's size goal (Deep Compression measured 35-49x on its networks): LeNet-300-100's shapes pruned to
+    90% in 1x4 blocks, 4-bit weights per channel, converted and saved entropy-coded. Measured (2026-12-03): the
+    weights 40.0x smaller than float32, the whole file with its manifest 31.1x (unstructured 90%: 20.3x / 17.7x,
+    as the blocks of 4 then keep most zeros)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)).eval()
+    float32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    pc.prune.prune(model, 0.9, method="block")
+    pc.quantize(model, [torch.randn(64, 784) for _ in range(2)], weight_bits=4, group_size=None,
+                activations="static", method="rtn")
+    reference = copy.deepcopy(model)
+    pc.convert(model, policy="state")
+    path = tmp_path / "lenet.safetensors"
+    report = pc.compression_report(reference, model, path=path)
+    assert report.total("float32") == float32_bytes
+    assert float32_bytes / report.file_bytes >= 20, str(report)
+    x = torch.randn(7, 784)
+    assert torch.equal(pc.load(path)(x), model(x))
