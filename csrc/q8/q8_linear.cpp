@@ -124,13 +124,20 @@ const Kernels& kernels_for_rows(const Kernels& kern, int64_t m) {
 
 // Rows [0, m) of q (stride lda) as gemm_tile reads them: q itself, or packed
 // into `packed` for a table with pack_rows. Returns the base tile's a and lda.
+// The packing is split over the threads by 16-row blocks, like the quantization before it.
 std::pair<const uint8_t*, int64_t> tile_rows_operand(const Kernels& kern, const uint8_t* q, int64_t m, int64_t lda,
-                                                     int64_t kp, std::vector<uint8_t>& packed) {
+                                                     int64_t kp, std::vector<uint8_t>& packed, int nthreads) {
   if (kern.pack_rows == nullptr) return {q, lda};
-  const size_t bytes = static_cast<size_t>((m + kAmxRows - 1) / kAmxRows * amx_block_bytes(kp));
-  if (packed.size() < bytes) packed.resize(bytes);
-  kern.pack_rows(q, m, lda, kp, packed.data());
-  return {packed.data(), amx_block_bytes(kp)};
+  const int64_t blocks = (m + kAmxRows - 1) / kAmxRows, block_bytes = amx_block_bytes(kp);
+  if (packed.size() < static_cast<size_t>(blocks * block_bytes)) packed.resize(blocks * block_bytes);
+  const int64_t blocks_per_task = std::max<int64_t>(1, kQuantizeTaskElements / (kAmxRows * kp));
+  const int64_t tasks = (blocks + blocks_per_task - 1) / blocks_per_task;
+  uint8_t* out = packed.data();
+  parallel_for(tasks, effective_threads(nthreads, m * kp * 16), [&](int64_t t) {
+    const int64_t r0 = t * blocks_per_task * kAmxRows;
+    kern.pack_rows(q + r0 * lda, std::min(blocks_per_task * kAmxRows, m - r0), lda, kp, out + r0 / kAmxRows * block_bytes);
+  });
+  return {out, block_bytes};
 }
 
 // Rows per tile as the kernels need them: packed rows go in whole 16-row blocks.
@@ -303,7 +310,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
     const Kernels& pk = kernels_for_rows(kern, pm);
     const auto gemm_tile = in.act_bits == 7 && pk.gemm_tile_u7 != nullptr ? pk.gemm_tile_u7 : pk.gemm_tile;
     // Packed with lda (>= every output's K): the same k steps for int8 and int4 outputs.
-    const auto operand = tile_rows_operand(pk, s.q.data(), pm, lda, lda, s.packed);
+    const auto operand = tile_rows_operand(pk, s.q.data(), pm, lda, lda, s.packed, in.nthreads);
 
     const int threads = pass == in.m ? choice.threads : effective_threads(in.nthreads, pm * n_total * kp);
     const int64_t rows = kernel_rows(pk, rows_per_tile(pm, n_tiles, threads));
@@ -385,7 +392,7 @@ void gemm_raw(const uint8_t* q, int64_t m, int64_t kp, const int8_t* w_packed, i
   if (m == 0) return;
   const Kernels& kern = kernels_for_rows(kernels_for(active_isa()), m);
   std::vector<uint8_t> packed;
-  const auto operand = tile_rows_operand(kern, q, m, kp, kp, packed);
+  const auto operand = tile_rows_operand(kern, q, m, kp, kp, packed, nthreads);
   GemmTile tile{};
   tile.a = operand.first;
   tile.lda = operand.second;
