@@ -191,6 +191,26 @@ def memory_kib(pids: list[int]) -> dict[str, int]:
     return total
 
 
+def mapping_kib(pids: list[int], path: Path) -> dict[str, int]:
+    """Rss, Pss and private pages (kB, /proc/<pid>/smaps) of the mappings of ``path``, summed over processes: the
+    weights' own memory, which a worker's runtime (torch, transformers: ~330 MiB each) would otherwise hide."""
+    total = {"Rss": 0, "Pss": 0, "Private": 0}
+    for pid in pids:
+        inside = False
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                    inside = line.rstrip().endswith(str(path))  # a mapping's header line ends with its file
+                    continue
+                key, _, value = line.partition(":")
+                if inside and key in ("Rss", "Pss"):
+                    total[key] += int(value.split()[0])
+                elif inside and key in ("Private_Clean", "Private_Dirty"):
+                    total["Private"] += int(value.split()[0])
+    return total
+
+
 def children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -268,10 +288,12 @@ def workers_sweep(workdir: Path, counts: list[int], texts: list[str]) -> list[di
                 time.sleep(0.5)
             asyncio.run(load(url, texts, 8, 64, 60))
             memory = memory_kib(mapped)
+            weights = mapping_kib(mapped, artifact)
         finally:
             stop(process)
         rows.append({"workers": count, "rss_mib": memory["Rss"] / 1024, "pss_mib": memory["Pss"] / 1024,
-                     "artifact_mib": artifact.stat().st_size / 2**20})
+                     "artifact_mib": artifact.stat().st_size / 2**20, "artifact_rss_mib": weights["Rss"] / 1024,
+                     "artifact_pss_mib": weights["Pss"] / 1024, "artifact_private_mib": weights["Private"] / 1024})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
