@@ -113,6 +113,21 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
         reloaded4 = pc.load(path4, model=skeleton)
         with torch.inference_mode():
             same4 = torch.equal(reloaded4(x), converted4(x))
+    # The same at 90% sparsity: Deep Compression's size, and the accuracy it costs.
+    simulated90 = stages["qat_w4_90"].model.eval()
+    say("converting the 90%-sparse 4-bit QAT model, then verifying it")
+    converted90 = pc.convert(copy.deepcopy(simulated90), policy="state")
+    report90 = pc.verify(converted90, simulated90, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        path90 = os.path.join(tmp, "digits_student_w4_90.safetensors")
+        pc.save(converted90, path90, entropy_coding=True)
+        file90_bytes = os.path.getsize(path90)
+        sizes90 = pc.compression_report(stages["pruned90"].model, converted90)
+        skeleton = StudentCNN().eval()
+        pc.quant.fold_conv_bn(skeleton)
+        reloaded90 = pc.load(path90, model=skeleton)
+        with torch.inference_mode():
+            same90 = torch.equal(reloaded90(x), converted90(x))
     student_fp32 = float_bytes(stages["student_distilled"].model)
 
     repeats = 30 if quick else 200
@@ -123,25 +138,34 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
         "ptq_w8": ("student, int8 PTQ (sim)", "static activations, fake-quant in float"),
         "qat_w8": ("student, int8 QAT (sim)", "quantization-aware fine-tuning, fake-quant"),
         "qat_w4": ("student, 4-bit QAT (sim)", "4-bit weights (per channel / groups of 128), fake-quant"),
+        "pruned90": ("student, pruned to 90%", "pruned on from 80% with fine-tuning"),
+        "qat_w4_90": ("student, 90%, 4-bit QAT (sim)", "4-bit weights, fake-quant"),
     }
     rows = []
+    rows_by = {}
     for key, (stage, note) in labels.items():
         model = stages[key].model.eval()
         rows.append(Row(stage, stages[key].accuracy, digits.count_parameters(model, nonzero=True),
                         float_bytes(model), latency_us(model, x[:1], repeats), latency_us(model, x, repeats), note))
+        rows_by[key] = rows[-1]
     summary = pc.summary(converted)
-    rows.append(Row("pycompress kernels", digits.evaluate(converted, x, y), rows[-1].params, summary.model_bytes,
+    rows.append(Row("pycompress kernels", digits.evaluate(converted, x, y), rows_by[int8_name].params, summary.model_bytes,
                     latency_us(converted, x[:1], repeats), latency_us(converted, x, repeats),
                     f"convert({int8_name}); verify {'ok' if report.ok else 'FAILED'}"))
     rows.append(Row("saved file, reloaded", digits.evaluate(reloaded, x, y), rows[-1].params, file_bytes,
                     latency_us(reloaded, x[:1], repeats), latency_us(reloaded, x, repeats),
                     "Huffman-coded safetensors; outputs " + ("identical" if same else "DIFFER")))
 
-    rows.append(Row("4-bit kernels, saved", digits.evaluate(reloaded4, x, y), rows[-1].params, file4_bytes,
+    rows.append(Row("4-bit kernels, saved", digits.evaluate(reloaded4, x, y), rows_by["qat_w4"].params, file4_bytes,
                     latency_us(reloaded4, x[:1], repeats), latency_us(reloaded4, x, repeats),
                     f"int4 + Huffman: weights {sizes4.total('float32') / sizes4.total('huffman'):.1f}x smaller than "
                     f"float32 (file {student_fp32 / file4_bytes:.1f}x, with its manifest); "
                     f"verify {'ok' if report4.ok else 'FAILED'}, reload " + ("identical" if same4 else "DIFFERS")))
+    rows.append(Row("90%, 4-bit kernels, saved", digits.evaluate(reloaded90, x, y), rows_by["qat_w4_90"].params,
+                    file90_bytes, latency_us(reloaded90, x[:1], repeats), latency_us(reloaded90, x, repeats),
+                    f"weights {sizes90.total('float32') / sizes90.total('huffman'):.1f}x smaller than float32 (file "
+                    f"{student_fp32 / file90_bytes:.1f}x); verify {'ok' if report90.ok else 'FAILED'}, reload "
+                    + ("identical" if same90 else "DIFFERS")))
 
     print()
     print(summary)
@@ -153,11 +177,16 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
     print("4-bit:")
     print(sizes4)
     print()
+    print("90% sparse, 4-bit:")
+    print(sizes90)
+    print()
     _print_table(rows, len(x))
     print(f"\n{len(x)} held-out test images; params = nonzero weights; bytes = float32 weights stored densely for "
           f"the float stages, the kernels' packed buffers for pycompress, the file size for the saved model.")
     print(f"total {time.perf_counter() - start:.1f} s")
-    if not (report.ok and same and report4.ok and same4):
+    if not (report.ok and same and report4.ok and same4 and report90.ok and same90):
         raise RuntimeError("demo: a converted model failed verification or did not survive save/load")
     return {"rows": rows, "report": report, "sizes": sizes, "report4": report4, "file4_bytes": file4_bytes,
-            "student_fp32_bytes": student_fp32, "accuracy_w4_sim": stages["qat_w4"].accuracy, "sizes4": sizes4}
+            "student_fp32_bytes": student_fp32, "accuracy_w4_sim": stages["qat_w4"].accuracy, "sizes4": sizes4,
+            "report90": report90, "file90_bytes": file90_bytes, "sizes90": sizes90,
+            "accuracy_w4_90_sim": stages["qat_w4_90"].accuracy}

@@ -30,5 +30,11 @@ def test_quick_demo_end_to_end(capsys):
     assert result["report4"].ok and "identical" in w4.note
     assert w4.accuracy == result["accuracy_w4_sim"] == rows["student, 4-bit QAT (sim)"].accuracy
     assert w4.stored_bytes == result["file4_bytes"] < reloaded.stored_bytes
+    # The 90%-sparse 4-bit student: the same guarantees; its accuracy is what its simulation gave.
+    w4_90 = rows["90%, 4-bit kernels, saved"]
+    assert result["report90"].ok and "identical" in w4_90.note
+    assert w4_90.accuracy == result["accuracy_w4_90_sim"] == rows["student, 90%, 4-bit QAT (sim)"].accuracy
+    assert w4_90.params < w4.params and w4_90.stored_bytes == result["file90_bytes"]
+    assert result["sizes90"].total("huffman") < result["sizes90"].total("float32")
     out = capsys.readouterr().out
     assert "verify: ok" in out and "saved file, reloaded" in out

@@ -13,12 +13,14 @@ seconds-long version for tests.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 import pycompress.prune as pc_prune
 from pycompress.distill import KDLoss, distill_epoch
@@ -172,6 +174,19 @@ def distill_student(teacher: nn.Module, data: DigitsData, seed: int = 0, epochs:
 
 
 @_one_thread
+def _baked_copy(model: nn.Module) -> nn.Module:
+    """A fresh instance of ``model``'s class holding its masked weights as plain parameters. (Not deepcopy +
+    pycompress.prune.remove: a deep copy shares torch's parametrized module classes with the original, and
+    removing the copy's parametrizations deletes the original's ``weight`` property too.)"""
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            state[f"{name}.weight"] = module.weight.detach().clone()
+    fresh = type(model)()
+    fresh.load_state_dict(state)
+    return fresh.train(model.training)
+
+
 def prune_gradually(model: nn.Module, data: DigitsData, target: float = 0.8, seed: int = 0, epochs: int = 8,
                     teacher: nn.Module | None = None, progress: bool | None = None) -> StageResult:
     """AGP magnitude pruning (global threshold) to ``target`` over the first 3/4 of
@@ -237,7 +252,8 @@ def run_pipeline(seed: int = 0, quick: bool = False, progress: bool | None = Non
                  prune_target: float = 0.8) -> dict[str, StageResult]:
     """All stages in order; ``quick`` cuts the epochs for a seconds-long smoke run.
     Returns ``{stage name: StageResult}`` (teacher, student_distilled, pruned, ptq_w8, qat_w8, qat_w4: 4-bit
-    weights, in groups of K where 128 divides it, else per channel)."""
+    weights, in groups of K where 128 divides it, else per channel; pruned90: pruned on to 90%, qat_w4_90: its
+    4-bit QAT)."""
     epochs = dict(teacher=2, student=2, prune=2, qat=1) if quick else dict(teacher=12, student=15, prune=8, qat=3)
     data = load_data(seed)
     results = {}
@@ -254,6 +270,13 @@ def run_pipeline(seed: int = 0, quick: bool = False, progress: bool | None = Non
     results[qat.name] = qat
     qat4 = quantize_qat(pruned.model, data, 4, seed, epochs["qat"], progress=progress)
     results[qat4.name] = qat4
+    # Deep Compression's sparsity: the pruned student pruned on to 90% (its 80% zeros made permanent first: they
+    # are the smallest weights, so the schedule keeps them pruned), then 4-bit QAT.
+    base = _baked_copy(pruned.model)
+    pruned90 = prune_gradually(base, data, 0.9, seed, epochs["prune"], teacher=teacher.model, progress=progress)
+    results["pruned90"] = dataclasses.replace(pruned90, name="pruned90")
+    qat4_90 = quantize_qat(pruned90.model, data, 4, seed, epochs["qat"], progress=progress)
+    results["qat_w4_90"] = dataclasses.replace(qat4_90, name="qat_w4_90")
     return results
 
 
