@@ -266,7 +266,8 @@ def run_backend(name: str, workdir: Path, threads: int, texts: list[str], plan: 
 
 
 def workers_sweep(workdir: Path, counts: list[int], texts: list[str]) -> list[dict]:
-    """Rss and Pss of all the workers of the example's own CLI (uvicorn --workers, mmapped artifact), after load."""
+    """The example's own CLI (uvicorn --workers, mmapped artifact) at each worker count, with cores / workers torch
+    threads each: req/s and p99 at 8 and 64 clients, then Rss and Pss of all the workers and of the artifact."""
     artifact = workdir / "minilm.safetensors"
     rows = []
     cores = os.cpu_count() or 1
@@ -286,12 +287,18 @@ def workers_sweep(workdir: Path, counts: list[int], texts: list[str]) -> list[di
                 if time.monotonic() > end:
                     raise RuntimeError(f"{len(mapped)} of {count} workers loaded the artifact")
                 time.sleep(0.5)
-            asyncio.run(load(url, texts, 8, 64, 60))
+            asyncio.run(load(url, texts, 8, 64, 60))  # warm-up: every worker's first calls
+            timed = {}
+            for clients, requests in ((8, 400), (64, 1000)):
+                latencies, _, _, seconds = asyncio.run(load(url, texts, clients, requests, 90))
+                timed[clients] = (len(latencies) / seconds, 1e3 * percentile(latencies, 99))
             memory = memory_kib(mapped)
             weights = mapping_kib(mapped, artifact)
         finally:
             stop(process)
-        rows.append({"workers": count, "rss_mib": memory["Rss"] / 1024, "pss_mib": memory["Pss"] / 1024,
+        rows.append({"workers": count, "threads": max(1, cores // count),
+                     "rps_8": timed[8][0], "p99_ms_8": timed[8][1], "rps_64": timed[64][0], "p99_ms_64": timed[64][1],
+                     "rss_mib": memory["Rss"] / 1024, "pss_mib": memory["Pss"] / 1024,
                      "artifact_mib": artifact.stat().st_size / 2**20, "artifact_rss_mib": weights["Rss"] / 1024,
                      "artifact_pss_mib": weights["Pss"] / 1024, "artifact_private_mib": weights["Private"] / 1024})
         print(json.dumps(rows[-1]), flush=True)
