@@ -55,6 +55,32 @@ def float_bytes(model: nn.Module) -> int:
     return 4 * digits.count_parameters(model)
 
 
+@dataclass
+class Saved:
+    """A simulated (fake-quant) stage converted to the kernels, verified, saved Huffman-coded and reloaded."""
+    converted: nn.Module
+    report: object      # pc.verify's report against the simulation
+    file_bytes: int
+    sizes: object       # pc.compression_report against the pruned float model
+    reloaded: nn.Module
+    same: bool          # reloaded outputs == converted outputs, bit for bit
+
+
+def _convert_save_reload(simulated: nn.Module, pruned: nn.Module, x: torch.Tensor, path: str) -> Saved:
+    simulated = simulated.eval()
+    converted = pc.convert(copy.deepcopy(simulated), policy="state")
+    report = pc.verify(converted, simulated, x)
+    pc.save(converted, path, entropy_coding=True)  # Deep Compression's last stage: Huffman-coded weights
+    # The student is a custom nn.Module: load rebuilds it from a fresh float instance of the same
+    # architecture, BatchNorm folded as quantization left it.
+    skeleton = StudentCNN().eval()
+    pc.quant.fold_conv_bn(skeleton)
+    reloaded = pc.load(path, model=skeleton)
+    with torch.inference_mode():
+        same = torch.equal(reloaded(x), converted(x))
+    return Saved(converted, report, os.path.getsize(path), pc.compression_report(pruned, converted), reloaded, same)
+
+
 def _print_table(rows: list[Row], batch: int) -> None:
     teacher = rows[0]
     header = (f"{'stage':<26} {'accuracy':>8} {'params':>8} {'bytes':>9} {'vs teacher':>10} "
@@ -79,55 +105,19 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
     x, y = data.x_test, data.y_test
 
     int8_name = "qat_w8" if stages["qat_w8"].accuracy >= stages["ptq_w8"].accuracy else "ptq_w8"
-    simulated = stages[int8_name].model.eval()
-    say(f"converting the {int8_name} model to pycompress kernels, then verifying it")
-    converted = pc.convert(copy.deepcopy(simulated), policy="state")
-    report = pc.verify(converted, simulated, x)
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = out or os.path.join(tmp, "digits_student.safetensors")
-        pc.save(converted, path, entropy_coding=True)  # Deep Compression's last stage: Huffman-coded weights
-        file_bytes = os.path.getsize(path)
-        sizes = pc.compression_report(stages["pruned"].model, converted)
-        # The student is a custom nn.Module: load rebuilds it from a fresh float instance of the
-        # same architecture, BatchNorm folded as quantization left it.
-        skeleton = StudentCNN().eval()
-        pc.quant.fold_conv_bn(skeleton)
-        reloaded = pc.load(path, model=skeleton)
-        with torch.inference_mode():
-            same = torch.equal(reloaded(x), converted(x))
-
-    # Deep Compression's whole recipe: the pruned student with 4-bit weights (QAT), on the int4 kernels, saved
-    # Huffman-coded; its size against its own float32 weights.
-    simulated4 = stages["qat_w4"].model.eval()
-    say("converting the 4-bit QAT model to the int4 kernels, then verifying it")
-    converted4 = pc.convert(copy.deepcopy(simulated4), policy="state")
-    report4 = pc.verify(converted4, simulated4, x)
-    with tempfile.TemporaryDirectory() as tmp:
-        path4 = os.path.join(tmp, "digits_student_w4.safetensors")
-        pc.save(converted4, path4, entropy_coding=True)
-        file4_bytes = os.path.getsize(path4)
-        sizes4 = pc.compression_report(stages["pruned"].model, converted4)
-        skeleton = StudentCNN().eval()
-        pc.quant.fold_conv_bn(skeleton)
-        reloaded4 = pc.load(path4, model=skeleton)
-        with torch.inference_mode():
-            same4 = torch.equal(reloaded4(x), converted4(x))
-    # The same at 90% sparsity: Deep Compression's size, and the accuracy it costs.
-    simulated90 = stages["qat_w4_90"].model.eval()
-    say("converting the 90%-sparse 4-bit QAT model, then verifying it")
-    converted90 = pc.convert(copy.deepcopy(simulated90), policy="state")
-    report90 = pc.verify(converted90, simulated90, x)
-    with tempfile.TemporaryDirectory() as tmp:
-        path90 = os.path.join(tmp, "digits_student_w4_90.safetensors")
-        pc.save(converted90, path90, entropy_coding=True)
-        file90_bytes = os.path.getsize(path90)
-        sizes90 = pc.compression_report(stages["pruned90"].model, converted90)
-        skeleton = StudentCNN().eval()
-        pc.quant.fold_conv_bn(skeleton)
-        reloaded90 = pc.load(path90, model=skeleton)
-        with torch.inference_mode():
-            same90 = torch.equal(reloaded90(x), converted90(x))
+        say(f"converting the {int8_name} model to pycompress kernels, then verifying it")
+        w8 = _convert_save_reload(stages[int8_name].model, stages["pruned"].model, x,
+                                  out or os.path.join(tmp, "digits_student.safetensors"))
+        # Deep Compression's whole recipe: the pruned student with 4-bit weights (QAT), on the int4 kernels,
+        # saved Huffman-coded; its size against its own float32 weights. Then the same at 90% sparsity: Deep
+        # Compression's size, and the accuracy it costs.
+        say("converting the 4-bit QAT model to the int4 kernels, then verifying it")
+        w4 = _convert_save_reload(stages["qat_w4"].model, stages["pruned"].model, x,
+                                  os.path.join(tmp, "digits_student_w4.safetensors"))
+        say("converting the 90%-sparse 4-bit QAT model, then verifying it")
+        w4_90 = _convert_save_reload(stages["qat_w4_90"].model, stages["pruned90"].model, x,
+                                     os.path.join(tmp, "digits_student_w4_90.safetensors"))
     student_fp32 = float_bytes(stages["student_distilled"].model)
 
     repeats = 30 if quick else 200
@@ -148,45 +138,44 @@ def run_demo(quick: bool = False, seed: int = 0, progress: bool = True, out: str
         rows.append(Row(stage, stages[key].accuracy, digits.count_parameters(model, nonzero=True),
                         float_bytes(model), latency_us(model, x[:1], repeats), latency_us(model, x, repeats), note))
         rows_by[key] = rows[-1]
-    summary = pc.summary(converted)
-    rows.append(Row("pycompress kernels", digits.evaluate(converted, x, y), rows_by[int8_name].params, summary.model_bytes,
-                    latency_us(converted, x[:1], repeats), latency_us(converted, x, repeats),
-                    f"convert({int8_name}); verify {'ok' if report.ok else 'FAILED'}"))
-    rows.append(Row("saved file, reloaded", digits.evaluate(reloaded, x, y), rows[-1].params, file_bytes,
-                    latency_us(reloaded, x[:1], repeats), latency_us(reloaded, x, repeats),
-                    "Huffman-coded safetensors; outputs " + ("identical" if same else "DIFFER")))
+    summary = pc.summary(w8.converted)
+    rows.append(Row("pycompress kernels", digits.evaluate(w8.converted, x, y), rows_by[int8_name].params,
+                    summary.model_bytes, latency_us(w8.converted, x[:1], repeats),
+                    latency_us(w8.converted, x, repeats), f"convert({int8_name}); verify {'ok' if w8.report.ok else 'FAILED'}"))
+    rows.append(Row("saved file, reloaded", digits.evaluate(w8.reloaded, x, y), rows[-1].params, w8.file_bytes,
+                    latency_us(w8.reloaded, x[:1], repeats), latency_us(w8.reloaded, x, repeats),
+                    "Huffman-coded safetensors; outputs " + ("identical" if w8.same else "DIFFER")))
 
-    rows.append(Row("4-bit kernels, saved", digits.evaluate(reloaded4, x, y), rows_by["qat_w4"].params, file4_bytes,
-                    latency_us(reloaded4, x[:1], repeats), latency_us(reloaded4, x, repeats),
-                    f"int4 + Huffman: weights {sizes4.total('float32') / sizes4.total('huffman'):.1f}x smaller than "
-                    f"float32 (file {student_fp32 / file4_bytes:.1f}x, with its manifest); "
-                    f"verify {'ok' if report4.ok else 'FAILED'}, reload " + ("identical" if same4 else "DIFFERS")))
-    rows.append(Row("90%, 4-bit kernels, saved", digits.evaluate(reloaded90, x, y), rows_by["qat_w4_90"].params,
-                    file90_bytes, latency_us(reloaded90, x[:1], repeats), latency_us(reloaded90, x, repeats),
-                    f"weights {sizes90.total('float32') / sizes90.total('huffman'):.1f}x smaller than float32 (file "
-                    f"{student_fp32 / file90_bytes:.1f}x); verify {'ok' if report90.ok else 'FAILED'}, reload "
-                    + ("identical" if same90 else "DIFFERS")))
+    def saved_row(stage: str, saved: Saved, sim_key: str, what: str) -> Row:
+        return Row(stage, digits.evaluate(saved.reloaded, x, y), rows_by[sim_key].params, saved.file_bytes,
+                   latency_us(saved.reloaded, x[:1], repeats), latency_us(saved.reloaded, x, repeats),
+                   f"{what}weights {saved.sizes.total('float32') / saved.sizes.total('huffman'):.1f}x smaller than "
+                   f"float32 (file {student_fp32 / saved.file_bytes:.1f}x, with its manifest); verify "
+                   f"{'ok' if saved.report.ok else 'FAILED'}, reload " + ("identical" if saved.same else "DIFFERS"))
+
+    rows.append(saved_row("4-bit kernels, saved", w4, "qat_w4", "int4 + Huffman: "))
+    rows.append(saved_row("90%, 4-bit kernels, saved", w4_90, "qat_w4_90", ""))
 
     print()
     print(summary)
     print()
-    print(report)
+    print(w8.report)
     print()
-    print(sizes)
+    print(w8.sizes)
     print()
     print("4-bit:")
-    print(sizes4)
+    print(w4.sizes)
     print()
     print("90% sparse, 4-bit:")
-    print(sizes90)
+    print(w4_90.sizes)
     print()
     _print_table(rows, len(x))
     print(f"\n{len(x)} held-out test images; params = nonzero weights; bytes = float32 weights stored densely for "
           f"the float stages, the kernels' packed buffers for pycompress, the file size for the saved model.")
     print(f"total {time.perf_counter() - start:.1f} s")
-    if not (report.ok and same and report4.ok and same4 and report90.ok and same90):
+    if not all(saved.report.ok and saved.same for saved in (w8, w4, w4_90)):
         raise RuntimeError("demo: a converted model failed verification or did not survive save/load")
-    return {"rows": rows, "report": report, "sizes": sizes, "report4": report4, "file4_bytes": file4_bytes,
-            "student_fp32_bytes": student_fp32, "accuracy_w4_sim": stages["qat_w4"].accuracy, "sizes4": sizes4,
-            "report90": report90, "file90_bytes": file90_bytes, "sizes90": sizes90,
+    return {"rows": rows, "report": w8.report, "sizes": w8.sizes, "report4": w4.report, "file4_bytes": w4.file_bytes,
+            "student_fp32_bytes": student_fp32, "accuracy_w4_sim": stages["qat_w4"].accuracy, "sizes4": w4.sizes,
+            "report90": w4_90.report, "file90_bytes": w4_90.file_bytes, "sizes90": w4_90.sizes,
             "accuracy_w4_90_sim": stages["qat_w4_90"].accuracy}

@@ -129,19 +129,22 @@ def test_gemm_accumulators_bit_exact(isa, n, k, gen):
         assert torch.equal(native_gemm_raw(q, w), q8_accumulate_ref(q[:, :k], w).to(torch.int32))
 
 
-@pytest.mark.parametrize("m", [13, 20, 25, 27, 31, 128, 129])
-def test_gemm_row_groups_bit_exact(isa, m, gen):
-    # Enough columns (5 tiles of 64) that one tile holds all m rows: rows go to the microkernel 6 at a
-    # time, with a remainder of 1-3 rows taken as groups of 5 where m allows (20 = 4 x 5, 31 = 6 + 5 x 5,
-    # 128 = 18 x 6 + 4 x 5) and left as a short group where it does not (13 = 6 + 6 + 1).
-    k, n = 67, 5 * 64 - 3
+def _assert_raw_bit_exact_on_1_and_2_threads(m, k, n, gen):
     kp = _round_up(k, KGROUP)
     q = torch.zeros(m, kp, dtype=torch.uint8)
     q[:, :k] = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     ref = q8_accumulate_ref(q[:, :k], w).to(torch.int32)
     for threads in (1, 2):
-        assert torch.equal(native_gemm_raw(q, w, threads=threads), ref), threads
+        assert torch.equal(native_gemm_raw(q, w, threads=threads), ref), (m, k, n, threads)
+
+
+@pytest.mark.parametrize("m", [13, 20, 25, 27, 31, 128, 129])
+def test_gemm_row_groups_bit_exact(isa, m, gen):
+    # Enough columns (5 tiles of 64) that one tile holds all m rows: rows go to the microkernel 6 at a
+    # time, with a remainder of 1-3 rows taken as groups of 5 where m allows (20 = 4 x 5, 31 = 6 + 5 x 5,
+    # 128 = 18 x 6 + 4 x 5) and left as a short group where it does not (13 = 6 + 6 + 1).
+    _assert_raw_bit_exact_on_1_and_2_threads(m, 67, 5 * 64 - 3, gen)
 
 
 @pytest.mark.parametrize("m", [8, 15, 16, 17, 31, 32, 33, 47, 48, 65, 200, 400])
@@ -151,13 +154,7 @@ def test_gemm_amx_tile_edges_bit_exact(isa, m, gen):
     # the packed 16-row blocks, tiles starting at multiples of 16 rows, 1 and 2 threads. The other levels
     # run the same shapes through their own row groups.
     for k, n in ((4, 16), (60, 17), (64, 32), (68, 33), (128, 48), (132, 65), (1000, 130)):
-        kp = _round_up(k, KGROUP)
-        q = torch.zeros(m, kp, dtype=torch.uint8)
-        q[:, :k] = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
-        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-        ref = q8_accumulate_ref(q[:, :k], w).to(torch.int32)
-        for threads in (1, 2):
-            assert torch.equal(native_gemm_raw(q, w, threads=threads), ref), (m, k, n, threads)
+        _assert_raw_bit_exact_on_1_and_2_threads(m, k, n, gen)
 
 
 @pytest.mark.parametrize("n", N_SIZES)

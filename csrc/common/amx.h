@@ -36,14 +36,14 @@ inline const AmxTileConfig& amx_tile_config() {
 // Loads the configuration (ldtilecfg: every tile zeroed) on the calling thread.
 // No tilerelease after a tile: the next one loads the configuration again (so
 // does any other AMX code on the thread), and releasing after each cost ~5%.
+// The compiler does not see the tile instructions' memory reads: writes to a
+// buffer that a tile then loads must not move past this.
+inline void amx_compiler_barrier() { __asm__ volatile("" ::: "memory"); }
+
 inline void amx_begin() {
   _tile_loadconfig(&amx_tile_config());
-  // The compiler does not see the tile instructions' memory reads: writes to a
-  // buffer that a tile then loads must not move past this.
-  __asm__ volatile("" ::: "memory");
+  amx_compiler_barrier();
 }
-
-inline void amx_compiler_barrier() { __asm__ volatile("" ::: "memory"); }
 
 }  // namespace
 }  // namespace pycompress

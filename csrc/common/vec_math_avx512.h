@@ -1,5 +1,6 @@
 // AVX-512 mirrors of epilogue_math.h: the same IEEE operations in the same
-// order, so results are bit-identical to the scalar specification.
+// order, so results are bit-identical to the scalar specification; and the
+// lane mask of a tail, which every AVX-512 kernel uses.
 // Include only from translation units compiled with AVX-512 flags.
 #pragma once
 
@@ -9,6 +10,12 @@
 
 namespace pycompress {
 namespace {
+
+// The first `valid` of 16 lanes: all for valid >= 16, none for valid <= 0.
+inline __mmask16 tail_mask16(int64_t valid) {
+  return valid >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>(valid <= 0 ? 0u : (1u << valid) - 1u);
+}
 
 inline __m512 gelu_avx512(__m512 x) {
   using namespace gelu_c;

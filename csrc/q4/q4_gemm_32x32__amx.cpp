@@ -19,58 +19,45 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "common/amx.h"
-#include "common/vec_math_avx512.h"
+#include "q4/q4_epilogue_avx512.h"
 #include "q4/q4_gemm.h"
+#include "q8/q8_gemm.h"
 
 namespace pycompress {
 namespace q4 {
 namespace {
 
-constexpr int64_t kStepK = 64;        // k per tdpbusd
-constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
+constexpr int64_t kStepK = q8::kAmxK;  // k per tdpbusd: the packed activations' tiles (q8_gemm.h)
+constexpr int64_t kTileBytes = q8::kAmxTileBytes;
+constexpr int64_t kBlocksPerStep = kStepK / kKBlock;
 // Intel Xeon with AMX, 1 thread, 4096 x 4096, groups of 128: 8 rows 0.84x, 16
 // rows 1.33x, 32 rows 1.78x the AVX-512 kernel.
 constexpr int64_t kMinRows = 12;
 
-inline __mmask16 tail_mask(int64_t valid) {
-  return valid >= 16 ? static_cast<__mmask16>(0xFFFF)
-                     : static_cast<__mmask16>(valid <= 0 ? 0u : (1u << valid) - 1u);
-}
-
-inline int64_t steps_of(int64_t kp) { return (kp + kStepK - 1) / kStepK; }
-
-// Panel `w` (kp / 8 blocks of 64 bytes) as int8 B tiles: steps_of(kp) x 1 KiB,
-// zeros past kp (the packed activations hold zeros there too).
-void unpack_panel(const uint8_t* w, int64_t kp, uint8_t* out) {
-  const int64_t blocks = kp / kKBlock;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    const __m512i p = _mm512_loadu_si512(w + kb * kBlockBytes);
-    _mm512_storeu_si512(out + kb * 128, _mm512_and_si512(p, low4));
-    _mm512_storeu_si512(out + kb * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4));
-  }
-  std::memset(out + blocks * 128, 0, static_cast<size_t>(steps_of(kp) * kTileBytes - blocks * 128));
-}
-
-// Step s of panel `w` (blocks 8s..8s+7) as one int8 B tile, zeros past kp.
+// Step s of panel `w` (blocks 8s..8s+7 of 64 bytes) as one int8 B tile, zeros
+// past kp (the packed activations hold zeros there too).
 inline void unpack_step(const uint8_t* w, int64_t kp, int64_t s, uint8_t* out) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const int64_t blocks = std::min<int64_t>(kStepK / kKBlock, kp / kKBlock - s * (kStepK / kKBlock));
-  const uint8_t* src = w + s * (kStepK / kKBlock) * kBlockBytes;
+  const int64_t blocks = std::min(kBlocksPerStep, kp / kKBlock - s * kBlocksPerStep);
+  const uint8_t* src = w + s * kBlocksPerStep * kBlockBytes;
   int64_t kb = 0;
   for (; kb < blocks; ++kb) {
     const __m512i p = _mm512_loadu_si512(src + kb * kBlockBytes);
-    _mm512_store_si512(out + kb * 128, _mm512_and_si512(p, low4));
-    _mm512_store_si512(out + kb * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4));
+    _mm512_storeu_si512(out + kb * 128, _mm512_and_si512(p, low4));
+    _mm512_storeu_si512(out + kb * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4));
   }
-  for (; kb < kStepK / kKBlock; ++kb) {
-    _mm512_store_si512(out + kb * 128, _mm512_setzero_si512());
-    _mm512_store_si512(out + kb * 128 + 64, _mm512_setzero_si512());
+  for (; kb < kBlocksPerStep; ++kb) {
+    _mm512_storeu_si512(out + kb * 128, _mm512_setzero_si512());
+    _mm512_storeu_si512(out + kb * 128 + 64, _mm512_setzero_si512());
   }
+}
+
+// The whole panel: q8::amx_steps(kp) B tiles of 1 KiB.
+void unpack_panel(const uint8_t* w, int64_t kp, uint8_t* out) {
+  for (int64_t s = 0; s < q8::amx_steps(kp); ++s) unpack_step(w, kp, s, out + s * kTileBytes);
 }
 
 struct Block {
@@ -143,19 +130,8 @@ void block(const Block& k, int64_t r0, int64_t n, const uint8_t* const* b, int32
 
 #pragma GCC unroll 2
   for (int j = 0; j < NB; ++j) {
-    const int64_t c = n + j * kPanel;
-    const __mmask16 mask = tail_mask(t.n0 + t.ncols - c);
-    const __m512 corr = _mm512_loadu_ps(t.corr + c);  // padded to Np
-    const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(mask, t.bias + c) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = r0 + r;
-      __m512 y = _mm512_sub_ps(_mm512_load_ps(facc + r * 32 + j * 16),
-                               _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(t.row_zp[row])), corr));
-      y = _mm512_mul_ps(y, _mm512_set1_ps(t.row_scale[row]));
-      if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
-      y = apply_activation_avx512(y, t.act);
-      _mm512_mask_storeu_ps(t.y + row * t.ldy + c, mask, y);
-    }
+    const PanelEpilogue epilogue(t, n + j * kPanel);
+    for (int64_t r = 0; r < rows; ++r) epilogue.store(r0 + r, _mm512_load_ps(facc + r * 32 + j * 16));
   }
 }
 
@@ -171,7 +147,7 @@ void gemm_tile_amx(const Tile& t) {
   if (t.packed == nullptr || t.m < kMinRows || (t.groups > 1 && gk % kStepK != 0)) {
     return kernels_avx512vnni().gemm_tile(t);
   }
-  const Block k{t, steps_of(t.kp), t.groups > 1 ? gk / kStepK : steps_of(t.kp), gk / kKBlock};
+  const Block k{t, q8::amx_steps(t.kp), t.groups > 1 ? gk / kStepK : q8::amx_steps(t.kp), gk / kKBlock};
   const int64_t panel_bytes = (t.kp / kKBlock) * kBlockBytes;
   const int64_t unpacked_bytes = k.step_count * kTileBytes;
   // One row block (up to 32 rows): each weight is read once, unpacked step by step (Intel Xeon with AMX,

@@ -11,7 +11,7 @@
 
 #include <cstring>
 
-#include "common/vec_math_avx512.h"
+#include "q4/q4_epilogue_avx512.h"
 #include "q4/q4_gemm.h"
 
 namespace pycompress {
@@ -19,11 +19,6 @@ namespace q4 {
 namespace {
 
 constexpr int kMR = 4;
-
-inline __mmask16 tail_mask(int64_t valid) {
-  return valid >= 16 ? static_cast<__mmask16>(0xFFFF)
-                     : static_cast<__mmask16>(valid <= 0 ? 0u : (1u << valid) - 1u);
-}
 
 template <int MR, int NV>
 void tile_rows(const Tile& t, int64_t r0, int64_t n) {
@@ -102,18 +97,9 @@ void tile_rows(const Tile& t, int64_t r0, int64_t n) {
 
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const int64_t c = n + v * kPanel;
-    const __mmask16 mask = tail_mask(t.n0 + t.ncols - c);
-    const __m512 corr = _mm512_loadu_ps(t.corr + c);  // padded to Np
-    const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(mask, t.bias + c) : _mm512_setzero_ps();
+    const PanelEpilogue epilogue(t, n + v * kPanel);
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      __m512 y = _mm512_sub_ps(facc[r][v], _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(t.row_zp[r0 + r])), corr));
-      y = _mm512_mul_ps(y, _mm512_set1_ps(t.row_scale[r0 + r]));
-      if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
-      y = apply_activation_avx512(y, t.act);
-      _mm512_mask_storeu_ps(t.y + (r0 + r) * t.ldy + c, mask, y);
-    }
+    for (int r = 0; r < MR; ++r) epilogue.store(r0 + r, facc[r][v]);
   }
 }
 

@@ -1,6 +1,6 @@
 // The int8 GEMM epilogue on 16 columns of one row (q8_gemm.h, "epilogue"), shared
-// by the AVX-512 and AMX kernels: both hold a row's accumulators for one panel
-// in a zmm at the end. Internal linkage: included only by TUs built with
+// by the AVX-512 and AMX kernels (both hold a row's accumulators for one panel
+// in a zmm at the end) and the sparse int8 AVX-512 kernels. Internal linkage: included only by TUs built with
 // AVX-512 flags.
 #pragma once
 
@@ -13,8 +13,16 @@ namespace pycompress {
 namespace q8 {
 namespace {
 
-inline __mmask16 panel_mask(int64_t valid) {
-  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
+// The contract's epilogue of one row on 16 channels' int32 sums: `t` is any
+// tile or task with row_zp, row_scale, bias and act (the sparse int8 kernels'
+// too); col_sum, w_scale and bias are the 16 channels' values.
+template <class Rows>
+inline __m512 epilogue_avx512(const Rows& t, int64_t row, __m512i acc, __m512i col_sum, __m512 w_scale,
+                              __m512 bias) {
+  const __m512i corrected = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[row]), col_sum));
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(_mm512_set1_ps(t.row_scale[row]), w_scale));
+  if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
+  return apply_activation_avx512(y, t.act);
 }
 
 // The column operands of panel columns [n, n + 16) (n + 16 may pass N: masked),
@@ -27,7 +35,7 @@ struct PanelEpilogue {
   __m512 wscale, bias;
 
   PanelEpilogue(const GemmTile& tile, int64_t col)
-      : t(tile), n(col), mask(panel_mask(tile.n0 + tile.ncols - col)) {
+      : t(tile), n(col), mask(tail_mask16(tile.n0 + tile.ncols - col)) {
     if (t.raw != nullptr) return;
     colsum = _mm512_loadu_si512(t.col_sum + n);  // padded to Np
     wscale = _mm512_maskz_loadu_ps(mask, t.w_scale + n);
@@ -40,12 +48,7 @@ struct PanelEpilogue {
       _mm512_mask_storeu_epi32(t.raw + r * t.ldraw + n, mask, acc);
       return;
     }
-    const __m512i corrected = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[r]), colsum));
-    __m512 y = _mm512_cvtepi32_ps(corrected);
-    y = _mm512_mul_ps(y, _mm512_mul_ps(_mm512_set1_ps(t.row_scale[r]), wscale));
-    if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
-    y = apply_activation_avx512(y, t.act);
-    _mm512_mask_storeu_ps(t.y + r * t.ldy + n, mask, y);
+    _mm512_mask_storeu_ps(t.y + r * t.ldy + n, mask, epilogue_avx512(t, r, acc, colsum, wscale, bias));
   }
 };
 

@@ -38,7 +38,7 @@ inline void row_range(const float* x, int64_t k, float* lo, float* hi, float* pr
     }
   }
   for (; i < k; i += 16) {  // masked-off lanes load 0, which every range holds already
-    const __m512 v = _mm512_maskz_loadu_ps(panel_mask(k - i), x + i);
+    const __m512 v = _mm512_maskz_loadu_ps(tail_mask16(k - i), x + i);
     pr[0] = _mm512_add_ps(pr[0], _mm512_sub_ps(v, v));
     vlo[0] = _mm512_min_ps(vlo[0], v);
     vhi[0] = _mm512_max_ps(vhi[0], v);
@@ -77,7 +77,7 @@ inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scal
   }
   const __m512i q0 = _mm512_setzero_si512(), vqmax = _mm512_set1_epi32(qmax);
   for (; k < len; k += 16) {
-    const __mmask16 in = panel_mask(len - k);
+    const __mmask16 in = tail_mask16(len - k);
     __m512i qi = quantize16(_mm512_maskz_loadu_ps(in, x + k));
     qi = _mm512_min_epi32(_mm512_max_epi32(qi, q0), vqmax);
     _mm_mask_storeu_epi8(q + k, in, _mm512_cvtepi32_epi8(qi));

@@ -145,12 +145,16 @@ int64_t kernel_rows(const Kernels& kern, int64_t rows) {
   return kern.pack_rows != nullptr ? round_up(rows, kAmxRows) : rows;
 }
 
-// The tile of rows [r0, r0 + rows) and columns [n0, n0 + kTileCols) of `base`
-// (packed rows: r0 a multiple of 16, base.lda the bytes of a 16-row block).
+// Row r0 of a tile_rows_operand (packed rows: r0 a multiple of 16, lda the bytes of a 16-row block).
+const uint8_t* rows_from(const Kernels& kern, const uint8_t* a, int64_t lda, int64_t r0) {
+  return a + (kern.pack_rows != nullptr ? r0 / kAmxRows : r0) * lda;
+}
+
+// The tile of rows [r0, r0 + rows) and columns [n0, n0 + kTileCols) of `base`.
 GemmTile sub_tile(const Kernels& kern, const GemmTile& base, int64_t r0, int64_t rows, int64_t n0, int64_t n) {
   GemmTile tile = base;
   tile.m = std::min(rows, base.m - r0);
-  tile.a = base.a + (kern.pack_rows != nullptr ? r0 / kAmxRows : r0) * base.lda;
+  tile.a = rows_from(kern, base.a, base.lda, r0);
   tile.n0 = n0;
   tile.ncols = std::min(kTileCols, n - n0);
   // Row-indexed epilogue operands and outputs are shifted so tiles see row 0.
@@ -350,7 +354,7 @@ void linear_shared_input(const SharedInput& in, const LinearOutput* outputs, int
         tile.y = out.y + (r0 + tr0) * out.ldy;
         tile.ldy = out.ldy;
         if (pk.pack_rows != nullptr) {
-          tile.packed = base.a + tr0 / kAmxRows * base.lda;
+          tile.packed = rows_from(pk, base.a, base.lda, tr0);
           tile.packed_ld = base.lda;
         }
         kern4.gemm_tile(tile);

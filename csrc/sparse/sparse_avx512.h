@@ -1,6 +1,5 @@
 // AVX-512 pieces shared by the sparse kernels of the avx512vnni and avx512vbmi
-// files (sparse_<op>_<tile>__avx512*.cpp): the tail mask, the int8 epilogue of
-// one row of 16 channels, the 16 x 16 register transpose and the fp32 / int8
+// files (sparse_<op>_<tile>__avx512*.cpp): the 16 x 16 register transpose and the fp32 / int8
 // store tiles of the cols kernels, their accumulator sets, and the skeleton of
 // the sliced kernels (the slice/row blocking and the accumulator sets; each
 // layout supplies only its step: vpermd for the group layout, vpermb for the
@@ -14,27 +13,12 @@
 #include <type_traits>
 
 #include "common/vec_math_avx512.h"
+#include "q8/q8_epilogue_avx512.h"
 #include "sparse/sparse.h"
 
 namespace pycompress {
 namespace sparse {
 namespace {
-
-inline __mmask16 tail_mask(int64_t valid) {
-  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
-}
-
-// Row `row` of an int8 task (Q8Task or SlicedTask): 16 channels' int32 sums
-// to floats, per lane the same IEEE operations as q8_epilogue
-// (sparse_epilogue.h); col_sum, w_scale and bias are the 16 channels' values.
-template <class Task>
-inline __m512 q8_epilogue_avx512(const Task& t, int64_t row, __m512i acc, __m512i col_sum, __m512 w_scale,
-                                 __m512 bias) {
-  const __m512i corrected = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(t.row_zp[row]), col_sum));
-  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(_mm512_set1_ps(t.row_scale[row]), w_scale));
-  if (t.bias != nullptr) y = _mm512_add_ps(y, bias);
-  return apply_activation_avx512(y, t.act);
-}
 
 // In-register 16 x 16 transpose: r[i] lane j becomes r[j] lane i.
 inline void transpose16x16(__m512 r[16]) {
@@ -79,7 +63,7 @@ inline void f32_store_tile(const F32Task& t, int64_t n0, int64_t channels, int64
 #pragma GCC unroll 16
   for (int c = 0; c < 16; ++c) r[c] = c < channels ? _mm512_load_ps(col(c)) : _mm512_setzero_ps();
   transpose16x16(r);
-  const __mmask16 lanes = tail_mask(channels);
+  const __mmask16 lanes = tail_mask16(channels);
   const __m512 bias = t.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, t.bias + n0) : _mm512_setzero_ps();
   const int64_t rows = t.m - row0 < 16 ? t.m - row0 : 16;
   for (int64_t i = 0; i < rows; ++i) {
@@ -100,7 +84,7 @@ inline void q8_store_tile(const Q8Task& t, int64_t n0, int64_t channels, int64_t
 #pragma GCC unroll 16
   for (int c = 0; c < 16; ++c) r[c] = c < channels ? _mm512_load_ps(col(c)) : _mm512_setzero_ps();
   transpose16x16(r);
-  const __mmask16 lanes = tail_mask(channels);
+  const __mmask16 lanes = tail_mask16(channels);
   const int64_t rows = t.m - row0 < 16 ? t.m - row0 : 16;
   if (t.raw != nullptr) {
     for (int64_t i = 0; i < rows; ++i) {
@@ -114,7 +98,7 @@ inline void q8_store_tile(const Q8Task& t, int64_t n0, int64_t channels, int64_t
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = row0 + i;
     _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes,
-                          q8_epilogue_avx512(t, row, _mm512_castps_si512(r[i]), col_sum, w_scale, bias));
+                          q8::epilogue_avx512(t, row, _mm512_castps_si512(r[i]), col_sum, w_scale, bias));
   }
 }
 
@@ -147,7 +131,7 @@ inline void sliced_rows(const SlicedTask& t, int64_t s, int64_t r0, Step&& step)
   for (int a = 0; j < j1; ++j, ++a) step(acc[a], j);
 
   const int64_t n0 = s * kSliceLanes;
-  const __mmask16 lanes = tail_mask(w.n - n0);
+  const __mmask16 lanes = tail_mask16(w.n - n0);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
@@ -164,7 +148,7 @@ inline void sliced_rows(const SlicedTask& t, int64_t s, int64_t r0, Step&& step)
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     const int64_t row = r0 + r;
-    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes, q8_epilogue_avx512(t, row, acc[0][r], col_sum, w_scale, bias));
+    _mm512_mask_storeu_ps(t.y + row * t.ldy + n0, lanes, q8::epilogue_avx512(t, row, acc[0][r], col_sum, w_scale, bias));
   }
 }
 

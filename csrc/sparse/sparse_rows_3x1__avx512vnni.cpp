@@ -23,7 +23,7 @@ void q8_rows_mr(const Q8Task& t, int64_t r0) {
     const int64_t b1 = w.row_ptr[n + 1];
     int s = 0;
     for (int64_t b = w.row_ptr[n]; b < b1; b += 16, s ^= 1) {
-      const __mmask16 mask = tail_mask(b1 - b);
+      const __mmask16 mask = tail_mask16(b1 - b);
       const __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w.blk_idx + b));
       const __m512i wv = _mm512_maskz_loadu_epi32(mask, w.values + 4 * b);
 #pragma GCC unroll 4
