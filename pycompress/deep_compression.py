@@ -9,8 +9,10 @@ Per layer (a row for every nn.Linear / nn.Conv2d of the float model, shared laye
   K/2 per row) plus its index arrays; a layer stored dense keeps every weight;
 - ``quantized``: the compressed layer's tensors as they are in memory and in ``pycompress.save``'s
   file (int8 weights with their padding, per-channel scales, ``col_sum``, indices, bias);
-- ``huffman``: the same with the tensors ``save(..., entropy_coding=True)`` codes replaced by their
-  payload and code lengths (each layer class's ``ENTROPY_CODED``).
+- ``huffman``: what ``save(..., entropy_coding=True)`` stores for the layer (``pycompress.io.code_layer``):
+  its integer weights as Huffman-coded zero runs and nonzeros in place of the kernel's buffers where that
+  is smaller, the other integer and index buffers Huffman-coded where that is smaller (each layer
+  class's ``ENTROPY_CODED``), code lengths included.
 
 Everything else in the model (embeddings, norms, ...) is outside the table; with ``path`` the
 report also writes the entropy-coded file there and gives its size on disk (the whole model,
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pycompress.io import entropy_coded_keys, huffman_code_if_smaller, save
+from pycompress.io import code_layer, save
 from pycompress.nn.registry import float_kind
 
 STAGES = ("float32", "pruned", "quantized", "huffman")
@@ -87,7 +89,6 @@ def compression_report(model_float: nn.Module, model_compressed: nn.Module,
     """
     model_compressed = getattr(model_compressed, "_orig_mod", model_compressed)
     compressed_state = model_compressed.state_dict()
-    coded_keys = entropy_coded_keys(model_compressed)
     rows, seen = [], set()
     for name, float_layer in model_float.named_modules():  # shared layers once
         if float_kind(float_layer) is None:
@@ -106,10 +107,7 @@ def compression_report(model_float: nn.Module, model_compressed: nn.Module,
         fmt = "float" if is_float else compressed.format_name
         tensors = {k: v for k, v in compressed_state.items() if k.startswith(f"{name}.") and isinstance(v, torch.Tensor)}
         quantized = sum(_nbytes(t) for t in tensors.values())
-        huffman = 0
-        for key, t in tensors.items():
-            coded = huffman_code_if_smaller(t) if key in coded_keys else None
-            huffman += coded.nbytes if coded is not None else _nbytes(t)
+        huffman = quantized if is_float else sum(_nbytes(t) for t in code_layer(name, compressed, tensors)[0].values())
         # A format that stores every weight saves nothing by pruning alone.
         pruned = float_bytes if is_float or compressed.pruned_bytes() is None else compressed.pruned_bytes()
         density = float((weight != 0).sum()) / max(1, weight.numel())

@@ -10,8 +10,14 @@ The manifest (metadata key ``pycompress``) holds:
 - ``aliases``: state-dict keys that share one tensor (shared modules), stored once;
 - ``record``: the conversion record, so ``pycompress.summary`` still explains each layer;
 - ``entropy``: with ``save(..., entropy_coding=True)`` (Deep Compression's last stage), the tensors
-  stored Huffman-coded (``pycompress.entropy``): ``{key: {dtype, shape, count}}``; the file holds
-  the payload under ``key`` and the 256 code lengths under ``key + "/huffman_lengths"``.
+  stored Huffman-coded (``pycompress.entropy``): ``{key: {dtype, shape, count[, lengths]}}``; the file
+  holds the payload under ``key`` and the code lengths under ``key + "/huffman_lengths"``: all 256, or
+  (``"lengths": "pairs"``, version 3) (symbol, length) byte pairs of the symbols present;
+- ``zero_runs`` (version 3): the layers whose integer weight matrix is stored as zero runs and nonzeros
+  (``code_layer``): ``{prefix: {layer, module, shape, sha256}}``; the two streams are entropy-coded
+  tensors ``prefix + "integer_weight/zero_runs"`` and ``prefix + "integer_weight/nonzeros"``; ``load``
+  decodes them, packs the module's ``INTEGER_DERIVED`` buffers from the matrix and checks them against
+  ``sha256`` before the validators below see them.
 
 Nothing from the file reaches a kernel before it is checked: entropy-coded tensors are decoded
 first (a corrupt stream or code is refused by the decoder, and a stream cannot claim more symbols
@@ -63,7 +69,15 @@ from torch import nn
 
 from pycompress._native import build_info
 from pycompress.conversion import ConversionRecord, LayerRecord, apply_plan, conversion_record
-from pycompress.entropy import HuffmanCoded, huffman_decode, huffman_encode
+from pycompress.entropy import (
+    HuffmanCoded,
+    huffman_decode,
+    huffman_encode,
+    lengths_from_stored,
+    stored_lengths,
+    zero_run_bytes,
+    zero_run_decode,
+)
 from pycompress.nn.checks import is_int
 from pycompress.nn.registry import LAYER_TYPES, compressed_layers, float_kind, linearize_transposed
 
@@ -75,6 +89,8 @@ MANIFEST_DIGEST_KEY = "pycompress_sha256"  # metadata key: sha256 of the manifes
 FORMAT_VERSIONS = {
     1: "the manifest (layers, architecture, aliases, fused, record, entropy) and the tensors",
     2: "checksums: the sha256 of every stored tensor's bytes in the manifest, and of the manifest itself",
+    3: "zero-run coding: a layer's integer weights stored as zero runs and nonzeros (manifest 'zero_runs'), its "
+       "kernel buffers rebuilt on load and checked against their sha256; code lengths as (symbol, length) pairs",
 }
 MANIFEST_VERSION = max(FORMAT_VERSIONS)
 CHECKSUMS_SINCE = 2  # the first version whose files must carry checksums
@@ -91,6 +107,10 @@ _JSON_SCALARS = (bool, int, float, str, type(None))
 # the integer weights and the sparse index arrays (as bytes), whose byte histograms are far from uniform
 # after pruning and quantization. fp32 values, scales and biases are left as they are (close to uniform).
 HUFFMAN_LENGTHS_SUFFIX = "/huffman_lengths"
+# A zero-run-coded integer weight matrix (format version 3): its two Huffman-coded streams, under the prefix
+# of the module whose buffers they replace (``code_layer``).
+ZERO_RUNS_SUFFIX = "integer_weight/zero_runs"
+NONZEROS_SUFFIX = "integer_weight/nonzeros"
 _CODED_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.int8, torch.uint8, torch.uint16, torch.int32,
                                                             torch.uint32)}
 
@@ -232,13 +252,93 @@ def entropy_coded_keys(model: nn.Module) -> set[str]:
 
 
 def huffman_code_if_smaller(t: torch.Tensor) -> HuffmanCoded | None:
-    """The tensor's bytes Huffman-coded, or None when that would not be smaller (the 256 code lengths
-    cost more than they save on small or near-uniform tensors)."""
+    """The tensor's bytes Huffman-coded, or None when that would not be smaller (the code lengths cost
+    more than they save on small or near-uniform tensors)."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     if raw.numel() == 0:
         return None
     coded = huffman_encode(raw)
     return coded if coded.nbytes < raw.numel() else None
+
+
+def _entropy_entry(original: torch.Tensor, coded: HuffmanCoded, key: str, stored: dict[str, torch.Tensor]) -> dict:
+    """Puts ``coded`` in ``stored`` (payload under ``key``, code lengths beside it) and returns its manifest entry."""
+    lengths, pairs = stored_lengths(coded.lengths)
+    stored[key], stored[key + HUFFMAN_LENGTHS_SUFFIX] = coded.payload, lengths
+    entry = {"dtype": str(original.dtype).removeprefix("torch."), "shape": list(original.shape), "count": coded.count}
+    if pairs:
+        entry["lengths"] = "pairs"
+    return entry
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def code_layer(name: str, layer: nn.Module, tensors: dict[str, torch.Tensor],
+               pinned: frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """What ``save(..., entropy_coding=True)`` stores for one compressed layer: (its stored tensors, their
+    ``entropy`` entries, its ``zero_runs`` entries). ``tensors``: the layer's state (``name.`` keys) as stored
+    without coding; ``pinned``: keys other keys alias, which must stay stored as they are.
+
+    For each module of the layer with ``INTEGER_DERIVED`` buffers (``integer_weight_modules``): when those
+    buffers are exactly what packing its integer weight matrix gives, and the matrix coded as zero runs and
+    nonzeros (``pycompress.entropy.ZeroRunCoded``: Deep Compression's storage, whose size follows the nonzeros
+    whatever layout the kernel unpacks them to) is smaller than the buffers coded one by one, the file holds
+    the two streams instead and ``load`` rebuilds the buffers. Every other ``ENTROPY_CODED`` buffer is
+    Huffman-coded where that is smaller. ``compression_report`` sizes the same result."""
+    stored = dict(tensors)
+    entropy, zero_runs = {}, {}
+    coded_keys = {f"{name}.{key}" for key in layer.entropy_coded_keys()}
+
+    def one_by_one(keys) -> tuple[dict, dict]:
+        out, entries = {}, {}
+        for key in keys:
+            coded = huffman_code_if_smaller(tensors[key]) if key in coded_keys else None
+            if coded is None:
+                out[key] = tensors[key]
+            else:
+                entries[key] = _entropy_entry(tensors[key], coded, key, out)
+        return out, entries
+
+    for rel, module in layer.integer_weight_modules():
+        prefix = f"{name}.{rel}"
+        derived = [prefix + b for b in module.INTEGER_DERIVED]
+        if any(key in pinned or key not in tensors for key in derived):
+            continue
+        q = module.integer_weight()
+        where = f"save: layer {name}"
+        rebuilt = type(module).derive_from_integer_weight(q, module.config(), tensors, prefix, where)
+        if not all(torch.equal(rebuilt[b].reshape(-1).view(torch.uint8), tensors[prefix + b].reshape(-1).view(torch.uint8))
+                   for b in module.INTEGER_DERIVED):
+            continue  # a pack built some other way (older code, a hand-made layer): stored as it is
+        runs, values = zero_run_bytes(q)
+        as_runs, run_entries = {}, {}
+        for key, t in ((prefix + ZERO_RUNS_SUFFIX, runs), (prefix + NONZEROS_SUFFIX, values)):
+            run_entries[key] = _entropy_entry(t, huffman_encode(t), key, as_runs)
+        as_buffers, buffer_entries = one_by_one(derived)
+        if _bytes(as_runs) >= _bytes(as_buffers):
+            continue
+        for key in derived:
+            del stored[key]
+        stored.update(as_runs)
+        entropy.update(run_entries)
+        zero_runs[prefix] = {"layer": name, "module": rel.rstrip("."), "shape": list(q.shape),
+                             "sha256": _derived_sha256(rebuilt, module.INTEGER_DERIVED)}
+    rest = [key for key in coded_keys if key in stored and key in tensors and key not in pinned]
+    out, entries = one_by_one(rest)
+    stored.update(out)
+    entropy.update(entries)
+    return stored, entropy, zero_runs
+
+
+def _derived_sha256(buffers: dict[str, torch.Tensor], names: tuple[str, ...]) -> str:
+    """One sha256 over the bytes of ``names``' buffers, in that order: what a zero-run entry records of the
+    buffers its weights rebuild."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(buffers[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _decode_entropy(manifest: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -258,6 +358,9 @@ def _decode_entropy(manifest: dict, tensors: dict[str, torch.Tensor], path: str)
         if not (isinstance(shape, list) and all(is_int(d, 0, 1 << 40) for d in shape) and is_int(count, 0, 1 << 50)
                 and math.prod(shape) * dtype.itemsize == count):
             raise ValueError(f"{where}: shape {shape!r} of {entry.get('dtype')} does not hold count={count!r} bytes")
+        form = entry.get("lengths", "all")
+        if form not in ("all", "pairs") or (form == "pairs" and manifest["version"] < 3):
+            raise ValueError(f"{where}: code lengths form {form!r} is not one this format version stores")
         payload, lengths = tensors.get(key), tensors.pop(key + HUFFMAN_LENGTHS_SUFFIX, None)
         if payload is None or lengths is None:
             raise ValueError(f"{where}: the file lacks its payload or its code lengths")
@@ -266,10 +369,55 @@ def _decode_entropy(manifest: dict, tensors: dict[str, torch.Tensor], path: str)
         if count > 8 * payload.numel():  # every symbol takes at least one bit: bounds the allocation below
             raise ValueError(f"{where}: {count} symbols cannot fit in {payload.numel()} payload bytes")
         try:
+            lengths = lengths_from_stored(lengths, form == "pairs")
             data = huffman_decode(HuffmanCoded(lengths=lengths, payload=payload, count=count, dtype=torch.uint8))
         except ValueError as exc:
             raise ValueError(f"{where}: corrupt: {exc}") from None
         tensors[key] = data.view(dtype).view(shape)
+
+
+def _module_entry(manifest: dict, layer: str, module: str) -> dict | None:
+    """The manifest entry ({type, config}) of ``module`` (a dotted path; "" the layer itself) inside ``layer``."""
+    entry = manifest["layers"].get(layer)
+    for part in module.split(".") if module else []:
+        entry = entry.get("config", {}).get(part) if isinstance(entry, dict) and isinstance(entry.get("config"), dict) else None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("config"), dict) else None
+
+
+def _rebuild_zero_runs(manifest: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Replaces each zero-run-coded integer weight matrix (manifest ``zero_runs``, decoded by
+    ``_decode_entropy``) by the kernel buffers its layer packs from it, each checked against the sha256 save
+    recorded, so what reaches the validators is what was saved, bit for bit (in place)."""
+    entries = manifest.get("zero_runs", {})
+    if not isinstance(entries, dict):
+        raise ValueError(f"load({path}): manifest field 'zero_runs' is malformed")
+    for prefix, entry in entries.items():
+        where = f"load({path}): zero-run-coded weights {prefix!r}"
+        if not (isinstance(entry, dict) and isinstance(entry.get("layer"), str) and isinstance(entry.get("module"), str)
+                and isinstance(entry.get("sha256"), str) and isinstance(entry.get("shape"), list)
+                and len(entry["shape"]) == 2 and all(is_int(d, 1, 1 << 31) for d in entry["shape"])):
+            raise ValueError(f"{where}: malformed manifest entry")
+        layer, module = entry["layer"], entry["module"]
+        if prefix != f"{layer}.{module + '.' if module else ''}":
+            raise ValueError(f"{where}: the key does not name layer {layer!r} module {module!r}")
+        spec = _module_entry(manifest, layer, module)
+        cls = LAYER_TYPES.get(spec.get("type")) if spec is not None else None
+        if cls is None or not cls.INTEGER_DERIVED:
+            raise ValueError(f"{where}: layer {layer} has no module {module!r} whose buffers are rebuilt from "
+                             "integer weights")
+        runs, values = tensors.pop(prefix + ZERO_RUNS_SUFFIX, None), tensors.pop(prefix + NONZEROS_SUFFIX, None)
+        if runs is None or values is None or any(prefix + b in tensors for b in cls.INTEGER_DERIVED):
+            raise ValueError(f"{where}: the file must hold its zero runs and nonzeros and none of "
+                             f"{list(cls.INTEGER_DERIVED)}")
+        try:
+            q = zero_run_decode(runs, values, tuple(entry["shape"]))
+        except ValueError as exc:
+            raise ValueError(f"{where}: corrupt: {exc}") from None
+        rebuilt = cls.derive_from_integer_weight(q, spec["config"], tensors, prefix, f"layer {layer}")
+        if _derived_sha256(rebuilt, cls.INTEGER_DERIVED) != entry["sha256"]:
+            raise ValueError(f"{where}: the rebuilt {', '.join(cls.INTEGER_DERIVED)} fail their sha256 checksum: the "
+                             "weights are not the ones save wrote (corrupt file)")
+        tensors.update({prefix + buf: rebuilt[buf].contiguous() for buf in cls.INTEGER_DERIVED})
 
 
 # ---------------------------------------------------------------- format versions and checksums
@@ -354,9 +502,9 @@ def _verify_tensor_checksums(manifest: dict, tensors: dict[str, torch.Tensor], p
 def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = False) -> None:
     """Write ``model`` (converted or not) to ``path`` as safetensors + JSON manifest, atomically.
 
-    ``entropy_coding``: store the integer weights and sparse indices Huffman-coded (Deep Compression's
-    storage, ``ENTROPY_CODED_BUFFERS``; a tensor is coded only where that makes it smaller). ``load``
-    decodes them; the model in memory is the same either way.
+    ``entropy_coding``: Deep Compression's storage (``code_layer``): integer weight matrices as Huffman-coded
+    zero runs and nonzeros, other integer and index buffers (each layer's ``ENTROPY_CODED``) Huffman-coded,
+    each only where that makes it smaller. ``load`` decodes them; the model in memory is the same either way.
     """
     import safetensors.torch
 
@@ -382,17 +530,19 @@ def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = Fa
             continue
         by_storage[ident] = key
         tensors[key] = tensor.detach().contiguous().clone()
-    entropy = {}
+    entropy, zero_runs = {}, {}
     if entropy_coding:
-        for key in sorted(entropy_coded_keys(model) & tensors.keys()):
-            original = tensors[key]
-            coded = huffman_code_if_smaller(original)
-            if coded is None:
-                continue
-            tensors[key] = coded.payload
-            tensors[key + HUFFMAN_LENGTHS_SUFFIX] = coded.lengths
-            entropy[key] = {"dtype": str(original.dtype).removeprefix("torch."), "shape": list(original.shape),
-                            "count": coded.count}
+        pinned = frozenset(aliases.values())
+        for name, module in layers:
+            if layer_names[id(module)] != name:
+                continue  # a shared layer: stored under its first name
+            own = {k: t for k, t in tensors.items() if k.startswith(name + ".")}
+            stored, coded, runs = code_layer(name, module, own, pinned)
+            for key in own:
+                del tensors[key]
+            tensors.update(stored)
+            entropy.update(coded)
+            zero_runs.update(runs)
     record = conversion_record(model)
     manifest = {
         "version": MANIFEST_VERSION,
@@ -403,6 +553,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = Fa
         "fused": list(record.fused) if record is not None else [],
         "record": asdict(record) if record is not None else None,
         "entropy": entropy,
+        "zero_runs": zero_runs,
     }
     metadata = file_metadata(manifest, tensors)
     path = os.fspath(path)
@@ -445,8 +596,11 @@ def _read(path: str, mmap: bool) -> tuple[dict, dict[str, torch.Tensor]]:
     for field in ("layers", "aliases"):
         if not isinstance(manifest.get(field), dict):
             raise ValueError(f"load({path}): manifest field {field!r} is missing or malformed")
+    if "zero_runs" in manifest and manifest["version"] < 3:
+        raise ValueError(f"load({path}): format version {manifest['version']} has no field 'zero_runs' (corrupt file)")
     _verify_tensor_checksums(manifest, tensors, path)
     _decode_entropy(manifest, tensors, path)
+    _rebuild_zero_runs(manifest, tensors, path)
     return manifest, tensors
 
 

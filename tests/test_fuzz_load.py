@@ -1,7 +1,7 @@
 """Fuzzed loader: ``pc.load`` over thousands of mutated and truncated artifacts of every format.
 
-The corpus is the golden artifacts (tests/data/golden/v1 and v2, read only): every registered layer
-class and format, the entropy-coded file and a shared-input group, in both format versions. Each case
+The corpus is the golden artifacts (tests/data/golden/v1, v2 and v3, read only): every registered layer
+class and format, the entropy-coded file and a shared-input group, in every format version. Each case
 takes one artifact and applies one seeded mutation:
 
 - raw bytes, checksums untouched: a flipped bit or a set byte anywhere (the 8-byte header length, the

@@ -52,14 +52,20 @@ INT4_MODELS = {
     "int4_grouped": {"0": "Im2colConv2d/Int4Linear int4 g16 dynamic none", "2": "Int4Linear int4 g16 dynamic relu",
                      "4": "Int4Linear int3 per-channel dynamic none", "5": "Int4Linear int4 g16 dynamic none"},
 }
-EXPECTED_LAYERS = {"v1": GOLDEN_MODELS, "v2": {**GOLDEN_MODELS, **INT4_MODELS}}
-FORMAT_VERSIONS = {"v1": 1, "v2": 2}
+EXPECTED_LAYERS = {"v1": GOLDEN_MODELS, "v2": {**GOLDEN_MODELS, **INT4_MODELS}, "v3": {**GOLDEN_MODELS, **INT4_MODELS}}
+FORMAT_VERSIONS = {"v1": 1, "v2": 2, "v3": 3}
 CHECKSUMS_SINCE = 2  # the files of this version on carry sha256 checksums (pycompress.io)
 # The tensors each entropy-coded golden file stores Huffman-coded.
 ENTROPY_CODED = {(folder, "entropy_coded"): ["0.col_idx", "0.row_ptr", "2.blk_idx", "2.values", "4.w_packed"]
                  for folder in ("v1", "v2")}
 # Only the 3-bit layer's nibble pairs code smaller (save keeps a tensor raw where Huffman does not pay).
 ENTROPY_CODED[("v2", "int4_grouped")] = ["4.w4"]
+# Version 3: integer weights as zero runs and nonzeros where that is smaller than their kernel buffers coded
+# one by one (the sparse int8 and dense int8 layers of entropy_coded, the last int4 layer of int4_grouped).
+_RUNS = ("integer_weight/nonzeros", "integer_weight/zero_runs")
+ENTROPY_CODED[("v3", "entropy_coded")] = ["0.col_idx", "0.row_ptr"] + [f"{i}.{s}" for i in (2, 4) for s in _RUNS]
+ENTROPY_CODED[("v3", "int4_grouped")] = ["4.w4"] + [f"5.{s}" for s in _RUNS]
+ZERO_RUNS = {("v3", "entropy_coded"): ["2.", "4."], ("v3", "int4_grouped"): ["5."]}
 ARTIFACTS = [(folder, name) for folder, names in EXPECTED_LAYERS.items() for name in names]
 
 
@@ -117,6 +123,7 @@ def test_golden_model_loads_and_gives_its_outputs(isa, folder, name, mmap):
     assert manifest["version"] == FORMAT_VERSIONS[folder]
     assert ("checksums" in manifest) == (FORMAT_VERSIONS[folder] >= CHECKSUMS_SINCE)
     assert sorted(manifest["entropy"]) == ENTROPY_CODED.get((folder, name), [])
+    assert sorted(manifest.get("zero_runs", [])) == ZERO_RUNS.get((folder, name), [])
     meta, inputs, outputs = _io(GOLDEN / folder / f"{name}.io.safetensors")
     assert meta["format_version"] == FORMAT_VERSIONS[folder]
     skeleton = None if meta["skeleton"] is None else make_golden.SKELETONS[meta["skeleton"]]()

@@ -378,7 +378,9 @@ def test_saved_file_holds_the_sha256_of_every_stored_tensor_and_of_the_manifest(
 def coded_saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("coded") / "c.safetensors"
     pc.save(_sparse_model(static=False), path, entropy_coding=True)
-    assert {"3.values", "3.blk_idx"} <= set(json.loads(_raw_tensors(path)[0]["pycompress"])["entropy"])
+    manifest = json.loads(_raw_tensors(path)[0]["pycompress"])
+    assert {"3.integer_weight/nonzeros", "3.integer_weight/zero_runs"} <= set(manifest["entropy"])
+    assert "3." in manifest["zero_runs"]
     return path
 
 
@@ -392,8 +394,8 @@ FLIPS = [  # (file, tensor, the owner the error names)
     ("sparse_saved", "0.gemm.row_ptr", "layer 0"),
     ("sparse_saved", "6.values", "layer 6"),  # nm24 fp32 weight values
     ("sparse_saved", "6.nm_idx", "layer 6"),
-    ("coded_saved", "3.values", "layer 3"),  # a Huffman payload, checked before the decoder reads it
-    ("coded_saved", "3.values/huffman_lengths", "layer 3"),
+    ("coded_saved", "3.integer_weight/nonzeros", "layer 3"),  # a Huffman payload, checked before decoding
+    ("coded_saved", "3.integer_weight/zero_runs/huffman_lengths", "layer 3"),
 ]
 
 
@@ -405,10 +407,10 @@ def test_a_flipped_bit_is_refused_naming_the_tensor_and_its_layer(request, tmp_p
         t = f.get_tensor(key)
     _flip_bit(path, key)
     # Nothing may read the tensors before their checksums are checked.
-    for reader in ("_decode_entropy", "_build_layer"):
+    for reader in ("_decode_entropy", "_rebuild_zero_runs", "_build_layer"):
         monkeypatch.setattr(pcio, reader, lambda *a, reader=reader: pytest.fail(f"{reader} ran before the checksums"))
     for cls in pc.nn.LAYER_TYPES.values():  # every format's readers of a file's tensors
-        for reader in ("from_config", "validate_tensors"):
+        for reader in ("from_config", "validate_tensors", "derive_from_integer_weight"):
             monkeypatch.setattr(cls, reader, lambda *a, reader=f"{cls.__name__}.{reader}": pytest.fail(
                 f"{reader} ran before the checksums"))
     described = f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"

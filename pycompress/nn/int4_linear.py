@@ -201,6 +201,26 @@ class Int4Linear(CompressedLayer):
         q = unpack_int4_weights(self.w4, self.out_features, self.in_features)
         return q, unpack_group_scales(self.g_scale, self.out_features, self.groups)
 
+    INTEGER_DERIVED = ("w4", "corr")
+
+    def integer_weight(self) -> torch.Tensor:
+        return unpack_int4_weights(self.w4, self.out_features, self.in_features)
+
+    @classmethod
+    def derive_from_integer_weight(cls, q: torch.Tensor, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str,
+                                   where: str) -> dict[str, torch.Tensor]:
+        """w4 and corr from q and the stored group scales (``g_scale``)."""
+        n, k = q.shape
+        group_size = cfg.get("group_size")
+        try:
+            check_group_size(k, group_size, f"load: {where}")
+            groups = group_count(k, group_size)
+            g_scale = file_tensor(tensors, prefix + "g_scale", _F32, round_up(n, PANEL) * groups, where)
+            w4, _, corr = pack_int4_weights(q, unpack_group_scales(g_scale, n, groups), group_size)
+        except ValueError as exc:
+            raise ValueError(f"load: {where}: cannot rebuild the int4 weights: {exc}") from None
+        return {"w4": w4, "corr": corr}
+
     def dequantized_weight(self) -> torch.Tensor:
         q, scale = self.quantized_weight()
         gk = self.in_features // self.groups

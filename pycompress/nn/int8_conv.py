@@ -229,6 +229,9 @@ class Im2colConv2d(CompressedLayer):
     def entropy_coded_keys(self) -> list[str]:
         return ["gemm." + key for key in self.gemm.entropy_coded_keys()]
 
+    def integer_weight_modules(self) -> list[tuple[str, CompressedLayer]]:
+        return [("gemm." + rel, m) for rel, m in self.gemm.integer_weight_modules()]
+
     def pruned_bytes(self) -> int | None:
         return self.gemm.pruned_bytes()
 

@@ -199,8 +199,18 @@ class Int8Linear(CompressedLayer):
         check_finite_bias(tensors, prefix, where)
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = unpack_int8_weights(self.w_packed, self.out_features, self.in_features)
-        return q.to(torch.float32) * self.w_scale[:, None]
+        return self.integer_weight().to(torch.float32) * self.w_scale[:, None]
+
+    INTEGER_DERIVED = ("w_packed", "col_sum")
+
+    def integer_weight(self) -> torch.Tensor:
+        return unpack_int8_weights(self.w_packed, self.out_features, self.in_features)
+
+    @classmethod
+    def derive_from_integer_weight(cls, q: torch.Tensor, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str,
+                                   where: str) -> dict[str, torch.Tensor]:
+        packed, col_sum = pack_int8_weights(q)
+        return {"w_packed": packed, "col_sum": col_sum}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and self._shared_input is None

@@ -130,6 +130,28 @@ class CompressedLayer(nn.Module):
         """state_dict keys (relative to this layer) that entropy coding may store Huffman-coded."""
         return [b for b in self.ENTROPY_CODED if self._buffers.get(b) is not None]
 
+    # Buffers that are a function of the layer's integer weight matrix alone (with its other stored buffers):
+    # ``save(..., entropy_coding=True)`` may store the matrix as zero runs and nonzeros instead
+    # (pycompress.entropy.ZeroRunCoded) and ``load`` rebuilds them with ``derive_from_integer_weight``.
+    INTEGER_DERIVED: ClassVar[tuple[str, ...]] = ()
+
+    def integer_weight_modules(self) -> list[tuple[str, "CompressedLayer"]]:
+        """(state_dict prefix relative to this layer, module) of each module inside it with
+        ``INTEGER_DERIVED`` buffers: this layer itself by default, its GEMM for a lowered conv."""
+        return [("", self)] if self.INTEGER_DERIVED else []
+
+    def integer_weight(self) -> torch.Tensor:
+        """The integer weights, int8 [out_features, in_features], pruned ones 0 (``INTEGER_DERIVED``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def derive_from_integer_weight(cls, q: torch.Tensor, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str,
+                                   where: str) -> dict[str, torch.Tensor]:
+        """The ``INTEGER_DERIVED`` buffers (by name) of a layer of config ``cfg`` whose integer weights are
+        ``q``, packed as building the layer packs them; ``tensors`` (``prefix`` + name) holds its other
+        stored buffers. Raises ValueError naming ``where`` when they cannot be built."""
+        raise NotImplementedError
+
     def packed_bytes(self) -> int:
         raise NotImplementedError
 

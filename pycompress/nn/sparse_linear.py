@@ -461,8 +461,22 @@ class SparseInt8Linear(_SparseBase):
     format_name = "sparse-int8"
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = unpack_bsr1x4(self.row_ptr, self.blk_idx, self.values, self.in_features)
-        return q.to(torch.float32) * self.w_scale[:, None]
+        return self.integer_weight().to(torch.float32) * self.w_scale[:, None]
+
+    # The pack holds exactly the 1x4 blocks with a nonzero weight (pack_bsr1x4), so the integer weights
+    # alone rebuild it; save checks that before storing them in place of the pack.
+    INTEGER_DERIVED = ("row_ptr", "blk_idx", "values", "col_sum")
+
+    def integer_weight(self) -> torch.Tensor:
+        return unpack_bsr1x4(self.row_ptr, self.blk_idx, self.values, self.in_features)
+
+    @classmethod
+    def derive_from_integer_weight(cls, q: torch.Tensor, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str,
+                                   where: str) -> dict[str, torch.Tensor]:
+        if q.shape[1] > MAX_K:
+            raise ValueError(f"load: {where}: K={q.shape[1]} exceeds {MAX_K}, the uint16 column index range")
+        row_ptr, blk_idx, values, col_sum = pack_bsr1x4(q)
+        return {"row_ptr": row_ptr, "blk_idx": blk_idx.to(torch.uint16), "values": values, "col_sum": col_sum}
 
     def config(self) -> dict:
         return {"bias": self.bias is not None, "activation": self.activation, "name": self.name,
