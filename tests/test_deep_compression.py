@@ -272,7 +272,7 @@ def test_4_bit_90_percent_sparse_model_file_is_20x_smaller_than_its_float32_weig
     pc.quantize(model, [torch.randn(64, 784) for _ in range(2)], weight_bits=4, group_size=None,
                 activations="static", method="rtn")
     reference = copy.deepcopy(model)
-    pc.convert(model, policy="state")
+    pc.convert(model, policy="sparse-int8")  # the same layers on every ISA path (its untimed thresholds differ)
     path = tmp_path / "lenet.safetensors"
     report = pc.compression_report(reference, model, path=path)
     assert report.total("float32") == float32_bytes
