@@ -3,7 +3,7 @@
 // of tdpbusd: packed block kb (8 k x 16 channels, 64 bytes) gives k-quad 2kb
 // (its low nibbles) and 2kb + 1 (its high nibbles), two 64-byte tile rows, so
 // 8 blocks are one 16-row B tile. A tile of up to 32 rows (one row block: decode
-// and small batches) unpacks each k step just before its tiles, so reading the
+// and small batches) unpacks each k step one step before its tiles, so reading the
 // weights overlaps the tiles' work; a taller tile unpacks its panel pair once
 // into a per-thread buffer and every row block passes it.
 //
@@ -69,8 +69,8 @@ struct Block {
 
 // Rows [r0, r0 + 16 * MB) x panels [p, p + NB) (column n = n0 + 16p) against
 // the unpacked panels b[0..NB), or (kStream) the packed panels b[0..NB), each
-// step unpacked into a two-slot ring in L1 just before its tiles: a tile of
-// one row block reads each weight once, and then the weights' stream from
+// step unpacked into a two-slot ring in L1 one step before its tiles: a tile
+// of one row block reads each weight once, and then the weights' stream from
 // memory overlaps the tiles' work instead of preceding it.
 template <int MB, int NB, bool kStream>
 void block(const Block& k, int64_t r0, int64_t n, const uint8_t* const* b, int32_t* sums, float* facc) {
@@ -81,6 +81,19 @@ void block(const Block& k, int64_t r0, int64_t n, const uint8_t* const* b, int32
   const int64_t rows = std::min<int64_t>(16 * MB, t.m - r0);
   const float* gs = t.g_scale + (n / kPanel) * t.groups * kPanel;
   for (int64_t i = 0; i < rows * 32; i += 16) _mm512_store_ps(facc + i, _mm512_setzero_ps());
+  // kStream: step s + 1 is unpacked before step s's tiles load theirs (written one step earlier), so the
+  // tile loads do not wait for the stores just made: AMX loads get no store forwarding (Intel Xeon with AMX,
+  // 1 thread, 4096 x 4096, groups of 128, 16 rows, medians of alternating runs: 670 us unpacking each step
+  // just before its tiles, 600 one step ahead). Tried and no faster: 4 panels a block for four accumulation
+  // chains; deferring each group's float accumulation a group, so it reads sums stored earlier.
+  alignas(64) static thread_local uint8_t ring[2][2][kTileBytes];
+  const auto unpack = [&](int64_t s) {
+    amx_compiler_barrier();  // the tiles of step s - 1 read this slot: its stores stay after them
+    unpack_step(b[0], t.kp, s, ring[s & 1][0]);
+    if constexpr (NB == 2) unpack_step(b[1], t.kp, s, ring[s & 1][1]);
+    amx_compiler_barrier();
+  };
+  if constexpr (kStream) unpack(0);
 
   for (int64_t g = 0; g < t.groups; ++g) {
     _tile_zero(0);
@@ -92,11 +105,7 @@ void block(const Block& k, int64_t r0, int64_t n, const uint8_t* const* b, int32
       const uint8_t* b0 = b[0] + s * kTileBytes;
       const uint8_t* b1 = NB == 2 ? b[1] + s * kTileBytes : b0;
       if constexpr (kStream) {
-        alignas(64) static thread_local uint8_t ring[2][2][kTileBytes];
-        amx_compiler_barrier();  // the tiles of step s - 2 read this slot: its stores stay after them
-        unpack_step(b[0], t.kp, s, ring[s & 1][0]);
-        if constexpr (NB == 2) unpack_step(b[1], t.kp, s, ring[s & 1][1]);
-        amx_compiler_barrier();
+        if (s + 1 < k.step_count) unpack(s + 1);
         b0 = ring[s & 1][0];
         b1 = ring[s & 1][1];
       }
