@@ -97,6 +97,17 @@ DECODE_SHAPES: tuple[LinearShape, ...] = (
     LinearShape(1, 4096, 4096, "7B-class decode GEMV over an 8-layer stack (int4 64 MiB: DRAM)", layers=8),
 )
 
+# CUDA (issue 15, bench/bench_cuda.py): the shapes above, M up to 4096, and decode over a 7B-class MLP stack whose
+# fp16 weights (8 x 90 MB) exceed an H100/H200's 50-60 MB L2, so every call streams its weights from HBM.
+CUDA_SHAPES: tuple[LinearShape, ...] = SHAPES + (
+    LinearShape(256, 4096, 4096, "7B-class prefill, 256 tokens"),
+    LinearShape(1024, 4096, 4096, "7B-class prefill, 1024 tokens"),
+    LinearShape(4096, 4096, 4096, "7B-class prefill, 4096 tokens: compute bound"),
+    LinearShape(4096, 4096, 11008, "7B-class prefill, MLP up-projection, 4096 tokens"),
+    LinearShape(1, 4096, 11008, "7B-class decode, MLP up-projection over an 8-layer stack (fp16 720 MB: HBM)", layers=8),
+    LinearShape(16, 4096, 11008, "7B-class decode, 16 tokens, over an 8-layer stack (fp16 720 MB: HBM)", layers=8),
+)
+
 # The Linears of one LLaMA-7B-class decoder layer at one token, in the order a forward calls them.
 DECODER_LAYER: tuple[LinearShape, ...] = tuple(
     LinearShape(1, k, n, f"7B-class decoder layer {name}")

@@ -23,6 +23,7 @@ using bindings::tuning_dict;
 void register_sparse_bindings(py::module_& m);   // csrc/sparse/sparse_bindings.cpp
 void register_entropy_bindings(py::module_& m);  // csrc/entropy/entropy_bindings.cpp
 void register_attention_bindings(py::module_& m);  // csrc/attention/attention_bindings.cpp
+void register_cuda_emulate_bindings(py::module_& m);  // csrc/cuda/cuda_emulate_bindings.cpp
 
 namespace {
 
@@ -249,4 +250,5 @@ PYBIND11_MODULE(_C, m) {
   register_sparse_bindings(m);
   register_entropy_bindings(m);
   register_attention_bindings(m);
+  register_cuda_emulate_bindings(m);
 }

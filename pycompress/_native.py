@@ -63,7 +63,9 @@ def isa_at_least(name: str) -> bool:
 
 def build_info() -> dict:
     info = dict(_C.build_info())
-    info["cuda"] = False  # no CUDA kernels yet: the ops are registered for CPU tensors only
+    from pycompress import _cuda
+
+    info["cuda"] = _cuda.status()  # built, archs, devices, usable, reason
     info["threads"] = num_threads()
     info["torch"] = torch.__version__
     # Whether unstructured sparse int8 layers run the byte sliced layout now (AVX-512 VBMI, active ISA).

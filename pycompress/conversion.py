@@ -574,8 +574,9 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
     for names, module in targets.values():
         device = module.weight.device
         if device.type != "cpu":
-            raise RuntimeError(f"convert: layer {names[0]} is on {device}, but this pycompress build has no CUDA "
-                               "kernels: its kernels run on CPU; move the model there with model.cpu()")
+            raise RuntimeError(f"convert: layer {names[0]} is on {device}; convert runs on CPU models: convert "
+                               "model.cpu(), then move the converted model with .to(device) (on CUDA its int8 "
+                               "dense layers run the CUDA kernel when pycompress is built with it; README, 'CUDA')")
     if not targets:
         notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-from tqdm.auto import tqdm
-
 
 def progress_bar(iterable: Iterable, desc: str, enabled: bool | None = None, total: int | None = None):
     """``enabled=None`` shows the bar only on an interactive terminal; True/False force it."""
+    from tqdm.auto import tqdm  # here, not at import: `import pycompress` needs only torch
+
     show = sys.stderr.isatty() if enabled is None else enabled
     return tqdm(iterable, desc=desc, total=total, disable=not show, leave=False, file=sys.stderr)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import pycompress as pc
-from pycompress import thresholds
+from pycompress import _cuda, thresholds
 
 FORCED_ISA = bool(os.environ.get("PYCOMPRESS_ISA"))
 ISA_PATHS = [pc.get_isa()] if FORCED_ISA else pc.supported_isas()
@@ -25,6 +25,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in ISA_FIXTURES):
             item.add_marker(pytest.mark.every_isa)
+    # GPU tests (marked cuda) run where the CUDA module is built and a device is usable (bench/gpu_check.sh);
+    # elsewhere they are skipped with the reason.
+    cuda = _cuda.status()
+    if not cuda["usable"]:
+        skip_cuda = pytest.mark.skip(reason=f"cuda: {cuda['reason']}")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip_cuda)
     # Checks marked once_per_ci run in the unforced run only: .ci/run repeats the suite per forced path for
     # the kernels, and these (training, the loader fuzz, which compares the paths itself) would only repeat.
     if not FORCED_ISA:

@@ -22,7 +22,11 @@ def test_build_info_fields():
     assert info["active_isa"] in info["supported_isas"]
     assert set(info["supported_isas"]) <= set(info["compiled_isas"])
     assert info["threads"] == torch.get_num_threads()
-    assert isinstance(info["cuda"], bool)
+    cuda = info["cuda"]
+    assert set(cuda) == {"built", "archs", "devices", "usable", "reason"}
+    assert cuda["usable"] == (cuda["built"] and not cuda["reason"])
+    if not cuda["built"]:
+        assert cuda["archs"] == [] and not cuda["usable"]
     assert info["isa_levels"] == ["scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi", "amx"]
     # Supported levels keep the levels' order.
     levels = info["isa_levels"]
@@ -35,6 +39,11 @@ CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?(?:_(?P<tile>[0-9]+x[0-9]+))?__(?P<isa>scalar|avx2|avxvnni|avx512vnni|avx512vbmi|amx)\.cpp")
 
 
+# CUDA kernels: <op>__sm<arch>.cu, the oldest architecture they need; the tiles are templates the launch plan
+# chooses between (csrc/cuda/q8_cuda_tiling.h), so the name holds none.
+CUDA_KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?__sm[0-9]+\.cu")
+
+
 @pytest.mark.skipif(not CSRC.is_dir(), reason="needs the source tree's csrc/")
 def test_kernel_files_follow_the_name_grammar():
     kernels = sorted(p for p in CSRC.glob("*/*.cpp") if "__" in p.name)
@@ -43,6 +52,10 @@ def test_kernel_files_follow_the_name_grammar():
         match = KERNEL_FILE.fullmatch(path.name)
         assert match, f"{path.relative_to(CSRC)}: not <op>_<tile>__<isa>.cpp"
         assert match["tile"] or match["isa"] == "scalar", f"{path.relative_to(CSRC)}: a vector kernel names its tile"
+    cuda = sorted(CSRC.glob("*/*.cu"))
+    assert cuda, CSRC
+    for path in cuda:
+        assert CUDA_KERNEL_FILE.fullmatch(path.name), f"{path.relative_to(CSRC)}: not <op>__sm<arch>.cu"
 
 
 def test_u7_kernel_exactly_on_avx2(isa):

@@ -37,8 +37,12 @@ constexpr float kScale = 1.125f;
 constexpr float kMaxIndex = 7.0f;
 constexpr int kDegree = 7;
 // kTable[j][n]: coefficient of t^j on interval n; lanes 8..15 pad the rows to
-// a zmm for the AVX-512 permute and are never selected.
-alignas(64) constexpr float kTable[kDegree + 1][16] = {
+// a zmm for the AVX-512 permute and are never selected. Held in a struct so the
+// CUDA epilogue can copy it into constant memory (csrc/cuda/q8_gemm_mma__sm80.cu).
+struct Table {
+  float v[kDegree + 1][16];
+};
+alignas(64) constexpr Table kTableData = {{
     {0.5f, 0.187031403f, 0.0377201773f, 0.00383038074f, 0.000188590624f, 4.40598069e-06f, 4.82153979e-08f, 0.0f, 0, 0, 0, 0, 0, 0, 0, 0},
     {-0.35461536f, -0.238882527f, -0.0730239227f, -0.0101297572f, -0.000637656369f, -1.82156218e-05f, -2.36164865e-07f, 0.0f, 0, 0, 0, 0, 0, 0, 0, 0},
     {1.10906242e-07f, 0.0943730697f, 0.0576980971f, 0.0120056123f, 0.00100765168f, 3.59804471e-05f, 5.59593673e-07f, 0.0f, 0, 0, 0, 0, 0, 0, 0, 0},
@@ -47,7 +51,8 @@ alignas(64) constexpr float kTable[kDegree + 1][16] = {
     {-0.00558348466f, 0.00138989894f, 0.0022635099f, -0.000571833167f, -0.000288237265f, -2.62635058e-05f, -8.10426855e-07f, 0.0f, 0, 0, 0, 0, 0, 0, 0, 0},
     {0.000101577119f, 0.00122529629f, -0.000630033785f, -0.000123104881f, 8.33291924e-05f, 1.34461725e-05f, 5.66131291e-07f, 0.0f, 0, 0, 0, 0, 0, 0, 0, 0},
     {0.000427306222f, -0.000269911892f, -5.19857931e-05f, 8.60280488e-05f, -1.11374911e-05f, -4.32858724e-06f, -2.33907642e-07f, 0.0f, 0, 0, 0, 0, 0, 0, 0, 0},
-};
+}};
+constexpr const float (&kTable)[kDegree + 1][16] = kTableData.v;
 }  // namespace gelu_c
 
 inline float gelu(float x) {

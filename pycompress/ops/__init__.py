@@ -5,6 +5,8 @@ sits beside the CPU one so torch.compile and torch.export trace through
 converted models without running the kernels.
 """
 
+import torch
+
 from pycompress.ops._library import LIB
 from pycompress.ops import attention  # the module: registers torch.ops.pycompress.attention
 from pycompress.ops.q8 import int8_linear
@@ -15,5 +17,19 @@ from pycompress.ops.sparse import sparse_int8_linear, sparse_int8_linear_sliced,
 # a test checks it against the schemas torch has registered under pycompress::.
 OPS = ("int8_linear", "int4_linear", "sparse_linear_csr", "sparse_linear_nm24", "sparse_int8_linear", "sparse_int8_linear_sliced",
        "attention")
+
+
+
+def _without_cuda_kernel(op: str):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(f"pycompress::{op} has no CUDA kernel yet (int8_linear has one): keep this layer "
+                                  "on CPU; on CUDA, convert with policy='int8' (dense int8 layers)")
+    return refuse
+
+
+# The ops without a CUDA kernel refuse CUDA tensors with that explanation instead of the dispatcher's.
+for _op in OPS:
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pycompress::{_op}", "CUDA"):
+        LIB.impl(_op, _without_cuda_kernel(_op), "CUDA")
 
 __all__ = ["LIB", "OPS", "attention", "int4_linear", "int8_linear", "sparse_int8_linear", "sparse_int8_linear_sliced", "sparse_linear_csr", "sparse_linear_nm24"]

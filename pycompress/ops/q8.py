@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from pycompress import _C
+from pycompress import _C, _cuda
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
 from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL, act_qmax, round_up
+
+# Activation dtypes of the CUDA kernel (x and y alike; the CPU kernels take float32) and their codes in
+# csrc/cuda/q8_cuda.h (DType).
+CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 LIB.define(
     "int8_linear(Tensor x, Tensor w_packed, Tensor col_sum, Tensor w_scale, Tensor? bias, "
@@ -22,8 +26,9 @@ def check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, 
     stay in the low microseconds. Only static sizes (K, N) are inspected, so
     dynamic batch dimensions trace without guards.
     """
-    if x.dtype != torch.float32:
-        raise TypeError(f"int8_linear: x must be float32, got {x.dtype}")
+    if x.dtype != torch.float32 and not (x.device.type == "cuda" and x.dtype in CUDA_DTYPES):
+        raise TypeError(f"int8_linear: x must be float32 (on CUDA also float16 or bfloat16), got {x.dtype} "
+                        f"on {x.device.type}")
     if x.dim() < 1:
         raise ValueError("int8_linear: x must have at least one dimension")
     return x.shape[-1], _check_weights(x.shape[-1], w_packed, col_sum, w_scale, bias, activation, act_scale,
@@ -88,6 +93,50 @@ def int8_linear_cpu(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale
 
 
 LIB.impl("int8_linear", int8_linear_cpu, "CPU")
+
+
+def check_same_device(op: str, x: torch.Tensor, **operands) -> None:
+    """Every operand on x's device, or an error naming the first that is not."""
+    for name, t in operands.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: x is on {x.device} but {name} is on {t.device}: move the layer to the input's "
+                             "device first (module.to(x.device))")
+
+
+def int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
+                     act_bits=8):
+    return _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
+
+
+def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
+                      act_bits=8, raw=False):
+    """The CUDA kernel (csrc/cuda): every operand checked before anything is launched; ``raw``: the int32
+    accumulators instead of y (tests). x's rows may be strided (elements contiguous), y is contiguous in x's
+    dtype."""
+    k, n = check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
+    check_same_device("int8_linear", x, w_packed=w_packed, col_sum=col_sum, w_scale=w_scale, bias=bias)
+    if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
+            and (bias is None or bias.is_contiguous())):
+        raise ValueError("int8_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
+    if m > 0:
+        cuda = _cuda.module("int8_linear")
+        if w_packed.data_ptr() % 16:
+            raise ValueError("int8_linear: on CUDA the packed weights must start 16-byte aligned; this one is a view "
+                             "at an odd offset: pass w_packed.clone()")
+        scratch = torch.empty(cuda.q8_scratch_bytes(m, k), dtype=torch.uint8, device=x.device)
+        with torch.cuda.device(x.device):
+            cuda.q8_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), col_sum.data_ptr(),
+                           w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
+                           0 if raw else y.data_ptr(), n, activation, act_scale is not None,
+                           1.0 if act_scale is None else act_scale, act_zero_point, act_qmax(act_bits),
+                           scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0,
+                           torch.cuda.current_stream(x.device).cuda_stream)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+LIB.impl("int8_linear", int8_linear_cuda, "CUDA")
 
 
 def eager_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:

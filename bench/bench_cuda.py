@@ -1,0 +1,133 @@
+"""The CUDA int8 linear beside cuBLAS and cuBLASLt on one GPU (issue 15), run by bench/gpu_check.sh.
+
+    python bench/bench_cuda.py            # bench/shapes.py CUDA_SHAPES, median of CUDA-event timings
+    python bench/bench_cuda.py --quick    # fewer repetitions
+
+Per shape (M, K, N), each a stack of `layers` distinct weights called in turn (time per layer):
+- ours: torch.ops.pycompress.int8_linear, activation quantization + int8 GEMM + epilogue, fp16 in and out;
+- cuBLAS fp16 and bf16: torch.nn.functional.linear;
+- cuBLASLt int8: torch._int_mm on activations already quantized, plus a separate dequantize (the goal's peer;
+  torch._int_mm needs M > 16 and K, N multiples of 8: '-' elsewhere).
+Before timing, each shape's output is checked against the CPU kernel bit for bit (fp32 in and out); a mismatch
+stops the run. Ratios are peer time / our time (> 1: we are faster). Goals (issue 15, H100/H200): M >= 256
+int8 >= 1.0x the cuBLASLt int8 peer; M <= 16 on the HBM-bound stack >= 1.6x fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import CUDA_SHAPES  # noqa: E402
+
+import pycompress as pc  # noqa: E402
+from pycompress.ops.q8 import int8_linear_cpu  # noqa: E402
+from pycompress.reference.q8 import pack_int8_weights, quantize_weight_per_channel  # noqa: E402
+
+
+def cuda_time(fn, layers: int, reps: int) -> float:
+    """Median microseconds per layer call: `reps` timed rounds of one call per layer, after a warm-up round."""
+    for i in range(layers):
+        fn(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for i in range(layers):
+            fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / layers)
+    return statistics.median(times)
+
+
+def layer(k: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    q, scale = quantize_weight_per_channel(w)
+    packed, col_sum = pack_int8_weights(q)
+    bias = torch.randn(n, generator=g) * 0.1
+    return w, q, packed, col_sum, scale, bias
+
+
+def check(shape, w_cpu) -> None:
+    _, _, packed, col_sum, scale, bias = w_cpu
+    x = torch.randn(min(shape.m, 512), shape.k)
+    want = int8_linear_cpu(x, packed, col_sum, scale, bias)
+    dev = [t.cuda() for t in (packed, col_sum, scale, bias)]
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *dev, 0, None, 0, 8).cpu()
+    if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+        bad = (got.view(torch.int32) != want.view(torch.int32)).sum().item()
+        raise SystemExit(f"bench_cuda: {shape.label}: CUDA output differs from the CPU kernel in {bad} of "
+                         f"{want.numel()} values")
+
+
+def run(reps: int) -> list[dict]:
+    rows = []
+    for shape in CUDA_SHAPES:
+        m, k, n = shape.m, shape.k, shape.n
+        weights = [layer(k, n, seed) for seed in range(shape.layers)]
+        check(shape, weights[0])
+        x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ours = [tuple(t.cuda() for t in wt[2:]) for wt in weights]
+        w16 = [wt[0].to("cuda", torch.float16) for wt in weights]
+        wbf = [wt[0].to("cuda", torch.bfloat16) for wt in weights]
+        b16 = [wt[5].to("cuda", torch.float16) for wt in weights]
+        xbf = x16.to(torch.bfloat16)
+        row = {"shape": shape.label, "source": shape.source}
+        row["ours"] = cuda_time(lambda i: torch.ops.pycompress.int8_linear(x16, *ours[i], 0, None, 0, 8),
+                                shape.layers, reps)
+        row["fp16"] = cuda_time(lambda i: torch.nn.functional.linear(x16, w16[i], b16[i]), shape.layers, reps)
+        row["bf16"] = cuda_time(lambda i: torch.nn.functional.linear(xbf, wbf[i], b16[i].bfloat16()), shape.layers,
+                                reps)
+        if m > 16 and k % 8 == 0 and n % 8 == 0:
+            xq = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
+            wq = [wt[1].cuda().t() for wt in weights]  # [K, N] column-major, as cuBLASLt wants it
+            row_scale = torch.rand(m, 1, device="cuda")
+            col_scale = [wt[4].cuda() for wt in weights]
+
+            def int_mm(i):
+                acc = torch._int_mm(xq, wq[i])
+                return (acc.float() * row_scale * col_scale[i] + b16[i].float()).half()
+
+            row["int_mm"] = cuda_time(int_mm, shape.layers, reps)
+        else:
+            row["int_mm"] = None
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = ("| Linear (M,K,N) | ours int8 us | cuBLAS fp16 us | cuBLAS bf16 us | cuBLASLt int8 + dequant us | "
+          "fp16 / ours | int8 peer / ours |\n|---|---:|---:|---:|---:|---:|---:|")
+
+
+def format_row(r: dict) -> str:
+    mm = "-" if r["int_mm"] is None else f"{r['int_mm']:.1f}"
+    mm_ratio = "-" if r["int_mm"] is None else f"{r['int_mm'] / r['ours']:.2f}"
+    return (f"| {r['shape']} | {r['ours']:.1f} | {r['fp16']:.1f} | {r['bf16']:.1f} | {mm} | "
+            f"{r['fp16'] / r['ours']:.2f} | {mm_ratio} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5 repetitions instead of 30")
+    args = parser.parse_args()
+    info = pc.build_info()["cuda"]
+    if not info["usable"]:
+        raise SystemExit(f"bench_cuda: {info['reason']}")
+    print(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), torch "
+          f"{torch.__version__} (CUDA {torch.version.cuda}), pycompress {pc.__version__} built for sm_"
+          f"{', sm_'.join(info['archs'])}")
+    print(HEADER)
+    run(5 if args.quick else 30)
+    print("Not measured yet (no CUDA kernel): sparse (unstructured, 1x4, 2:4) against to_sparse_semi_structured.")
+
+
+if __name__ == "__main__":
+    main()

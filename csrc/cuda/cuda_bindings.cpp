@@ -1,0 +1,59 @@
+// pybind11 module _C_cuda: the CUDA kernels, built only with PYCOMPRESS_CUDA=ON.
+// Pointers in (torch's device memory and current stream, from pycompress/ops);
+// the GIL is released around every launch. Linked to the static CUDA runtime, so
+// importing it needs no CUDA install; without a driver or device,
+// device_status() says why and nothing is launched.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/q8_cuda.h"
+
+namespace py = pybind11;
+using namespace pycompress;
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pycompress CUDA kernels (int8 linear on tensor cores)";
+  m.def("archs", [] { return std::string(PYCOMPRESS_CUDA_ARCHS); }, "the CUDA architectures this module was built for, comma-separated");
+  m.def(
+      "device_status",
+      [] {
+        const auto s = q8cuda::device_status();
+        py::dict d;
+        d["count"] = s.count;
+        d["reason"] = s.reason;
+        py::list devices;
+        for (int i = 0; i < s.count; ++i) {
+          int major = 0, minor = 0;
+          const std::string name = q8cuda::device_name(i, &major, &minor);
+          devices.append(py::make_tuple(name, major, minor));
+        }
+        d["devices"] = devices;
+        return d;
+      },
+      "the CUDA devices visible to this module (count -1 and the reason when the runtime cannot start)");
+  m.def("q8_scratch_bytes", &q8cuda::scratch_bytes, py::arg("m"), py::arg("k"));
+  m.def(
+      "q8_linear",
+      [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w, std::uintptr_t col_sum,
+         std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act, bool is_static,
+         float static_scale, int32_t static_zp, int32_t qmax, std::uintptr_t scratch, int64_t scratch_size,
+         std::uintptr_t raw, std::uintptr_t stream) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("q8_linear: dtype code must be 0, 1 or 2");
+        q8cuda::LinearArgs a{reinterpret_cast<const void*>(x), static_cast<q8cuda::DType>(dtype), rows, k, ldx,
+                             reinterpret_cast<const int8_t*>(w), reinterpret_cast<const int32_t*>(col_sum),
+                             reinterpret_cast<const float*>(w_scale), reinterpret_cast<const float*>(bias), n,
+                             reinterpret_cast<void*>(y), ldy, act, is_static, static_scale, static_zp, qmax,
+                             reinterpret_cast<void*>(scratch), scratch_size, reinterpret_cast<int32_t*>(raw), stream};
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::linear(a);
+        }
+        if (!err.empty()) throw std::runtime_error("int8_linear (CUDA): " + err);
+      },
+      "y[m, n] = the int8 linear of x on the given stream (raw != 0: int32 accumulators into raw instead)");
+}

@@ -1,0 +1,89 @@
+// pybind11 bindings (CPU module _C) of the CUDA kernels' host-side math: the
+// launch plan and the CPU emulation of the int8 linear (tests/test_cuda.py).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "bindings_util.h"
+#include "cuda/q8_cuda_emulate.h"
+#include "cuda/q8_cuda_tiling.h"
+
+namespace py = pybind11;
+using namespace pycompress;
+using bindings::ptr;
+
+void register_cuda_emulate_bindings(py::module_& m) {
+  m.def(
+      "cuda_q8_plan",
+      [](int64_t rows, int64_t n, int64_t k) {
+        q8cuda::Plan p;
+        const char* why = nullptr;
+        if (!q8cuda::plan(rows, n, k, &p, &why)) throw std::invalid_argument(why);
+        py::dict d;
+        d["tile"] = p.tile == q8cuda::TileKind::Small ? "small" : "large";
+        d["grid"] = py::make_tuple(p.grid_x, p.grid_y);
+        d["threads"] = p.threads;
+        d["smem_bytes"] = p.smem_bytes;
+        d["ldq"] = p.ldq;
+        d["kp"] = p.kp;
+        d["panels"] = p.panels;
+        d["scratch_bytes"] = q8cuda::scratch_layout(rows, k).total;
+        return d;
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), "the CUDA int8 linear's launch plan (ValueError when refused)");
+  m.def(
+      "cuda_q8_emulate",
+      [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w, std::uintptr_t col_sum,
+         std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, std::uintptr_t raw, int act,
+         bool is_static, float static_scale, int32_t static_zp, int32_t qmax) {
+        q8cuda::EmulateArgs a{ptr<const float>(x), rows, k, ldx, ptr<const int8_t>(w), ptr<const int32_t>(col_sum),
+                              ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ptr<int32_t>(raw),
+                              act, is_static, static_scale, static_zp, qmax};
+        q8cuda::TileKind tile = q8cuda::TileKind::Small;
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::emulate(a, &tile);
+        }
+        if (!err.empty()) throw std::invalid_argument(err);
+        return tile == q8cuda::TileKind::Small ? "small" : "large";
+      },
+      "y (or raw) = the CUDA int8 linear's algorithm run on the CPU; returns the tile it used");
+  m.def(
+      "cuda_q8_fragments",
+      [] {
+        // Each lane's fragment coordinates: (a: [(row, k)] x 4, b: [(k, n)] x 2, c: [(row, col)] x 4).
+        py::list lanes;
+        for (int lane = 0; lane < 32; ++lane) {
+          py::list a, b, c;
+          for (int r = 0; r < 4; ++r) a.append(py::make_tuple(q8cuda::a_frag_row(lane, r), q8cuda::a_frag_k(lane, r)));
+          for (int r = 0; r < 2; ++r) b.append(py::make_tuple(q8cuda::b_frag_k(lane, r), q8cuda::b_frag_n(lane)));
+          for (int e = 0; e < 4; ++e) c.append(py::make_tuple(q8cuda::c_frag_row(lane, e), q8cuda::c_frag_col(lane, e)));
+          lanes.append(py::make_tuple(a, b, c));
+        }
+        return lanes;
+      },
+      "the mma.m16n8k32 fragment coordinates of each lane (q8_cuda_tiling.h)");
+  m.def(
+      "cuda_q8_kernels",
+      [] {
+        // Launch shape of each kernel the CUDA module holds: {name: (threads, dynamic shared memory bytes)}.
+        py::dict d;
+        auto tile = [&](auto t) {
+          using T = decltype(t);
+          const std::string name = "Tile<" + std::to_string(T::kBM) + ", " + std::to_string(T::kBN) + ", " +
+                                   std::to_string(T::kWM) + ", " + std::to_string(T::kWN) + ">";
+          d[py::str(name)] = py::make_tuple(T::kThreads, T::kSmemBytes);
+        };
+        tile(q8cuda::SmallTile{});
+        tile(q8cuda::LargeTile{});
+        d["quantize_rows"] = py::make_tuple(q8cuda::kQuantRowsPerBlock * 32, 0);
+        return d;
+      },
+      "threads and dynamic shared memory of each CUDA kernel (q8_cuda_tiling.h)");
+  m.def("cuda_q8_smem_offsets", [](int row, int k, int n) {
+    return py::make_tuple(q8cuda::a_smem(row, k), q8cuda::b_smem(n, k));
+  });
+}

@@ -1,0 +1,52 @@
+// Host interface of the CUDA int8 linear (no CUDA types: included by the
+// pybind11 bindings, compiled by the host compiler). The contract is the CPU's
+// (csrc/q8/q8_gemm.h); the tiling is q8_cuda_tiling.h.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pycompress {
+namespace q8cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };  // x's and y's element type
+
+struct LinearArgs {
+  const void* x;      // [m, k] rows at stride ldx (elements), elements contiguous
+  DType dtype;
+  int64_t m, k, ldx;
+  const int8_t* w;    // packed [Np/16][Kp/4][16][4], 16-byte aligned
+  const int32_t* col_sum;
+  const float* w_scale;
+  const float* bias;  // nullable
+  int64_t n;
+  void* y;            // [m, n] rows at stride ldy (elements), same dtype as x
+  int64_t ldy;
+  int act;            // Activation code of epilogue_math.h
+  bool is_static;
+  float static_scale;
+  int32_t static_zp;
+  int32_t qmax;       // 255 (u8) or 127 (u7)
+  void* scratch;      // scratch_bytes(m, k) bytes of device memory, 16-byte aligned
+  int64_t scratch_size;
+  int32_t* raw;       // nullable: int32 accumulators [m, n] instead of y (tests)
+  std::uintptr_t stream;  // cudaStream_t of the caller (torch's current stream)
+};
+
+// Device scratch of one call: quantized rows, then per-row scale, zero point, non-finite flag.
+int64_t scratch_bytes(int64_t m, int64_t k);
+
+// Launches the quantization and the GEMM on args.stream. Returns "" on success,
+// else what went wrong (nothing was launched when the plan or the operands are refused).
+std::string linear(const LinearArgs& args);
+
+// The devices this module can use: count, or a negative count with the reason.
+struct DeviceStatus {
+  int count;
+  std::string reason;
+};
+DeviceStatus device_status();
+std::string device_name(int device, int* major, int* minor);
+
+}  // namespace q8cuda
+}  // namespace pycompress

@@ -1,0 +1,307 @@
+// int8 linear on tensor cores (sm_80 and later): per-row activation
+// quantization, then mma.sync.m16n8k32 u8 x s8 -> s32 over the CPU's packed
+// weights, with the CPU's epilogue in round-to-nearest intrinsics that never
+// contract (so y equals the CPU's y bit for bit). Tiling, fragment and staging
+// math: q8_cuda_tiling.h (shared with the CPU emulation the tests run).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/epilogue_math.h"
+#include "cuda/q8_cuda.h"
+#include "cuda/q8_cuda_tiling.h"
+
+namespace pycompress {
+namespace q8cuda {
+namespace {
+
+// GELU's table in constant memory, initialised from the CPU's constexpr copy.
+__constant__ gelu_c::Table kGeluTable = gelu_c::kTableData;
+
+// epilogue_math.h's gelu, operation for operation.
+__device__ __forceinline__ float gelu_device(float x) {
+  float s = __fmul_rn(fabsf(x), gelu_c::kScale);
+  s = s < gelu_c::kMaxIndex ? s : gelu_c::kMaxIndex;
+  const float n = rintf(s);
+  const float t = __fsub_rn(s, n);
+  const int i = static_cast<int>(n);
+  float e = kGeluTable.v[gelu_c::kDegree][i];
+#pragma unroll
+  for (int j = gelu_c::kDegree - 1; j >= 0; --j) e = __fadd_rn(__fmul_rn(e, t), kGeluTable.v[j][i]);
+  const float phi = x >= 0.0f ? __fsub_rn(1.0f, e) : e;
+  return __fmul_rn(x, phi);
+}
+
+__device__ __forceinline__ float activation(float v, int act) {
+  if (act == static_cast<int>(Activation::Relu)) return v > 0.0f ? v : 0.0f;
+  if (act == static_cast<int>(Activation::Gelu)) return gelu_device(v);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// ---- activation quantization: one warp per row --------------------------------
+
+struct QuantArgs {
+  int64_t m, k, ldx, ldq;
+  uint8_t* q;
+  float* scale;
+  int32_t* zp;
+  uint8_t* nonfinite;
+  bool is_static;
+  float static_scale;
+  int32_t static_zp, qmax;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantRowsPerBlock * 32) quantize_rows(const T* __restrict__ x, QuantArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kQuantRowsPerBlock + (threadIdx.x >> 5);
+  if (r >= a.m) return;
+  const T* row = x + r * a.ldx;
+  // The range includes 0, as on the CPU; min and max are exact, so the order of the reduction does not matter.
+  float lo = 0.0f, hi = 0.0f;
+  bool finite = true;
+  for (int64_t k = lane; k < a.k; k += 32) {
+    const float v = to_float(row[k]);
+    finite = finite && isfinite(v);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  finite = __all_sync(0xffffffffu, finite);
+  const RowQuant rq = row_quant(lo, hi, finite, a.is_static, a.static_scale, a.static_zp, a.qmax);
+  uint8_t* q = a.q + r * a.ldq;
+  for (int64_t k = lane; k < a.ldq; k += 32) {
+    q[k] = (rq.finite && k < a.k) ? quantize_value(to_float(row[k]), rq.inv_scale, rq.zp, a.qmax) : uint8_t{0};
+  }
+  if (lane == 0) {
+    a.scale[r] = rq.scale;
+    a.zp[r] = rq.zp;
+    a.nonfinite[r] = rq.finite ? 0 : 1;
+  }
+}
+
+// ---- the GEMM -----------------------------------------------------------------
+struct GemmArgs {
+  const uint8_t* q;
+  const int8_t* w;
+  int64_t m, n, ldq, kp, panels;
+  const float* row_scale;
+  const int32_t* row_zp;
+  const uint8_t* nonfinite;
+  const int32_t* col_sum;
+  const float* w_scale;
+  const float* bias;
+  int act;
+  void* y;
+  int64_t ldy;
+  int32_t* raw;
+};
+
+__device__ __forceinline__ void cp_async16(uint8_t* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? kChunk : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ uint32_t lds32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ void mma_u8s8(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <class TileT, typename OutT>
+__global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  // Stage s: A at smem + s * kAStageBytes, B after both A stages (pointer arithmetic, not an array of
+  // pointers, which would live in local memory).
+  auto a_stage = [&](int s) { return smem + s * TileT::kAStageBytes; };
+  auto b_stage = [&](int s) { return smem + kStages * TileT::kAStageBytes + s * TileT::kBStageBytes; };
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = (warp / TileT::kWarpsN) * TileT::kWM, wn = (warp % TileT::kWarpsN) * TileT::kWN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * TileT::kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * TileT::kBN;
+  const int64_t p0 = n0 / kPanel;
+
+  int32_t acc[TileT::kMTiles][TileT::kNTiles][4];
+#pragma unroll
+  for (int i = 0; i < TileT::kMTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < TileT::kNTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+  auto load_stage = [&](int s, int64_t k0) {
+    for (int c = tid; c < TileT::kAChunks; c += TileT::kThreads) {
+      const Copy cp = a_copy(c, m0, k0, g.m, g.ldq);
+      cp_async16(a_stage(s) + cp.dst, g.q + cp.src, cp.valid);
+    }
+    for (int c = tid; c < TileT::kBChunks; c += TileT::kThreads) {
+      const Copy cp = b_copy(c, p0, k0, g.panels, g.kp);
+      cp_async16(b_stage(s) + cp.dst, g.w + cp.src, cp.valid);
+    }
+    cp_async_commit();
+  };
+
+  const int64_t steps = g.ldq / kBK;
+  load_stage(0, 0);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int s = static_cast<int>(step & 1);
+    if (step + 1 < steps) {
+      load_stage(s ^ 1, (step + 1) * kBK);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += kMmaK) {
+      uint32_t a[TileT::kMTiles][4], b[TileT::kNTiles][2];
+#pragma unroll
+      for (int i = 0; i < TileT::kMTiles; ++i)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          a[i][r] = lds32(a_stage(s) + a_smem(wm + i * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)));
+#pragma unroll
+      for (int j = 0; j < TileT::kNTiles; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          b[j][r] = lds32(b_stage(s) + b_smem(wn + j * kMmaN + b_frag_n(lane), ks + b_frag_k(lane, r)));
+#pragma unroll
+      for (int i = 0; i < TileT::kMTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < TileT::kNTiles; ++j) mma_u8s8(acc[i][j], a[i], b[j]);
+    }
+    __syncthreads();  // every warp is done with stage s before the next step's copies overwrite it
+  }
+
+#pragma unroll
+  for (int i = 0; i < TileT::kMTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < TileT::kNTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
+        const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
+        if (row >= g.m || col >= g.n) continue;
+        if (g.raw != nullptr) {
+          g.raw[row * g.ldy + col] = acc[i][j][e];
+          continue;
+        }
+        float v;
+        if (g.nonfinite[row]) {
+          v = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
+        } else {
+          v = dequantize(acc[i][j][e], g.row_zp[row], g.col_sum[col], g.row_scale[row], g.w_scale[col]);
+          if (g.bias != nullptr) v = __fadd_rn(v, g.bias[col]);
+          v = activation(v, g.act);
+        }
+        static_cast<OutT*>(g.y)[row * g.ldy + col] = from_float<OutT>(v);
+      }
+}
+
+template <typename T>
+std::string launch_all(const LinearArgs& a, const Plan& p) {
+  const Scratch sl = scratch_layout(a.m, a.k);
+  uint8_t* base = static_cast<uint8_t*>(a.scratch);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  QuantArgs qa{a.m, a.k, a.ldx, p.ldq, base + sl.q, reinterpret_cast<float*>(base + sl.scale),
+               reinterpret_cast<int32_t*>(base + sl.zp), base + sl.nonfinite, a.is_static, a.static_scale,
+               a.static_zp, a.qmax};
+  const unsigned qblocks = static_cast<unsigned>((a.m + kQuantRowsPerBlock - 1) / kQuantRowsPerBlock);
+  quantize_rows<T><<<qblocks, kQuantRowsPerBlock * 32, 0, stream>>>(static_cast<const T*>(a.x), qa);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return std::string("q8_quantize_rows launch failed: ") + cudaGetErrorString(err);
+
+  GemmArgs g{qa.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, qa.scale, qa.zp, qa.nonfinite, a.col_sum, a.w_scale,
+             a.bias, a.act, a.raw != nullptr ? static_cast<void*>(a.raw) : a.y, a.ldy, a.raw};
+  const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
+  if (p.tile == TileKind::Small) {
+    q8_gemm<SmallTile, T><<<grid, SmallTile::kThreads, SmallTile::kSmemBytes, stream>>>(g);
+  } else {
+    q8_gemm<LargeTile, T><<<grid, LargeTile::kThreads, LargeTile::kSmemBytes, stream>>>(g);
+  }
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return std::string("q8_gemm launch failed: ") + cudaGetErrorString(err);
+  return "";
+}
+
+static_assert(SmallTile::kSmemBytes <= 48 * 1024 && LargeTile::kSmemBytes <= 48 * 1024,
+              "above 48 KiB of dynamic shared memory a launch needs cudaFuncSetAttribute");
+
+}  // namespace
+
+int64_t scratch_bytes(int64_t m, int64_t k) { return scratch_layout(m, k).total; }
+
+std::string linear(const LinearArgs& a) {
+  Plan p;
+  const char* why = nullptr;
+  if (!plan(a.m, a.n, a.k, &p, &why)) return why;
+  if (a.m == 0) return "";
+  if (a.scratch_size < scratch_bytes(a.m, a.k)) return "scratch buffer too small";
+  if (reinterpret_cast<std::uintptr_t>(a.w) % kChunk != 0 || reinterpret_cast<std::uintptr_t>(a.scratch) % kChunk != 0)
+    return "the packed weights and the scratch buffer must be 16-byte aligned";
+  if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
+  switch (a.dtype) {
+    case DType::F32: return launch_all<float>(a, p);
+    case DType::F16: return launch_all<__half>(a, p);
+    case DType::BF16: return launch_all<__nv_bfloat16>(a, p);
+  }
+  return "unknown dtype code";
+}
+
+DeviceStatus device_status() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it
+    return DeviceStatus{-1, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err)};
+  }
+  return DeviceStatus{count, count > 0 ? "" : "no CUDA device"};
+}
+
+std::string device_name(int device, int* major, int* minor) {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+    cudaGetLastError();
+    *major = *minor = -1;
+    return "";
+  }
+  *major = prop.major;
+  *minor = prop.minor;
+  return prop.name;
+}
+
+}  // namespace q8cuda
+}  // namespace pycompress

@@ -1,0 +1,174 @@
+// The CUDA int8 linear's algorithm run on the CPU, warp by warp and lane by
+// lane, through the same index math as the kernel (q8_cuda_tiling.h): the
+// plan, the cp.async copies into each stage (every read bounds-checked), each
+// lane's fragment registers loaded from the staged bytes, mma.m16n8k32 as the
+// PTX ISA defines it over those registers, and the epilogue per accumulator
+// element. Part of the CPU module (`_C.cuda_q8_emulate`), so the tests check on
+// any machine that the tiling covers every output once, that tails and padding
+// read nothing out of bounds, and that the result equals the reference bit for
+// bit. Only the GPU can check the fragment layouts against the hardware.
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/epilogue_math.h"
+#include "cuda/q8_cuda_emulate.h"
+#include "cuda/q8_cuda_tiling.h"
+
+namespace pycompress {
+namespace q8cuda {
+namespace {
+
+struct Buffer {
+  const uint8_t* data;
+  int64_t size;
+  const char* name;
+};
+
+void copy16(uint8_t* dst, const Buffer& src, const Copy& c) {
+  if (!c.valid) {
+    std::memset(dst + c.dst, 0, kChunk);
+    return;
+  }
+  if (c.src < 0 || c.src + kChunk > src.size)
+    throw std::logic_error(std::string("cuda_q8_emulate: a copy reads ") + src.name + " out of bounds at byte " +
+                           std::to_string(c.src));
+  std::memcpy(dst + c.dst, src.data + c.src, kChunk);
+}
+
+uint32_t word(const std::vector<uint8_t>& stage, int offset) {
+  if (offset < 0 || offset + 4 > static_cast<int>(stage.size()) || offset % 4 != 0)
+    throw std::logic_error("cuda_q8_emulate: a fragment load leaves its stage or is misaligned");
+  uint32_t v;
+  std::memcpy(&v, stage.data() + offset, 4);
+  return v;
+}
+
+// mma.m16n8k32.row.col.s32.u8.s8.s32 over one warp's registers.
+void mma_warp(int32_t (&acc)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
+  int32_t A[kMmaM][kMmaK] = {}, B[kMmaK][kMmaN] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < 4; ++j)
+        A[a_frag_row(lane, r)][a_frag_k(lane, r) + j] = static_cast<uint8_t>(a[lane][r] >> (8 * j));
+    for (int r = 0; r < 2; ++r)
+      for (int j = 0; j < 4; ++j)
+        B[b_frag_k(lane, r) + j][b_frag_n(lane)] = static_cast<int8_t>(static_cast<uint8_t>(b[lane][r] >> (8 * j)));
+  }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int e = 0; e < 4; ++e) {
+      int32_t s = 0;
+      for (int k = 0; k < kMmaK; ++k) s += A[c_frag_row(lane, e)][k] * B[k][c_frag_col(lane, e)];
+      acc[lane][e] += s;
+    }
+}
+
+template <class TileT>
+void gemm(const EmulateArgs& a, const Plan& p, const std::vector<uint8_t>& q, const std::vector<float>& scale,
+          const std::vector<int32_t>& zp, const std::vector<uint8_t>& nonfinite, std::vector<int>& writes) {
+  const Buffer qbuf{q.data(), static_cast<int64_t>(q.size()), "the quantized rows"};
+  const Buffer wbuf{reinterpret_cast<const uint8_t*>(a.w), p.panels * p.kp * kPanel, "the packed weights"};
+  constexpr int kWarps = TileT::kThreads / 32;
+  std::vector<uint8_t> a_stage(TileT::kAStageBytes), b_stage(TileT::kBStageBytes);
+  // acc[warp][i][j][lane][e]
+  std::vector<int32_t> acc(static_cast<size_t>(kWarps) * TileT::kMTiles * TileT::kNTiles * 32 * 4);
+  auto acc_at = [&](int w, int i, int j) {
+    return reinterpret_cast<int32_t(*)[4]>(&acc[((static_cast<size_t>(w) * TileT::kMTiles + i) * TileT::kNTiles + j) * 128]);
+  };
+  for (int64_t by = 0; by < p.grid_y; ++by)
+    for (int64_t bx = 0; bx < p.grid_x; ++bx) {
+      const int64_t m0 = by * TileT::kBM, n0 = bx * TileT::kBN, p0 = n0 / kPanel;
+      std::fill(acc.begin(), acc.end(), 0);
+      for (int64_t step = 0; step < p.ldq / kBK; ++step) {
+        const int64_t k0 = step * kBK;
+        for (int c = 0; c < TileT::kAChunks; ++c) copy16(a_stage.data(), qbuf, a_copy(c, m0, k0, a.m, p.ldq));
+        for (int c = 0; c < TileT::kBChunks; ++c) copy16(b_stage.data(), wbuf, b_copy(c, p0, k0, p.panels, p.kp));
+        for (int w = 0; w < kWarps; ++w) {
+          const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
+          for (int ks = 0; ks < kBK; ks += kMmaK)
+            for (int i = 0; i < TileT::kMTiles; ++i)
+              for (int j = 0; j < TileT::kNTiles; ++j) {
+                uint32_t ra[32][4], rb[32][2];
+                for (int lane = 0; lane < 32; ++lane) {
+                  for (int r = 0; r < 4; ++r)
+                    ra[lane][r] = word(a_stage, a_smem(wm + i * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)));
+                  for (int r = 0; r < 2; ++r)
+                    rb[lane][r] = word(b_stage, b_smem(wn + j * kMmaN + b_frag_n(lane), ks + b_frag_k(lane, r)));
+                }
+                mma_warp(*reinterpret_cast<int32_t(*)[32][4]>(acc_at(w, i, j)), ra, rb);
+              }
+        }
+      }
+      for (int w = 0; w < kWarps; ++w) {
+        const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
+        for (int i = 0; i < TileT::kMTiles; ++i)
+          for (int j = 0; j < TileT::kNTiles; ++j)
+            for (int lane = 0; lane < 32; ++lane)
+              for (int e = 0; e < 4; ++e) {
+                const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
+                const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
+                if (row >= a.m || col >= a.n) continue;
+                const int32_t v32 = acc_at(w, i, j)[lane][e];
+                writes[row * a.n + col] += 1;
+                if (a.raw != nullptr) {
+                  a.raw[row * a.n + col] = v32;
+                  continue;
+                }
+                float v;
+                if (nonfinite[row]) {
+                  v = std::numeric_limits<float>::quiet_NaN();
+                } else {
+                  v = dequantize(v32, zp[row], a.col_sum[col], scale[row], a.w_scale[col]);
+                  if (a.bias != nullptr) v = v + a.bias[col];
+                  v = apply_activation(v, static_cast<Activation>(a.act));
+                }
+                a.y[row * a.n + col] = v;
+              }
+      }
+    }
+}
+
+}  // namespace
+
+std::string emulate(const EmulateArgs& a, TileKind* tile) {
+  Plan p;
+  const char* why = nullptr;
+  if (!plan(a.m, a.n, a.k, &p, &why)) return why;
+  *tile = p.tile;
+  if (a.m == 0) return "";
+  // The quantization kernel: one warp per row, lanes striding k (min / max are exact: any order gives the same).
+  std::vector<uint8_t> q(static_cast<size_t>(a.m * p.ldq)), nonfinite(static_cast<size_t>(a.m));
+  std::vector<float> scale(static_cast<size_t>(a.m));
+  std::vector<int32_t> zp(static_cast<size_t>(a.m));
+  for (int64_t r = 0; r < a.m; ++r) {
+    const float* x = a.x + r * a.ldx;
+    float lo = 0.0f, hi = 0.0f;
+    bool finite = true;
+    for (int64_t k = 0; k < a.k; ++k) {
+      finite = finite && std::isfinite(x[k]);
+      lo = std::fmin(lo, x[k]);
+      hi = std::fmax(hi, x[k]);
+    }
+    const RowQuant rq = row_quant(lo, hi, finite, a.is_static, a.static_scale, a.static_zp, a.qmax);
+    for (int64_t k = 0; k < p.ldq; ++k)
+      q[r * p.ldq + k] = (rq.finite && k < a.k) ? quantize_value(x[k], rq.inv_scale, rq.zp, a.qmax) : uint8_t{0};
+    scale[r] = rq.scale;
+    zp[r] = rq.zp;
+    nonfinite[r] = rq.finite ? 0 : 1;
+  }
+  std::vector<int> writes(static_cast<size_t>(a.m * a.n), 0);
+  if (p.tile == TileKind::Small)
+    gemm<SmallTile>(a, p, q, scale, zp, nonfinite, writes);
+  else
+    gemm<LargeTile>(a, p, q, scale, zp, nonfinite, writes);
+  for (int64_t i = 0; i < a.m * a.n; ++i)
+    if (writes[i] != 1)
+      throw std::logic_error("cuda_q8_emulate: output " + std::to_string(i) + " written " + std::to_string(writes[i]) +
+                             " times");
+  return "";
+}
+
+}  // namespace q8cuda
+}  // namespace pycompress

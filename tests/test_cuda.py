@@ -1,0 +1,369 @@
+"""The CUDA int8 linear (csrc/cuda): what runs without a GPU, and the GPU tests (marked ``cuda``).
+
+Without a GPU: the launch plan, the fragment layouts' coverage and bank conflicts, and the kernel's algorithm
+run on the CPU through the kernel's own index math (``_C.cuda_q8_emulate``: staging, tails, padding, each
+lane's fragments, the epilogue), bit for bit against the reference on shapes around every tile size; the
+checks made before any launch, on fake CUDA tensors. With a GPU (bench/gpu_check.sh): the kernel itself
+against the CPU kernel, bit for bit, in float32, float16 and bfloat16, under CUDA graphs and streams.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import pycompress as pc
+from pycompress import _C, _cuda
+from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu
+from pycompress.reference.q8 import (act_qmax, int8_linear_ref, pack_int8_weights, q8_accumulate_ref,
+                                     quantize_rows_ref, quantize_weight_per_channel)
+
+# Nothing here depends on the CPU's ISA path (the emulation is plain C++): once per CI run.
+pytestmark = pytest.mark.once_per_ci
+
+ACT = {"none": 0, "relu": 1, "gelu": 2}
+SMALL_ROWS = 16  # csrc/cuda/q8_cuda_tiling.h kSmallRows: up to this many rows run the small tile
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def layer(n: int, k: int, seed: int = 0, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    q, scale = quantize_weight_per_channel(w)
+    packed, col_sum = pack_int8_weights(q)
+    b = torch.randn(n, generator=g) if bias else None
+    return q, scale, packed, col_sum, b
+
+
+def emulate(x, packed, col_sum, scale, b, n, act="none", static=None, act_bits=8, raw=False):
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.int32 if raw else torch.float32)
+    tile = _C.cuda_q8_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, packed.data_ptr(), col_sum.data_ptr(),
+                              scale.data_ptr(), 0 if b is None else b.data_ptr(), n, 0 if raw else y.data_ptr(),
+                              y.data_ptr() if raw else 0, ACT[act], static is not None,
+                              1.0 if static is None else static[0], 0 if static is None else static[1],
+                              act_qmax(act_bits))
+    return y, tile
+
+
+# (M, N, K) around the tiles: M across the small tile (16 rows) and the large one (128), N across a panel
+# (16), the small tile (64) and the large one (128), K across a k group (4), an mma step (32) and a stage (64).
+SHAPES = [(1, 1, 1), (1, 16, 64), (2, 17, 33), (5, 64, 65), (16, 65, 128), (16, 130, 3), (17, 8, 4),
+          (17, 129, 31), (64, 128, 64), (100, 1, 129), (128, 127, 63), (129, 128, 65), (130, 200, 100),
+          (257, 33, 7), (15, 256, 192)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_emulated_kernel_equals_the_reference_bit_for_bit(m, n, k):
+    q, scale, packed, col_sum, b = layer(n, k, seed=m * 1000 + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+    y, tile = emulate(x, packed, col_sum, scale, b, n)
+    assert tile == ("small" if m <= SMALL_ROWS else "large")
+    assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale, b)))
+    raw, _ = emulate(x, packed, col_sum, scale, b, n, raw=True)
+    qa, _, _, _ = quantize_rows_ref(x)
+    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(qa, q))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("static", [None, (0.05, 77)])
+@pytest.mark.parametrize("act_bits", [7, 8])
+@pytest.mark.parametrize("m", [3, 40])
+def test_emulated_epilogue_options_equal_the_cpu_kernel(act, static, act_bits, m):
+    n, k = 70, 96
+    q, scale, packed, col_sum, b = layer(n, k, seed=5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * 2
+    zp = None if static is None else min(static[1], act_qmax(act_bits))
+    static = None if static is None else (static[0], zp)
+    y, _ = emulate(x, packed, col_sum, scale, b, n, act, static, act_bits)
+    want = int8_linear_ref(x, q, scale, b, act, static, act_bits)
+    assert torch.equal(bits(y), bits(want))
+    cpu = int8_linear_cpu(x, packed, col_sum, scale, b, ACT[act], None if static is None else static[0],
+                          0 if static is None else static[1], act_bits)
+    assert torch.equal(bits(y), bits(cpu))
+
+
+def test_emulated_non_finite_rows_are_nan_and_leave_the_others_exact():
+    n, k = 24, 40
+    q, scale, packed, col_sum, b = layer(n, k)
+    x = torch.randn(20, k)
+    x[3, 7] = float("nan")
+    x[11, 0] = float("inf")
+    x[12, 39] = -float("inf")
+    x[14] = 3e38  # finite, but hi - lo overflows: a non-finite scale
+    x[14, 0] = -3e38
+    y, _ = emulate(x, packed, col_sum, scale, b, n)
+    want = int8_linear_ref(x, q, scale, b)
+    assert torch.equal(bits(y), bits(want))
+    assert torch.isnan(y[[3, 11, 12, 14]]).all() and not torch.isnan(y[[0, 1, 2, 4, 13, 15]]).any()
+
+
+def test_emulated_strided_rows():
+    n, k = 40, 50
+    q, scale, packed, col_sum, b = layer(n, k)
+    base = torch.randn(30, 80)
+    x = base[:, 5:5 + k]  # row stride 80
+    assert not x.is_contiguous()
+    y, _ = emulate(x, packed, col_sum, scale, b, n)
+    assert torch.equal(bits(y), bits(int8_linear_ref(x.contiguous(), q, scale, b)))
+
+
+def test_emulated_extremes_at_the_largest_k():
+    """K = 65536 with every product 255 x -128: the int32 accumulator at its bound, exact."""
+    k, n = 65536, 16
+    q = torch.full((n, k), -128, dtype=torch.int8)
+    q[1::2] = 127
+    scale = torch.full((n,), 0.5)
+    packed, col_sum = pack_int8_weights(q)
+    x = torch.ones(3, k)  # scale 1/255, zero point 0: every q = 255
+    raw, tile = emulate(x, packed, col_sum, scale, None, n, raw=True)
+    assert tile == "small"
+    assert raw[0, 0].item() == 255 * -128 * k and raw[0, 1].item() == 255 * 127 * k
+    y, _ = emulate(x, packed, col_sum, scale, None, n)
+    assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale)))
+
+
+def test_emulated_empty_batch():
+    q, scale, packed, col_sum, b = layer(8, 8)
+    y, tile = emulate(torch.empty(0, 8), packed, col_sum, scale, b, 8)
+    assert y.shape == (0, 8) and tile == "small"
+
+
+def test_plan_tiles_and_refusals():
+    small, large = _C.cuda_q8_plan(16, 100, 70), _C.cuda_q8_plan(17, 100, 70)
+    assert small["tile"] == "small" and small["grid"] == (2, 1) and small["threads"] == 128
+    assert large["tile"] == "large" and large["grid"] == (1, 1) and large["threads"] == 256
+    assert small["ldq"] == 128 and small["kp"] == 72 and small["panels"] == 7
+    assert _C.cuda_q8_plan(1000, 4096, 4096)["grid"] == (32, 8)
+    assert large["smem_bytes"] <= 48 * 1024  # no opt-in launch attribute needed
+    with pytest.raises(ValueError, match=r"K outside \[1, 65536\]"):
+        _C.cuda_q8_plan(4, 4, 65537)
+    with pytest.raises(ValueError, match=r"K outside"):
+        _C.cuda_q8_plan(4, 4, 0)
+    with pytest.raises(ValueError, match=r"M above 65535 row tiles"):
+        _C.cuda_q8_plan(65536 * 128, 4, 4)
+
+
+def test_fragments_cover_each_mma_operand_once():
+    """The a/b/c fragment coordinates of the 32 lanes cover A (16 x 32), B (32 x 8) and C (16 x 8) exactly once."""
+    a, b, c = collections.Counter(), collections.Counter(), collections.Counter()
+    for lane_a, lane_b, lane_c in _C.cuda_q8_fragments():
+        a.update((row, kk + j) for row, kk in lane_a for j in range(4))
+        b.update((kk + j, col) for kk, col in lane_b for j in range(4))
+        c.update(lane_c)
+    assert a == collections.Counter((r, kk) for r in range(16) for kk in range(32))
+    assert b == collections.Counter((kk, col) for kk in range(32) for col in range(8))
+    assert c == collections.Counter((r, col) for r in range(16) for col in range(8))
+
+
+@pytest.mark.parametrize("operand", ["a", "b"])
+def test_fragment_loads_hit_32_different_banks(operand):
+    """Each 32-bit fragment load of a warp reads 32 different shared-memory banks (the stage rows' padding)."""
+    frags = _C.cuda_q8_fragments()
+    for reg in range(4 if operand == "a" else 2):
+        for base in (0, 16, 32, 48) if operand == "a" else (0, 8, 16, 24):
+            banks = set()
+            for lane_a, lane_b, _ in frags:
+                if operand == "a":
+                    row, kk = lane_a[reg]
+                    offset = _C.cuda_q8_smem_offsets(base + row, kk, 0)[0]
+                else:
+                    kk, col = lane_b[reg]
+                    offset = _C.cuda_q8_smem_offsets(0, kk, base + col)[1]
+                assert offset % 4 == 0
+                banks.add(offset // 4 % 32)
+            assert len(banks) == 32, (operand, reg, base)
+
+
+def test_every_op_has_a_cuda_kernel_or_a_clear_refusal():
+    for op in pc.ops.OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pycompress::{op}", "CUDA"), op
+
+
+# ---- checks made before any launch, on fake CUDA tensors (no GPU needed) ------------------------------------
+
+def fake_cuda_operands(m=4, n=20, k=12):
+    _, scale, packed, col_sum, b = layer(n, k)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        x = torch.empty(m, k, device="cuda")
+        ops = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (packed, col_sum, scale, b)]
+    return mode, x, ops
+
+
+def test_prelaunch_mixed_devices_are_refused_naming_the_operand():
+    mode, x, (packed, col_sum, scale, b) = fake_cuda_operands()
+    with mode:
+        cpu_scale = torch.empty(scale.shape, dtype=torch.float32)
+        with pytest.raises(ValueError, match=r"int8_linear: x is on cuda:0 but w_scale is on cpu: move the layer"):
+            _int8_linear_cuda(x, packed, col_sum, cpu_scale, b)
+
+
+def test_prelaunch_dtype_shape_and_layout_errors():
+    mode, x, (packed, col_sum, scale, b) = fake_cuda_operands()
+    with mode:
+        with pytest.raises(TypeError, match=r"x must be float32 \(on CUDA also float16 or bfloat16\), got torch.int8"):
+            _int8_linear_cuda(torch.empty(4, 12, dtype=torch.int8, device="cuda"), packed, col_sum, scale, b)
+        with pytest.raises(ValueError, match=r"packed weight must be 1-D int8 of 512 bytes for K=13, N=20"):
+            _int8_linear_cuda(torch.empty(4, 13, device="cuda"), packed, col_sum, scale, b)
+        with pytest.raises(ValueError, match=r"K=70000 features is outside \[1, 65536\]"):
+            _int8_linear_cuda(torch.empty(1, 70000, device="cuda"), packed, col_sum, scale, b)
+        wide = torch.empty_strided((20,), (2,), device="cuda")  # every other float
+        with pytest.raises(ValueError, match=r"weight operands must be contiguous"):
+            _int8_linear_cuda(x, packed, col_sum, wide, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prelaunch_empty_batch_returns_empty_in_the_input_dtype(dtype):
+    mode, _, (packed, col_sum, scale, b) = fake_cuda_operands()
+    with mode:
+        y = _int8_linear_cuda(torch.empty(2, 0, 12, dtype=dtype, device="cuda"), packed, col_sum, scale, b)
+        assert y.shape == (2, 0, 20) and y.dtype == dtype and y.is_cuda
+
+
+@pytest.mark.skipif(_cuda.status()["usable"], reason="a CUDA device is usable here")
+def test_without_a_usable_cuda_module_a_cuda_call_says_why():
+    mode, x, (packed, col_sum, scale, b) = fake_cuda_operands()
+    status = _cuda.status()
+    if status["built"]:  # a CUDA build on a machine without a driver or device (CI)
+        assert status["archs"] and status["reason"].startswith(("the CUDA runtime cannot start", "no CUDA device",
+                                                                "no device of compute capability"))
+    else:
+        assert status["reason"] == ("pycompress was built without CUDA: rebuild with the CUDA kernels: "
+                                    "PYCOMPRESS_CUDA=ON pip install . (nvcc on PATH; README.md, 'CUDA')")
+    with mode, pytest.raises(RuntimeError, match="int8_linear: got CUDA tensors, but " + re.escape(status["reason"])):
+        _int8_linear_cuda(x, packed, col_sum, scale, b)
+    assert pc.build_info()["cuda"] == status
+
+
+def test_fake_kernel_keeps_the_cuda_dtype():
+    mode, _, (packed, col_sum, scale, b) = fake_cuda_operands()
+    with mode:
+        y = torch.ops.pycompress.int8_linear(torch.empty(3, 12, dtype=torch.bfloat16, device="cuda"), packed, col_sum,
+                                             scale, b, 0, None, 0, 8)
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 20)
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------------
+
+GPU_SHAPES = SHAPES + [(1, 4096, 4096), (16, 11008, 4096), (333, 768, 3072), (1024, 1024, 1024)]
+
+
+def cpu_and_cuda(m, n, k, seed=0, bias=True):
+    q, scale, packed, col_sum, b = layer(n, k, seed=seed, bias=bias)
+    cpu = (packed, col_sum, scale, b)
+    return q, cpu, tuple(None if t is None else t.cuda() for t in cpu)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+def test_cuda_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k):
+    q, cpu, gpu = cpu_and_cuda(m, n, k, seed=m + n)
+    x = torch.randn(m, k) * 2
+    want = int8_linear_cpu(x, *cpu)
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 0, None, 0, 8)
+    assert torch.equal(bits(got.cpu()), bits(want))
+    raw = _int8_linear_cuda(x.cuda(), *gpu, raw=True).cpu()
+    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("static,act_bits", [(None, 8), (None, 7), (0.04, 8)])
+def test_cuda_epilogue_options(act, static, act_bits):
+    q, cpu, gpu = cpu_and_cuda(37, 300, 200)
+    x = torch.randn(37, 200)
+    args = (ACT[act], static, 0 if static is None else 90, act_bits)
+    want = int8_linear_cpu(x, *cpu, *args)
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, *args).cpu()
+    assert torch.equal(bits(got), bits(want))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_inputs_and_outputs_are_the_cpu_result_rounded(dtype):
+    _, cpu, gpu = cpu_and_cuda(50, 96, 128)
+    x = (torch.randn(50, 128) * 3).to(dtype)
+    want = int8_linear_cpu(x.float(), *cpu).to(dtype)
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 0, None, 0, 8)
+    assert got.dtype == dtype and torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.cuda
+def test_cuda_non_finite_rows_strided_input_and_empty_batch():
+    _, cpu, gpu = cpu_and_cuda(24, 40, 50)
+    base = torch.randn(24, 64)
+    base[5, 9] = float("nan")
+    x = base[:, 3:53]
+    want = int8_linear_cpu(x, *cpu)
+    got = torch.ops.pycompress.int8_linear(base.cuda()[:, 3:53], *gpu, 0, None, 0, 8).cpu()
+    assert torch.equal(bits(got), bits(want))
+    assert torch.ops.pycompress.int8_linear(torch.empty(0, 50, device="cuda"), *gpu, 0, None, 0, 8).shape == (0, 40)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_a_side_stream():
+    _, cpu, gpu = cpu_and_cuda(64, 256, 512)
+    x = torch.randn(64, 512)
+    want = int8_linear_cpu(x, *cpu)
+    static_x = x.cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        on_stream = torch.ops.pycompress.int8_linear(static_x, *gpu, 0, None, 0, 8)
+    stream.synchronize()
+    assert torch.equal(bits(on_stream.cpu()), bits(want))
+    torch.ops.pycompress.int8_linear(static_x, *gpu, 0, None, 0, 8)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.pycompress.int8_linear(static_x, *gpu, 0, None, 0, 8)
+    static_x.copy_((x * 2).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(bits(out.cpu()), bits(int8_linear_cpu(x * 2, *cpu)))
+
+
+@pytest.mark.cuda
+def test_converted_model_moves_to_cuda_and_computes_the_same_bits():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))
+    pc.convert(model, policy="int8")
+    x = torch.randn(33, 64)
+    want = model(x)
+    model.to("cuda")
+    got = model(x.cuda()).cpu()
+    assert torch.equal(bits(got), bits(want))
+
+
+@pytest.mark.cuda
+def test_cuda_input_to_a_cpu_layer_is_a_clear_error():
+    _, cpu, _ = cpu_and_cuda(4, 16, 16)
+    with pytest.raises(ValueError, match=r"x is on cuda:0 but w_packed is on cpu"):
+        torch.ops.pycompress.int8_linear(torch.randn(4, 16, device="cuda"), *cpu, 0, None, 0, 8)
+
+
+# ---- ptxas: what the build machine can check of the device code ------------------------------------------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_kernels_compile_for_sm80_and_sm90_without_spills():
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import cuda_resources
+    finally:
+        sys.path.pop(0)
+    kernels = cuda_resources.resources(("80", "90"))
+    names = {k.name for k in kernels}
+    assert {k.arch for k in kernels} == {"80", "90"} and len(kernels) == 2 * len(names)
+    assert sum(n.startswith("q8_gemm<") for n in names) == 6 and sum(n.startswith("quantize_rows<") for n in names) == 3
+    for k in kernels:
+        assert (k.spill_stores, k.spill_loads, k.stack) == (0, 0, 0), f"{k.name} on sm_{k.arch} spills: {k}"
+        assert k.occupancy[0] >= 1, f"{k.name} on sm_{k.arch} cannot be resident: {k}"
