@@ -35,6 +35,8 @@ from __future__ import annotations
 import datetime
 import io
 import pickle
+import sys
+import time
 
 import torch
 from torch import nn
@@ -83,20 +85,30 @@ class Comm:
             f"died, stopped calling {self.what}, or did not reach this step within {timeout} "
             f"({type(err).__name__}: {err})")
 
-    def _wait(self, work, step: str) -> None:
+    def _call(self, step: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, group=self.group, async_op=True, **kwargs)
+        except Exception as err:
+            raise self._fail(step, err) from err
+
+    def _run(self, step: str, fn, *args, **kwargs) -> None:
+        """One collective, waited on with the timeout; every tensor argument (or list of them) is the
+        collective's. Returns once the backend has released them too (_until_released), failed or not."""
+        tensors = tuple(t for a in args for t in (a if isinstance(a, list) else [a]))
+        before = _python_refs(tensors)
+        work = self._call(step, fn, *args, **kwargs)
+        error = None
         try:
             if self.timeout is None:
                 work.wait()
             else:
                 work.wait(timeout=self.timeout)
         except Exception as err:  # gloo: "Connection closed by peer", "Timed out", ...
-            raise self._fail(step, err) from err
-
-    def _call(self, step: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, group=self.group, async_op=True, **kwargs)
-        except Exception as err:
-            raise self._fail(step, err) from err
+            error = err
+        del work  # this frame (which the error's traceback keeps) must not keep the work alive
+        _until_released(tensors, before)
+        if error is not None:
+            raise self._fail(step, error) from error
 
     def all_reduce_(self, tensor: torch.Tensor, op: str, step: str) -> torch.Tensor:
         """In place; ``op`` is "sum", "min" or "max"."""
@@ -105,7 +117,7 @@ class Comm:
         import torch.distributed as dist
 
         red = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
-        self._wait(self._call(step, dist.all_reduce, tensor, op=red), step)
+        self._run(step, dist.all_reduce, tensor, op=red)
         return tensor
 
     def all_gather_object(self, obj: object, step: str) -> list:
@@ -119,12 +131,12 @@ class Comm:
         data = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.int64)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        self._wait(self._call(step, dist.all_gather, sizes, size), step)
+        self._run(step, dist.all_gather, sizes, size)
         longest = int(max(int(s) for s in sizes))
         padded = torch.zeros(longest, dtype=torch.uint8)
         padded[:data.numel()] = data
         out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
-        self._wait(self._call(step, dist.all_gather, out, padded), step)
+        self._run(step, dist.all_gather, out, padded)
         return [pickle.loads(o[:int(s)].numpy().tobytes()) for o, s in zip(out, sizes)]
 
     def broadcast_object(self, obj: object, src: int, step: str) -> object:
@@ -140,10 +152,10 @@ class Comm:
             size = torch.tensor([data.numel()], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
-        self._wait(self._call(step, dist.broadcast, size, group_src=src), step)
+        self._run(step, dist.broadcast, size, group_src=src)
         if self.rank != src:
             data = torch.zeros(int(size), dtype=torch.uint8)
-        self._wait(self._call(step, dist.broadcast, data, group_src=src), step)
+        self._run(step, dist.broadcast, data, group_src=src)
         return obj if self.rank == src else pickle.loads(data.numpy().tobytes())
 
     # -- protocol ---------------------------------------------------------------------------------------
@@ -217,6 +229,23 @@ class Comm:
                     f"{diff}; every rank must call {self.what} with the same model and arguments (only the "
                     "calibration batches differ)")
         return sum(c for _, _, c in infos)
+
+
+def _python_refs(tensors: tuple) -> list[int]:
+    return [sys.getrefcount(t) for t in tensors]
+
+
+def _until_released(tensors: tuple, before: list[int], limit_s: float = 1.0) -> None:
+    """Waits (GIL released, at most ``limit_s``) until the backend has dropped its references to a finished
+    collective's tensors. The backend's worker thread drops them a moment after ``wait`` returns, and that
+    drop takes the GIL (torch holds a Python reference to a tensor while C++ shares it); if the process
+    exits in that moment, the thread takes the GIL during interpreter finalization and is ended through a
+    noexcept destructor: std::terminate, SIGABRT at exit (seen with gloo after a failed collective, ~3% of
+    runs of tests/test_calibration_distributed.py). A collective that never finishes (a stalled rank) is
+    given up after ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while _python_refs(tensors) != before and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def resolve_process_group(process_group, dist_timeout, what: str) -> Comm:
