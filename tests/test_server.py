@@ -132,6 +132,20 @@ def test_concurrent_requests_get_the_direct_calls_bits_and_metrics_count_them(em
     assert buckets == sorted(buckets) and buckets[-1] == metrics["embed_batch_texts_count"]
 
 
+def test_a_lone_request_runs_after_the_gap_not_after_the_whole_wait(embedder):
+    """max_gap_ms ends a gather once requests stop arriving: with a minute of max_wait_ms the request would
+    outlive its 10 s deadline (504) if the batcher waited it out."""
+    with serving(embedder, Settings(max_wait_ms=60_000, max_gap_ms=5)) as (_, _, url):
+        response = _post(url, {"texts": [EVALUATION[0]]})
+        assert response.status_code == 200, response.text
+        assert _metrics(url)["embed_batch_texts_count"] == 1
+
+
+def test_settings_refuse_negative_waits():
+    with pytest.raises(ValueError, match=r"max_wait_ms \(5.0\) and max_gap_ms \(-1\) must be >= 0"):
+        Settings(max_gap_ms=-1)
+
+
 def test_requests_waiting_for_the_model_run_as_one_batch(embedder):
     gate = Gate(embedder)
     with serving(gate, Settings(max_wait_ms=0)) as (app, _, url), ThreadPoolExecutor(4) as pool:
