@@ -345,6 +345,22 @@ def test_converted_model_moves_to_cuda_and_computes_the_same_bits():
 
 
 @pytest.mark.cuda
+def test_a_half_precision_model_on_cuda_rounds_each_layer_output_once():
+    """model.half().cuda(): the converted layers keep their float32 scales (CompressedLayer._apply) and take the
+    float16 activations; each layer's output is the CPU's float32 output rounded to float16."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 10))
+    pc.convert(model, policy="int8")
+    x = torch.randn(9, 64).half()
+    first, second = model[0], model[-1]
+    want = second(torch.relu(first(x.float()).half()).float()).half()
+    model.half().to("cuda")
+    assert first.w_scale.dtype == torch.float32
+    got = model(x.cuda()).cpu()
+    assert got.dtype == torch.float16 and torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.cuda
 def test_cuda_input_to_a_cpu_layer_is_a_clear_error():
     _, cpu, _ = cpu_and_cuda(4, 16, 16)
     with pytest.raises(ValueError, match=r"x is on cuda:0 but w_packed is on cpu"):

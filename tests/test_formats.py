@@ -100,6 +100,19 @@ def test_verify_and_summary_report_the_format(case):
         assert rows[name].bytes_after == module_bytes(layer)
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_a_dtype_cast_of_the_model_keeps_each_format_intact(case, cast):
+    """model.half() / .to(torch.bfloat16) / .double() casts the float layers around the converted ones; a
+    converted layer's buffers keep the dtypes its format fixes, so it computes the same bits for the same
+    float32 input (CompressedLayer._apply)."""
+    model, _, x = case
+    expected = model(x)
+    before = {name: b.dtype for name, b in model.named_buffers()}
+    {"half": model.half, "bfloat16": lambda: model.to(torch.bfloat16), "double": model.double}[cast]()
+    assert {name: b.dtype for name, b in model.named_buffers()} == before
+    assert torch.equal(model(x), expected)
+
+
 def test_deepcopy_and_pickle_compute_the_same(case):
     model, _, x = case
     expected = model(x)  # builds the derived layouts too (their uint16 / uint32 buffers travel as well)

@@ -98,6 +98,17 @@ class CompressedLayer(nn.Module):
     def format_name(self) -> str:
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):
+        """The format fixes its buffers' dtypes (float32 scales, biases and sparse values, integer weights), so a
+        cast of the whole model (``model.half()``, ``model.to(torch.bfloat16)``) moves them to the new device
+        and leaves their dtype: the kernels keep their contract and the layer keeps computing the same bits.
+        The cast is recognised by what ``fn`` does to a float32 probe."""
+        probe = fn(torch.zeros((), dtype=torch.float32))
+        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            device = probe.device
+            return super()._apply(lambda t: t.to(device), recurse)
+        return super()._apply(fn, recurse)
+
     def fuses_activation(self) -> bool:
         return self.FUSES_ACTIVATION
 
