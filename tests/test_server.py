@@ -256,3 +256,21 @@ def test_shutdown_answers_the_requests_in_flight(embedder):
         assert torch.equal(_embeddings(in_model.result())[0], embedder(["in the model at shutdown"])[0])
         assert torch.equal(_embeddings(queued.result())[0], embedder(["queued at shutdown"])[0])
     assert app.state.batcher.closing and not app.state.batcher.queue
+
+
+def test_the_load_test_short_form_every_answer_checked(embedder):
+    """bench/bench_server.py's load generator (raw kept-alive HTTP/1.1 connections) against the server: every
+    request answered 200, every answer equal to a direct call of the model on its sentence alone."""
+    import asyncio
+
+    sys.path.insert(0, str(SERVER.parents[2] / "bench"))
+    try:
+        import bench_server
+    finally:
+        sys.path.pop(0)
+    texts = EVALUATION[:12]
+    direct = {t: embedder([t])[0] for t in texts}
+    with serving(embedder) as (_, _, url):
+        latencies, statuses, answers, seconds, cpu = asyncio.run(bench_server.load(url, texts, 8, 48, 120))
+    assert statuses == {200: 48} and len(latencies) == len(answers) == 48 and seconds > 0 and cpu >= 0
+    assert bench_server.check(answers, direct)[:2] == (48, 0)  # (bit-exact answers, answers below MIN_COSINE)
