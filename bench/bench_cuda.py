@@ -8,9 +8,12 @@ Per shape (M, K, N), each a stack of `layers` distinct weights called in turn (t
 - cuBLAS fp16 and bf16: torch.nn.functional.linear;
 - cuBLASLt int8: torch._int_mm on activations already quantized, plus a separate dequantize (the goal's peer;
   torch._int_mm needs M > 16 and K, N multiples of 8: '-' elsewhere).
+- ours sparse int8: torch.ops.pycompress.sparse_int8_linear over bsr1x4 weights at 90% unstructured sparsity, for
+  M <= 16 (fp16 in and out).
 Before timing, each shape's output is checked against the CPU kernel bit for bit (fp32 in and out); a mismatch
 stops the run. Ratios are peer time / our time (> 1: we are faster). Goals (issue 15, H100/H200): M >= 256
-int8 >= 1.0x the cuBLASLt int8 peer; M <= 16 on the HBM-bound stack >= 1.6x fp16.
+int8 >= 1.0x the cuBLASLt int8 peer; M <= 16 on the HBM-bound stack >= 1.6x fp16; sparse at M = 1 on that
+stack >= 2x fp16.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ from shapes import CUDA_SHAPES  # noqa: E402
 
 import pycompress as pc  # noqa: E402
 from pycompress.ops.q8 import int8_linear_cpu  # noqa: E402
+from pycompress.ops.sparse import sparse_int8_linear_cpu  # noqa: E402
 from pycompress.reference.q8 import pack_int8_weights, quantize_weight_per_channel  # noqa: E402
+from pycompress.reference.sparse import pack_bsr1x4  # noqa: E402
+
+SPARSE_DENSITY = 0.1  # the sparse column: 90% unstructured sparsity, for M <= SPARSE_MAX_ROWS
+SPARSE_MAX_ROWS = 16
 
 
 def cuda_time(fn, layers: int, reps: int) -> float:
@@ -98,20 +106,40 @@ def run(reps: int) -> list[dict]:
             row["int_mm"] = cuda_time(int_mm, shape.layers, reps)
         else:
             row["int_mm"] = None
+        row["sparse"] = None
+        if m <= SPARSE_MAX_ROWS:
+            packs = []
+            for seed in range(shape.layers):
+                g = torch.Generator().manual_seed(seed)
+                w = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < SPARSE_DENSITY)
+                q, scale = quantize_weight_per_channel(w)
+                row_ptr, blk_idx, values, col_sum = pack_bsr1x4(q)
+                packs.append((row_ptr, blk_idx, values, col_sum, scale, weights[seed][5]))
+            xs = torch.randn(m, k)
+            want = sparse_int8_linear_cpu(xs, *packs[0])
+            sparse = [tuple(t.cuda() for t in p) for p in packs]
+            got = torch.ops.pycompress.sparse_int8_linear(xs.cuda(), *sparse[0], 0, None, 0).cpu()
+            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                raise SystemExit(f"bench_cuda: {shape.label}: the sparse CUDA output differs from the CPU kernel")
+            row["sparse"] = cuda_time(lambda i: torch.ops.pycompress.sparse_int8_linear(x16, *sparse[i], 0, None, 0),
+                                      shape.layers, reps)
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
 
 
 HEADER = ("| Linear (M,K,N) | ours int8 us | cuBLAS fp16 us | cuBLAS bf16 us | cuBLASLt int8 + dequant us | "
-          "fp16 / ours | int8 peer / ours |\n|---|---:|---:|---:|---:|---:|---:|")
+          "fp16 / ours | int8 peer / ours | ours sparse int8 90% us | fp16 / sparse |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(r: dict) -> str:
     mm = "-" if r["int_mm"] is None else f"{r['int_mm']:.1f}"
     mm_ratio = "-" if r["int_mm"] is None else f"{r['int_mm'] / r['ours']:.2f}"
+    sp = "-" if r["sparse"] is None else f"{r['sparse']:.1f}"
+    sp_ratio = "-" if r["sparse"] is None else f"{r['fp16'] / r['sparse']:.2f}"
     return (f"| {r['shape']} | {r['ours']:.1f} | {r['fp16']:.1f} | {r['bf16']:.1f} | {mm} | "
-            f"{r['fp16'] / r['ours']:.2f} | {mm_ratio} |")
+            f"{r['fp16'] / r['ours']:.2f} | {mm_ratio} | {sp} | {sp_ratio} |")
 
 
 def main() -> None:
@@ -126,7 +154,7 @@ def main() -> None:
           f"{', sm_'.join(info['archs'])}")
     print(HEADER)
     run(5 if args.quick else 30)
-    print("Not measured yet (no CUDA kernel): sparse (unstructured, 1x4, 2:4) against to_sparse_semi_structured.")
+    print("Not measured yet: 2:4 against to_sparse_semi_structured (no 2:4 CUDA kernel), sparse fp32 weights.")
 
 
 if __name__ == "__main__":

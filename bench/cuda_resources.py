@@ -59,7 +59,7 @@ def launch_shape(name: str) -> tuple[int, int]:
 
     shapes = _C.cuda_q8_kernels()
     m = TILE.search(name)
-    return shapes[m.group(0)] if m else shapes["quantize_rows"]
+    return shapes[m.group(0)] if m else shapes[name.split("<")[0]]
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -100,7 +100,7 @@ def resources(archs=DEFAULT_ARCHS, nvcc: str | None = None) -> list[Kernel]:
                 raw.append(entry)
                 entry = None
         for (mangled, arch, regs, stack, stores, loads), name in zip(raw, demangle([r[0] for r in raw])):
-            threads, smem = launch_shape(name)
+            threads, smem = launch_shape(short(name))
             kernels.append(Kernel(arch, short(name), regs, stack, stores, loads, threads, smem))
     return kernels
 

@@ -22,6 +22,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import pycompress as pc
 from pycompress import _C, _cuda
 from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu
+from pycompress.ops.sparse import _sparse_int8_linear_cuda, sparse_int8_linear_cpu
+from pycompress.reference.sparse import pack_bsr1x4
 from pycompress.reference.q8 import (act_qmax, int8_linear_ref, pack_int8_weights, q8_accumulate_ref,
                                      quantize_rows_ref, quantize_weight_per_channel)
 
@@ -254,7 +256,43 @@ def test_fake_kernel_keeps_the_cuda_dtype():
         assert y.dtype == torch.bfloat16 and y.shape == (3, 20)
 
 
-# ---- on a GPU ---------------------------------------------------------------------------------------------
+def test_sparse_plan_grid_and_refusals():
+    assert _C.cuda_q8_sparse_plan(1, 4096, 4096) == (512, 1)  # 8 channels (warps) a block, 8 rows a pass
+    assert _C.cuda_q8_sparse_plan(17, 9, 5) == (2, 3)
+    with pytest.raises(ValueError, match=r"K outside \[1, 65536\]"):
+        _C.cuda_q8_sparse_plan(1, 4, 65537)
+    with pytest.raises(ValueError, match=r"M above 65535 row groups"):
+        _C.cuda_q8_sparse_plan(65536 * 8, 4, 4)
+
+
+def sparse_layer(n, k, density=0.1, seed=0, bias=True):
+    """(q int8 [n, k] with ~density nonzeros, scale, bsr1x4 (row_ptr, blk_idx, values), col_sum, bias)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < density)
+    q, scale = quantize_weight_per_channel(w)
+    row_ptr, blk_idx, values, col_sum = pack_bsr1x4(q)
+    b = torch.randn(n, generator=g) if bias else None
+    return q, scale, (row_ptr, blk_idx, values), col_sum, b
+
+
+def test_prelaunch_sparse_checks_on_fake_cuda_tensors():
+    _, scale, pack, col_sum, b = sparse_layer(20, 12)
+    mode = FakeTensorMode()
+    with mode:
+        x = torch.empty(3, 12, device="cuda")
+        ops = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (*pack, col_sum, scale, b)]
+        with pytest.raises(ValueError, match=r"sparse_int8_linear: x is on cuda:0 but values is on cpu"):
+            _sparse_int8_linear_cuda(x, ops[0], ops[1], torch.empty(pack[2].shape, dtype=torch.int8), *ops[3:])
+        with pytest.raises(TypeError, match=r"x must be float32 \(on CUDA also float16 or bfloat16\), got torch.int32"):
+            _sparse_int8_linear_cuda(torch.empty(3, 12, dtype=torch.int32, device="cuda"), *ops)
+        y = _sparse_int8_linear_cuda(torch.empty(0, 12, dtype=torch.bfloat16, device="cuda"), *ops)
+        assert y.shape == (0, 20) and y.dtype == torch.bfloat16
+        if not _cuda.status()["usable"]:
+            with pytest.raises(RuntimeError, match="sparse_int8_linear: got CUDA tensors, but "):
+                _sparse_int8_linear_cuda(x, *ops)
+
+
+# ---- on a GPU ----# ---- on a GPU ---------------------------------------------------------------------------------------------
 
 GPU_SHAPES = SHAPES + [(1, 4096, 4096), (16, 11008, 4096), (333, 768, 3072), (1024, 1024, 1024)]
 
@@ -381,6 +419,59 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     names = {k.name for k in kernels}
     assert {k.arch for k in kernels} == {"80", "90"} and len(kernels) == 2 * len(names)
     assert sum(n.startswith("q8_gemm<") for n in names) == 6 and sum(n.startswith("quantize_rows<") for n in names) == 3
+    assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3
     for k in kernels:
         assert (k.spill_stores, k.spill_loads, k.stack) == (0, 0, 0), f"{k.name} on sm_{k.arch} spills: {k}"
         assert k.occupancy[0] >= 1, f"{k.name} on sm_{k.arch} cannot be resident: {k}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("n,k,density", [(64, 96, 0.1), (130, 1000, 0.05), (4096, 4096, 0.1), (17, 5, 0.5)])
+def test_cuda_sparse_equals_cpu_sparse_and_dense_cuda_bit_for_bit(m, n, k, density):
+    q, scale, pack, col_sum, b = sparse_layer(n, k, density, seed=m)
+    x = torch.randn(m, k) * 2
+    want = sparse_int8_linear_cpu(x, *pack, col_sum, scale, b)
+    gpu = [t.cuda() for t in (*pack, col_sum, scale, b)]
+    got = torch.ops.pycompress.sparse_int8_linear(x.cuda(), *gpu, 0, None, 0).cpu()
+    assert torch.equal(bits(got), bits(want))
+    packed, dense_col_sum = pack_int8_weights(q)
+    dense = torch.ops.pycompress.int8_linear(x.cuda(), packed.cuda(), dense_col_sum.cuda(), scale.cuda(), b.cuda(),
+                                             0, None, 0, 8).cpu()
+    assert torch.equal(bits(dense), bits(want))
+    raw = _sparse_int8_linear_cuda(x.cuda(), *gpu, raw=True).cpu()
+    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_sparse_half_inputs_gelu_and_static(dtype):
+    _, scale, pack, col_sum, b = sparse_layer(96, 160, 0.2)
+    x = (torch.randn(11, 160) * 3).to(dtype)
+    gpu = [t.cuda() for t in (*pack, col_sum, scale, b)]
+    for args in ((2, None, 0), (1, 0.05, 100)):
+        want = sparse_int8_linear_cpu(x.float(), *pack, col_sum, scale, b, *args).to(dtype)
+        got = torch.ops.pycompress.sparse_int8_linear(x.cuda(), *gpu, *args).cpu()
+        assert got.dtype == dtype and torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.cuda
+def test_a_sparse_int8_model_moves_to_cuda_and_computes_the_same_bits():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64))
+    pc.prune(model, sparsity=0.9)
+    pc.convert(model, policy="sparse-int8")
+    x = torch.randn(5, 256)
+    want = model(x)
+    model.to("cuda")
+    assert torch.equal(bits(model(x.cuda()).cpu()), bits(want))
+
+
+@pytest.mark.cuda
+def test_a_corrupt_sparse_pack_is_refused_before_the_launch():
+    _, scale, (row_ptr, blk_idx, values), col_sum, b = sparse_layer(32, 64)
+    bad = blk_idx.clone()
+    bad[0] = 1000  # block 1000 covers k = 4000.., far past K = 64
+    gpu = [t.cuda() for t in (row_ptr, bad, values, col_sum, scale, b)]
+    with pytest.raises(ValueError, match=r"sparse_int8_linear: corrupt sparse pack"):
+        torch.ops.pycompress.sparse_int8_linear(torch.randn(2, 64, device="cuda"), *gpu, 0, None, 0)

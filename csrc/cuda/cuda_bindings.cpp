@@ -56,4 +56,27 @@ PYBIND11_MODULE(_C_cuda, m) {
         if (!err.empty()) throw std::runtime_error("int8_linear (CUDA): " + err);
       },
       "y[m, n] = the int8 linear of x on the given stream (raw != 0: int32 accumulators into raw instead)");
+  m.def(
+      "q8_sparse_linear",
+      [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr,
+         std::uintptr_t blk_idx, std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale,
+         std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act, bool is_static, float static_scale,
+         int32_t static_zp, int32_t qmax, std::uintptr_t scratch, int64_t scratch_size, std::uintptr_t raw,
+         std::uintptr_t stream) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("q8_sparse_linear: dtype code must be 0, 1 or 2");
+        q8cuda::LinearArgs a{reinterpret_cast<const void*>(x), static_cast<q8cuda::DType>(dtype), rows, k, ldx,
+                             nullptr, reinterpret_cast<const int32_t*>(col_sum),
+                             reinterpret_cast<const float*>(w_scale), reinterpret_cast<const float*>(bias), n,
+                             reinterpret_cast<void*>(y), ldy, act, is_static, static_scale, static_zp, qmax,
+                             reinterpret_cast<void*>(scratch), scratch_size, reinterpret_cast<int32_t*>(raw), stream,
+                             reinterpret_cast<const int32_t*>(row_ptr), reinterpret_cast<const uint16_t*>(blk_idx),
+                             reinterpret_cast<const int8_t*>(values)};
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::sparse_linear(a);
+        }
+        if (!err.empty()) throw std::runtime_error("sparse_int8_linear (CUDA): " + err);
+      },
+      "y[m, n] = the int8 linear of x over bsr1x4 sparse weights (validated by the caller), on the given stream");
 }

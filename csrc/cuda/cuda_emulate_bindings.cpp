@@ -34,6 +34,15 @@ void register_cuda_emulate_bindings(py::module_& m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), "the CUDA int8 linear's launch plan (ValueError when refused)");
   m.def(
+      "cuda_q8_sparse_plan",
+      [](int64_t rows, int64_t n, int64_t k) {
+        q8cuda::SparsePlan p;
+        const char* why = nullptr;
+        if (!q8cuda::sparse_plan(rows, n, k, &p, &why)) throw std::invalid_argument(why);
+        return py::make_tuple(p.grid_x, p.grid_y);
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), "the sparse int8 kernel's grid (ValueError when refused)");
+  m.def(
       "cuda_q8_emulate",
       [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, std::uintptr_t raw, int act,
@@ -80,6 +89,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         tile(q8cuda::SmallTile{});
         tile(q8cuda::LargeTile{});
         d["quantize_rows"] = py::make_tuple(q8cuda::kQuantRowsPerBlock * 32, 0);
+        d["q8_sparse_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
         return d;
       },
       "threads and dynamic shared memory of each CUDA kernel (q8_cuda_tiling.h)");

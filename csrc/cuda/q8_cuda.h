@@ -31,6 +31,10 @@ struct LinearArgs {
   int64_t scratch_size;
   int32_t* raw;       // nullable: int32 accumulators [m, n] instead of y (tests)
   std::uintptr_t stream;  // cudaStream_t of the caller (torch's current stream)
+  // Sparse weights instead of w (sparse_linear): the CPU's bsr1x4 pack, validated on the host first.
+  const int32_t* row_ptr = nullptr;  // [n + 1]
+  const uint16_t* blk_idx = nullptr; // [blocks]: block g covers k = 4g .. 4g + 3
+  const int8_t* values = nullptr;    // [blocks * 4], 4-byte aligned
 };
 
 // Device scratch of one call: quantized rows, then per-row scale, zero point, non-finite flag.
@@ -39,6 +43,13 @@ int64_t scratch_bytes(int64_t m, int64_t k);
 // Launches the quantization and the GEMM on args.stream. Returns "" on success,
 // else what went wrong (nothing was launched when the plan or the operands are refused).
 std::string linear(const LinearArgs& args);
+
+// The same linear over bsr1x4 sparse weights (q8_sparse_rows__sm61.cu): bit-identical to linear() on the
+// same weights (exact int32 accumulation, the same epilogue).
+std::string sparse_linear(const LinearArgs& args);
+
+// The per-row activation quantization into args.scratch (scratch_layout), on args.stream.
+std::string quantize(const LinearArgs& args);
 
 // The devices this module can use: count, or a negative count with the reason.
 struct DeviceStatus {

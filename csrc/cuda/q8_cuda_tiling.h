@@ -160,6 +160,25 @@ PYC_HD bool plan(int64_t m, int64_t n, int64_t k, Plan* out, const char** why) {
   return true;
 }
 
+// The sparse (bsr1x4) kernel: one warp per output channel, kSparseWarps channels a block, kSparseRows
+// activation rows a pass (grid y).
+constexpr int kSparseWarps = 8;
+constexpr int kSparseRows = 8;
+
+struct SparsePlan {
+  int64_t grid_x, grid_y;
+};
+
+PYC_HD bool sparse_plan(int64_t m, int64_t n, int64_t k, SparsePlan* out, const char** why) {
+  if (k < 1 || k > kMaxK) { *why = "K outside [1, 65536] (an int32 accumulator of u8 x s8 products can overflow)"; return false; }
+  if (n < 1) { *why = "N must be at least 1"; return false; }
+  if (m < 0) { *why = "M must be >= 0"; return false; }
+  out->grid_x = (n + kSparseWarps - 1) / kSparseWarps;
+  out->grid_y = (m + kSparseRows - 1) / kSparseRows;
+  if (out->grid_y > kMaxGridY) { *why = "M above 65535 row groups (524280 rows): split the batch"; return false; }
+  return true;
+}
+
 // Device scratch of one call (byte offsets, each 16-byte aligned): the quantized
 // rows (m x ldq), then per row the scale (float), zero point (int32) and
 // non-finite flag (uint8).

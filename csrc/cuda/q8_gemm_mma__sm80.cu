@@ -10,54 +10,13 @@
 #include <cstdint>
 #include <string>
 
-#include "common/epilogue_math.h"
 #include "cuda/q8_cuda.h"
+#include "cuda/q8_cuda_device.cuh"
 #include "cuda/q8_cuda_tiling.h"
 
 namespace pycompress {
 namespace q8cuda {
 namespace {
-
-// GELU's table in constant memory, initialised from the CPU's constexpr copy.
-__constant__ gelu_c::Table kGeluTable = gelu_c::kTableData;
-
-// epilogue_math.h's gelu, operation for operation.
-__device__ __forceinline__ float gelu_device(float x) {
-  float s = __fmul_rn(fabsf(x), gelu_c::kScale);
-  s = s < gelu_c::kMaxIndex ? s : gelu_c::kMaxIndex;
-  const float n = rintf(s);
-  const float t = __fsub_rn(s, n);
-  const int i = static_cast<int>(n);
-  float e = kGeluTable.v[gelu_c::kDegree][i];
-#pragma unroll
-  for (int j = gelu_c::kDegree - 1; j >= 0; --j) e = __fadd_rn(__fmul_rn(e, t), kGeluTable.v[j][i]);
-  const float phi = x >= 0.0f ? __fsub_rn(1.0f, e) : e;
-  return __fmul_rn(x, phi);
-}
-
-__device__ __forceinline__ float activation(float v, int act) {
-  if (act == static_cast<int>(Activation::Relu)) return v > 0.0f ? v : 0.0f;
-  if (act == static_cast<int>(Activation::Gelu)) return gelu_device(v);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // ---- activation quantization: one warp per row --------------------------------
 
@@ -219,42 +178,42 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
           g.raw[row * g.ldy + col] = acc[i][j][e];
           continue;
         }
-        float v;
-        if (g.nonfinite[row]) {
-          v = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
-        } else {
-          v = dequantize(acc[i][j][e], g.row_zp[row], g.col_sum[col], g.row_scale[row], g.w_scale[col]);
-          if (g.bias != nullptr) v = __fadd_rn(v, g.bias[col]);
-          v = activation(v, g.act);
-        }
-        static_cast<OutT*>(g.y)[row * g.ldy + col] = from_float<OutT>(v);
+        static_cast<OutT*>(g.y)[row * g.ldy + col] =
+            epilogue<OutT>(acc[i][j][e], g.nonfinite[row] != 0, g.row_zp[row], g.col_sum[col], g.row_scale[row],
+                           g.w_scale[col], g.bias, col, g.act);
       }
 }
 
 template <typename T>
-std::string launch_all(const LinearArgs& a, const Plan& p) {
+std::string launch_quantize(const LinearArgs& a) {
   const Scratch sl = scratch_layout(a.m, a.k);
   uint8_t* base = static_cast<uint8_t*>(a.scratch);
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
-  QuantArgs qa{a.m, a.k, a.ldx, p.ldq, base + sl.q, reinterpret_cast<float*>(base + sl.scale),
+  QuantArgs qa{a.m, a.k, a.ldx, q_ld(a.k), base + sl.q, reinterpret_cast<float*>(base + sl.scale),
                reinterpret_cast<int32_t*>(base + sl.zp), base + sl.nonfinite, a.is_static, a.static_scale,
                a.static_zp, a.qmax};
-  const unsigned qblocks = static_cast<unsigned>((a.m + kQuantRowsPerBlock - 1) / kQuantRowsPerBlock);
-  quantize_rows<T><<<qblocks, kQuantRowsPerBlock * 32, 0, stream>>>(static_cast<const T*>(a.x), qa);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return std::string("q8_quantize_rows launch failed: ") + cudaGetErrorString(err);
+  const unsigned blocks = static_cast<unsigned>((a.m + kQuantRowsPerBlock - 1) / kQuantRowsPerBlock);
+  quantize_rows<T><<<blocks, kQuantRowsPerBlock * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const T*>(a.x), qa);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? "" : std::string("q8_quantize_rows launch failed: ") + cudaGetErrorString(err);
+}
 
-  GemmArgs g{qa.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, qa.scale, qa.zp, qa.nonfinite, a.col_sum, a.w_scale,
-             a.bias, a.act, a.raw != nullptr ? static_cast<void*>(a.raw) : a.y, a.ldy, a.raw};
+template <typename T>
+std::string launch_gemm(const LinearArgs& a, const Plan& p) {
+  const Scratch sl = scratch_layout(a.m, a.k);
+  uint8_t* base = static_cast<uint8_t*>(a.scratch);
+  GemmArgs g{base + sl.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, reinterpret_cast<const float*>(base + sl.scale),
+             reinterpret_cast<const int32_t*>(base + sl.zp), base + sl.nonfinite, a.col_sum, a.w_scale, a.bias,
+             a.act, a.raw != nullptr ? static_cast<void*>(a.raw) : a.y, a.ldy, a.raw};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   if (p.tile == TileKind::Small) {
     q8_gemm<SmallTile, T><<<grid, SmallTile::kThreads, SmallTile::kSmemBytes, stream>>>(g);
   } else {
     q8_gemm<LargeTile, T><<<grid, LargeTile::kThreads, LargeTile::kSmemBytes, stream>>>(g);
   }
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return std::string("q8_gemm launch failed: ") + cudaGetErrorString(err);
-  return "";
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? "" : std::string("q8_gemm launch failed: ") + cudaGetErrorString(err);
 }
 
 static_assert(SmallTile::kSmemBytes <= 48 * 1024 && LargeTile::kSmemBytes <= 48 * 1024,
@@ -264,19 +223,30 @@ static_assert(SmallTile::kSmemBytes <= 48 * 1024 && LargeTile::kSmemBytes <= 48 
 
 int64_t scratch_bytes(int64_t m, int64_t k) { return scratch_layout(m, k).total; }
 
+std::string quantize(const LinearArgs& a) {
+  if (a.scratch_size < scratch_bytes(a.m, a.k)) return "scratch buffer too small";
+  if (reinterpret_cast<std::uintptr_t>(a.scratch) % kChunk != 0) return "the scratch buffer must be 16-byte aligned";
+  if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
+  switch (a.dtype) {
+    case DType::F32: return launch_quantize<float>(a);
+    case DType::F16: return launch_quantize<__half>(a);
+    case DType::BF16: return launch_quantize<__nv_bfloat16>(a);
+  }
+  return "unknown dtype code";
+}
+
 std::string linear(const LinearArgs& a) {
   Plan p;
   const char* why = nullptr;
   if (!plan(a.m, a.n, a.k, &p, &why)) return why;
   if (a.m == 0) return "";
-  if (a.scratch_size < scratch_bytes(a.m, a.k)) return "scratch buffer too small";
-  if (reinterpret_cast<std::uintptr_t>(a.w) % kChunk != 0 || reinterpret_cast<std::uintptr_t>(a.scratch) % kChunk != 0)
-    return "the packed weights and the scratch buffer must be 16-byte aligned";
-  if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
+  if (reinterpret_cast<std::uintptr_t>(a.w) % kChunk != 0) return "the packed weights must be 16-byte aligned";
+  std::string err = quantize(a);
+  if (!err.empty()) return err;
   switch (a.dtype) {
-    case DType::F32: return launch_all<float>(a, p);
-    case DType::F16: return launch_all<__half>(a, p);
-    case DType::BF16: return launch_all<__nv_bfloat16>(a, p);
+    case DType::F32: return launch_gemm<float>(a, p);
+    case DType::F16: return launch_gemm<__half>(a, p);
+    case DType::BF16: return launch_gemm<__nv_bfloat16>(a, p);
   }
   return "unknown dtype code";
 }

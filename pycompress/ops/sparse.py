@@ -21,10 +21,10 @@ import threading
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pycompress import _C
+from pycompress import _C, _cuda
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
-from pycompress.ops.q8 import eager_rows
+from pycompress.ops.q8 import CUDA_DTYPES, check_same_device, eager_rows
 from pycompress.reference.q8 import round_up
 from pycompress.reference.sparse import MAX_K, NM_PER_WORD
 
@@ -42,8 +42,12 @@ SLICE_LANES = 16
 _FORMAT_CSR, _FORMAT_NM24 = 0, 1
 
 
-def _check_common(op: str, x, bias, n: int, activation: int) -> int:
-    if x.dtype != torch.float32:
+def _check_common(op: str, x, bias, n: int, activation: int, cuda_dtypes: bool = False) -> int:
+    """``cuda_dtypes``: the op's CUDA kernel also takes float16 / bfloat16 x."""
+    if cuda_dtypes and x.device.type == "cuda":
+        if x.dtype not in CUDA_DTYPES:
+            raise TypeError(f"{op}: x must be float32 (on CUDA also float16 or bfloat16), got {x.dtype} on cuda")
+    elif x.dtype != torch.float32:
         raise TypeError(f"{op}: x must be float32, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dimension")
@@ -93,7 +97,7 @@ def _check_int8(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation,
                 act_zero_point) -> tuple[int, int]:
     op = "sparse_int8_linear"
     n = _check_csr_like(op, row_ptr, blk_idx, values, 4, torch.int8)
-    k = _check_common(op, x, bias, n, activation)
+    k = _check_common(op, x, bias, n, activation, cuda_dtypes=True)
     for name, t, dtype in (("col_sum", col_sum, torch.int32), ("w_scale", w_scale, torch.float32)):
         if t.dtype != dtype or t.dim() != 1 or t.numel() != n:
             raise ValueError(f"{op}: {name} must be 1-D {dtype} of {n}, got {t.dtype} {tuple(t.shape)}")
@@ -417,10 +421,46 @@ def _sparse_int8_linear_fake(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     return x.new_empty((*x.shape[:-1], n))
 
 
+def sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=None, activation=0,
+                            act_scale=None, act_zero_point=0):
+    return _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation, act_scale,
+                                    act_zero_point)
+
+
+def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias=None, activation=0,
+                             act_scale=None, act_zero_point=0, raw=False):
+    """The CUDA kernel (csrc/cuda/q8_sparse_rows__sm61.cu) over the same bsr1x4 pack as the CPU: bit-identical to
+    the dense int8 linear of the same weights. The pack's structure is checked on a host copy before the first
+    launch and again whenever a tensor of it changes; ``raw``: int32 accumulators instead of y (tests)."""
+    op = "sparse_int8_linear"
+    k, n = _check_int8(x, row_ptr, blk_idx, values, col_sum, w_scale, bias, activation, act_scale, act_zero_point)
+    check_same_device(op, x, row_ptr=row_ptr, blk_idx=blk_idx, values=values, col_sum=col_sum, w_scale=w_scale,
+                      bias=bias)
+    _require_contiguous(op, row_ptr, blk_idx, values, col_sum, w_scale, bias)
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
+    if m > 0:
+        cuda = _cuda.module(op)
+        if getattr(row_ptr, "_pycompress_valid", None) != _stamp(row_ptr, blk_idx, k, "cuda"):
+            ensure_valid_structure(op, row_ptr.cpu(), blk_idx.cpu(), k, _C.sparse_validate_bsr1x4)
+            if not (row_ptr.is_inference() or blk_idx.is_inference()):
+                row_ptr._pycompress_valid = _stamp(row_ptr, blk_idx, k, "cuda")
+        scratch = torch.empty(cuda.q8_scratch_bytes(m, k), dtype=torch.uint8, device=x.device)
+        with torch.cuda.device(x.device):
+            cuda.q8_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(),
+                                  blk_idx.data_ptr(), values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
+                                  0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n,
+                                  activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
+                                  act_zero_point, 255, scratch.data_ptr(), scratch.numel(),
+                                  y.data_ptr() if raw else 0, torch.cuda.current_stream(x.device).cuda_stream)
+    return _out(x, y, n)
+
+
 LIB.impl("sparse_linear_csr", sparse_linear_csr_cpu, "CPU")
 LIB.impl("sparse_linear_nm24", sparse_linear_nm24_cpu, "CPU")
 LIB.impl("sparse_int8_linear", sparse_int8_linear_cpu, "CPU")
 LIB.impl("sparse_int8_linear_sliced", sparse_int8_linear_sliced_cpu, "CPU")
+LIB.impl("sparse_int8_linear", sparse_int8_linear_cuda, "CUDA")
 
 
 def sparse_linear_csr(x, row_ptr, col_idx, values, bias=None, activation=0):
