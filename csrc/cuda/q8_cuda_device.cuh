@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/epilogue_math.h"
+#include "cuda/q8_cuda.h"
 #include "cuda/q8_cuda_tiling.h"
 
 namespace pycompress {
@@ -56,20 +57,46 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// One output of the int8 linear from its exact accumulator: NaN for a row that held a non-finite value, else
-// the CPU's epilogue (q8_gemm.h), in the output type.
-template <typename OutT>
-__device__ __forceinline__ OutT epilogue(int32_t acc, bool nonfinite, int32_t zp, int32_t col_sum, float row_scale,
-                                         float w_scale, const float* bias, int64_t col, int act) {
-  float v;
-  if (nonfinite) {
-    v = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
-  } else {
-    v = dequantize(acc, zp, col_sum, row_scale, w_scale);
-    if (bias != nullptr) v = __fadd_rn(v, bias[col]);
-    v = activation(v, act);
+// The epilogue's operands: per row (from the quantizer's scratch), per output channel (the layer), and where
+// the outputs go: y (OutT, row stride ldy) or, when raw is set, the int32 accumulators (tests).
+struct Epilogue {
+  const float* row_scale;
+  const int32_t* row_zp;
+  const uint8_t* nonfinite;
+  const int32_t* col_sum;
+  const float* w_scale;
+  const float* bias;  // nullable
+  int act;
+  void* y;
+  int64_t ldy;
+  int32_t* raw;
+
+  // Output (row, col) from its exact accumulator: NaN for a row that held a non-finite value, else the CPU's
+  // epilogue (q8_gemm.h), in the output type.
+  template <typename OutT>
+  __device__ __forceinline__ void store(int32_t acc, int64_t row, int64_t col) const {
+    if (raw != nullptr) {
+      raw[row * ldy + col] = acc;
+      return;
+    }
+    float v;
+    if (nonfinite[row]) {
+      v = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
+    } else {
+      v = dequantize(acc, row_zp[row], col_sum[col], row_scale[row], w_scale[col]);
+      if (bias != nullptr) v = __fadd_rn(v, bias[col]);
+      v = activation(v, act);
+    }
+    static_cast<OutT*>(y)[row * ldy + col] = from_float<OutT>(v);
   }
-  return from_float<OutT>(v);
+};
+
+// The epilogue of a call: its per-row operands in the scratch the quantizer filled (scratch_layout).
+inline Epilogue epilogue_of(const LinearArgs& a) {
+  const Scratch sl = scratch_layout(a.m, a.k);
+  const uint8_t* base = static_cast<const uint8_t*>(a.scratch);
+  return Epilogue{reinterpret_cast<const float*>(base + sl.scale), reinterpret_cast<const int32_t*>(base + sl.zp),
+                  base + sl.nonfinite, a.col_sum, a.w_scale, a.bias, a.act, a.y, a.ldy, a.raw};
 }
 
 }  // namespace

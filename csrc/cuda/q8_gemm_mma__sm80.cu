@@ -69,16 +69,7 @@ struct GemmArgs {
   const uint8_t* q;
   const int8_t* w;
   int64_t m, n, ldq, kp, panels;
-  const float* row_scale;
-  const int32_t* row_zp;
-  const uint8_t* nonfinite;
-  const int32_t* col_sum;
-  const float* w_scale;
-  const float* bias;
-  int act;
-  void* y;
-  int64_t ldy;
-  int32_t* raw;
+  Epilogue out;
 };
 
 __device__ __forceinline__ void cp_async16(uint8_t* dst, const void* src, bool valid) {
@@ -173,14 +164,7 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
       for (int e = 0; e < 4; ++e) {
         const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
         const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
-        if (row >= g.m || col >= g.n) continue;
-        if (g.raw != nullptr) {
-          g.raw[row * g.ldy + col] = acc[i][j][e];
-          continue;
-        }
-        static_cast<OutT*>(g.y)[row * g.ldy + col] =
-            epilogue<OutT>(acc[i][j][e], g.nonfinite[row] != 0, g.row_zp[row], g.col_sum[col], g.row_scale[row],
-                           g.w_scale[col], g.bias, col, g.act);
+        if (row < g.m && col < g.n) g.out.store<OutT>(acc[i][j][e], row, col);
       }
 }
 
@@ -202,9 +186,7 @@ template <typename T>
 std::string launch_gemm(const LinearArgs& a, const Plan& p) {
   const Scratch sl = scratch_layout(a.m, a.k);
   uint8_t* base = static_cast<uint8_t*>(a.scratch);
-  GemmArgs g{base + sl.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, reinterpret_cast<const float*>(base + sl.scale),
-             reinterpret_cast<const int32_t*>(base + sl.zp), base + sl.nonfinite, a.col_sum, a.w_scale, a.bias,
-             a.act, a.raw != nullptr ? static_cast<void*>(a.raw) : a.y, a.ldy, a.raw};
+  GemmArgs g{base + sl.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, epilogue_of(a)};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   if (p.tile == TileKind::Small) {

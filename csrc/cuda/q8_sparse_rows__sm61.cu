@@ -26,16 +26,7 @@ struct SparseArgs {
   const int32_t* row_ptr;
   const uint16_t* blk_idx;
   const int8_t* values;
-  const float* row_scale;
-  const int32_t* row_zp;
-  const uint8_t* nonfinite;
-  const int32_t* col_sum;
-  const float* w_scale;
-  const float* bias;
-  int act;
-  void* y;
-  int64_t ldy;
-  int32_t* raw;
+  Epilogue out;
 };
 
 __device__ __forceinline__ int32_t dp4a_u8s8(uint32_t a, uint32_t b, int32_t c) {
@@ -69,25 +60,14 @@ __global__ void __launch_bounds__(kSparseWarps * 32) q8_sparse_rows(SparseArgs s
   // Lane r writes row m0 + r.
 #pragma unroll
   for (int r = 0; r < kSparseRows; ++r) {
-    if (lane != r || r >= rows) continue;
-    const int64_t row = m0 + r;
-    if (s.raw != nullptr) {
-      s.raw[row * s.ldy + n] = acc[r];
-    } else {
-      static_cast<OutT*>(s.y)[row * s.ldy + n] = epilogue<OutT>(
-          acc[r], s.nonfinite[row] != 0, s.row_zp[row], s.col_sum[n], s.row_scale[row], s.w_scale[n], s.bias, n, s.act);
-    }
+    if (lane == r && r < rows) s.out.store<OutT>(acc[r], m0 + r, n);
   }
 }
 
 template <typename OutT>
 std::string launch_sparse(const LinearArgs& a, const SparsePlan& p) {
-  const Scratch sl = scratch_layout(a.m, a.k);
-  const uint8_t* base = static_cast<const uint8_t*>(a.scratch);
-  SparseArgs s{base + sl.q, a.m, a.n, q_ld(a.k), a.row_ptr, a.blk_idx, a.values,
-               reinterpret_cast<const float*>(base + sl.scale), reinterpret_cast<const int32_t*>(base + sl.zp),
-               base + sl.nonfinite, a.col_sum, a.w_scale, a.bias, a.act,
-               a.raw != nullptr ? static_cast<void*>(a.raw) : a.y, a.ldy, a.raw};
+  const uint8_t* q = static_cast<const uint8_t*>(a.scratch) + scratch_layout(a.m, a.k).q;
+  SparseArgs s{q, a.m, a.n, q_ld(a.k), a.row_ptr, a.blk_idx, a.values, epilogue_of(a)};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   q8_sparse_rows<OutT><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);
   const cudaError_t err = cudaGetLastError();
