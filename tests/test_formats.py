@@ -19,7 +19,7 @@ from torch import nn
 
 import pycompress as pc
 import pycompress.conversion as conversion
-from pycompress.nn.registry import compressed_layers, module_bytes
+from pycompress.nn.registry import compressed_layers, is_compressed, module_bytes
 
 KINDS = ("Linear", "Conv2d")
 CASES = [(fmt, kind) for fmt in pc.nn.FORMATS for kind in KINDS]
@@ -111,6 +111,19 @@ def test_a_dtype_cast_of_the_model_keeps_each_format_intact(case, cast):
     {"half": model.half, "bfloat16": lambda: model.to(torch.bfloat16), "double": model.double}[cast]()
     assert {name: b.dtype for name, b in model.named_buffers()} == before
     assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_on_the_cpu_are_the_float32_output_rounded_once(case, dtype):
+    """Each converted layer takes a float16 / bfloat16 input as its exact float32 widening and rounds its output
+    once to the input's dtype (as the CUDA kernels do), so a half-precision model runs on the CPU."""
+    model, _, x = case
+    xh = x.to(dtype)
+    want = xh.float()
+    for layer in model:
+        want = layer(want).to(dtype).float() if is_compressed(layer) else layer(want)
+    got = model(xh)
+    assert got.dtype == dtype and torch.equal(got.float(), want)
 
 
 def test_deepcopy_and_pickle_compute_the_same(case):

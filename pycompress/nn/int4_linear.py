@@ -11,7 +11,8 @@ from pycompress import ops
 from pycompress._native import activation_code, get_isa, num_threads
 from pycompress.nn.checks import check_finite_bias, features_problems, file_tensor, gemm_config_problems, is_int, raise_problems
 from pycompress.nn.int8_conv import build_lowered
-from pycompress.nn.registry import CompressedLayer, Format, QuantParams, register_format, register_layer
+from pycompress.nn.registry import (CompressedLayer, Format, QuantParams, half_on_cpu, register_format,
+                                     register_layer)
 from pycompress.ops.q4 import int4_linear_plan
 from pycompress.ops.q8 import eager_rows
 from pycompress.reference.q4 import (
@@ -236,6 +237,8 @@ class Int4Linear(CompressedLayer):
         if (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and self._shared_input is None
                 and not _is_compiling()):
             return self._eager(x)
+        if half_on_cpu(x):
+            return self.forward(x.float()).to(x.dtype)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
                              f"expected (..., {self.in_features}) features")

@@ -31,6 +31,7 @@ from pycompress.nn.registry import (
     Format,
     QuantParams,
     float_kind,
+    half_on_cpu,
     register_format,
     register_layer,
 )
@@ -127,6 +128,8 @@ class Im2colConv2d(CompressedLayer):
         return f"{kind}({self.name})" if self.name else f"{kind}({self.in_channels}->{self.out_channels})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 and half_on_cpu(x):
+            return self.forward(x.float()).to(x.dtype)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
                              f"expected (N, {self.in_channels}, H, W)")

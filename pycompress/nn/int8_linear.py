@@ -19,7 +19,7 @@ from pycompress.nn.checks import (
     gemm_config_problems,
     raise_problems,
 )
-from pycompress.nn.registry import CompressedLayer, register_layer
+from pycompress.nn.registry import CompressedLayer, half_on_cpu, register_layer
 from pycompress.ops.q8 import CUDA_DTYPES, eager_rows, int8_linear_plan
 from pycompress.ops.shared_input import int8_linear_shared_input_cpu
 from pycompress.reference.q8 import (
@@ -216,6 +216,8 @@ class Int8Linear(CompressedLayer):
         if (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and self._shared_input is None
                 and not _is_compiling()):
             return self._eager(x)
+        if half_on_cpu(x):
+            return self.forward(x.float()).to(x.dtype)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
                              f"expected (..., {self.in_features}) features")

@@ -73,6 +73,16 @@ def register_layer(cls: type["CompressedLayer"]) -> type["CompressedLayer"]:
 _PICKLED_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def half_on_cpu(x: torch.Tensor) -> bool:
+    """A float16 / bfloat16 input on the CPU (a half-precision model, bfloat16 autocast): each layer's forward then
+    runs its float32 kernels on the exact float32 widening and rounds its output once to the input's dtype, what
+    the CUDA kernels do inside (checked after each forward's float32 fast path, so that path pays nothing)."""
+    return x.dtype in _HALF and x.device.type == "cpu"
+
+
 class CompressedLayer(nn.Module):
     """The contract of a compressed layer (every class in ``LAYER_TYPES``).
 

@@ -27,7 +27,8 @@ from pycompress.nn.checks import (
 )
 from pycompress.nn.int8_conv import build_lowered
 from pycompress.nn.int8_linear import quantize_with_scale
-from pycompress.nn.registry import CompressedLayer, Format, QuantParams, register_format, register_layer
+from pycompress.nn.registry import (CompressedLayer, Format, QuantParams, half_on_cpu, register_format,
+                                     register_layer)
 from pycompress.ops.q8 import CUDA_DTYPES, eager_rows
 from pycompress.ops.sparse import (
     build_bsr1x4_panels,
@@ -322,6 +323,8 @@ class SparseLinear(_SparseBase):
             self.row_ptr, self.col_idx, self.values, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 and half_on_cpu(x):
+            return self.forward(x.float()).to(x.dtype)
         self._check_input(x)
         b = self._buffers  # not nn.Module.__getattr__ (~0.6 us a buffer on every call)
         if self.format == "csr":
@@ -596,6 +599,8 @@ class SparseInt8Linear(_SparseBase):
         return m <= max_rows and m * group_steps <= self._SLICED_STEP_RATIO * self._buffers["blk_idx"].numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 and half_on_cpu(x):
+            return self.forward(x.float()).to(x.dtype)
         self._check_input(x)
         b = self._buffers  # not nn.Module.__getattr__ (~0.6 us a buffer on every call)
         if _eager_cpu(x):
