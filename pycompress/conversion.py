@@ -519,6 +519,51 @@ def _matches(name_list: list[str], patterns) -> str | None:
     return None
 
 
+# Formats with a CUDA kernel (csrc/cuda), and what each policy converts to on a CUDA model: "auto" times the CPU
+# kernels, so on CUDA it is dense int8 everywhere.
+CUDA_FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-int8")
+CUDA_POLICIES = {"auto": "int8", "int8": "int8", **{f: f for f in CUDA_FORMATS}}
+
+
+def _cuda_device_of(model: nn.Module) -> torch.device | None:
+    """The CUDA device of the model's Linear / Conv2d layers (None when they are not on CUDA)."""
+    devices = {m.weight.device for m in model.modules() if float_kind(m) is not None}
+    if not any(d.type == "cuda" for d in devices):
+        return None
+    if len(devices) > 1:
+        raise RuntimeError(f"convert: the model's layers are on several devices ({', '.join(sorted(map(str, devices)))}):"
+                           " move it to one first")
+    return devices.pop()
+
+
+def _convert_for_cuda(model: nn.Module, device: torch.device, example_inputs, policy: str, *, overrides, **kwargs):
+    """A CUDA model: converted on the CPU to the formats with a CUDA kernel (CUDA_POLICIES), verified there, then
+    moved back to ``device``, where those layers run the CUDA kernels (bit-identical to the CPU's)."""
+    from torch.utils._pytree import tree_map
+
+    from pycompress import _cuda
+
+    status = _cuda.status()
+    if not status["usable"]:
+        raise RuntimeError(f"convert: the model is on {device}, but {status['reason']}")
+    if policy not in CUDA_POLICIES:
+        raise ValueError(f"convert: policy {policy!r} makes formats without a CUDA kernel; on {device} use one of "
+                         f"{tuple(CUDA_POLICIES)} (formats with a CUDA kernel: {CUDA_FORMATS})")
+    for pattern, fmt in (overrides or {}).items():
+        if fmt != "int8" and fmt not in CUDA_FORMATS:
+            raise ValueError(f"convert: override {pattern!r} -> {fmt!r} has no CUDA kernel; on {device}: "
+                             f"{('int8',) + CUDA_FORMATS}")
+    to_cpu = lambda inputs: tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, inputs)  # noqa: E731
+    verify_inputs = kwargs.pop("verify_inputs")
+    model.cpu()
+    try:
+        convert(model, to_cpu(example_inputs), CUDA_POLICIES[policy], overrides=overrides,
+                verify_inputs=to_cpu(verify_inputs), fused_attention=False, **kwargs)
+    finally:
+        model.to(device)
+    return model
+
+
 def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, overrides: dict[str, str] | None = None,
             exclude: list[str] | tuple[str, ...] = (), verify_inputs=None,
             layer_min_sqnr_db: float | None = None, fuse_activations: bool = True,
@@ -554,6 +599,11 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
     if is_converted(model):
         raise RuntimeError("convert: this model is already converted (it holds pycompress layers); convert the "
                            "float model once. To change formats, start again from the float model.")
+    device = _cuda_device_of(model)
+    if device is not None:
+        return _convert_for_cuda(model, device, example_inputs, policy, overrides=overrides, exclude=exclude,
+                                 verify_inputs=verify_inputs, layer_min_sqnr_db=layer_min_sqnr_db,
+                                 fuse_activations=fuse_activations, share_inputs=share_inputs, act_bits=act_bits)
 
     notes: list[str] = []
     transposed = linearize_transposed(model)
@@ -574,9 +624,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
     for names, module in targets.values():
         device = module.weight.device
         if device.type != "cpu":
-            raise RuntimeError(f"convert: layer {names[0]} is on {device}; convert runs on CPU models: convert "
-                               "model.cpu(), then move the converted model with .to(device) (on CUDA its int8 "
-                               "dense layers run the CUDA kernel when pycompress is built with it; README, 'CUDA')")
+            raise RuntimeError(f"convert: layer {names[0]} is on {device}: convert takes CPU and CUDA models")
     if not targets:
         notes.append("no nn.Linear or nn.Conv2d layers: the model is returned unchanged")
 

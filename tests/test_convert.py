@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -158,11 +159,38 @@ def test_model_not_on_cpu_is_a_clear_error():
         pc.convert(model)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_convert_of_a_cuda_model_is_a_clear_error():
-    model = nn.Sequential(nn.Linear(4, 4)).cuda()
-    with pytest.raises(RuntimeError, match=r"layer 0 is on cuda:0; convert runs on CPU models"):
-        pc.convert(model)
+def _fake_cuda_linear():
+    """An nn.Linear whose parameters are fake CUDA tensors (no GPU needed: convert only reads their device before
+    refusing)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        weight, bias = nn.Parameter(torch.empty(4, 4, device="cuda")), nn.Parameter(torch.empty(4, device="cuda"))
+    layer = nn.Linear(4, 4, device="meta")
+    layer.weight, layer.bias = weight, bias
+    return layer
+
+
+def test_a_cuda_model_without_a_usable_cuda_module_is_refused_with_the_reason():
+    status = pc.build_info()["cuda"]
+    if status["usable"]:
+        pytest.skip("a CUDA device is usable here (tests/test_cuda.py converts on it)")
+    with pytest.raises(RuntimeError, match="convert: the model is on cuda:0, but " + re.escape(status["reason"])):
+        pc.convert(nn.Sequential(_fake_cuda_linear()))
+
+
+def test_on_cuda_only_formats_with_a_cuda_kernel_are_accepted(monkeypatch):
+    from pycompress import _cuda
+
+    monkeypatch.setattr(_cuda, "status", lambda: {"usable": True, "reason": ""})
+    model = nn.Sequential(_fake_cuda_linear())
+    with pytest.raises(ValueError, match=r"policy 'int4' makes formats without a CUDA kernel; on cuda:0 use one of "
+                                         r"\('auto', 'int8', 'float', 'int8-dynamic', 'int8-static', 'sparse-int8'\)"):
+        pc.convert(model, policy="int4")
+    with pytest.raises(ValueError, match=r"override '0' -> 'sparse-fp32' has no CUDA kernel"):
+        pc.convert(model, policy="int8", overrides={"0": "sparse-fp32"})
+    with pytest.raises(RuntimeError, match=r"layers are on several devices \(cpu, cuda:0\): move it to one first"):
+        pc.convert(nn.Sequential(nn.Linear(4, 4), _fake_cuda_linear()))
 
 
 def test_runtime_shape_error_names_the_layer():

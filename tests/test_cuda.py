@@ -10,6 +10,7 @@ against the CPU kernel, bit for bit, in float32, float16 and bfloat16, under CUD
 from __future__ import annotations
 
 import collections
+import copy
 import pathlib
 import re
 import shutil
@@ -475,3 +476,19 @@ def test_a_corrupt_sparse_pack_is_refused_before_the_launch():
     gpu = [t.cuda() for t in (row_ptr, bad, values, col_sum, scale, b)]
     with pytest.raises(ValueError, match=r"sparse_int8_linear: corrupt sparse pack"):
         torch.ops.pycompress.sparse_int8_linear(torch.randn(2, 64, device="cuda"), *gpu, 0, None, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["auto", "sparse-int8"])
+def test_convert_of_a_cuda_model_gives_cuda_layers_with_the_cpu_bits(policy):
+    torch.manual_seed(3)
+    float_model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 32))
+    pc.prune(float_model, sparsity=0.9)
+    x = torch.randn(7, 128)
+    on_cpu = copy.deepcopy(float_model)
+    pc.convert(on_cpu, policy="int8" if policy == "auto" else policy)
+    model = float_model.cuda()
+    pc.convert(model, x.cuda(), policy=policy)
+    layers = [m for m in model.modules() if isinstance(m, pc.nn.CompressedLayer)]
+    assert len(layers) == 2 and all(m.col_sum.is_cuda for m in layers)
+    assert torch.equal(bits(model(x.cuda()).cpu()), bits(on_cpu(x)))
