@@ -8,6 +8,8 @@ import functools
 import importlib
 import importlib.util
 
+import torch
+
 _C_cuda, _IMPORT_ERROR = None, ""
 if importlib.util.find_spec("pycompress._C_cuda") is not None:  # else: built without CUDA (the default)
     try:
@@ -47,3 +49,12 @@ def module(op: str):
     if not st["usable"]:
         raise RuntimeError(f"{op}: got CUDA tensors, but {st['reason']}")
     return _C_cuda
+
+
+def launch(op: str, x: torch.Tensor, m: int, k: int, run) -> None:
+    """One call of a CUDA int8 kernel on x's device: ``run(module, scratch, stream)`` with the quantizer's
+    scratch for m rows of k features and torch's current stream there, under a device guard."""
+    cuda = module(op)
+    scratch = torch.empty(cuda.q8_scratch_bytes(m, k), dtype=torch.uint8, device=x.device)
+    with torch.cuda.device(x.device):
+        run(cuda, scratch, torch.cuda.current_stream(x.device).cuda_stream)

@@ -440,19 +440,16 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
     if m > 0:
-        cuda = _cuda.module(op)
+        _cuda.module(op)
         if getattr(row_ptr, "_pycompress_valid", None) != _stamp(row_ptr, blk_idx, k, "cuda"):
             ensure_valid_structure(op, row_ptr.cpu(), blk_idx.cpu(), k, _C.sparse_validate_bsr1x4)
             if not (row_ptr.is_inference() or blk_idx.is_inference()):
                 row_ptr._pycompress_valid = _stamp(row_ptr, blk_idx, k, "cuda")
-        scratch = torch.empty(cuda.q8_scratch_bytes(m, k), dtype=torch.uint8, device=x.device)
-        with torch.cuda.device(x.device):
-            cuda.q8_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(),
-                                  blk_idx.data_ptr(), values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
-                                  0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n,
-                                  activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
-                                  act_zero_point, 255, scratch.data_ptr(), scratch.numel(),
-                                  y.data_ptr() if raw else 0, torch.cuda.current_stream(x.device).cuda_stream)
+        _cuda.launch(op, x, m, k, lambda cuda, scratch, stream: cuda.q8_sparse_linear(
+            x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(),
+            col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
+            0 if raw else y.data_ptr(), n, activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
+            act_zero_point, 255, scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream))
     return _out(x, y, n)
 
 
