@@ -492,3 +492,22 @@ def test_convert_of_a_cuda_model_gives_cuda_layers_with_the_cpu_bits(policy):
     layers = [m for m in model.modules() if isinstance(m, pc.nn.CompressedLayer)]
     assert len(layers) == 2 and all(m.col_sum.is_cuda for m in layers)
     assert torch.equal(bits(model(x.cuda()).cpu()), bits(on_cpu(x)))
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_from_many_threads_and_under_torch_compile():
+    """Server-style use: four Python threads calling one converted model on CUDA at once, and the model compiled;
+    every output equals the serial call's bits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 192), torch.nn.ReLU(), torch.nn.Linear(192, 24))
+    pc.convert(model, policy="int8")
+    model.cuda()
+    inputs = [torch.randn(1 + i, 96, device="cuda") for i in range(16)]
+    serial = [model(x).cpu() for x in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda x: model(x).cpu(), inputs))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(serial, threaded))
+    compiled = torch.compile(model, fullgraph=True)
+    assert all(torch.equal(bits(compiled(x).cpu()), bits(s)) for x, s in zip(inputs[:3], serial[:3]))
