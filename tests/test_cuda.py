@@ -24,7 +24,8 @@ import pycompress as pc
 from pycompress import _C, _cuda
 from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu
 from pycompress.ops.sparse import _sparse_int8_linear_cuda, sparse_int8_linear_cpu
-from pycompress.reference.sparse import pack_bsr1x4
+from pycompress.ops.sparse import sparse_linear_csr_cuda
+from pycompress.reference.sparse import fp32_error_bound, pack_bsr1x4, pack_csr, sparse_linear_ref
 from pycompress.reference.q8 import (act_qmax, int8_linear_ref, pack_int8_weights, q8_accumulate_ref,
                                      quantize_rows_ref, quantize_weight_per_channel)
 
@@ -293,6 +294,23 @@ def test_prelaunch_sparse_checks_on_fake_cuda_tensors():
                 _sparse_int8_linear_cuda(x, *ops)
 
 
+def test_prelaunch_csr_checks_on_fake_cuda_tensors():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 12, generator=g) * (torch.rand(20, 12, generator=g) < 0.3)
+    pack = pack_csr(w)
+    with FakeTensorMode():
+        x = torch.empty(3, 12, device="cuda")
+        ops = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in pack]
+        bias = torch.empty(20, device="cuda")
+        with pytest.raises(ValueError, match=r"sparse_linear_csr: x is on cuda:0 but bias is on cpu"):
+            sparse_linear_csr_cuda(x, *ops, torch.empty(20))
+        y = sparse_linear_csr_cuda(torch.empty(2, 0, 12, dtype=torch.float16, device="cuda"), *ops, bias)
+        assert y.shape == (2, 0, 20) and y.dtype == torch.float16
+        if not _cuda.status()["usable"]:
+            with pytest.raises(RuntimeError, match="sparse_linear_csr: got CUDA tensors, but "):
+                sparse_linear_csr_cuda(x, *ops, bias)
+
+
 # ---- on a GPU ----# ---- on a GPU ---------------------------------------------------------------------------------------------
 
 GPU_SHAPES = SHAPES + [(1, 4096, 4096), (16, 11008, 4096), (333, 768, 3072), (1024, 1024, 1024)]
@@ -420,7 +438,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     names = {k.name for k in kernels}
     assert {k.arch for k in kernels} == {"80", "90"} and len(kernels) == 2 * len(names)
     assert sum(n.startswith("q8_gemm<") for n in names) == 6 and sum(n.startswith("quantize_rows<") for n in names) == 3
-    assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3
+    assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3 and sum(n.startswith("sparse_f32_rows<") for n in names) == 3
     for k in kernels:
         assert (k.spill_stores, k.spill_loads, k.stack) == (0, 0, 0), f"{k.name} on sm_{k.arch} spills: {k}"
         assert k.occupancy[0] >= 1, f"{k.name} on sm_{k.arch} cannot be resident: {k}"
@@ -511,3 +529,30 @@ def test_cuda_kernels_from_many_threads_and_under_torch_compile():
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(serial, threaded))
     compiled = torch.compile(model, fullgraph=True)
     assert all(torch.equal(bits(compiled(x).cpu()), bits(s)) for x, s in zip(inputs[:3], serial[:3]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (5, 130, 1000), (9, 64, 96), (40, 17, 5)])
+def test_cuda_sparse_fp32_within_the_float32_bound_of_the_float64_reference(m, n, k, act):
+    g = torch.Generator().manual_seed(m + n)
+    w = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < 0.1)
+    b = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    pack = [t.cuda() for t in pack_csr(w)]
+    got = torch.ops.pycompress.sparse_linear_csr(x.cuda(), *pack, b.cuda(), ACT[act]).cpu().to(torch.float64)
+    want = sparse_linear_ref(x, w, b, act)
+    assert ((got - want).abs() <= fp32_error_bound(x, w, b, act)).all()
+
+
+@pytest.mark.cuda
+def test_a_sparse_fp32_model_moves_to_cuda_and_stays_within_the_bound():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128))
+    pc.prune(model, sparsity=0.9)
+    pc.convert(model, policy="sparse-fp32")
+    x = torch.randn(6, 256)
+    want = model(x)
+    model.to("cuda")
+    got = model(x.cuda()).cpu()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

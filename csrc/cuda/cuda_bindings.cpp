@@ -79,4 +79,33 @@ PYBIND11_MODULE(_C_cuda, m) {
         if (!err.empty()) throw std::runtime_error("sparse_int8_linear (CUDA): " + err);
       },
       "y[m, n] = the int8 linear of x over bsr1x4 sparse weights (validated by the caller), on the given stream");
+  m.def(
+      "f32_sparse_linear",
+      [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr,
+         std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy,
+         int act, std::uintptr_t stream) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("f32_sparse_linear: dtype code must be 0, 1 or 2");
+        q8cuda::LinearArgs a{};
+        a.x = reinterpret_cast<const void*>(x);
+        a.dtype = static_cast<q8cuda::DType>(dtype);
+        a.m = rows;
+        a.k = k;
+        a.ldx = ldx;
+        a.bias = reinterpret_cast<const float*>(bias);
+        a.n = n;
+        a.y = reinterpret_cast<void*>(y);
+        a.ldy = ldy;
+        a.act = act;
+        a.stream = stream;
+        a.row_ptr = reinterpret_cast<const int32_t*>(row_ptr);
+        a.blk_idx = reinterpret_cast<const uint16_t*>(col_idx);
+        a.f32_values = reinterpret_cast<const float*>(values);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::sparse_f32_linear(a);
+        }
+        if (!err.empty()) throw std::runtime_error("sparse_linear_csr (CUDA): " + err);
+      },
+      "y[m, n] = act(x @ W^T + b) over csr float weights (validated by the caller), on the given stream");
 }

@@ -90,6 +90,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         tile(q8cuda::LargeTile{});
         d["quantize_rows"] = py::make_tuple(q8cuda::kQuantRowsPerBlock * 32, 0);
         d["q8_sparse_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
+        d["sparse_f32_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
         return d;
       },
       "threads and dynamic shared memory of each CUDA kernel (q8_cuda_tiling.h)");

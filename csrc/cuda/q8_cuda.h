@@ -35,6 +35,9 @@ struct LinearArgs {
   const int32_t* row_ptr = nullptr;  // [n + 1]
   const uint16_t* blk_idx = nullptr; // [blocks]: block g covers k = 4g .. 4g + 3
   const int8_t* values = nullptr;    // [blocks * 4], 4-byte aligned
+  // Float sparse weights (sparse_f32_linear): the CPU's csr pack, row_ptr [n + 1], col_idx [nnz] (in blk_idx's
+  // place: one k each) and float values [nnz]; no activation quantization (scratch unused).
+  const float* f32_values = nullptr;
 };
 
 // Device scratch of one call: quantized rows, then per-row scale, zero point, non-finite flag.
@@ -47,6 +50,10 @@ std::string linear(const LinearArgs& args);
 // The same linear over bsr1x4 sparse weights (q8_sparse_rows__sm61.cu): bit-identical to linear() on the
 // same weights (exact int32 accumulation, the same epilogue).
 std::string sparse_linear(const LinearArgs& args);
+
+// y = act(x @ W^T + b) over csr float weights (sparse_f32_rows__sm61.cu): float32 sums, not bit-identical to
+// the CPU kernels (which sum in their own order); checked against a float64 reference.
+std::string sparse_f32_linear(const LinearArgs& args);
 
 // The per-row activation quantization into args.scratch (scratch_layout), on args.stream.
 std::string quantize(const LinearArgs& args);

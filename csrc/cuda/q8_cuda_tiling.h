@@ -160,7 +160,7 @@ PYC_HD bool plan(int64_t m, int64_t n, int64_t k, Plan* out, const char** why) {
   return true;
 }
 
-// The sparse (bsr1x4) kernel: one warp per output channel, kSparseWarps channels a block, kSparseRows
+// The sparse kernels (bsr1x4 int8, csr float): one warp per output channel, kSparseWarps channels a block, kSparseRows
 // activation rows a pass (grid y).
 constexpr int kSparseWarps = 8;
 constexpr int kSparseRows = 8;
@@ -170,7 +170,7 @@ struct SparsePlan {
 };
 
 PYC_HD bool sparse_plan(int64_t m, int64_t n, int64_t k, SparsePlan* out, const char** why) {
-  if (k < 1 || k > kMaxK) { *why = "K outside [1, 65536] (an int32 accumulator of u8 x s8 products can overflow)"; return false; }
+  if (k < 1 || k > kMaxK) { *why = "K outside [1, 65536] (uint16 column indices; int32 sums of u8 x s8 products)"; return false; }
   if (n < 1) { *why = "N must be at least 1"; return false; }
   if (m < 0) { *why = "M must be >= 0"; return false; }
   out->grid_x = (n + kSparseWarps - 1) / kSparseWarps;

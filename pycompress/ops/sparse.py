@@ -75,7 +75,7 @@ def _check_csr_like(op: str, row_ptr, idx, values, values_per_entry: int, value_
 
 def _check_csr(x, row_ptr, col_idx, values, bias, activation) -> tuple[int, int]:
     n = _check_csr_like("sparse_linear_csr", row_ptr, col_idx, values, 1, torch.float32)
-    return _check_common("sparse_linear_csr", x, bias, n, activation), n
+    return _check_common("sparse_linear_csr", x, bias, n, activation, cuda_dtypes=True), n
 
 
 def _check_nm24(x, nm_idx, values, bias, activation) -> tuple[int, int]:
@@ -441,10 +441,7 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
     if m > 0:
         _cuda.module(op)
-        if getattr(row_ptr, "_pycompress_valid", None) != _stamp(row_ptr, blk_idx, k, "cuda"):
-            ensure_valid_structure(op, row_ptr.cpu(), blk_idx.cpu(), k, _C.sparse_validate_bsr1x4)
-            if not (row_ptr.is_inference() or blk_idx.is_inference()):
-                row_ptr._pycompress_valid = _stamp(row_ptr, blk_idx, k, "cuda")
+        _validated_on_host(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
         _cuda.launch(op, x, m, k, lambda cuda, scratch, stream: cuda.q8_sparse_linear(
             x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(),
             col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
@@ -453,11 +450,40 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     return _out(x, y, n)
 
 
+def _validated_on_host(op: str, row_ptr, idx, k: int, validate) -> None:
+    """The C++ structural check of a CUDA pack, on a host copy, once per tensor version (as ensure_valid_structure
+    does for CPU packs)."""
+    if getattr(row_ptr, "_pycompress_valid", None) != _stamp(row_ptr, idx, k, "cuda"):
+        ensure_valid_structure(op, row_ptr.cpu(), idx.cpu(), k, validate)
+        if not (row_ptr.is_inference() or idx.is_inference()):
+            row_ptr._pycompress_valid = _stamp(row_ptr, idx, k, "cuda")
+
+
+def sparse_linear_csr_cuda(x, row_ptr, col_idx, values, bias=None, activation=0):
+    """The CUDA kernel (csrc/cuda/sparse_f32_rows__sm61.cu) over the same csr pack as the CPU; float32 sums in
+    the kernel's order (not bit-identical to the CPU kernels, which sum in theirs)."""
+    op = "sparse_linear_csr"
+    k, n = _check_csr(x, row_ptr, col_idx, values, bias, activation)
+    check_same_device(op, x, row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias)
+    _require_contiguous(op, row_ptr, col_idx, values, bias)
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m > 0:
+        cuda = _cuda.module(op)
+        _validated_on_host(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
+        with torch.cuda.device(x.device):
+            cuda.f32_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(),
+                                   col_idx.data_ptr(), values.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
+                                   y.data_ptr(), n, activation, torch.cuda.current_stream(x.device).cuda_stream)
+    return _out(x, y, n)
+
+
 LIB.impl("sparse_linear_csr", sparse_linear_csr_cpu, "CPU")
 LIB.impl("sparse_linear_nm24", sparse_linear_nm24_cpu, "CPU")
 LIB.impl("sparse_int8_linear", sparse_int8_linear_cpu, "CPU")
 LIB.impl("sparse_int8_linear_sliced", sparse_int8_linear_sliced_cpu, "CPU")
 LIB.impl("sparse_int8_linear", sparse_int8_linear_cuda, "CUDA")
+LIB.impl("sparse_linear_csr", sparse_linear_csr_cuda, "CUDA")
 
 
 def sparse_linear_csr(x, row_ptr, col_idx, values, bias=None, activation=0):
