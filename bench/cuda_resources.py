@@ -105,12 +105,21 @@ def resources(archs=DEFAULT_ARCHS, nvcc: str | None = None) -> list[Kernel]:
     return kernels
 
 
+DTYPE_ARG = re.compile(r"(<|, )(float|f16|bf16)>$")
+
+
 def table(kernels: list[Kernel]) -> str:
-    rows = ["| kernel | arch | registers | stack B | spills (st/ld B) | threads | dyn. smem B | blocks/SM | occupancy |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for k in sorted(kernels, key=lambda k: (k.name, k.arch)):
+    """One row per kernel and architecture, its float32 / float16 / bfloat16 instances together: the most
+    registers, stack and spills of the three (and the occupancy those registers allow)."""
+    groups: dict[tuple[str, str], list[Kernel]] = {}
+    for k in kernels:
+        groups.setdefault((DTYPE_ARG.sub(r"\1T>", k.name), k.arch), []).append(k)
+    rows = ["| kernel (T: float, f16, bf16) | arch | registers | stack B | spills (st/ld B) | threads | dyn. smem B | "
+            "blocks/SM | occupancy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (name, arch), ks in sorted(groups.items()):
+        k = max(ks, key=lambda k: (k.registers, k.stack, k.spill_stores + k.spill_loads))
         blocks, occ = k.occupancy
-        rows.append(f"| `{k.name}` | sm_{k.arch} | {k.registers} | {k.stack} | {k.spill_stores}/{k.spill_loads} | "
+        rows.append(f"| `{name}` | sm_{arch} | {k.registers} | {k.stack} | {k.spill_stores}/{k.spill_loads} | "
                     f"{k.threads} | {k.dynamic_smem} | {blocks} | {occ:.0%} |")
     return "\n".join(rows)
 

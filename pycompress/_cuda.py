@@ -51,10 +51,12 @@ def module(op: str):
     return _C_cuda
 
 
-def launch(op: str, x: torch.Tensor, m: int, k: int, run) -> None:
-    """One call of a CUDA int8 kernel on x's device: ``run(module, scratch, stream)`` with the quantizer's
-    scratch for m rows of k features and torch's current stream there, under a device guard."""
+def launch(op: str, x: torch.Tensor, run, scratch_for: tuple[int, int] | None = None) -> None:
+    """One call of a CUDA kernel on x's device: ``run(module, scratch, stream)`` under a device guard, with torch's
+    current stream there and, for the int8 kernels (``scratch_for`` = (m, k)), the quantizer's scratch for m
+    rows of k features (else None). ``run`` makes the checks that need real device memory before it launches."""
     cuda = module(op)
-    scratch = torch.empty(cuda.q8_scratch_bytes(m, k), dtype=torch.uint8, device=x.device)
+    scratch = (None if scratch_for is None else
+               torch.empty(cuda.q8_scratch_bytes(*scratch_for), dtype=torch.uint8, device=x.device))
     with torch.cuda.device(x.device):
         run(cuda, scratch, torch.cuda.current_stream(x.device).cuda_stream)

@@ -1,12 +1,15 @@
-// Device helpers of the CUDA int8 kernels (q8_gemm_mma__sm80.cu, q8_sparse_rows__sm61.cu): element
-// conversions and the epilogue, the CPU's operations (epilogue_math.h, q8_gemm.h) in round-to-nearest
-// intrinsics. Internal linkage: each kernel file gets its own copy (and its own constant-memory table).
+// Helpers of the CUDA kernel files (q8_gemm_mma__sm80.cu, q8_sparse_rows__sm61.cu, sparse_f32_rows__sm61.cu):
+// element conversions and the int8 epilogue, the CPU's operations (epilogue_math.h, q8_gemm.h) in
+// round-to-nearest intrinsics; the launchers' dtype switch and launch-error check. Internal linkage: each
+// kernel file gets its own copy (and its own constant-memory table).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common/epilogue_math.h"
 #include "cuda/q8_cuda.h"
@@ -90,6 +93,24 @@ struct Epilogue {
     static_cast<OutT*>(y)[row * ldy + col] = from_float<OutT>(v);
   }
 };
+
+// launch(T{}) for the element type of `dtype` (float, __half, __nv_bfloat16): the one dtype switch of the
+// launchers. `launch` returns what the launcher returns ("" or an error).
+template <typename Launch>
+std::string with_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::F32: return launch(float{});
+    case DType::F16: return launch(__half{});
+    case DType::BF16: return launch(__nv_bfloat16{});
+  }
+  return "unknown dtype code";
+}
+
+// "" when the last launch on this thread was accepted, else why `kernel` was not launched.
+inline std::string launch_error(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? "" : std::string(kernel) + " launch failed: " + cudaGetErrorString(err);
+}
 
 // The epilogue of a call: its per-row operands in the scratch the quantizer filled (scratch_layout).
 inline Epilogue epilogue_of(const LinearArgs& a) {

@@ -178,8 +178,7 @@ std::string launch_quantize(const LinearArgs& a) {
   const unsigned blocks = static_cast<unsigned>((a.m + kQuantRowsPerBlock - 1) / kQuantRowsPerBlock);
   quantize_rows<T><<<blocks, kQuantRowsPerBlock * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), qa);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : std::string("q8_quantize_rows launch failed: ") + cudaGetErrorString(err);
+  return launch_error("q8_quantize_rows");
 }
 
 template <typename T>
@@ -194,8 +193,7 @@ std::string launch_gemm(const LinearArgs& a, const Plan& p) {
   } else {
     q8_gemm<LargeTile, T><<<grid, LargeTile::kThreads, LargeTile::kSmemBytes, stream>>>(g);
   }
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : std::string("q8_gemm launch failed: ") + cudaGetErrorString(err);
+  return launch_error("q8_gemm");
 }
 
 static_assert(SmallTile::kSmemBytes <= 48 * 1024 && LargeTile::kSmemBytes <= 48 * 1024,
@@ -209,12 +207,7 @@ std::string quantize(const LinearArgs& a) {
   if (a.scratch_size < scratch_bytes(a.m, a.k)) return "scratch buffer too small";
   if (reinterpret_cast<std::uintptr_t>(a.scratch) % kChunk != 0) return "the scratch buffer must be 16-byte aligned";
   if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
-  switch (a.dtype) {
-    case DType::F32: return launch_quantize<float>(a);
-    case DType::F16: return launch_quantize<__half>(a);
-    case DType::BF16: return launch_quantize<__nv_bfloat16>(a);
-  }
-  return "unknown dtype code";
+  return with_dtype(a.dtype, [&](auto t) { return launch_quantize<decltype(t)>(a); });
 }
 
 std::string linear(const LinearArgs& a) {
@@ -225,12 +218,7 @@ std::string linear(const LinearArgs& a) {
   if (reinterpret_cast<std::uintptr_t>(a.w) % kChunk != 0) return "the packed weights must be 16-byte aligned";
   std::string err = quantize(a);
   if (!err.empty()) return err;
-  switch (a.dtype) {
-    case DType::F32: return launch_gemm<float>(a, p);
-    case DType::F16: return launch_gemm<__half>(a, p);
-    case DType::BF16: return launch_gemm<__nv_bfloat16>(a, p);
-  }
-  return "unknown dtype code";
+  return with_dtype(a.dtype, [&](auto t) { return launch_gemm<decltype(t)>(a, p); });
 }
 
 DeviceStatus device_status() {

@@ -70,8 +70,7 @@ std::string launch_sparse(const LinearArgs& a, const SparsePlan& p) {
   SparseArgs s{q, a.m, a.n, q_ld(a.k), a.row_ptr, a.blk_idx, a.values, epilogue_of(a)};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   q8_sparse_rows<OutT><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : std::string("q8_sparse_rows launch failed: ") + cudaGetErrorString(err);
+  return launch_error("q8_sparse_rows");
 }
 
 }  // namespace
@@ -84,12 +83,7 @@ std::string sparse_linear(const LinearArgs& a) {
   if (reinterpret_cast<std::uintptr_t>(a.values) % 4 != 0) return "the sparse values must be 4-byte aligned";
   std::string err = quantize(a);
   if (!err.empty()) return err;
-  switch (a.dtype) {
-    case DType::F32: return launch_sparse<float>(a, p);
-    case DType::F16: return launch_sparse<__half>(a, p);
-    case DType::BF16: return launch_sparse<__nv_bfloat16>(a, p);
-  }
-  return "unknown dtype code";
+  return with_dtype(a.dtype, [&](auto t) { return launch_sparse<decltype(t)>(a, p); });
 }
 
 }  // namespace q8cuda

@@ -67,8 +67,7 @@ std::string launch(const LinearArgs& a, const SparsePlan& p) {
   CsrArgs s{a.x, a.m, a.n, a.ldx, a.row_ptr, a.blk_idx, a.f32_values, a.bias, a.act, a.y, a.ldy};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   sparse_f32_rows<T><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : std::string("sparse_f32_rows launch failed: ") + cudaGetErrorString(err);
+  return launch_error("sparse_f32_rows");
 }
 
 }  // namespace
@@ -79,12 +78,7 @@ std::string sparse_f32_linear(const LinearArgs& a) {
   if (!sparse_plan(a.m, a.n, a.k, &p, &why)) return why;
   if (a.m == 0) return "";
   if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
-  switch (a.dtype) {
-    case DType::F32: return launch<float>(a, p);
-    case DType::F16: return launch<__half>(a, p);
-    case DType::BF16: return launch<__nv_bfloat16>(a, p);
-  }
-  return "unknown dtype code";
+  return with_dtype(a.dtype, [&](auto t) { return launch<decltype(t)>(a, p); });
 }
 
 }  // namespace q8cuda

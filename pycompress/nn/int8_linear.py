@@ -20,7 +20,7 @@ from pycompress.nn.checks import (
     raise_problems,
 )
 from pycompress.nn.registry import CompressedLayer, half_on_cpu, register_layer
-from pycompress.ops.q8 import CUDA_DTYPES, eager_rows, int8_linear_plan
+from pycompress.ops.q8 import eager_rows, kernel_dtype, int8_linear_plan
 from pycompress.ops.shared_input import int8_linear_shared_input_cpu
 from pycompress.reference.q8 import (
     KGROUP,
@@ -221,7 +221,7 @@ class Int8Linear(CompressedLayer):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
                              f"expected (..., {self.in_features}) features")
-        if x.dtype != torch.float32 and not (x.is_cuda and x.dtype in CUDA_DTYPES):
+        if not kernel_dtype(x):
             raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32 (on CUDA also "
                             "float16 or bfloat16)")
         if type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling():

@@ -29,7 +29,7 @@ from pycompress.nn.int8_conv import build_lowered
 from pycompress.nn.int8_linear import quantize_with_scale
 from pycompress.nn.registry import (CompressedLayer, Format, QuantParams, half_on_cpu, register_format,
                                      register_layer)
-from pycompress.ops.q8 import CUDA_DTYPES, eager_rows
+from pycompress.ops.q8 import eager_rows, kernel_dtype
 from pycompress.ops.sparse import (
     build_bsr1x4_panels,
     CSR_PANEL_MIN_ROWS,
@@ -127,7 +127,7 @@ class _SparseBase(CompressedLayer):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, expected (..., {self.in_features}) "
                              "features")
-        if x.dtype != torch.float32 and not (x.is_cuda and x.dtype in CUDA_DTYPES):
+        if not kernel_dtype(x):
             raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32 (on CUDA also "
                             "float16 or bfloat16)")
 

@@ -19,17 +19,18 @@ OPS = ("int8_linear", "int4_linear", "sparse_linear_csr", "sparse_linear_nm24", 
        "attention")
 
 
-
-def _without_cuda_kernel(op: str):
+def _without_cuda_kernel(op: str, with_kernel: tuple[str, ...]):
     def refuse(*args, **kwargs):
-        raise NotImplementedError(f"pycompress::{op} has no CUDA kernel yet (int8_linear has one): keep this layer "
-                                  "on CPU; on CUDA, convert with policy='int8' (dense int8 layers)")
+        raise NotImplementedError(f"pycompress::{op} has no CUDA kernel yet (these ops have one: "
+                                  f"{', '.join(with_kernel)}): keep this layer on CPU, or convert a CUDA model, "
+                                  "which picks the formats that have one")
     return refuse
 
 
 # The ops without a CUDA kernel refuse CUDA tensors with that explanation instead of the dispatcher's.
+_WITH_CUDA = tuple(op for op in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(f"pycompress::{op}", "CUDA"))
 for _op in OPS:
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pycompress::{_op}", "CUDA"):
-        LIB.impl(_op, _without_cuda_kernel(_op), "CUDA")
+    if _op not in _WITH_CUDA:
+        LIB.impl(_op, _without_cuda_kernel(_op, _WITH_CUDA), "CUDA")
 
 __all__ = ["LIB", "OPS", "attention", "int4_linear", "int8_linear", "sparse_int8_linear", "sparse_int8_linear_sliced", "sparse_linear_csr", "sparse_linear_nm24"]

@@ -13,6 +13,12 @@ from pycompress.reference.q8 import ACT_BITS, KGROUP, MAX_K, PANEL, act_qmax, ro
 # csrc/cuda/q8_cuda.h (DType).
 CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+
+def kernel_dtype(x: torch.Tensor) -> bool:
+    """Whether the int8 and sparse kernels take x's dtype on its device: float32, and on CUDA also float16 and
+    bfloat16 (on the CPU the layers widen those first: nn.registry.half_on_cpu)."""
+    return x.dtype is torch.float32 or (x.device.type == "cuda" and x.dtype in CUDA_DTYPES)
+
 LIB.define(
     "int8_linear(Tensor x, Tensor w_packed, Tensor col_sum, Tensor w_scale, Tensor? bias, "
     "int activation=0, float? act_scale=None, int act_zero_point=0, int act_bits=8) -> Tensor"
@@ -26,7 +32,7 @@ def check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, 
     stay in the low microseconds. Only static sizes (K, N) are inspected, so
     dynamic batch dimensions trace without guards.
     """
-    if x.dtype != torch.float32 and not (x.device.type == "cuda" and x.dtype in CUDA_DTYPES):
+    if not kernel_dtype(x):
         raise TypeError(f"int8_linear: x must be float32 (on CUDA also float16 or bfloat16), got {x.dtype} "
                         f"on {x.device.type}")
     if x.dim() < 1:
@@ -120,16 +126,17 @@ def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
         raise ValueError("int8_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
-    if m > 0:
-        _cuda.module("int8_linear")
+    def run(cuda, scratch, stream):
         if w_packed.data_ptr() % 16:
             raise ValueError("int8_linear: on CUDA the packed weights must start 16-byte aligned; this one is a view "
                              "at an odd offset: pass w_packed.clone()")
-        _cuda.launch("int8_linear", x, m, k, lambda cuda, scratch, stream: cuda.q8_linear(
-            x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), col_sum.data_ptr(),
-            w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n, activation,
-            act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, act_qmax(act_bits),
-            scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream))
+        cuda.q8_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), col_sum.data_ptr(),
+                       w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n,
+                       activation, act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point,
+                       act_qmax(act_bits), scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream)
+
+    if m > 0:
+        _cuda.launch("int8_linear", x, run, scratch_for=(m, k))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 

@@ -24,7 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from pycompress import _C, _cuda
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
-from pycompress.ops.q8 import CUDA_DTYPES, check_same_device, eager_rows
+from pycompress.ops.q8 import CUDA_DTYPES, check_same_device, eager_rows, kernel_dtype
 from pycompress.reference.q8 import round_up
 from pycompress.reference.sparse import MAX_K, NM_PER_WORD
 
@@ -44,10 +44,9 @@ _FORMAT_CSR, _FORMAT_NM24 = 0, 1
 
 def _check_common(op: str, x, bias, n: int, activation: int, cuda_dtypes: bool = False) -> int:
     """``cuda_dtypes``: the op's CUDA kernel also takes float16 / bfloat16 x."""
-    if cuda_dtypes and x.device.type == "cuda":
-        if x.dtype not in CUDA_DTYPES:
+    if x.dtype != torch.float32 and not (cuda_dtypes and kernel_dtype(x)):
+        if cuda_dtypes and x.device.type == "cuda":
             raise TypeError(f"{op}: x must be float32 (on CUDA also float16 or bfloat16), got {x.dtype} on cuda")
-    elif x.dtype != torch.float32:
         raise TypeError(f"{op}: x must be float32, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dimension")
@@ -439,14 +438,16 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     _require_contiguous(op, row_ptr, blk_idx, values, col_sum, w_scale, bias)
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
-    if m > 0:
-        _cuda.module(op)
+    def run(cuda, scratch, stream):
         _validated_on_host(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
-        _cuda.launch(op, x, m, k, lambda cuda, scratch, stream: cuda.q8_sparse_linear(
-            x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(), values.data_ptr(),
-            col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
-            0 if raw else y.data_ptr(), n, activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
-            act_zero_point, 255, scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream))
+        cuda.q8_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(),
+                              values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
+                              0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n, activation,
+                              act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, 255,
+                              scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream)
+
+    if m > 0:
+        _cuda.launch(op, x, run, scratch_for=(m, k))
     return _out(x, y, n)
 
 
@@ -468,13 +469,14 @@ def sparse_linear_csr_cuda(x, row_ptr, col_idx, values, bias=None, activation=0)
     _require_contiguous(op, row_ptr, col_idx, values, bias)
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m > 0:
-        cuda = _cuda.module(op)
+    def run(cuda, _, stream):
         _validated_on_host(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
-        with torch.cuda.device(x.device):
-            cuda.f32_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(),
-                                   col_idx.data_ptr(), values.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
-                                   y.data_ptr(), n, activation, torch.cuda.current_stream(x.device).cuda_stream)
+        cuda.f32_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), col_idx.data_ptr(),
+                               values.data_ptr(), 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
+                               activation, stream)
+
+    if m > 0:
+        _cuda.launch(op, x, run)
     return _out(x, y, n)
 
 
