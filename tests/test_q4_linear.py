@@ -1,5 +1,5 @@
 """The W4A8 linear (csrc/q4/q4_gemm.h) against its bit-exact reference (pycompress/reference/q4.py) on every ISA
-path: shapes around the tiles (rows 1-6 and remainders, 16-column panels, 64-column driver tiles), every
+path: shapes around the tiles (rows 1-17: every row block and remainder, 16-column panels, 64-column driver tiles), every
 group size, per channel with K not a multiple of 8, static and u7 activations, non-contiguous and empty
 inputs, non-finite rows, the extremes of the integer sums, bad operands, many threads, and the layer's
 format (convert / quantize / load)."""
@@ -45,7 +45,7 @@ def test_int4_linear_bit_exact_around_tiles(isa, group_size, gen):
     ks = [128, 256, 384] if group_size else [8, 13, 100, 384]
     for k in ks:
         for n in (1, 15, 16, 17, 33, 64, 65, 130):
-            for m in (1, 2, 3, 4, 5, 6, 9):
+            for m in range(1, 18):  # every row block and remainder of the 8-row kernel, then 16 + 1
                 w = torch.randn(n, k, generator=gen)
                 q, scale = quantize_weight_grouped(w, 4, group_size)
                 x = torch.randn(m, k, generator=gen) * 2
