@@ -27,7 +27,7 @@ DEFAULT_ARCHS = ("80", "90")
 # registers, 64 resident warps, 32 resident blocks, usable shared memory (KiB).
 SM_LIMITS = {"80": (65536, 64, 32, 164), "86": (65536, 48, 16, 100), "89": (65536, 48, 24, 100),
              "90": (65536, 64, 32, 228), "100": (65536, 64, 32, 228)}
-TILE = re.compile(r"Tile<\d+, \d+, \d+, \d+>")
+TILE = re.compile(r"Tile<\d+, \d+, \d+, \d+, \d+>")
 
 
 @dataclasses.dataclass

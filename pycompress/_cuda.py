@@ -51,12 +51,21 @@ def module(op: str):
     return _C_cuda
 
 
-def launch(op: str, x: torch.Tensor, run, scratch_for: tuple[int, int] | None = None) -> None:
-    """One call of a CUDA kernel on x's device: ``run(module, scratch, stream)`` under a device guard, with torch's
-    current stream there and, for the int8 kernels (``scratch_for`` = (m, k)), the quantizer's scratch for m
-    rows of k features (else None). ``run`` makes the checks that need real device memory before it launches."""
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """The device's multiprocessor count: the dense int8 kernel splits K across blocks to fill them
+    (csrc/cuda/q8_cuda_tiling.h, plan)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch(op: str, x: torch.Tensor, run, scratch_for: tuple[int, int, int] | None = None) -> None:
+    """One call of a CUDA kernel on x's device: ``run(module, scratch, stream, sms)`` under a device guard, with
+    torch's current stream there, the device's multiprocessor count and, for the int8 kernels (``scratch_for`` =
+    (m, n, k)), the scratch of an (m x k) @ (n x k)^T call (else None). ``run`` makes the checks that need real
+    device memory before it launches."""
     cuda = module(op)
+    sms = sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     scratch = (None if scratch_for is None else
-               torch.empty(cuda.q8_scratch_bytes(*scratch_for), dtype=torch.uint8, device=x.device))
+               torch.empty(cuda.q8_scratch_bytes(*scratch_for, sms), dtype=torch.uint8, device=x.device))
     with torch.cuda.device(x.device):
-        run(cuda, scratch, torch.cuda.current_stream(x.device).cuda_stream)
+        run(cuda, scratch, torch.cuda.current_stream(x.device).cuda_stream, sms)

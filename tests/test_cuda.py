@@ -49,15 +49,16 @@ def layer(n: int, k: int, seed: int = 0, bias: bool = True):
     return q, scale, packed, col_sum, b
 
 
-def emulate(x, packed, col_sum, scale, b, n, act="none", static=None, act_bits=8, raw=False):
+def emulate(x, packed, col_sum, scale, b, n, act="none", static=None, act_bits=8, raw=False, sms=0):
+    """(y or the raw int32 sums, the plan it ran) on a device of ``sms`` multiprocessors (0: no split-K)."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.int32 if raw else torch.float32)
-    tile = _C.cuda_q8_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, packed.data_ptr(), col_sum.data_ptr(),
+    plan = _C.cuda_q8_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, packed.data_ptr(), col_sum.data_ptr(),
                               scale.data_ptr(), 0 if b is None else b.data_ptr(), n, 0 if raw else y.data_ptr(),
                               y.data_ptr() if raw else 0, ACT[act], static is not None,
                               1.0 if static is None else static[0], 0 if static is None else static[1],
-                              act_qmax(act_bits))
-    return y, tile
+                              act_qmax(act_bits), sms)
+    return y, plan
 
 
 # (M, N, K) around the tiles: M across the small tile (16 rows) and the large one (128), N across a panel
@@ -71,8 +72,8 @@ SHAPES = [(1, 1, 1), (1, 16, 64), (2, 17, 33), (5, 64, 65), (16, 65, 128), (16, 
 def test_emulated_kernel_equals_the_reference_bit_for_bit(m, n, k):
     q, scale, packed, col_sum, b = layer(n, k, seed=m * 1000 + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
-    y, tile = emulate(x, packed, col_sum, scale, b, n)
-    assert tile == ("small" if m <= SMALL_ROWS else "large")
+    y, plan = emulate(x, packed, col_sum, scale, b, n)
+    assert plan["tile"] == ("small" if m <= SMALL_ROWS else "large") and plan["splits"] == 1
     assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale, b)))
     raw, _ = emulate(x, packed, col_sum, scale, b, n, raw=True)
     qa, _, _, _ = quantize_rows_ref(x)
@@ -130,17 +131,55 @@ def test_emulated_extremes_at_the_largest_k():
     scale = torch.full((n,), 0.5)
     packed, col_sum = pack_int8_weights(q)
     x = torch.ones(3, k)  # scale 1/255, zero point 0: every q = 255
-    raw, tile = emulate(x, packed, col_sum, scale, None, n, raw=True)
-    assert tile == "small"
-    assert raw[0, 0].item() == 255 * -128 * k and raw[0, 1].item() == 255 * 127 * k
-    y, _ = emulate(x, packed, col_sum, scale, None, n)
-    assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale)))
+    for sms in (0, 132):  # one block over all of K, and K in 32 splits of 32 steps
+        raw, plan = emulate(x, packed, col_sum, scale, None, n, raw=True, sms=sms)
+        assert plan["tile"] == "small" and plan["splits"] == (1 if sms == 0 else 32)
+        assert raw[0, 0].item() == 255 * -128 * k and raw[0, 1].item() == 255 * 127 * k
+        y, _ = emulate(x, packed, col_sum, scale, None, n, sms=sms)
+        assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale)))
 
 
 def test_emulated_empty_batch():
     q, scale, packed, col_sum, b = layer(8, 8)
-    y, tile = emulate(torch.empty(0, 8), packed, col_sum, scale, b, 8)
-    assert y.shape == (0, 8) and tile == "small"
+    y, plan = emulate(torch.empty(0, 8), packed, col_sum, scale, b, 8, sms=132)
+    assert y.shape == (0, 8) and plan["tile"] == "small"
+
+
+# (M, N, K, SMs) of decode steps whose K the small tile splits: the splits' partial sums meet in the last block to
+# arrive (the emulation runs odd column tiles' splits backwards), k steps not a multiple of the split, a split of
+# one step, tails in M, N and K.
+SPLIT_SHAPES = [(1, 64, 4096, 132), (1, 130, 1000, 4), (3, 130, 1000, 4), (16, 200, 777, 108), (5, 17, 129, 80),
+                (16, 65, 320, 1), (2, 300, 2000, 132)]
+
+
+@pytest.mark.parametrize("m,n,k,sms", SPLIT_SHAPES)
+def test_emulated_split_k_equals_the_reference_bit_for_bit(m, n, k, sms):
+    q, scale, packed, col_sum, b = layer(n, k, seed=m + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(sms)) * 2
+    y, plan = emulate(x, packed, col_sum, scale, b, n, "gelu", sms=sms)
+    assert plan == _C.cuda_q8_plan(m, n, k, sms) and plan["splits"] > 1
+    assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale, b, "gelu")))
+    raw, _ = emulate(x, packed, col_sum, scale, b, n, raw=True, sms=sms)
+    qa, _, _, _ = quantize_rows_ref(x)
+    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(qa, q))
+
+
+def test_plan_split_k():
+    """The small tile splits K until each SM has 4 blocks (at most 32 splits, at least one 64-k step each)."""
+    p = _C.cuda_q8_plan(1, 4096, 4096, 132)  # 64 column tiles, 64 k steps: 9 splits wanted, 8 of 8 steps
+    assert (p["grid"], p["splits"], p["steps"], p["steps_per_split"]) == ((64, 1), 8, 64, 8)
+    p = _C.cuda_q8_plan(16, 4096, 11008, 132)  # 172 k steps: 9 splits of 20 (the last 12)
+    assert (p["splits"], p["steps"], p["steps_per_split"]) == (9, 172, 20)
+    assert _C.cuda_q8_plan(1, 64, 65536, 132)["splits"] == 32
+    assert _C.cuda_q8_plan(1, 64, 64, 132)["splits"] == 1  # one k step
+    assert _C.cuda_q8_plan(1, 11008, 4096, 132)["splits"] == 4  # 172 column tiles: 528 / 172 -> 4 splits of 16
+    assert _C.cuda_q8_plan(17, 4096, 4096, 132)["splits"] == 1  # the large tile has enough blocks
+    assert _C.cuda_q8_plan(1, 4096, 4096, 0)["splits"] == 1  # SM count unknown
+    split, whole = _C.cuda_q8_plan(1, 4096, 4096, 132), _C.cuda_q8_plan(1, 4096, 4096, 0)
+    # the partial sums (8 x 1 x 4096 int32) and 64 counters on top of the quantized row's scratch
+    assert split["scratch_bytes"] - whole["scratch_bytes"] == 8 * 4096 * 4 + 64 * 4
+    with pytest.raises(ValueError, match=r"multiprocessor count must be >= 0"):
+        _C.cuda_q8_plan(1, 4, 4, -1)
 
 
 def test_plan_tiles_and_refusals():
@@ -333,6 +372,22 @@ def test_cuda_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k):
     raw = _int8_linear_cuda(x.cuda(), *gpu, raw=True).cpu()
     if m * n * k <= 2e8:  # the int64 reference matmul is slow on the CPU beyond that; y above covers every shape
         assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 4096, 11008), (3, 130, 1000), (1, 64, 65536)])
+def test_cuda_split_k_gives_the_unsplit_bits(m, n, k, monkeypatch):
+    """Decode shapes split K over this GPU's SMs (an A100 / H100-class count): the same bits as one block over all of K and as the CPU, call
+    after call (the quantizer zeroes the splits' arrival counters each time)."""
+    assert _C.cuda_q8_plan(m, n, k, _cuda.sm_count(torch.cuda.current_device()))["splits"] > 1
+    q, cpu, gpu = cpu_and_cuda(m, n, k, seed=k)
+    x = torch.randn(m, k) * 2
+    split = [torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 2, None, 0, 8).cpu() for _ in range(3)]
+    monkeypatch.setattr(_cuda, "sm_count", lambda index: 0)  # plan() without an SM count: no split
+    whole = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 2, None, 0, 8).cpu()
+    want = int8_linear_cpu(x, *cpu, 2)
+    for got in (*split, whole):
+        assert torch.equal(bits(got), bits(want))
 
 
 @pytest.mark.cuda

@@ -14,25 +14,39 @@ namespace py = pybind11;
 using namespace pycompress;
 using bindings::ptr;
 
+namespace {
+
+// A launch plan as Python sees it (tests, bench/cuda_resources.py).
+py::dict plan_dict(const q8cuda::Plan& p, int64_t rows, int64_t n) {
+  py::dict d;
+  d["tile"] = p.tile == q8cuda::TileKind::Small ? "small" : "large";
+  d["grid"] = py::make_tuple(p.grid_x, p.grid_y);
+  d["splits"] = p.splits;
+  d["steps"] = p.steps;
+  d["steps_per_split"] = p.steps_per_split;
+  d["threads"] = p.threads;
+  d["smem_bytes"] = p.smem_bytes;
+  d["ldq"] = p.ldq;
+  d["kp"] = p.kp;
+  d["panels"] = p.panels;
+  d["scratch_bytes"] = q8cuda::scratch_layout(rows, n, p).total;
+  return d;
+}
+
+}  // namespace
+
 void register_cuda_emulate_bindings(py::module_& m) {
   m.def(
       "cuda_q8_plan",
-      [](int64_t rows, int64_t n, int64_t k) {
+      [](int64_t rows, int64_t n, int64_t k, int64_t sms) {
         q8cuda::Plan p;
         const char* why = nullptr;
-        if (!q8cuda::plan(rows, n, k, &p, &why)) throw std::invalid_argument(why);
-        py::dict d;
-        d["tile"] = p.tile == q8cuda::TileKind::Small ? "small" : "large";
-        d["grid"] = py::make_tuple(p.grid_x, p.grid_y);
-        d["threads"] = p.threads;
-        d["smem_bytes"] = p.smem_bytes;
-        d["ldq"] = p.ldq;
-        d["kp"] = p.kp;
-        d["panels"] = p.panels;
-        d["scratch_bytes"] = q8cuda::scratch_layout(rows, k).total;
-        return d;
+        if (!q8cuda::plan(rows, n, k, sms, &p, &why)) throw std::invalid_argument(why);
+        return plan_dict(p, rows, n);
       },
-      py::arg("m"), py::arg("n"), py::arg("k"), "the CUDA int8 linear's launch plan (ValueError when refused)");
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sms") = 0,
+      "the CUDA int8 linear's launch plan on a device of `sms` multiprocessors (0: no split-K; ValueError when "
+      "refused)");
   m.def(
       "cuda_q8_sparse_plan",
       [](int64_t rows, int64_t n, int64_t k) {
@@ -46,20 +60,21 @@ void register_cuda_emulate_bindings(py::module_& m) {
       "cuda_q8_emulate",
       [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, std::uintptr_t raw, int act,
-         bool is_static, float static_scale, int32_t static_zp, int32_t qmax) {
+         bool is_static, float static_scale, int32_t static_zp, int32_t qmax, int64_t sms) {
         q8cuda::EmulateArgs a{ptr<const float>(x), rows, k, ldx, ptr<const int8_t>(w), ptr<const int32_t>(col_sum),
                               ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ptr<int32_t>(raw),
-                              act, is_static, static_scale, static_zp, qmax};
-        q8cuda::TileKind tile = q8cuda::TileKind::Small;
+                              act, is_static, static_scale, static_zp, qmax, sms};
+        q8cuda::Plan plan{};
         std::string err;
         {
           py::gil_scoped_release release;
-          err = q8cuda::emulate(a, &tile);
+          err = q8cuda::emulate(a, &plan);
         }
         if (!err.empty()) throw std::invalid_argument(err);
-        return tile == q8cuda::TileKind::Small ? "small" : "large";
+        return plan_dict(plan, rows, n);
       },
-      "y (or raw) = the CUDA int8 linear's algorithm run on the CPU; returns the tile it used");
+      "y (or raw) = the CUDA int8 linear's algorithm run on the CPU for a device of `sms` multiprocessors; "
+      "returns the plan it ran (cuda_q8_plan's dict)");
   m.def(
       "cuda_q8_fragments",
       [] {
@@ -83,7 +98,8 @@ void register_cuda_emulate_bindings(py::module_& m) {
         auto tile = [&](auto t) {
           using T = decltype(t);
           const std::string name = "Tile<" + std::to_string(T::kBM) + ", " + std::to_string(T::kBN) + ", " +
-                                   std::to_string(T::kWM) + ", " + std::to_string(T::kWN) + ">";
+                                   std::to_string(T::kWM) + ", " + std::to_string(T::kWN) + ", " +
+                                   std::to_string(T::kStages) + ">";
           d[py::str(name)] = py::make_tuple(T::kThreads, T::kSmemBytes);
         };
         tile(q8cuda::SmallTile{});

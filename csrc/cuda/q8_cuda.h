@@ -27,7 +27,7 @@ struct LinearArgs {
   float static_scale;
   int32_t static_zp;
   int32_t qmax;       // 255 (u8) or 127 (u7)
-  void* scratch;      // scratch_bytes(m, k) bytes of device memory, 16-byte aligned
+  void* scratch;      // scratch_bytes(m, n, k, sms) bytes of device memory, 16-byte aligned
   int64_t scratch_size;
   int32_t* raw;       // nullable: int32 accumulators [m, n] instead of y (tests)
   std::uintptr_t stream;  // cudaStream_t of the caller (torch's current stream)
@@ -38,10 +38,14 @@ struct LinearArgs {
   // Float sparse weights (sparse_f32_linear): the CPU's csr pack, row_ptr [n + 1], col_idx [nnz] (in blk_idx's
   // place: one k each) and float values [nnz]; no activation quantization (scratch unused).
   const float* f32_values = nullptr;
+  // The device's multiprocessor count: the dense kernel's split-K (q8_cuda_tiling.h, plan); 0 = no split.
+  int64_t sms = 0;
 };
 
-// Device scratch of one call: quantized rows, then per-row scale, zero point, non-finite flag.
-int64_t scratch_bytes(int64_t m, int64_t k);
+// Device scratch of one call on a device of `sms` multiprocessors (q8_cuda_tiling.h, scratch_layout): quantized
+// rows, per-row scale, zero point and non-finite flag, and the dense kernel's split-K partial sums and counters.
+// Enough for every kernel of this header.
+int64_t scratch_bytes(int64_t m, int64_t n, int64_t k, int64_t sms);
 
 // Launches the quantization and the GEMM on args.stream. Returns "" on success,
 // else what went wrong (nothing was launched when the plan or the operands are refused).

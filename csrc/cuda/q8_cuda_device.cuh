@@ -114,7 +114,7 @@ inline std::string launch_error(const char* kernel) {
 
 // The epilogue of a call: its per-row operands in the scratch the quantizer filled (scratch_layout).
 inline Epilogue epilogue_of(const LinearArgs& a) {
-  const Scratch sl = scratch_layout(a.m, a.k);
+  const Scratch sl = scratch_layout(a.m, a.n, a.k, 1, 0);  // the per-row part: the same at any split count
   const uint8_t* base = static_cast<const uint8_t*>(a.scratch);
   return Epilogue{reinterpret_cast<const float*>(base + sl.scale), reinterpret_cast<const int32_t*>(base + sl.zp),
                   base + sl.nonfinite, a.col_sum, a.w_scale, a.bias, a.act, a.y, a.ldy, a.raw};

@@ -23,11 +23,12 @@ struct EmulateArgs {
   bool is_static;
   float static_scale;
   int32_t static_zp, qmax;
+  int64_t sms;  // the multiprocessor count the plan splits K for (0: no split)
 };
 
-// "" on success (tile: the tile the plan chose), else why the plan refuses the shape.
+// "" on success (plan: the launch it emulated), else why the plan refuses the shape.
 // Throws std::logic_error when the algorithm reads out of bounds or writes an output other than once.
-std::string emulate(const EmulateArgs& args, TileKind* tile);
+std::string emulate(const EmulateArgs& args, Plan* plan);
 
 }  // namespace q8cuda
 }  // namespace pycompress

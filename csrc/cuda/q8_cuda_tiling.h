@@ -38,7 +38,6 @@ constexpr int kMaxK = 65536; // exact int32 accumulation limit (q8_gemm.h)
 constexpr int kBK = 64;      // k per main-loop step: two m16n8k32 steps
 constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 32;
 constexpr int kChunk = 16;   // bytes per cp.async
-constexpr int kStages = 2;   // shared-memory stages (double buffering)
 
 // Shared memory rows are padded so that the 32 lanes of a fragment load hit 32
 // different banks: A rows of 64 bytes at a stride of 80 (20 words: row g, word
@@ -76,25 +75,29 @@ PYC_HD int b_smem(int n, int k) {
 }
 
 // ---- one block tile -----------------------------------------------------------
-// BM x BN outputs per block, WM x WN per warp; warps tile the block row-major.
-template <int BM, int BN, int WM, int WN>
+// BM x BN outputs per block, WM x WN per warp; warps tile the block row-major;
+// STAGES shared-memory stages in a cp.async ring (STAGES - 1 k steps in flight
+// while one is multiplied).
+template <int BM, int BN, int WM, int WN, int STAGES>
 struct Tile {
   static_assert(BM % WM == 0 && BN % WN == 0 && WM % kMmaM == 0 && WN % kMmaN == 0 && BN % kPanel == 0, "tile");
-  static constexpr int kBM = BM, kBN = BN, kWM = WM, kWN = WN;
+  static_assert(STAGES >= 2, "at least double buffering");
+  static constexpr int kBM = BM, kBN = BN, kWM = WM, kWN = WN, kStages = STAGES;
   static constexpr int kWarpsM = BM / WM, kWarpsN = BN / WN;
   static constexpr int kThreads = kWarpsM * kWarpsN * 32;
   static constexpr int kMTiles = WM / kMmaM, kNTiles = WN / kMmaN;  // mma tiles per warp
   static constexpr int kAStageBytes = BM * kARowBytes;
   static constexpr int kBStageBytes = (BN / kPanel) * kBPanelBytes;
-  static constexpr int kSmemBytes = kStages * (kAStageBytes + kBStageBytes);
+  static constexpr int kSmemBytes = STAGES * (kAStageBytes + kBStageBytes);
   static constexpr int kAChunks = BM * (kBK / kChunk);               // 16-byte copies of one A stage
   static constexpr int kBChunks = (BN / kPanel) * (kBK / kKGroup) * (kPanel * kKGroup / kChunk);
 };
 
 // The two tiles a launch chooses between (plan()): rows of a decode step, and
-// everything else.
-using SmallTile = Tile<16, 64, 16, 16>;
-using LargeTile = Tile<128, 128, 64, 32>;
+// everything else. A decode step is bound by streaming the weights: its tile
+// keeps 3 k steps (12 KiB of weights) in flight and splits K (plan()).
+using SmallTile = Tile<16, 64, 16, 16, 4>;
+using LargeTile = Tile<128, 128, 64, 32, 2>;
 
 // A stage's copy number c (0 <= c < kAChunks): 16 bytes of activation row
 // m0 + row at k0 + col; rows past m are zero-filled (valid = false).
@@ -130,6 +133,8 @@ enum class TileKind : int { Small = 0, Large = 1 };
 struct Plan {
   TileKind tile;
   int64_t grid_x, grid_y;  // blocks along N, blocks along M
+  int64_t splits;          // blocks along K (grid z): each sums steps_per_split k steps
+  int64_t steps, steps_per_split;  // k steps of kBK in all, and per split
   int threads, smem_bytes;
   int64_t ldq;             // quantized row stride
   int64_t kp, panels;      // packed K (multiple of 4), packed panels (Np / 16)
@@ -137,13 +142,23 @@ struct Plan {
 
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kSmallRows = 16;  // up to this many rows run the small tile
+// Split-K of the small tile: enough blocks for kSplitBlocksPerSm on each SM.
+// A decode GEMM has N / 64 column tiles (64 for N = 4096), fewer than the 4-5
+// blocks an SM holds times its 108-132 SMs: alone they leave most of HBM's
+// bandwidth unused. Each split sums its k steps in int32; the last block of a
+// column tile to finish adds the splits' partial sums (exact: integers) and
+// runs the epilogue, so the output is the same bits at any split count.
+constexpr int64_t kSplitBlocksPerSm = 4;
+constexpr int64_t kMaxSplits = 32;
 
-// The launch of an (m x k) @ (n x k)^T GEMM; ok = false with `why` set when it
+// The launch of an (m x k) @ (n x k)^T GEMM on a device of `sms`
+// multiprocessors (0: unknown, no split-K); ok = false with `why` set when it
 // cannot run (checked before anything is launched).
-PYC_HD bool plan(int64_t m, int64_t n, int64_t k, Plan* out, const char** why) {
+PYC_HD bool plan(int64_t m, int64_t n, int64_t k, int64_t sms, Plan* out, const char** why) {
   if (k < 1 || k > kMaxK) { *why = "K outside [1, 65536] (an int32 accumulator of u8 x s8 products can overflow)"; return false; }
   if (n < 1) { *why = "N must be at least 1"; return false; }
   if (m < 0) { *why = "M must be >= 0"; return false; }
+  if (sms < 0) { *why = "the multiprocessor count must be >= 0"; return false; }
   Plan p{};
   const bool small = m <= kSmallRows;
   p.tile = small ? TileKind::Small : TileKind::Large;
@@ -156,6 +171,16 @@ PYC_HD bool plan(int64_t m, int64_t n, int64_t k, Plan* out, const char** why) {
   p.ldq = q_ld(k);
   p.kp = round_up(k, kKGroup);
   p.panels = round_up(n, kPanel) / kPanel;
+  p.steps = p.ldq / kBK;
+  p.splits = 1;
+  if (small && sms > 0 && m > 0) {  // (m = 0 launches nothing)
+    const int64_t tiles = p.grid_x * p.grid_y;
+    int64_t want = (kSplitBlocksPerSm * sms + tiles - 1) / tiles;
+    want = want < p.steps ? want : p.steps;
+    p.splits = want < kMaxSplits ? (want > 1 ? want : 1) : kMaxSplits;
+  }
+  p.steps_per_split = (p.steps + p.splits - 1) / p.splits;
+  p.splits = (p.steps + p.steps_per_split - 1) / p.steps_per_split;  // no split without steps
   *out = p;
   return true;
 }
@@ -181,18 +206,25 @@ PYC_HD bool sparse_plan(int64_t m, int64_t n, int64_t k, SparsePlan* out, const 
 
 // Device scratch of one call (byte offsets, each 16-byte aligned): the quantized
 // rows (m x ldq), then per row the scale (float), zero point (int32) and
-// non-finite flag (uint8).
+// non-finite flag (uint8); with split-K (splits > 1) the splits' int32 partial
+// sums ([splits][m][n]) and one arrival counter per output tile (int32, zeroed
+// by the quantization kernel that runs first on the stream).
 struct Scratch {
-  int64_t q, scale, zp, nonfinite, total;
+  int64_t q, scale, zp, nonfinite, partial, counters, total;
 };
-PYC_HD Scratch scratch_layout(int64_t m, int64_t k) {
+PYC_HD Scratch scratch_layout(int64_t m, int64_t n, int64_t k, int64_t splits, int64_t tiles) {
   Scratch s{};
   s.q = 0;
   s.scale = round_up(m * q_ld(k), 16);
   s.zp = s.scale + round_up(m * 4, 16);
   s.nonfinite = s.zp + round_up(m * 4, 16);
-  s.total = s.nonfinite + round_up(m, 16);
+  s.partial = s.nonfinite + round_up(m, 16);
+  s.counters = s.partial + (splits > 1 ? round_up(splits * m * n * 4, 16) : 0);
+  s.total = s.counters + (splits > 1 ? round_up(tiles * 4, 16) : 0);
   return s;
+}
+PYC_HD Scratch scratch_layout(int64_t m, int64_t n, const Plan& p) {
+  return scratch_layout(m, n, p.ldq, p.splits, p.grid_x * p.grid_y);
 }
 
 // ---- the epilogue: the CPU's operations, one IEEE float32 rounding each -------

@@ -29,11 +29,16 @@ struct QuantArgs {
   bool is_static;
   float static_scale;
   int32_t static_zp, qmax;
+  int32_t* counters;  // the GEMM's split-K arrival counters, zeroed here (nullptr: none)
+  int64_t n_counters;
 };
 
 template <typename T>
 __global__ void __launch_bounds__(kQuantRowsPerBlock * 32) quantize_rows(const T* __restrict__ x, QuantArgs a) {
   const int lane = threadIdx.x & 31;
+  if (blockIdx.x == 0) {  // the GEMM that follows on the stream counts its splits' arrivals from 0
+    for (int64_t i = threadIdx.x; i < a.n_counters; i += blockDim.x) a.counters[i] = 0;
+  }
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kQuantRowsPerBlock + (threadIdx.x >> 5);
   if (r >= a.m) return;
   const T* row = x + r * a.ldx;
@@ -69,6 +74,9 @@ struct GemmArgs {
   const uint8_t* q;
   const int8_t* w;
   int64_t m, n, ldq, kp, panels;
+  int64_t steps, steps_per_split, splits;
+  int32_t* partial;   // splits > 1: [splits][m][n] int32 partial sums
+  int32_t* counters;  // splits > 1: one per output tile, zero at launch
   Epilogue out;
 };
 
@@ -94,15 +102,20 @@ __device__ __forceinline__ void mma_u8s8(int32_t (&c)[4], const uint32_t (&a)[4]
 template <class TileT, typename OutT>
 __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
   extern __shared__ __align__(16) uint8_t smem[];
-  // Stage s: A at smem + s * kAStageBytes, B after both A stages (pointer arithmetic, not an array of
+  constexpr int S = TileT::kStages;
+  // Stage s: A at smem + s * kAStageBytes, B after every A stage (pointer arithmetic, not an array of
   // pointers, which would live in local memory).
   auto a_stage = [&](int s) { return smem + s * TileT::kAStageBytes; };
-  auto b_stage = [&](int s) { return smem + kStages * TileT::kAStageBytes + s * TileT::kBStageBytes; };
+  auto b_stage = [&](int s) { return smem + S * TileT::kAStageBytes + s * TileT::kBStageBytes; };
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = (warp / TileT::kWarpsN) * TileT::kWM, wn = (warp % TileT::kWarpsN) * TileT::kWN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * TileT::kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * TileT::kBN;
   const int64_t p0 = n0 / kPanel;
+  // This block's k steps: split blockIdx.z of the plan.
+  const int64_t step0 = static_cast<int64_t>(blockIdx.z) * g.steps_per_split;
+  const int64_t step1 = min(g.steps, step0 + g.steps_per_split);
+  const int64_t steps = step1 - step0;
 
   int32_t acc[TileT::kMTiles][TileT::kNTiles][4];
 #pragma unroll
@@ -112,48 +125,89 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
 
-  auto load_stage = [&](int s, int64_t k0) {
-    for (int c = tid; c < TileT::kAChunks; c += TileT::kThreads) {
-      const Copy cp = a_copy(c, m0, k0, g.m, g.ldq);
-      cp_async16(a_stage(s) + cp.dst, g.q + cp.src, cp.valid);
-    }
-    for (int c = tid; c < TileT::kBChunks; c += TileT::kThreads) {
-      const Copy cp = b_copy(c, p0, k0, g.panels, g.kp);
-      cp_async16(b_stage(s) + cp.dst, g.w + cp.src, cp.valid);
+  // Step i of this block into stage i % S; past the last step only an empty group is committed, so that
+  // cp.async.wait_group counts the same number of groups on every iteration.
+  auto load_step = [&](int64_t i) {
+    if (i < steps) {
+      const int s = static_cast<int>(i % S);
+      const int64_t k0 = (step0 + i) * kBK;
+      for (int c = tid; c < TileT::kAChunks; c += TileT::kThreads) {
+        const Copy cp = a_copy(c, m0, k0, g.m, g.ldq);
+        cp_async16(a_stage(s) + cp.dst, g.q + cp.src, cp.valid);
+      }
+      for (int c = tid; c < TileT::kBChunks; c += TileT::kThreads) {
+        const Copy cp = b_copy(c, p0, k0, g.panels, g.kp);
+        cp_async16(b_stage(s) + cp.dst, g.w + cp.src, cp.valid);
+      }
     }
     cp_async_commit();
   };
 
-  const int64_t steps = g.ldq / kBK;
-  load_stage(0, 0);
-  for (int64_t step = 0; step < steps; ++step) {
-    const int s = static_cast<int>(step & 1);
-    if (step + 1 < steps) {
-      load_stage(s ^ 1, (step + 1) * kBK);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) load_step(i);
+  for (int64_t i = 0; i < steps; ++i) {
+    cp_async_wait<S - 2>();  // step i's group has landed (at most S - 2 younger ones pending)
+    __syncthreads();         // ... for every thread; and every warp is done with step i - 1's stage,
+    load_step(i + S - 1);    // which this refills
+    const int s = static_cast<int>(i % S);
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += kMmaK) {
       uint32_t a[TileT::kMTiles][4], b[TileT::kNTiles][2];
 #pragma unroll
-      for (int i = 0; i < TileT::kMTiles; ++i)
+      for (int mi = 0; mi < TileT::kMTiles; ++mi)
 #pragma unroll
         for (int r = 0; r < 4; ++r)
-          a[i][r] = lds32(a_stage(s) + a_smem(wm + i * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)));
+          a[mi][r] = lds32(a_stage(s) + a_smem(wm + mi * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)));
 #pragma unroll
       for (int j = 0; j < TileT::kNTiles; ++j)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           b[j][r] = lds32(b_stage(s) + b_smem(wn + j * kMmaN + b_frag_n(lane), ks + b_frag_k(lane, r)));
 #pragma unroll
-      for (int i = 0; i < TileT::kMTiles; ++i)
+      for (int mi = 0; mi < TileT::kMTiles; ++mi)
 #pragma unroll
-        for (int j = 0; j < TileT::kNTiles; ++j) mma_u8s8(acc[i][j], a[i], b[j]);
+        for (int j = 0; j < TileT::kNTiles; ++j) mma_u8s8(acc[mi][j], a[mi], b[j]);
     }
-    __syncthreads();  // every warp is done with stage s before the next step's copies overwrite it
+  }
+  cp_async_wait<0>();  // no copy outlives the block (the trailing groups are empty)
+
+  if (g.splits > 1) {
+    // Split-K: publish this split's sums, then the tile's last block to arrive adds them all.
+    int32_t* mine = g.partial + static_cast<int64_t>(blockIdx.z) * g.m * g.n;
+#pragma unroll
+    for (int i = 0; i < TileT::kMTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < TileT::kNTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
+          const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
+          if (row < g.m && col < g.n) mine[row * g.n + col] = acc[i][j][e];
+        }
+    __threadfence();  // the partial sums are visible device-wide before this block is counted
+    __syncthreads();
+    __shared__ int last;
+    if (tid == 0) {
+      const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+      last = atomicAdd(g.counters + tile, 1) == static_cast<int>(g.splits) - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // the other splits' sums, published before their arrivals, are read after ours
+#pragma unroll
+    for (int i = 0; i < TileT::kMTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < TileT::kNTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
+          const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
+          if (row >= g.m || col >= g.n) continue;
+          uint32_t sum = 0;  // int32 sums wrap like the CPU's; the exact total fits
+          for (int64_t z = 0; z < g.splits; ++z)
+            sum += static_cast<uint32_t>(z == blockIdx.z ? acc[i][j][e] : __ldcg(g.partial + (z * g.m + row) * g.n + col));
+          acc[i][j][e] = static_cast<int32_t>(sum);
+        }
   }
 
 #pragma unroll
@@ -169,12 +223,11 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
 }
 
 template <typename T>
-std::string launch_quantize(const LinearArgs& a) {
-  const Scratch sl = scratch_layout(a.m, a.k);
+std::string launch_quantize(const LinearArgs& a, const Scratch& sl, int64_t n_counters) {
   uint8_t* base = static_cast<uint8_t*>(a.scratch);
   QuantArgs qa{a.m, a.k, a.ldx, q_ld(a.k), base + sl.q, reinterpret_cast<float*>(base + sl.scale),
                reinterpret_cast<int32_t*>(base + sl.zp), base + sl.nonfinite, a.is_static, a.static_scale,
-               a.static_zp, a.qmax};
+               a.static_zp, a.qmax, reinterpret_cast<int32_t*>(base + sl.counters), n_counters};
   const unsigned blocks = static_cast<unsigned>((a.m + kQuantRowsPerBlock - 1) / kQuantRowsPerBlock);
   quantize_rows<T><<<blocks, kQuantRowsPerBlock * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), qa);
@@ -183,10 +236,12 @@ std::string launch_quantize(const LinearArgs& a) {
 
 template <typename T>
 std::string launch_gemm(const LinearArgs& a, const Plan& p) {
-  const Scratch sl = scratch_layout(a.m, a.k);
+  const Scratch sl = scratch_layout(a.m, a.n, p);
   uint8_t* base = static_cast<uint8_t*>(a.scratch);
-  GemmArgs g{base + sl.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, epilogue_of(a)};
-  const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
+  GemmArgs g{base + sl.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, p.steps, p.steps_per_split, p.splits,
+             reinterpret_cast<int32_t*>(base + sl.partial), reinterpret_cast<int32_t*>(base + sl.counters),
+             epilogue_of(a)};
+  const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y), static_cast<unsigned>(p.splits));
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   if (p.tile == TileKind::Small) {
     q8_gemm<SmallTile, T><<<grid, SmallTile::kThreads, SmallTile::kSmemBytes, stream>>>(g);
@@ -199,24 +254,41 @@ std::string launch_gemm(const LinearArgs& a, const Plan& p) {
 static_assert(SmallTile::kSmemBytes <= 48 * 1024 && LargeTile::kSmemBytes <= 48 * 1024,
               "above 48 KiB of dynamic shared memory a launch needs cudaFuncSetAttribute");
 
-}  // namespace
-
-int64_t scratch_bytes(int64_t m, int64_t k) { return scratch_layout(m, k).total; }
-
-std::string quantize(const LinearArgs& a) {
-  if (a.scratch_size < scratch_bytes(a.m, a.k)) return "scratch buffer too small";
+// The checks of quantize() and linear() on the scratch buffer.
+std::string check_scratch(const LinearArgs& a, const Scratch& sl) {
+  if (a.scratch_size < sl.total) return "scratch buffer too small";
   if (reinterpret_cast<std::uintptr_t>(a.scratch) % kChunk != 0) return "the scratch buffer must be 16-byte aligned";
   if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
-  return with_dtype(a.dtype, [&](auto t) { return launch_quantize<decltype(t)>(a); });
+  return "";
+}
+
+}  // namespace
+
+int64_t scratch_bytes(int64_t m, int64_t n, int64_t k, int64_t sms) {
+  Plan p;
+  const char* why = nullptr;
+  if (!plan(m, n, k, sms, &p, &why)) return scratch_layout(m, n, k, 1, 0).total;  // linear() refuses the call
+  return scratch_layout(m, n, p).total;
+}
+
+std::string quantize(const LinearArgs& a) {
+  const Scratch sl = scratch_layout(a.m, a.n, a.k, 1, 0);
+  std::string err = check_scratch(a, sl);
+  if (!err.empty()) return err;
+  return with_dtype(a.dtype, [&](auto t) { return launch_quantize<decltype(t)>(a, sl, 0); });
 }
 
 std::string linear(const LinearArgs& a) {
   Plan p;
   const char* why = nullptr;
-  if (!plan(a.m, a.n, a.k, &p, &why)) return why;
+  if (!plan(a.m, a.n, a.k, a.sms, &p, &why)) return why;
   if (a.m == 0) return "";
   if (reinterpret_cast<std::uintptr_t>(a.w) % kChunk != 0) return "the packed weights must be 16-byte aligned";
-  std::string err = quantize(a);
+  const Scratch sl = scratch_layout(a.m, a.n, p);
+  std::string err = check_scratch(a, sl);
+  if (!err.empty()) return err;
+  const int64_t n_counters = p.splits > 1 ? p.grid_x * p.grid_y : 0;
+  err = with_dtype(a.dtype, [&](auto t) { return launch_quantize<decltype(t)>(a, sl, n_counters); });
   if (!err.empty()) return err;
   return with_dtype(a.dtype, [&](auto t) { return launch_gemm<decltype(t)>(a, p); });
 }

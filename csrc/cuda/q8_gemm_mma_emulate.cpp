@@ -1,12 +1,14 @@
 // The CUDA int8 linear's algorithm run on the CPU, warp by warp and lane by
 // lane, through the same index math as the kernel (q8_cuda_tiling.h): the
-// plan, the cp.async copies into each stage (every read bounds-checked), each
-// lane's fragment registers loaded from the staged bytes, mma.m16n8k32 as the
-// PTX ISA defines it over those registers, and the epilogue per accumulator
-// element. Part of the CPU module (`_C.cuda_q8_emulate`), so the tests check on
+// plan, the cp.async copies into each stage of the ring (every read
+// bounds-checked, every stage inside the block's shared memory), each lane's
+// fragment registers loaded from the staged bytes, mma.m16n8k32 as the PTX ISA
+// defines it over those registers, split-K's partial sums met in whichever
+// block of a tile arrives last, and the epilogue per accumulator element. Part of the CPU module (`_C.cuda_q8_emulate`), so the tests check on
 // any machine that the tiling covers every output once, that tails and padding
 // read nothing out of bounds, and that the result equals the reference bit for
 // bit. Only the GPU can check the fragment layouts against the hardware.
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -71,72 +73,122 @@ void gemm(const EmulateArgs& a, const Plan& p, const std::vector<uint8_t>& q, co
   const Buffer qbuf{q.data(), static_cast<int64_t>(q.size()), "the quantized rows"};
   const Buffer wbuf{reinterpret_cast<const uint8_t*>(a.w), p.panels * p.kp * kPanel, "the packed weights"};
   constexpr int kWarps = TileT::kThreads / 32;
-  std::vector<uint8_t> a_stage(TileT::kAStageBytes), b_stage(TileT::kBStageBytes);
+  constexpr int S = TileT::kStages;
+  // The block's dynamic shared memory, laid out as the kernel's: S A stages, then S B stages.
+  std::vector<uint8_t> smem(TileT::kSmemBytes);
+  auto stage_view = [&](int offset, int bytes) {
+    if (offset < 0 || offset + bytes > TileT::kSmemBytes)
+      throw std::logic_error("cuda_q8_emulate: a stage lies outside the block's shared memory");
+    return std::vector<uint8_t>(smem.begin() + offset, smem.begin() + offset + bytes);
+  };
   // acc[warp][i][j][lane][e]
-  std::vector<int32_t> acc(static_cast<size_t>(kWarps) * TileT::kMTiles * TileT::kNTiles * 32 * 4);
-  auto acc_at = [&](int w, int i, int j) {
+  const size_t acc_size = static_cast<size_t>(kWarps) * TileT::kMTiles * TileT::kNTiles * 32 * 4;
+  auto acc_at = [&](std::vector<int32_t>& acc, int w, int i, int j) {
     return reinterpret_cast<int32_t(*)[4]>(&acc[((static_cast<size_t>(w) * TileT::kMTiles + i) * TileT::kNTiles + j) * 128]);
   };
+  // Split-K: each split's partial sums ([splits][m][n]) and each tile's arrival count, as in the scratch.
+  std::vector<int32_t> partial(p.splits > 1 ? static_cast<size_t>(p.splits * a.m * a.n) : 0);
+  std::vector<int> arrivals(static_cast<size_t>(p.grid_x * p.grid_y), 0);
+  // Output (row, col) of warp w's element (i, j, lane, e), or false past the edges.
+  auto coord = [&](int64_t m0, int64_t n0, int w, int i, int j, int lane, int e, int64_t* row, int64_t* col) {
+    const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
+    *row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
+    *col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
+    return *row < a.m && *col < a.n;
+  };
   for (int64_t by = 0; by < p.grid_y; ++by)
-    for (int64_t bx = 0; bx < p.grid_x; ++bx) {
-      const int64_t m0 = by * TileT::kBM, n0 = bx * TileT::kBN, p0 = n0 / kPanel;
-      std::fill(acc.begin(), acc.end(), 0);
-      for (int64_t step = 0; step < p.ldq / kBK; ++step) {
-        const int64_t k0 = step * kBK;
-        for (int c = 0; c < TileT::kAChunks; ++c) copy16(a_stage.data(), qbuf, a_copy(c, m0, k0, a.m, p.ldq));
-        for (int c = 0; c < TileT::kBChunks; ++c) copy16(b_stage.data(), wbuf, b_copy(c, p0, k0, p.panels, p.kp));
-        for (int w = 0; w < kWarps; ++w) {
-          const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
-          for (int ks = 0; ks < kBK; ks += kMmaK)
-            for (int i = 0; i < TileT::kMTiles; ++i)
-              for (int j = 0; j < TileT::kNTiles; ++j) {
-                uint32_t ra[32][4], rb[32][2];
-                for (int lane = 0; lane < 32; ++lane) {
-                  for (int r = 0; r < 4; ++r)
-                    ra[lane][r] = word(a_stage, a_smem(wm + i * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)));
-                  for (int r = 0; r < 2; ++r)
-                    rb[lane][r] = word(b_stage, b_smem(wn + j * kMmaN + b_frag_n(lane), ks + b_frag_k(lane, r)));
+    for (int64_t bx = 0; bx < p.grid_x; ++bx)
+      for (int64_t zi = 0; zi < p.splits; ++zi) {
+        // Splits finish in any order on a GPU: odd column tiles run theirs backwards here, so the last to
+        // arrive is not always the last split.
+        const int64_t bz = bx % 2 ? p.splits - 1 - zi : zi;
+        const int64_t m0 = by * TileT::kBM, n0 = bx * TileT::kBN, p0 = n0 / kPanel;
+        const int64_t step0 = bz * p.steps_per_split, step1 = std::min(p.steps, step0 + p.steps_per_split);
+        if (step1 <= step0) throw std::logic_error("cuda_q8_emulate: a split without k steps");
+        std::vector<int32_t> acc(acc_size, 0);
+        for (int64_t i = 0; i < step1 - step0; ++i) {
+          const int s = static_cast<int>(i % S);
+          const int64_t k0 = (step0 + i) * kBK;
+          const int a_off = s * TileT::kAStageBytes, b_off = S * TileT::kAStageBytes + s * TileT::kBStageBytes;
+          std::vector<uint8_t> a_stage = stage_view(a_off, TileT::kAStageBytes);
+          std::vector<uint8_t> b_stage = stage_view(b_off, TileT::kBStageBytes);
+          for (int c = 0; c < TileT::kAChunks; ++c) copy16(a_stage.data(), qbuf, a_copy(c, m0, k0, a.m, p.ldq));
+          for (int c = 0; c < TileT::kBChunks; ++c) copy16(b_stage.data(), wbuf, b_copy(c, p0, k0, p.panels, p.kp));
+          std::copy(a_stage.begin(), a_stage.end(), smem.begin() + a_off);
+          std::copy(b_stage.begin(), b_stage.end(), smem.begin() + b_off);
+          for (int w = 0; w < kWarps; ++w) {
+            const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
+            for (int ks = 0; ks < kBK; ks += kMmaK)
+              for (int mi = 0; mi < TileT::kMTiles; ++mi)
+                for (int j = 0; j < TileT::kNTiles; ++j) {
+                  uint32_t ra[32][4], rb[32][2];
+                  for (int lane = 0; lane < 32; ++lane) {
+                    for (int r = 0; r < 4; ++r)
+                      ra[lane][r] = word(a_stage, a_smem(wm + mi * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)));
+                    for (int r = 0; r < 2; ++r)
+                      rb[lane][r] = word(b_stage, b_smem(wn + j * kMmaN + b_frag_n(lane), ks + b_frag_k(lane, r)));
+                  }
+                  mma_warp(*reinterpret_cast<int32_t(*)[32][4]>(acc_at(acc, w, mi, j)), ra, rb);
                 }
-                mma_warp(*reinterpret_cast<int32_t(*)[32][4]>(acc_at(w, i, j)), ra, rb);
-              }
+          }
         }
-      }
-      for (int w = 0; w < kWarps; ++w) {
-        const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
-        for (int i = 0; i < TileT::kMTiles; ++i)
-          for (int j = 0; j < TileT::kNTiles; ++j)
-            for (int lane = 0; lane < 32; ++lane)
-              for (int e = 0; e < 4; ++e) {
-                const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
-                const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
-                if (row >= a.m || col >= a.n) continue;
-                const int32_t v32 = acc_at(w, i, j)[lane][e];
-                writes[row * a.n + col] += 1;
-                if (a.raw != nullptr) {
-                  a.raw[row * a.n + col] = v32;
-                  continue;
+        if (p.splits > 1) {
+          for (int w = 0; w < kWarps; ++w)
+            for (int i = 0; i < TileT::kMTiles; ++i)
+              for (int j = 0; j < TileT::kNTiles; ++j)
+                for (int lane = 0; lane < 32; ++lane)
+                  for (int e = 0; e < 4; ++e) {
+                    int64_t row, col;
+                    if (coord(m0, n0, w, i, j, lane, e, &row, &col))
+                      partial[(bz * a.m + row) * a.n + col] = acc_at(acc, w, i, j)[lane][e];
+                  }
+          if (++arrivals[by * p.grid_x + bx] != p.splits) continue;  // not the tile's last block
+          for (int w = 0; w < kWarps; ++w)
+            for (int i = 0; i < TileT::kMTiles; ++i)
+              for (int j = 0; j < TileT::kNTiles; ++j)
+                for (int lane = 0; lane < 32; ++lane)
+                  for (int e = 0; e < 4; ++e) {
+                    int64_t row, col;
+                    if (!coord(m0, n0, w, i, j, lane, e, &row, &col)) continue;
+                    uint32_t sum = 0;
+                    for (int64_t z = 0; z < p.splits; ++z)
+                      sum += static_cast<uint32_t>(z == bz ? acc_at(acc, w, i, j)[lane][e] : partial[(z * a.m + row) * a.n + col]);
+                    acc_at(acc, w, i, j)[lane][e] = static_cast<int32_t>(sum);
+                  }
+        }
+        for (int w = 0; w < kWarps; ++w)
+          for (int i = 0; i < TileT::kMTiles; ++i)
+            for (int j = 0; j < TileT::kNTiles; ++j)
+              for (int lane = 0; lane < 32; ++lane)
+                for (int e = 0; e < 4; ++e) {
+                  int64_t row, col;
+                  if (!coord(m0, n0, w, i, j, lane, e, &row, &col)) continue;
+                  const int32_t v32 = acc_at(acc, w, i, j)[lane][e];
+                  writes[row * a.n + col] += 1;
+                  if (a.raw != nullptr) {
+                    a.raw[row * a.n + col] = v32;
+                    continue;
+                  }
+                  float v;
+                  if (nonfinite[row]) {
+                    v = std::numeric_limits<float>::quiet_NaN();
+                  } else {
+                    v = dequantize(v32, zp[row], a.col_sum[col], scale[row], a.w_scale[col]);
+                    if (a.bias != nullptr) v = v + a.bias[col];
+                    v = apply_activation(v, static_cast<Activation>(a.act));
+                  }
+                  a.y[row * a.n + col] = v;
                 }
-                float v;
-                if (nonfinite[row]) {
-                  v = std::numeric_limits<float>::quiet_NaN();
-                } else {
-                  v = dequantize(v32, zp[row], a.col_sum[col], scale[row], a.w_scale[col]);
-                  if (a.bias != nullptr) v = v + a.bias[col];
-                  v = apply_activation(v, static_cast<Activation>(a.act));
-                }
-                a.y[row * a.n + col] = v;
-              }
       }
-    }
 }
 
 }  // namespace
 
-std::string emulate(const EmulateArgs& a, TileKind* tile) {
+std::string emulate(const EmulateArgs& a, Plan* out) {
   Plan p;
   const char* why = nullptr;
-  if (!plan(a.m, a.n, a.k, &p, &why)) return why;
-  *tile = p.tile;
+  if (!plan(a.m, a.n, a.k, a.sms, &p, &why)) return why;
+  *out = p;
   if (a.m == 0) return "";
   // The quantization kernel: one warp per row, lanes striding k (min / max are exact: any order gives the same).
   std::vector<uint8_t> q(static_cast<size_t>(a.m * p.ldq)), nonfinite(static_cast<size_t>(a.m));

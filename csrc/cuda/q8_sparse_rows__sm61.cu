@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) q8_sparse_rows(SparseArgs s
 
 template <typename OutT>
 std::string launch_sparse(const LinearArgs& a, const SparsePlan& p) {
-  const uint8_t* q = static_cast<const uint8_t*>(a.scratch) + scratch_layout(a.m, a.k).q;
+  const uint8_t* q = static_cast<const uint8_t*>(a.scratch) + scratch_layout(a.m, a.n, a.k, 1, 0).q;
   SparseArgs s{q, a.m, a.n, q_ld(a.k), a.row_ptr, a.blk_idx, a.values, epilogue_of(a)};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   q8_sparse_rows<OutT><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);

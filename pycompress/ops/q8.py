@@ -126,17 +126,18 @@ def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
         raise ValueError("int8_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
-    def run(cuda, scratch, stream):
+    def run(cuda, scratch, stream, sms):
         if w_packed.data_ptr() % 16:
             raise ValueError("int8_linear: on CUDA the packed weights must start 16-byte aligned; this one is a view "
                              "at an odd offset: pass w_packed.clone()")
         cuda.q8_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), col_sum.data_ptr(),
                        w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n,
                        activation, act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point,
-                       act_qmax(act_bits), scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream)
+                       act_qmax(act_bits), scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream,
+                       sms)
 
     if m > 0:
-        _cuda.launch("int8_linear", x, run, scratch_for=(m, k))
+        _cuda.launch("int8_linear", x, run, scratch_for=(m, n, k))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 

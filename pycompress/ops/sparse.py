@@ -438,7 +438,7 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     _require_contiguous(op, row_ptr, blk_idx, values, col_sum, w_scale, bias)
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
-    def run(cuda, scratch, stream):
+    def run(cuda, scratch, stream, sms):
         _validated_on_host(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
         cuda.q8_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(),
                               values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
@@ -447,7 +447,7 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
                               scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream)
 
     if m > 0:
-        _cuda.launch(op, x, run, scratch_for=(m, k))
+        _cuda.launch(op, x, run, scratch_for=(m, n, k))
     return _out(x, y, n)
 
 
@@ -469,7 +469,7 @@ def sparse_linear_csr_cuda(x, row_ptr, col_idx, values, bias=None, activation=0)
     _require_contiguous(op, row_ptr, col_idx, values, bias)
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    def run(cuda, _, stream):
+    def run(cuda, _, stream, __):
         _validated_on_host(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
         cuda.f32_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), col_idx.data_ptr(),
                                values.data_ptr(), 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
