@@ -24,7 +24,7 @@ import pycompress as pc
 from pycompress import _C, _cuda
 from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu
 from pycompress.ops.sparse import _sparse_int8_linear_cuda, sparse_int8_linear_cpu
-from pycompress.ops.sparse import sparse_linear_csr_cuda
+from pycompress.ops.sparse import row_order, sparse_linear_csr_cuda
 from pycompress.reference.sparse import fp32_error_bound, pack_bsr1x4, pack_csr, sparse_linear_ref
 from pycompress.reference.q8 import (act_qmax, int8_linear_ref, pack_int8_weights, q8_accumulate_ref,
                                      quantize_rows_ref, quantize_weight_per_channel)
@@ -295,6 +295,24 @@ def test_fake_kernel_keeps_the_cuda_dtype():
         y = torch.ops.pycompress.int8_linear(torch.empty(3, 12, dtype=torch.bfloat16, device="cuda"), packed, col_sum,
                                              scale, b, 0, None, 0, 8)
         assert y.dtype == torch.bfloat16 and y.shape == (3, 20)
+
+
+def test_sparse_row_order_is_sputniks_row_swizzle():
+    """The CUDA sparse kernels' warps take the channels by nonzero count, decreasing, ties in channel order."""
+    counts = torch.tensor([3, 0, 7, 3, 7, 1, 0, 12], dtype=torch.int32)
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)])
+    order = row_order(row_ptr)
+    assert order.dtype == torch.int32 and order.tolist() == [7, 2, 4, 0, 3, 5, 1, 6]
+    assert row_order(torch.zeros(1, dtype=torch.int32)).tolist() == []  # no channels
+
+
+def skewed_sparse_weight(n, k, seed=0):
+    """A float weight whose channels hold very different nonzero counts (0 to k): rows of a magnitude-pruned
+    layer differ like this, and Sputnik's row swizzle balances them."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    keep = torch.rand(n, k, generator=g) < torch.linspace(0.0, 1.0, n).pow(3)[torch.randperm(n, generator=g)][:, None]
+    return w * keep
 
 
 def test_sparse_plan_grid_and_refusals():
@@ -598,6 +616,29 @@ def test_cuda_sparse_fp32_within_the_float32_bound_of_the_float64_reference(m, n
     got = torch.ops.pycompress.sparse_linear_csr(x.cuda(), *pack, b.cuda(), ACT[act]).cpu().to(torch.float64)
     want = sparse_linear_ref(x, w, b, act)
     assert ((got - want).abs() <= fp32_error_bound(x, w, b, act)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 9])
+def test_cuda_sparse_kernels_on_skewed_channels(m):
+    """Channels of 0 to K nonzeros, taken in row-swizzle order: the int8 kernel equals the CPU bit for bit, the
+    float one stays within the float32 bound."""
+    n, k = 300, 512
+    w = skewed_sparse_weight(n, k, seed=m)
+    x = torch.randn(m, k) * 2
+    b = torch.randn(n)
+    csr = pack_csr(w)
+    assert row_order(csr[0]).tolist() != list(range(n))  # the swizzle reorders these channels
+    got = torch.ops.pycompress.sparse_linear_csr(x.cuda(), *[t.cuda() for t in csr], b.cuda(), 2).cpu()
+    want = sparse_linear_ref(x, w, b, "gelu")
+    assert ((got.to(torch.float64) - want).abs() <= fp32_error_bound(x, w, b, "gelu")).all()
+    q, scale = quantize_weight_per_channel(w)
+    pack = pack_bsr1x4(q)
+    col_sum = pack[3]
+    cpu = sparse_int8_linear_cpu(x, *pack[:3], col_sum, scale, b, 2)
+    gpu = torch.ops.pycompress.sparse_int8_linear(x.cuda(), *[t.cuda() for t in (*pack[:3], col_sum, scale, b)], 2,
+                                                  None, 0).cpu()
+    assert torch.equal(bits(gpu), bits(cpu))
 
 
 @pytest.mark.cuda

@@ -63,7 +63,7 @@ PYBIND11_MODULE(_C_cuda, m) {
          std::uintptr_t blk_idx, std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale,
          std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act, bool is_static, float static_scale,
          int32_t static_zp, int32_t qmax, std::uintptr_t scratch, int64_t scratch_size, std::uintptr_t raw,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, std::uintptr_t row_order) {
         if (dtype < 0 || dtype > 2) throw std::invalid_argument("q8_sparse_linear: dtype code must be 0, 1 or 2");
         q8cuda::LinearArgs a{reinterpret_cast<const void*>(x), static_cast<q8cuda::DType>(dtype), rows, k, ldx,
                              nullptr, reinterpret_cast<const int32_t*>(col_sum),
@@ -72,6 +72,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                              reinterpret_cast<void*>(scratch), scratch_size, reinterpret_cast<int32_t*>(raw), stream,
                              reinterpret_cast<const int32_t*>(row_ptr), reinterpret_cast<const uint16_t*>(blk_idx),
                              reinterpret_cast<const int8_t*>(values)};
+        a.row_order = reinterpret_cast<const int32_t*>(row_order);
         std::string err;
         {
           py::gil_scoped_release release;
@@ -84,7 +85,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "f32_sparse_linear",
       [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr,
          std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy,
-         int act, std::uintptr_t stream) {
+         int act, std::uintptr_t stream, std::uintptr_t row_order) {
         if (dtype < 0 || dtype > 2) throw std::invalid_argument("f32_sparse_linear: dtype code must be 0, 1 or 2");
         q8cuda::LinearArgs a{};
         a.x = reinterpret_cast<const void*>(x);
@@ -101,6 +102,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         a.row_ptr = reinterpret_cast<const int32_t*>(row_ptr);
         a.blk_idx = reinterpret_cast<const uint16_t*>(col_idx);
         a.f32_values = reinterpret_cast<const float*>(values);
+        a.row_order = reinterpret_cast<const int32_t*>(row_order);
         std::string err;
         {
           py::gil_scoped_release release;

@@ -38,6 +38,9 @@ struct LinearArgs {
   // Float sparse weights (sparse_f32_linear): the CPU's csr pack, row_ptr [n + 1], col_idx [nnz] (in blk_idx's
   // place: one k each) and float values [nnz]; no activation quantization (scratch unused).
   const float* f32_values = nullptr;
+  // Both sparse kernels: the output channels in the order warps take them, a permutation of [0, n) by nonzero
+  // count, decreasing (Sputnik's row swizzle), computed by pycompress/ops/sparse.py from the validated row_ptr.
+  const int32_t* row_order = nullptr;
   // The device's multiprocessor count: the dense kernel's split-K (q8_cuda_tiling.h, plan); 0 = no split.
   int64_t sms = 0;
 };

@@ -3,8 +3,9 @@
 // against the quantized activation rows of a row group, a warp reduction, then the dense kernel's epilogue. The
 // sums are exact int32, so the output equals the dense int8 kernel's (and the CPU's) bit for bit, whatever the
 // order of the blocks. Built for the decode rows (M up to a few tens): one pass per kSparseRows rows, each block
-// read once per pass. Not yet: Sputnik's row swizzle (channels in order of their block count; here the block
-// scheduler balances one warp per channel), shared-memory staging of the activations (read through L1).
+// read once per pass. Sputnik's row swizzle: warps take the channels in the order row_order gives (their block
+// counts decreasing, pycompress/ops/sparse.py), so the 8 warps of a block have near-equal work and the longest
+// channels start first. Not yet: shared-memory staging of the activations (read through L1).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -26,6 +27,7 @@ struct SparseArgs {
   const int32_t* row_ptr;
   const uint16_t* blk_idx;
   const int8_t* values;
+  const int32_t* row_order;  // warp slot -> output channel (a permutation of [0, n))
   Epilogue out;
 };
 
@@ -38,8 +40,9 @@ __device__ __forceinline__ int32_t dp4a_u8s8(uint32_t a, uint32_t b, int32_t c) 
 template <typename OutT>
 __global__ void __launch_bounds__(kSparseWarps * 32) q8_sparse_rows(SparseArgs s) {
   const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
-  if (n >= s.n) return;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
+  if (slot >= s.n) return;
+  const int64_t n = s.row_order[slot];
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSparseRows;
   const int rows = static_cast<int>(s.m - m0 < kSparseRows ? s.m - m0 : kSparseRows);
   int32_t acc[kSparseRows];
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) q8_sparse_rows(SparseArgs s
 template <typename OutT>
 std::string launch_sparse(const LinearArgs& a, const SparsePlan& p) {
   const uint8_t* q = static_cast<const uint8_t*>(a.scratch) + scratch_layout(a.m, a.n, a.k, 1, 0).q;
-  SparseArgs s{q, a.m, a.n, q_ld(a.k), a.row_ptr, a.blk_idx, a.values, epilogue_of(a)};
+  SparseArgs s{q, a.m, a.n, q_ld(a.k), a.row_ptr, a.blk_idx, a.values, a.row_order, epilogue_of(a)};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   q8_sparse_rows<OutT><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);
   return launch_error("q8_sparse_rows");
@@ -81,6 +84,7 @@ std::string sparse_linear(const LinearArgs& a) {
   if (!sparse_plan(a.m, a.n, a.k, &p, &why)) return why;
   if (a.m == 0) return "";
   if (reinterpret_cast<std::uintptr_t>(a.values) % 4 != 0) return "the sparse values must be 4-byte aligned";
+  if (a.row_order == nullptr) return "no row order (the channels' permutation by block count)";
   std::string err = quantize(a);
   if (!err.empty()) return err;
   return with_dtype(a.dtype, [&](auto t) { return launch_sparse<decltype(t)>(a, p); });

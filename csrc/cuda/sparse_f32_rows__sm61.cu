@@ -1,5 +1,6 @@
 // Sparse float linear over the CPU's csr pack (row_ptr over output channels, uint16 column indices, float32
-// values): one warp per output channel, each lane a stride of the channel's nonzeros gathering x[m][col] for
+// values): one warp per output channel, taken in the row_order given (Sputnik's row swizzle: nonzero counts
+// decreasing, so a block's 8 warps have near-equal work), each lane a stride of the channel's nonzeros gathering x[m][col] for
 // kSparseRows rows a pass, float32 sums (fused multiply-add) reduced across the warp, then bias and the
 // activation as the CPU's epilogue computes them. The order of the sums differs from the CPU kernels', so the
 // result is checked against a float64 reference, not bit for bit (the int8 kernels are exact).
@@ -24,6 +25,7 @@ struct CsrArgs {
   const int32_t* row_ptr;
   const uint16_t* col_idx;
   const float* values;
+  const int32_t* row_order;  // warp slot -> output channel (a permutation of [0, n))
   const float* bias;
   int act;
   void* y;
@@ -33,8 +35,9 @@ struct CsrArgs {
 template <typename T>
 __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) {
   const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
-  if (n >= s.n) return;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
+  if (slot >= s.n) return;
+  const int64_t n = s.row_order[slot];
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSparseRows;
   const int rows = static_cast<int>(s.m - m0 < kSparseRows ? s.m - m0 : kSparseRows);
   const T* x = static_cast<const T*>(s.x) + m0 * s.ldx;
@@ -64,7 +67,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) 
 
 template <typename T>
 std::string launch(const LinearArgs& a, const SparsePlan& p) {
-  CsrArgs s{a.x, a.m, a.n, a.ldx, a.row_ptr, a.blk_idx, a.f32_values, a.bias, a.act, a.y, a.ldy};
+  CsrArgs s{a.x, a.m, a.n, a.ldx, a.row_ptr, a.blk_idx, a.f32_values, a.row_order, a.bias, a.act, a.y, a.ldy};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   sparse_f32_rows<T><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);
   return launch_error("sparse_f32_rows");
@@ -78,6 +81,7 @@ std::string sparse_f32_linear(const LinearArgs& a) {
   if (!sparse_plan(a.m, a.n, a.k, &p, &why)) return why;
   if (a.m == 0) return "";
   if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
+  if (a.row_order == nullptr) return "no row order (the channels' permutation by nonzero count)";
   return with_dtype(a.dtype, [&](auto t) { return launch<decltype(t)>(a, p); });
 }
 

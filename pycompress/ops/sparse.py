@@ -439,25 +439,40 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
     def run(cuda, scratch, stream, sms):
-        _validated_on_host(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+        order = _validated_on_host(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
         cuda.q8_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(),
                               values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
                               0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n, activation,
                               act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point, 255,
-                              scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream)
+                              scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream,
+                              order.data_ptr())
 
     if m > 0:
         _cuda.launch(op, x, run, scratch_for=(m, n, k))
     return _out(x, y, n)
 
 
-def _validated_on_host(op: str, row_ptr, idx, k: int, validate) -> None:
-    """The C++ structural check of a CUDA pack, on a host copy, once per tensor version (as ensure_valid_structure
-    does for CPU packs)."""
-    if getattr(row_ptr, "_pycompress_valid", None) != _stamp(row_ptr, idx, k, "cuda"):
-        ensure_valid_structure(op, row_ptr.cpu(), idx.cpu(), k, validate)
-        if not (row_ptr.is_inference() or idx.is_inference()):
-            row_ptr._pycompress_valid = _stamp(row_ptr, idx, k, "cuda")
+def row_order(row_ptr: torch.Tensor) -> torch.Tensor:
+    """The output channels in the order the CUDA sparse kernels' warps take them: nonzero (block) counts
+    decreasing, ties in channel order (Sputnik's row swizzle: the 8 warps of a block get near-equal work and the
+    longest channels start first). int32, on row_ptr's device; row_ptr must be validated."""
+    counts = row_ptr[1:] - row_ptr[:-1]
+    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+
+
+def _validated_on_host(op: str, row_ptr, idx, k: int, validate) -> torch.Tensor:
+    """The C++ structural check of a CUDA pack, on a host copy, and the kernel's row order (on the device) from
+    the validated row_ptr; both once per tensor version (as ensure_valid_structure does for CPU packs)."""
+    stamp = _stamp(row_ptr, idx, k, "cuda")
+    cached = getattr(row_ptr, "_pycompress_cuda_order", None)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    host_row_ptr = row_ptr.cpu()
+    ensure_valid_structure(op, host_row_ptr, idx.cpu(), k, validate)
+    order = row_order(host_row_ptr).to(row_ptr.device)
+    if not (row_ptr.is_inference() or idx.is_inference()):
+        row_ptr._pycompress_cuda_order = (stamp, order)
+    return order
 
 
 def sparse_linear_csr_cuda(x, row_ptr, col_idx, values, bias=None, activation=0):
@@ -470,10 +485,10 @@ def sparse_linear_csr_cuda(x, row_ptr, col_idx, values, bias=None, activation=0)
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     def run(cuda, _, stream, __):
-        _validated_on_host(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
+        order = _validated_on_host(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
         cuda.f32_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), col_idx.data_ptr(),
                                values.data_ptr(), 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
-                               activation, stream)
+                               activation, stream, order.data_ptr())
 
     if m > 0:
         _cuda.launch(op, x, run)
