@@ -171,9 +171,8 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
   }
   cp_async_wait<0>();  // no copy outlives the block (the trailing groups are empty)
 
-  if (g.splits > 1) {
-    // Split-K: publish this split's sums, then the tile's last block to arrive adds them all.
-    int32_t* mine = g.partial + static_cast<int64_t>(blockIdx.z) * g.m * g.n;
+  // f(accumulator, row, col) for each of this thread's accumulators that lies inside the output.
+  auto for_each_output = [&](auto&& f) {
 #pragma unroll
     for (int i = 0; i < TileT::kMTiles; ++i)
 #pragma unroll
@@ -182,8 +181,14 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
         for (int e = 0; e < 4; ++e) {
           const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
           const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
-          if (row < g.m && col < g.n) mine[row * g.n + col] = acc[i][j][e];
+          if (row < g.m && col < g.n) f(acc[i][j][e], row, col);
         }
+  };
+
+  if (g.splits > 1) {
+    // Split-K: publish this split's sums, then the tile's last block to arrive adds them all.
+    const int64_t z = blockIdx.z;
+    for_each_output([&](int32_t& v, int64_t row, int64_t col) { g.partial[(z * g.m + row) * g.n + col] = v; });
     __threadfence();  // the partial sums are visible device-wide before this block is counted
     __syncthreads();
     __shared__ int last;
@@ -194,32 +199,14 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
     __syncthreads();
     if (!last) return;
     __threadfence();  // the other splits' sums, published before their arrivals, are read after ours
-#pragma unroll
-    for (int i = 0; i < TileT::kMTiles; ++i)
-#pragma unroll
-      for (int j = 0; j < TileT::kNTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
-          const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
-          if (row >= g.m || col >= g.n) continue;
-          uint32_t sum = 0;  // int32 sums wrap like the CPU's; the exact total fits
-          for (int64_t z = 0; z < g.splits; ++z)
-            sum += static_cast<uint32_t>(z == blockIdx.z ? acc[i][j][e] : __ldcg(g.partial + (z * g.m + row) * g.n + col));
-          acc[i][j][e] = static_cast<int32_t>(sum);
-        }
+    for_each_output([&](int32_t& v, int64_t row, int64_t col) {
+      uint32_t sum = 0;  // int32 sums wrap like the CPU's; the exact total fits
+      for (int64_t s = 0; s < g.splits; ++s)
+        sum += static_cast<uint32_t>(s == z ? v : __ldcg(g.partial + (s * g.m + row) * g.n + col));
+      v = static_cast<int32_t>(sum);
+    });
   }
-
-#pragma unroll
-  for (int i = 0; i < TileT::kMTiles; ++i)
-#pragma unroll
-    for (int j = 0; j < TileT::kNTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
-        const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
-        if (row < g.m && col < g.n) g.out.store<OutT>(acc[i][j][e], row, col);
-      }
+  for_each_output([&](int32_t& v, int64_t row, int64_t col) { g.out.store<OutT>(v, row, col); });
 }
 
 template <typename T>

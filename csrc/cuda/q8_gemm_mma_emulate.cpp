@@ -89,12 +89,19 @@ void gemm(const EmulateArgs& a, const Plan& p, const std::vector<uint8_t>& q, co
   // Split-K: each split's partial sums ([splits][m][n]) and each tile's arrival count, as in the scratch.
   std::vector<int32_t> partial(p.splits > 1 ? static_cast<size_t>(p.splits * a.m * a.n) : 0);
   std::vector<int> arrivals(static_cast<size_t>(p.grid_x * p.grid_y), 0);
-  // Output (row, col) of warp w's element (i, j, lane, e), or false past the edges.
-  auto coord = [&](int64_t m0, int64_t n0, int w, int i, int j, int lane, int e, int64_t* row, int64_t* col) {
-    const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
-    *row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
-    *col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
-    return *row < a.m && *col < a.n;
+  // f(accumulator, row, col) for each accumulator of the block's warps that lies inside the output.
+  auto for_each_output = [&](std::vector<int32_t>& acc, int64_t m0, int64_t n0, auto&& f) {
+    for (int w = 0; w < kWarps; ++w) {
+      const int wm = (w / TileT::kWarpsN) * TileT::kWM, wn = (w % TileT::kWarpsN) * TileT::kWN;
+      for (int i = 0; i < TileT::kMTiles; ++i)
+        for (int j = 0; j < TileT::kNTiles; ++j)
+          for (int lane = 0; lane < 32; ++lane)
+            for (int e = 0; e < 4; ++e) {
+              const int64_t row = m0 + wm + i * kMmaM + c_frag_row(lane, e);
+              const int64_t col = n0 + wn + j * kMmaN + c_frag_col(lane, e);
+              if (row < a.m && col < a.n) f(acc_at(acc, w, i, j)[lane][e], row, col);
+            }
+    }
   };
   for (int64_t by = 0; by < p.grid_y; ++by)
     for (int64_t bx = 0; bx < p.grid_x; ++bx)
@@ -133,52 +140,33 @@ void gemm(const EmulateArgs& a, const Plan& p, const std::vector<uint8_t>& q, co
           }
         }
         if (p.splits > 1) {
-          for (int w = 0; w < kWarps; ++w)
-            for (int i = 0; i < TileT::kMTiles; ++i)
-              for (int j = 0; j < TileT::kNTiles; ++j)
-                for (int lane = 0; lane < 32; ++lane)
-                  for (int e = 0; e < 4; ++e) {
-                    int64_t row, col;
-                    if (coord(m0, n0, w, i, j, lane, e, &row, &col))
-                      partial[(bz * a.m + row) * a.n + col] = acc_at(acc, w, i, j)[lane][e];
-                  }
+          for_each_output(acc, m0, n0, [&](int32_t& v, int64_t row, int64_t col) {
+            partial[(bz * a.m + row) * a.n + col] = v;
+          });
           if (++arrivals[by * p.grid_x + bx] != p.splits) continue;  // not the tile's last block
-          for (int w = 0; w < kWarps; ++w)
-            for (int i = 0; i < TileT::kMTiles; ++i)
-              for (int j = 0; j < TileT::kNTiles; ++j)
-                for (int lane = 0; lane < 32; ++lane)
-                  for (int e = 0; e < 4; ++e) {
-                    int64_t row, col;
-                    if (!coord(m0, n0, w, i, j, lane, e, &row, &col)) continue;
-                    uint32_t sum = 0;
-                    for (int64_t z = 0; z < p.splits; ++z)
-                      sum += static_cast<uint32_t>(z == bz ? acc_at(acc, w, i, j)[lane][e] : partial[(z * a.m + row) * a.n + col]);
-                    acc_at(acc, w, i, j)[lane][e] = static_cast<int32_t>(sum);
-                  }
+          for_each_output(acc, m0, n0, [&](int32_t& v, int64_t row, int64_t col) {
+            uint32_t sum = 0;
+            for (int64_t z = 0; z < p.splits; ++z)
+              sum += static_cast<uint32_t>(z == bz ? v : partial[(z * a.m + row) * a.n + col]);
+            v = static_cast<int32_t>(sum);
+          });
         }
-        for (int w = 0; w < kWarps; ++w)
-          for (int i = 0; i < TileT::kMTiles; ++i)
-            for (int j = 0; j < TileT::kNTiles; ++j)
-              for (int lane = 0; lane < 32; ++lane)
-                for (int e = 0; e < 4; ++e) {
-                  int64_t row, col;
-                  if (!coord(m0, n0, w, i, j, lane, e, &row, &col)) continue;
-                  const int32_t v32 = acc_at(acc, w, i, j)[lane][e];
-                  writes[row * a.n + col] += 1;
-                  if (a.raw != nullptr) {
-                    a.raw[row * a.n + col] = v32;
-                    continue;
-                  }
-                  float v;
-                  if (nonfinite[row]) {
-                    v = std::numeric_limits<float>::quiet_NaN();
-                  } else {
-                    v = dequantize(v32, zp[row], a.col_sum[col], scale[row], a.w_scale[col]);
-                    if (a.bias != nullptr) v = v + a.bias[col];
-                    v = apply_activation(v, static_cast<Activation>(a.act));
-                  }
-                  a.y[row * a.n + col] = v;
-                }
+        for_each_output(acc, m0, n0, [&](int32_t& v32, int64_t row, int64_t col) {
+          writes[row * a.n + col] += 1;
+          if (a.raw != nullptr) {
+            a.raw[row * a.n + col] = v32;
+            return;
+          }
+          float v;
+          if (nonfinite[row]) {
+            v = std::numeric_limits<float>::quiet_NaN();
+          } else {
+            v = dequantize(v32, zp[row], a.col_sum[col], scale[row], a.w_scale[col]);
+            if (a.bias != nullptr) v = v + a.bias[col];
+            v = apply_activation(v, static_cast<Activation>(a.act));
+          }
+          a.y[row * a.n + col] = v;
+        });
       }
 }
 
