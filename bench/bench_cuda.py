@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import CUDA_SHAPES  # noqa: E402
 
 import pycompress as pc  # noqa: E402
+from pycompress import _C, _cuda  # noqa: E402
 from pycompress.ops.q8 import int8_linear_cpu  # noqa: E402
 from pycompress.ops.sparse import sparse_int8_linear_cpu  # noqa: E402
 from pycompress.reference.q8 import pack_int8_weights, quantize_weight_per_channel  # noqa: E402
@@ -88,6 +89,9 @@ def run(reps: int) -> list[dict]:
         b16 = [wt[5].to("cuda", torch.float16) for wt in weights]
         xbf = x16.to(torch.bfloat16)
         row = {"shape": shape.label, "source": shape.source}
+        plan = _C.cuda_q8_plan(m, n, k, _cuda.sm_count(torch.cuda.current_device()))
+        row["plan"] = plan["tile"] + (f" x{plan['splits']} splits" if plan["splits"] > 1 else "")
+        row["weight_bytes"] = plan["panels"] * 16 * plan["kp"]  # the packed int8 weights one call reads
         row["ours"] = cuda_time(lambda i: torch.ops.pycompress.int8_linear(x16, *ours[i], 0, None, 0, 8),
                                 shape.layers, reps)
         row["fp16"] = cuda_time(lambda i: torch.nn.functional.linear(x16, w16[i], b16[i]), shape.layers, reps)
@@ -128,9 +132,9 @@ def run(reps: int) -> list[dict]:
     return rows
 
 
-HEADER = ("| Linear (M,K,N) | ours int8 us | cuBLAS fp16 us | cuBLAS bf16 us | cuBLASLt int8 + dequant us | "
-          "fp16 / ours | int8 peer / ours | ours sparse int8 90% us | fp16 / sparse |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| Linear (M,K,N) | ours: tile (split-K) | ours int8 us | ours weight GB/s | cuBLAS fp16 us | cuBLAS bf16 us | "
+          "cuBLASLt int8 + dequant us | fp16 / ours | int8 peer / ours | ours sparse int8 90% us | fp16 / sparse |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(r: dict) -> str:
@@ -138,7 +142,8 @@ def format_row(r: dict) -> str:
     mm_ratio = "-" if r["int_mm"] is None else f"{r['int_mm'] / r['ours']:.2f}"
     sp = "-" if r["sparse"] is None else f"{r['sparse']:.1f}"
     sp_ratio = "-" if r["sparse"] is None else f"{r['fp16'] / r['sparse']:.2f}"
-    return (f"| {r['shape']} | {r['ours']:.1f} | {r['fp16']:.1f} | {r['bf16']:.1f} | {mm} | "
+    return (f"| {r['shape']} | {r['plan']} | {r['ours']:.1f} | {r['weight_bytes'] / r['ours'] / 1e3:.0f} | "
+            f"{r['fp16']:.1f} | {r['bf16']:.1f} | {mm} | "
             f"{r['fp16'] / r['ours']:.2f} | {mm_ratio} | {sp} | {sp_ratio} |")
 
 
