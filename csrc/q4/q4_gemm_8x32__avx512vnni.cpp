@@ -2,9 +2,11 @@
 // channels x 8 k, 64 bytes) is one zmm load that unpacks to two vpdpbusd
 // operands (the stored nibbles w + 8, masked or shifted out; a group's sum
 // then subtracts 8 x its activation sum).
-// Microkernel: up to 4 rows x 32 columns (8 int32 + 8 float accumulators,
-// 4 weight operands); one row takes 64 columns, as decode's GEMV reads each
-// weight once and wants more independent chains. (Unpacking a tall tile's
+// Microkernel: up to 8 rows x 32 columns (16 int32 accumulators, 4 weight
+// operands; the float group sums of 5-8 rows in L1, touched once a group);
+// a remainder of 5-7 rows is one block, as each block unpacks the tile's
+// weights again; one row takes 64 columns, as decode's GEMV reads each weight
+// once and wants more independent chains. (Unpacking a tall tile's
 // nibbles once into an L1 buffer for all its row blocks was tried: 10-15%
 // slower at 16-32 rows on Zen 5, so each row block unpacks its own.)
 #include <immintrin.h>
