@@ -147,6 +147,15 @@ def test_gemm_row_groups_bit_exact(isa, m, gen):
     _assert_raw_bit_exact_on_1_and_2_threads(m, 67, 5 * 64 - 3, gen)
 
 
+@pytest.mark.parametrize("m", [7, 13, 20])
+def test_gemm_k_blocks_bit_exact(isa, m, gen):
+    # The AVX-512 kernel takes a tile of several row blocks 64 k groups (256 k) at a time through all its row
+    # blocks, their partial sums parked between blocks: K at one block (256, not blocked), one past it, two
+    # whole blocks and a ragged last one; an odd panel count.
+    for k in (256, 257, 512, 1000):
+        _assert_raw_bit_exact_on_1_and_2_threads(m, k, 130, gen)
+
+
 @pytest.mark.parametrize("m", [8, 15, 16, 17, 31, 32, 33, 47, 48, 65, 200, 400])
 def test_gemm_amx_tile_edges_bit_exact(isa, m, gen):
     # The AMX kernel's tiles: 16 rows x 64 k, in blocks of 2 x 2 tiles (32 rows x 2 panels); rows, k and

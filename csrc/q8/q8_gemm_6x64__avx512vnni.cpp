@@ -3,9 +3,12 @@
 // columns (4 zmm panels), 24 accumulators + 4 weight registers + 1 broadcast.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "common/vec_math_avx512.h"
 #include "q8/q8_epilogue_avx512.h"
@@ -86,8 +89,12 @@ inline void quantize_run(const float* x, int64_t len, uint8_t* q, float inv_scal
 
 void quantize_rows_avx512(const QuantizeRows& p) { quantize_rows_with(p, row_range, quantize_run); }
 
+// The sums of rows [r0, r0 + MR) over k groups [g0, g1) of the tile's panels,
+// added to `part` (MR x NV x 16 int32, the sums of the groups before g0) when
+// g0 > 0; stored back to `part` unless g1 is the last group, where the
+// epilogue writes the outputs instead.
 template <int MR, int NV>
-void tile_rows(const GemmTile& t, int64_t r0) {
+void tile_rows(const GemmTile& t, int64_t r0, int64_t g0, int64_t g1, int32_t* part) {
   const int64_t groups = t.kp / kKGroup;
   const int64_t panel_bytes = t.kp * kPanel;
   const int8_t* w = t.w + (t.n0 / kPanel) * panel_bytes;
@@ -97,16 +104,17 @@ void tile_rows(const GemmTile& t, int64_t r0) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = g0 > 0 ? _mm512_loadu_si512(part + (r * NV + v) * 16) : _mm512_setzero_si512();
 
-  int64_t g = 0;
+  int64_t g = g0;
   if constexpr (MR == 1) {
     // One row (decode / GEMV): a second set of accumulators for odd k-groups
     // halves the vpdpbusd dependency chain; integer sums are exact in any order.
     __m512i odd[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) odd[v] = _mm512_setzero_si512();
-    for (; g + 2 <= groups; g += 2) {
+    for (; g + 2 <= g1; g += 2) {
       int32_t a0, a1;  // each broadcast straight from memory (a load, not an ALU op)
       std::memcpy(&a0, a + g * kKGroup, 4);
       std::memcpy(&a1, a + g * kKGroup + 4, 4);
@@ -120,7 +128,7 @@ void tile_rows(const GemmTile& t, int64_t r0) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_add_epi32(acc[0][v], odd[v]);
   }
-  for (; g < groups; ++g) {
+  for (; g < g1; ++g) {
     __m512i wv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * panel_bytes + g * 64);
@@ -134,6 +142,13 @@ void tile_rows(const GemmTile& t, int64_t r0) {
     }
   }
 
+  if (g1 < groups) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) _mm512_storeu_si512(part + (r * NV + v) * 16, acc[r][v]);
+    return;
+  }
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
     const PanelEpilogue epilogue(t, t.n0 + v * kPanel);
@@ -143,14 +158,21 @@ void tile_rows(const GemmTile& t, int64_t r0) {
 }
 
 template <int MR>
-void tile_rows_nv(const GemmTile& t, int64_t r0, int nv) {
+void tile_rows_nv(const GemmTile& t, int64_t r0, int nv, int64_t g0, int64_t g1, int32_t* part) {
   switch (nv) {
-    case 1: return tile_rows<MR, 1>(t, r0);
-    case 2: return tile_rows<MR, 2>(t, r0);
-    case 3: return tile_rows<MR, 3>(t, r0);
-    default: return tile_rows<MR, kMaxNV>(t, r0);
+    case 1: return tile_rows<MR, 1>(t, r0, g0, g1, part);
+    case 2: return tile_rows<MR, 2>(t, r0, g0, g1, part);
+    case 3: return tile_rows<MR, 3>(t, r0, g0, g1, part);
+    default: return tile_rows<MR, kMaxNV>(t, r0, g0, g1, part);
   }
 }
+
+// K blocking: a tile of several row blocks takes its k groups kKcGroups at a
+// time (4 panels x 256 k: 16 KiB of weights, inside L1) through every
+// row block before the next ones, the partial sums kept in a per-thread buffer;
+// otherwise each row block streams the tile's whole panels (256 KiB at
+// K = 4096) from L2 again.
+constexpr int64_t kKcGroups = 64;
 
 void gemm_tile_avx512(const GemmTile& t) {
   const int nv = static_cast<int>((t.ncols + kPanel - 1) / kPanel);
@@ -161,16 +183,29 @@ void gemm_tile_avx512(const GemmTile& t) {
   const int64_t rem = t.m % kMR;
   const int64_t fives = rem >= 1 && rem <= 3 && 5 * (kMR - rem) <= t.m ? kMR - rem : 0;
   const int64_t sixes_end = t.m - 5 * fives;
-  int64_t r0 = 0;
-  for (; r0 + kMR <= sixes_end; r0 += kMR) tile_rows_nv<kMR>(t, r0, nv);
-  for (; r0 + 5 <= t.m && fives > 0; r0 += 5) tile_rows_nv<5>(t, r0, nv);
-  switch (t.m - r0) {
-    case 5: return tile_rows_nv<5>(t, r0, nv);
-    case 4: return tile_rows_nv<4>(t, r0, nv);
-    case 3: return tile_rows_nv<3>(t, r0, nv);
-    case 2: return tile_rows_nv<2>(t, r0, nv);
-    case 1: return tile_rows_nv<1>(t, r0, nv);
-    default: return;
+  const int64_t groups = t.kp / kKGroup;
+  // One row block reads each weight once: no K blocking.
+  const int64_t kc = t.m > kMR ? kKcGroups : groups;
+  thread_local std::vector<int32_t> parts;
+  const size_t part_size = static_cast<size_t>(t.m) * kMaxNV * 16;
+  if (kc < groups && parts.size() < part_size) parts.resize(part_size);
+  for (int64_t g0 = 0; g0 < groups; g0 += kc) {
+    const int64_t g1 = std::min(groups, g0 + kc);
+    auto rows = [&](auto mr, int64_t r0) {
+      constexpr int MR = decltype(mr)::value;
+      tile_rows_nv<MR>(t, r0, nv, g0, g1, kc < groups ? parts.data() + r0 * kMaxNV * 16 : nullptr);
+    };
+    int64_t r0 = 0;
+    for (; r0 + kMR <= sixes_end; r0 += kMR) rows(std::integral_constant<int, kMR>{}, r0);
+    for (; r0 + 5 <= t.m && fives > 0; r0 += 5) rows(std::integral_constant<int, 5>{}, r0);
+    switch (t.m - r0) {
+      case 5: rows(std::integral_constant<int, 5>{}, r0); break;
+      case 4: rows(std::integral_constant<int, 4>{}, r0); break;
+      case 3: rows(std::integral_constant<int, 3>{}, r0); break;
+      case 2: rows(std::integral_constant<int, 2>{}, r0); break;
+      case 1: rows(std::integral_constant<int, 1>{}, r0); break;
+      default: break;
+    }
   }
 }
 
