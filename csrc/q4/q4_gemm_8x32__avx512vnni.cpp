@@ -35,7 +35,6 @@ inline void dot4(__m512i& acc, __m512i u8, __m512i s8) {
   }
 }
 
-
 template <int MR, int NV>
 void tile_rows(const Tile& t, int64_t r0, int64_t n) {
   const int64_t panel_bytes = (t.kp / kKBlock) * kBlockBytes;
