@@ -60,6 +60,15 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Sets *channel to the output channel this warp of a sparse kernel computes (kSparseWarps warps a block, taking
+// the channels in row_order: Sputnik's row swizzle); false for a warp past the last one.
+__device__ __forceinline__ bool sparse_channel(const int32_t* row_order, int64_t n, int64_t* channel) {
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
+  if (slot >= n) return false;
+  *channel = row_order[slot];
+  return true;
+}
+
 // The epilogue's operands: per row (from the quantizer's scratch), per output channel (the layer), and where
 // the outputs go: y (OutT, row stride ldy) or, when raw is set, the int32 accumulators (tests).
 struct Epilogue {
@@ -114,7 +123,7 @@ inline std::string launch_error(const char* kernel) {
 
 // The epilogue of a call: its per-row operands in the scratch the quantizer filled (scratch_layout).
 inline Epilogue epilogue_of(const LinearArgs& a) {
-  const Scratch sl = scratch_layout(a.m, a.n, a.k, 1, 0);  // the per-row part: the same at any split count
+  const Scratch sl = scratch_layout(a.m, a.k);  // the per-row part: the same at any split count
   const uint8_t* base = static_cast<const uint8_t*>(a.scratch);
   return Epilogue{reinterpret_cast<const float*>(base + sl.scale), reinterpret_cast<const int32_t*>(base + sl.zp),
                   base + sl.nonfinite, a.col_sum, a.w_scale, a.bias, a.act, a.y, a.ldy, a.raw};

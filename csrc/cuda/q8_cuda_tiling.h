@@ -223,6 +223,9 @@ PYC_HD Scratch scratch_layout(int64_t m, int64_t n, int64_t k, int64_t splits, i
   s.total = s.counters + (splits > 1 ? round_up(tiles * 4, 16) : 0);
   return s;
 }
+// The quantizer's part alone (no split-K): what the sparse kernels and the epilogue's per-row operands use; its
+// offsets are the same in every layout above.
+PYC_HD Scratch scratch_layout(int64_t m, int64_t k) { return scratch_layout(m, 0, k, 1, 0); }
 PYC_HD Scratch scratch_layout(int64_t m, int64_t n, const Plan& p) {
   return scratch_layout(m, n, p.ldq, p.splits, p.grid_x * p.grid_y);
 }

@@ -255,12 +255,12 @@ std::string check_scratch(const LinearArgs& a, const Scratch& sl) {
 int64_t scratch_bytes(int64_t m, int64_t n, int64_t k, int64_t sms) {
   Plan p;
   const char* why = nullptr;
-  if (!plan(m, n, k, sms, &p, &why)) return scratch_layout(m, n, k, 1, 0).total;  // linear() refuses the call
+  if (!plan(m, n, k, sms, &p, &why)) return scratch_layout(m, k).total;  // linear() refuses the call
   return scratch_layout(m, n, p).total;
 }
 
 std::string quantize(const LinearArgs& a) {
-  const Scratch sl = scratch_layout(a.m, a.n, a.k, 1, 0);
+  const Scratch sl = scratch_layout(a.m, a.k);
   std::string err = check_scratch(a, sl);
   if (!err.empty()) return err;
   return with_dtype(a.dtype, [&](auto t) { return launch_quantize<decltype(t)>(a, sl, 0); });

@@ -40,9 +40,8 @@ __device__ __forceinline__ int32_t dp4a_u8s8(uint32_t a, uint32_t b, int32_t c) 
 template <typename OutT>
 __global__ void __launch_bounds__(kSparseWarps * 32) q8_sparse_rows(SparseArgs s) {
   const int lane = threadIdx.x & 31;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
-  if (slot >= s.n) return;
-  const int64_t n = s.row_order[slot];
+  int64_t n;
+  if (!sparse_channel(s.row_order, s.n, &n)) return;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSparseRows;
   const int rows = static_cast<int>(s.m - m0 < kSparseRows ? s.m - m0 : kSparseRows);
   int32_t acc[kSparseRows];
@@ -69,7 +68,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) q8_sparse_rows(SparseArgs s
 
 template <typename OutT>
 std::string launch_sparse(const LinearArgs& a, const SparsePlan& p) {
-  const uint8_t* q = static_cast<const uint8_t*>(a.scratch) + scratch_layout(a.m, a.n, a.k, 1, 0).q;
+  const uint8_t* q = static_cast<const uint8_t*>(a.scratch) + scratch_layout(a.m, a.k).q;
   SparseArgs s{q, a.m, a.n, q_ld(a.k), a.row_ptr, a.blk_idx, a.values, a.row_order, epilogue_of(a)};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   q8_sparse_rows<OutT><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);

@@ -35,9 +35,8 @@ struct CsrArgs {
 template <typename T>
 __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) {
   const int lane = threadIdx.x & 31;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
-  if (slot >= s.n) return;
-  const int64_t n = s.row_order[slot];
+  int64_t n;
+  if (!sparse_channel(s.row_order, s.n, &n)) return;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSparseRows;
   const int rows = static_cast<int>(s.m - m0 < kSparseRows ? s.m - m0 : kSparseRows);
   const T* x = static_cast<const T*>(s.x) + m0 * s.ldx;

@@ -439,7 +439,7 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
     def run(cuda, scratch, stream, sms):
-        order = _validated_on_host(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
+        order = _validated_row_order(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
         cuda.q8_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(),
                               values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
                               0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n, activation,
@@ -460,7 +460,7 @@ def row_order(row_ptr: torch.Tensor) -> torch.Tensor:
     return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
 
 
-def _validated_on_host(op: str, row_ptr, idx, k: int, validate) -> torch.Tensor:
+def _validated_row_order(op: str, row_ptr, idx, k: int, validate) -> torch.Tensor:
     """The C++ structural check of a CUDA pack, on a host copy, and the kernel's row order (on the device) from
     the validated row_ptr; both once per tensor version (as ensure_valid_structure does for CPU packs)."""
     stamp = _stamp(row_ptr, idx, k, "cuda")
@@ -485,7 +485,7 @@ def sparse_linear_csr_cuda(x, row_ptr, col_idx, values, bias=None, activation=0)
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     def run(cuda, _, stream, __):
-        order = _validated_on_host(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
+        order = _validated_row_order(op, row_ptr, col_idx, k, _C.sparse_validate_csr)
         cuda.f32_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), col_idx.data_ptr(),
                                values.data_ptr(), 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
                                activation, stream, order.data_ptr())
