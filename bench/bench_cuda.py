@@ -10,6 +10,10 @@ Per shape (M, K, N), each a stack of `layers` distinct weights called in turn (t
   torch._int_mm needs M > 16 and K, N multiples of 8: '-' elsewhere).
 - ours sparse int8: torch.ops.pycompress.sparse_int8_linear over bsr1x4 weights at 90% unstructured sparsity, for
   M <= 16 (fp16 in and out).
+- ours 2:4 int8: the same int8_linear op over 2:4-pruned weights (the 2 largest of every 4 along K), which runs
+  the sparse tensor-core kernel (csrc/cuda/q8_nm24_mma__sm80.cu); its peer: the same fp16 weights as
+  torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS 2:4) through torch.nn.functional.linear ('-' where
+  torch refuses the shape).
 Before timing, each shape's output is checked against the CPU kernel bit for bit (fp32 in and out); a mismatch
 stops the run. Ratios are peer time / our time (> 1: we are faster). Goals (issue 15, H100/H200): M >= 256
 int8 >= 1.0x the cuBLASLt int8 peer; M <= 16 on the HBM-bound stack >= 1.6x fp16; sparse at M = 1 on that
@@ -30,7 +34,7 @@ from shapes import CUDA_SHAPES  # noqa: E402
 
 import pycompress as pc  # noqa: E402
 from pycompress import _C, _cuda  # noqa: E402
-from pycompress.ops.q8 import int8_linear_cpu  # noqa: E402
+from pycompress.ops.q8 import int8_linear_cpu, nm24_pack  # noqa: E402
 from pycompress.ops.sparse import sparse_int8_linear_cpu  # noqa: E402
 from pycompress.reference.q8 import pack_int8_weights, quantize_weight_per_channel  # noqa: E402
 from pycompress.reference.sparse import pack_bsr1x4  # noqa: E402
@@ -62,6 +66,23 @@ def layer(k: int, n: int, seed: int):
     packed, col_sum = pack_int8_weights(q)
     bias = torch.randn(n, generator=g) * 0.1
     return w, q, packed, col_sum, scale, bias
+
+
+def prune_2_4(w: torch.Tensor) -> torch.Tensor:
+    """w with the 2 smallest |w| of every 4 consecutive k zeroed (K a multiple of 4 here)."""
+    groups = w.reshape(w.shape[0], -1, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    return torch.zeros_like(groups).scatter(-1, keep, groups.gather(-1, keep)).reshape(w.shape)
+
+
+def semi_structured_time(x16, w24, b16, layers, reps):
+    """to_sparse_semi_structured fp16 weights through F.linear, or None (with the reason) where torch refuses."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+        ws = [to_sparse_semi_structured(w.to("cuda", torch.float16)) for w in w24]
+        return cuda_time(lambda i: torch.nn.functional.linear(x16, ws[i], b16[i]), layers, reps), ""
+    except (RuntimeError, ValueError, NotImplementedError) as err:
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
 
 def check(shape, w_cpu) -> None:
@@ -127,24 +148,48 @@ def run(reps: int) -> list[dict]:
                 raise SystemExit(f"bench_cuda: {shape.label}: the sparse CUDA output differs from the CPU kernel")
             row["sparse"] = cuda_time(lambda i: torch.ops.pycompress.sparse_int8_linear(x16, *sparse[i], 0, None, 0),
                                       shape.layers, reps)
+        # 2:4: the same op over 2:4-pruned weights (the sparse tensor-core kernel), checked first, and its peer.
+        w24 = [prune_2_4(wt[0]) for wt in weights]
+        packs24 = []
+        for w in w24:
+            q, scale = quantize_weight_per_channel(w)
+            packed, col_sum = pack_int8_weights(q)
+            packs24.append((packed, col_sum, scale))
+        x24 = torch.randn(min(m, 512), k)
+        want = int8_linear_cpu(x24, *packs24[0], weights[0][5])
+        dev24 = [tuple(t.cuda() for t in p + (weights[i][5],)) for i, p in enumerate(packs24)]
+        got = torch.ops.pycompress.int8_linear(x24.cuda(), *dev24[0], 0, None, 0, 8).cpu()
+        if nm24_pack(dev24[0][0], n, k) is None:
+            raise SystemExit(f"bench_cuda: {shape.label}: 2:4 weights did not run the 2:4 kernel")
+        if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            raise SystemExit(f"bench_cuda: {shape.label}: the 2:4 CUDA output differs from the CPU kernel")
+        row["nm24"] = cuda_time(lambda i: torch.ops.pycompress.int8_linear(x16, *dev24[i], 0, None, 0, 8),
+                                shape.layers, reps)
+        row["semi"], why = semi_structured_time(x16, w24, b16, shape.layers, reps)
+        if why:
+            print(f"  ({shape.label}: to_sparse_semi_structured refused: {why})", flush=True)
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
 
 
 HEADER = ("| Linear (M,K,N) | ours: tile (split-K) | ours int8 us | ours weight GB/s | cuBLAS fp16 us | cuBLAS bf16 us | "
-          "cuBLASLt int8 + dequant us | fp16 / ours | int8 peer / ours | ours sparse int8 90% us | fp16 / sparse |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "cuBLASLt int8 + dequant us | fp16 / ours | int8 peer / ours | ours sparse int8 90% us | fp16 / sparse | "
+          "ours 2:4 int8 us | fp16 2:4 (semi-structured) us | fp16 / ours 2:4 | fp16 2:4 / ours 2:4 |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(r: dict) -> str:
-    mm = "-" if r["int_mm"] is None else f"{r['int_mm']:.1f}"
-    mm_ratio = "-" if r["int_mm"] is None else f"{r['int_mm'] / r['ours']:.2f}"
-    sp = "-" if r["sparse"] is None else f"{r['sparse']:.1f}"
-    sp_ratio = "-" if r["sparse"] is None else f"{r['fp16'] / r['sparse']:.2f}"
+    def us(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}"
+
     return (f"| {r['shape']} | {r['plan']} | {r['ours']:.1f} | {r['weight_bytes'] / r['ours'] / 1e3:.0f} | "
-            f"{r['fp16']:.1f} | {r['bf16']:.1f} | {mm} | "
-            f"{r['fp16'] / r['ours']:.2f} | {mm_ratio} | {sp} | {sp_ratio} |")
+            f"{r['fp16']:.1f} | {r['bf16']:.1f} | {us(r['int_mm'])} | {ratio(r['fp16'], r['ours'])} | "
+            f"{ratio(r['int_mm'], r['ours'])} | {us(r['sparse'])} | {ratio(r['fp16'], r['sparse'])} | "
+            f"{us(r['nm24'])} | {us(r['semi'])} | {ratio(r['fp16'], r['nm24'])} | {ratio(r['semi'], r['nm24'])} |")
 
 
 def main() -> None:
@@ -159,7 +204,7 @@ def main() -> None:
           f"{', sm_'.join(info['archs'])}")
     print(HEADER)
     run(5 if args.quick else 30)
-    print("Not measured yet: 2:4 against to_sparse_semi_structured (no 2:4 CUDA kernel), sparse fp32 weights.")
+    print("Not measured yet: sparse fp32 weights.")
 
 
 if __name__ == "__main__":

@@ -228,6 +228,119 @@ def test_fragment_loads_hit_32_different_banks(operand):
             assert len(banks) == 32, (operand, reg, base)
 
 
+# ---- the 2:4 sparse tensor-core kernel (csrc/cuda/q8_nm24_mma__sm80.cu), emulated --------------------------
+
+def nm24_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """float [n, k] with at most 2 non-zeros in every 4 consecutive k (k = 4g .. 4g + 3), each of the 11 such
+    patterns (none, one at any of 4 places, two at any of 6 pairs) in turn, so every fill of the pack is used."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    patterns = [()] + [(i,) for i in range(4)] + [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    kp = -(-k // 4) * 4
+    mask = torch.zeros(n, kp, dtype=torch.bool)
+    for r in range(n):
+        for grp in range(kp // 4):
+            for i in patterns[(r * 7 + grp) % len(patterns)]:
+                mask[r, 4 * grp + i] = True
+    return torch.where(mask[:, :k], w, torch.zeros(()))
+
+
+def nm24_layer(n, k, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed + 1)
+    q, scale = quantize_weight_per_channel(nm24_weight(n, k, seed))
+    packed, col_sum = pack_int8_weights(q)
+    pack = torch.empty(_C.cuda_nm24_bytes(n, k), dtype=torch.uint8)
+    _C.cuda_nm24_pack(packed.data_ptr(), n, k, pack.data_ptr())
+    return q, scale, packed, col_sum, (torch.randn(n, generator=g) if bias else None), pack
+
+
+def nm24_emulate(x, pack, col_sum, scale, b, n, act="none", static=None, act_bits=8, raw=False):
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.int32 if raw else torch.float32)
+    plan = _C.cuda_nm24_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, pack.data_ptr(), pack.numel(),
+                                col_sum.data_ptr(), scale.data_ptr(), 0 if b is None else b.data_ptr(), n,
+                                0 if raw else y.data_ptr(), y.data_ptr() if raw else 0, ACT[act], static is not None,
+                                1.0 if static is None else static[0], 0 if static is None else static[1],
+                                act_qmax(act_bits))
+    return y, plan
+
+
+# M across a column tile (8 rows) and the 1 / 2 / 4-tile blocks (8, 16, 32 rows), N across a panel (16), K across
+# a k chunk (4), an mma.sp step (64) and the 8 warps' turns (more than 8 steps: 600, 1100).
+NM24_SHAPES = [(1, 1, 1), (1, 16, 64), (2, 17, 65), (7, 40, 4), (8, 16, 130), (9, 33, 600), (16, 5, 63),
+               (17, 48, 1100), (32, 16, 128), (33, 20, 200), (70, 31, 7), (1, 64, 4096)]
+
+
+@pytest.mark.parametrize("m,n,k", NM24_SHAPES)
+def test_emulated_nm24_kernel_equals_the_dense_reference_bit_for_bit(m, n, k):
+    q, scale, packed, col_sum, b, pack = nm24_layer(n, k, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+    y, plan = nm24_emulate(x, pack, col_sum, scale, b, n)
+    assert plan == {"grid": (-(-n // 16), -(-m // (8 * plan["tiles"]))), "tiles": 1 if m <= 8 else 2 if m <= 16 else 4,
+                    "steps": -(-k // 64)}
+    assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale, b)))
+    assert torch.equal(bits(y), bits(int8_linear_cpu(x, packed, col_sum, scale, b)))
+    raw, _ = nm24_emulate(x, pack, col_sum, scale, b, n, raw=True)
+    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+
+
+@pytest.mark.parametrize("act,static,act_bits", [("relu", None, 7), ("gelu", (0.05, 77), 8), ("gelu", None, 8)])
+def test_emulated_nm24_epilogue_options_non_finite_rows_and_strides(act, static, act_bits):
+    n, k, m = 40, 200, 12
+    q, scale, packed, col_sum, b, pack = nm24_layer(n, k, seed=3)
+    base = torch.randn(m, k + 9, generator=torch.Generator().manual_seed(2)) * 2
+    base[4, 7] = float("nan")
+    base[9, 5] = float("inf")
+    x = base[:, 5:5 + k]  # strided rows
+    y, _ = nm24_emulate(x, pack, col_sum, scale, b, n, act, static, act_bits)
+    cpu = int8_linear_cpu(x.contiguous(), packed, col_sum, scale, b, ACT[act], None if static is None else static[0],
+                          0 if static is None else static[1], act_bits)
+    assert torch.equal(bits(y), bits(cpu))
+    assert y[4].isnan().all() and y[9].isnan().all() and not y[[0, 1, 2, 3, 5, 6, 7, 8, 10, 11]].isnan().any()
+
+
+def test_emulated_nm24_empty_batch_and_extremes_at_the_largest_k():
+    n, k = 16, 65536
+    q = torch.zeros(n, k, dtype=torch.int8)
+    q[:, 0::4] = -127
+    q[:, 3::4] = 127
+    q[::2, 3::4] = -127  # even channels: every kept product at the extreme
+    scale = torch.full((n,), 1e-3)
+    packed, col_sum = pack_int8_weights(q)
+    pack = torch.empty(_C.cuda_nm24_bytes(n, k), dtype=torch.uint8)
+    _C.cuda_nm24_pack(packed.data_ptr(), n, k, pack.data_ptr())
+    x = torch.full((2, k), 5.0)
+    x[1, 1::2] = -5.0
+    raw, _ = nm24_emulate(x, pack, col_sum, scale, None, n, raw=True)
+    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+    y, plan = nm24_emulate(torch.empty(0, k), pack, col_sum, scale, None, n)
+    assert y.shape == (0, n) and plan["grid"] == (1, 0)
+
+
+def test_nm24_pack_refuses_a_layer_that_is_not_2_4_naming_the_channel_and_k():
+    q, scale = quantize_weight_per_channel(nm24_weight(20, 40))
+    q[17, 8:12] = torch.tensor([1, 0, 2, 3], dtype=torch.int8)
+    packed, _ = pack_int8_weights(q)
+    out = torch.empty(_C.cuda_nm24_bytes(20, 40), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"output channel 17 has more than 2 non-zeros in k 8\.\.11"):
+        _C.cuda_nm24_pack(packed.data_ptr(), 20, 40, out.data_ptr())
+
+
+def test_nm24_fragments_cover_each_operand_once_and_carry_their_metadata():
+    """The 32 lanes' compressed A bytes cover 16 x 32 once, their metadata nibbles 16 rows x 16 chunks once (each
+    nibble in the lane of the two values it describes), and B 64 x 8 once."""
+    a, e, b = collections.Counter(), collections.Counter(), collections.Counter()
+    for lane_a, lane_e, lane_b in _C.cuda_nm24_fragments():
+        a.update(lane_a)
+        e.update(lane_e)
+        b.update((kk + j, col) for kk, col in lane_b for j in range(4))
+        for p, (row, ccol) in enumerate(lane_a):
+            assert lane_e[p // 2] == (row, ccol // 2)
+    assert a == collections.Counter((r, c) for r in range(16) for c in range(32))
+    assert e == collections.Counter((r, c) for r in range(16) for c in range(16))
+    assert b == collections.Counter((kk, col) for kk in range(64) for col in range(8))
+
+
 def test_every_op_has_a_cuda_kernel_or_a_clear_refusal():
     for op in pc.ops.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pycompress::{op}", "CUDA"), op
@@ -514,6 +627,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     assert {k.arch for k in kernels} == {"80", "90"} and len(kernels) == 2 * len(names)
     assert sum(n.startswith("q8_gemm<") for n in names) == 6 and sum(n.startswith("quantize_rows<") for n in names) == 3
     assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3 and sum(n.startswith("sparse_f32_rows<") for n in names) == 3
+    assert sum(n.startswith("q8_nm24<") for n in names) == 9
     for k in kernels:
         assert (k.spill_stores, k.spill_loads, k.stack) == (0, 0, 0), f"{k.name} on sm_{k.arch} spills: {k}"
         assert k.occupancy[0] >= 1, f"{k.name} on sm_{k.arch} cannot be resident: {k}"
@@ -569,6 +683,57 @@ def test_a_corrupt_sparse_pack_is_refused_before_the_launch():
     gpu = [t.cuda() for t in (row_ptr, bad, values, col_sum, scale, b)]
     with pytest.raises(ValueError, match=r"sparse_int8_linear: corrupt sparse pack"):
         torch.ops.pycompress.sparse_int8_linear(torch.randn(2, 64, device="cuda"), *gpu, 0, None, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", NM24_SHAPES + [(1, 4096, 4096), (16, 4096, 11008), (256, 1024, 1024)])
+def test_cuda_nm24_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k):
+    q, scale, packed, col_sum, b, _ = nm24_layer(n, k, seed=m)
+    x = torch.randn(m, k) * 2
+    want = int8_linear_cpu(x, packed, col_sum, scale, b)
+    gpu = tuple(None if t is None else t.cuda() for t in (packed, col_sum, scale, b))
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 0, None, 0, 8)
+    assert gpu[0]._pycompress_nm24[1] is not None, "2:4 weights did not run the 2:4 kernel"
+    assert torch.equal(bits(got.cpu()), bits(want))
+    dense = _int8_linear_cuda(x.cuda(), *gpu, sparse24=False)
+    assert torch.equal(bits(dense.cpu()), bits(want))
+    raw = _int8_linear_cuda(x.cuda(), *gpu, raw=True).cpu()
+    if m * n * k <= 2e8:
+        assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_nm24_half_inputs_gelu_static_and_a_weight_edit(dtype):
+    q, scale, packed, col_sum, b, _ = nm24_layer(96, 320, seed=4)
+    x = (torch.randn(5, 320) * 2).to(dtype)
+    gpu = [None if t is None else t.cuda() for t in (packed, col_sum, scale, b)]
+    want = int8_linear_cpu(x.float(), packed, col_sum, scale, b, ACT["gelu"], 0.03, 100, 8).to(dtype)
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, ACT["gelu"], 0.03, 100, 8)
+    assert got.dtype == dtype and torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+    # An in-place edit that breaks 2:4 is seen (the tensor's version): the dense kernel, the new bits.
+    q[3, 0:4] = torch.tensor([5, 6, 7, 8], dtype=torch.int8)
+    packed2, col_sum2 = pack_int8_weights(q)
+    gpu[0].copy_(packed2)
+    gpu[1].copy_(col_sum2)
+    want = int8_linear_cpu(x.float(), packed2, col_sum2, scale, b, ACT["gelu"], 0.03, 100, 8).to(dtype)
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, ACT["gelu"], 0.03, 100, 8)
+    assert gpu[0]._pycompress_nm24[1] is None
+    assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.cuda
+def test_a_2_4_pruned_int8_model_on_cuda_runs_the_2_4_kernel_with_the_cpu_bits():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64))
+    pc.prune(model, sparsity=0.5, method="nm")
+    x = torch.randn(9, 256)
+    pc.convert(model, x, policy="int8")
+    want = model(x)
+    model.cuda()
+    assert torch.equal(bits(model(x.cuda()).cpu()), bits(want))
+    layers = [m for m in model.modules() if isinstance(m, pc.nn.CompressedLayer)]
+    assert layers and all(m.w_packed._pycompress_nm24[1] is not None for m in layers)
 
 
 @pytest.mark.cuda

@@ -58,6 +58,27 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       "y[m, n] = the int8 linear of x on the given stream (raw != 0: int32 accumulators into raw instead)");
   m.def(
+      "q8_nm24_linear",
+      [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t pack,
+         std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy,
+         int act, bool is_static, float static_scale, int32_t static_zp, int32_t qmax, std::uintptr_t scratch,
+         int64_t scratch_size, std::uintptr_t raw, std::uintptr_t stream) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("q8_nm24_linear: dtype code must be 0, 1 or 2");
+        q8cuda::LinearArgs a{reinterpret_cast<const void*>(x), static_cast<q8cuda::DType>(dtype), rows, k, ldx,
+                             nullptr, reinterpret_cast<const int32_t*>(col_sum),
+                             reinterpret_cast<const float*>(w_scale), reinterpret_cast<const float*>(bias), n,
+                             reinterpret_cast<void*>(y), ldy, act, is_static, static_scale, static_zp, qmax,
+                             reinterpret_cast<void*>(scratch), scratch_size, reinterpret_cast<int32_t*>(raw), stream};
+        a.nm24 = reinterpret_cast<const void*>(pack);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::nm24_linear(a);
+        }
+        if (!err.empty()) throw std::runtime_error("int8_linear (CUDA, 2:4 weights): " + err);
+      },
+      "y[m, n] = the int8 linear of x over the 2:4 GPU pack of its weights (cuda_nm24_pack), on the given stream");
+  m.def(
       "q8_sparse_linear",
       [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr,
          std::uintptr_t blk_idx, std::uintptr_t values, std::uintptr_t col_sum, std::uintptr_t w_scale,

@@ -9,6 +9,7 @@
 #include "bindings_util.h"
 #include "cuda/q8_cuda_emulate.h"
 #include "cuda/q8_cuda_tiling.h"
+#include "cuda/q8_nm24_tiling.h"
 
 namespace py = pybind11;
 using namespace pycompress;
@@ -76,6 +77,62 @@ void register_cuda_emulate_bindings(py::module_& m) {
       "y (or raw) = the CUDA int8 linear's algorithm run on the CPU for a device of `sms` multiprocessors; "
       "returns the plan it ran (cuda_q8_plan's dict)");
   m.def(
+      "cuda_nm24_bytes", [](int64_t n, int64_t k) { return q8cuda::nm24_layout(n, k).total; }, py::arg("n"),
+      py::arg("k"), "bytes of the 2:4 GPU pack of an (n x k) int8 layer (q8_nm24_tiling.h)");
+  m.def(
+      "cuda_nm24_pack",
+      [](std::uintptr_t w, int64_t n, int64_t k, std::uintptr_t out) {
+        if (n < 1 || k < 1 || k > q8cuda::kMaxK) throw std::invalid_argument("cuda_nm24_pack: N >= 1, 1 <= K <= 65536");
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::nm24_pack(ptr<const int8_t>(w), n, k, ptr<uint8_t>(out));
+        }
+        if (!err.empty()) throw std::invalid_argument(err);
+      },
+      py::arg("w"), py::arg("n"), py::arg("k"), py::arg("out"),
+      "the 2:4 GPU pack of CPU-packed int8 weights into out (cuda_nm24_bytes(n, k) bytes); ValueError naming the "
+      "first channel and k with more than 2 non-zeros in 4");
+  m.def(
+      "cuda_nm24_emulate",
+      [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t pack, int64_t pack_bytes,
+         std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y,
+         std::uintptr_t raw, int act, bool is_static, float static_scale, int32_t static_zp, int32_t qmax) {
+        q8cuda::EmulateArgs a{ptr<const float>(x), rows, k, ldx, nullptr, ptr<const int32_t>(col_sum),
+                              ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ptr<int32_t>(raw),
+                              act, is_static, static_scale, static_zp, qmax, 0};
+        q8cuda::Nm24Plan plan{};
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::nm24_emulate(a, ptr<const uint8_t>(pack), pack_bytes, &plan);
+        }
+        if (!err.empty()) throw std::invalid_argument(err);
+        py::dict d;
+        d["grid"] = py::make_tuple(plan.grid_x, plan.grid_y);
+        d["tiles"] = plan.tiles;
+        d["steps"] = plan.steps;
+        return d;
+      },
+      "y (or raw) = the CUDA 2:4 int8 linear's algorithm run on the CPU over its GPU pack; returns its plan");
+  m.def(
+      "cuda_nm24_fragments",
+      [] {
+        // Each lane's sparse fragment coordinates: (a: [(row, compressed col)] x 16, meta: [(row, chunk)] x 8,
+        // b: [(k, n)] x 4).
+        py::list lanes;
+        for (int lane = 0; lane < 32; ++lane) {
+          py::list a, e, b;
+          for (int p = 0; p < q8cuda::kSpLaneBytes; ++p)
+            a.append(py::make_tuple(q8cuda::sp_a_row(lane, p), q8cuda::sp_a_ccol(lane, p)));
+          for (int j = 0; j < 8; ++j) e.append(py::make_tuple(q8cuda::sp_meta_row(lane, j), q8cuda::sp_meta_chunk(lane, j)));
+          for (int r = 0; r < 4; ++r) b.append(py::make_tuple(q8cuda::sp_b_k(lane, r), q8cuda::sp_b_n(lane)));
+          lanes.append(py::make_tuple(a, e, b));
+        }
+        return lanes;
+      },
+      "the mma.sp.m16n8k64 (8-bit) fragment coordinates of each lane (q8_nm24_tiling.h)");
+  m.def(
       "cuda_q8_fragments",
       [] {
         // Each lane's fragment coordinates: (a: [(row, k)] x 4, b: [(k, n)] x 2, c: [(row, col)] x 4).
@@ -107,6 +164,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         d["quantize_rows"] = py::make_tuple(q8cuda::kQuantRowsPerBlock * 32, 0);
         d["q8_sparse_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
         d["sparse_f32_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
+        d["q8_nm24"] = py::make_tuple(q8cuda::kSpWarps * 32, 0);
         return d;
       },
       "threads and dynamic shared memory of each CUDA kernel (q8_cuda_tiling.h)");

@@ -43,6 +43,9 @@ struct LinearArgs {
   const int32_t* row_order = nullptr;
   // The device's multiprocessor count: the dense kernel's split-K (q8_cuda_tiling.h, plan); 0 = no split.
   int64_t sms = 0;
+  // 2:4 sparse int8 weights instead of w (nm24_linear): q8_nm24_tiling.h's GPU pack (nm24_layout(n, k).total
+  // bytes, 16-byte aligned), made on the host from w by nm24_pack.
+  const void* nm24 = nullptr;
 };
 
 // Device scratch of one call on a device of `sms` multiprocessors (q8_cuda_tiling.h, scratch_layout): quantized
@@ -57,6 +60,10 @@ std::string linear(const LinearArgs& args);
 // The same linear over bsr1x4 sparse weights (q8_sparse_rows__sm61.cu): bit-identical to linear() on the
 // same weights (exact int32 accumulation, the same epilogue).
 std::string sparse_linear(const LinearArgs& args);
+
+// The same linear over 2:4 sparse int8 weights (q8_nm24_mma__sm80.cu, sparse tensor cores): bit-identical to
+// linear() on the dense weights the pack was made from.
+std::string nm24_linear(const LinearArgs& args);
 
 // y = act(x @ W^T + b) over csr float weights (sparse_f32_rows__sm61.cu): float32 sums, not bit-identical to
 // the CPU kernels (which sum in their own order); checked against a float64 reference.

@@ -3,8 +3,10 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cuda/q8_cuda_tiling.h"
+#include "cuda/q8_nm24_tiling.h"
 
 namespace pycompress {
 namespace q8cuda {
@@ -26,9 +28,29 @@ struct EmulateArgs {
   int64_t sms;  // the multiprocessor count the plan splits K for (0: no split)
 };
 
+// The quantizer kernel's output: each row of x quantized (stride ldq, zero past K), its scale, zero point and
+// non-finite flag.
+struct QuantizedRows {
+  int64_t ldq;
+  std::vector<uint8_t> q, nonfinite;
+  std::vector<float> scale;
+  std::vector<int32_t> zp;
+};
+QuantizedRows quantize_rows(const EmulateArgs& args);
+
+// The epilogue of output (row, col) from its exact int32 sum, into args.y (or args.raw).
+void store_output(const EmulateArgs& args, const QuantizedRows& rows, int32_t acc, int64_t row, int64_t col);
+
+// Throws std::logic_error unless every output was written exactly once (writes: [m * n] counts).
+void check_written_once(const EmulateArgs& args, const std::vector<int>& writes);
+
 // "" on success (plan: the launch it emulated), else why the plan refuses the shape.
 // Throws std::logic_error when the algorithm reads out of bounds or writes an output other than once.
 std::string emulate(const EmulateArgs& args, Plan* plan);
+
+// The 2:4 kernel (q8_nm24_mma__sm80.cu) over `pack` (nm24_pack of args.w, `pack_bytes` long) instead of args.w;
+// the same returns and checks.
+std::string nm24_emulate(const EmulateArgs& args, const uint8_t* pack, int64_t pack_bytes, Nm24Plan* plan);
 
 }  // namespace q8cuda
 }  // namespace pycompress

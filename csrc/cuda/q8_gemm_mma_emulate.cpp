@@ -68,9 +68,8 @@ void mma_warp(int32_t (&acc)[32][4], const uint32_t (&a)[32][4], const uint32_t 
 }
 
 template <class TileT>
-void gemm(const EmulateArgs& a, const Plan& p, const std::vector<uint8_t>& q, const std::vector<float>& scale,
-          const std::vector<int32_t>& zp, const std::vector<uint8_t>& nonfinite, std::vector<int>& writes) {
-  const Buffer qbuf{q.data(), static_cast<int64_t>(q.size()), "the quantized rows"};
+void gemm(const EmulateArgs& a, const Plan& p, const QuantizedRows& qr, std::vector<int>& writes) {
+  const Buffer qbuf{qr.q.data(), static_cast<int64_t>(qr.q.size()), "the quantized rows"};
   const Buffer wbuf{reinterpret_cast<const uint8_t*>(a.w), p.panels * p.kp * kPanel, "the packed weights"};
   constexpr int kWarps = TileT::kThreads / 32;
   constexpr int S = TileT::kStages;
@@ -153,37 +152,23 @@ void gemm(const EmulateArgs& a, const Plan& p, const std::vector<uint8_t>& q, co
         }
         for_each_output(acc, m0, n0, [&](int32_t& v32, int64_t row, int64_t col) {
           writes[row * a.n + col] += 1;
-          if (a.raw != nullptr) {
-            a.raw[row * a.n + col] = v32;
-            return;
-          }
-          float v;
-          if (nonfinite[row]) {
-            v = std::numeric_limits<float>::quiet_NaN();
-          } else {
-            v = dequantize(v32, zp[row], a.col_sum[col], scale[row], a.w_scale[col]);
-            if (a.bias != nullptr) v = v + a.bias[col];
-            v = apply_activation(v, static_cast<Activation>(a.act));
-          }
-          a.y[row * a.n + col] = v;
+          store_output(a, qr, v32, row, col);
         });
       }
 }
 
 }  // namespace
 
-std::string emulate(const EmulateArgs& a, Plan* out) {
-  Plan p;
-  const char* why = nullptr;
-  if (!plan(a.m, a.n, a.k, a.sms, &p, &why)) return why;
-  *out = p;
-  if (a.m == 0) return "";
+QuantizedRows quantize_rows(const EmulateArgs& a) {
   // The quantization kernel: one warp per row, lanes striding k (min / max are exact: any order gives the same).
-  std::vector<uint8_t> q(static_cast<size_t>(a.m * p.ldq)), nonfinite(static_cast<size_t>(a.m));
-  std::vector<float> scale(static_cast<size_t>(a.m));
-  std::vector<int32_t> zp(static_cast<size_t>(a.m));
-  for (int64_t r = 0; r < a.m; ++r) {
-    const float* x = a.x + r * a.ldx;
+  QuantizedRows r;
+  r.ldq = q_ld(a.k);
+  r.q.assign(static_cast<size_t>(a.m * r.ldq), 0);
+  r.nonfinite.assign(static_cast<size_t>(a.m), 0);
+  r.scale.assign(static_cast<size_t>(a.m), 0.0f);
+  r.zp.assign(static_cast<size_t>(a.m), 0);
+  for (int64_t row = 0; row < a.m; ++row) {
+    const float* x = a.x + row * a.ldx;
     float lo = 0.0f, hi = 0.0f;
     bool finite = true;
     for (int64_t k = 0; k < a.k; ++k) {
@@ -192,21 +177,51 @@ std::string emulate(const EmulateArgs& a, Plan* out) {
       hi = std::fmax(hi, x[k]);
     }
     const RowQuant rq = row_quant(lo, hi, finite, a.is_static, a.static_scale, a.static_zp, a.qmax);
-    for (int64_t k = 0; k < p.ldq; ++k)
-      q[r * p.ldq + k] = (rq.finite && k < a.k) ? quantize_value(x[k], rq.inv_scale, rq.zp, a.qmax) : uint8_t{0};
-    scale[r] = rq.scale;
-    zp[r] = rq.zp;
-    nonfinite[r] = rq.finite ? 0 : 1;
+    for (int64_t k = 0; k < r.ldq; ++k)
+      r.q[row * r.ldq + k] = (rq.finite && k < a.k) ? quantize_value(x[k], rq.inv_scale, rq.zp, a.qmax) : uint8_t{0};
+    r.scale[row] = rq.scale;
+    r.zp[row] = rq.zp;
+    r.nonfinite[row] = rq.finite ? 0 : 1;
   }
-  std::vector<int> writes(static_cast<size_t>(a.m * a.n), 0);
-  if (p.tile == TileKind::Small)
-    gemm<SmallTile>(a, p, q, scale, zp, nonfinite, writes);
-  else
-    gemm<LargeTile>(a, p, q, scale, zp, nonfinite, writes);
+  return r;
+}
+
+void store_output(const EmulateArgs& a, const QuantizedRows& qr, int32_t acc, int64_t row, int64_t col) {
+  if (a.raw != nullptr) {
+    a.raw[row * a.n + col] = acc;
+    return;
+  }
+  float v;
+  if (qr.nonfinite[row]) {
+    v = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    v = dequantize(acc, qr.zp[row], a.col_sum[col], qr.scale[row], a.w_scale[col]);
+    if (a.bias != nullptr) v = v + a.bias[col];
+    v = apply_activation(v, static_cast<Activation>(a.act));
+  }
+  a.y[row * a.n + col] = v;
+}
+
+void check_written_once(const EmulateArgs& a, const std::vector<int>& writes) {
   for (int64_t i = 0; i < a.m * a.n; ++i)
     if (writes[i] != 1)
       throw std::logic_error("cuda_q8_emulate: output " + std::to_string(i) + " written " + std::to_string(writes[i]) +
                              " times");
+}
+
+std::string emulate(const EmulateArgs& a, Plan* out) {
+  Plan p;
+  const char* why = nullptr;
+  if (!plan(a.m, a.n, a.k, a.sms, &p, &why)) return why;
+  *out = p;
+  if (a.m == 0) return "";
+  const QuantizedRows qr = quantize_rows(a);
+  std::vector<int> writes(static_cast<size_t>(a.m * a.n), 0);
+  if (p.tile == TileKind::Small)
+    gemm<SmallTile>(a, p, qr, writes);
+  else
+    gemm<LargeTile>(a, p, qr, writes);
+  check_written_once(a, writes);
   return "";
 }
 

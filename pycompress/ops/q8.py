@@ -114,11 +114,34 @@ def int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_scal
     return _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
 
 
+def nm24_pack(w_packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """The 2:4 GPU pack (csrc/cuda/q8_nm24_tiling.h) of a CUDA int8 layer's packed weights when every 4
+    consecutive k of each channel hold at most 2 non-zeros (a 2:4-pruned layer), else None: the int8 linear then
+    runs on sparse tensor cores, with the same bits as the dense kernel. Decided once per tensor version (one
+    check on the device; the pack is made on the host) and cached on the tensor; tensors made in inference mode
+    have no version counter, so they keep the dense kernel. Call the layer once before capturing a CUDA graph."""
+    if w_packed.is_inference():
+        return None
+    stamp = (w_packed.data_ptr(), w_packed._version, tuple(w_packed.shape), n, k)
+    cached = getattr(w_packed, "_pycompress_nm24", None)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    pack = None
+    if bool(((w_packed.view(-1, KGROUP) != 0).sum(1, dtype=torch.int8) <= 2).all()):
+        host = w_packed.cpu()
+        out = torch.empty(_C.cuda_nm24_bytes(n, k), dtype=torch.uint8)
+        _C.cuda_nm24_pack(host.data_ptr(), n, k, out.data_ptr())
+        pack = out.to(w_packed.device)
+    w_packed._pycompress_nm24 = (stamp, pack)
+    return pack
+
+
 def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
-                      act_bits=8, raw=False):
+                      act_bits=8, raw=False, sparse24=True):
     """The CUDA kernel (csrc/cuda): every operand checked before anything is launched; ``raw``: the int32
     accumulators instead of y (tests). x's rows may be strided (elements contiguous), y is contiguous in x's
-    dtype."""
+    dtype. 2:4-sparse weights run the sparse tensor-core kernel (nm24_pack) unless ``sparse24`` is False
+    (tests, benchmarks): the same bits either way."""
     k, n = check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     check_same_device("int8_linear", x, w_packed=w_packed, col_sum=col_sum, w_scale=w_scale, bias=bias)
     if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
@@ -130,11 +153,15 @@ def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
         if w_packed.data_ptr() % 16:
             raise ValueError("int8_linear: on CUDA the packed weights must start 16-byte aligned; this one is a view "
                              "at an odd offset: pass w_packed.clone()")
-        cuda.q8_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), col_sum.data_ptr(),
-                       w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n, 0 if raw else y.data_ptr(), n,
-                       activation, act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point,
-                       act_qmax(act_bits), scratch.data_ptr(), scratch.numel(), y.data_ptr() if raw else 0, stream,
-                       sms)
+        epilogue = (col_sum.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
+                    0 if raw else y.data_ptr(), n, activation, act_scale is not None,
+                    1.0 if act_scale is None else act_scale, act_zero_point, act_qmax(act_bits), scratch.data_ptr(),
+                    scratch.numel(), y.data_ptr() if raw else 0, stream)
+        pack = nm24_pack(w_packed, n, k) if sparse24 else None
+        if pack is not None:
+            cuda.q8_nm24_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, pack.data_ptr(), *epilogue)
+        else:
+            cuda.q8_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), *epilogue, sms)
 
     if m > 0:
         _cuda.launch("int8_linear", x, run, scratch_for=(m, n, k))
