@@ -24,8 +24,8 @@ import pycompress as pc
 from pycompress import _C, _cuda
 from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu
 from pycompress.ops.sparse import _sparse_int8_linear_cuda, sparse_int8_linear_cpu
-from pycompress.ops.sparse import row_order, sparse_linear_csr_cuda
-from pycompress.reference.sparse import fp32_error_bound, pack_bsr1x4, pack_csr, sparse_linear_ref
+from pycompress.ops.sparse import row_order, sparse_linear_csr_cuda, sparse_linear_nm24_cuda
+from pycompress.reference.sparse import fp32_error_bound, pack_bsr1x4, pack_csr, pack_nm24, sparse_linear_ref
 from pycompress.reference.q8 import (act_qmax, int8_linear_ref, pack_int8_weights, q8_accumulate_ref,
                                      quantize_rows_ref, quantize_weight_per_channel)
 
@@ -481,6 +481,27 @@ def test_prelaunch_csr_checks_on_fake_cuda_tensors():
                 sparse_linear_csr_cuda(x, *ops, bias)
 
 
+def test_prelaunch_nm24_float_checks_on_fake_cuda_tensors():
+    values, nm_idx = pack_nm24(nm24_weight(20, 12))
+    with FakeTensorMode():
+        x = torch.empty(3, 12, device="cuda")
+        ops = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (nm_idx, values)]
+        bias = torch.empty(20, device="cuda")
+        with pytest.raises(ValueError, match=r"sparse_linear_nm24: x is on cuda:0 but bias is on cpu"):
+            sparse_linear_nm24_cuda(x, *ops, torch.empty(20))
+        with pytest.raises(ValueError, match=r"sparse_linear_nm24: x has K=16 features; 2:4 values \[N, K/2\] = "
+                           r"\(20, 6\) expect K=12"):
+            sparse_linear_nm24_cuda(torch.empty(3, 16, device="cuda"), *ops, bias)
+        with pytest.raises(TypeError, match=r"sparse_linear_nm24: x must be float32 \(on CUDA also float16 or "
+                           r"bfloat16\), got torch.float64"):
+            sparse_linear_nm24_cuda(x.double(), *ops, bias)
+        y = sparse_linear_nm24_cuda(torch.empty(2, 0, 12, dtype=torch.bfloat16, device="cuda"), *ops, bias)
+        assert y.shape == (2, 0, 20) and y.dtype == torch.bfloat16
+        if not _cuda.status()["usable"]:
+            with pytest.raises(RuntimeError, match="sparse_linear_nm24: got CUDA tensors, but "):
+                sparse_linear_nm24_cuda(x, *ops, bias)
+
+
 # ---- on a GPU ----# ---- on a GPU ---------------------------------------------------------------------------------------------
 
 GPU_SHAPES = SHAPES + [(1, 4096, 4096), (16, 11008, 4096), (333, 768, 3072), (1024, 1024, 1024)]
@@ -626,7 +647,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     names = {k.name for k in kernels}
     assert {k.arch for k in kernels} == {"80", "90"} and len(kernels) == 2 * len(names)
     assert sum(n.startswith("q8_gemm<") for n in names) == 6 and sum(n.startswith("quantize_rows<") for n in names) == 3
-    assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3 and sum(n.startswith("sparse_f32_rows<") for n in names) == 3
+    assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3 and sum(n.startswith("sparse_f32_rows<") for n in names) == 6
     assert sum(n.startswith("q8_nm24<") for n in names) == 9
     for k in kernels:
         assert (k.spill_stores, k.spill_loads, k.stack) == (0, 0, 0), f"{k.name} on sm_{k.arch} spills: {k}"
@@ -783,6 +804,48 @@ def test_cuda_sparse_fp32_within_the_float32_bound_of_the_float64_reference(m, n
     got = torch.ops.pycompress.sparse_linear_csr(x.cuda(), *pack, b.cuda(), ACT[act]).cpu().to(torch.float64)
     want = sparse_linear_ref(x, w, b, act)
     assert ((got - want).abs() <= fp32_error_bound(x, w, b, act)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["none", "gelu"])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (5, 130, 1000), (9, 64, 96), (40, 17, 4), (3, 33, 36)])
+def test_cuda_nm24_fp32_within_the_float32_bound_of_the_float64_reference(m, n, k, act):
+    w = nm24_weight(n, k, seed=m + n)
+    g = torch.Generator().manual_seed(m)
+    b = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    values, nm_idx = pack_nm24(w)
+    got = torch.ops.pycompress.sparse_linear_nm24(x.cuda(), nm_idx.cuda(), values.cuda(), b.cuda(), ACT[act])
+    want = sparse_linear_ref(x, w, b, act)
+    assert ((got.cpu().to(torch.float64) - want).abs() <= fp32_error_bound(x, w, b, act)).all()
+
+
+@pytest.mark.cuda
+def test_an_op_without_a_cuda_kernel_says_which_ops_have_one():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    pc.convert(model, torch.randn(2, 64), policy="int4")
+    model.cuda()
+    with pytest.raises(NotImplementedError, match=r"pycompress::int4_linear has no CUDA kernel yet \(these ops have "
+                       r"one: int8_linear, sparse_linear_csr, sparse_linear_nm24, sparse_int8_linear\)"):
+        model(torch.randn(2, 64, device="cuda"))
+
+
+@pytest.mark.cuda
+def test_a_2_4_float_sparse_model_moves_to_cuda():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    pc.prune(model, sparsity=0.5, method="nm")
+    x = torch.randn(6, 128)
+    pc.convert(model, x, policy="sparse-fp32")
+    layers = [m for m in model.modules() if isinstance(m, pc.nn.CompressedLayer)]
+    assert layers and all(m.format == "nm24" for m in layers)
+    want = model(x).to(torch.float64)
+    model.cuda()
+    for dtype in (torch.float32, torch.float16):
+        got = model(x.cuda().to(dtype))
+        assert got.dtype == dtype
+        assert torch.allclose(got.cpu().to(torch.float64), want, rtol=1e-2 if dtype == torch.float16 else 1e-5,
+                              atol=1e-2 if dtype == torch.float16 else 1e-5)
 
 
 @pytest.mark.cuda

@@ -102,34 +102,52 @@ PYBIND11_MODULE(_C_cuda, m) {
         if (!err.empty()) throw std::runtime_error("sparse_int8_linear (CUDA): " + err);
       },
       "y[m, n] = the int8 linear of x over bsr1x4 sparse weights (validated by the caller), on the given stream");
+  // The float sparse linears: csr (row_ptr, col_idx, row order) or nm24 (nm_idx, its words a channel).
+  auto f32_sparse = [](const char* op, std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx,
+                       std::uintptr_t values, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act,
+                       std::uintptr_t stream, q8cuda::LinearArgs a) {
+    if (dtype < 0 || dtype > 2) throw std::invalid_argument(std::string(op) + ": dtype code must be 0, 1 or 2");
+    a.x = reinterpret_cast<const void*>(x);
+    a.dtype = static_cast<q8cuda::DType>(dtype);
+    a.m = rows;
+    a.k = k;
+    a.ldx = ldx;
+    a.bias = reinterpret_cast<const float*>(bias);
+    a.n = n;
+    a.y = reinterpret_cast<void*>(y);
+    a.ldy = ldy;
+    a.act = act;
+    a.stream = stream;
+    a.f32_values = reinterpret_cast<const float*>(values);
+    std::string err;
+    {
+      py::gil_scoped_release release;
+      err = q8cuda::sparse_f32_linear(a);
+    }
+    if (!err.empty()) throw std::runtime_error(std::string(op) + " (CUDA): " + err);
+  };
   m.def(
       "f32_sparse_linear",
-      [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr,
-         std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy,
-         int act, std::uintptr_t stream, std::uintptr_t row_order) {
-        if (dtype < 0 || dtype > 2) throw std::invalid_argument("f32_sparse_linear: dtype code must be 0, 1 or 2");
+      [f32_sparse](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr,
+                   std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t bias, int64_t n, std::uintptr_t y,
+                   int64_t ldy, int act, std::uintptr_t stream, std::uintptr_t row_order) {
         q8cuda::LinearArgs a{};
-        a.x = reinterpret_cast<const void*>(x);
-        a.dtype = static_cast<q8cuda::DType>(dtype);
-        a.m = rows;
-        a.k = k;
-        a.ldx = ldx;
-        a.bias = reinterpret_cast<const float*>(bias);
-        a.n = n;
-        a.y = reinterpret_cast<void*>(y);
-        a.ldy = ldy;
-        a.act = act;
-        a.stream = stream;
         a.row_ptr = reinterpret_cast<const int32_t*>(row_ptr);
         a.blk_idx = reinterpret_cast<const uint16_t*>(col_idx);
-        a.f32_values = reinterpret_cast<const float*>(values);
         a.row_order = reinterpret_cast<const int32_t*>(row_order);
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::sparse_f32_linear(a);
-        }
-        if (!err.empty()) throw std::runtime_error("sparse_linear_csr (CUDA): " + err);
+        f32_sparse("sparse_linear_csr", x, dtype, rows, k, ldx, values, bias, n, y, ldy, act, stream, a);
       },
       "y[m, n] = act(x @ W^T + b) over csr float weights (validated by the caller), on the given stream");
+  m.def(
+      "f32_nm24_linear",
+      [f32_sparse](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t nm_idx,
+                   int64_t words, std::uintptr_t values, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy,
+                   int act, std::uintptr_t stream) {
+        q8cuda::LinearArgs a{};
+        a.nm_idx = reinterpret_cast<const uint32_t*>(nm_idx);
+        a.nm_words = words;
+        f32_sparse("sparse_linear_nm24", x, dtype, rows, k, ldx, values, bias, n, y, ldy, act, stream, a);
+      },
+      "y[m, n] = act(x @ W^T + b) over 2:4 float weights (the CPU's nm24 pack, shapes checked by the caller), on "
+      "the given stream");
 }

@@ -41,6 +41,10 @@ struct LinearArgs {
   // Both sparse kernels: the output channels in the order warps take them, a permutation of [0, n) by nonzero
   // count, decreasing (Sputnik's row swizzle), computed by pycompress/ops/sparse.py from the validated row_ptr.
   const int32_t* row_order = nullptr;
+  // Float 2:4 weights (sparse_f32_linear): the CPU's nm24 pack, f32_values [n][k / 2] and these 2-bit indices
+  // [n][nm_words] (csrc/sparse/sparse.h) instead of row_ptr / blk_idx; no row order (every channel holds k / 2).
+  const uint32_t* nm_idx = nullptr;
+  int64_t nm_words = 0;
   // The device's multiprocessor count: the dense kernel's split-K (q8_cuda_tiling.h, plan); 0 = no split.
   int64_t sms = 0;
   // 2:4 sparse int8 weights instead of w (nm24_linear): q8_nm24_tiling.h's GPU pack (nm24_layout(n, k).total
@@ -65,8 +69,9 @@ std::string sparse_linear(const LinearArgs& args);
 // linear() on the dense weights the pack was made from.
 std::string nm24_linear(const LinearArgs& args);
 
-// y = act(x @ W^T + b) over csr float weights (sparse_f32_rows__sm61.cu): float32 sums, not bit-identical to
-// the CPU kernels (which sum in their own order); checked against a float64 reference.
+// y = act(x @ W^T + b) over csr float weights, or nm24 ones when nm_idx is set (sparse_f32_rows__sm61.cu):
+// float32 sums, not bit-identical to the CPU kernels (which sum in their own order); checked against a float64
+// reference.
 std::string sparse_f32_linear(const LinearArgs& args);
 
 // The per-row activation quantization into args.scratch (scratch_layout), on args.stream.

@@ -61,11 +61,12 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Sets *channel to the output channel this warp of a sparse kernel computes (kSparseWarps warps a block, taking
-// the channels in row_order: Sputnik's row swizzle); false for a warp past the last one.
+// the channels in row_order: Sputnik's row swizzle; in order when row_order is nullptr); false for a warp past
+// the last one.
 __device__ __forceinline__ bool sparse_channel(const int32_t* row_order, int64_t n, int64_t* channel) {
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSparseWarps + (threadIdx.x >> 5);
   if (slot >= n) return false;
-  *channel = row_order[slot];
+  *channel = row_order != nullptr ? row_order[slot] : slot;
   return true;
 }
 

@@ -1,6 +1,8 @@
 // Sparse float linear over the CPU's csr pack (row_ptr over output channels, uint16 column indices, float32
-// values): one warp per output channel, taken in the row_order given (Sputnik's row swizzle: nonzero counts
-// decreasing, so a block's 8 warps have near-equal work), each lane a stride of the channel's nonzeros gathering x[m][col] for
+// values) or its nm24 pack (2:4: K/2 values a channel, 2-bit indices in uint32 words, csrc/sparse/sparse.h):
+// one warp per output channel, csr channels taken in the row_order given (Sputnik's row swizzle: nonzero counts
+// decreasing, so a block's 8 warps have near-equal work; nm24 channels all hold K/2 values and go in order), each
+// lane a stride of the channel's stored values gathering x[m][col] for
 // kSparseRows rows a pass, float32 sums (fused multiply-add) reduced across the warp, then bias and the
 // activation as the CPU's epilogue computes them. The order of the sums differs from the CPU kernels', so the
 // result is checked against a float64 reference, not bit for bit (the int8 kernels are exact).
@@ -10,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cuda/q8_cuda.h"
 #include "cuda/q8_cuda_device.cuh"
@@ -19,21 +22,28 @@ namespace pycompress {
 namespace q8cuda {
 namespace {
 
+// The pack a kernel instance reads (tag types: they name the instances in ptxas reports).
+struct Csr {};
+struct Nm24 {};
+
 struct CsrArgs {
   const void* x;
   int64_t m, n, ldx;
-  const int32_t* row_ptr;
-  const uint16_t* col_idx;
+  const int32_t* row_ptr;   // csr
+  const uint16_t* col_idx;  // csr
+  const uint32_t* nm_idx;   // nm24: [n][words]
+  int64_t words, half_k;    // nm24: index words and stored values (K / 2) a channel
   const float* values;
-  const int32_t* row_order;  // warp slot -> output channel (a permutation of [0, n))
+  const int32_t* row_order;  // csr: warp slot -> output channel (a permutation of [0, n)); nm24: nullptr
   const float* bias;
   int act;
   void* y;
   int64_t ldy;
 };
 
-template <typename T>
+template <class P, typename T>
 __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) {
+  constexpr bool kCsr = std::is_same_v<P, Csr>;
   const int lane = threadIdx.x & 31;
   int64_t n;
   if (!sparse_channel(s.row_order, s.n, &n)) return;
@@ -43,10 +53,20 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) 
   float acc[kSparseRows];
 #pragma unroll
   for (int r = 0; r < kSparseRows; ++r) acc[r] = 0.0f;
-  const int32_t end = s.row_ptr[n + 1];
-  for (int32_t j = s.row_ptr[n] + lane; j < end; j += 32) {
-    const float w = s.values[j];
-    const int64_t col = s.col_idx[j];
+  // The channel's stored values: j in [0, count) is values[j] at column col(j).
+  const int64_t begin = kCsr ? s.row_ptr[n] : n * s.half_k;
+  const int32_t count = static_cast<int32_t>(kCsr ? s.row_ptr[n + 1] - begin : s.half_k);  // <= K <= 65536
+  const float* values = s.values + begin;
+  const uint16_t* col_idx = kCsr ? s.col_idx + begin : nullptr;
+  const uint32_t* nm_idx = kCsr ? nullptr : s.nm_idx + n * s.words;
+  for (int32_t j = lane; j < count; j += 32) {
+    const float w = values[j];
+    int32_t col;
+    if constexpr (kCsr) {
+      col = col_idx[j];
+    } else {  // sparse.h nm24_k: below K for every index (K % 4 == 0), so no pack can read past a row
+      col = 4 * (j >> 1) + static_cast<int32_t>((nm_idx[j >> 4] >> (2 * (j & 15))) & 3u);
+    }
 #pragma unroll
     for (int r = 0; r < kSparseRows; ++r)
       if (r < rows) acc[r] = __fmaf_rn(to_float(x[r * s.ldx + col]), w, acc[r]);
@@ -64,11 +84,12 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) 
   }
 }
 
-template <typename T>
+template <class P, typename T>
 std::string launch(const LinearArgs& a, const SparsePlan& p) {
-  CsrArgs s{a.x, a.m, a.n, a.ldx, a.row_ptr, a.blk_idx, a.f32_values, a.row_order, a.bias, a.act, a.y, a.ldy};
+  CsrArgs s{a.x, a.m, a.n, a.ldx, a.row_ptr, a.blk_idx, a.nm_idx, a.nm_words, a.k / 2, a.f32_values, a.row_order,
+            a.bias, a.act, a.y, a.ldy};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
-  sparse_f32_rows<T><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);
+  sparse_f32_rows<P, T><<<grid, kSparseWarps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(s);
   return launch_error("sparse_f32_rows");
 }
 
@@ -80,8 +101,12 @@ std::string sparse_f32_linear(const LinearArgs& a) {
   if (!sparse_plan(a.m, a.n, a.k, &p, &why)) return why;
   if (a.m == 0) return "";
   if (a.ldx < a.k || a.ldy < a.n) return "row strides below the row lengths";
+  if (a.nm_idx != nullptr) {
+    if (a.k % 4 != 0 || a.nm_words != (a.k / 2 + 15) / 16) return "an nm24 pack needs K % 4 == 0 and ceil(K / 32) index words";
+    return with_dtype(a.dtype, [&](auto t) { return launch<Nm24, decltype(t)>(a, p); });
+  }
   if (a.row_order == nullptr) return "no row order (the channels' permutation by nonzero count)";
-  return with_dtype(a.dtype, [&](auto t) { return launch<decltype(t)>(a, p); });
+  return with_dtype(a.dtype, [&](auto t) { return launch<Csr, decltype(t)>(a, p); });
 }
 
 }  // namespace q8cuda

@@ -82,7 +82,7 @@ def _check_nm24(x, nm_idx, values, bias, activation) -> tuple[int, int]:
     if values.dtype != torch.float32 or values.dim() != 2:
         raise ValueError(f"{op}: values must be 2-D float32 [N, K/2], got {values.dtype} {tuple(values.shape)}")
     n = values.shape[0]
-    k = _check_common(op, x, bias, n, activation)
+    k = _check_common(op, x, bias, n, activation, cuda_dtypes=True)
     if k % 4 or values.shape[1] != k // 2:
         raise ValueError(f"{op}: x has K={k} features; 2:4 values [N, K/2] = {tuple(values.shape)} expect "
                          f"K={2 * values.shape[1]} (a multiple of 4)")
@@ -495,12 +495,32 @@ def sparse_linear_csr_cuda(x, row_ptr, col_idx, values, bias=None, activation=0)
     return _out(x, y, n)
 
 
+def sparse_linear_nm24_cuda(x, nm_idx, values, bias=None, activation=0):
+    """The CUDA kernel (csrc/cuda/sparse_f32_rows__sm61.cu) over the same nm24 pack as the CPU (every index it
+    decodes is below K, so the shapes are the whole check); float32 sums in the kernel's order."""
+    op = "sparse_linear_nm24"
+    k, n = _check_nm24(x, nm_idx, values, bias, activation)
+    check_same_device(op, x, nm_idx=nm_idx, values=values, bias=bias)
+    _require_contiguous(op, nm_idx, values, bias)
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    def run(cuda, _, stream, __):
+        cuda.f32_nm24_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, nm_idx.data_ptr(), nm_idx.shape[1],
+                             values.data_ptr(), 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
+                             activation, stream)
+
+    if m > 0:
+        _cuda.launch(op, x, run)
+    return _out(x, y, n)
+
+
 LIB.impl("sparse_linear_csr", sparse_linear_csr_cpu, "CPU")
 LIB.impl("sparse_linear_nm24", sparse_linear_nm24_cpu, "CPU")
 LIB.impl("sparse_int8_linear", sparse_int8_linear_cpu, "CPU")
 LIB.impl("sparse_int8_linear_sliced", sparse_int8_linear_sliced_cpu, "CPU")
 LIB.impl("sparse_int8_linear", sparse_int8_linear_cuda, "CUDA")
 LIB.impl("sparse_linear_csr", sparse_linear_csr_cuda, "CUDA")
+LIB.impl("sparse_linear_nm24", sparse_linear_nm24_cuda, "CUDA")
 
 
 def sparse_linear_csr(x, row_ptr, col_idx, values, bias=None, activation=0):
