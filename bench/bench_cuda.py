@@ -110,7 +110,7 @@ def run(reps: int) -> list[dict]:
         b16 = [wt[5].to("cuda", torch.float16) for wt in weights]
         xbf = x16.to(torch.bfloat16)
         row = {"shape": shape.label, "source": shape.source}
-        plan = _C.cuda_q8_plan(m, n, k, _cuda.sm_count(torch.cuda.current_device()))
+        plan = _C.cuda_q8_plan(m, n, k, *_cuda.device(torch.cuda.current_device()))
         row["plan"] = plan["tile"] + (f" x{plan['splits']} splits" if plan["splits"] > 1 else "")
         row["weight_bytes"] = plan["panels"] * 16 * plan["kp"]  # the packed int8 weights one call reads
         row["ours"] = cuda_time(lambda i: torch.ops.pycompress.int8_linear(x16, *ours[i], 0, None, 0, 8),

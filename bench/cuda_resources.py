@@ -2,7 +2,7 @@
 shared memory, and the occupancy each tile allows. Needs nvcc only (no GPU): it compiles the kernels with the
 flags CMakeLists.txt gives _C_cuda (-O3 --fmad=false, warnings as errors) plus -Xptxas -v.
 
-    python bench/cuda_resources.py            # the table for sm_80 and sm_90 (bench/README.md records it)
+    python bench/cuda_resources.py            # the table for sm_80 and sm_90a (bench/README.md records it)
     python bench/cuda_resources.py --archs 80 90 100
 
 tests/test_cuda.py asserts from it that no kernel spills, whenever nvcc is on PATH.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
 # The flags of _C_cuda's CUDA sources in CMakeLists.txt (target_compile_options), the host warnings aside.
 NVCC_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-Werror=all-warnings", f"-I{ROOT / 'csrc'}", "-Xptxas", "-v"]
-DEFAULT_ARCHS = ("80", "90")
+DEFAULT_ARCHS = ("80", "90a")
 # Per-SM limits of each architecture (CUDA C++ Programming Guide, compute capabilities table): 64 Ki 32-bit
 # registers, 64 resident warps, 32 resident blocks, usable shared memory (KiB).
 SM_LIMITS = {"80": (65536, 64, 32, 164), "86": (65536, 48, 16, 100), "89": (65536, 48, 24, 100),
@@ -44,7 +44,7 @@ class Kernel:
     @property
     def occupancy(self) -> tuple[int, float]:
         """(resident blocks per SM, resident warps / the SM's maximum)."""
-        regs, max_warps, max_blocks, smem_kib = SM_LIMITS.get(self.arch, SM_LIMITS["80"])
+        regs, max_warps, max_blocks, smem_kib = SM_LIMITS.get(self.arch.rstrip("a"), SM_LIMITS["80"])
         warps = self.threads // 32
         per_warp = -(-self.registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
         blocks = min(max_blocks, max_warps // warps, regs // (per_warp * warps))
@@ -90,7 +90,7 @@ def resources(archs=DEFAULT_ARCHS, nvcc: str | None = None) -> list[Kernel]:
         raw = []
         entry = None
         for line in run.stderr.splitlines():
-            if m := re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", line):
+            if m := re.search(r"Compiling entry function '(\w+)' for 'sm_(\w+)'", line):
                 entry = [m.group(1), m.group(2), 0, 0, 0, 0]
             elif entry and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
                                             r"loads", line)):

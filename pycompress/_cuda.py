@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import typing
 
 import torch
 
@@ -51,21 +52,30 @@ def module(op: str):
     return _C_cuda
 
 
+class Device(typing.NamedTuple):
+    """What the int8 kernels' launch plan needs of a device (csrc/cuda/q8_cuda_tiling.h, plan): its multiprocessor
+    count (split-K fills them) and whether it runs the Hopper wgmma tile (compute capability 9.0 and this module
+    built for sm_90a)."""
+    sms: int
+    wgmma: bool
+
+
 @functools.cache
-def sm_count(device_index: int) -> int:
-    """The device's multiprocessor count: the dense int8 kernel splits K across blocks to fill them
-    (csrc/cuda/q8_cuda_tiling.h, plan)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def device(device_index: int) -> Device:
+    props = torch.cuda.get_device_properties(device_index)
+    hopper_code = any(a.startswith("90a") for a in status()["archs"])
+    return Device(props.multi_processor_count, (props.major, props.minor) == (9, 0) and hopper_code)
 
 
 def launch(op: str, x: torch.Tensor, run, scratch_for: tuple[int, int, int] | None = None) -> None:
-    """One call of a CUDA kernel on x's device: ``run(module, scratch, stream, sms)`` under a device guard, with
-    torch's current stream there, the device's multiprocessor count and, for the int8 kernels (``scratch_for`` =
-    (m, n, k)), the scratch of an (m x k) @ (n x k)^T call (else None). ``run`` makes the checks that need real
-    device memory before it launches."""
+    """One call of a CUDA kernel on x's device: ``run(module, scratch, stream, dev)`` under a device guard, with
+    torch's current stream there, the device's ``Device`` and, for the int8 kernels (``scratch_for`` = (m, n, k)),
+    the scratch of an (m x k) @ (n x k)^T call (else None). ``run`` makes the checks that need real device memory
+    before it launches."""
     cuda = module(op)
-    sms = sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    dev = device(x.device.index if x.device.index is not None else torch.cuda.current_device())
     scratch = (None if scratch_for is None else
-               torch.empty(cuda.q8_scratch_bytes(*scratch_for, sms), dtype=torch.uint8, device=x.device))
+               torch.empty(cuda.q8_scratch_bytes(*scratch_for, dev.sms, dev.wgmma), dtype=torch.uint8,
+                           device=x.device))
     with torch.cuda.device(x.device):
-        run(cuda, scratch, torch.cuda.current_stream(x.device).cuda_stream, sms)
+        run(cuda, scratch, torch.cuda.current_stream(x.device).cuda_stream, dev)

@@ -41,7 +41,7 @@ KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?(?:_(?P<tile>[0-9]+x[0-9]+))?__(?P<is
 
 # CUDA kernels: <op>__sm<arch>.cu, the oldest architecture they need; the tiles are templates the launch plan
 # chooses between (csrc/cuda/q8_cuda_tiling.h), so the name holds none.
-CUDA_KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?__sm[0-9]+\.cu")
+CUDA_KERNEL_FILE = re.compile(r"[a-z][a-z0-9_]*?__sm[0-9]+a?\.cu")  # sm90a: architecture-specific features
 
 
 @pytest.mark.skipif(not CSRC.is_dir(), reason="needs the source tree's csrc/")

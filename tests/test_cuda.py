@@ -49,15 +49,16 @@ def layer(n: int, k: int, seed: int = 0, bias: bool = True):
     return q, scale, packed, col_sum, b
 
 
-def emulate(x, packed, col_sum, scale, b, n, act="none", static=None, act_bits=8, raw=False, sms=0):
-    """(y or the raw int32 sums, the plan it ran) on a device of ``sms`` multiprocessors (0: no split-K)."""
+def emulate(x, packed, col_sum, scale, b, n, act="none", static=None, act_bits=8, raw=False, sms=0, wgmma=False):
+    """(y or the raw int32 sums, the plan it ran) on a device of ``sms`` multiprocessors (0: no split-K) that runs
+    the Hopper tile (``wgmma``) or not."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.int32 if raw else torch.float32)
     plan = _C.cuda_q8_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, packed.data_ptr(), col_sum.data_ptr(),
                               scale.data_ptr(), 0 if b is None else b.data_ptr(), n, 0 if raw else y.data_ptr(),
                               y.data_ptr() if raw else 0, ACT[act], static is not None,
                               1.0 if static is None else static[0], 0 if static is None else static[1],
-                              act_qmax(act_bits), sms)
+                              act_qmax(act_bits), sms, wgmma)
     return y, plan
 
 
@@ -78,6 +79,51 @@ def test_emulated_kernel_equals_the_reference_bit_for_bit(m, n, k):
     raw, _ = emulate(x, packed, col_sum, scale, b, n, raw=True)
     qa, _, _, _ = quantize_rows_ref(x)
     assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(qa, q))
+
+
+# The Hopper tile (128 x 256, 64-k steps, two warpgroups of 64 rows): M across the warpgroups and the tile, N across a
+# panel (16) and the tile (256), K across a k group, a wgmma (32) and a step (64).
+WGMMA_SHAPES = [(17, 1, 1), (17, 16, 64), (64, 17, 33), (65, 255, 65), (128, 256, 128), (129, 257, 7),
+                (200, 300, 200), (40, 40, 96)]
+
+
+@pytest.mark.parametrize("m,n,k", WGMMA_SHAPES)
+def test_emulated_wgmma_tile_equals_the_reference_bit_for_bit(m, n, k):
+    q, scale, packed, col_sum, b = layer(n, k, seed=m * 1000 + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+    y, plan = emulate(x, packed, col_sum, scale, b, n, "gelu", wgmma=True)
+    assert plan["tile"] == "wgmma" and plan["splits"] == 1 and plan["grid"] == (-(-n // 256), -(-m // 128))
+    assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale, b, "gelu")))
+    raw, _ = emulate(x, packed, col_sum, scale, b, n, raw=True, wgmma=True)
+    assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+
+
+def test_emulated_wgmma_split_k_and_the_tile_choice():
+    """On a Hopper-class device the wgmma tile takes every call of more than 16 rows and splits K until each SM has
+    a block; the splits' sums give the same bits in any arrival order."""
+    assert _C.cuda_q8_plan(16, 4096, 4096, 132, True)["tile"] == "small"
+    assert _C.cuda_q8_plan(17, 4096, 4096, 132, True)["tile"] == "wgmma"
+    assert _C.cuda_q8_plan(4096, 4096, 4096, 132, True)["splits"] == 1  # 512 tiles fill 132 SMs
+    p = _C.cuda_q8_plan(256, 4096, 4096, 132, True)  # 32 tiles: 5 splits of 13 steps (the last 12)
+    assert (p["grid"], p["splits"], p["steps_per_split"], p["threads"]) == ((16, 2), 5, 13, 256)
+    assert p["smem_bytes"] == 4 * (128 + 256) * 64
+    m, n, k = 40, 300, 1000
+    q, scale, packed, col_sum, b = layer(n, k, seed=9)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)) * 2
+    y, plan = emulate(x, packed, col_sum, scale, b, n, "relu", sms=132, wgmma=True)
+    assert plan["tile"] == "wgmma" and plan["splits"] == 16
+    assert torch.equal(bits(y), bits(int8_linear_ref(x, q, scale, b, "relu")))
+
+
+def test_wgmma_operands_cover_each_element_once_and_accumulators_each_output_once():
+    """The kernel's descriptors, decoded with the PTX canonical K-major layout, address each staged byte of a
+    32-k step once; the accumulator layout maps the 128 threads' registers onto the 64 x 256 tile once."""
+    a_addr, b_addr = _C.cuda_wgmma_operand_addresses()
+    assert len(set(a_addr)) == len(a_addr) == 64 * 32 * 4 and len(set(b_addr)) == len(b_addr) == 256 * 32 * 2
+    staged_a, staged_b = _C.cuda_wgmma_staged_offsets()
+    assert sorted(a_addr) == sorted(staged_a) and sorted(b_addr) == sorted(staged_b)
+    cells = collections.Counter(_C.cuda_wgmma_accumulators())
+    assert cells == collections.Counter((r, c) for r in range(64) for c in range(256))
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
@@ -236,12 +282,10 @@ def nm24_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     patterns = [()] + [(i,) for i in range(4)] + [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    table = torch.tensor([[i in p for i in range(4)] for p in patterns])
     kp = -(-k // 4) * 4
-    mask = torch.zeros(n, kp, dtype=torch.bool)
-    for r in range(n):
-        for grp in range(kp // 4):
-            for i in patterns[(r * 7 + grp) % len(patterns)]:
-                mask[r, 4 * grp + i] = True
+    which = (torch.arange(n)[:, None] * 7 + torch.arange(kp // 4)[None, :]) % len(patterns)
+    mask = table[which].reshape(n, kp)
     return torch.where(mask[:, :k], w, torch.zeros(()))
 
 
@@ -531,15 +575,32 @@ def test_cuda_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k):
 def test_cuda_split_k_gives_the_unsplit_bits(m, n, k, monkeypatch):
     """Decode shapes split K over this GPU's SMs (an A100 / H100-class count): the same bits as one block over all of K and as the CPU, call
     after call (the quantizer zeroes the splits' arrival counters each time)."""
-    assert _C.cuda_q8_plan(m, n, k, _cuda.sm_count(torch.cuda.current_device()))["splits"] > 1
+    dev = _cuda.device(torch.cuda.current_device())
+    assert _C.cuda_q8_plan(m, n, k, dev.sms, dev.wgmma)["splits"] > 1
     q, cpu, gpu = cpu_and_cuda(m, n, k, seed=k)
     x = torch.randn(m, k) * 2
     split = [torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 2, None, 0, 8).cpu() for _ in range(3)]
-    monkeypatch.setattr(_cuda, "sm_count", lambda index: 0)  # plan() without an SM count: no split
+    monkeypatch.setattr(_cuda, "device", lambda index: _cuda.Device(0, dev.wgmma))  # no SM count: no split
     whole = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 2, None, 0, 8).cpu()
     want = int8_linear_cpu(x, *cpu, 2)
     for got in (*split, whole):
         assert torch.equal(bits(got), bits(want))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the wgmma tile runs on compute capability 9.0 (H100 / H200) only")
+@pytest.mark.parametrize("m,n,k", WGMMA_SHAPES + [(256, 4096, 4096), (333, 768, 3072), (4096, 4096, 4096)])
+def test_cuda_wgmma_tile_equals_the_mma_sync_tile_and_the_cpu(m, n, k, monkeypatch):
+    dev = _cuda.device(torch.cuda.current_device())
+    assert dev.wgmma, f"a compute capability 9.0 device, but the module holds {_cuda.status()['archs']} (no 90a)"
+    q, cpu, gpu = cpu_and_cuda(m, n, k, seed=m)
+    x = torch.randn(m, k) * 2
+    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 2, None, 0, 8).cpu()
+    monkeypatch.setattr(_cuda, "device", lambda index: _cuda.Device(dev.sms, False))
+    mma_sync = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 2, None, 0, 8).cpu()
+    assert torch.equal(bits(got), bits(mma_sync))
+    assert torch.equal(bits(got), bits(int8_linear_cpu(x, *cpu, 2)))
 
 
 @pytest.mark.cuda
@@ -643,12 +704,12 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
         import cuda_resources
     finally:
         sys.path.pop(0)
-    kernels = cuda_resources.resources(("80", "90"))
+    kernels = cuda_resources.resources(("80", "90a"))
     names = {k.name for k in kernels}
-    assert {k.arch for k in kernels} == {"80", "90"} and len(kernels) == 2 * len(names)
+    assert {k.arch for k in kernels} == {"80", "90a"} and len(kernels) == 2 * len(names)
     assert sum(n.startswith("q8_gemm<") for n in names) == 6 and sum(n.startswith("quantize_rows<") for n in names) == 3
     assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3 and sum(n.startswith("sparse_f32_rows<") for n in names) == 6
-    assert sum(n.startswith("q8_nm24<") for n in names) == 9
+    assert sum(n.startswith("q8_nm24<") for n in names) == 9 and sum(n.startswith("q8_gemm_wgmma<") for n in names) == 3
     for k in kernels:
         assert (k.spill_stores, k.spill_loads, k.stack) == (0, 0, 0), f"{k.name} on sm_{k.arch} spills: {k}"
         assert k.occupancy[0] >= 1, f"{k.name} on sm_{k.arch} cannot be resident: {k}"

@@ -35,13 +35,14 @@ PYBIND11_MODULE(_C_cuda, m) {
         return d;
       },
       "the CUDA devices visible to this module (count -1 and the reason when the runtime cannot start)");
-  m.def("q8_scratch_bytes", &q8cuda::scratch_bytes, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sms"));
+  m.def("q8_scratch_bytes", &q8cuda::scratch_bytes, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sms"),
+        py::arg("wgmma"));
   m.def(
       "q8_linear",
       [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act, bool is_static,
          float static_scale, int32_t static_zp, int32_t qmax, std::uintptr_t scratch, int64_t scratch_size,
-         std::uintptr_t raw, std::uintptr_t stream, int64_t sms) {
+         std::uintptr_t raw, std::uintptr_t stream, int64_t sms, bool wgmma) {
         if (dtype < 0 || dtype > 2) throw std::invalid_argument("q8_linear: dtype code must be 0, 1 or 2");
         q8cuda::LinearArgs a{reinterpret_cast<const void*>(x), static_cast<q8cuda::DType>(dtype), rows, k, ldx,
                              reinterpret_cast<const int8_t*>(w), reinterpret_cast<const int32_t*>(col_sum),
@@ -49,6 +50,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                              reinterpret_cast<void*>(y), ldy, act, is_static, static_scale, static_zp, qmax,
                              reinterpret_cast<void*>(scratch), scratch_size, reinterpret_cast<int32_t*>(raw), stream};
         a.sms = sms;
+        a.wgmma = wgmma;
         std::string err;
         {
           py::gil_scoped_release release;

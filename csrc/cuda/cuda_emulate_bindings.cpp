@@ -20,7 +20,7 @@ namespace {
 // A launch plan as Python sees it (tests, bench/cuda_resources.py).
 py::dict plan_dict(const q8cuda::Plan& p, int64_t rows, int64_t n) {
   py::dict d;
-  d["tile"] = p.tile == q8cuda::TileKind::Small ? "small" : "large";
+  d["tile"] = p.tile == q8cuda::TileKind::Small ? "small" : (p.tile == q8cuda::TileKind::Large ? "large" : "wgmma");
   d["grid"] = py::make_tuple(p.grid_x, p.grid_y);
   d["splits"] = p.splits;
   d["steps"] = p.steps;
@@ -39,14 +39,15 @@ py::dict plan_dict(const q8cuda::Plan& p, int64_t rows, int64_t n) {
 void register_cuda_emulate_bindings(py::module_& m) {
   m.def(
       "cuda_q8_plan",
-      [](int64_t rows, int64_t n, int64_t k, int64_t sms) {
+      [](int64_t rows, int64_t n, int64_t k, int64_t sms, bool wgmma) {
         q8cuda::Plan p;
         const char* why = nullptr;
-        if (!q8cuda::plan(rows, n, k, sms, &p, &why)) throw std::invalid_argument(why);
+        if (!q8cuda::plan(rows, n, k, sms, wgmma, &p, &why)) throw std::invalid_argument(why);
         return plan_dict(p, rows, n);
       },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sms") = 0,
-      "the CUDA int8 linear's launch plan on a device of `sms` multiprocessors (0: no split-K; ValueError when "
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sms") = 0, py::arg("wgmma") = false,
+      "the CUDA int8 linear's launch plan on a device of `sms` multiprocessors (0: no split-K) that runs the Hopper "
+      "tile or not (wgmma; ValueError when "
       "refused)");
   m.def(
       "cuda_q8_sparse_plan",
@@ -61,10 +62,10 @@ void register_cuda_emulate_bindings(py::module_& m) {
       "cuda_q8_emulate",
       [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w, std::uintptr_t col_sum,
          std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, std::uintptr_t raw, int act,
-         bool is_static, float static_scale, int32_t static_zp, int32_t qmax, int64_t sms) {
+         bool is_static, float static_scale, int32_t static_zp, int32_t qmax, int64_t sms, bool wgmma) {
         q8cuda::EmulateArgs a{ptr<const float>(x), rows, k, ldx, ptr<const int8_t>(w), ptr<const int32_t>(col_sum),
                               ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ptr<int32_t>(raw),
-                              act, is_static, static_scale, static_zp, qmax, sms};
+                              act, is_static, static_scale, static_zp, qmax, sms, wgmma};
         q8cuda::Plan plan{};
         std::string err;
         {
@@ -74,7 +75,8 @@ void register_cuda_emulate_bindings(py::module_& m) {
         if (!err.empty()) throw std::invalid_argument(err);
         return plan_dict(plan, rows, n);
       },
-      "y (or raw) = the CUDA int8 linear's algorithm run on the CPU for a device of `sms` multiprocessors; "
+      "y (or raw) = the CUDA int8 linear's algorithm run on the CPU for a device of `sms` multiprocessors (wgmma: "
+      "one that runs the Hopper tile); "
       "returns the plan it ran (cuda_q8_plan's dict)");
   m.def(
       "cuda_nm24_bytes", [](int64_t n, int64_t k) { return q8cuda::nm24_layout(n, k).total; }, py::arg("n"),
@@ -148,6 +150,54 @@ void register_cuda_emulate_bindings(py::module_& m) {
       },
       "the mma.m16n8k32 fragment coordinates of each lane (q8_cuda_tiling.h)");
   m.def(
+      "cuda_wgmma_operand_addresses",
+      [] {
+        // Stage-relative bytes the kernel's descriptors address, decoded with the canonical layout: A for both
+        // warpgroups and both 32-k wgmma of a step, B for both.
+        using q8cuda::WgTile;
+        py::list a, b;
+        for (int wg = 0; wg < WgTile::kWarpgroups; ++wg)
+          for (int kk = 0; kk < q8cuda::kBK / WgTile::kWgK; ++kk) {
+            const uint64_t d = q8cuda::wg_desc(q8cuda::wg_smem(wg * WgTile::kWgM, 0) + q8cuda::wg_smem(0, kk * WgTile::kWgK));
+            for (int r = 0; r < WgTile::kWgM; ++r)
+              for (int k = 0; k < WgTile::kWgK; ++k) a.append(q8cuda::wg_desc_address(d, r, k));
+          }
+        for (int kk = 0; kk < q8cuda::kBK / WgTile::kWgK; ++kk) {
+          const uint64_t d = q8cuda::wg_desc(q8cuda::wg_smem(0, kk * WgTile::kWgK));
+          for (int r = 0; r < WgTile::kWgN; ++r)
+            for (int k = 0; k < WgTile::kWgK; ++k) b.append(q8cuda::wg_desc_address(d, r, k));
+        }
+        return py::make_tuple(a, b);
+      },
+      "the Hopper tile's operand bytes as its wgmma descriptors address them (q8_cuda_tiling.h)");
+  m.def(
+      "cuda_wgmma_staged_offsets",
+      [] {
+        // Stage-relative bytes the kernel's copies write (every copy valid).
+        using q8cuda::WgTile;
+        py::list a, b;
+        for (int c = 0; c < WgTile::kAChunks; ++c) {
+          const q8cuda::Copy cp = q8cuda::wg_a_copy(c, 0, 0, WgTile::kBM, q8cuda::kBK);
+          for (int j = 0; j < q8cuda::kChunk; ++j) a.append(cp.dst + j);
+        }
+        for (int c = 0; c < WgTile::kBWords; ++c) {
+          const q8cuda::Copy cp = q8cuda::wg_b_copy(c, 0, 0, WgTile::kBN / q8cuda::kPanel, q8cuda::kBK);
+          for (int j = 0; j < q8cuda::kKGroup; ++j) b.append(cp.dst + j);
+        }
+        return py::make_tuple(a, b);
+      },
+      "the Hopper tile's stage bytes its copies write (q8_cuda_tiling.h)");
+  m.def(
+      "cuda_wgmma_accumulators",
+      [] {
+        py::list cells;
+        for (int t = 0; t < 128; ++t)
+          for (int i = 0; i < q8cuda::WgTile::kAcc; ++i)
+            cells.append(py::make_tuple(q8cuda::wg_d_row(t, i), q8cuda::wg_d_col(t, i)));
+        return cells;
+      },
+      "(row, column) of each accumulator of a warpgroup's 128 threads (q8_cuda_tiling.h)");
+  m.def(
       "cuda_q8_kernels",
       [] {
         // Launch shape of each kernel the CUDA module holds: {name: (threads, dynamic shared memory bytes)}.
@@ -161,6 +211,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         };
         tile(q8cuda::SmallTile{});
         tile(q8cuda::LargeTile{});
+        d["q8_gemm_wgmma"] = py::make_tuple(q8cuda::WgTile::kThreads, q8cuda::WgTile::kSmemBytes);
         d["quantize_rows"] = py::make_tuple(q8cuda::kQuantRowsPerBlock * 32, 0);
         d["q8_sparse_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
         d["sparse_f32_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);

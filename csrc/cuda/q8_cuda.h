@@ -47,15 +47,17 @@ struct LinearArgs {
   int64_t nm_words = 0;
   // The device's multiprocessor count: the dense kernel's split-K (q8_cuda_tiling.h, plan); 0 = no split.
   int64_t sms = 0;
+  // The device runs the Hopper wgmma tile (compute capability 9.0 and this module built for sm_90a).
+  bool wgmma = false;
   // 2:4 sparse int8 weights instead of w (nm24_linear): q8_nm24_tiling.h's GPU pack (nm24_layout(n, k).total
   // bytes, 16-byte aligned), made on the host from w by nm24_pack.
   const void* nm24 = nullptr;
 };
 
-// Device scratch of one call on a device of `sms` multiprocessors (q8_cuda_tiling.h, scratch_layout): quantized
+// Device scratch of one call on a device of `sms` multiprocessors (and the Hopper tile or not) (q8_cuda_tiling.h, scratch_layout): quantized
 // rows, per-row scale, zero point and non-finite flag, and the dense kernel's split-K partial sums and counters.
 // Enough for every kernel of this header.
-int64_t scratch_bytes(int64_t m, int64_t n, int64_t k, int64_t sms);
+int64_t scratch_bytes(int64_t m, int64_t n, int64_t k, int64_t sms, bool wgmma);
 
 // Launches the quantization and the GEMM on args.stream. Returns "" on success,
 // else what went wrong (nothing was launched when the plan or the operands are refused).

@@ -104,6 +104,60 @@ struct Epilogue {
   }
 };
 
+// ---- the dense GEMM kernels' shared parts (q8_gemm_mma__sm80.cu, q8_gemm_wgmma__sm90a.cu) ----------------
+struct GemmArgs {
+  const uint8_t* q;
+  const int8_t* w;
+  int64_t m, n, ldq, kp, panels;
+  int64_t steps, steps_per_split, splits;
+  int32_t* partial;   // splits > 1: [splits][m][n] int32 partial sums
+  int32_t* counters;  // splits > 1: one per output tile, zero at launch
+  Epilogue out;
+};
+
+__device__ __forceinline__ void cp_async16(uint8_t* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? kChunk : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async4(uint8_t* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Split-K (plan(): blockIdx.z is the split): publishes this block's int32 sums, and in the tile's last block to
+// arrive replaces its own accumulators by the sum over every split (exact, wrapping as the CPU's int32 sums);
+// returns whether this block is that one and so runs the epilogue. for_each_output(f) calls f(accumulator, row,
+// col) for each of the thread's accumulators inside the output. Every thread of the block calls it.
+template <class ForEach>
+__device__ __forceinline__ bool split_k_last(const GemmArgs& g, ForEach&& for_each_output) {
+  if (g.splits <= 1) return true;
+  const int64_t z = blockIdx.z;
+  for_each_output([&](int32_t& v, int64_t row, int64_t col) { g.partial[(z * g.m + row) * g.n + col] = v; });
+  __threadfence();  // the partial sums are visible device-wide before this block is counted
+  __syncthreads();
+  __shared__ int last;
+  if (threadIdx.x == 0) {
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    last = atomicAdd(g.counters + tile, 1) == static_cast<int>(g.splits) - 1;
+  }
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();  // the other splits' sums, published before their arrivals, are read after ours
+  for_each_output([&](int32_t& v, int64_t row, int64_t col) {
+    uint32_t sum = 0;
+#pragma unroll 1  // (unrolled, this loop in each of a tile's unrolled accumulators made ptxas take 6x longer)
+    for (int64_t s = 0; s < g.splits; ++s)
+      sum += static_cast<uint32_t>(s == z ? v : __ldcg(g.partial + (s * g.m + row) * g.n + col));
+    v = static_cast<int32_t>(sum);
+  });
+  return true;
+}
+
 // launch(T{}) for the element type of `dtype` (float, __half, __nv_bfloat16): the one dtype switch of the
 // launchers. `launch` returns what the launcher returns ("" or an error).
 template <typename Launch>
@@ -130,6 +184,19 @@ inline Epilogue epilogue_of(const LinearArgs& a) {
                   base + sl.nonfinite, a.col_sum, a.w_scale, a.bias, a.act, a.y, a.ldy, a.raw};
 }
 
+// The dense GEMM's arguments for plan p: the quantized rows and split-K buffers in the scratch.
+inline GemmArgs gemm_args(const LinearArgs& a, const Plan& p) {
+  const Scratch sl = scratch_layout(a.m, a.n, p);
+  uint8_t* base = static_cast<uint8_t*>(a.scratch);
+  return GemmArgs{base + sl.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, p.steps, p.steps_per_split, p.splits,
+                  reinterpret_cast<int32_t*>(base + sl.partial), reinterpret_cast<int32_t*>(base + sl.counters),
+                  epilogue_of(a)};
+}
+
 }  // namespace
+
+// The Hopper tile's GEMM launch (q8_gemm_wgmma__sm90a.cu), after linear() has quantized the rows.
+std::string wgmma_gemm(const LinearArgs& a, const Plan& p);
+
 }  // namespace q8cuda
 }  // namespace pycompress

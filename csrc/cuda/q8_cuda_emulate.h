@@ -26,6 +26,7 @@ struct EmulateArgs {
   float static_scale;
   int32_t static_zp, qmax;
   int64_t sms;  // the multiprocessor count the plan splits K for (0: no split)
+  bool wgmma = false;  // a device that runs the Hopper tile (plan())
 };
 
 // The quantizer kernel's output: each row of x quantized (stride ldq, zero past K), its scale, zero point and

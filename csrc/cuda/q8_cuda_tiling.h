@@ -93,11 +93,56 @@ struct Tile {
   static constexpr int kBChunks = (BN / kPanel) * (kBK / kKGroup) * (kPanel * kKGroup / kChunk);
 };
 
-// The two tiles a launch chooses between (plan()): rows of a decode step, and
-// everything else. A decode step is bound by streaming the weights: its tile
+// The two mma.sync tiles a launch chooses between (plan()): rows of a decode step, and
+// everything else (on Hopper, the wgmma tile below takes everything else). A decode step is bound by streaming the weights: its tile
 // keeps 3 k steps (12 KiB of weights) in flight and splits K (plan()).
 using SmallTile = Tile<16, 64, 16, 16, 4>;
 using LargeTile = Tile<128, 128, 64, 32, 2>;
+
+// The Hopper tile (sm_90a, q8_gemm_wgmma__sm90a.cu): two warpgroups, each one wgmma.mma_async m64n256k32
+// u8 x s8 -> s32 a 32-k step over 64 rows x 256 channels, both operands read by the tensor cores from shared
+// memory through matrix descriptors. Shared memory holds each operand in the PTX ISA's canonical K-major layout
+// without swizzling: "core matrices" of 8 rows x 16 bytes (16 k), 128 contiguous bytes each, the 4 of a row
+// group's 64 k at kWgLbo apart and the row groups at kWgSbo apart (canonical layout ((8, m), (T, 2k)) :
+// ((1T, SBO), (1, LBO)), T = 16 one-byte elements).
+struct WgTile {
+  static constexpr int kBM = 128, kBN = 256, kStages = 4;
+  static constexpr int kWarpgroups = 2, kThreads = kWarpgroups * 128;
+  static constexpr int kWgM = 64, kWgN = 256, kWgK = 32;  // one wgmma.mma_async
+  static constexpr int kAcc = kWgN / 2;                   // int32 accumulators a thread (m64n256 over 128 threads)
+  static constexpr int kAStageBytes = kBM * kBK, kBStageBytes = kBN * kBK;
+  static constexpr int kSmemBytes = kStages * (kAStageBytes + kBStageBytes);
+  static constexpr int kAChunks = kBM * kBK / kChunk;   // 16-byte copies of one A stage (a core matrix row each)
+  static constexpr int kBWords = kBN * kBK / kKGroup;   // 4-byte copies of one B stage (4 k of one channel each)
+};
+// The epilogue stages each warpgroup's accumulators, 64 columns at a time, in the free stages: row stride in
+// int32 (72: the 8 rows a warp's store instruction writes fall on 2 distinct bank offsets at most, not 1).
+constexpr int kWgEpilogueLd = 72;
+static_assert(WgTile::kWarpgroups * WgTile::kWgM * kWgEpilogueLd * 4 <= WgTile::kSmemBytes, "epilogue staging");
+constexpr int kWgLbo = 128;                 // bytes from one 16-k core matrix to the next along k
+constexpr int kWgSbo = (kBK / 16) * kWgLbo; // bytes from one 8-row group to the next
+
+// Byte offset of (row, k) in a Hopper stage (either operand; k < kBK).
+PYC_HD int wg_smem(int row, int k) { return (row % 8) * 16 + (row / 8) * kWgSbo + (k % 16) + (k / 16) * kWgLbo; }
+
+// The 64-bit shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format") of an operand starting at
+// shared address `addr`: no swizzle, base offset 0, the LBO and SBO above (all in 16-byte units).
+PYC_HD uint64_t wg_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kWgLbo >> 4) << 16) |
+         (static_cast<uint64_t>(kWgSbo >> 4) << 32);
+}
+// Where the tensor cores read element (r, k) of the operand a descriptor names (r < 64 or 256 rows, k < 32): the
+// canonical K-major no-swizzle layout from the descriptor's own fields (the CPU emulation decodes the kernel's
+// descriptors with it).
+PYC_HD int64_t wg_desc_address(uint64_t desc, int r, int k) {
+  const int64_t start = static_cast<int64_t>(desc & 0x3FFF) << 4;
+  const int64_t lbo = static_cast<int64_t>((desc >> 16) & 0x3FFF) << 4;
+  const int64_t sbo = static_cast<int64_t>((desc >> 32) & 0x3FFF) << 4;
+  return start + (r % 8) * 16 + (r / 8) * sbo + (k % 16) + (k / 16) * lbo;
+}
+// Accumulator i (0 <= i < kAcc) of thread `tid` (0..127) of a warpgroup: its row (0..63) and column (0..255).
+PYC_HD int wg_d_row(int tid, int i) { return 16 * ((tid >> 5) & 3) + ((tid & 31) >> 2) + 8 * ((i >> 1) & 1); }
+PYC_HD int wg_d_col(int tid, int i) { return 8 * (i >> 2) + 2 * (tid & 3) + (i & 1); }
 
 // A stage's copy number c (0 <= c < kAChunks): 16 bytes of activation row
 // m0 + row at k0 + col; rows past m are zero-filled (valid = false).
@@ -124,11 +169,28 @@ PYC_HD Copy b_copy(int c, int64_t p0, int64_t k0, int64_t panels, int64_t kp) {
   return Copy{valid ? src : 0, panel * kBPanelBytes + group * kBGroupBytes + part * kChunk, valid};
 }
 
+// Hopper stage copies: A chunk c is 16 k of row c / 4 (one core-matrix row); B word c is 4 k of one channel,
+// numbered so that consecutive copies read consecutive bytes of the packed panels (channel fastest, then k
+// group, then panel). Rows, panels and k past the operands are zero-filled.
+PYC_HD Copy wg_a_copy(int c, int64_t m0, int64_t k0, int64_t m, int64_t ldq) {
+  const int row = c / (kBK / kChunk), col = (c % (kBK / kChunk)) * kChunk;
+  const bool valid = m0 + row < m;
+  return Copy{valid ? (m0 + row) * ldq + k0 + col : 0, wg_smem(row, col), valid};
+}
+PYC_HD Copy wg_b_copy(int c, int64_t p0, int64_t k0, int64_t panels, int64_t kp) {
+  constexpr int kGroups = kBK / kKGroup;  // 16 k groups a stage
+  const int channel = c % kPanel, group = (c / kPanel) % kGroups, panel = c / (kPanel * kGroups);
+  const int64_t kg = k0 / kKGroup + group;
+  const bool valid = p0 + panel < panels && kg < kp / kKGroup;
+  const int64_t src = ((p0 + panel) * (kp / kKGroup) + kg) * (kPanel * kKGroup) + channel * kKGroup;
+  return Copy{valid ? src : 0, wg_smem(panel * kPanel + channel, group * kKGroup), valid};
+}
+
 // The activation quantizer: one warp per row, this many rows per block.
 constexpr int kQuantRowsPerBlock = 8;
 
 // ---- the launch plan ----------------------------------------------------------
-enum class TileKind : int { Small = 0, Large = 1 };
+enum class TileKind : int { Small = 0, Large = 1, Wgmma = 2 };
 
 struct Plan {
   TileKind tile;
@@ -151,20 +213,26 @@ constexpr int64_t kSmallRows = 16;  // up to this many rows run the small tile
 constexpr int64_t kSplitBlocksPerSm = 4;
 constexpr int64_t kMaxSplits = 32;
 
-// The launch of an (m x k) @ (n x k)^T GEMM on a device of `sms`
-// multiprocessors (0: unknown, no split-K); ok = false with `why` set when it
-// cannot run (checked before anything is launched).
-PYC_HD bool plan(int64_t m, int64_t n, int64_t k, int64_t sms, Plan* out, const char** why) {
+// The launch of an (m x k) @ (n x k)^T GEMM on a device of `sms` multiprocessors (0: unknown, no split-K);
+// `wgmma`: the device runs the Hopper tile (compute capability 9.0, and the module holds sm_90a code), which
+// then takes every call of more than kSmallRows rows. ok = false with `why` set when it cannot run (checked
+// before anything is launched).
+PYC_HD bool plan(int64_t m, int64_t n, int64_t k, int64_t sms, bool wgmma, Plan* out, const char** why) {
   if (k < 1 || k > kMaxK) { *why = "K outside [1, 65536] (an int32 accumulator of u8 x s8 products can overflow)"; return false; }
   if (n < 1) { *why = "N must be at least 1"; return false; }
   if (m < 0) { *why = "M must be >= 0"; return false; }
   if (sms < 0) { *why = "the multiprocessor count must be >= 0"; return false; }
   Plan p{};
   const bool small = m <= kSmallRows;
-  p.tile = small ? TileKind::Small : TileKind::Large;
-  const int bm = small ? SmallTile::kBM : LargeTile::kBM, bn = small ? SmallTile::kBN : LargeTile::kBN;
-  p.threads = small ? SmallTile::kThreads : LargeTile::kThreads;
-  p.smem_bytes = small ? SmallTile::kSmemBytes : LargeTile::kSmemBytes;
+  p.tile = small ? TileKind::Small : (wgmma ? TileKind::Wgmma : TileKind::Large);
+  int bm = LargeTile::kBM, bn = LargeTile::kBN;
+  p.threads = LargeTile::kThreads;
+  p.smem_bytes = LargeTile::kSmemBytes;
+  if (p.tile == TileKind::Small) {
+    bm = SmallTile::kBM, bn = SmallTile::kBN, p.threads = SmallTile::kThreads, p.smem_bytes = SmallTile::kSmemBytes;
+  } else if (p.tile == TileKind::Wgmma) {
+    bm = WgTile::kBM, bn = WgTile::kBN, p.threads = WgTile::kThreads, p.smem_bytes = WgTile::kSmemBytes;
+  }
   p.grid_x = (n + bn - 1) / bn;
   p.grid_y = (m + bm - 1) / bm;
   if (p.grid_y > kMaxGridY) { *why = "M above 65535 row tiles (8388480 rows): split the batch"; return false; }
@@ -173,9 +241,12 @@ PYC_HD bool plan(int64_t m, int64_t n, int64_t k, int64_t sms, Plan* out, const 
   p.panels = round_up(n, kPanel) / kPanel;
   p.steps = p.ldq / kBK;
   p.splits = 1;
-  if (small && sms > 0 && m > 0) {  // (m = 0 launches nothing)
+  // Split-K where the tiles alone leave multiprocessors idle: the decode tile until each SM holds
+  // kSplitBlocksPerSm blocks, the Hopper tile (one block an SM) until each SM holds one. (m = 0 launches nothing.)
+  const int64_t per_sm = p.tile == TileKind::Small ? kSplitBlocksPerSm : (p.tile == TileKind::Wgmma ? 1 : 0);
+  if (per_sm > 0 && sms > 0 && m > 0) {
     const int64_t tiles = p.grid_x * p.grid_y;
-    int64_t want = (kSplitBlocksPerSm * sms + tiles - 1) / tiles;
+    int64_t want = (per_sm * sms + tiles - 1) / tiles;
     want = want < p.steps ? want : p.steps;
     p.splits = want < kMaxSplits ? (want > 1 ? want : 1) : kMaxSplits;
   }

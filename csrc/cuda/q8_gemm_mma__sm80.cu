@@ -70,25 +70,6 @@ __global__ void __launch_bounds__(kQuantRowsPerBlock * 32) quantize_rows(const T
 }
 
 // ---- the GEMM -----------------------------------------------------------------
-struct GemmArgs {
-  const uint8_t* q;
-  const int8_t* w;
-  int64_t m, n, ldq, kp, panels;
-  int64_t steps, steps_per_split, splits;
-  int32_t* partial;   // splits > 1: [splits][m][n] int32 partial sums
-  int32_t* counters;  // splits > 1: one per output tile, zero at launch
-  Epilogue out;
-};
-
-__device__ __forceinline__ void cp_async16(uint8_t* dst, const void* src, bool valid) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  const int bytes = valid ? kChunk : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 __device__ __forceinline__ uint32_t lds32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 __device__ __forceinline__ void mma_u8s8(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -185,28 +166,7 @@ __global__ void __launch_bounds__(TileT::kThreads, 1) q8_gemm(GemmArgs g) {
         }
   };
 
-  if (g.splits > 1) {
-    // Split-K: publish this split's sums, then the tile's last block to arrive adds them all.
-    const int64_t z = blockIdx.z;
-    for_each_output([&](int32_t& v, int64_t row, int64_t col) { g.partial[(z * g.m + row) * g.n + col] = v; });
-    __threadfence();  // the partial sums are visible device-wide before this block is counted
-    __syncthreads();
-    __shared__ int last;
-    if (tid == 0) {
-      const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-      last = atomicAdd(g.counters + tile, 1) == static_cast<int>(g.splits) - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();  // the other splits' sums, published before their arrivals, are read after ours
-    for_each_output([&](int32_t& v, int64_t row, int64_t col) {
-      uint32_t sum = 0;  // int32 sums wrap like the CPU's; the exact total fits
-#pragma unroll 1  // (unrolled, this loop in each of the tile's unrolled accumulators made ptxas take 6x longer)
-      for (int64_t s = 0; s < g.splits; ++s)
-        sum += static_cast<uint32_t>(s == z ? v : __ldcg(g.partial + (s * g.m + row) * g.n + col));
-      v = static_cast<int32_t>(sum);
-    });
-  }
+  if (!split_k_last(g, for_each_output)) return;
   for_each_output([&](int32_t& v, int64_t row, int64_t col) { g.out.store<OutT>(v, row, col); });
 }
 
@@ -224,11 +184,7 @@ std::string launch_quantize(const LinearArgs& a, const Scratch& sl, int64_t n_co
 
 template <typename T>
 std::string launch_gemm(const LinearArgs& a, const Plan& p) {
-  const Scratch sl = scratch_layout(a.m, a.n, p);
-  uint8_t* base = static_cast<uint8_t*>(a.scratch);
-  GemmArgs g{base + sl.q, a.w, a.m, a.n, p.ldq, p.kp, p.panels, p.steps, p.steps_per_split, p.splits,
-             reinterpret_cast<int32_t*>(base + sl.partial), reinterpret_cast<int32_t*>(base + sl.counters),
-             epilogue_of(a)};
+  const GemmArgs g = gemm_args(a, p);
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y), static_cast<unsigned>(p.splits));
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   if (p.tile == TileKind::Small) {
@@ -252,10 +208,10 @@ std::string check_scratch(const LinearArgs& a, const Scratch& sl) {
 
 }  // namespace
 
-int64_t scratch_bytes(int64_t m, int64_t n, int64_t k, int64_t sms) {
+int64_t scratch_bytes(int64_t m, int64_t n, int64_t k, int64_t sms, bool wgmma) {
   Plan p;
   const char* why = nullptr;
-  if (!plan(m, n, k, sms, &p, &why)) return scratch_layout(m, k).total;  // linear() refuses the call
+  if (!plan(m, n, k, sms, wgmma, &p, &why)) return scratch_layout(m, k).total;  // linear() refuses the call
   return scratch_layout(m, n, p).total;
 }
 
@@ -269,7 +225,7 @@ std::string quantize(const LinearArgs& a) {
 std::string linear(const LinearArgs& a) {
   Plan p;
   const char* why = nullptr;
-  if (!plan(a.m, a.n, a.k, a.sms, &p, &why)) return why;
+  if (!plan(a.m, a.n, a.k, a.sms, a.wgmma, &p, &why)) return why;
   if (a.m == 0) return "";
   if (reinterpret_cast<std::uintptr_t>(a.w) % kChunk != 0) return "the packed weights must be 16-byte aligned";
   const Scratch sl = scratch_layout(a.m, a.n, p);
@@ -278,6 +234,7 @@ std::string linear(const LinearArgs& a) {
   const int64_t n_counters = p.splits > 1 ? p.grid_x * p.grid_y : 0;
   err = with_dtype(a.dtype, [&](auto t) { return launch_quantize<decltype(t)>(a, sl, n_counters); });
   if (!err.empty()) return err;
+  if (p.tile == TileKind::Wgmma) return wgmma_gemm(a, p);
   return with_dtype(a.dtype, [&](auto t) { return launch_gemm<decltype(t)>(a, p); });
 }
 

@@ -157,6 +157,96 @@ void gemm(const EmulateArgs& a, const Plan& p, const QuantizedRows& qr, std::vec
       }
 }
 
+void copy4(uint8_t* dst, const Buffer& src, const Copy& c) {
+  if (!c.valid) {
+    std::memset(dst + c.dst, 0, 4);
+    return;
+  }
+  if (c.src < 0 || c.src + 4 > src.size || c.src % 4 != 0)
+    throw std::logic_error(std::string("cuda_q8_emulate: a 4-byte copy reads ") + src.name +
+                           " out of bounds or misaligned at byte " + std::to_string(c.src));
+  std::memcpy(dst + c.dst, src.data + c.src, 4);
+}
+
+// The Hopper tile (q8_gemm_wgmma__sm90a.cu): each stage copied as the kernel's threads copy it into a block's
+// shared memory, each wgmma.mma_async's operands read where the kernel's descriptors point (decoded with the
+// PTX ISA's canonical layout, wg_desc_address), the products summed into each thread's accumulators through
+// the accumulator layout (wg_d_row / wg_d_col), split-K's sums met in the tile's last block, the epilogue.
+void gemm_wgmma(const EmulateArgs& a, const Plan& p, const QuantizedRows& qr, std::vector<int>& writes) {
+  const Buffer qbuf{qr.q.data(), static_cast<int64_t>(qr.q.size()), "the quantized rows"};
+  const Buffer wbuf{reinterpret_cast<const uint8_t*>(a.w), p.panels * p.kp * kPanel, "the packed weights"};
+  constexpr int S = WgTile::kStages, kWgThreads = 128;
+  std::vector<uint8_t> smem(WgTile::kSmemBytes);
+  auto byte_at = [&](int64_t address) {
+    if (address < 0 || address >= WgTile::kSmemBytes)
+      throw std::logic_error("cuda_q8_emulate: a wgmma operand address leaves the block's shared memory");
+    return smem[static_cast<size_t>(address)];
+  };
+  std::vector<int32_t> partial(p.splits > 1 ? static_cast<size_t>(p.splits * a.m * a.n) : 0);
+  std::vector<int> arrivals(static_cast<size_t>(p.grid_x * p.grid_y), 0);
+  for (int64_t by = 0; by < p.grid_y; ++by)
+    for (int64_t bx = 0; bx < p.grid_x; ++bx)
+      for (int64_t zi = 0; zi < p.splits; ++zi) {
+        const int64_t bz = bx % 2 ? p.splits - 1 - zi : zi;  // splits arrive in any order
+        const int64_t m0 = by * WgTile::kBM, n0 = bx * WgTile::kBN, p0 = n0 / kPanel;
+        const int64_t step0 = bz * p.steps_per_split, step1 = std::min(p.steps, step0 + p.steps_per_split);
+        if (step1 <= step0) throw std::logic_error("cuda_q8_emulate: a split without k steps");
+        // acc[warpgroup][thread][i]
+        std::vector<int32_t> acc(static_cast<size_t>(WgTile::kWarpgroups * kWgThreads * WgTile::kAcc), 0);
+        for (int64_t i = 0; i < step1 - step0; ++i) {
+          const int s = static_cast<int>(i % S);
+          const int64_t k0 = (step0 + i) * kBK;
+          uint8_t* a_stage = smem.data() + s * WgTile::kAStageBytes;
+          uint8_t* b_stage = smem.data() + S * WgTile::kAStageBytes + s * WgTile::kBStageBytes;
+          for (int c = 0; c < WgTile::kAChunks; ++c) copy16(a_stage, qbuf, wg_a_copy(c, m0, k0, a.m, p.ldq));
+          for (int c = 0; c < WgTile::kBWords; ++c) copy4(b_stage, wbuf, wg_b_copy(c, p0, k0, p.panels, p.kp));
+          for (int wg = 0; wg < WgTile::kWarpgroups; ++wg) {
+            // The kernel's descriptors, relative to a shared window starting at the block's dynamic memory.
+            const uint32_t a_addr = s * WgTile::kAStageBytes + wg_smem(wg * WgTile::kWgM, 0);
+            const uint32_t b_addr = S * WgTile::kAStageBytes + s * WgTile::kBStageBytes;
+            for (int kk = 0; kk < kBK / WgTile::kWgK; ++kk) {
+              const uint64_t da = wg_desc(a_addr + wg_smem(0, kk * WgTile::kWgK));
+              const uint64_t db = wg_desc(b_addr + wg_smem(0, kk * WgTile::kWgK));
+              int32_t A[WgTile::kWgM][WgTile::kWgK], B[WgTile::kWgN][WgTile::kWgK];
+              for (int r = 0; r < WgTile::kWgM; ++r)
+                for (int k = 0; k < WgTile::kWgK; ++k) A[r][k] = byte_at(wg_desc_address(da, r, k));
+              for (int r = 0; r < WgTile::kWgN; ++r)
+                for (int k = 0; k < WgTile::kWgK; ++k)
+                  B[r][k] = static_cast<int8_t>(byte_at(wg_desc_address(db, r, k)));
+              for (int t = 0; t < kWgThreads; ++t)
+                for (int e = 0; e < WgTile::kAcc; ++e) {
+                  const int row = wg_d_row(t, e), col = wg_d_col(t, e);
+                  int32_t sum = 0;
+                  for (int k = 0; k < WgTile::kWgK; ++k) sum += A[row][k] * B[col][k];
+                  acc[(static_cast<size_t>(wg) * kWgThreads + t) * WgTile::kAcc + e] += sum;
+                }
+            }
+          }
+        }
+        auto for_each_output = [&](auto&& f) {
+          for (int wg = 0; wg < WgTile::kWarpgroups; ++wg)
+            for (int t = 0; t < kWgThreads; ++t)
+              for (int e = 0; e < WgTile::kAcc; ++e) {
+                const int64_t row = m0 + wg * WgTile::kWgM + wg_d_row(t, e), col = n0 + wg_d_col(t, e);
+                if (row < a.m && col < a.n) f(acc[(static_cast<size_t>(wg) * kWgThreads + t) * WgTile::kAcc + e], row, col);
+              }
+        };
+        if (p.splits > 1) {
+          for_each_output([&](int32_t& v, int64_t row, int64_t col) { partial[(bz * a.m + row) * a.n + col] = v; });
+          if (++arrivals[by * p.grid_x + bx] != p.splits) continue;
+          for_each_output([&](int32_t& v, int64_t row, int64_t col) {
+            uint32_t sum = 0;
+            for (int64_t z = 0; z < p.splits; ++z) sum += static_cast<uint32_t>(partial[(z * a.m + row) * a.n + col]);
+            v = static_cast<int32_t>(sum);
+          });
+        }
+        for_each_output([&](int32_t& v, int64_t row, int64_t col) {
+          writes[row * a.n + col] += 1;
+          store_output(a, qr, v, row, col);
+        });
+      }
+}
+
 }  // namespace
 
 QuantizedRows quantize_rows(const EmulateArgs& a) {
@@ -212,15 +302,17 @@ void check_written_once(const EmulateArgs& a, const std::vector<int>& writes) {
 std::string emulate(const EmulateArgs& a, Plan* out) {
   Plan p;
   const char* why = nullptr;
-  if (!plan(a.m, a.n, a.k, a.sms, &p, &why)) return why;
+  if (!plan(a.m, a.n, a.k, a.sms, a.wgmma, &p, &why)) return why;
   *out = p;
   if (a.m == 0) return "";
   const QuantizedRows qr = quantize_rows(a);
   std::vector<int> writes(static_cast<size_t>(a.m * a.n), 0);
   if (p.tile == TileKind::Small)
     gemm<SmallTile>(a, p, qr, writes);
-  else
+  else if (p.tile == TileKind::Large)
     gemm<LargeTile>(a, p, qr, writes);
+  else
+    gemm_wgmma(a, p, qr, writes);
   check_written_once(a, writes);
   return "";
 }

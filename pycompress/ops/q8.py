@@ -149,7 +149,7 @@ def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
         raise ValueError("int8_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
-    def run(cuda, scratch, stream, sms):
+    def run(cuda, scratch, stream, dev):
         if w_packed.data_ptr() % 16:
             raise ValueError("int8_linear: on CUDA the packed weights must start 16-byte aligned; this one is a view "
                              "at an odd offset: pass w_packed.clone()")
@@ -161,7 +161,8 @@ def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
         if pack is not None:
             cuda.q8_nm24_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, pack.data_ptr(), *epilogue)
         else:
-            cuda.q8_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), *epilogue, sms)
+            cuda.q8_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w_packed.data_ptr(), *epilogue, dev.sms,
+                           dev.wgmma)
 
     if m > 0:
         _cuda.launch("int8_linear", x, run, scratch_for=(m, n, k))

@@ -438,7 +438,7 @@ def _sparse_int8_linear_cuda(x, row_ptr, blk_idx, values, col_sum, w_scale, bias
     _require_contiguous(op, row_ptr, blk_idx, values, col_sum, w_scale, bias)
     x2, m, ldx = eager_rows(x, k)
     y = torch.empty((m, n), dtype=torch.int32 if raw else x.dtype, device=x.device)
-    def run(cuda, scratch, stream, sms):
+    def run(cuda, scratch, stream, _):
         order = _validated_row_order(op, row_ptr, blk_idx, k, _C.sparse_validate_bsr1x4)
         cuda.q8_sparse_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, row_ptr.data_ptr(), blk_idx.data_ptr(),
                               values.data_ptr(), col_sum.data_ptr(), w_scale.data_ptr(),
