@@ -805,6 +805,26 @@ def test_cuda_nm24_half_inputs_gelu_static_and_a_weight_edit(dtype):
 
 
 @pytest.mark.cuda
+def test_nm24_under_cuda_graph_capture_before_and_after_a_warm_up_call():
+    q, scale, packed, col_sum, b, _ = nm24_layer(64, 256, seed=8)
+    x = torch.randn(3, 256)
+    want = int8_linear_cpu(x, packed, col_sum, scale, b)
+    for warm in (False, True):
+        gpu = [t.cuda() for t in (packed, col_sum, scale, b)]
+        xs = x.cuda()
+        if warm:
+            torch.ops.pycompress.int8_linear(xs, *gpu, 0, None, 0, 8)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = torch.ops.pycompress.int8_linear(xs, *gpu, 0, None, 0, 8)
+        graph.replay()
+        torch.cuda.synchronize()
+        # Unwarmed, the capture keeps the dense kernel (no host sync while capturing); warmed, the 2:4 one.
+        assert (getattr(gpu[0], "_pycompress_nm24", (None, None))[1] is not None) == warm
+        assert torch.equal(bits(out.cpu()), bits(want))
+
+
+@pytest.mark.cuda
 def test_a_2_4_pruned_int8_model_on_cuda_runs_the_2_4_kernel_with_the_cpu_bits():
     torch.manual_seed(5)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64))

@@ -119,13 +119,16 @@ def nm24_pack(w_packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
     consecutive k of each channel hold at most 2 non-zeros (a 2:4-pruned layer), else None: the int8 linear then
     runs on sparse tensor cores, with the same bits as the dense kernel. Decided once per tensor version (one
     check on the device; the pack is made on the host) and cached on the tensor; tensors made in inference mode
-    have no version counter, so they keep the dense kernel. Call the layer once before capturing a CUDA graph."""
+    have no version counter, so they keep the dense kernel, and so does a first call while a CUDA graph is being
+    captured (the check needs a host sync): call the layer once before capturing to capture the 2:4 kernel."""
     if w_packed.is_inference():
         return None
     stamp = (w_packed.data_ptr(), w_packed._version, tuple(w_packed.shape), n, k)
     cached = getattr(w_packed, "_pycompress_nm24", None)
     if cached is not None and cached[0] == stamp:
         return cached[1]
+    if torch.cuda.is_current_stream_capturing():
+        return None
     pack = None
     if bool(((w_packed.view(-1, KGROUP) != 0).sum(1, dtype=torch.int8) <= 2).all()):
         host = w_packed.cpu()
