@@ -10,8 +10,8 @@ Per shape (M, K, N), each a stack of `layers` distinct weights called in turn (t
   torch._int_mm needs M > 16 and K, N multiples of 8: '-' elsewhere).
 - ours sparse int8: torch.ops.pycompress.sparse_int8_linear over bsr1x4 weights at 90% unstructured sparsity, for
   M <= 16 (fp16 in and out).
-- ours 2:4 int8: the same int8_linear op over 2:4-pruned weights (the 2 largest of every 4 along K), which runs
-  the sparse tensor-core kernel (csrc/cuda/q8_nm24_mma__sm80.cu); its peer: the same fp16 weights as
+- ours 2:4 int8: the int8 linear over 2:4-pruned weights (the 2 largest of every 4 along K) on the sparse
+  tensor-core kernel (csrc/cuda/q8_nm24_mma__sm80.cu) at every M (the op takes it up to 16 rows); its peer: the same fp16 weights as
   torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS 2:4) through torch.nn.functional.linear ('-' where
   torch refuses the shape).
 Before timing, each shape's output is checked against the CPU kernel bit for bit (fp32 in and out); a mismatch
@@ -34,7 +34,7 @@ from shapes import CUDA_SHAPES  # noqa: E402
 
 import pycompress as pc  # noqa: E402
 from pycompress import _C, _cuda  # noqa: E402
-from pycompress.ops.q8 import int8_linear_cpu, nm24_pack  # noqa: E402
+from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu, nm24_pack  # noqa: E402
 from pycompress.ops.sparse import sparse_int8_linear_cpu  # noqa: E402
 from pycompress.reference.q8 import pack_int8_weights, quantize_weight_per_channel  # noqa: E402
 from pycompress.reference.sparse import pack_bsr1x4  # noqa: E402
@@ -158,13 +158,12 @@ def run(reps: int) -> list[dict]:
         x24 = torch.randn(min(m, 512), k)
         want = int8_linear_cpu(x24, *packs24[0], weights[0][5])
         dev24 = [tuple(t.cuda() for t in p + (weights[i][5],)) for i, p in enumerate(packs24)]
-        got = torch.ops.pycompress.int8_linear(x24.cuda(), *dev24[0], 0, None, 0, 8).cpu()
+        got = _int8_linear_cuda(x24.cuda(), *dev24[0], sparse24=True).cpu()
         if nm24_pack(dev24[0][0], n, k) is None:
             raise SystemExit(f"bench_cuda: {shape.label}: 2:4 weights did not run the 2:4 kernel")
         if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
             raise SystemExit(f"bench_cuda: {shape.label}: the 2:4 CUDA output differs from the CPU kernel")
-        row["nm24"] = cuda_time(lambda i: torch.ops.pycompress.int8_linear(x16, *dev24[i], 0, None, 0, 8),
-                                shape.layers, reps)
+        row["nm24"] = cuda_time(lambda i: _int8_linear_cuda(x16, *dev24[i], sparse24=True), shape.layers, reps)
         row["semi"], why = semi_structured_time(x16, w24, b16, shape.layers, reps)
         if why:
             print(f"  ({shape.label}: to_sparse_semi_structured refused: {why})", flush=True)

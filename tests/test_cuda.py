@@ -774,14 +774,20 @@ def test_cuda_nm24_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k):
     x = torch.randn(m, k) * 2
     want = int8_linear_cpu(x, packed, col_sum, scale, b)
     gpu = tuple(None if t is None else t.cuda() for t in (packed, col_sum, scale, b))
-    got = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 0, None, 0, 8)
+    got = _int8_linear_cuda(x.cuda(), *gpu, sparse24=True)  # the 2:4 kernel at every M
     assert gpu[0]._pycompress_nm24[1] is not None, "2:4 weights did not run the 2:4 kernel"
     assert torch.equal(bits(got.cpu()), bits(want))
+    auto = torch.ops.pycompress.int8_linear(x.cuda(), *gpu, 0, None, 0, 8)  # the 2:4 kernel up to 16 rows
+    assert torch.equal(bits(auto.cpu()), bits(want))
     dense = _int8_linear_cuda(x.cuda(), *gpu, sparse24=False)
     assert torch.equal(bits(dense.cpu()), bits(want))
-    raw = _int8_linear_cuda(x.cuda(), *gpu, raw=True).cpu()
+    raw = _int8_linear_cuda(x.cuda(), *gpu, raw=True, sparse24=True).cpu()
     if m * n * k <= 2e8:
         assert torch.equal(raw.to(torch.int64), q8_accumulate_ref(quantize_rows_ref(x)[0], q))
+
+
+def test_the_2_4_kernel_serves_decode_rows():
+    assert _C.CUDA_NM24_MAX_ROWS == SMALL_ROWS
 
 
 @pytest.mark.cuda

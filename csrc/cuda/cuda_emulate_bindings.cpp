@@ -37,6 +37,7 @@ py::dict plan_dict(const q8cuda::Plan& p, int64_t rows, int64_t n) {
 }  // namespace
 
 void register_cuda_emulate_bindings(py::module_& m) {
+  m.attr("CUDA_NM24_MAX_ROWS") = q8cuda::kNm24MaxRows;
   m.def(
       "cuda_q8_plan",
       [](int64_t rows, int64_t n, int64_t k, int64_t sms, bool wgmma) {

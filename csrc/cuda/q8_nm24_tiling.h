@@ -36,6 +36,10 @@ namespace q8cuda {
 constexpr int kSpK = 64;      // k per mma.sp step
 constexpr int kSpWarps = 8;   // warps of a block: they share one panel's k steps, then add their sums
 constexpr int kSpLaneBytes = 16;  // A bytes a lane holds per step
+// The int8 linear takes this kernel for 2:4 weights up to this many rows (a decode step, where the weight bytes
+// bound the time; the kernel re-reads the weights for every 32 rows, the dense tiles do not):
+// pycompress/ops/q8.py reads it as _C.CUDA_NM24_MAX_ROWS.
+constexpr int64_t kNm24MaxRows = kSmallRows;
 static_assert(kSpK == kBK, "the quantizer pads each row to a multiple of kBK (q_ld)");
 
 // ---- fragments ------------------------------------------------------------------

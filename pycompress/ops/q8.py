@@ -140,11 +140,11 @@ def nm24_pack(w_packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
 
 
 def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_scale=None, act_zero_point=0,
-                      act_bits=8, raw=False, sparse24=True):
+                      act_bits=8, raw=False, sparse24="auto"):
     """The CUDA kernel (csrc/cuda): every operand checked before anything is launched; ``raw``: the int32
     accumulators instead of y (tests). x's rows may be strided (elements contiguous), y is contiguous in x's
-    dtype. 2:4-sparse weights run the sparse tensor-core kernel (nm24_pack) unless ``sparse24`` is False
-    (tests, benchmarks): the same bits either way."""
+    dtype. 2:4-sparse weights run the sparse tensor-core kernel (nm24_pack) for up to _C.CUDA_NM24_MAX_ROWS rows
+    (``sparse24`` "auto"; True: at any M, False: never, for tests and benchmarks): the same bits either way."""
     k, n = check_int8_args(x, w_packed, col_sum, w_scale, bias, activation, act_scale, act_zero_point, act_bits)
     check_same_device("int8_linear", x, w_packed=w_packed, col_sum=col_sum, w_scale=w_scale, bias=bias)
     if not (w_packed.is_contiguous() and col_sum.is_contiguous() and w_scale.is_contiguous()
@@ -160,7 +160,8 @@ def _int8_linear_cuda(x, w_packed, col_sum, w_scale, bias, activation=0, act_sca
                     0 if raw else y.data_ptr(), n, activation, act_scale is not None,
                     1.0 if act_scale is None else act_scale, act_zero_point, act_qmax(act_bits), scratch.data_ptr(),
                     scratch.numel(), y.data_ptr() if raw else 0, stream)
-        pack = nm24_pack(w_packed, n, k) if sparse24 else None
+        use24 = sparse24 is True or (sparse24 == "auto" and m <= _C.CUDA_NM24_MAX_ROWS)
+        pack = nm24_pack(w_packed, n, k) if use24 else None
         if pack is not None:
             cuda.q8_nm24_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, pack.data_ptr(), *epilogue)
         else:
