@@ -9,7 +9,8 @@
 // stage: the activation rows by 16-byte copies, each a core-matrix row; the packed weights by 4-byte copies, 4 k
 // of one channel each, since the CPU's pack interleaves 16 channels x 4 k). Split-K as the other tiles (plan()).
 // Each step: the copies' writes are made visible to the tensor cores' async proxy (fence.proxy.async), then two
-// wgmma (32 k each) are issued and awaited before the stage can be refilled. Compiled to a trap for other
+// wgmma (32 k each) are issued; a step's wgmma are awaited one step later, before their stage is refilled (two
+// steps of copies and one of wgmma in flight while a step is issued). Compiled to a trap for other
 // architectures; linear() launches it only on compute capability 9.0 with this module built for sm_90a.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,7 +31,8 @@ namespace {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // d += A (64 x 32 u8, descriptor a) x B^T (256 x 32 s8, descriptor b); d: this thread's 128 accumulators.
@@ -101,13 +103,13 @@ __global__ void __launch_bounds__(WgTile::kThreads, 1) q8_gemm_wgmma(GemmArgs g)
   };
 
 #pragma unroll
-  for (int i = 0; i < S - 1; ++i) load_step(i);
+  for (int i = 0; i < S - 2; ++i) load_step(i);
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   for (int64_t i = 0; i < steps; ++i) {
-    cp_async_wait<S - 2>();  // step i's copies (this thread's) have landed
+    cp_async_wait<S - 3>();  // step i's copies (this thread's) have landed
     fence_proxy_async();     // ... and are visible to the tensor cores' reads
-    __syncthreads();         // every thread's; and every warpgroup finished step i - 1's wgmma (awaited below)
-    load_step(i + S - 1);    // refills step i - 1's stage
+    __syncthreads();         // every thread's; and every warpgroup's wgmma of step i - 2 are done (awaited below)
+    load_step(i + S - 2);    // refills step i - 2's stage (step i - 1's wgmma may still be reading theirs)
     const int s = static_cast<int>(i % S);
     const uint32_t a_addr = smem_base + s * WgTile::kAStageBytes + wg_smem(wg * WgTile::kWgM, 0);
     const uint32_t b_addr = smem_base + S * WgTile::kAStageBytes + s * WgTile::kBStageBytes;
@@ -118,8 +120,9 @@ __global__ void __launch_bounds__(WgTile::kThreads, 1) q8_gemm_wgmma(GemmArgs g)
                             wg_desc(b_addr + wg_smem(0, kk * WgTile::kWgK)));
     }
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<1>();  // step i - 1's wgmma are done; step i's run on while the next step is issued
   }
+  wgmma_wait<0>();
   cp_async_wait<0>();
   __syncthreads();  // the stages are free: the epilogue stages the accumulators there
 
