@@ -27,7 +27,7 @@ import torch
 
 import pycompress as pc
 from pycompress import _C
-from pycompress.ops.attention import attention, attention_cpu
+from pycompress.ops.attention import attention, attention_cpu, attention_sdpa
 from pycompress.reference.attention import attention_ref
 
 # Max error of the vector paths' 2^x in float32 ulps (measured 1 on AVX2 and AVX-512,
@@ -156,6 +156,40 @@ def test_fully_masked_rows_are_zero_as_in_torch(isa, gen):
     out = attention(q, k, v, keep)
     assert torch.all(out[0, 2] == 0)
     assert_close_to_reference(out, q, k, v, keep)
+
+
+# The CUDA implementation (torch's SDPA with the op's layout and rules) is device-generic: checked here on CPU
+# tensors against the same float64 reference; tests/test_cuda.py runs it on a GPU.
+@pytest.mark.once_per_ci
+@pytest.mark.parametrize("kind", list(_masks(1, 1, 2, 2, torch.Generator())) + [None])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_sdpa_implementation_follows_the_ops_rules(gen, kind, causal):
+    b, h, sq, sk, d = 2, 3, 17, 33, 32
+    q, k, v = heads(b, h, sq, d, gen), heads(b, h, sk, d, gen), heads(b, h, sk, d, gen)
+    mask = None if kind is None else _masks(b, h, sq, sk, gen)[kind]
+    assert_close_to_reference(attention_sdpa(q, k, v, mask, causal), q, k, v, mask, causal)
+
+
+@pytest.mark.once_per_ci
+def test_the_sdpa_implementation_zeroes_fully_masked_rows_and_empty_keys(gen):
+    b, h, sq, sk, d = 2, 2, 20, 40, 32
+    q, k, v = heads(b, h, sq, d, gen), heads(b, h, sk, d, gen), heads(b, h, sk, d, gen)
+    keep = torch.rand(b, h, sq, sk, generator=gen) > 0.5
+    keep[0, 1, 3] = False
+    keep[1, :, 17] = False
+    keep[:, :, 5, :6] = False  # with causality, row 5 sees only keys 0..5: all hidden
+    additive = torch.zeros(b, h, sq, sk).masked_fill(~keep, -math.inf)
+    for mask in (keep, additive):
+        for causal in (False, True):
+            out = attention_sdpa(q, k, v, mask, causal)
+            assert torch.all(out[0, 3, 1] == 0) and torch.all(out[1, 17] == 0)
+            assert not causal or torch.all(out[:, 5] == 0)
+            assert_close_to_reference(out, q, k, v, mask, causal)
+    out = attention_sdpa(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 4))
+    assert out.shape == (2, 5, 2, 4) and torch.all(out == 0)
+    assert attention_sdpa(torch.randn(0, 2, 5, 8), torch.randn(0, 2, 3, 8), torch.randn(0, 2, 3, 4)).shape == (0, 5, 2, 4)
+    with pytest.raises(ValueError, match=r"attention: q, k, v and mask must be on one device, got .*'mask': 'meta'"):
+        attention_sdpa(q, k, v, torch.ones(sq, sk, dtype=torch.bool, device="meta"))
 
 
 def test_empty(isa, gen):

@@ -913,8 +913,23 @@ def test_an_op_without_a_cuda_kernel_says_which_ops_have_one():
     pc.convert(model, torch.randn(2, 64), policy="int4")
     model.cuda()
     with pytest.raises(NotImplementedError, match=r"pycompress::int4_linear has no CUDA kernel yet \(these ops have "
-                       r"one: int8_linear, sparse_linear_csr, sparse_linear_nm24, sparse_int8_linear\)"):
+                       r"one: int8_linear, sparse_linear_csr, sparse_linear_nm24, sparse_int8_linear, attention\)"):
         model(torch.randn(2, 64, device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_attention_agrees_with_the_cpu_kernel(causal):
+    from pycompress.ops.attention import attention_cpu
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 12, 40, 32, generator=g) for _ in range(3))
+    keep = torch.rand(2, 1, 40, 40, generator=g) > 0.3
+    keep[1, 0, 7] = False  # a fully masked row: 0, as on the CPU
+    got = torch.ops.pycompress.attention(q.cuda(), k.cuda(), v.cuda(), keep.cuda(), causal)
+    want = attention_cpu(q, k, v, keep, causal)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.allclose(got.cpu(), want, atol=1e-5, rtol=1e-4) and torch.all(got[1, 7] == 0)
 
 
 @pytest.mark.cuda

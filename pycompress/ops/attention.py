@@ -1,4 +1,5 @@
-"""torch.ops.pycompress.attention: out = softmax(scale * q k^T + mask) v, fused, on CPU.
+"""torch.ops.pycompress.attention: out = softmax(scale * q k^T + mask) v, fused, on CPU (on CUDA through torch's
+scaled_dot_product_attention, attention_sdpa).
 
 q [B, H, Sq, D], k [B, H, Sk, D], v [B, H, Sk, Dv], float32, any strides whose last
 dim is contiguous (other inputs are copied first). The result is [B, Sq, H, Dv]
@@ -103,7 +104,38 @@ def attention_cpu(q, k, v, mask=None, is_causal=False, scale=None):
     return out
 
 
+def attention_sdpa(q, k, v, mask=None, is_causal=False, scale=None):
+    """The op on any device through torch's scaled_dot_product_attention (the CUDA implementation: flash /
+    memory-efficient / math kernels as torch picks them), with the op's layout and rules: [B, Sq, H, Dv] out, a
+    mask combined with ``is_causal`` (SDPA takes one or the other), fully masked rows (and Sk = 0) giving 0
+    whichever backend runs. Float32 like the CPU kernel; they agree to fp32 rounding, not bit for bit."""
+    b, h, sq, sk, d, dv, scale = _check(q, k, v, mask, scale)
+    devices = {t.device for t in (q, k, v) + (() if mask is None else (mask,))}
+    if len(devices) > 1:
+        names = {name: str(t.device) for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)) if t is not None}
+        raise ValueError(f"attention: q, k, v and mask must be on one device, got {names}")
+    if b * sq * h == 0 or sk == 0:
+        return q.new_zeros((b, sq, h, dv))
+    if mask is not None and mask.dim() < 4:  # SDPA broadcasts masks of 2 or more dims only
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    visible = None  # bool, broadcastable to [B, H, Sq, Sk]: which keys each query may see
+    if mask is not None:
+        visible = mask if mask.dtype == torch.bool else mask != float("-inf")
+    if is_causal:
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        visible = causal if visible is None else visible & causal
+    attn_mask = mask
+    if is_causal and mask is not None:  # both apply: hide the causally hidden keys in the mask itself
+        attn_mask = visible if mask.dtype == torch.bool else mask.masked_fill(~visible, float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal and mask is None, scale=scale)
+    if visible is not None:
+        out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    return out.transpose(1, 2).contiguous()
+
+
 LIB.impl("attention", attention_cpu, "CPU")
+LIB.impl("attention", attention_sdpa, "CUDA")
 
 
 def attention(q, k, v, mask=None, is_causal=False, scale=None):
