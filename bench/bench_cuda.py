@@ -10,6 +10,7 @@ Per shape (M, K, N), each a stack of `layers` distinct weights called in turn (t
   torch._int_mm needs M > 16 and K, N multiples of 8: '-' elsewhere).
 - ours sparse int8: torch.ops.pycompress.sparse_int8_linear over bsr1x4 weights at 90% unstructured sparsity, for
   M <= 16 (fp16 in and out).
+- ours int4: torch.ops.pycompress.int4_linear (W4A8, groups of 128) for M <= 16, a quarter of fp16's weight bytes.
 - ours 2:4 int8: the int8 linear over 2:4-pruned weights (the 2 largest of every 4 along K) on the sparse
   tensor-core kernel (csrc/cuda/q8_nm24_mma__sm80.cu) at every M (the op takes it up to 16 rows); its peer: the same fp16 weights as
   torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS 2:4) through torch.nn.functional.linear ('-' where
@@ -36,6 +37,8 @@ import pycompress as pc  # noqa: E402
 from pycompress import _C, _cuda  # noqa: E402
 from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu, nm24_pack  # noqa: E402
 from pycompress.ops.sparse import sparse_int8_linear_cpu  # noqa: E402
+from pycompress.ops.q4 import int4_linear_cpu  # noqa: E402
+from pycompress.reference.q4 import pack_int4_weights, quantize_weight_grouped  # noqa: E402
 from pycompress.reference.q8 import pack_int8_weights, quantize_weight_per_channel  # noqa: E402
 from pycompress.reference.sparse import pack_bsr1x4  # noqa: E402
 
@@ -148,6 +151,20 @@ def run(reps: int) -> list[dict]:
                 raise SystemExit(f"bench_cuda: {shape.label}: the sparse CUDA output differs from the CPU kernel")
             row["sparse"] = cuda_time(lambda i: torch.ops.pycompress.sparse_int8_linear(x16, *sparse[i], 0, None, 0),
                                       shape.layers, reps)
+        row["int4"] = None
+        if m <= SPARSE_MAX_ROWS:  # W4A8, groups of 128: checked against the CPU kernel first
+            packs4 = []
+            for wt in weights:
+                q4, s4 = quantize_weight_grouped(wt[0], 4, 128)
+                packs4.append(pack_int4_weights(q4, s4, 128))
+            x4 = torch.randn(m, k)
+            want = int4_linear_cpu(x4, *packs4[0], weights[0][5], n, k // 128)
+            dev4 = [tuple(t.cuda() for t in p + (weights[i][5],)) for i, p in enumerate(packs4)]
+            got = torch.ops.pycompress.int4_linear(x4.cuda(), *dev4[0], n, k // 128, 0, None, 0, 8).cpu()
+            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                raise SystemExit(f"bench_cuda: {shape.label}: the int4 CUDA output differs from the CPU kernel")
+            row["int4"] = cuda_time(lambda i: torch.ops.pycompress.int4_linear(x16, *dev4[i], n, k // 128, 0, None, 0,
+                                                                                8), shape.layers, reps)
         # 2:4: the same op over 2:4-pruned weights (the sparse tensor-core kernel), checked first, and its peer.
         w24 = [prune_2_4(wt[0]) for wt in weights]
         packs24 = []
@@ -174,8 +191,9 @@ def run(reps: int) -> list[dict]:
 
 HEADER = ("| Linear (M,K,N) | ours: tile (split-K) | ours int8 us | ours weight GB/s | cuBLAS fp16 us | cuBLAS bf16 us | "
           "cuBLASLt int8 + dequant us | fp16 / ours | int8 peer / ours | ours sparse int8 90% us | fp16 / sparse | "
-          "ours 2:4 int8 us | fp16 2:4 (semi-structured) us | fp16 / ours 2:4 | fp16 2:4 / ours 2:4 |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "ours 2:4 int8 us | fp16 2:4 (semi-structured) us | fp16 / ours 2:4 | fp16 2:4 / ours 2:4 | ours int4 us | "
+          "fp16 / int4 |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(r: dict) -> str:
@@ -188,7 +206,8 @@ def format_row(r: dict) -> str:
     return (f"| {r['shape']} | {r['plan']} | {r['ours']:.1f} | {r['weight_bytes'] / r['ours'] / 1e3:.0f} | "
             f"{r['fp16']:.1f} | {r['bf16']:.1f} | {us(r['int_mm'])} | {ratio(r['fp16'], r['ours'])} | "
             f"{ratio(r['int_mm'], r['ours'])} | {us(r['sparse'])} | {ratio(r['fp16'], r['sparse'])} | "
-            f"{us(r['nm24'])} | {us(r['semi'])} | {ratio(r['fp16'], r['nm24'])} | {ratio(r['semi'], r['nm24'])} |")
+            f"{us(r['nm24'])} | {us(r['semi'])} | {ratio(r['fp16'], r['nm24'])} | {ratio(r['semi'], r['nm24'])} | "
+            f"{us(r['int4'])} | {ratio(r['fp16'], r['int4'])} |")
 
 
 def main() -> None:

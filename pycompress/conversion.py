@@ -519,9 +519,10 @@ def _matches(name_list: list[str], patterns) -> str | None:
     return None
 
 
-# Formats with a CUDA kernel (csrc/cuda), and what each policy converts to on a CUDA model: "auto" times the CPU
-# kernels, so on CUDA it is dense int8 everywhere.
-CUDA_FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-int8")
+# Formats with a CUDA kernel bit-identical to the CPU's (csrc/cuda), and what each policy converts to on a CUDA model:
+# "auto" times the CPU kernels, so on CUDA it is dense int8 everywhere. (sparse-fp32 runs on CUDA too, but its float
+# sums are not the CPU's bits: convert on the CPU and move it.)
+CUDA_FORMATS = ("float", "int8-dynamic", "int8-static", "sparse-int8", "int4")
 CUDA_POLICIES = {"auto": "int8", "int8": "int8", **{f: f for f in CUDA_FORMATS}}
 
 
@@ -547,12 +548,13 @@ def _convert_for_cuda(model: nn.Module, device: torch.device, example_inputs, po
     if not status["usable"]:
         raise RuntimeError(f"convert: the model is on {device}, but {status['reason']}")
     if policy not in CUDA_POLICIES:
-        raise ValueError(f"convert: policy {policy!r} makes formats without a CUDA kernel; on {device} use one of "
-                         f"{tuple(CUDA_POLICIES)} (formats with a CUDA kernel: {CUDA_FORMATS})")
+        raise ValueError(f"convert: policy {policy!r} makes formats without a CUDA kernel of the CPU's bits; on {device} "
+                         f"use one of {tuple(CUDA_POLICIES)} (formats with one: {CUDA_FORMATS}), or convert on the CPU "
+                         "and move the model")
     for pattern, fmt in (overrides or {}).items():
         if fmt != "int8" and fmt not in CUDA_FORMATS:
-            raise ValueError(f"convert: override {pattern!r} -> {fmt!r} has no CUDA kernel; on {device}: "
-                             f"{('int8',) + CUDA_FORMATS}")
+            raise ValueError(f"convert: override {pattern!r} -> {fmt!r} has no CUDA kernel of the CPU's bits; on "
+                             f"{device}: {('int8',) + CUDA_FORMATS}")
     to_cpu = lambda inputs: tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, inputs)  # noqa: E731
     verify_inputs = kwargs.pop("verify_inputs")
     model.cpu()

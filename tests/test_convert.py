@@ -184,10 +184,11 @@ def test_on_cuda_only_formats_with_a_cuda_kernel_are_accepted(monkeypatch):
 
     monkeypatch.setattr(_cuda, "status", lambda: {"usable": True, "reason": ""})
     model = nn.Sequential(_fake_cuda_linear())
-    with pytest.raises(ValueError, match=r"policy 'int4' makes formats without a CUDA kernel; on cuda:0 use one of "
-                                         r"\('auto', 'int8', 'float', 'int8-dynamic', 'int8-static', 'sparse-int8'\)"):
-        pc.convert(model, policy="int4")
-    with pytest.raises(ValueError, match=r"override '0' -> 'sparse-fp32' has no CUDA kernel"):
+    with pytest.raises(ValueError, match=r"policy 'sparse-fp32' makes formats without a CUDA kernel of the CPU's bits; "
+                                         r"on cuda:0 use one of \('auto', 'int8', 'float', 'int8-dynamic', 'int8-static', 'sparse-int8', "
+                                         r"'int4'\)"):
+        pc.convert(model, policy="sparse-fp32")
+    with pytest.raises(ValueError, match=r"override '0' -> 'sparse-fp32' has no CUDA kernel of the CPU's bits"):
         pc.convert(model, policy="int8", overrides={"0": "sparse-fp32"})
     with pytest.raises(RuntimeError, match=r"layers are on several devices \(cpu, cuda:0\): move it to one first"):
         pc.convert(nn.Sequential(nn.Linear(4, 4), _fake_cuda_linear()))

@@ -22,10 +22,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pycompress as pc
 from pycompress import _C, _cuda
+from pycompress.ops.q4 import int4_linear_cpu, int4_linear_cuda
 from pycompress.ops.q8 import _int8_linear_cuda, int8_linear_cpu
 from pycompress.ops.sparse import _sparse_int8_linear_cuda, sparse_int8_linear_cpu
 from pycompress.ops.sparse import row_order, sparse_linear_csr_cuda, sparse_linear_nm24_cuda
 from pycompress.reference.sparse import fp32_error_bound, pack_bsr1x4, pack_csr, pack_nm24, sparse_linear_ref
+from pycompress.reference.q4 import int4_linear_ref, pack_int4_weights, quantize_weight_grouped
 from pycompress.reference.q8 import (act_qmax, int8_linear_ref, pack_int8_weights, q8_accumulate_ref,
                                      quantize_rows_ref, quantize_weight_per_channel)
 
@@ -385,6 +387,68 @@ def test_nm24_fragments_cover_each_operand_once_and_carry_their_metadata():
     assert b == collections.Counter((kk, col) for kk in range(64) for col in range(8))
 
 
+# ---- the W4A8 kernel (csrc/cuda/q4_gemm_mma__sm80.cu), emulated --------------------------------------------
+
+def q4_layer(n, k, group_size, seed=0, bits=4):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    q, scale = quantize_weight_grouped(w, bits, group_size)
+    w4, g_scale, corr = pack_int4_weights(q, scale, group_size)
+    groups = 1 if group_size is None else k // group_size
+    return q, scale, (w4, g_scale, corr), groups, torch.randn(n, generator=g)
+
+
+def q4_emulate(x, pack, groups, b, n, act="none", static=None, act_bits=8):
+    m, k = x.shape
+    y = torch.empty(m, n)
+    w4, g_scale, corr = pack
+    grid = _C.cuda_q4_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, w4.data_ptr(), g_scale.data_ptr(),
+                              corr.data_ptr(), groups, 0 if b is None else b.data_ptr(), n, y.data_ptr(), ACT[act],
+                              static is not None, 1.0 if static is None else static[0],
+                              0 if static is None else static[1], act_qmax(act_bits))
+    return y, grid
+
+
+# (M, N, K, group size): M across the 8-row block, N across a panel (16), K across a packed block (8), a step (32)
+# and the 8 warps' turns; groups of 32 / 64 / 128 (one a warp, batches of 8: 32 groups at K = 4096) and per channel
+# (the warps share its steps; K not a multiple of 32).
+Q4_SHAPES = [(1, 1, 1, None), (1, 16, 32, 32), (3, 17, 64, 32), (8, 40, 128, 64), (9, 33, 256, 128),
+             (16, 20, 100, None), (7, 64, 1024, 128), (20, 5, 96, 32), (1, 48, 4096, 128), (2, 16, 2056, None),
+             (5, 30, 320, 32)]
+
+
+@pytest.mark.parametrize("m,n,k,group_size", Q4_SHAPES)
+def test_emulated_int4_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k, group_size):
+    q, scale, pack, groups, b = q4_layer(n, k, group_size, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+    y, grid = q4_emulate(x, pack, groups, b, n, "gelu")
+    assert grid == (-(-n // 16), -(-m // 8))
+    want = int4_linear_cpu(x, *pack, b, n, groups, ACT["gelu"])
+    assert torch.equal(bits(y), bits(want))
+    assert torch.equal(bits(y), bits(int4_linear_ref(x, q, scale, group_size, b, "gelu")))
+
+
+@pytest.mark.parametrize("static,act_bits,weight_bits", [(None, 7, 4), ((0.05, 77), 8, 3), (None, 8, 2)])
+def test_emulated_int4_options_non_finite_and_strided_rows(static, act_bits, weight_bits):
+    n, k, m = 40, 256, 11
+    q, scale, pack, groups, b = q4_layer(n, k, 64, seed=4, bits=weight_bits)
+    base = torch.randn(m, k + 7, generator=torch.Generator().manual_seed(5)) * 2
+    base[3, 9] = float("nan")
+    x = base[:, 3:3 + k]
+    y, _ = q4_emulate(x, pack, groups, b, n, "relu", static, act_bits)
+    want = int4_linear_cpu(x.contiguous(), *pack, b, n, groups, ACT["relu"], None if static is None else static[0],
+                           0 if static is None else static[1], act_bits)
+    assert torch.equal(bits(y), bits(want)) and y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any()
+    y, _ = q4_emulate(torch.empty(0, k), pack, groups, b, n)
+    assert y.shape == (0, n)
+
+
+def test_int4_groups_the_cuda_kernel_cannot_step_through_are_refused_naming_the_rule():
+    assert _C.cuda_q4_plan(1, 16, 4096, 32) == {"grid": (1, 1), "steps": 128, "steps_per_group": 4}
+    with pytest.raises(ValueError, match=r"groups of a multiple of 32 k \(or one group per channel\) only on CUDA"):
+        _C.cuda_q4_plan(1, 16, 64, 4)  # groups of 16 k
+
+
 def test_every_op_has_a_cuda_kernel_or_a_clear_refusal():
     for op in pc.ops.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pycompress::{op}", "CUDA"), op
@@ -710,6 +774,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     assert sum(n.startswith("q8_gemm<") for n in names) == 6 and sum(n.startswith("quantize_rows<") for n in names) == 3
     assert sum(n.startswith("q8_sparse_rows<") for n in names) == 3 and sum(n.startswith("sparse_f32_rows<") for n in names) == 6
     assert sum(n.startswith("q8_nm24<") for n in names) == 9 and sum(n.startswith("q8_gemm_wgmma<") for n in names) == 3
+    assert sum(n.startswith("q4_gemm<") for n in names) == 3
     for k in kernels:
         assert (k.spill_stores, k.spill_loads, k.stack) == (0, 0, 0), f"{k.name} on sm_{k.arch} spills: {k}"
         assert k.occupancy[0] >= 1, f"{k.name} on sm_{k.arch} cannot be resident: {k}"
@@ -845,7 +910,7 @@ def test_a_2_4_pruned_int8_model_on_cuda_runs_the_2_4_kernel_with_the_cpu_bits()
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("policy", ["auto", "sparse-int8"])
+@pytest.mark.parametrize("policy", ["auto", "sparse-int8", "int4"])
 def test_convert_of_a_cuda_model_gives_cuda_layers_with_the_cpu_bits(policy):
     torch.manual_seed(3)
     float_model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 32))
@@ -856,7 +921,7 @@ def test_convert_of_a_cuda_model_gives_cuda_layers_with_the_cpu_bits(policy):
     model = float_model.cuda()
     pc.convert(model, x.cuda(), policy=policy)
     layers = [m for m in model.modules() if isinstance(m, pc.nn.CompressedLayer)]
-    assert len(layers) == 2 and all(m.col_sum.is_cuda for m in layers)
+    assert len(layers) == 2 and all(b.is_cuda for m in layers for b in m.buffers())
     assert torch.equal(bits(model(x.cuda()).cpu()), bits(on_cpu(x)))
 
 
@@ -909,12 +974,41 @@ def test_cuda_nm24_fp32_within_the_float32_bound_of_the_float64_reference(m, n, 
 
 @pytest.mark.cuda
 def test_an_op_without_a_cuda_kernel_says_which_ops_have_one():
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
-    pc.convert(model, torch.randn(2, 64), policy="int4")
+    with pytest.raises(NotImplementedError, match=r"pycompress::sparse_int8_linear_sliced has no CUDA kernel yet "
+                       r"\(these ops have one: int8_linear, int4_linear, sparse_linear_csr, sparse_linear_nm24, "
+                       r"sparse_int8_linear, attention\)"):
+        torch.ops.pycompress.sparse_int8_linear_sliced(*(torch.zeros(4, device="cuda") for _ in range(7)), None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k,group_size", Q4_SHAPES + [(1, 4096, 4096, 128), (16, 11008, 4096, 128),
+                                                          (4, 4096, 11008, 64)])
+def test_cuda_int4_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k, group_size):
+    _, _, pack, groups, b = q4_layer(n, k, group_size, seed=m)
+    x = torch.randn(m, k) * 2
+    want = int4_linear_cpu(x, *pack, b, n, groups, ACT["gelu"])
+    got = torch.ops.pycompress.int4_linear(x.cuda(), *(t.cuda() for t in pack), b.cuda(), n, groups, ACT["gelu"],
+                                          None, 0, 8)
+    assert torch.equal(bits(got.cpu()), bits(want))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_4_bit_model_moves_to_cuda_with_the_cpu_bits(dtype):
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    x = torch.randn(5, 256)
+    pc.convert(model, x, policy="int4")
+    want = model(x)
     model.cuda()
-    with pytest.raises(NotImplementedError, match=r"pycompress::int4_linear has no CUDA kernel yet \(these ops have "
-                       r"one: int8_linear, sparse_linear_csr, sparse_linear_nm24, sparse_int8_linear, attention\)"):
-        model(torch.randn(2, 64, device="cuda"))
+    assert torch.equal(bits(model(x.cuda()).cpu()), bits(want))
+    half = model(x.cuda().to(dtype))
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    with pytest.raises(ValueError, match=r"int4_linear \(CUDA\): groups of a multiple of 32 k .* \(layer of K=64, "
+                       r"N=16, 4 groups\)"):
+        q, scale = quantize_weight_grouped(torch.randn(16, 64), 4, 16)
+        pack = pack_int4_weights(q, scale, 16)
+        int4_linear_cuda(torch.randn(2, 64, device="cuda"), *(t.cuda() for t in pack), None, 16, 4)
 
 
 @pytest.mark.cuda

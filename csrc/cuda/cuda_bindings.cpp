@@ -60,6 +60,29 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       "y[m, n] = the int8 linear of x on the given stream (raw != 0: int32 accumulators into raw instead)");
   m.def(
+      "q4_linear",
+      [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w4, std::uintptr_t g_scale,
+         std::uintptr_t corr, int64_t groups, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy, int act,
+         bool is_static, float static_scale, int32_t static_zp, int32_t qmax, std::uintptr_t scratch,
+         int64_t scratch_size, std::uintptr_t stream) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("q4_linear: dtype code must be 0, 1 or 2");
+        q8cuda::LinearArgs a{reinterpret_cast<const void*>(x), static_cast<q8cuda::DType>(dtype), rows, k, ldx,
+                             nullptr, nullptr, nullptr, reinterpret_cast<const float*>(bias), n,
+                             reinterpret_cast<void*>(y), ldy, act, is_static, static_scale, static_zp, qmax,
+                             reinterpret_cast<void*>(scratch), scratch_size, nullptr, stream};
+        a.w4 = reinterpret_cast<const uint8_t*>(w4);
+        a.g_scale = reinterpret_cast<const float*>(g_scale);
+        a.corr = reinterpret_cast<const float*>(corr);
+        a.groups = groups;
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::q4_linear(a);
+        }
+        if (!err.empty()) throw std::runtime_error("int4_linear (CUDA): " + err);
+      },
+      "y[m, n] = the W4A8 linear of x over the CPU's 4-bit pack (validated by the caller), on the given stream");
+  m.def(
       "q8_nm24_linear",
       [](std::uintptr_t x, int dtype, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t pack,
          std::uintptr_t col_sum, std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int64_t ldy,

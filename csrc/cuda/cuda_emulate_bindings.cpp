@@ -10,6 +10,7 @@
 #include "cuda/q8_cuda_emulate.h"
 #include "cuda/q8_cuda_tiling.h"
 #include "cuda/q8_nm24_tiling.h"
+#include "cuda/q4_cuda_tiling.h"
 
 namespace py = pybind11;
 using namespace pycompress;
@@ -79,6 +80,40 @@ void register_cuda_emulate_bindings(py::module_& m) {
       "y (or raw) = the CUDA int8 linear's algorithm run on the CPU for a device of `sms` multiprocessors (wgmma: "
       "one that runs the Hopper tile); "
       "returns the plan it ran (cuda_q8_plan's dict)");
+  m.def(
+      "cuda_q4_plan",
+      [](int64_t rows, int64_t n, int64_t k, int64_t groups) {
+        q8cuda::Q4Plan p;
+        const char* why = nullptr;
+        if (!q8cuda::q4_plan(rows, n, k, groups, &p, &why)) throw std::invalid_argument(why);
+        py::dict d;
+        d["grid"] = py::make_tuple(p.grid_x, p.grid_y);
+        d["steps"] = p.steps;
+        d["steps_per_group"] = p.steps_per_group;
+        return d;
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("groups"), "the CUDA W4A8 kernel's plan (ValueError when refused)");
+  m.def(
+      "cuda_q4_emulate",
+      [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t w4, std::uintptr_t g_scale,
+         std::uintptr_t corr, int64_t groups, std::uintptr_t bias, int64_t n, std::uintptr_t y, int act,
+         bool is_static, float static_scale, int32_t static_zp, int32_t qmax) {
+        q8cuda::EmulateArgs a{ptr<const float>(x), rows, k, ldx, nullptr, nullptr, nullptr, ptr<const float>(bias), n,
+                              ptr<float>(y), nullptr, act, is_static, static_scale, static_zp, qmax, 0};
+        a.w4 = ptr<const uint8_t>(w4);
+        a.g_scale = ptr<const float>(g_scale);
+        a.corr = ptr<const float>(corr);
+        a.groups = groups;
+        q8cuda::Q4Plan plan{};
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::q4_emulate(a, &plan);
+        }
+        if (!err.empty()) throw std::invalid_argument(err);
+        return py::make_tuple(plan.grid_x, plan.grid_y);
+      },
+      "y = the CUDA W4A8 linear's algorithm run on the CPU over the CPU's 4-bit pack; returns its grid");
   m.def(
       "cuda_nm24_bytes", [](int64_t n, int64_t k) { return q8cuda::nm24_layout(n, k).total; }, py::arg("n"),
       py::arg("k"), "bytes of the 2:4 GPU pack of an (n x k) int8 layer (q8_nm24_tiling.h)");
@@ -217,6 +252,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         d["q8_sparse_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
         d["sparse_f32_rows"] = py::make_tuple(q8cuda::kSparseWarps * 32, 0);
         d["q8_nm24"] = py::make_tuple(q8cuda::kSpWarps * 32, 0);
+        d["q4_gemm"] = py::make_tuple(q8cuda::kQ4Warps * 32, 0);
         return d;
       },
       "threads and dynamic shared memory of each CUDA kernel (q8_cuda_tiling.h)");

@@ -49,6 +49,12 @@ struct LinearArgs {
   int64_t sms = 0;
   // The device runs the Hopper wgmma tile (compute capability 9.0 and this module built for sm_90a).
   bool wgmma = false;
+  // 4-bit weights instead of w (q4_linear): the CPU's w4 pack, its group scales [Np/16][groups][16] and zero-point
+  // corrections [Np] (csrc/q4/q4_gemm.h).
+  const uint8_t* w4 = nullptr;
+  const float* g_scale = nullptr;
+  const float* corr = nullptr;
+  int64_t groups = 1;
   // 2:4 sparse int8 weights instead of w (nm24_linear): q8_nm24_tiling.h's GPU pack (nm24_layout(n, k).total
   // bytes, 16-byte aligned), made on the host from w by nm24_pack.
   const void* nm24 = nullptr;
@@ -70,6 +76,10 @@ std::string sparse_linear(const LinearArgs& args);
 // The same linear over 2:4 sparse int8 weights (q8_nm24_mma__sm80.cu, sparse tensor cores): bit-identical to
 // linear() on the dense weights the pack was made from.
 std::string nm24_linear(const LinearArgs& args);
+
+// The W4A8 linear over the CPU's 4-bit pack (q4_gemm_mma__sm80.cu): the CPU's contract (csrc/q4/q4_gemm.h) bit
+// for bit, the groups folded in order; groups of a multiple of 32 k or one group per channel.
+std::string q4_linear(const LinearArgs& args);
 
 // y = act(x @ W^T + b) over csr float weights, or nm24 ones when nm_idx is set (sparse_f32_rows__sm61.cu):
 // float32 sums, not bit-identical to the CPU kernels (which sum in their own order); checked against a float64

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/q4_cuda_tiling.h"
 #include "cuda/q8_cuda_tiling.h"
 #include "cuda/q8_nm24_tiling.h"
 
@@ -27,6 +28,11 @@ struct EmulateArgs {
   int32_t static_zp, qmax;
   int64_t sms;  // the multiprocessor count the plan splits K for (0: no split)
   bool wgmma = false;  // a device that runs the Hopper tile (plan())
+  // q4_emulate: the 4-bit pack instead of w / col_sum / w_scale (csrc/q4/q4_gemm.h).
+  const uint8_t* w4 = nullptr;
+  const float* g_scale = nullptr;
+  const float* corr = nullptr;
+  int64_t groups = 1;
 };
 
 // The quantizer kernel's output: each row of x quantized (stride ldq, zero past K), its scale, zero point and
@@ -48,6 +54,9 @@ void check_written_once(const EmulateArgs& args, const std::vector<int>& writes)
 // "" on success (plan: the launch it emulated), else why the plan refuses the shape.
 // Throws std::logic_error when the algorithm reads out of bounds or writes an output other than once.
 std::string emulate(const EmulateArgs& args, Plan* plan);
+
+// The W4A8 kernel (q4_gemm_mma__sm80.cu) over args.w4 / g_scale / corr / groups; the same returns and checks.
+std::string q4_emulate(const EmulateArgs& args, Q4Plan* plan);
 
 // The 2:4 kernel (q8_nm24_mma__sm80.cu) over `pack` (nm24_pack of args.w, `pack_bytes` long) instead of args.w;
 // the same returns and checks.

@@ -14,7 +14,7 @@ from pycompress.nn.int8_conv import build_lowered
 from pycompress.nn.registry import (CompressedLayer, Format, QuantParams, half_on_cpu, register_format,
                                      register_layer)
 from pycompress.ops.q4 import int4_linear_plan
-from pycompress.ops.q8 import eager_rows
+from pycompress.ops.q8 import eager_rows, kernel_dtype
 from pycompress.reference.q4 import (
     GROUP_SIZES,
     KBLOCK,
@@ -242,8 +242,9 @@ class Int4Linear(CompressedLayer):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: input has shape {tuple(x.shape)}, "
                              f"expected (..., {self.in_features}) features")
-        if x.dtype != _F32:
-            raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32")
+        if not kernel_dtype(x):
+            raise TypeError(f"{self._label()}: input dtype {x.dtype}, expected torch.float32 (on CUDA also "
+                            "float16 or bfloat16)")
         if type(x) is torch.Tensor and x.is_cpu and not _is_compiling():
             return self._shared_input.output(self, x)
         return ops.int4_linear(x, self.w4, self.g_scale, self.corr, self.bias, self.out_features, self.groups,

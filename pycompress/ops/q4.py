@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pycompress import _C
+from pycompress import _C, _cuda
 from pycompress._native import num_threads
 from pycompress.ops._library import LIB
-from pycompress.ops.q8 import check_activation_args, eager_rows
+from pycompress.ops.q8 import CUDA_DTYPES, check_activation_args, check_same_device, eager_rows, kernel_dtype
 from pycompress.reference.q4 import KBLOCK
-from pycompress.reference.q8 import MAX_K, PANEL, round_up
+from pycompress.reference.q8 import MAX_K, PANEL, act_qmax, round_up
 
 LIB.define(
     "int4_linear(Tensor x, Tensor w4, Tensor g_scale, Tensor corr, Tensor? bias, int out_features, int groups, "
@@ -42,8 +42,9 @@ def check_int4_weights(k, w4, g_scale, corr, bias, n, groups, activation, act_sc
 
 
 def _check(x, w4, g_scale, corr, bias, n, groups, activation, act_scale, act_zero_point, act_bits) -> int:
-    if x.dtype != torch.float32:
-        raise TypeError(f"int4_linear: x must be float32, got {x.dtype}")
+    if not kernel_dtype(x):
+        raise TypeError(f"int4_linear: x must be float32 (on CUDA also float16 or bfloat16), got {x.dtype} on "
+                        f"{x.device.type}")
     if x.dim() < 1:
         raise ValueError("int4_linear: x must have at least one dimension")
     check_int4_weights(x.shape[-1], w4, g_scale, corr, bias, n, groups, activation, act_scale, act_zero_point,
@@ -79,6 +80,37 @@ def int4_linear_cpu(x, w4, g_scale, corr, bias, out_features, groups, activation
 
 
 LIB.impl("int4_linear", int4_linear_cpu, "CPU")
+
+
+def int4_linear_cuda(x, w4, g_scale, corr, bias, out_features, groups, activation=0, act_scale=None,
+                     act_zero_point=0, act_bits=8):
+    """The CUDA kernel (csrc/cuda/q4_gemm_mma__sm80.cu) over the same 4-bit pack as the CPU, bit for bit; groups
+    of a multiple of 32 k or one group per channel (other group sizes are refused, naming the shape)."""
+    n = out_features
+    k = _check(x, w4, g_scale, corr, bias, n, groups, activation, act_scale, act_zero_point, act_bits)
+    check_same_device("int4_linear", x, w4=w4, g_scale=g_scale, corr=corr, bias=bias)
+    if not all(t is None or t.is_contiguous() for t in (w4, g_scale, corr, bias)):
+        raise ValueError("int4_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
+    x2, m, ldx = eager_rows(x, k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+
+    def run(cuda, scratch, stream, _):
+        if w4.data_ptr() % 4:
+            raise ValueError("int4_linear: on CUDA the packed weights must start 4-byte aligned: pass w4.clone()")
+        try:
+            cuda.q4_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w4.data_ptr(), g_scale.data_ptr(),
+                           corr.data_ptr(), groups, 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
+                           activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
+                           act_zero_point, act_qmax(act_bits), scratch.data_ptr(), scratch.numel(), stream)
+        except RuntimeError as err:
+            raise ValueError(f"{err} (layer of K={k}, N={n}, {groups} groups)") from None
+
+    if m > 0:
+        _cuda.launch("int4_linear", x, run, scratch_for=(m, n, k))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+LIB.impl("int4_linear", int4_linear_cuda, "CUDA")
 
 
 def int4_linear_plan(k, n, groups, w4, g_scale, corr, bias, activation=0, act_scale=None, act_zero_point=0,
