@@ -41,7 +41,7 @@ if python -c "import pytest" 2>/dev/null; then
   if command -v compute-sanitizer > /dev/null; then
     step "compute-sanitizer memcheck (a subset)"
     timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python -m pytest -q -p no:cacheprovider \
-      "$repo/tests/test_cuda.py" -m cuda -k "(cpu_kernel_bit_for_bit and (1-1-1 or 17-129-31 or 130-200-100 or 9-33-600)) or (sparse_equals and (64-96-0.1-9 or 17-5-0.5-1)) or (split_k and 3-130-1000) or skewed_channels or (nm24_fp32 and 40-17-4)" \
+      "$repo/tests/test_cuda.py" -m cuda -k "(cpu_kernel_bit_for_bit and (1-1-1 or 17-129-31 or 130-200-100 or 9-33-600)) or (sparse_equals and (64-96-0.1-9 or 17-5-0.5-1)) or (split_k and 3-130-1000) or skewed_channels or (nm24_fp32 and 40-17-4) or (wgmma_tile and 129-257-7)" \
       || { echo "compute-sanitizer: exit $? (3: memory errors; other: the tool could not run here)"; status=1; }
   else
     echo "compute-sanitizer: not on this machine"
