@@ -2,8 +2,9 @@
 
 Without a GPU: the launch plan, the fragment layouts' coverage and bank conflicts, and the kernel's algorithm
 run on the CPU through the kernel's own index math (``_C.cuda_q8_emulate``: staging, tails, padding, each
-lane's fragments, the epilogue), bit for bit against the reference on shapes around every tile size; the
-checks made before any launch, on fake CUDA tensors. With a GPU (bench/gpu_check.sh): the kernel itself
+lane's fragments, the epilogue), bit for bit against the reference on shapes around every tile size, and likewise
+the Hopper, 2:4, 4-bit and sparse kernels (the sparse float one in its own float32 order, which the GPU tests then
+require of the kernel bit for bit); the checks made before any launch, on fake CUDA tensors. With a GPU (bench/gpu_check.sh): the kernel itself
 against the CPU kernel, bit for bit, in float32, float16 and bfloat16, under CUDA graphs and streams.
 """
 
@@ -555,6 +556,68 @@ def sparse_layer(n, k, density=0.1, seed=0, bias=True):
     return q, scale, (row_ptr, blk_idx, values), col_sum, b
 
 
+def sparse_q8_emulate(x, pack, col_sum, scale, b, n, act="none", static=None, act_bits=8):
+    m, k = x.shape
+    row_ptr, blk_idx, values = pack
+    y = torch.empty(m, n)
+    order = row_order(row_ptr)
+    _C.cuda_sparse_q8_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, row_ptr.data_ptr(), blk_idx.data_ptr(),
+                              values.data_ptr(), blk_idx.numel(), order.data_ptr(), col_sum.data_ptr(),
+                              scale.data_ptr(), 0 if b is None else b.data_ptr(), n, y.data_ptr(), ACT[act],
+                              static is not None, 1.0 if static is None else static[0],
+                              0 if static is None else static[1], act_qmax(act_bits))
+    return y
+
+
+def sparse_f32_emulate(x, w, b, act="none", nm24=False):
+    """The CUDA float kernel's algorithm over the csr (or nm24) pack of w, on the CPU, in its float32 order."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n)
+    if nm24:
+        values, nm_idx = pack_nm24(w)
+        args = (0, 0, nm_idx.data_ptr(), nm_idx.shape[1], values.data_ptr(), values.numel(), 0)
+    else:
+        row_ptr, col_idx, values = pack_csr(w)
+        order = row_order(row_ptr)
+        args = (row_ptr.data_ptr(), col_idx.data_ptr(), 0, 0, values.data_ptr(), values.numel(), order.data_ptr())
+    _C.cuda_sparse_f32_emulate(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, *args,
+                               0 if b is None else b.data_ptr(), n, y.data_ptr(), ACT[act])
+    return y
+
+
+# M across the 8-row pass, N across the 8 warps of a block, K and densities giving channels of 0 to K blocks.
+SPARSE_SHAPES = [(1, 64, 96, 0.1), (3, 130, 1000, 0.05), (9, 300, 512, None), (17, 5, 4, 0.5), (8, 17, 64, 1.0)]
+
+
+@pytest.mark.parametrize("m,n,k,density", SPARSE_SHAPES)
+def test_emulated_sparse_int8_kernel_equals_the_cpu_kernel_bit_for_bit(m, n, k, density):
+    if density is None:
+        q, scale = quantize_weight_per_channel(skewed_sparse_weight(n, k, seed=m))
+        row_ptr, blk_idx, values, col_sum = pack_bsr1x4(q)
+        pack, b = (row_ptr, blk_idx, values), torch.randn(n)
+    else:
+        q, scale, pack, col_sum, b = sparse_layer(n, k, density, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 2
+    for act, static in (("gelu", None), ("relu", (0.04, 90))):
+        y = sparse_q8_emulate(x, pack, col_sum, scale, b, n, act, static)
+        want = sparse_int8_linear_cpu(x, *pack, col_sum, scale, b, ACT[act], None if static is None else static[0],
+                                      0 if static is None else static[1])
+        assert torch.equal(bits(y), bits(want))
+
+
+@pytest.mark.parametrize("m,n,k,density", SPARSE_SHAPES)
+@pytest.mark.parametrize("nm24", [False, True])
+def test_emulated_sparse_float_kernel_within_the_float32_bound(m, n, k, density, nm24):
+    w = skewed_sparse_weight(n, k, seed=m) if density is None else sparse_layer(n, k, density, seed=m)[0].float()
+    if nm24:
+        w = nm24_weight(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    b = torch.randn(n)
+    y = sparse_f32_emulate(x, w, b, "gelu", nm24)
+    assert ((y.double() - sparse_linear_ref(x, w, b, "gelu")).abs() <= fp32_error_bound(x, w, b, "gelu")).all()
+
+
 def test_prelaunch_sparse_checks_on_fake_cuda_tensors():
     _, scale, pack, col_sum, b = sparse_layer(20, 12)
     mode = FakeTensorMode()
@@ -953,9 +1016,10 @@ def test_cuda_sparse_fp32_within_the_float32_bound_of_the_float64_reference(m, n
     b = torch.randn(n, generator=g)
     x = torch.randn(m, k, generator=g)
     pack = [t.cuda() for t in pack_csr(w)]
-    got = torch.ops.pycompress.sparse_linear_csr(x.cuda(), *pack, b.cuda(), ACT[act]).cpu().to(torch.float64)
+    got = torch.ops.pycompress.sparse_linear_csr(x.cuda(), *pack, b.cuda(), ACT[act]).cpu()
+    assert torch.equal(bits(got), bits(sparse_f32_emulate(x, w, b, act)))  # the kernel's float order, exactly
     want = sparse_linear_ref(x, w, b, act)
-    assert ((got - want).abs() <= fp32_error_bound(x, w, b, act)).all()
+    assert ((got.to(torch.float64) - want).abs() <= fp32_error_bound(x, w, b, act)).all()
 
 
 @pytest.mark.cuda
@@ -968,6 +1032,7 @@ def test_cuda_nm24_fp32_within_the_float32_bound_of_the_float64_reference(m, n, 
     x = torch.randn(m, k, generator=g)
     values, nm_idx = pack_nm24(w)
     got = torch.ops.pycompress.sparse_linear_nm24(x.cuda(), nm_idx.cuda(), values.cuda(), b.cuda(), ACT[act])
+    assert torch.equal(bits(got.cpu()), bits(sparse_f32_emulate(x, w, b, act, nm24=True)))
     want = sparse_linear_ref(x, w, b, act)
     assert ((got.cpu().to(torch.float64) - want).abs() <= fp32_error_bound(x, w, b, act)).all()
 

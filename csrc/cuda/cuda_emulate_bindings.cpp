@@ -115,6 +115,51 @@ void register_cuda_emulate_bindings(py::module_& m) {
       },
       "y = the CUDA W4A8 linear's algorithm run on the CPU over the CPU's 4-bit pack; returns its grid");
   m.def(
+      "cuda_sparse_q8_emulate",
+      [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr, std::uintptr_t blk_idx,
+         std::uintptr_t values, int64_t blocks, std::uintptr_t row_order, std::uintptr_t col_sum,
+         std::uintptr_t w_scale, std::uintptr_t bias, int64_t n, std::uintptr_t y, int act, bool is_static,
+         float static_scale, int32_t static_zp, int32_t qmax) {
+        q8cuda::EmulateArgs a{ptr<const float>(x), rows, k, ldx, nullptr, ptr<const int32_t>(col_sum),
+                              ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), nullptr, act,
+                              is_static, static_scale, static_zp, qmax, 0};
+        a.row_ptr = ptr<const int32_t>(row_ptr);
+        a.blk_idx = ptr<const uint16_t>(blk_idx);
+        a.values = ptr<const int8_t>(values);
+        a.stored = blocks;
+        a.row_order = ptr<const int32_t>(row_order);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::sparse_q8_emulate(a);
+        }
+        if (!err.empty()) throw std::invalid_argument(err);
+      },
+      "y = the CUDA sparse int8 kernel's algorithm run on the CPU over a validated bsr1x4 pack");
+  m.def(
+      "cuda_sparse_f32_emulate",
+      [](std::uintptr_t x, int64_t rows, int64_t k, int64_t ldx, std::uintptr_t row_ptr, std::uintptr_t col_idx,
+         std::uintptr_t nm_idx, int64_t nm_words, std::uintptr_t values, int64_t stored, std::uintptr_t row_order,
+         std::uintptr_t bias, int64_t n, std::uintptr_t y, int act) {
+        q8cuda::EmulateArgs a{ptr<const float>(x), rows, k, ldx, nullptr, nullptr, nullptr, ptr<const float>(bias), n,
+                              ptr<float>(y), nullptr, act, false, 1.0f, 0, 255, 0};
+        a.row_ptr = ptr<const int32_t>(row_ptr);
+        a.blk_idx = ptr<const uint16_t>(col_idx);
+        a.nm_idx = ptr<const uint32_t>(nm_idx);
+        a.nm_words = nm_words;
+        a.f32_values = ptr<const float>(values);
+        a.stored = stored;
+        a.row_order = ptr<const int32_t>(row_order);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = q8cuda::sparse_f32_emulate(a);
+        }
+        if (!err.empty()) throw std::invalid_argument(err);
+      },
+      "y = the CUDA sparse float kernel's algorithm (csr, or nm24 when nm_idx != 0) run on the CPU, in the "
+      "kernel's float32 order");
+  m.def(
       "cuda_nm24_bytes", [](int64_t n, int64_t k) { return q8cuda::nm24_layout(n, k).total; }, py::arg("n"),
       py::arg("k"), "bytes of the 2:4 GPU pack of an (n x k) int8 layer (q8_nm24_tiling.h)");
   m.def(

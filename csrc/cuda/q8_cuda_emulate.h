@@ -33,6 +33,17 @@ struct EmulateArgs {
   const float* g_scale = nullptr;
   const float* corr = nullptr;
   int64_t groups = 1;
+  // sparse_q8_emulate / sparse_f32_emulate: the CPU's sparse packs instead of w. bsr1x4 (row_ptr over blocks,
+  // blk_idx, values: 4 int8 a block), csr (row_ptr, blk_idx as column indices, f32_values) or nm24 (nm_idx,
+  // nm_words index words a channel, f32_values [n][k / 2]); `stored`: the blocks / values the pack holds (the
+  // bound every read is checked against); row_order as the kernels take the channels (nullptr: in order).
+  const int32_t* row_ptr = nullptr;
+  const uint16_t* blk_idx = nullptr;
+  const int8_t* values = nullptr;
+  const float* f32_values = nullptr;
+  const uint32_t* nm_idx = nullptr;
+  int64_t nm_words = 0, stored = 0;
+  const int32_t* row_order = nullptr;
 };
 
 // The quantizer kernel's output: each row of x quantized (stride ldq, zero past K), its scale, zero point and
@@ -57,6 +68,11 @@ std::string emulate(const EmulateArgs& args, Plan* plan);
 
 // The W4A8 kernel (q4_gemm_mma__sm80.cu) over args.w4 / g_scale / corr / groups; the same returns and checks.
 std::string q4_emulate(const EmulateArgs& args, Q4Plan* plan);
+
+// The sparse kernels (q8_sparse_rows__sm61.cu: bsr1x4 int8, bit-identical to the dense reference;
+// sparse_f32_rows__sm61.cu: csr or nm24 float, the kernel's own float32 sum order, so the GPU's bits exactly).
+std::string sparse_q8_emulate(const EmulateArgs& args);
+std::string sparse_f32_emulate(const EmulateArgs& args);
 
 // The 2:4 kernel (q8_nm24_mma__sm80.cu) over `pack` (nm24_pack of args.w, `pack_bytes` long) instead of args.w;
 // the same returns and checks.

@@ -275,6 +275,14 @@ PYC_HD bool sparse_plan(int64_t m, int64_t n, int64_t k, SparsePlan* out, const 
   return true;
 }
 
+// The rows a sparse pass handles from row m0 (kSparseRows or the remainder).
+PYC_HD int sparse_rows_in_pass(int64_t m, int64_t m0) { return static_cast<int>(m - m0 < kSparseRows ? m - m0 : kSparseRows); }
+// Column of stored value j of a channel of the nm24 pack from its index words (csrc/sparse/sparse.h, nm24_k: the
+// format's definition): below K for every index when K % 4 == 0, so no pack can read past a row.
+PYC_HD int32_t nm24_col(const uint32_t* idx_row, int32_t j) {
+  return 4 * (j >> 1) + static_cast<int32_t>((idx_row[j >> 4] >> (2 * (j & 15))) & 3u);
+}
+
 // Device scratch of one call (byte offsets, each 16-byte aligned): the quantized
 // rows (m x ldq), then per row the scale (float), zero point (int32) and
 // non-finite flag (uint8); with split-K (splits > 1) the splits' int32 partial

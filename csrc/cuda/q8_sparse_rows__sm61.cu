@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) q8_sparse_rows(SparseArgs s
   int64_t n;
   if (!sparse_channel(s.row_order, s.n, &n)) return;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSparseRows;
-  const int rows = static_cast<int>(s.m - m0 < kSparseRows ? s.m - m0 : kSparseRows);
+  const int rows = sparse_rows_in_pass(s.m, m0);
   int32_t acc[kSparseRows];
 #pragma unroll
   for (int r = 0; r < kSparseRows; ++r) acc[r] = 0;

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) 
   int64_t n;
   if (!sparse_channel(s.row_order, s.n, &n)) return;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSparseRows;
-  const int rows = static_cast<int>(s.m - m0 < kSparseRows ? s.m - m0 : kSparseRows);
+  const int rows = sparse_rows_in_pass(s.m, m0);
   const T* x = static_cast<const T*>(s.x) + m0 * s.ldx;
   float acc[kSparseRows];
 #pragma unroll
@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_f32_rows(CsrArgs s) 
     int32_t col;
     if constexpr (kCsr) {
       col = col_idx[j];
-    } else {  // sparse.h nm24_k: below K for every index (K % 4 == 0), so no pack can read past a row
-      col = 4 * (j >> 1) + static_cast<int32_t>((nm_idx[j >> 4] >> (2 * (j & 15))) & 3u);
+    } else {
+      col = nm24_col(nm_idx, j);
     }
 #pragma unroll
     for (int r = 0; r < kSparseRows; ++r)
