@@ -16,36 +16,6 @@
 
 namespace pycompress {
 namespace q8cuda {
-namespace {
-
-uint32_t load_word(const uint8_t* base, int64_t size, int64_t offset, const char* what) {
-  if (offset < 0 || offset + 4 > size || offset % 4 != 0)
-    throw std::logic_error(std::string("cuda_q4_emulate: a load of ") + what + " is out of bounds or misaligned at byte " +
-                           std::to_string(offset));
-  uint32_t v;
-  std::memcpy(&v, base + offset, 4);
-  return v;
-}
-
-// mma.m16n8k32.row.col.s32.s8.u8.s32 over one warp's registers.
-void mma_s8u8_warp(int32_t (&acc)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
-  int32_t A[kMmaM][kMmaK] = {}, B[kMmaK][kMmaN] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int r = 0; r < 4; ++r)
-      for (int j = 0; j < 4; ++j)
-        A[a_frag_row(lane, r)][a_frag_k(lane, r) + j] = static_cast<int8_t>(static_cast<uint8_t>(a[lane][r] >> (8 * j)));
-    for (int r = 0; r < 2; ++r)
-      for (int j = 0; j < 4; ++j) B[b_frag_k(lane, r) + j][b_frag_n(lane)] = static_cast<uint8_t>(b[lane][r] >> (8 * j));
-  }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int e = 0; e < 4; ++e) {
-      int32_t s = 0;
-      for (int k = 0; k < kMmaK; ++k) s += A[c_frag_row(lane, e)][k] * B[k][c_frag_col(lane, e)];
-      acc[lane][e] += s;
-    }
-}
-
-}  // namespace
 
 std::string q4_emulate(const EmulateArgs& a, Q4Plan* out) {
   Q4Plan p;
@@ -67,15 +37,17 @@ std::string q4_emulate(const EmulateArgs& a, Q4Plan* out) {
           for (int lane = 0; lane < 32; ++lane) {
             for (int r = 0; r < 4; ++r) {
               const Q4Word w = q4_a_word(panel, p.kp, s, lane, r);
-              ra[lane][r] = w.valid ? q4_unpack(load_word(a.w4, w_bytes, w.offset, "the 4-bit pack"), w.shift) : 0u;
+              ra[lane][r] =
+                  w.valid ? q4_unpack(checked_load<uint32_t>(a.w4, w_bytes, w.offset, "the 4-bit pack"), w.shift) : 0u;
             }
             const int64_t row = r0 + b_frag_n(lane);
             for (int r = 0; r < 2; ++r)
-              rb[lane][r] = row < a.m ? load_word(qr.q.data(), q_bytes, row * p.ldq + s * kQ4Step + b_frag_k(lane, r),
-                                                  "the quantized rows")
+              rb[lane][r] = row < a.m ? checked_load<uint32_t>(qr.q.data(), q_bytes,
+                                                               row * p.ldq + s * kQ4Step + b_frag_k(lane, r),
+                                                               "the quantized rows")
                                       : 0u;
           }
-          mma_s8u8_warp(acc, ra, rb);
+          mma_m16n8k32_warp<int8_t, uint8_t>(acc, ra, rb);
         }
       };
       float facc[4][32] = {};

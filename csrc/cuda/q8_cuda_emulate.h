@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -58,6 +60,39 @@ QuantizedRows quantize_rows(const EmulateArgs& args);
 
 // The epilogue of output (row, col) from its exact int32 sum, into args.y (or args.raw).
 void store_output(const EmulateArgs& args, const QuantizedRows& rows, int32_t acc, int64_t row, int64_t col);
+
+// A T read at byte `offset` of a buffer of `size` bytes, as a kernel's aligned load: std::logic_error naming `what`
+// when it would leave the buffer or is misaligned (every emulation reads through this).
+template <typename T>
+T checked_load(const uint8_t* base, int64_t size, int64_t offset, const char* what) {
+  if (offset < 0 || offset + static_cast<int64_t>(sizeof(T)) > size || offset % static_cast<int64_t>(sizeof(T)) != 0)
+    throw std::logic_error(std::string("CUDA emulation: a load of ") + what + " is out of bounds or misaligned at byte " +
+                           std::to_string(offset));
+  T v;
+  std::memcpy(&v, base + offset, sizeof(T));
+  return v;
+}
+
+// mma.m16n8k32.row.col.s32.<TA>.<TB>.s32 over one warp's registers (TA, TB: uint8_t or int8_t, the operands'
+// byte types), through the fragment layouts of q8_cuda_tiling.h.
+template <typename TA, typename TB>
+void mma_m16n8k32_warp(int32_t (&acc)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
+  int32_t A[kMmaM][kMmaK] = {}, B[kMmaK][kMmaN] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < 4; ++j)
+        A[a_frag_row(lane, r)][a_frag_k(lane, r) + j] = static_cast<TA>(static_cast<uint8_t>(a[lane][r] >> (8 * j)));
+    for (int r = 0; r < 2; ++r)
+      for (int j = 0; j < 4; ++j)
+        B[b_frag_k(lane, r) + j][b_frag_n(lane)] = static_cast<TB>(static_cast<uint8_t>(b[lane][r] >> (8 * j)));
+  }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int e = 0; e < 4; ++e) {
+      int32_t s = 0;
+      for (int k = 0; k < kMmaK; ++k) s += A[c_frag_row(lane, e)][k] * B[k][c_frag_col(lane, e)];
+      acc[lane][e] += s;
+    }
+}
 
 // Throws std::logic_error unless every output was written exactly once (writes: [m * n] counts).
 void check_written_once(const EmulateArgs& args, const std::vector<int>& writes);

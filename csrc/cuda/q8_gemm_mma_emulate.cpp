@@ -40,33 +40,6 @@ void copy16(uint8_t* dst, const Buffer& src, const Copy& c) {
   std::memcpy(dst + c.dst, src.data + c.src, kChunk);
 }
 
-uint32_t word(const std::vector<uint8_t>& stage, int offset) {
-  if (offset < 0 || offset + 4 > static_cast<int>(stage.size()) || offset % 4 != 0)
-    throw std::logic_error("cuda_q8_emulate: a fragment load leaves its stage or is misaligned");
-  uint32_t v;
-  std::memcpy(&v, stage.data() + offset, 4);
-  return v;
-}
-
-// mma.m16n8k32.row.col.s32.u8.s8.s32 over one warp's registers.
-void mma_warp(int32_t (&acc)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
-  int32_t A[kMmaM][kMmaK] = {}, B[kMmaK][kMmaN] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int r = 0; r < 4; ++r)
-      for (int j = 0; j < 4; ++j)
-        A[a_frag_row(lane, r)][a_frag_k(lane, r) + j] = static_cast<uint8_t>(a[lane][r] >> (8 * j));
-    for (int r = 0; r < 2; ++r)
-      for (int j = 0; j < 4; ++j)
-        B[b_frag_k(lane, r) + j][b_frag_n(lane)] = static_cast<int8_t>(static_cast<uint8_t>(b[lane][r] >> (8 * j)));
-  }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int e = 0; e < 4; ++e) {
-      int32_t s = 0;
-      for (int k = 0; k < kMmaK; ++k) s += A[c_frag_row(lane, e)][k] * B[k][c_frag_col(lane, e)];
-      acc[lane][e] += s;
-    }
-}
-
 template <class TileT>
 void gemm(const EmulateArgs& a, const Plan& p, const QuantizedRows& qr, std::vector<int>& writes) {
   const Buffer qbuf{qr.q.data(), static_cast<int64_t>(qr.q.size()), "the quantized rows"};
@@ -130,11 +103,16 @@ void gemm(const EmulateArgs& a, const Plan& p, const QuantizedRows& qr, std::vec
                   uint32_t ra[32][4], rb[32][2];
                   for (int lane = 0; lane < 32; ++lane) {
                     for (int r = 0; r < 4; ++r)
-                      ra[lane][r] = word(a_stage, a_smem(wm + mi * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)));
+                      ra[lane][r] = checked_load<uint32_t>(
+                          a_stage.data(), TileT::kAStageBytes,
+                          a_smem(wm + mi * kMmaM + a_frag_row(lane, r), ks + a_frag_k(lane, r)), "an A fragment");
                     for (int r = 0; r < 2; ++r)
-                      rb[lane][r] = word(b_stage, b_smem(wn + j * kMmaN + b_frag_n(lane), ks + b_frag_k(lane, r)));
+                      rb[lane][r] = checked_load<uint32_t>(
+                          b_stage.data(), TileT::kBStageBytes,
+                          b_smem(wn + j * kMmaN + b_frag_n(lane), ks + b_frag_k(lane, r)), "a B fragment");
                   }
-                  mma_warp(*reinterpret_cast<int32_t(*)[32][4]>(acc_at(acc, w, mi, j)), ra, rb);
+                  mma_m16n8k32_warp<uint8_t, int8_t>(*reinterpret_cast<int32_t(*)[32][4]>(acc_at(acc, w, mi, j)), ra,
+                                                     rb);
                 }
           }
         }

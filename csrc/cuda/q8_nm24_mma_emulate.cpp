@@ -17,16 +17,6 @@ namespace pycompress {
 namespace q8cuda {
 namespace {
 
-template <typename T>
-T load(const uint8_t* base, int64_t size, int64_t offset, const char* what) {
-  if (offset < 0 || offset + static_cast<int64_t>(sizeof(T)) > size || offset % static_cast<int64_t>(sizeof(T)) != 0)
-    throw std::logic_error(std::string("cuda_nm24_emulate: a load of ") + what + " is out of bounds or misaligned at byte " +
-                           std::to_string(offset));
-  T v;
-  std::memcpy(&v, base + offset, sizeof(T));
-  return v;
-}
-
 // mma.sp.m16n8k64.row.col.s32.s8.u8.s32 over one warp's registers: a [lane][16] compressed s8 values,
 // e [lane] metadata, b [lane][4] words of u8.
 void mma_sp_warp(int32_t (&acc)[32][4], const uint8_t (&a)[32][16], const uint32_t (&e)[32], const uint32_t (&b)[32][4]) {
@@ -83,16 +73,16 @@ std::string nm24_emulate(const EmulateArgs& a, const uint8_t* pack, int64_t pack
           uint32_t ev[32];
           for (int lane = 0; lane < 32; ++lane) {
             const int64_t slot = (panel * p.steps + s) * 32 + lane;
-            const auto v = load<std::array<uint32_t, 4>>(pack, l.values_bytes, slot * kSpLaneBytes, "the 2:4 values");
+            const auto v = checked_load<std::array<uint32_t, 4>>(pack, l.values_bytes, slot * kSpLaneBytes, "the 2:4 values");
             std::memcpy(av[lane], v.data(), 16);
-            ev[lane] = load<uint32_t>(pack + l.values_bytes, l.meta_bytes, slot * 4, "the 2:4 metadata");
+            ev[lane] = checked_load<uint32_t>(pack + l.values_bytes, l.meta_bytes, slot * 4, "the 2:4 metadata");
           }
           for (int j = 0; j < tiles; ++j) {
             uint32_t bv[32][4];
             for (int lane = 0; lane < 32; ++lane) {
               const int64_t row = r0 + 8 * j + sp_b_n(lane);
               for (int r = 0; r < 4; ++r)
-                bv[lane][r] = row < a.m ? load<uint32_t>(qr.q.data(), q_bytes, row * p.ldq + s * kSpK + sp_b_k(lane, r),
+                bv[lane][r] = row < a.m ? checked_load<uint32_t>(qr.q.data(), q_bytes, row * p.ldq + s * kSpK + sp_b_k(lane, r),
                                                          "the quantized rows")
                                         : 0u;
             }
