@@ -32,13 +32,7 @@ struct Q4Args {
   const uint8_t* w4;
   const float* g_scale;
   const float* corr;
-  const float* row_scale;
-  const int32_t* row_zp;
-  const uint8_t* nonfinite;
-  const float* bias;  // nullable
-  int act;
-  void* y;
-  int64_t ldy;
+  Epilogue out;  // the per-row operands, bias, activation and y (col_sum / w_scale unused: corr and g_scale here)
 };
 
 __device__ __forceinline__ void mma_s8u8(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -112,24 +106,15 @@ __global__ void __launch_bounds__(kQ4Warps * 32) q4_gemm(Q4Args g) {
   const int e = tid >> 5, l = tid & 31;
   const int64_t channel = panel * kPanel + c_frag_row(l, e), row = r0 + c_frag_col(l, e);
   if (channel >= g.n || row >= g.m) return;
-  float v;
-  if (g.nonfinite[row]) {
-    v = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
-  } else {
-    v = q4_dequantize(facc, g.row_zp[row], g.corr[channel], g.row_scale[row]);
-    if (g.bias != nullptr) v = __fadd_rn(v, g.bias[channel]);
-    v = activation(v, g.act);
-  }
-  static_cast<OutT*>(g.y)[row * g.ldy + channel] = from_float<OutT>(v);
+  g.out.finish<OutT>(row, channel, [&] {
+    return q4_dequantize(facc, g.out.row_zp[row], g.corr[channel], g.out.row_scale[row]);
+  });
 }
 
 template <typename OutT>
 std::string launch(const LinearArgs& a, const Q4Plan& p) {
-  const Scratch sl = scratch_layout(a.m, a.k);
-  const uint8_t* base = static_cast<const uint8_t*>(a.scratch);
-  Q4Args g{base + sl.q, a.m, a.n, p.ldq, p.kp, p.steps, p.groups, p.steps_per_group, a.w4, a.g_scale, a.corr,
-           reinterpret_cast<const float*>(base + sl.scale), reinterpret_cast<const int32_t*>(base + sl.zp),
-           base + sl.nonfinite, a.bias, a.act, a.y, a.ldy};
+  const uint8_t* q = static_cast<const uint8_t*>(a.scratch) + scratch_layout(a.m, a.k).q;
+  Q4Args g{q, a.m, a.n, p.ldq, p.kp, p.steps, p.groups, p.steps_per_group, a.w4, a.g_scale, a.corr, epilogue_of(a)};
   const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
   q4_gemm<OutT><<<grid, kQ4Warps * 32, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(g);
   return launch_error("q4_gemm");

@@ -5,12 +5,10 @@
 // parked and folded into each output's float sum in group order, the CPU's epilogue. Part of the CPU module
 // (`_C.cuda_q4_emulate`): the tests check on any machine that it equals the CPU kernel bit for bit.
 #include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "common/epilogue_math.h"
 #include "cuda/q4_cuda_tiling.h"
 #include "cuda/q8_cuda_emulate.h"
 
@@ -81,15 +79,8 @@ std::string q4_emulate(const EmulateArgs& a, Q4Plan* out) {
           const int64_t channel = channel_of(e, lane), row = r0 + c_frag_col(lane, e);
           if (channel >= a.n || row >= a.m) continue;
           writes[row * a.n + channel] += 1;
-          float v;
-          if (qr.nonfinite[row]) {
-            v = std::numeric_limits<float>::quiet_NaN();
-          } else {
-            v = q4_dequantize(facc[e][lane], qr.zp[row], a.corr[channel], qr.scale[row]);
-            if (a.bias != nullptr) v = v + a.bias[channel];
-            v = apply_activation(v, static_cast<Activation>(a.act));
-          }
-          a.y[row * a.n + channel] = v;
+          finish_output(a, qr, row, channel,
+                        [&] { return q4_dequantize(facc[e][lane], qr.zp[row], a.corr[channel], qr.scale[row]); });
         }
     }
   check_written_once(a, writes);

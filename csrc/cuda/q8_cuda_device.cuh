@@ -92,11 +92,18 @@ struct Epilogue {
       raw[row * ldy + col] = acc;
       return;
     }
+    finish<OutT>(row, col, [&] { return dequantize(acc, row_zp[row], col_sum[col], row_scale[row], w_scale[col]); });
+  }
+
+  // The steps every int8-activation kernel ends with: NaN for a row that held a non-finite value, else
+  // dequantized() (the kernel's own dequantization of its sums), the bias and the activation, in the output type.
+  template <typename OutT, class Dequantized>
+  __device__ __forceinline__ void finish(int64_t row, int64_t col, Dequantized&& dequantized) const {
     float v;
     if (nonfinite[row]) {
       v = __int_as_float(0x7fc00000);  // the CPU's quiet NaN
     } else {
-      v = dequantize(acc, row_zp[row], col_sum[col], row_scale[row], w_scale[col]);
+      v = dequantized();
       if (bias != nullptr) v = __fadd_rn(v, bias[col]);
       v = activation(v, act);
     }
@@ -133,11 +140,9 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // arrive replaces its own accumulators by the sum over every split (exact, wrapping as the CPU's int32 sums);
 // returns whether this block is that one and so runs the epilogue. for_each_output(f) calls f(accumulator, row,
 // col) for each of the thread's accumulators inside the output. Every thread of the block calls it.
-template <class ForEach>
-__device__ __forceinline__ bool split_k_last(const GemmArgs& g, ForEach&& for_each_output) {
-  if (g.splits <= 1) return true;
-  const int64_t z = blockIdx.z;
-  for_each_output([&](int32_t& v, int64_t row, int64_t col) { g.partial[(z * g.m + row) * g.n + col] = v; });
+// Split-K's arrival, once this block's partial sums are stored: whether it is the tile's last split to arrive
+// (then every split's sums are visible to it). Every thread of the block calls it.
+__device__ __forceinline__ bool split_k_arrive(const GemmArgs& g) {
   __threadfence();  // the partial sums are visible device-wide before this block is counted
   __syncthreads();
   __shared__ int last;
@@ -148,6 +153,15 @@ __device__ __forceinline__ bool split_k_last(const GemmArgs& g, ForEach&& for_ea
   __syncthreads();
   if (!last) return false;
   __threadfence();  // the other splits' sums, published before their arrivals, are read after ours
+  return true;
+}
+
+template <class ForEach>
+__device__ __forceinline__ bool split_k_last(const GemmArgs& g, ForEach&& for_each_output) {
+  if (g.splits <= 1) return true;
+  const int64_t z = blockIdx.z;
+  for_each_output([&](int32_t& v, int64_t row, int64_t col) { g.partial[(z * g.m + row) * g.n + col] = v; });
+  if (!split_k_arrive(g)) return false;
   for_each_output([&](int32_t& v, int64_t row, int64_t col) {
     uint32_t sum = 0;
 #pragma unroll 1  // (unrolled, this loop in each of a tile's unrolled accumulators made ptxas take 6x longer)

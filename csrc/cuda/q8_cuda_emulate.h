@@ -3,10 +3,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "common/epilogue_math.h"
 #include "cuda/q4_cuda_tiling.h"
 #include "cuda/q8_cuda_tiling.h"
 #include "cuda/q8_nm24_tiling.h"
@@ -60,6 +62,22 @@ QuantizedRows quantize_rows(const EmulateArgs& args);
 
 // The epilogue of output (row, col) from its exact int32 sum, into args.y (or args.raw).
 void store_output(const EmulateArgs& args, const QuantizedRows& rows, int32_t acc, int64_t row, int64_t col);
+
+// The steps every int8-activation kernel ends with (q8_cuda_device.cuh, Epilogue::finish): NaN for a row that held
+// a non-finite value, else dequantized(), the bias and the activation, into args.y.
+template <class Dequantized>
+void finish_output(const EmulateArgs& a, const QuantizedRows& qr, int64_t row, int64_t col,
+                   Dequantized&& dequantized) {
+  float v;
+  if (qr.nonfinite[row]) {
+    v = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    v = dequantized();
+    if (a.bias != nullptr) v = v + a.bias[col];
+    v = apply_activation(v, static_cast<Activation>(a.act));
+  }
+  a.y[row * a.n + col] = v;
+}
 
 // A T read at byte `offset` of a buffer of `size` bytes, as a kernel's aligned load: std::logic_error naming `what`
 // when it would leave the buffer or is misaligned (every emulation reads through this).

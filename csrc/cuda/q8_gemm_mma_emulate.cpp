@@ -10,12 +10,10 @@
 // bit. Only the GPU can check the fragment layouts against the hardware.
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "common/epilogue_math.h"
 #include "cuda/q8_cuda_emulate.h"
 #include "cuda/q8_cuda_tiling.h"
 
@@ -259,15 +257,8 @@ void store_output(const EmulateArgs& a, const QuantizedRows& qr, int32_t acc, in
     a.raw[row * a.n + col] = acc;
     return;
   }
-  float v;
-  if (qr.nonfinite[row]) {
-    v = std::numeric_limits<float>::quiet_NaN();
-  } else {
-    v = dequantize(acc, qr.zp[row], a.col_sum[col], qr.scale[row], a.w_scale[col]);
-    if (a.bias != nullptr) v = v + a.bias[col];
-    v = apply_activation(v, static_cast<Activation>(a.act));
-  }
-  a.y[row * a.n + col] = v;
+  finish_output(a, qr, row, col,
+                [&] { return dequantize(acc, qr.zp[row], a.col_sum[col], qr.scale[row], a.w_scale[col]); });
 }
 
 void check_written_once(const EmulateArgs& a, const std::vector<int>& writes) {

@@ -163,13 +163,7 @@ __global__ void __launch_bounds__(WgTile::kThreads, 1) q8_gemm_wgmma(GemmArgs g)
     return;
   }
   each_chunk([&](int64_t row, int64_t col, int32_t v) { g.partial[(z * g.m + row) * g.n + col] = v; });
-  __threadfence();  // the partial sums are visible device-wide before this block is counted
-  __syncthreads();
-  __shared__ int last;
-  if (tid == 0) last = atomicAdd(g.counters + blockIdx.y * gridDim.x + blockIdx.x, 1) == static_cast<int>(g.splits) - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // the other splits' sums, published before their arrivals, are read after
+  if (!split_k_arrive(g)) return;
   for (int e = tid; e < WgTile::kBM * WgTile::kBN; e += WgTile::kThreads) {
     const int64_t row = m0 + e / WgTile::kBN, col = n0 + e % WgTile::kBN;
     if (row >= g.m || col >= g.n) continue;
