@@ -448,6 +448,14 @@ def test_int4_groups_the_cuda_kernel_cannot_step_through_are_refused_naming_the_
     assert _C.cuda_q4_plan(1, 16, 4096, 32) == {"grid": (1, 1), "steps": 128, "steps_per_group": 4}
     with pytest.raises(ValueError, match=r"groups of a multiple of 32 k \(or one group per channel\) only on CUDA"):
         _C.cuda_q4_plan(1, 16, 64, 4)  # groups of 16 k
+    q, scale = quantize_weight_grouped(torch.randn(16, 64), 4, 16)
+    pack = pack_int4_weights(q, scale, 16)
+    with FakeTensorMode():  # refused before any launch, so on any machine
+        x = torch.empty(2, 64, device="cuda")
+        ops = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in pack]
+        with pytest.raises(ValueError, match=r"int4_linear \(CUDA\): groups of a multiple of 32 k .* \(layer of "
+                           r"K=64, N=16, 4 groups\)"):
+            int4_linear_cuda(x, *ops, None, 16, 4)
 
 
 def test_every_op_has_a_cuda_kernel_or_a_clear_refusal():
@@ -1069,11 +1077,6 @@ def test_a_4_bit_model_moves_to_cuda_with_the_cpu_bits(dtype):
     assert torch.equal(bits(model(x.cuda()).cpu()), bits(want))
     half = model(x.cuda().to(dtype))
     assert half.dtype == dtype and torch.isfinite(half).all()
-    with pytest.raises(ValueError, match=r"int4_linear \(CUDA\): groups of a multiple of 32 k .* \(layer of K=64, "
-                       r"N=16, 4 groups\)"):
-        q, scale = quantize_weight_grouped(torch.randn(16, 64), 4, 16)
-        pack = pack_int4_weights(q, scale, 16)
-        int4_linear_cuda(torch.randn(2, 64, device="cuda"), *(t.cuda() for t in pack), None, 16, 4)
 
 
 @pytest.mark.cuda

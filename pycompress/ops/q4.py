@@ -92,18 +92,19 @@ def int4_linear_cuda(x, w4, g_scale, corr, bias, out_features, groups, activatio
     if not all(t is None or t.is_contiguous() for t in (w4, g_scale, corr, bias)):
         raise ValueError("int4_linear: weight operands must be contiguous (build them with pycompress.nn modules)")
     x2, m, ldx = eager_rows(x, k)
+    try:  # the kernel's own plan (csrc/cuda/q4_cuda_tiling.h), before anything is launched
+        _C.cuda_q4_plan(m, n, k, groups)
+    except ValueError as err:
+        raise ValueError(f"int4_linear (CUDA): {err} (layer of K={k}, N={n}, {groups} groups)") from None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
 
     def run(cuda, scratch, stream, _):
         if w4.data_ptr() % 4:
             raise ValueError("int4_linear: on CUDA the packed weights must start 4-byte aligned: pass w4.clone()")
-        try:
-            cuda.q4_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w4.data_ptr(), g_scale.data_ptr(),
-                           corr.data_ptr(), groups, 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
-                           activation, act_scale is not None, 1.0 if act_scale is None else act_scale,
-                           act_zero_point, act_qmax(act_bits), scratch.data_ptr(), scratch.numel(), stream)
-        except RuntimeError as err:
-            raise ValueError(f"{err} (layer of K={k}, N={n}, {groups} groups)") from None
+        cuda.q4_linear(x2.data_ptr(), CUDA_DTYPES[x.dtype], m, k, ldx, w4.data_ptr(), g_scale.data_ptr(),
+                       corr.data_ptr(), groups, 0 if bias is None else bias.data_ptr(), n, y.data_ptr(), n,
+                       activation, act_scale is not None, 1.0 if act_scale is None else act_scale, act_zero_point,
+                       act_qmax(act_bits), scratch.data_ptr(), scratch.numel(), stream)
 
     if m > 0:
         _cuda.launch("int4_linear", x, run, scratch_for=(m, n, k))
