@@ -11,6 +11,14 @@ import pytest
 import pycompress as pc
 from pycompress import _cuda, thresholds
 
+# Under pytest-xdist (pyproject's addopts: one worker per core, at most 8) the workers share the cores: each
+# runs torch and the kernels on its share, as a server would. Tests that are about thread counts set their own.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 FORCED_ISA = bool(os.environ.get("PYCOMPRESS_ISA"))
 ISA_PATHS = [pc.get_isa()] if FORCED_ISA else pc.supported_isas()
 
