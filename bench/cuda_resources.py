@@ -11,7 +11,9 @@ tests/test_cuda.py asserts from it that no kernel spills, whenever nvcc is on PA
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -75,33 +77,42 @@ def short(name: str) -> str:
     return re.sub(r"\(.*\)$", "", name).removeprefix("void ")
 
 
+def _ptxas_report(nvcc: str, source: Path, arch: str) -> list[list]:
+    """ptxas's lines for one source and architecture: [mangled name, arch, registers, stack, spill stores, spill
+    loads] per entry function. Device code only (-cubin): the CUDA build compiles the host side."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run([nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin",
+                              str(source), "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source.name} for sm_{arch}:\n{run.stderr[-4000:]}")
+    raw = []
+    entry = None
+    for line in run.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)' for 'sm_(\w+)'", line):
+            entry = [m.group(1), m.group(2), 0, 0, 0, 0]
+        elif entry and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                                        r"loads", line)):
+            entry[3:6] = map(int, m.groups())
+        elif entry and (m := re.search(r"Used (\d+) registers", line)):
+            entry[2] = int(m.group(1))
+            raw.append(entry)
+            entry = None
+    return raw
+
+
 def resources(archs=DEFAULT_ARCHS, nvcc: str | None = None) -> list[Kernel]:
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
         raise RuntimeError("nvcc is not on PATH")
+    jobs = [(source, arch) for source in sorted(CUDA_DIR.glob("*.cu")) for arch in archs]
+    # One nvcc a core (each is single-threaded; ptxas dominates).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reports = list(pool.map(lambda job: _ptxas_report(nvcc, *job), jobs))
+    raw = [entry for report in reports for entry in report]
     kernels: list[Kernel] = []
-    for source in sorted(CUDA_DIR.glob("*.cu")):
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        with tempfile.TemporaryDirectory() as tmp:
-            run = subprocess.run([nvcc, *NVCC_FLAGS, *gencode, "-c", str(source), "-o", str(Path(tmp) / "k.o")],
-                                 capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"nvcc failed on {source.name}:\n{run.stderr[-4000:]}")
-        raw = []
-        entry = None
-        for line in run.stderr.splitlines():
-            if m := re.search(r"Compiling entry function '(\w+)' for 'sm_(\w+)'", line):
-                entry = [m.group(1), m.group(2), 0, 0, 0, 0]
-            elif entry and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
-                                            r"loads", line)):
-                entry[3:6] = map(int, m.groups())
-            elif entry and (m := re.search(r"Used (\d+) registers", line)):
-                entry[2] = int(m.group(1))
-                raw.append(entry)
-                entry = None
-        for (mangled, arch, regs, stack, stores, loads), name in zip(raw, demangle([r[0] for r in raw])):
-            threads, smem = launch_shape(short(name))
-            kernels.append(Kernel(arch, short(name), regs, stack, stores, loads, threads, smem))
+    for (mangled, arch, regs, stack, stores, loads), name in zip(raw, demangle([r[0] for r in raw])):
+        threads, smem = launch_shape(short(name))
+        kernels.append(Kernel(arch, short(name), regs, stack, stores, loads, threads, smem))
     return kernels
 
 
