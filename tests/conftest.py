@@ -11,8 +11,8 @@ import pytest
 import pycompress as pc
 from pycompress import _cuda, thresholds
 
-# Under pytest-xdist (pyproject's addopts: one worker per core, at most 8) the workers share the cores: each
-# runs torch and the kernels on its share, as a server would. Tests that are about thread counts set their own.
+# Under pytest-xdist (README's `pytest -q -n auto`: a worker per core, at most 8) the workers share the cores:
+# each runs torch and the kernels on its share. Tests that are about thread counts set their own.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     import torch
