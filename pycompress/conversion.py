@@ -55,6 +55,7 @@ from pycompress.attention import use_fused_attention
 from pycompress.nn.int8_conv import conv2d_unsupported_reason
 from pycompress.nn.int8_linear import SharedInputGroup
 from pycompress.nn.registry import FORMATS as REGISTERED_FORMATS
+from pycompress.prune import masks
 from pycompress.nn.registry import (
     QuantParams,
     float_kind,
@@ -329,8 +330,21 @@ def _bake_float(module: nn.Module) -> nn.Module:
     quant_state.remove_fake_quant(module)
     if parametrize.is_parametrized(module):
         for tensor_name in list(module.parametrizations.keys()):
-            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+            masks.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return module
+
+
+def _bake_other_layers(model: nn.Module) -> list[str]:
+    """Layers that pc.prune / pc.quantize marked but convert has no kernel for (nn.Conv1d...): like a float layer
+    convert keeps, each computes in float with its mask baked into a plain weight, so the converted model
+    holds no training-time state (save / load rebuild it as an nn layer). Their names."""
+    baked = []
+    for name, module in model.named_modules():
+        if masks.training_state(module):
+            quant_state.remove_fake_quant(module)
+            masks.remove(module)
+            baked.append(name)
+    return baked
 
 
 # ---------------------------------------------------------------- timing and checks
@@ -727,6 +741,10 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
             original_ids[id(new)] = key
             for qualified in names:
                 _set_submodule(model, qualified, new)
+    baked = _bake_other_layers(model)
+    if baked:
+        notes.append(f"{len(baked)} layers convert has no kernel for keep float, their pruning masks baked into "
+                     f"their weights: {', '.join(baked[:4])}{', ...' if len(baked) > 4 else ''}")
     fused = _fuse_activations(model, records) if fuse_activations else []
     shared = _share_inputs(model, records, input_sources, original_ids) if share_inputs else []
     attention = apply_plan(model, fused, shared, fused_attention)

@@ -80,6 +80,7 @@ from pycompress.entropy import (
 )
 from pycompress.nn.checks import is_int
 from pycompress.nn.registry import LAYER_TYPES, compressed_layers, float_kind, linearize_transposed
+from pycompress.prune import masks
 
 MANIFEST_KEY = "pycompress"
 MANIFEST_DIGEST_KEY = "pycompress_sha256"  # metadata key: sha256 of the manifest's JSON text (version >= 2)
@@ -509,6 +510,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, entropy_coding: bool = Fa
     import safetensors.torch
 
     model = getattr(model, "_orig_mod", model)
+    for name, module in model.named_modules():
+        if state := masks.training_state(module):
+            raise ValueError(
+                f"save: layer {name or '(the model)'} ({type(module).__name__}) still carries pycompress's "
+                f"training-time {' and '.join(state)}, which load cannot rebuild. Convert the model first "
+                "(pc.convert), or bake it into a float model: pycompress.quant.remove_fake_quant(layer) for fake "
+                "quantization, then pycompress.prune.remove(model) for masks")
     layers = compressed_layers(model)
     layer_names: dict[int, str] = {}
     manifest_layers = {}

@@ -447,3 +447,64 @@ def test_policies_keep_a_quantized_layer_in_int8_numbers():
         assert rec.format == _timed_choice(rec), rec
     pc.convert(keep, overrides={"0": "sparse-fp32"})  # asked for explicitly: honoured
     assert isinstance(keep[0], pc.nn.SparseLinear)
+
+
+def test_a_deepcopy_kept_as_the_reference_survives_convert_baking_its_twin():
+    # torch gives a parametrized layer a class of its own and deepcopy shares it: baking the converted model's
+    # float layers (excluded, depthwise) used to delete `weight` from the copy's class too.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.Flatten(),
+                          nn.Linear(16 * 36, 10)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    pc.prune(model, sparsity=0.75)
+    pc.quantize(model, [x])
+    reference = copy.deepcopy(model)
+    want = reference(x)
+    pc.convert(model, exclude=["4"])
+    assert type(model[0]) is nn.Conv2d and type(model[4]) is nn.Linear  # kept float, baked
+    assert parametrize.is_parametrized(reference[0], "weight") and parametrize.is_parametrized(reference[4], "weight")
+    assert torch.equal(reference(x), want)
+    report = pc.verify(model, reference, x)
+    assert report.ok, report
+
+
+def test_layers_convert_has_no_kernel_for_are_baked_and_the_model_saves_and_loads(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 8, 3)
+            self.fc = nn.Linear(8 * 14, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    torch.manual_seed(1)
+    model = Net().eval()
+    pc.prune(model, sparsity=0.5)
+    x = torch.randn(3, 4, 16)
+    mask = pc.prune.get_mask(model.conv).clone()
+    pruned_conv = model.conv(x)
+    pc.convert(model, policy="int8")
+    assert type(model.conv) is nn.Conv1d and isinstance(model.conv.weight, nn.Parameter)
+    assert torch.equal(model.conv.weight == 0, ~mask) and torch.equal(model.conv(x), pruned_conv)
+    assert any("conv" in note and "baked" in note for note in model._pycompress_conversion.notes)
+    path = tmp_path / "m.safetensors"
+    pc.save(model, path)
+    loaded = pc.load(path, model=Net()).eval()
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("step", ["prune", "quantize"])
+def test_save_refuses_a_model_still_carrying_training_state_naming_the_layer(tmp_path, step):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    if step == "prune":
+        pc.prune(model, sparsity=0.5)
+        what = "pruning mask"
+    else:
+        pc.quantize(model, [torch.randn(4, 16)])
+        what = "fake quantization"
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=rf"save: layer 0 \(ParametrizedLinear\) still carries .*{what}.*pc.convert"):
+        pc.save(model, path)
+    assert not path.exists()

@@ -34,10 +34,33 @@ class PruningMask(nn.Module):
         return weight * self.mask.to(weight.dtype)
 
 
+def remove_parametrizations(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    """``torch.nn.utils.parametrize.remove_parametrizations`` for this module alone. torch gives a parametrized
+    module a class of its own (``ParametrizedLinear``...) and removes the tensor's property from that class,
+    but ``copy.deepcopy`` shares the class between the module and its copies: removing a parametrization
+    from one (convert baking a float layer) took ``weight`` away from every copy (the simulated reference
+    a user kept). The module gets a fresh copy of its class first."""
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=leave_parametrized)
+
+
 def weight_parametrizations(module: nn.Module) -> list[nn.Module]:
     if not parametrize.is_parametrized(module, "weight"):
         return []
     return list(module.parametrizations.weight)
+
+
+def training_state(module: nn.Module) -> list[str]:
+    """What of pycompress's training-time state ``module`` itself carries: "pruning mask" (a PruningMask on
+    ``weight``), "fake quantization" (quantize / prepare_qat's weight parametrization or activation
+    fake-quant). Empty for a plain or converted layer; a user's own parametrizations (weight norm...) do not count."""
+    kinds = {type(p).__name__ for p in weight_parametrizations(module)}
+    state = ["pruning mask"] if "PruningMask" in kinds else []
+    if "WeightFakeQuant" in kinds or "activation_fake_quant" in module._modules:
+        state.append("fake quantization")
+    return state
 
 
 def get_pruning_mask_module(module: nn.Module) -> PruningMask | None:
@@ -103,7 +126,7 @@ def remove(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             baked = masked_float_weight(module).detach().clone()
         others = [p for p in plist if not isinstance(p, PruningMask)]
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        remove_parametrizations(module, "weight", leave_parametrized=False)
         with torch.no_grad():
             module.weight.copy_(baked)
         for p in others:

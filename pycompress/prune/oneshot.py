@@ -198,7 +198,7 @@ def prune_oneshot(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
         pruned = {id(mod) for mod in done}
         for name, module in layers:
             if id(module) in pruned:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                _masks.remove_parametrizations(module, "weight", leave_parametrized=False)
             with torch.no_grad():
                 module.weight.copy_(saved[name])
         raise

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from pycompress.calibration import run_batch, start_calibration
 from pycompress.distributed import AUTO, Comm
 from pycompress.nn.registry import linearize_transposed
-from pycompress.prune.masks import masked_float_weight, matches_any, original_weight
+from pycompress.prune.masks import masked_float_weight, matches_any, original_weight, remove_parametrizations
 from pycompress.progress import progress_bar
 from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
 from pycompress.quant.fold import fold_conv_bn
@@ -250,7 +250,7 @@ def remove_fake_quant(module: nn.Module) -> nn.Module:
 def _detach(mod: nn.Module) -> None:
     if _weight_fake_quant(mod) is not None:
         parametrizations = [p for p in mod.parametrizations.weight if not isinstance(p, WeightFakeQuant)]
-        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+        remove_parametrizations(mod, "weight", leave_parametrized=False)
         for p in parametrizations:
             parametrize.register_parametrization(mod, "weight", p)
     if hasattr(mod, "activation_fake_quant"):
