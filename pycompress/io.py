@@ -640,6 +640,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, mmap: bool 
     (the module docstring says why; ``save`` never does).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"load({path}): a directory; pass the .safetensors file pycompress.save wrote")
     manifest, tensors = _read(path, mmap)
     layers = {name: _build_layer(entry, name, tensors, path) for name, entry in manifest["layers"].items()}
     rebuilt = model is None

@@ -223,8 +223,13 @@ def test_layers_answer_what_model_code_reads(case):
             assert ((value - w).abs() <= step / 2 * (1 + 1e-5)).all()
         else:
             assert torch.equal(value, w)
-        # Any torch function given the weight computes with its float value.
+        # Any torch function given the weight computes with its float value, and so do tensor methods.
         assert torch.equal(torch.mul(layer.weight, 1.0), value)
+        assert torch.equal(layer.weight.mT, value.mT) and torch.equal(layer.weight.float(), value)
+        # Assigning a tensor (Hugging Face's tie_weights) is refused, naming the layer: its weight is the packed one.
+        with pytest.raises(AttributeError, match=rf"{type(layer).__name__} \({layer.format_name}, .*cannot be "
+                                                 r"assigned a tensor; tie or assign weights in the float model"):
+            layer.weight = nn.Parameter(w.clone())
         if layer.FLOAT_KIND == "Linear":
             assert (layer.in_features, layer.out_features) == (float_layer.in_features, float_layer.out_features)
         else:
@@ -248,3 +253,32 @@ def test_a_converted_hugging_face_vit_runs():
         out, ref = model(pixel_values=pixels).last_hidden_state, reference(pixel_values=pixels).last_hidden_state
     assert out.shape == ref.shape
     assert pc.verify(model, reference, {"pixel_values": pixels}).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_converted_vit_cast_to_half_runs_and_its_layers_report_the_cast(dtype):
+    # ViT casts its pixels to projection.weight.dtype: a cast model's layers must report the cast dtype, or
+    # float32 embeddings reach its half-precision LayerNorms (a dtype error before).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64)
+    model = transformers.ViTModel(config).eval()
+    pc.convert(model, policy="int8")
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(pixel_values=pixels).last_hidden_state
+        projection = model.embeddings.patch_embeddings.projection
+        projected = projection(pixels)
+        model.to(dtype)
+        assert projection.weight.dtype == dtype and projection.weight.dequantize().dtype == dtype
+        assert all(t.dtype != dtype for t in projection.buffers())  # the format's buffers keep their dtypes
+        out = model(pixel_values=pixels.to(dtype)).last_hidden_state
+        assert out.dtype == dtype
+        # bf16 / fp16 activations and LayerNorms: within the half type's rounding of the float32 model
+        assert (out.float() - want).abs().max() <= 0.05 * want.abs().max()
+        model.cpu()  # a move keeps the dtype
+        assert projection.weight.dtype == dtype
+        model.float()
+        assert projection.weight.dtype == torch.float32
+        assert torch.equal(projection(pixels), projected)  # the layer's bits (the float parts were rounded)

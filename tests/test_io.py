@@ -519,3 +519,12 @@ def test_version_1_file_loads_without_checksums_and_is_still_validated(tmp_path)
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(ValueError, match=re.escape("load: 0: w_scale must be finite and > 0")):
         pc.load(path)
+
+
+def test_a_directory_or_a_missing_path_is_refused_naming_it(tmp_path):
+    with pytest.raises(IsADirectoryError, match=rf"load\({re.escape(str(tmp_path))}\): a directory; pass the "
+                                                r"\.safetensors file"):
+        pc.load(tmp_path)
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        pc.load(missing)

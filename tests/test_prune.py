@@ -158,9 +158,11 @@ def test_other_bad_arguments():
     with pytest.raises(ValueError, match=r"block \(2, 2\) is not a kernel block shape"):
         pc.prune(model, 0.5, method="block", block=(2, 2))
     odd = nn.Sequential(nn.Linear(30, 8))
-    with pytest.raises(ValueError, match=r"prune\(0\): N:M 2:4 needs K divisible by 4; weight \(8, 30\) has K=30"):
+    with pytest.raises(ValueError, match=r"prune\(0\): N:M 2:4 needs K divisible by 4; weight \(8, 30\) has K=30. "
+                                         r"Leave this layer dense with exclude=\['0'\]"):
         pc.prune(odd, method="nm")
-    with pytest.raises(ValueError, match=r"prune\(0\): weight \(8, 30\) viewed as \[N=8, K=30\] is not divisible"):
+    with pytest.raises(ValueError, match=r"prune\(0\): weight \(8, 30\) viewed as \[N=8, K=30\] is not divisible.*"
+                                         r"Leave this layer dense with exclude=\['0'\]"):
         pc.prune(odd, 0.5, method="block", block=(1, 4))
     with pytest.raises(ValueError, match="method='nm' with n=2, m=4 prunes 0.5, not sparsity=0.9"):
         pc.prune(model, 0.9, method="nm")
@@ -230,3 +232,13 @@ def test_sensitivity_analysis_restores_the_model_and_allocates_a_budget():
     assert pc.prune.sparsity_report(model)["__total__"] == pytest.approx(removed, abs=1e-3)
     with pytest.raises(ValueError, match="budget 0.95 exceeds the largest measured sparsity"):
         allocate_sparsity(model, table, budget=0.95)
+
+
+def test_a_weight_normed_layer_is_refused_naming_its_parametrization_and_exclude():
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 1))
+    nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(ValueError, match=r"prune\(0\): the layer's weight is computed by parametrizations "
+                                         r"\['_WeightNorm'\] .*exclude=\['0'\]"):
+        pc.prune(model, 0.5)
+    pc.prune(model, 0.5, exclude=["0"])
+    assert pc.prune.get_mask(model[2]) is not None

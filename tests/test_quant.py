@@ -1,8 +1,11 @@
 """PTQ / QAT: observers, fake quant against the kernels' reference, QuantState, BN folding, errors."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import pycompress as pc
 from pycompress.quant import (
@@ -219,3 +222,43 @@ def test_other_bad_arguments():
         pc.prune(model, 0.5)
     with pytest.raises(RuntimeError, match=r"static activation range was never observed"):
         pc.prepare_qat(mlp()).eval()(torch.randn(2, 24))
+
+
+def test_a_grouped_conv_is_refused_naming_exclude_which_keeps_it_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, groups=4), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    with pytest.raises(ValueError, match=r"quantize\(0\): grouped conv \(groups=4, neither 1 nor in_channels\) has "
+                                         r"no pycompress kernel; leave it float with exclude=\['0'\]"):
+        pc.quantize(model, [x])
+    assert not hasattr(model[2], "activation_fake_quant")  # nothing attached before the refusal
+    pc.quantize(model, [x], exclude=["0"])
+    assert not hasattr(model[0], "activation_fake_quant") and hasattr(model[2], "activation_fake_quant")
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_multihead_attention_projections_are_left_float_by_quantize(activations):
+    # MHA reads out_proj.weight itself and never calls out_proj: no calibration input reaches it (static used
+    # to fail: "the calibration batches never reached this layer"), and convert keeps it float.
+    torch.manual_seed(1)
+    model = _AttentionBlock().eval()
+    batches = [torch.randn(2, 5, 16) for _ in range(2)]
+    pc.quantize(model, batches, activations=activations)
+    assert not hasattr(model.mha.out_proj, "activation_fake_quant")
+    assert not parametrize.is_parametrized(model.mha.out_proj)
+    assert hasattr(model.fc, "activation_fake_quant")
+    reference = copy.deepcopy(model)
+    pc.convert(model, policy="state")
+    assert type(model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.fc, pc.nn.Int8Linear)
+    assert pc.verify(model, reference, batches[0]).ok

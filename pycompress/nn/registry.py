@@ -103,6 +103,7 @@ class CompressedLayer(nn.Module):
     LOWERS_CONV: ClassVar[bool] = False  # a GEMM module Im2colConv2d may run a conv on
     activation: str = "none"
     act_bits: int = 8
+    float_dtype: torch.dtype = torch.float32  # the dtype the model was last cast to (_apply); weight.dtype
 
     @property
     def format_name(self) -> str:
@@ -112,11 +113,17 @@ class CompressedLayer(nn.Module):
         """The format fixes its buffers' dtypes (float32 scales, biases and sparse values, integer weights), so a
         cast of the whole model (``model.half()``, ``model.to(torch.bfloat16)``) moves them to the new device
         and leaves their dtype: the kernels keep their contract and the layer keeps computing the same bits.
-        The cast is recognised by what ``fn`` does to a float32 probe."""
+        The cast is recognised by what ``fn`` does to float32 and float64 probes, and recorded as the dtype
+        ``weight`` reports (``float_dtype``): model code that casts its inputs to a layer's ``weight.dtype`` (a
+        Hugging Face ViT's patch embedding) then hands the rest of the cast model what it expects."""
         probe = fn(torch.zeros((), dtype=torch.float32))
         if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            self.float_dtype = probe.dtype
             device = probe.device
             return super()._apply(lambda t: t.to(device), recurse)
+        wide = fn(torch.zeros((), dtype=torch.float64))
+        if isinstance(wide, torch.Tensor) and wide.dtype == torch.float32:  # .float(), .to(torch.float32)
+            self.float_dtype = torch.float32
         return super()._apply(fn, recurse)
 
     def fuses_activation(self) -> bool:
@@ -195,6 +202,16 @@ class CompressedLayer(nn.Module):
         """What model code reads from the float layer's ``weight`` (dtype, device, shape); its value on demand."""
         return FloatWeight(self)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and isinstance(value, torch.Tensor):
+            # Hugging Face's tie_weights() assigns the embedding's Parameter to lm_head.weight: nn.Module's
+            # answer was a bare KeyError ("attribute 'weight' already exists").
+            raise AttributeError(
+                f"{type(self).__name__} ({self.format_name}, {tuple(self.weight_shape())}): its weight is computed "
+                f"from the packed {self.format_name} buffers and cannot be assigned a tensor; tie or assign "
+                "weights in the float model, before pc.convert")
+        super().__setattr__(name, value)
+
     def matches_float(self, layer: nn.Module) -> bool:
         """Whether ``layer`` (a float layer of a model skeleton) has this layer's shape."""
         return (layer.in_features, layer.out_features) == (self.in_features, self.out_features)
@@ -229,11 +246,15 @@ class FloatWeight:
 
     __slots__ = ("_layer",)
     requires_grad = False
-    dtype = torch.float32
     is_sparse = False
 
     def __init__(self, layer: CompressedLayer) -> None:
         self._layer = layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32, or what a cast of the model made it (``model.half()``...: the layer's ``float_dtype``)."""
+        return self._layer.float_dtype
 
     @property
     def device(self) -> torch.device:
@@ -257,7 +278,13 @@ class FloatWeight:
         return self.shape.numel()
 
     def dequantize(self) -> torch.Tensor:
-        return self._layer.dequantized_weight()
+        return self._layer.dequantized_weight().to(self.dtype)
+
+    def __getattr__(self, name: str):
+        # Any other tensor attribute or method (.T, .float(), .to(), .numpy()...): the float value's.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dequantize(), name)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -174,8 +174,13 @@ def prune(
             if _masks.get_pruning_mask_module(module) is not None:
                 raise ValueError(f"prune({name}): layer is already pruned; call pycompress.prune.remove(model) "
                                  "first, or use GradualPruner to raise sparsity step by step")
-            raise ValueError(f"prune({name}): layer already has parametrizations {kinds} on weight; "
-                             "prune before quantize/prepare_qat")
+            if "WeightFakeQuant" in kinds:
+                raise ValueError(f"prune({name}): layer already has parametrizations {kinds} on weight; "
+                                 "prune before quantize/prepare_qat")
+            raise ValueError(f"prune({name}): the layer's weight is computed by parametrizations {kinds} (weight "
+                             "norm or the model's own), which a pruning mask cannot sit on: leave the layer dense "
+                             f"with exclude=[{name!r}], or remove them first "
+                             "(torch.nn.utils.parametrize.remove_parametrizations)")
     if criterion != "magnitude":
         if method == "nm":
             for name, module in layers:

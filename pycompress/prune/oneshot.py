@@ -95,9 +95,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"{what}({name}): Hessian has shape {tuple(hessian.shape)}, expected {(k, k)}")
     bn, bk = block if pattern == "block" else (1, 1)
-    if pattern == "block" and (rows % bn or k % bk):
-        raise ValueError(f"prune({name}): weight {tuple(weight.shape)} viewed as [N={rows}, K={k}] is not divisible "
-                         f"into blocks of {bn}x{bk} (N must be a multiple of {bn}, K of {bk})")
+    if pattern == "block":
+        _u.check_blocks_fit(name, tuple(weight.shape), rows, k, (bn, bk))
     if pattern == "nm":
         _u.nm_mask(weight, n, m, name)  # validates n, m and K % m
     width = BLOCK_SIZE

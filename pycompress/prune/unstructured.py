@@ -30,14 +30,23 @@ def check_sparsity(sparsity: float, what: str) -> float:
     return float(sparsity)
 
 
+KEEP_DENSE = "Leave this layer dense with exclude=[{name!r}] (a conv stem's K = 3 x kh x kw rarely fits)"
+
+
+def check_blocks_fit(name: str, shape: tuple, n: int, k: int, block: tuple[int, int]) -> None:
+    """Refuses a weight (viewed as [N, K]) that blocks of ``block`` do not tile, naming the layer."""
+    bn, bk = block
+    if n % bn or k % bk:
+        raise ValueError(f"prune({name}): weight {shape} viewed as [N={n}, K={k}] is not divisible into blocks of "
+                         f"{bn}x{bk} (N must be a multiple of {bn}, K of {bk}). {KEEP_DENSE.format(name=name)}")
+
+
 def block_scores(weight: torch.Tensor, block: tuple[int, int], name: str, norm: str = "l1") -> torch.Tensor:
     """Score of each block, shape [N / bn, K / bk]."""
     bn, bk = block
     w = weight_2d(weight.detach().abs() if norm == "l1" else weight.detach() ** 2)
     n, k = w.shape
-    if n % bn or k % bk:
-        raise ValueError(f"prune({name}): weight {tuple(weight.shape)} viewed as [N={n}, K={k}] is not divisible "
-                         f"into blocks of {bn}x{bk} (N must be a multiple of {bn}, K of {bk})")
+    check_blocks_fit(name, tuple(weight.shape), n, k, block)
     return w.reshape(n // bn, bn, k // bk, bk).sum(dim=(1, 3))
 
 
@@ -78,7 +87,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:
     rows, k = w.shape
     if k % m:
         raise ValueError(f"prune({name}): N:M {n}:{m} needs K divisible by {m}; weight {tuple(weight.shape)} "
-                         f"has K={k}")
+                         f"has K={k}. {KEEP_DENSE.format(name=name)}")
     groups = w.reshape(rows, k // m, m)
     # Stable sort so equal magnitudes are resolved by position, deterministically.
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices

@@ -106,14 +106,19 @@ def _check_float_model(model: nn.Module, what: str) -> None:
 def _layers(model: nn.Module, exclude: Iterable[str], what: str) -> list[tuple[str, nn.Module]]:
     exclude = list(exclude)
     linearize_transposed(model)  # GPT-2's Conv1D layers become Linear views of their weights (as convert does)
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and not matches_any(n, exclude)]
+    # nn.MultiheadAttention reads its projections' weights itself, never calling their forward: no input reaches
+    # them (static ranges and GPTQ would have nothing to calibrate on) and convert keeps them float.
+    in_mha = {id(m) for mha in model.modules() if isinstance(mha, nn.MultiheadAttention) for m in mha.modules()}
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, QUANTIZABLE_TYPES) and id(m) not in in_mha and not matches_any(n, exclude)]
     if not layers:
         raise ValueError(f"{what}: the model has no nn.Linear / nn.Conv2d layer to quantize")
     for name, mod in layers:
         if _is_quantized(mod):
             raise ValueError(f"{what}({name}): layer is already quantized")
         if isinstance(mod, nn.Conv2d) and mod.groups != 1 and mod.groups != mod.in_channels:
-            raise ValueError(f"{what}({name}): grouped conv (groups={mod.groups}) is not supported")
+            raise ValueError(f"{what}({name}): grouped conv (groups={mod.groups}, neither 1 nor in_channels) has "
+                             f"no pycompress kernel; leave it float with exclude=[{name!r}]")
     return layers
 
 
