@@ -68,6 +68,10 @@ from pycompress.reference.q4 import W4_BITS
 from pycompress.reference.q8 import ACT_BITS, MAX_K, act_qmax
 from pycompress.verification import ErrorStats, call_model, layer_budget_db
 
+# Modules of pycompress's training-time state: a layer's "bytes before" leaves their buffers out (a pruning mask
+# is as large as the weight; the float model a user deploys has neither).
+TRAINING_STATE = (masks.PruningMask, quant_state.ActivationFakeQuant, quant_state.WeightFakeQuant)
+
 # "float" keeps the layer; the others are pycompress.nn's registered formats.
 FORMATS = ("float",) + tuple(REGISTERED_FORMATS)
 POLICIES = ("auto", "state", "int8") + FORMATS
@@ -689,7 +693,7 @@ def convert(model: nn.Module, example_inputs=None, policy: str = "auto", *, over
         state = state_of(key, module)
         timed = policy == "auto" and key in timings
         candidates = _candidate_reasons(state, "timed" if timed else "heuristic")
-        record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module),
+        record = LayerRecord(name, names, kind, "float", "", "", state.density, 32, module_bytes(module, TRAINING_STATE),
                              not_considered={f: r for f, r in candidates.items() if r is not None})
         excluded = _matches(names, exclude)
         override = next(((p, f) for p, f in overrides.items() if _matches(names, [p])), None)

@@ -356,9 +356,10 @@ def compressed_layers(model: nn.Module) -> list[tuple[str, CompressedLayer]]:
     return out
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct tensors (parameters and buffers) a module holds."""
-    seen, total = set(), 0
+def module_bytes(module: nn.Module, skip: tuple[type, ...] = ()) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) a module holds, less those of its submodules of
+    the ``skip`` types."""
+    seen, total = {id(t) for m in module.modules() if isinstance(m, skip) for t in m.buffers()}, 0
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
