@@ -30,7 +30,7 @@ One home for what ``pycompress.quantize(method="gptq")`` and ``pycompress.prune(
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,32 @@ from pycompress.distributed import Comm, DistributedCalibrationError, model_fing
 _F64 = torch.float64
 
 
-def run_batch(model: nn.Module, batch: object) -> object:
-    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, else ``model(batch)``."""
-    if isinstance(batch, dict):
-        return model(**batch)
+def run_batch(model: nn.Module, batch: object, what: str | None = None) -> object:
+    """``model(**batch)`` for a mapping (a tokenizer's output), ``model(*batch)`` for a tuple or list, else
+    ``model(batch)``. ``what`` (the step and the input, e.g. "quantize: calibration batch 3"): an exception the
+    model raises gets a note naming it and the batch's shapes, so a model's own error (``mat1 and mat2 shapes
+    cannot be multiplied``) says which input of which step caused it."""
+    try:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except Exception as err:
+        if what is not None and hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"pycompress: raised by the model on {what}: {describe_batch(batch)}")
+        raise
+
+
+def describe_batch(batch: object) -> str:
+    """A batch's structure and shapes, for messages: "a tensor (4, 30)", "a dict {input_ids: (2, 7), ...}"."""
+    def one(v: object) -> str:
+        return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor) else type(v).__name__
+    if isinstance(batch, Mapping):
+        return "a dict {" + ", ".join(f"{k}: {one(v)}" for k, v in batch.items()) + "}"
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        return f"a {type(batch).__name__} (" + ", ".join(one(v) for v in batch) + ")"
+    return f"a {one(batch)}" if not isinstance(batch, torch.Tensor) else f"a tensor {one(batch)}"
 
 
 def materialize_batches(batches: Iterable | None, what: str, allow_empty: bool = False) -> list | None:
@@ -225,7 +244,7 @@ class _Trace:
     runs between the first and the last block."""
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]], blocks: list[tuple[str, nn.Module]],
-                 batches: list) -> None:
+                 batches: list, what: str) -> None:
         self.names = {id(m): n for n, m in layers}
         self.layer_block = {n: j for n, _ in layers for j, (b, _) in enumerate(blocks)
                             if n == b or n.startswith(b + ".")}
@@ -247,13 +266,13 @@ class _Trace:
                     lambda mod, args, output, j=j: self._block_post(j, output), always_call=False))
         try:
             with torch.no_grad():
-                for batch in batches:
+                for index, batch in enumerate(batches):
                     self.calls.clear()
                     self.seq: list[int] = []
                     self.current: int | None = None
                     self.prev_out = None
                     self.ref = None
-                    run_batch(model, batch)
+                    run_batch(model, batch, f"{what}: calibration batch {index}")
                     self.last = None
                     if any(c != 1 for c in self.calls.values()) or len(self.calls) != len(self.order):
                         self.once = False
@@ -362,7 +381,7 @@ def sequential_walk(model: nn.Module, layers: list[tuple[str, nn.Module]], batch
     try:
         trace, error = None, None
         try:
-            trace = _Trace(model, layers, blocks, batches)
+            trace = _Trace(model, layers, blocks, batches, what)
         except Exception as err:
             error = err
         comm.raise_if_any_failed(error, "running the calibration batches through the model")

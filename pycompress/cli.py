@@ -127,7 +127,7 @@ def _load_model(spec: str, args) -> tuple[nn.Module, object]:
 
 def model_layer_shapes(model: nn.Module, inputs) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """(name, layer, input shape) of each distinct Linear / Conv2d call shape while the model runs once."""
-    from pycompress.verification import call_model
+    from pycompress.calibration import run_batch
 
     found: dict[tuple, tuple[str, nn.Module, tuple[int, ...]]] = {}
 
@@ -148,7 +148,7 @@ def model_layer_shapes(model: nn.Module, inputs) -> list[tuple[str, nn.Module, t
                if type(m) in (nn.Linear, nn.Conv2d)]
     try:
         with torch.no_grad():
-            call_model(model, inputs)
+            run_batch(model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -52,6 +52,7 @@ import pycompress.quant as quant_state  # looked up per call: tests substitute g
 from pycompress import _C, thresholds
 from pycompress._native import get_isa
 from pycompress.attention import use_fused_attention
+from pycompress.calibration import run_batch
 from pycompress.nn.int8_conv import conv2d_unsupported_reason
 from pycompress.nn.int8_linear import SharedInputGroup
 from pycompress.nn.registry import FORMATS as REGISTERED_FORMATS
@@ -66,7 +67,7 @@ from pycompress.nn.registry import (
 )
 from pycompress.reference.q4 import W4_BITS
 from pycompress.reference.q8 import ACT_BITS, MAX_K, act_qmax
-from pycompress.verification import ErrorStats, call_model, layer_budget_db
+from pycompress.verification import ErrorStats, layer_budget_db
 
 # Modules of pycompress's training-time state: a layer's "bytes before" leaves their buffers out (a pruning mask
 # is as large as the weight; the float model a user deploys has neither).
@@ -405,7 +406,7 @@ def _capture_layer_io(model: nn.Module, targets: dict[int, tuple[list[str], nn.M
     handles = [m.register_forward_hook(hook) for _, m in targets.values()]
     try:
         with torch.no_grad():
-            call_model(model, inputs)
+            run_batch(model, inputs, "convert: example_inputs / verify_inputs")
     finally:
         for h in handles:
             h.remove()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pycompress.calibration import run_batch
 from pycompress.nn.registry import FORMATS, compressed_layers
 
 CREST_FACTOR = 16.0
@@ -215,15 +216,6 @@ def flatten_tensors(value, prefix: str = "output") -> list[tuple[str, torch.Tens
     return []
 
 
-def call_model(model: nn.Module, inputs):
-    """inputs: a tensor (model(x)), a tuple/list (model(*inputs)) or a dict (model(**inputs))."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _activation_fn(module: nn.Module):
     kind = module.activation  # what the layer's kernel applies after its GEMM
     if kind == "relu":
@@ -284,11 +276,11 @@ def verify(model: nn.Module, reference: nn.Module, inputs, *, layer_min_sqnr_db:
             for name, module in layers:
                 handles.append(reference.get_submodule(name).register_forward_hook(
                     capture_reference(name, epilogues[id(module)])))
-            ref_out = call_model(reference, inputs)
+            ref_out = run_batch(reference, inputs, "verify: the reference model's inputs")
             for h in handles:
                 h.remove()
             handles = [m.register_forward_hook(compare_converted) for _, m in {id(m): (n, m) for n, m in layers}.values()]
-            out = call_model(model, inputs)
+            out = run_batch(model, inputs, "verify: the converted model's inputs")
     finally:
         for h in handles:
             h.remove()

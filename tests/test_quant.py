@@ -262,3 +262,17 @@ def test_multihead_attention_projections_are_left_float_by_quantize(activations)
     assert type(model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert isinstance(model.fc, pc.nn.Int8Linear)
     assert pc.verify(model, reference, batches[0]).ok
+
+
+def test_a_model_error_on_a_calibration_batch_names_the_step_and_the_batch():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    batches = [torch.randn(4, 16), torch.randn(4, 30)]
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as info:
+        pc.quantize(model, batches, activations="static")
+    assert info.value.__notes__ == ["pycompress: raised by the model on quantize: calibration batch 1: "
+                                    "a tensor (4, 30) float32"]
+    with pytest.raises(RuntimeError) as info:
+        pc.quantize(model, [{"input": torch.randn(2, 30)}], method="gptq")
+    assert info.value.__notes__[-1] == ("pycompress: raised by the model on quantize: calibration batch 0: "
+                                        "a dict {input: (2, 30) float32}")

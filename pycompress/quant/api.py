@@ -163,8 +163,8 @@ def _calibrate(model: nn.Module, modules: list[tuple[str, ActivationFakeQuant]],
     error = None
     try:
         with torch.no_grad():
-            for batch in progress_bar(batches, desc=f"{what}: calibration", enabled=progress):
-                run_batch(model, batch)
+            for index, batch in enumerate(progress_bar(batches, desc=f"{what}: calibration", enabled=progress)):
+                run_batch(model, batch, f"{what}: calibration batch {index}")
     except Exception as err:
         error = err
     finally:
