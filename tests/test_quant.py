@@ -276,3 +276,32 @@ def test_a_model_error_on_a_calibration_batch_names_the_step_and_the_batch():
         pc.quantize(model, [{"input": torch.randn(2, 30)}], method="gptq")
     assert info.value.__notes__[-1] == ("pycompress: raised by the model on quantize: calibration batch 0: "
                                         "a dict {input: (2, 30) float32}")
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, dilation=2, padding=2),
+                                      dict(kernel_size=(3, 5), padding="same", dilation=(1, 2)), dict(kernel_size=1),
+                                      dict(kernel_size=4, stride=4)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dynamic_conv_simulation_quantizes_im2col_rows_as_the_kernels_do(geometry, bits):
+    # The int8 / int4 conv kernels quantize each im2col row (an output position's receptive field, its zero
+    # padding included); the simulated model did once per sample, ~1% away from the converted model.
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(6, 32, **geometry)).eval()
+    x = torch.randn(2, 6, 9, 11) * 3
+    pc.quantize(model, [x], weight_bits=bits, group_size=None)
+    simulated = copy.deepcopy(model)
+    pc.convert(model, policy="int8" if bits == 8 else "int4")
+    with torch.no_grad():
+        want, got = simulated(x), model(x)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        assert simulated(x[:0]).shape == got[:0].shape == (0, *want.shape[1:])
+    # The gradient flows straight through the quantization (QAT), to the input and the weight.
+    xg = x.clone().requires_grad_()
+    simulated(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert pc.prune.masked_float_weight(simulated[0]).grad is not None or simulated[0].parametrizations.weight.original.grad is not None
+    # remove_fake_quant gives the plain conv back.
+    pc.quant.remove_fake_quant(simulated[0])
+    assert "_conv_forward" not in vars(simulated[0])
+    assert torch.equal(simulated(x), torch.nn.functional.conv2d(
+        x, simulated[0].weight, simulated[0].bias, simulated[0].stride, simulated[0].padding, simulated[0].dilation))

@@ -27,7 +27,8 @@ Contract with ``pycompress.convert`` (implemented here, tested in tests/test_qua
 - The model's float forward simulates exactly that arithmetic (fake quant), so its
   accuracy before convert is what the kernels should give (up to float summation order).
   Dynamic activations are simulated per row for a Linear (each vector along the last
-  dim) and per sample for a Conv2d.
+  dim) and per im2col row for a Conv2d (each output position's receptive field, zero
+  padding included), as the kernels quantize them (``fake_quant.im2col_conv_forward``).
 - Pruning masks (pycompress.prune) are kept below the weight fake-quant: pruned weights
   quantize to exact zeros.
 - Quantization state lives in parametrizations (``WeightFakeQuant`` on ``weight``) and

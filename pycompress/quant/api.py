@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from pycompress.distributed import AUTO, Comm
 from pycompress.nn.registry import linearize_transposed
 from pycompress.prune.masks import masked_float_weight, matches_any, original_weight, remove_parametrizations
 from pycompress.progress import progress_bar
-from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
+from pycompress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant, im2col_conv_forward, quantize_input_hook
 from pycompress.quant.fold import fold_conv_bn
 from pycompress.quant.gptq import check_gptq_layer, gptq_layer
 from pycompress.quant.observers import OBSERVERS, make_observer, reduce_observers
@@ -137,7 +138,10 @@ def _check_bits(weight_bits: int, act_bits: int, activations: str, what: str) ->
 
 def _attach(mod: nn.Module, weight_bits: int, group_size: int | None, afq: ActivationFakeQuant) -> None:
     mod.activation_fake_quant = afq
-    mod.register_forward_pre_hook(quantize_input_hook)
+    if afq.activations == "dynamic" and afq.rows == "im2col":
+        mod._conv_forward = functools.partial(im2col_conv_forward, mod)  # an instance attribute: this layer only
+    else:
+        mod.register_forward_pre_hook(quantize_input_hook)
     parametrize.register_parametrization(mod, "weight", WeightFakeQuant(weight_bits, group_size))
 
 
@@ -220,7 +224,7 @@ def _prepare(model, calibration_batches, weight_bits, activations, observer, act
     static_modules = []
     saved = {name: original_weight(mod).detach().clone() for name, mod in layers} if method == "gptq" else {}
     for name, mod in layers:
-        rows = "last_dim" if isinstance(mod, nn.Linear) else "sample"
+        rows = "last_dim" if isinstance(mod, nn.Linear) else "im2col"
         afq = ActivationFakeQuant(activations, act_bits, rows, learn_range=learn_range,
                                   range_momentum=range_momentum)
         _attach(mod, weight_bits, groups[name], afq)
@@ -260,6 +264,7 @@ def _detach(mod: nn.Module) -> None:
             parametrize.register_parametrization(mod, "weight", p)
     if hasattr(mod, "activation_fake_quant"):
         del mod.activation_fake_quant
+    mod.__dict__.pop("_conv_forward", None)
     for key, hook in list(mod._forward_pre_hooks.items()):
         if hook is quantize_input_hook:
             del mod._forward_pre_hooks[key]

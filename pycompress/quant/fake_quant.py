@@ -11,7 +11,10 @@ straight through. ``scale`` is max|w| / qmax of the channel or group, or a fixed
 Activations: ``ActivationFakeQuant``, a submodule ``activation_fake_quant`` of the
 quantized layer applied to its input by a forward pre-hook: uint8 with a zero point,
 ``q = clamp(round(x / scale) + zp, 0, 255)``, static (one calibrated scale / zero
-point) or dynamic (per row, computed from each row's range, as the kernels do).
+point) or dynamic (per row, computed from each row's range, as the kernels do). A Conv2d's dynamic rows are
+its im2col rows (each output position's receptive field, zero padding included), as the int8 conv kernels
+quantize them: that layer computes through ``im2col_conv_forward`` (``F.unfold``, the rows fake-quantized, a
+GEMM) in place of its ``_conv_forward``, with no pre-hook.
 The straight-through estimator is clipped for static ranges: gradient 1 inside the
 representable range, 0 outside.
 """
@@ -19,6 +22,7 @@ representable range, 0 outside.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pycompress.quant.observers import affine_qparams, fake_quantize_affine
@@ -105,8 +109,9 @@ class ActivationFakeQuant(nn.Module):
     ``"quantize"``. With ``learn_range`` (QAT, static), training-mode forwards
     update an exponential moving average of the batch min/max and recompute the
     scale / zero point; eval-mode forwards (and ``freeze()``) keep them fixed.
-    ``rows``: ``"last_dim"`` (a Linear: each vector along the last dim is a row) or
-    ``"sample"`` (a conv: each sample is one row) for dynamic activations.
+    ``rows``: ``"last_dim"`` (a Linear: each vector along the last dim is a row) or ``"im2col"`` (a Conv2d:
+    its im2col rows, quantized inside ``im2col_conv_forward``; this module is then not a pre-hook) for
+    dynamic activations.
     """
 
     def __init__(self, activations: str, bits: int, rows: str, learn_range: bool = False,
@@ -142,7 +147,10 @@ class ActivationFakeQuant(nn.Module):
             self.observer.update(x)
             return x
         if self.activations == "dynamic":
-            rows = x.reshape(-1, x.shape[-1]) if self.rows == "last_dim" else x.reshape(x.shape[0], -1)
+            if self.rows != "last_dim":
+                raise RuntimeError("ActivationFakeQuant: a Conv2d's dynamic rows are its im2col rows; its "
+                                   "input is quantized inside im2col_conv_forward, not by this module")
+            rows = x.reshape(-1, x.shape[-1])
             if rows.numel() == 0:
                 return x
             return x + (dynamic_fake_quantize_rows(rows, self.bits).reshape(x.shape) - x).detach()
@@ -173,8 +181,45 @@ class ActivationFakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         if self.activations == "dynamic":
-            return f"uint{self.bits} dynamic per {'row' if self.rows == 'last_dim' else 'sample'}"
+            return f"uint{self.bits} dynamic per {'row' if self.rows == 'last_dim' else 'im2col row'}"
         return f"uint{self.bits} static scale={float(self.scale):.4g} zp={int(self.zero_point)}"
+
+
+def im2col_conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``conv._conv_forward`` of a Conv2d with dynamic activation fake quantization: its input as the int8 conv
+    kernels quantize it, per im2col row (each output position's receptive field, its zero padding included;
+    ``activation_fake_quant.bits`` wide), straight-through, then the float GEMM with ``weight`` (the layer's
+    fake-quantized weight)."""
+    bits = conv.activation_fake_quant.bits
+    kh, kw = weight.shape[2], weight.shape[3]
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        else:  # "same" / "valid": the padding torch's conv applies, left = total // 2
+            pads = []
+            for k, d in ((kw, conv.dilation[1]), (kh, conv.dilation[0])):
+                total = d * (k - 1) if conv.padding == "same" else 0
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        padding = (0, 0)
+    else:
+        padding = conv.padding
+    n, _, h, w = x.shape
+    cols = F.unfold(x, (kh, kw), dilation=conv.dilation, padding=padding, stride=conv.stride)  # [N, K, L]
+    ho = (h + 2 * padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+    wo = (w + 2 * padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if rows.numel():
+        rows = rows + (dynamic_fake_quantize_rows(rows, bits) - rows).detach()
+    groups = conv.groups
+    o = weight.shape[0]
+    # [rows, groups, K/groups] x [groups, O/groups, K/groups] -> [rows, O]
+    k = cols.shape[1] // groups
+    y = torch.einsum("rgk,gok->rgo", rows.reshape(rows.shape[0], groups, k),
+                     weight.reshape(groups, o // groups, k)).reshape(rows.shape[0], o)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
 
 
 def quantize_input_hook(module: nn.Module, args: tuple) -> tuple:
