@@ -30,7 +30,7 @@ def check_sparsity(sparsity: float, what: str) -> float:
     return float(sparsity)
 
 
-KEEP_DENSE = "Leave this layer dense with exclude=[{name!r}] (a conv stem's K = 3 x kh x kw rarely fits)"
+KEEP_DENSE = "Leave this layer dense with exclude=[{name!r}]"
 
 
 def check_blocks_fit(name: str, shape: tuple, n: int, k: int, block: tuple[int, int]) -> None:
