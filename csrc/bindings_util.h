@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "common/epilogue_math.h"
 #include "common/thread_tuner.h"
@@ -32,6 +33,18 @@ inline pybind11::dict tuning_dict(const ThreadTuner& t) {
   d["one_thread_ns"] = t.estimate_ns(0);
   d["team_ns"] = t.estimate_ns(1);
   return d;
+}
+
+// Runs `f` (it returns an error message, empty on success) with the GIL released; a message is raised as
+// E (std::invalid_argument: ValueError, std::runtime_error: RuntimeError) after `prefix`.
+template <typename E = std::invalid_argument, typename F>
+void run_released(F&& f, const std::string& prefix = "") {
+  std::string err;
+  {
+    pybind11::gil_scoped_release release;
+    err = f();
+  }
+  if (!err.empty()) throw E(prefix + err);
 }
 
 }  // namespace bindings

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings_util.h"
 #include "cuda/q8_cuda.h"
 
 namespace py = pybind11;
@@ -51,12 +52,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                              reinterpret_cast<void*>(scratch), scratch_size, reinterpret_cast<int32_t*>(raw), stream};
         a.sms = sms;
         a.wgmma = wgmma;
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::linear(a);
-        }
-        if (!err.empty()) throw std::runtime_error("int8_linear (CUDA): " + err);
+        bindings::run_released<std::runtime_error>([&] { return q8cuda::linear(a); }, "int8_linear (CUDA): ");
       },
       "y[m, n] = the int8 linear of x on the given stream (raw != 0: int32 accumulators into raw instead)");
   m.def(
@@ -74,12 +70,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         a.g_scale = reinterpret_cast<const float*>(g_scale);
         a.corr = reinterpret_cast<const float*>(corr);
         a.groups = groups;
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::q4_linear(a);
-        }
-        if (!err.empty()) throw std::runtime_error("int4_linear (CUDA): " + err);
+        bindings::run_released<std::runtime_error>([&] { return q8cuda::q4_linear(a); }, "int4_linear (CUDA): ");
       },
       "y[m, n] = the W4A8 linear of x over the CPU's 4-bit pack (validated by the caller), on the given stream");
   m.def(
@@ -95,12 +86,8 @@ PYBIND11_MODULE(_C_cuda, m) {
                              reinterpret_cast<void*>(y), ldy, act, is_static, static_scale, static_zp, qmax,
                              reinterpret_cast<void*>(scratch), scratch_size, reinterpret_cast<int32_t*>(raw), stream};
         a.nm24 = reinterpret_cast<const void*>(pack);
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::nm24_linear(a);
-        }
-        if (!err.empty()) throw std::runtime_error("int8_linear (CUDA, 2:4 weights): " + err);
+        bindings::run_released<std::runtime_error>([&] { return q8cuda::nm24_linear(a); },
+                                                   "int8_linear (CUDA, 2:4 weights): ");
       },
       "y[m, n] = the int8 linear of x over the 2:4 GPU pack of its weights (cuda_nm24_pack), on the given stream");
   m.def(
@@ -119,12 +106,8 @@ PYBIND11_MODULE(_C_cuda, m) {
                              reinterpret_cast<const int32_t*>(row_ptr), reinterpret_cast<const uint16_t*>(blk_idx),
                              reinterpret_cast<const int8_t*>(values)};
         a.row_order = reinterpret_cast<const int32_t*>(row_order);
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::sparse_linear(a);
-        }
-        if (!err.empty()) throw std::runtime_error("sparse_int8_linear (CUDA): " + err);
+        bindings::run_released<std::runtime_error>([&] { return q8cuda::sparse_linear(a); },
+                                                   "sparse_int8_linear (CUDA): ");
       },
       "y[m, n] = the int8 linear of x over bsr1x4 sparse weights (validated by the caller), on the given stream");
   // The float sparse linears: csr (row_ptr, col_idx, row order) or nm24 (nm_idx, its words a channel).
@@ -144,12 +127,8 @@ PYBIND11_MODULE(_C_cuda, m) {
     a.act = act;
     a.stream = stream;
     a.f32_values = reinterpret_cast<const float*>(values);
-    std::string err;
-    {
-      py::gil_scoped_release release;
-      err = q8cuda::sparse_f32_linear(a);
-    }
-    if (!err.empty()) throw std::runtime_error(std::string(op) + " (CUDA): " + err);
+    bindings::run_released<std::runtime_error>([&] { return q8cuda::sparse_f32_linear(a); },
+                                               std::string(op) + " (CUDA): ");
   };
   m.def(
       "f32_sparse_linear",

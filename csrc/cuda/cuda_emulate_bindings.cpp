@@ -69,12 +69,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
                               ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ptr<int32_t>(raw),
                               act, is_static, static_scale, static_zp, qmax, sms, wgmma};
         q8cuda::Plan plan{};
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::emulate(a, &plan);
-        }
-        if (!err.empty()) throw std::invalid_argument(err);
+        bindings::run_released([&] { return q8cuda::emulate(a, &plan); });
         return plan_dict(plan, rows, n);
       },
       "y (or raw) = the CUDA int8 linear's algorithm run on the CPU for a device of `sms` multiprocessors (wgmma: "
@@ -105,12 +100,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         a.corr = ptr<const float>(corr);
         a.groups = groups;
         q8cuda::Q4Plan plan{};
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::q4_emulate(a, &plan);
-        }
-        if (!err.empty()) throw std::invalid_argument(err);
+        bindings::run_released([&] { return q8cuda::q4_emulate(a, &plan); });
         return py::make_tuple(plan.grid_x, plan.grid_y);
       },
       "y = the CUDA W4A8 linear's algorithm run on the CPU over the CPU's 4-bit pack; returns its grid");
@@ -128,12 +118,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         a.values = ptr<const int8_t>(values);
         a.stored = blocks;
         a.row_order = ptr<const int32_t>(row_order);
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::sparse_q8_emulate(a);
-        }
-        if (!err.empty()) throw std::invalid_argument(err);
+        bindings::run_released([&] { return q8cuda::sparse_q8_emulate(a); });
       },
       "y = the CUDA sparse int8 kernel's algorithm run on the CPU over a validated bsr1x4 pack");
   m.def(
@@ -150,12 +135,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
         a.f32_values = ptr<const float>(values);
         a.stored = stored;
         a.row_order = ptr<const int32_t>(row_order);
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::sparse_f32_emulate(a);
-        }
-        if (!err.empty()) throw std::invalid_argument(err);
+        bindings::run_released([&] { return q8cuda::sparse_f32_emulate(a); });
       },
       "y = the CUDA sparse float kernel's algorithm (csr, or nm24 when nm_idx != 0) run on the CPU, in the "
       "kernel's float32 order");
@@ -166,12 +146,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
       "cuda_nm24_pack",
       [](std::uintptr_t w, int64_t n, int64_t k, std::uintptr_t out) {
         if (n < 1 || k < 1 || k > q8cuda::kMaxK) throw std::invalid_argument("cuda_nm24_pack: N >= 1, 1 <= K <= 65536");
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::nm24_pack(ptr<const int8_t>(w), n, k, ptr<uint8_t>(out));
-        }
-        if (!err.empty()) throw std::invalid_argument(err);
+        bindings::run_released([&] { return q8cuda::nm24_pack(ptr<const int8_t>(w), n, k, ptr<uint8_t>(out)); });
       },
       py::arg("w"), py::arg("n"), py::arg("k"), py::arg("out"),
       "the 2:4 GPU pack of CPU-packed int8 weights into out (cuda_nm24_bytes(n, k) bytes); ValueError naming the "
@@ -185,12 +160,7 @@ void register_cuda_emulate_bindings(py::module_& m) {
                               ptr<const float>(w_scale), ptr<const float>(bias), n, ptr<float>(y), ptr<int32_t>(raw),
                               act, is_static, static_scale, static_zp, qmax, 0};
         q8cuda::Nm24Plan plan{};
-        std::string err;
-        {
-          py::gil_scoped_release release;
-          err = q8cuda::nm24_emulate(a, ptr<const uint8_t>(pack), pack_bytes, &plan);
-        }
-        if (!err.empty()) throw std::invalid_argument(err);
+        bindings::run_released([&] { return q8cuda::nm24_emulate(a, ptr<const uint8_t>(pack), pack_bytes, &plan); });
         py::dict d;
         d["grid"] = py::make_tuple(plan.grid_x, plan.grid_y);
         d["tiles"] = plan.tiles;
