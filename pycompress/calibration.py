@@ -128,19 +128,34 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor, order: str = "torch") -
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     kh, kw = module.kernel_size
+    cols, _ = conv_im2col(module, x)  # [B, C*kh*kw, L]
+    b, _, positions = cols.shape
+    if order == "gemm":
+        cols = cols.reshape(b, module.in_channels, kh * kw, positions).transpose(1, 2)
+    return cols.reshape(b, -1, positions).transpose(1, 2).reshape(-1, module.in_channels * kh * kw)
+
+
+def conv_im2col(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A Conv2d's input as ``F.unfold``'s columns ``[B, C*kh*kw, L]`` (K in the weight's ``(in, kh, kw)``
+    order) with the padding the conv applies ("same" / "valid", a padding_mode other than zeros), and the
+    output's ``(H, W)``."""
+    kh, kw = module.kernel_size
     padding = module.padding
-    if isinstance(padding, str):  # "same" / "valid" with stride 1: what F.conv2d pads
+    if module.padding_mode != "zeros":  # as nn.Conv2d pads before its conv
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = (0, 0)
+    elif isinstance(padding, str):  # "same" / "valid" with stride 1: what F.conv2d pads
         if padding == "valid":
             padding = (0, 0)
         else:
             total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
             x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
             padding = (0, 0)
-    cols = F.unfold(x, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)  # [B, C*kh*kw, L]
-    b, _, positions = cols.shape
-    if order == "gemm":
-        cols = cols.reshape(b, module.in_channels, kh * kw, positions).transpose(1, 2)
-    return cols.reshape(b, -1, positions).transpose(1, 2).reshape(-1, module.in_channels * kh * kw)
+    h, w = x.shape[-2:]
+    cols = F.unfold(x, (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
+    ho = (h + 2 * padding[0] - module.dilation[0] * (kh - 1) - 1) // module.stride[0] + 1
+    wo = (w + 2 * padding[1] - module.dilation[1] * (kw - 1) - 1) // module.stride[1] + 1
+    return cols, (ho, wo)
 
 
 class InputStats:

@@ -248,3 +248,30 @@ def test_too_few_calibration_rows_name_the_layer_and_the_rank_deficit():
     assert get_quant_state(model[0]) is None and get_quant_state(model[2]) is None
     after = dict(model.named_parameters())
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, dilation=2, padding=2, padding_mode="reflect"),
+    dict(kernel_size=(3, 5), padding="same", padding_mode="circular"), dict(kernel_size=(2, 3), padding="same"),
+    dict(kernel_size=3, padding="valid", groups=2)])
+def test_a_convs_im2col_rows_times_its_weight_are_its_output(conv):
+    # layer_input_rows / conv_im2col are the rows GPTQ's Hessians and the dynamic conv simulation use: with the
+    # padding the conv applies (its padding_mode, "same" / "valid"), rows x weight^T is the conv's output.
+    import warnings
+
+    from pycompress.calibration import conv_im2col, layer_input_rows
+
+    torch.manual_seed(7)
+    layer = nn.Conv2d(4, 6, bias=False, **conv).double()
+    x = torch.randn(2, 4, 9, 11, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on 'same' with an even kernel
+        want = layer(x)
+    rows = layer_input_rows(layer, x)
+    _, (ho, wo) = conv_im2col(layer, x)
+    assert (ho, wo) == want.shape[-2:] and rows.shape == (2 * ho * wo, 4 * layer.kernel_size[0] * layer.kernel_size[1])
+    g = layer.groups
+    k = rows.shape[1] // g
+    got = torch.cat([rows[:, i * k:(i + 1) * k] @ layer.weight[i * 6 // g:(i + 1) * 6 // g].reshape(6 // g, -1).t()
+                     for i in range(g)], dim=1)
+    assert torch.allclose(got.reshape(2, ho, wo, 6).permute(0, 3, 1, 2), want, atol=1e-12)

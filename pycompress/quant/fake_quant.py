@@ -22,9 +22,9 @@ representable range, 0 outside.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pycompress.calibration import conv_im2col
 from pycompress.quant.observers import affine_qparams, fake_quantize_affine
 from pycompress.reference.q4 import quantize_weight_grouped
 from pycompress.reference.q8 import quantize_weight_per_channel
@@ -190,33 +190,15 @@ def im2col_conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, 
     kernels quantize it, per im2col row (each output position's receptive field, its zero padding included;
     ``activation_fake_quant.bits`` wide), straight-through, then the float GEMM with ``weight`` (the layer's
     fake-quantized weight)."""
-    bits = conv.activation_fake_quant.bits
-    kh, kw = weight.shape[2], weight.shape[3]
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        else:  # "same" / "valid": the padding torch's conv applies, left = total // 2
-            pads = []
-            for k, d in ((kw, conv.dilation[1]), (kh, conv.dilation[0])):
-                total = d * (k - 1) if conv.padding == "same" else 0
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
-        padding = (0, 0)
-    else:
-        padding = conv.padding
-    n, _, h, w = x.shape
-    cols = F.unfold(x, (kh, kw), dilation=conv.dilation, padding=padding, stride=conv.stride)  # [N, K, L]
-    ho = (h + 2 * padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
-    wo = (w + 2 * padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
-    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    cols, (ho, wo) = conv_im2col(conv, x)  # [N, K, L]
+    n, k, _ = cols.shape
+    rows = cols.transpose(1, 2).reshape(-1, k)
     if rows.numel():
-        rows = rows + (dynamic_fake_quantize_rows(rows, bits) - rows).detach()
-    groups = conv.groups
-    o = weight.shape[0]
+        rows = rows + (dynamic_fake_quantize_rows(rows, conv.activation_fake_quant.bits) - rows).detach()
+    groups, o = conv.groups, weight.shape[0]
     # [rows, groups, K/groups] x [groups, O/groups, K/groups] -> [rows, O]
-    k = cols.shape[1] // groups
-    y = torch.einsum("rgk,gok->rgo", rows.reshape(rows.shape[0], groups, k),
-                     weight.reshape(groups, o // groups, k)).reshape(rows.shape[0], o)
+    y = torch.einsum("rgk,gok->rgo", rows.reshape(rows.shape[0], groups, k // groups),
+                     weight.reshape(groups, o // groups, k // groups)).reshape(rows.shape[0], o)
     if bias is not None:
         y = y + bias
     return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
